@@ -1,0 +1,3 @@
+from rotfuse.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Architecture knowledge, loaded from the YAML specs in configs/archs/."""

@@ -1,0 +1,128 @@
+"""Read one layer's tensors out of a checkpoint into canonical `LayerWeights`, and write them back.
+
+This is the only place that turns spec names into tensors: it applies the prefix and layer
+pattern, transposes Conv1D-style `[in, out]` weights, splits fused QKV tensors by head counts, and
+checks every shape against the config so that a wrong config fails loudly instead of reshaping
+garbage. Math is done in float32 (or wider); `CheckpointWriter.write` casts back.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from rotfuse.archs.spec import BoundArch, Dims, FusedRef, LayerId, LinearRef
+from rotfuse.errors import InputError
+from rotfuse.symmetry.weights import Attention, Ffn, LayerWeights, Linear
+
+if TYPE_CHECKING:
+    from rotfuse.io.checkpoint import Checkpoint
+    from rotfuse.io.writer import CheckpointWriter
+
+
+def _rows(role: str, dims: Dims) -> int:
+    return (dims.num_heads if role == "q" else dims.num_kv_heads) * dims.head_dim
+
+
+def layer_tensor_names(bound: BoundArch, layer: LayerId, checkpoint: Checkpoint) -> list[str]:
+    """Full names of every tensor the layer's symmetries read and write (biases when present)."""
+    stack = bound.stack(layer.stack)
+    att, ffn = stack.attention, stack.ffn
+    refs: list[LinearRef | FusedRef] = [att.o, *ffn.inputs, ffn.output]
+    refs += [att.qkv] if att.qkv else [att.q, att.k, att.v]  # type: ignore[list-item]
+    names = []
+    for ref in refs:
+        names.append(bound.full_name(layer, ref.weight))
+        if ref.bias and bound.full_name(layer, ref.bias) in checkpoint:
+            names.append(bound.full_name(layer, ref.bias))
+    return names
+
+
+class _LayerReader:
+    def __init__(self, checkpoint: Checkpoint, bound: BoundArch, layer: LayerId, device: str):
+        self.checkpoint, self.bound, self.layer, self.device = checkpoint, bound, layer, device
+
+    def tensor(self, relative: str, layout: str, shape: tuple[int, ...]) -> torch.Tensor:
+        name = self.bound.full_name(self.layer, relative)
+        stored = tuple(self.checkpoint.entry(name).shape)
+        expected = shape if layout == "out_in" or len(shape) == 1 else shape[::-1]
+        if stored != expected:
+            raise InputError(
+                f"{self.checkpoint.shard_of(name).path}: tensor {name!r} has shape {list(stored)}, "
+                f"but the config implies {list(expected)}"
+            )
+        value = self.checkpoint.get(name, self.device)
+        if not value.is_floating_point():
+            raise InputError(f"{self.checkpoint.folder}: tensor {name!r} is not floating point ({value.dtype})")
+        value = value.float() if value.dtype != torch.float64 else value
+        return value.T if layout == "in_out" and value.dim() == 2 else value
+
+    def optional(self, relative: str | None, layout: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+        if relative is None or self.bound.full_name(self.layer, relative) not in self.checkpoint:
+            return None
+        return self.tensor(relative, layout, shape)
+
+    def linear(self, ref: LinearRef, out_dim: int, in_dim: int) -> Linear:
+        return Linear(
+            self.tensor(ref.weight, ref.layout, (out_dim, in_dim)),
+            self.optional(ref.bias, ref.layout, (out_dim,)),
+        )
+
+
+def read_layer(checkpoint: Checkpoint, bound: BoundArch, layer: LayerId, device: str = "cpu") -> LayerWeights:
+    stack = bound.stack(layer.stack)
+    dims = bound.dims[layer.stack]
+    reader = _LayerReader(checkpoint, bound, layer, device)
+    att, d = stack.attention, dims.hidden_size
+
+    if att.qkv is not None:
+        sizes = [_rows(role, dims) for role in att.qkv.order]
+        weight = reader.tensor(att.qkv.weight, att.qkv.layout, (sum(sizes), d))
+        bias = reader.optional(att.qkv.bias, att.qkv.layout, (sum(sizes),))
+        weights = dict(zip(att.qkv.order, weight.split(sizes, dim=0)))
+        biases = dict(zip(att.qkv.order, bias.split(sizes) if bias is not None else [None] * 3))
+        q, k, v = (Linear(weights[r], biases[r]) for r in ("q", "k", "v"))
+    else:
+        q, k, v = (reader.linear(ref, _rows(role, dims), d)  # type: ignore[arg-type]
+                   for role, ref in (("q", att.q), ("k", att.k), ("v", att.v)))
+    o = Linear(reader.tensor(att.o.weight, att.o.layout, (d, dims.num_heads * dims.head_dim)))
+    attention = Attention(q, k, v, o, dims.num_heads, dims.num_kv_heads, dims.head_dim)
+
+    ffn_spec = stack.ffn
+    out_ref = ffn_spec.output
+    out_name = bound.full_name(layer, out_ref.weight)
+    stored = checkpoint.entry(out_name).shape
+    if len(stored) != 2:
+        raise InputError(f"{checkpoint.folder}: tensor {out_name!r} is not a matrix (shape {list(stored)})")
+    width = stored[1] if out_ref.layout == "out_in" else stored[0]
+    output = Linear(reader.tensor(out_ref.weight, out_ref.layout, (d, width)))
+    inputs = [reader.linear(ref, width, d) for ref in ffn_spec.inputs]
+    return LayerWeights(attention, Ffn(inputs, output))
+
+
+def write_layer(writer: CheckpointWriter, bound: BoundArch, layer: LayerId, weights: LayerWeights) -> None:
+    stack = bound.stack(layer.stack)
+    att = stack.attention
+    attention = weights.attention
+
+    def put(relative: str, tensor: torch.Tensor, layout: str) -> None:
+        writer.write(bound.full_name(layer, relative), tensor.T if layout == "in_out" and tensor.dim() == 2 else tensor)
+
+    def put_linear(ref: LinearRef, linear: Linear) -> None:
+        put(ref.weight, linear.weight, ref.layout)
+        if ref.bias and linear.bias is not None:
+            put(ref.bias, linear.bias, ref.layout)
+
+    if att.qkv is not None:
+        parts = {"q": attention.q, "k": attention.k, "v": attention.v}
+        put(att.qkv.weight, torch.cat([parts[r].weight for r in att.qkv.order]), att.qkv.layout)
+        if att.qkv.bias and attention.q.bias is not None:
+            put(att.qkv.bias, torch.cat([parts[r].bias for r in att.qkv.order]), att.qkv.layout)  # type: ignore[misc]
+    else:
+        for ref, linear in ((att.q, attention.q), (att.k, attention.k), (att.v, attention.v)):
+            put_linear(ref, linear)  # type: ignore[arg-type]
+    put(att.o.weight, attention.o.weight, att.o.layout)
+    for ref, linear in zip(stack.ffn.inputs, weights.ffn.inputs):
+        put_linear(ref, linear)
+    put(stack.ffn.output.weight, weights.ffn.output.weight, stack.ffn.output.layout)

@@ -1,0 +1,40 @@
+"""The `rotfuse` command line. Each command lives in its own module; this file only registers them."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from rotfuse import __version__
+from rotfuse.cli.archs import archs_command
+from rotfuse.cli.match import match_command, scramble_command
+
+app = typer.Typer(
+    name="rotfuse",
+    help="Align and merge transformer checkpoints using their exact parameter symmetries.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command("match")(match_command)
+app.command("scramble")(scramble_command)
+app.command("archs")(archs_command)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"rotfuse {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """rotfuse: align and merge transformer checkpoints using their exact parameter symmetries."""
+
+
+def main() -> None:
+    app()

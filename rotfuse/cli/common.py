@@ -1,0 +1,128 @@
+"""What every rotfuse command shares: flags, error handling, consoles, progress.
+
+Conventions (README "Conventions"): results as JSON on stdout with --json and nothing else there;
+tables, progress and messages on stderr; --quiet silences stderr except errors; exit 0 on success,
+2 on bad usage or bad input (one line naming the file or tensor), 1 on an internal error, 130 on
+Ctrl-C, 143 on SIGTERM. Tracebacks only with --debug. torch is never imported here: `--help`
+must stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from rotfuse.errors import RotfuseError, UsageError
+
+T = TypeVar("T")
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on stderr except errors.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print the machine-readable result on stdout (and nothing else there).")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback when something fails.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output (only once the new one is complete).")]
+Device = Annotated[str, typer.Option("--device", help="Where to compute: auto (CUDA when available), cpu or cuda.")]
+Arch = Annotated[str | None, typer.Option("--arch", help="Architecture spec to use instead of detecting it from config.json (see `rotfuse archs`).")]
+ArchSpecFile = Annotated[Path | None, typer.Option("--arch-spec", help="Load your own architecture spec (YAML) instead of a built-in one.", dir_okay=False)]
+
+
+class Terminated(BaseException):
+    """Raised from the SIGTERM handler so that `with` blocks clean up staged output."""
+
+
+@dataclass
+class Ui:
+    """Where human output goes, given --quiet / --json."""
+
+    quiet: bool = False
+    json: bool = False
+
+    def __post_init__(self) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True, quiet=self.quiet, highlight=False)
+
+    def emit(self, result: dict[str, Any]) -> None:
+        if self.json:
+            sys.stdout.write(json.dumps(result, indent=2) + "\n")
+            sys.stdout.flush()
+
+    @contextmanager
+    def progress(self, description: str) -> Iterator[Callable[[int, int], None] | None]:
+        """A progress bar over layers on a terminal; None (no bar) in pipes, logs and --quiet."""
+        if self.quiet or not self.console.is_terminal:
+            yield None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=self.console, transient=True) as bar:
+            task = bar.add_task(description, total=None)
+
+            def update(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            yield update
+
+
+def run_command(action: Callable[[], T], debug: bool) -> T:
+    """Run a command body, turning failures into one stderr line and the right exit code."""
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        return action()
+    except RotfuseError as exc:
+        _fail(exc, debug, f"rotfuse: error: {exc}", exc.exit_code)
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        _fail(exc, debug, f"rotfuse: error: {where}{exc.strerror or exc}", 2)
+    except KeyboardInterrupt as exc:
+        _fail(exc, debug, "rotfuse: interrupted; no output was written", 130)
+    except Terminated as exc:
+        _fail(exc, debug, "rotfuse: terminated; no output was written", 143)
+    except Exception as exc:  # a bug in rotfuse
+        _fail(exc, debug, f"rotfuse: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    raise AssertionError("unreachable")
+
+
+def _fail(exc: BaseException, debug: bool, line: str, code: int) -> None:
+    if debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    sys.stderr.write(" ".join(line.split("\n")) + "\n")
+    raise typer.Exit(code)
+
+
+def parse_layers(text: str | None) -> frozenset[int] | None:
+    """'0-5,8' -> {0,...,5,8}; None -> None (every layer)."""
+    if text is None:
+        return None
+    chosen: set[int] = set()
+    try:
+        for part in (p.strip() for p in text.split(",")):
+            if not part:
+                continue
+            if "-" in part:
+                low, high = (int(x) for x in part.split("-", 1))
+                if low > high:
+                    raise ValueError
+                chosen.update(range(low, high + 1))
+            else:
+                chosen.add(int(part))
+    except ValueError:
+        raise UsageError(f"--layers {text!r}: expected indices and ranges like 0-5,8") from None
+    if not chosen or min(chosen) < 0:
+        raise UsageError(f"--layers {text!r}: expected indices and ranges like 0-5,8")
+    return frozenset(chosen)

@@ -1,0 +1,1 @@
+"""Checkpoint folders: lazy reading, streaming writing, atomic output."""

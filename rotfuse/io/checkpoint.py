@@ -1,0 +1,184 @@
+"""Lazy, read-only access to a Hugging Face checkpoint folder.
+
+A checkpoint is a folder with `config.json` and either one `model.safetensors` or shards listed by
+`model.safetensors.index.json`. Opening one parses and validates every shard header (cheap) but
+reads no tensor data; `get` reads one tensor at a time through `safetensors.safe_open`, so a
+command's memory is bounded by what it holds, never by the model's size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rotfuse.errors import InputError
+from rotfuse.io.safetensors_file import ShardHeader, TensorEntry, read_header
+
+if TYPE_CHECKING:
+    import torch
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+@dataclass
+class Checkpoint:
+    """One checkpoint folder: its config, its shard headers and where every tensor lives."""
+
+    folder: Path
+    config: dict[str, Any]
+    shards: list[ShardHeader]
+    index: dict[str, Any] | None = None
+    _shard_of: dict[str, int] = field(default_factory=dict, repr=False)
+    _handles: dict[int, Any] = field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, folder: str | Path) -> Checkpoint:
+        folder = Path(folder)
+        if not folder.exists():
+            raise InputError(f"{folder}: no such checkpoint folder")
+        if not folder.is_dir():
+            raise InputError(f"{folder}: not a folder (expected a checkpoint folder with config.json)")
+        config = _read_json(folder / CONFIG_FILE, what="config")
+        if (folder / INDEX_FILE).exists():
+            index = _read_json(folder / INDEX_FILE, what="shard index")
+            shard_names = _shard_files_from_index(folder, index)
+        elif (folder / SINGLE_FILE).exists():
+            index, shard_names = None, [SINGLE_FILE]
+        else:
+            if any((folder / name).exists() for name in PICKLE_FILES):
+                raise InputError(
+                    f"{folder}: only pickled pytorch_model.bin weights found; rotfuse reads "
+                    "safetensors (convert with transformers' save_pretrained(safe_serialization=True))"
+                )
+            raise InputError(f"{folder}: no weights found (expected {SINGLE_FILE} or {INDEX_FILE})")
+
+        shards = [read_header(folder / name) for name in shard_names]
+        checkpoint = cls(folder, config, shards, index)
+        for number, shard in enumerate(shards):
+            for name in shard.entries:
+                if name in checkpoint._shard_of:
+                    other = shards[checkpoint._shard_of[name]].path.name
+                    raise InputError(f"{folder}: tensor {name!r} appears in both {other} and {shard.path.name}")
+                checkpoint._shard_of[name] = number
+        if index is not None:
+            _check_index_against_shards(folder, index, checkpoint)
+        return checkpoint
+
+    # ------------------------------------------------------------------ queries
+    def names(self) -> list[str]:
+        """Every tensor name, in shard order then file order."""
+        return [name for shard in self.shards for name in shard.entries]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._shard_of
+
+    def entry(self, name: str) -> TensorEntry:
+        return self.shard_of(name).entries[name]
+
+    def shard_of(self, name: str) -> ShardHeader:
+        try:
+            return self.shards[self._shard_of[name]]
+        except KeyError:
+            raise InputError(f"{self.folder}: tensor {name!r} not found in the checkpoint") from None
+
+    @property
+    def weight_files(self) -> list[str]:
+        """File names (relative to the folder) that hold weights or the shard index."""
+        files = [shard.path.name for shard in self.shards]
+        return files + ([INDEX_FILE] if self.index is not None else [])
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(entry.numel for shard in self.shards for entry in shard.entries.values())
+
+    # ------------------------------------------------------------------ reading
+    def get(self, name: str, device: str = "cpu") -> torch.Tensor:
+        """Read one tensor (a fresh copy, in its stored dtype) and move it to `device`."""
+        number = self._shard_of.get(name)
+        if number is None:
+            raise InputError(f"{self.folder}: tensor {name!r} not found in the checkpoint")
+        handle = self._handles.get(number)
+        if handle is None:
+            from safetensors import safe_open
+
+            try:
+                handle = safe_open(str(self.shards[number].path), framework="pt", device="cpu")
+            except Exception as exc:  # safetensors raises its own error types
+                raise InputError(f"{self.shards[number].path}: cannot open ({exc})") from exc
+            self._handles[number] = handle
+        try:
+            tensor = handle.get_tensor(name)
+        except Exception as exc:
+            raise InputError(f"{self.shards[number].path}: cannot read tensor {name!r} ({exc})") from exc
+        return tensor if device == "cpu" else tensor.to(device)
+
+    def fingerprint(self) -> str:
+        """A content hash that tells this checkpoint from any transformed copy of it.
+
+        Headers alone cannot: matching changes values, never names, dtypes or shapes. So besides
+        every header entry it hashes 16 evenly spaced 64-byte windows of every tensor's data --
+        cheap on a multi-GB model, and any symmetry applied to a tensor changes its windows.
+        """
+        windows: dict[str, bytes] = {}
+        for shard in self.shards:
+            fd = os.open(shard.path, os.O_RDONLY)
+            try:
+                for name, entry in shard.entries.items():
+                    width = min(64, entry.nbytes)
+                    count = min(16, entry.nbytes // width) if width else 0
+                    step = (entry.nbytes - width) // max(count - 1, 1)
+                    sample = b"".join(os.pread(fd, width, entry.begin + k * step) for k in range(count))
+                    windows[name] = f"{name}|{entry.dtype}|{list(entry.shape)}|".encode() + sample
+            finally:
+                os.close(fd)
+        digest = hashlib.sha256()
+        for name in sorted(windows):
+            digest.update(windows[name])
+        return digest.hexdigest()[:32]
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.exists():
+        raise InputError(f"{path}: missing {what} file")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: cannot parse {what} ({exc})") from exc
+    if not isinstance(value, dict):
+        raise InputError(f"{path}: {what} is not a JSON object")
+    return value
+
+
+def _shard_files_from_index(folder: Path, index: dict[str, Any]) -> list[str]:
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise InputError(f"{folder / INDEX_FILE}: no weight_map in the shard index")
+    files = sorted(set(weight_map.values()))
+    for name in files:
+        if not (folder / name).exists():
+            raise InputError(f"{folder / INDEX_FILE}: names shard {name!r}, which does not exist")
+    return files
+
+
+def _check_index_against_shards(folder: Path, index: dict[str, Any], checkpoint: Checkpoint) -> None:
+    for name, file in index["weight_map"].items():
+        where = checkpoint._shard_of.get(name)
+        if where is None or checkpoint.shards[where].path.name != file:
+            raise InputError(f"{folder / INDEX_FILE}: tensor {name!r} is listed in {file} but not found there")

@@ -1,0 +1,76 @@
+"""Outputs appear complete or not at all.
+
+Every command writes into a hidden sibling of its output folder and renames it into place only
+when everything is written and flushed. An existing output is replaced only with `--overwrite`,
+and only after the new one is complete; an error, Ctrl-C or SIGTERM removes the staging folder and
+leaves whatever was there before untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from types import TracebackType
+
+from rotfuse.errors import OutputError
+
+STAGING_PREFIX = ".rotfuse-tmp-"
+
+
+def check_output_location(target: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse outputs that would clobber or nest inside an input, or an existing output."""
+    resolved = target.resolve()
+    for item in inputs:
+        source = item.resolve()
+        if resolved == source or source in resolved.parents:
+            raise OutputError(f"{target}: output must not be inside the input {item}")
+        if resolved in source.parents:
+            raise OutputError(f"{target}: output must not contain the input {item}")
+    if target.exists() and not overwrite:
+        raise OutputError(f"{target}: already exists (pass --overwrite to replace it)")
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"{target}: exists and is not a folder")
+
+
+class StagedFolder:
+    """Context manager: `path` is the staging folder; `commit()` renames it to the target."""
+
+    def __init__(self, target: Path, overwrite: bool = False):
+        self.target = Path(target)
+        self.overwrite = overwrite
+        self.committed = False
+        parent = self.target.resolve().parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self.path = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{self.target.name}-", dir=parent))
+        except OSError as exc:
+            raise OutputError(f"{self.target}: cannot create output folder ({exc.strerror or exc})") from exc
+
+    def commit(self) -> None:
+        final = self.target.resolve()
+        old: Path | None = None
+        try:
+            if final.exists():
+                if not self.overwrite:
+                    raise OutputError(f"{self.target}: appeared while rotfuse was running; not replaced")
+                old = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}old-", dir=final.parent))
+                os.rename(final, old / final.name)
+            os.rename(self.path, final)
+        except OSError as exc:
+            if old is not None and not final.exists():
+                os.rename(old / final.name, final)  # put the previous output back
+            raise OutputError(f"{self.target}: cannot move output into place ({exc.strerror or exc})") from exc
+        self.committed = True
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def __enter__(self) -> StagedFolder:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not self.committed:
+            shutil.rmtree(self.path, ignore_errors=True)

@@ -1,0 +1,197 @@
+"""Streaming checkpoint writer: headers first, then each tensor's bytes at its offset.
+
+The output layout (shard files, tensor order, dtypes, shapes) is fixed up front by a `ShardPlan`
+list, usually copied from an input checkpoint (`plan_like`). Tensors may then arrive in any order;
+the ones never handed over are copied byte for byte from the template with `finish()`, which
+also checks that nothing was left out. Memory use is whatever the caller holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rotfuse.errors import InputError, OutputError
+from rotfuse.io.checkpoint import INDEX_FILE, Checkpoint
+from rotfuse.io.dtypes import torch_dtype
+from rotfuse.io.safetensors_file import FLOAT_DTYPES, copy_byte_range, encode_header
+
+if TYPE_CHECKING:
+    import torch
+
+# Files that hold weights in another format: copying them next to transformed safetensors would
+# leave a second, disagreeing copy of the weights in the output folder.
+FOREIGN_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".safetensors", ".gguf")
+
+
+@dataclass
+class ShardPlan:
+    """One output file: its name, its tensors in file order and its header metadata."""
+
+    file_name: str
+    tensors: list[tuple[str, str, tuple[int, ...]]]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def plan_like(template: Checkpoint, dtype: str | None = None) -> list[ShardPlan]:
+    """The template's own layout; floating tensors recast to `dtype` when one is given."""
+    plans = []
+    for shard in template.shards:
+        tensors = [
+            (e.name, dtype if dtype and e.dtype in FLOAT_DTYPES else e.dtype, e.shape)
+            for e in shard.entries.values()
+        ]
+        plans.append(ShardPlan(shard.path.name, tensors, dict(shard.metadata)))
+    return plans
+
+
+class CheckpointWriter:
+    """Writes the weight files of one checkpoint into `folder` (a staging folder)."""
+
+    def __init__(self, folder: Path, plans: list[ShardPlan], template: Checkpoint | None = None):
+        self.folder = folder
+        self.template = template
+        self._plans = plans
+        self._where: dict[str, tuple[int, str, tuple[int, ...], int]] = {}  # name -> fd, dtype, shape, begin
+        self._pending: set[str] = set()
+        self._fds: list[int] = []
+        try:
+            for plan in plans:
+                header, offsets = encode_header(plan.tensors, plan.metadata)
+                fd = os.open(folder / plan.file_name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._fds.append(fd)
+                os.pwrite(fd, header, 0)
+                end = max((e for _, e in offsets.values()), default=len(header))
+                os.ftruncate(fd, end)
+                for name, dtype, shape in plan.tensors:
+                    self._where[name] = (fd, dtype, shape, offsets[name][0])
+                    self._pending.add(name)
+        except OSError as exc:
+            self.abort()
+            raise OutputError(f"{folder}: cannot create output files ({exc.strerror or exc})") from exc
+
+    def dtype_of(self, name: str) -> str:
+        return self._where[name][1]
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Cast `tensor` to the planned dtype and write it in place."""
+        import torch
+
+        fd, dtype, shape, begin = self._slot(name)
+        if tuple(tensor.shape) != shape:
+            raise InputError(f"tensor {name!r}: shape {list(tensor.shape)} does not fit the output's {list(shape)}")
+        data = tensor.detach().to(device="cpu", dtype=torch_dtype(dtype)).contiguous().reshape(-1)
+        raw = data.view(torch.uint8).numpy()
+        self._pwrite(fd, memoryview(raw), begin, name)
+        self._pending.discard(name)
+
+    def copy(self, name: str, source: Checkpoint | None = None) -> None:
+        """Copy a tensor's bytes unchanged from `source` (default: the template)."""
+        source = source or self.template
+        if source is None:
+            raise ValueError("no template checkpoint to copy from")
+        fd, dtype, shape, begin = self._slot(name)
+        entry = source.entry(name)
+        if entry.dtype != dtype or entry.shape != shape:
+            self.write(name, source.get(name))  # a dtype change needs a real cast
+            return
+        src_fd = os.open(source.shard_of(name).path, os.O_RDONLY)
+        try:
+            copy_byte_range(src_fd, fd, entry.begin, begin, entry.nbytes)
+        except OSError as exc:
+            raise OutputError(f"{self.folder}: cannot write tensor {name!r} ({exc.strerror or exc})") from exc
+        finally:
+            os.close(src_fd)
+        self._pending.discard(name)
+
+    @property
+    def pending(self) -> set[str]:
+        return set(self._pending)
+
+    def finish(self) -> None:
+        """Copy every tensor nobody wrote from the template, write the index, flush to disk."""
+        for name in sorted(self._pending, key=lambda n: self._where[n][3]):
+            if self.template is None or name not in self.template:
+                raise OutputError(f"internal: tensor {name!r} was never written")
+            self.copy(name)
+        template_index = self.template.index if self.template is not None else None
+        if len(self._plans) > 1 or template_index is not None:
+            self._write_index(dict((template_index or {}).get("metadata") or {}))
+        try:
+            for fd in self._fds:
+                os.fsync(fd)
+        except OSError as exc:
+            raise OutputError(f"{self.folder}: cannot flush output ({exc.strerror or exc})") from exc
+        self._close()
+
+    def abort(self) -> None:
+        self._close()
+
+    # ------------------------------------------------------------------ internals
+    def _slot(self, name: str) -> tuple[int, str, tuple[int, ...], int]:
+        try:
+            return self._where[name]
+        except KeyError:
+            raise InputError(f"tensor {name!r} is not part of the output layout") from None
+
+    def _pwrite(self, fd: int, data: memoryview, offset: int, name: str) -> None:
+        try:
+            while len(data):
+                written = os.pwrite(fd, data, offset)
+                data, offset = data[written:], offset + written
+        except OSError as exc:
+            raise OutputError(f"{self.folder}: cannot write tensor {name!r} ({exc.strerror or exc})") from exc
+
+    def _write_index(self, metadata: dict) -> None:
+        from rotfuse.io.safetensors_file import DTYPE_SIZES
+
+        total = 0
+        weight_map: dict[str, str] = {}
+        for plan in self._plans:
+            for name, dtype, shape in plan.tensors:
+                weight_map[name] = plan.file_name
+                count = 1
+                for dim in shape:
+                    count *= dim
+                total += count * DTYPE_SIZES[dtype]
+        meta = {**metadata, "total_size": total}
+        text = json.dumps({"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
+        try:
+            (self.folder / INDEX_FILE).write_text(text + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise OutputError(f"{self.folder}: cannot write {INDEX_FILE} ({exc.strerror or exc})") from exc
+
+    def _close(self) -> None:
+        for fd in self._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds = []
+
+
+def copy_side_files(source: Checkpoint, dest: Path) -> list[str]:
+    """Copy config, tokenizer and other non-weight files of `source` into `dest`.
+
+    Returns the names of files deliberately not copied (weights in another format).
+    """
+    skipped: list[str] = []
+    own = set(source.weight_files)
+    for item in sorted(source.folder.iterdir()):
+        if item.name in own or item.name.startswith(".rotfuse-") or item.name.startswith("."):
+            continue
+        target = dest / item.name
+        try:
+            if item.is_dir():
+                shutil.copytree(item, target, symlinks=False)
+            elif item.suffix in FOREIGN_WEIGHT_SUFFIXES or item.name.endswith(".bin.index.json"):
+                skipped.append(item.name)
+            else:
+                shutil.copy2(item, target)
+        except OSError as exc:
+            raise OutputError(f"{target}: cannot copy ({exc.strerror or exc})") from exc
+    return skipped

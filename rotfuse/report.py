@@ -1,0 +1,101 @@
+"""The match report: JSON for machines, a rich table for people.
+
+Schema (version 1), every distance a Frobenius norm ||model - anchor||:
+  tool, version, schema, command, created_by (argv), anchor/model/output {path, fingerprint},
+  arch, symmetries, device, settings, restrictions (notes), layers: [{layer, modules: {attn.qk,
+  attn.vo, ffn: {before, after, reduction, applied, rounds, reverted}}}], totals {matched, model:
+  {before, after, reduction, tensors}}, timings {read, solve, write, copy, total} in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rotfuse.errors import OutputError
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Distance:
+    before: float = 0.0  # accumulated as squared norms, reported as norms
+    after: float = 0.0
+    tensors: int = 0
+
+    def add(self, before_sq: float, after_sq: float, tensors: int = 1) -> None:
+        self.before += before_sq
+        self.after += after_sq
+        self.tensors += tensors
+
+    def as_dict(self) -> dict[str, Any]:
+        before, after = math.sqrt(self.before), math.sqrt(self.after)
+        return {
+            "before": before,
+            "after": after,
+            "reduction": 0.0 if before == 0 else 1.0 - after / before,
+            "tensors": self.tensors,
+        }
+
+
+@dataclass
+class Timings:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in self.seconds.items()}
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, sort_keys=False)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write report ({exc.strerror or exc})") from exc
+
+
+def render_match_table(report: dict[str, Any], console: Any) -> None:
+    """Per-layer before/after distances as a rich table (stderr)."""
+    from rich.table import Table
+
+    table = Table(title=f"rotfuse match: {report['arch']} ({', '.join(report['symmetries']) or 'no symmetries'})")
+    table.add_column("layer", justify="right")
+    modules = ("attn.qk", "attn.vo", "ffn")
+    for module in modules:
+        table.add_column(f"{module} before", justify="right")
+        table.add_column(f"{module} after", justify="right")
+    for row in report["layers"]:
+        cells = [str(row["layer"])]
+        for module in modules:
+            entry = row["modules"].get(module)
+            if entry is None:
+                cells += ["", ""]
+                continue
+            cells += [f"{entry['before']:.4g}", f"{entry['after']:.4g} ({100 * entry['reduction']:.1f}%)"]
+        table.add_row(*cells)
+    console.print(table)
+    totals = report["totals"]
+    for key in ("matched", "model"):
+        t = totals[key]
+        console.print(
+            f"{key:>8} parameters: distance {t['before']:.6g} -> {t['after']:.6g} "
+            f"({100 * t['reduction']:.2f}% lower, {t['tensors']} tensors)"
+        )
+    for note in report.get("restrictions", []):
+        console.print(f"[yellow]note:[/yellow] {note}")
+    console.print(f"timings (s): {report['timings']}")
+

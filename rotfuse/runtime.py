@@ -1,0 +1,94 @@
+"""Running a checkpoint with transformers: for the commands that need outputs, not just tensors.
+
+`match` and `merge --method simple` never import this module (nor transformers). `stats`,
+`verify` and `interpolate` do. Nothing here touches the network: models load from their folder
+with `local_files_only`, and the hub is switched off for the process.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rotfuse.errors import InputError
+
+
+def offline() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def model_class(config: dict[str, Any]) -> Any:
+    """The transformers class named by config.json's `architectures` (AutoModel when absent)."""
+    offline()
+    import transformers
+
+    for name in config.get("architectures") or ():
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+def load_model(folder: str | Path, device: str = "cpu", dtype: torch.dtype | None = torch.float32) -> torch.nn.Module:
+    """Load a checkpoint folder with transformers, offline, in eval mode."""
+    import json
+
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{folder / 'config.json'}: cannot read ({exc})") from exc
+    cls = model_class(config)
+    try:
+        model = cls.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
+    except Exception as exc:  # transformers raises many types; the user needs the one line
+        raise InputError(f"{folder}: transformers cannot load this checkpoint ({type(exc).__name__}: {exc})") from exc
+    return model.to(device).eval()
+
+
+def example_inputs(config: dict[str, Any], batch: int = 2, seq_len: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Deterministic random inputs valid for the architecture: token ids within the vocabulary,
+    pixel tensors of the configured size, or both (CLIP)."""
+    generator = torch.Generator().manual_seed(seed)
+    text = config.get("text_config") or config
+    vision = config.get("vision_config") or config
+    inputs: dict[str, torch.Tensor] = {}
+    if "vocab_size" in text:
+        limit = text.get("max_position_embeddings") or text.get("n_positions") or seq_len
+        length = min(seq_len, int(limit))
+        inputs["input_ids"] = torch.randint(0, int(text["vocab_size"]), (batch, length), generator=generator)
+        inputs["attention_mask"] = torch.ones(batch, length, dtype=torch.long)
+    if "image_size" in vision:
+        size = int(vision["image_size"])
+        channels = int(vision.get("num_channels", 3))
+        inputs["pixel_values"] = torch.randn(batch, channels, size, size, generator=generator)
+    if not inputs:
+        raise InputError("cannot build example inputs: config has neither vocab_size nor image_size")
+    return inputs
+
+
+def forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
+    """Call the model with only the inputs its forward accepts."""
+    import inspect
+
+    accepted = inspect.signature(model.forward).parameters
+    kwargs = {k: v for k, v in inputs.items() if k in accepted}
+    with torch.no_grad():
+        return model(**kwargs)
+
+
+def main_output(outputs: Any) -> torch.Tensor:
+    """The tensor that stands for "the function": logits when the model has a head, else hidden states."""
+    for key in ("logits", "logits_per_image", "last_hidden_state", "pooler_output"):
+        value = getattr(outputs, key, None) if not isinstance(outputs, dict) else outputs.get(key)
+        if value is not None:
+            return value
+    if isinstance(outputs, tuple) and outputs:
+        return outputs[0]
+    raise InputError("the model returned no logits or hidden states to compare")

@@ -1,0 +1,1 @@
+"""Pure tensor functions for the parameter symmetries: no files, no names, no CLI."""
