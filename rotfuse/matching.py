@@ -29,6 +29,7 @@ from rotfuse.symmetry.weights import (
     with_vo,
 )
 
+NONFINITE = "non-finite values (NaN or Inf): left as it is"
 CIRCUITS = {"qk": (qk_circuit, with_qk), "vo": (vo_circuit, with_vo)}
 
 
@@ -48,6 +49,7 @@ class ModuleResult:
     applied: list[str] = field(default_factory=list)
     rounds: int | None = None
     reverted: bool = False
+    skipped: str | None = None  # why nothing was solved (e.g. non-finite values)
 
     @property
     def reduction(self) -> float:
@@ -62,6 +64,9 @@ def match_layer(src: LayerWeights, anchor: LayerWeights, settings: LayerSettings
         scale = f"{key}.scale" in settings.symmetries
         src_circuit, anchor_circuit = pack(attention), pack(anchor.attention)
         before = circuit_sq_distance(src_circuit, anchor_circuit)
+        if not _finite(src_circuit.left, src_circuit.right, anchor_circuit.left, anchor_circuit.right):
+            results.append(ModuleResult(f"attn.{key}", math.sqrt(before), math.sqrt(before), skipped=NONFINITE))
+            continue
         solution = solve_circuit(
             src_circuit, anchor_circuit, rotate, scale,
             rotary_dim=settings.rotary_dim if key == "qk" else 0,
@@ -82,7 +87,9 @@ def match_layer(src: LayerWeights, anchor: LayerWeights, settings: LayerSettings
     src_rows, anchor_rows = ffn_rows(ffn), ffn_rows(anchor.ffn)
     before = _sq(src_rows - anchor_rows)
     result = ModuleResult("ffn", math.sqrt(before), math.sqrt(before))
-    if "ffn.perm" in settings.symmetries:
+    if not _finite(src_rows, anchor_rows):
+        result.skipped = NONFINITE
+    elif "ffn.perm" in settings.symmetries:
         perm = solve_permutation(src_rows, anchor_rows)
         after = _sq(src_rows[perm.to(src_rows.device)] - anchor_rows)
         result.applied = ["perm"]
@@ -112,6 +119,10 @@ def scramble_layer(src: LayerWeights, settings: LayerSettings, generator: torch.
     if "ffn.perm" in settings.symmetries:
         ffn = permute_ffn(ffn, random_permutation(ffn.width, generator))
     return LayerWeights(attention, ffn)
+
+
+def _finite(*tensors: torch.Tensor) -> bool:
+    return all(bool(t.isfinite().all()) for t in tensors)
 
 
 def _sq(x: torch.Tensor) -> float:

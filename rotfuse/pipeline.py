@@ -8,17 +8,21 @@ when complete (io/staging.py).
 
 from __future__ import annotations
 
-import sys
+import hashlib
+import os
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from rotfuse import __version__
-from rotfuse.archs.layer_io import layer_tensor_names, read_layer, write_layer
+from rotfuse.archs.layer_io import check_layer_pair, layer_tensor_names, read_layer, write_layer
 from rotfuse.archs.spec import ALL_SYMMETRIES, BoundArch, LayerId, bind, select_spec
 from rotfuse.errors import InputError, UsageError
 from rotfuse.io.checkpoint import Checkpoint
@@ -30,6 +34,8 @@ from rotfuse.symmetry.weights import LayerWeights
 
 REPORT_NAME = "rotfuse_report.json"
 Progress = Callable[[int, int], None]
+T = TypeVar("T")
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,8 @@ class MatchOptions:
     max_rounds: int = 20
     arch: str | None = None
     arch_spec: Path | None = None
+    allow_nonfinite: bool = False
+    workers: int = DEFAULT_WORKERS  # layers read and solved concurrently
 
 
 @dataclass
@@ -54,8 +62,9 @@ class OpenedModel:
         return self.checkpoint.folder
 
 
-def open_model(path: Path, arch: str | None = None, arch_spec: Path | None = None) -> OpenedModel:
-    checkpoint = Checkpoint.open(path)
+def open_model(path: Path, arch: str | None = None, arch_spec: Path | None = None,
+               allow_nonfinite: bool = False) -> OpenedModel:
+    checkpoint = Checkpoint.open(path, allow_nonfinite=allow_nonfinite)
     where = str(Path(path) / "config.json")
     spec = select_spec(checkpoint.config, arch, arch_spec, where=where)
     return OpenedModel(checkpoint, bind(spec, checkpoint.config, checkpoint, where=str(path)))
@@ -106,6 +115,8 @@ def check_compatible(anchor: OpenedModel, model: OpenedModel) -> list[str]:
                 f"{model.folder}: tensor {name!r} has shape {list(mine)} but the anchor's {other!r} "
                 f"has {list(theirs)}"
             )
+    for layer in model.bound.layers():
+        check_layer_pair(model.checkpoint, model.bound, anchor.checkpoint, anchor.bound, layer)
     return unpaired
 
 
@@ -130,17 +141,20 @@ def layer_settings(bound: BoundArch, layer: LayerId, symmetries: frozenset[str],
 
 @dataclass
 class _Stream:
-    """Shared state of one streaming pass: timings and the tensors already handled."""
+    """Shared state of one streaming pass: timings (summed over worker threads) and the tensors
+    already handled."""
 
     timings: Timings = field(default_factory=Timings)
     handled: set[str] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def timed(self, stage: str, fn: Callable[[], Any]) -> Any:
         start = time.perf_counter()
         try:
             return fn()
         finally:
-            self.timings.add(stage, time.perf_counter() - start)
+            with self.lock:
+                self.timings.add(stage, time.perf_counter() - start)
 
 
 def _transform_layers(
@@ -148,17 +162,46 @@ def _transform_layers(
     writer: CheckpointWriter,
     layers: list[LayerId],
     device: str,
-    transform: Callable[[LayerId, LayerWeights], LayerWeights],
+    transform: Callable[[LayerId, LayerWeights], tuple[LayerWeights, T]],
     stream: _Stream,
     progress: Progress | None,
-) -> None:
-    for done, layer in enumerate(layers, start=1):
+    workers: int,
+) -> list[T]:
+    """Read and transform layers in a small thread pool, write them in order on this thread.
+
+    Reading (safetensors), torch math and scipy's assignment solver all release the GIL, so with
+    `workers` threads one layer's I/O overlaps another's solve and independent layers' FFN
+    assignments run concurrently. At most `workers + 1` layers are in flight: memory stays a few
+    layers whatever the depth. Returns each layer's extra result, in layer order.
+    """
+
+    def job(layer: LayerId) -> tuple[LayerWeights, T]:
         weights = stream.timed("read", lambda: read_layer(model.checkpoint, model.bound, layer, device))
-        new = transform(layer, weights)
+        return transform(layer, weights)
+
+    extras: list[T] = []
+    pending: deque[tuple[LayerId, Future]] = deque()
+
+    def finish_oldest() -> None:
+        layer, future = pending.popleft()
+        new, extra = future.result()
         stream.timed("write", lambda: write_layer(writer, model.bound, layer, new))
         stream.handled.update(layer_tensor_names(model.bound, layer, model.checkpoint))
+        extras.append(extra)
         if progress:
-            progress(done, len(layers))
+            progress(len(extras), len(layers))
+
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="rotfuse-layer")
+    try:
+        for layer in layers:
+            pending.append((layer, pool.submit(job, layer)))
+            if len(pending) > workers:
+                finish_oldest()
+        while pending:
+            finish_oldest()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return extras
 
 
 def _sq_distance(a: torch.Tensor, b: torch.Tensor, rows_per_chunk: int = 4096) -> float:
@@ -169,6 +212,45 @@ def _sq_distance(a: torch.Tensor, b: torch.Tensor, rows_per_chunk: int = 4096) -
     for start in range(0, a.shape[0], rows_per_chunk):
         total += float((a[start:start + rows_per_chunk].float() - b[start:start + rows_per_chunk].float()).double().pow(2).sum())
     return total
+
+
+@dataclass
+class MatchPlan:
+    """Everything `match` checks before it writes a byte; `--dry-run` prints it."""
+
+    anchor: OpenedModel
+    model: OpenedModel
+    out: Path
+    layers: list[LayerId]
+    unpaired: list[str]
+    device: str
+    options: MatchOptions
+
+    def describe(self) -> dict[str, Any]:
+        touched = {n for layer in self.layers for n in layer_tensor_names(self.model.bound, layer, self.model.checkpoint)}
+        return {
+            "tool": "rotfuse", "version": __version__, "command": "match", "dry_run": True,
+            "anchor": str(self.anchor.folder), "model": str(self.model.folder), "output": str(self.out),
+            "arch": self.model.bound.spec.name, "device": self.device,
+            "symmetries": sorted(self.options.symmetries - self.model.bound.disabled),
+            "restrictions": self.model.bound.notes,
+            "layers": [str(layer) for layer in self.layers],
+            "tensors": {"transformed": len(touched), "copied": len(self.model.checkpoint.names()) - len(touched),
+                        "unpaired": self.unpaired},
+            "bytes_to_write": sum(self.model.checkpoint.entry(n).nbytes for n in self.model.checkpoint.names()),
+        }
+
+
+def prepare_match(anchor_path: Path, model_path: Path, out: Path, options: MatchOptions,
+                  overwrite: bool = False) -> MatchPlan:
+    """Validate flags, output location and both checkpoints (headers, config, shapes)."""
+    check_output_location(out, [anchor_path, model_path], overwrite)
+    device = resolve_device(options.device)
+    anchor = open_model(anchor_path, options.arch, options.arch_spec, options.allow_nonfinite)
+    model = open_model(model_path, options.arch, options.arch_spec, options.allow_nonfinite)
+    unpaired = check_compatible(anchor, model)
+    layers = select_layers(model.bound, options.layers)
+    return MatchPlan(anchor, model, Path(out), layers, unpaired, device, options)
 
 
 def match(
@@ -182,38 +264,35 @@ def match(
 ) -> dict[str, Any]:
     """Align MODEL to ANCHOR and write it to OUT; returns the report."""
     started = time.perf_counter()
-    check_output_location(out, [anchor_path, model_path], overwrite)
-    device = resolve_device(options.device)
-    anchor = open_model(anchor_path, options.arch, options.arch_spec)
-    model = open_model(model_path, options.arch, options.arch_spec)
-    unpaired = check_compatible(anchor, model)
-    layers = select_layers(model.bound, options.layers)
+    plan = prepare_match(anchor_path, model_path, out, options, overwrite)
+    anchor, model, device = plan.anchor, plan.model, plan.device
     stream = _Stream()
-    matched = Distance()
-    rows: list[dict[str, Any]] = []
 
-    def transform(layer: LayerId, weights: LayerWeights) -> LayerWeights:
+    def transform(layer: LayerId, weights: LayerWeights) -> tuple[LayerWeights, dict[str, Any]]:
         anchor_weights = stream.timed("read", lambda: read_layer(anchor.checkpoint, anchor.bound, layer, device))
         settings = layer_settings(model.bound, layer, options.symmetries, options.max_rounds)
         new, results = stream.timed("solve", lambda: match_layer(weights, anchor_weights, settings))
         modules = {}
         for result in results:
-            matched.add(result.before**2, result.after**2, 0)
             modules[result.module] = {
                 "before": result.before, "after": result.after, "reduction": result.reduction,
                 "applied": result.applied, "rounds": result.rounds, "reverted": result.reverted,
             }
-        rows.append({"layer": str(layer), "modules": modules})
-        return new
+            if result.skipped:
+                modules[result.module]["skipped"] = result.skipped
+        return new, {"layer": str(layer), "modules": modules}
 
     with StagedFolder(out, overwrite) as staged:
         writer = CheckpointWriter(staged.path, plan_like(model.checkpoint), model.checkpoint)
         try:
-            _transform_layers(model, writer, layers, device, transform, stream, progress)
-            matched.tensors = len(stream.handled)
+            rows = _transform_layers(model, writer, plan.layers, device, transform, stream, progress, options.workers)
+            matched = Distance(tensors=len(stream.handled))
+            for row in rows:
+                for module in row["modules"].values():
+                    matched.add(module["before"] ** 2, module["after"] ** 2, 0)
             whole = Distance(matched.before, matched.after, matched.tensors)
             for name in model.checkpoint.names():
-                if name in stream.handled or name in unpaired:
+                if name in stream.handled or name in plan.unpaired:
                     continue
                 sq = stream.timed("read", lambda: _sq_distance(
                     model.checkpoint.get(name), anchor.checkpoint.get(counterpart(name, model, anchor))))
@@ -224,23 +303,19 @@ def match(
         skipped = copy_side_files(model.checkpoint, staged.path)
         report = {
             "tool": "rotfuse", "version": __version__, "schema": 1, "command": "match",
-            "created_by": sys.argv,
             "anchor": {"path": str(anchor_path), "fingerprint": anchor.checkpoint.fingerprint()},
             "model": {"path": str(model_path), "fingerprint": model.checkpoint.fingerprint()},
-            "output": {"path": str(out)},
+            "output": {"path": str(out), "fingerprint": Checkpoint.open(staged.path, True).fingerprint()},
             "arch": model.bound.spec.name,
             "symmetries": sorted(options.symmetries),
             "device": device,
-            "settings": {"max_rounds": options.max_rounds,
-                         "layers": [str(layer) for layer in layers]},
+            "settings": {"max_rounds": options.max_rounds, "layers": [str(layer) for layer in plan.layers]},
             "restrictions": model.bound.notes,
             "layers": rows,
             "totals": {"matched": matched.as_dict(), "model": whole.as_dict()},
-            "unpaired_tensors": unpaired,
+            "unpaired_tensors": plan.unpaired,
             "not_copied": skipped,
-            "timings": {},
         }
-        report["output"]["fingerprint"] = Checkpoint.open(staged.path).fingerprint()
         stream.timings.add("total", time.perf_counter() - started)
         report["timings"] = stream.timings.as_dict()
         if report_path is None:
@@ -262,19 +337,21 @@ def scramble(
     """Write a copy of MODEL moved by a random member of the symmetry group (same function)."""
     check_output_location(out, [model_path], overwrite)
     device = resolve_device(options.device)
-    model = open_model(model_path, options.arch, options.arch_spec)
+    model = open_model(model_path, options.arch, options.arch_spec, options.allow_nonfinite)
     layers = select_layers(model.bound, options.layers)
-    generator = torch.Generator().manual_seed(seed)
     stream = _Stream()
 
-    def transform(layer: LayerId, weights: LayerWeights) -> LayerWeights:
+    def transform(layer: LayerId, weights: LayerWeights) -> tuple[LayerWeights, None]:
         settings = layer_settings(model.bound, layer, options.symmetries, options.max_rounds)
-        return scramble_layer(weights, settings, generator)
+        # one generator per layer: the same seed gives the same output whatever the thread timing
+        digest = hashlib.sha256(f"{seed}:{layer}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        return scramble_layer(weights, settings, generator), None
 
     with StagedFolder(out, overwrite) as staged:
         writer = CheckpointWriter(staged.path, plan_like(model.checkpoint), model.checkpoint)
         try:
-            _transform_layers(model, writer, layers, device, transform, stream, progress)
+            _transform_layers(model, writer, layers, device, transform, stream, progress, options.workers)
             writer.finish()
         finally:
             writer.abort()

@@ -99,3 +99,12 @@ def render_match_table(report: dict[str, Any], console: Any) -> None:
         console.print(f"[yellow]note:[/yellow] {note}")
     console.print(f"timings (s): {report['timings']}")
 
+
+
+def render_plan(plan: dict[str, Any], console: Any) -> None:
+    """A --dry-run plan, one fact per line (stderr)."""
+    console.print(f"[bold]dry run[/bold]: rotfuse {plan['command']} would write {plan['output']}")
+    for key, value in plan.items():
+        if key in ("tool", "command", "dry_run", "output"):
+            continue
+        console.print(f"  {key}: {value}")

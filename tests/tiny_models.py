@@ -53,6 +53,55 @@ TINY: dict[str, Tiny] = {
 }
 
 
+# ---- architecture breadth (tests/test_archs*.py): odd sizes, large init so attention is sharp
+
+def _config(cls: str, **base: Any) -> Callable[..., Any]:
+    """A TINY config factory: transformers config class `cls` with `base` sizes, overridable."""
+
+    def make(**kw: Any) -> Any:
+        import transformers
+
+        return getattr(transformers, cls)(**{**base, **kw})
+
+    return make
+
+
+_TOKENS = dict(vocab_size=61, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.25)
+_DECODER = dict(_TOKENS, hidden_size=20, intermediate_size=29, num_hidden_layers=2, max_position_embeddings=64)
+_CLIP_TEXT = dict(_TOKENS, hidden_size=24, intermediate_size=37, num_hidden_layers=2, num_attention_heads=3,
+                  max_position_embeddings=20, initializer_factor=4.0)
+_CLIP_VISION = dict(hidden_size=20, intermediate_size=29, num_hidden_layers=2, num_attention_heads=4,
+                    image_size=12, patch_size=4, initializer_range=0.25, initializer_factor=4.0)
+
+TINY.update({
+    "gpt2": Tiny(_config("GPT2Config", **_TOKENS, n_embd=24, n_layer=2, n_head=3, n_inner=37, n_positions=32),
+                 "GPT2LMHeadModel"),
+    "deberta-v2": Tiny(_config("DebertaV2Config", **_TOKENS, hidden_size=30, num_hidden_layers=2,
+                               num_attention_heads=3, intermediate_size=37, max_position_embeddings=32,
+                               type_vocab_size=0, relative_attention=True, pos_att_type=["p2c", "c2p"],
+                               share_att_key=False, position_buckets=8, max_relative_positions=16,
+                               num_labels=3), "DebertaV2ForTokenClassification"),
+    # head_dim 6 with hidden_size 20: q_proj is [24, 20], not square
+    "llama": Tiny(_config("LlamaConfig", **_DECODER, num_attention_heads=4, num_key_value_heads=2, head_dim=6,
+                          tie_word_embeddings=False), "LlamaForCausalLM"),
+    "mistral": Tiny(_config("MistralConfig", **_DECODER, num_attention_heads=4, num_key_value_heads=1, head_dim=8,
+                            sliding_window=5, tie_word_embeddings=False), "MistralForCausalLM"),
+    "qwen2": Tiny(_config("Qwen2Config", **{**_DECODER, "hidden_size": 24}, num_attention_heads=4,
+                          num_key_value_heads=2, tie_word_embeddings=True), "Qwen2ForCausalLM"),
+    "phi": Tiny(_config("PhiConfig", **{**_DECODER, "hidden_size": 24}, num_attention_heads=3,
+                        num_key_value_heads=3, partial_rotary_factor=0.5, tie_word_embeddings=False),
+                "PhiForCausalLM"),
+    "distilbert": Tiny(_config("DistilBertConfig", **_TOKENS, dim=30, n_layers=2, n_heads=5, hidden_dim=37,
+                               max_position_embeddings=32, num_labels=3), "DistilBertForTokenClassification"),
+    "clip": Tiny(_config("CLIPConfig", text_config=_CLIP_TEXT, vision_config=_CLIP_VISION, projection_dim=16,
+                         initializer_factor=4.0), "CLIPModel"),
+    "clip-vision-classifier": Tiny(_config("CLIPConfig", text_config=_CLIP_TEXT, vision_config=_CLIP_VISION,
+                                           num_labels=3, initializer_factor=4.0), "CLIPForImageClassification"),
+    "clip-text": Tiny(_config("CLIPTextConfig", **_CLIP_TEXT, projection_dim=16), "CLIPTextModelWithProjection"),
+    "clip-vision": Tiny(_config("CLIPVisionConfig", **_CLIP_VISION), "CLIPVisionModel"),
+})
+
+
 def build(name: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
     import transformers
 

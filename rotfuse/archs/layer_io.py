@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from rotfuse.archs.spec import BoundArch, Dims, FusedRef, LayerId, LinearRef
+from rotfuse.archs.spec import BoundArch, Dims, LayerId, LinearRef
 from rotfuse.errors import InputError
 from rotfuse.symmetry.weights import Attention, Ffn, LayerWeights, Linear
 
@@ -26,17 +26,20 @@ def _rows(role: str, dims: Dims) -> int:
 
 
 def layer_tensor_names(bound: BoundArch, layer: LayerId, checkpoint: Checkpoint) -> list[str]:
-    """Full names of every tensor the layer's symmetries read and write (biases when present)."""
-    stack = bound.stack(layer.stack)
-    att, ffn = stack.attention, stack.ffn
-    refs: list[LinearRef | FusedRef] = [att.o, *ffn.inputs, ffn.output]
-    refs += [att.qkv] if att.qkv else [att.q, att.k, att.v]  # type: ignore[list-item]
-    names = []
-    for ref in refs:
-        names.append(bound.full_name(layer, ref.weight))
-        if ref.bias and bound.full_name(layer, ref.bias) in checkpoint:
-            names.append(bound.full_name(layer, ref.bias))
-    return names
+    """Full names of every tensor the layer's symmetries read and write (biases, extras when present)."""
+    names = [bound.full_name(layer, relative) for relative in bound.stack(layer.stack).touched()]
+    return [name for name in names if name in checkpoint]
+
+
+def check_layer_pair(model: Checkpoint, model_bound: BoundArch, anchor: Checkpoint, anchor_bound: BoundArch,
+                     layer: LayerId) -> None:
+    """Both checkpoints must hold the same optional tensors (biases, extras) in a layer, or the
+    packed circuits would not line up; name the first one that only one of them has."""
+    for relative in model_bound.stack(layer.stack).touched():
+        mine, theirs = model_bound.full_name(layer, relative), anchor_bound.full_name(layer, relative)
+        if (mine in model) != (theirs in anchor):
+            holder, name, other = (model, mine, anchor) if mine in model else (anchor, theirs, model)
+            raise InputError(f"{holder.folder}: tensor {name!r} has no counterpart in {other.folder}")
 
 
 class _LayerReader:
@@ -69,6 +72,17 @@ class _LayerReader:
             self.optional(ref.bias, ref.layout, (out_dim,)),
         )
 
+    def extras(self, refs: tuple[LinearRef, ...], out_dim: int, in_dim: int) -> list[Linear]:
+        """The extra Q-like or K-like projections this checkpoint has (see AttentionSpec); layer 0
+        decides which, and a layer holding one that layer 0 lacks is refused rather than left
+        untransformed."""
+        present = self.bound.present(self.layer.stack, refs)
+        for ref in refs:
+            name = self.bound.full_name(self.layer, ref.weight)
+            if ref not in present and name in self.checkpoint:
+                raise InputError(f"{self.checkpoint.folder}: tensor {name!r} has no counterpart in layer 0")
+        return [self.linear(ref, out_dim, in_dim) for ref in present]
+
 
 def read_layer(checkpoint: Checkpoint, bound: BoundArch, layer: LayerId, device: str = "cpu") -> LayerWeights:
     stack = bound.stack(layer.stack)
@@ -87,7 +101,9 @@ def read_layer(checkpoint: Checkpoint, bound: BoundArch, layer: LayerId, device:
         q, k, v = (reader.linear(ref, _rows(role, dims), d)  # type: ignore[arg-type]
                    for role, ref in (("q", att.q), ("k", att.k), ("v", att.v)))
     o = Linear(reader.tensor(att.o.weight, att.o.layout, (d, dims.num_heads * dims.head_dim)))
-    attention = Attention(q, k, v, o, dims.num_heads, dims.num_kv_heads, dims.head_dim)
+    attention = Attention(q, k, v, o, dims.num_heads, dims.num_kv_heads, dims.head_dim,
+                          q_like=reader.extras(att.q_like, _rows("q", dims), d),
+                          k_like=reader.extras(att.k_like, _rows("k", dims), d))
 
     ffn_spec = stack.ffn
     out_ref = ffn_spec.output
@@ -123,6 +139,9 @@ def write_layer(writer: CheckpointWriter, bound: BoundArch, layer: LayerId, weig
         for ref, linear in ((att.q, attention.q), (att.k, attention.k), (att.v, attention.v)):
             put_linear(ref, linear)  # type: ignore[arg-type]
     put(att.o.weight, attention.o.weight, att.o.layout)
+    for refs, linears in ((att.q_like, attention.q_like), (att.k_like, attention.k_like)):
+        for ref, linear in zip(bound.present(layer.stack, refs), linears, strict=True):
+            put_linear(ref, linear)
     for ref, linear in zip(stack.ffn.inputs, weights.ffn.inputs):
         put_linear(ref, linear)
     put(stack.ffn.output.weight, weights.ffn.output.weight, stack.ffn.output.layout)

@@ -29,6 +29,8 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on std
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the machine-readable result on stdout (and nothing else there).")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback when something fails.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output (only once the new one is complete).")]
+AllowNonfinite = Annotated[bool, typer.Option("--allow-nonfinite", help="Accept tensors holding NaN or Inf (they are left as they are) instead of refusing the checkpoint.")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Validate the inputs and print the plan; write nothing.")]
 Device = Annotated[str, typer.Option("--device", help="Where to compute: auto (CUDA when available), cpu or cuda.")]
 Arch = Annotated[str | None, typer.Option("--arch", help="Architecture spec to use instead of detecting it from config.json (see `rotfuse archs`).")]
 ArchSpecFile = Annotated[Path | None, typer.Option("--arch-spec", help="Load your own architecture spec (YAML) instead of a built-in one.", dir_okay=False)]

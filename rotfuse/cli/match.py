@@ -7,7 +7,20 @@ from typing import Annotated
 
 import typer
 
-from rotfuse.cli.common import Arch, ArchSpecFile, Debug, Device, JsonOut, Overwrite, Quiet, Ui, parse_layers, run_command
+from rotfuse.cli.common import (
+    AllowNonfinite,
+    Arch,
+    ArchSpecFile,
+    Debug,
+    Device,
+    DryRun,
+    JsonOut,
+    Overwrite,
+    Quiet,
+    Ui,
+    parse_layers,
+    run_command,
+)
 
 Symmetries = Annotated[str, typer.Option(
     "--symmetries", "-s",
@@ -27,7 +40,10 @@ def match_command(
     arch: Arch = None,
     arch_spec: ArchSpecFile = None,
     device: Device = "auto",
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Layers read and solved concurrently [default: min(4, CPUs)].")] = None,
     overwrite: Overwrite = False,
+    allow_nonfinite: AllowNonfinite = False,
+    dry_run: DryRun = False,
     quiet: Quiet = False,
     json_out: JsonOut = False,
     debug: Debug = False,
@@ -37,10 +53,16 @@ def match_command(
 
     def body() -> dict:
         from rotfuse.archs.spec import symmetry_set
-        from rotfuse.pipeline import MatchOptions, match
-        from rotfuse.report import render_match_table
+        from rotfuse.pipeline import DEFAULT_WORKERS, MatchOptions, match, prepare_match
+        from rotfuse.report import render_plan, render_match_table
 
-        options = MatchOptions(symmetry_set(symmetries), parse_layers(layers), device, max_rounds, arch, arch_spec)
+        options = MatchOptions(symmetry_set(symmetries), parse_layers(layers), device, max_rounds, arch, arch_spec,
+                               allow_nonfinite, workers or DEFAULT_WORKERS)
+        if dry_run:
+            plan = prepare_match(anchor, model, out, options, overwrite).describe()
+            if not json_out:
+                render_plan(plan, ui.console)
+            return plan
         with ui.progress("matching layers") as progress:
             result = match(anchor, model, out, options, report, overwrite, progress)
         if not json_out:
@@ -61,6 +83,7 @@ def scramble_command(
     arch_spec: ArchSpecFile = None,
     device: Device = "cpu",
     overwrite: Overwrite = False,
+    allow_nonfinite: AllowNonfinite = False,
     quiet: Quiet = False,
     json_out: JsonOut = False,
     debug: Debug = False,
@@ -75,7 +98,7 @@ def scramble_command(
         from rotfuse.archs.spec import symmetry_set
         from rotfuse.pipeline import MatchOptions, scramble
 
-        options = MatchOptions(symmetry_set(symmetries), parse_layers(layers), device, 1, arch, arch_spec)
+        options = MatchOptions(symmetry_set(symmetries), parse_layers(layers), device, 1, arch, arch_spec, allow_nonfinite)
         with ui.progress("scrambling layers") as progress:
             result = scramble(model, out, options, seed, overwrite, progress)
         ui.console.print(f"wrote {out} ({result['arch']}, symmetries {','.join(result['symmetries'])}, seed {seed})")

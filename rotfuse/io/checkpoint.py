@@ -11,11 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rotfuse.errors import InputError
+from rotfuse.io.pickled import BIN_FILE, BIN_INDEX_FILE, read_bin_shard
 from rotfuse.io.safetensors_file import ShardHeader, TensorEntry, read_header
 
 if TYPE_CHECKING:
@@ -24,7 +26,6 @@ if TYPE_CHECKING:
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 @dataclass
@@ -35,33 +36,42 @@ class Checkpoint:
     config: dict[str, Any]
     shards: list[ShardHeader]
     index: dict[str, Any] | None = None
+    allow_nonfinite: bool = False
     _shard_of: dict[str, int] = field(default_factory=dict, repr=False)
     _handles: dict[int, Any] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # readers run in threads
+    _pickled: dict[str, Any] = field(default_factory=dict, repr=False)  # .bin tensors (memory-mapped)
 
     # ------------------------------------------------------------------ opening
     @classmethod
-    def open(cls, folder: str | Path) -> Checkpoint:
+    def open(cls, folder: str | Path, allow_nonfinite: bool = False) -> Checkpoint:
+        """Validate the folder and every shard header; read no tensor data.
+
+        NaN or Inf values are refused when a tensor is read, unless `allow_nonfinite`.
+        """
         folder = Path(folder)
         if not folder.exists():
             raise InputError(f"{folder}: no such checkpoint folder")
         if not folder.is_dir():
             raise InputError(f"{folder}: not a folder (expected a checkpoint folder with config.json)")
         config = _read_json(folder / CONFIG_FILE, what="config")
+        pickled: dict[str, Any] = {}
         if (folder / INDEX_FILE).exists():
             index = _read_json(folder / INDEX_FILE, what="shard index")
-            shard_names = _shard_files_from_index(folder, index)
+            shards = [read_header(folder / name) for name in _shard_files_from_index(folder, index)]
         elif (folder / SINGLE_FILE).exists():
-            index, shard_names = None, [SINGLE_FILE]
+            index, shards = None, [read_header(folder / SINGLE_FILE)]
+        elif (folder / BIN_INDEX_FILE).exists() or (folder / BIN_FILE).exists():
+            index = _read_json(folder / BIN_INDEX_FILE, what="shard index") if (folder / BIN_INDEX_FILE).exists() else None
+            shards = []
+            for name in _shard_files_from_index(folder, index) if index else [BIN_FILE]:
+                shard, tensors = read_bin_shard(folder / name)
+                shards.append(shard)
+                pickled.update(tensors)
         else:
-            if any((folder / name).exists() for name in PICKLE_FILES):
-                raise InputError(
-                    f"{folder}: only pickled pytorch_model.bin weights found; rotfuse reads "
-                    "safetensors (convert with transformers' save_pretrained(safe_serialization=True))"
-                )
-            raise InputError(f"{folder}: no weights found (expected {SINGLE_FILE} or {INDEX_FILE})")
+            raise InputError(f"{folder}: no weights found (expected {SINGLE_FILE}, {INDEX_FILE} or {BIN_FILE})")
 
-        shards = [read_header(folder / name) for name in shard_names]
-        checkpoint = cls(folder, config, shards, index)
+        checkpoint = cls(folder, config, shards, index, allow_nonfinite, _pickled=pickled)
         for number, shard in enumerate(shards):
             for name in shard.entries:
                 if name in checkpoint._shard_of:
@@ -93,7 +103,14 @@ class Checkpoint:
     def weight_files(self) -> list[str]:
         """File names (relative to the folder) that hold weights or the shard index."""
         files = [shard.path.name for shard in self.shards]
-        return files + ([INDEX_FILE] if self.index is not None else [])
+        if self.index is not None:
+            files.append(BIN_INDEX_FILE if self.pickled else INDEX_FILE)
+        return files
+
+    @property
+    def pickled(self) -> bool:
+        """True for pytorch_model*.bin checkpoints (no byte ranges to copy raw)."""
+        return bool(self._pickled) or any(shard.path.suffix == ".bin" for shard in self.shards)
 
     @property
     def num_parameters(self) -> int:
@@ -105,20 +122,29 @@ class Checkpoint:
         number = self._shard_of.get(name)
         if number is None:
             raise InputError(f"{self.folder}: tensor {name!r} not found in the checkpoint")
-        handle = self._handles.get(number)
-        if handle is None:
-            from safetensors import safe_open
+        tensor = self._pickled[name].clone() if name in self._pickled else self._read(number, name)
+        if not self.allow_nonfinite and tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            raise InputError(
+                f"{self.shards[number].path}: tensor {name!r} contains NaN or Inf values "
+                "(pass --allow-nonfinite to accept them)"
+            )
+        return tensor if device == "cpu" else tensor.to(device)
 
-            try:
-                handle = safe_open(str(self.shards[number].path), framework="pt", device="cpu")
-            except Exception as exc:  # safetensors raises its own error types
-                raise InputError(f"{self.shards[number].path}: cannot open ({exc})") from exc
-            self._handles[number] = handle
+    def _read(self, number: int, name: str) -> torch.Tensor:
+        with self._lock:
+            handle = self._handles.get(number)
+            if handle is None:
+                from safetensors import safe_open
+
+                try:
+                    handle = safe_open(str(self.shards[number].path), framework="pt", device="cpu")
+                except Exception as exc:  # safetensors raises its own error types
+                    raise InputError(f"{self.shards[number].path}: cannot open ({exc})") from exc
+                self._handles[number] = handle
         try:
-            tensor = handle.get_tensor(name)
+            return handle.get_tensor(name)
         except Exception as exc:
             raise InputError(f"{self.shards[number].path}: cannot read tensor {name!r} ({exc})") from exc
-        return tensor if device == "cpu" else tensor.to(device)
 
     def fingerprint(self) -> str:
         """A content hash that tells this checkpoint from any transformed copy of it.
@@ -128,7 +154,12 @@ class Checkpoint:
         cheap on a multi-GB model, and any symmetry applied to a tensor changes its windows.
         """
         windows: dict[str, bytes] = {}
-        for shard in self.shards:
+        for name, tensor in self._pickled.items():
+            import torch
+
+            raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            windows[name] = f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode() + hashlib.sha256(raw).digest()
+        for shard in (s for s in self.shards if s.path.suffix != ".bin"):
             fd = os.open(shard.path, os.O_RDONLY)
             try:
                 for name, entry in shard.entries.items():

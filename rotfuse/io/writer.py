@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from rotfuse.errors import InputError, OutputError
 from rotfuse.io.checkpoint import INDEX_FILE, Checkpoint
 from rotfuse.io.dtypes import torch_dtype
+from rotfuse.io.pickled import safetensors_name
 from rotfuse.io.safetensors_file import FLOAT_DTYPES, copy_byte_range, encode_header
 
 if TYPE_CHECKING:
@@ -45,7 +46,8 @@ def plan_like(template: Checkpoint, dtype: str | None = None) -> list[ShardPlan]
             (e.name, dtype if dtype and e.dtype in FLOAT_DTYPES else e.dtype, e.shape)
             for e in shard.entries.values()
         ]
-        plans.append(ShardPlan(shard.path.name, tensors, dict(shard.metadata)))
+        metadata = {"format": "pt"} if shard.path.suffix == ".bin" else dict(shard.metadata)
+        plans.append(ShardPlan(safetensors_name(shard.path.name), tensors, metadata))
     return plans
 
 
@@ -96,8 +98,8 @@ class CheckpointWriter:
             raise ValueError("no template checkpoint to copy from")
         fd, dtype, shape, begin = self._slot(name)
         entry = source.entry(name)
-        if entry.dtype != dtype or entry.shape != shape:
-            self.write(name, source.get(name))  # a dtype change needs a real cast
+        if entry.dtype != dtype or entry.shape != shape or entry.begin < 0:
+            self.write(name, source.get(name))  # a cast, or a pickled source without byte ranges
             return
         src_fd = os.open(source.shard_of(name).path, os.O_RDONLY)
         try:

@@ -1,0 +1,250 @@
+#!/usr/bin/env python
+"""Benchmark rotfuse on LLaMA-shaped bf16 checkpoints, against the I/O floor measured in the same run.
+
+    python scripts/bench.py                      # ~150M and ~1B parameters
+    python scripts/bench.py --sizes 150m --json  # one size, machine-readable
+
+For each size it generates (deterministically, offline) a pair of related checkpoints -- B is A
+plus noise, like two fine-tunes of one base -- sharded the way Hugging Face shards them, then times
+in one run, each as its own process so peak RSS is per command:
+  io-floor        read both checkpoints fully and write one, with plain safetensors calls
+  match-attn      rotfuse match --symmetries rot,scale
+  match-all       rotfuse match (FFN permutation too), with per-stage seconds from its report
+  merge-simple    rotfuse merge --method simple (when the command exists)
+  mergekit-linear mergekit-yaml linear merge of the same pair (when mergekit is installed)
+  match-2x-deep   match-all on the same model made twice as deep: peak RSS must stay flat
+and `rotfuse --help` / `rotfuse archs` start-up. Ratios are to the I/O floor of the same size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+SIZES = {  # hidden, layers, heads, kv heads, ffn width, vocab
+    "150m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                 intermediate_size=2048, vocab_size=32000),
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=5632, vocab_size=32000),
+    "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=352, vocab_size=1000),
+}
+SHARD_BYTES = 500 * 1024 * 1024
+
+
+@dataclass
+class Row:
+    size: str
+    stage: str
+    seconds: float
+    peak_rss_mib: float
+    ratio_to_floor: float | None = None
+    detail: dict = field(default_factory=dict)
+
+
+def llama_tensors(dims: dict) -> list[tuple[str, tuple[int, ...]]]:
+    d, f, v = dims["hidden_size"], dims["intermediate_size"], dims["vocab_size"]
+    dh = d // dims["num_attention_heads"]
+    kv = dims["num_key_value_heads"] * dh
+    names = [("model.embed_tokens.weight", (v, d))]
+    for i in range(dims["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        names += [
+            (p + "input_layernorm.weight", (d,)), (p + "self_attn.q_proj.weight", (d, d)),
+            (p + "self_attn.k_proj.weight", (kv, d)), (p + "self_attn.v_proj.weight", (kv, d)),
+            (p + "self_attn.o_proj.weight", (d, d)), (p + "post_attention_layernorm.weight", (d,)),
+            (p + "mlp.gate_proj.weight", (f, d)), (p + "mlp.up_proj.weight", (f, d)), (p + "mlp.down_proj.weight", (d, f)),
+        ]
+    return names + [("model.norm.weight", (d,)), ("lm_head.weight", (v, d))]
+
+
+def generate(folder: Path, dims: dict, base_seed: int, noise_seed: int | None) -> Path:
+    """A LLaMA checkpoint written shard by shard; with noise_seed, base + 0.5 * noise."""
+    from rotfuse.io.writer import CheckpointWriter, ShardPlan
+
+    if (folder / "config.json").exists():
+        return folder
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = llama_tensors(dims)
+    plans, current, size = [], [], 0
+    for name, shape in tensors:
+        nbytes = 2 * int(torch.tensor(shape).prod())
+        if current and size + nbytes > SHARD_BYTES:
+            plans.append(current)
+            current, size = [], 0
+        current.append((name, "BF16", shape))
+        size += nbytes
+    plans.append(current)
+    names = ["model.safetensors"] if len(plans) == 1 else [
+        f"model-{i + 1:05d}-of-{len(plans):05d}.safetensors" for i in range(len(plans))]
+    shard_plans = [ShardPlan(name, plan, {"format": "pt"}) for name, plan in zip(names, plans)]
+    writer = CheckpointWriter(tmp, shard_plans)
+
+    def draw(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+        digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        if len(shape) == 1:
+            return torch.ones(shape)
+        return torch.randn(shape, generator=g) * (1.0 / shape[1] ** 0.5)
+
+    for name, shape in tensors:
+        value = draw(name, shape, base_seed)
+        if noise_seed is not None and len(shape) == 2:
+            value += 0.5 * draw(name, shape, noise_seed)
+        writer.write(name, value)
+    writer.finish()
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "bfloat16",
+              "rms_norm_eps": 1e-5, "max_position_embeddings": 2048, "tie_word_embeddings": False, **dims}
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    os.rename(tmp, folder)
+    return folder
+
+
+def run(cmd: list[str]) -> tuple[float, float, str]:
+    """Wall seconds and peak RSS (MiB) of a command and the children it waited for."""
+    start = time.perf_counter()
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    out = process.stdout.read() if process.stdout else ""
+    err = process.stderr.read() if process.stderr else ""
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({process.returncode}):\n{err[-3000:]}")
+    return seconds, usage.ru_maxrss / 1024, out
+
+
+IO_FLOOR = r"""
+import sys, pathlib
+from safetensors import safe_open
+from safetensors.torch import save_file
+a, b, out = map(pathlib.Path, sys.argv[1:4])
+for folder in (b,):
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            for k in f.keys(): f.get_tensor(k)
+out.mkdir(parents=True, exist_ok=True)
+for shard in sorted(a.glob("*.safetensors")):
+    with safe_open(str(shard), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(out / shard.name), metadata={"format": "pt"})
+"""
+
+
+def rotfuse(*args: str) -> list[str]:
+    return [sys.executable, "-m", "rotfuse", *args]
+
+
+def has_command(name: str) -> bool:
+    return subprocess.run(rotfuse(name, "--help"), capture_output=True).returncode == 0
+
+
+def bench_size(size: str, root: Path, keep: bool) -> list[Row]:
+    dims = SIZES[size]
+    a = generate(root / f"{size}-a", dims, base_seed=0, noise_seed=None)
+    b = generate(root / f"{size}-b", dims, base_seed=0, noise_seed=1)
+    rows: list[Row] = []
+    work = root / f"{size}-out"
+
+    def stage(name: str, cmd: list[str], detail_from_json: bool = False) -> Row:
+        shutil.rmtree(work, ignore_errors=True)
+        seconds, rss, out = run(cmd)
+        detail = {}
+        if detail_from_json and out.strip():
+            report = json.loads(out)
+            detail = {"timings": report.get("timings"), "distance_reduction": report["totals"]["matched"]["reduction"]}
+        row = Row(size, name, round(seconds, 2), round(rss, 1), detail=detail)
+        rows.append(row)
+        print(f"  {size:>5} {name:<16} {seconds:8.2f} s  {rss:8.1f} MiB", file=sys.stderr, flush=True)
+        return row
+
+    floor = stage("io-floor", [sys.executable, "-c", IO_FLOOR, str(a), str(b), str(work)])
+    stage("match-attn", rotfuse("match", str(a), str(b), "-o", str(work), "--symmetries", "rot,scale", "--json", "-q",
+                                "--device", "cpu"), detail_from_json=True)
+    stage("match-all", rotfuse("match", str(a), str(b), "-o", str(work), "--json", "-q", "--device", "cpu"),
+          detail_from_json=True)
+    if has_command("merge"):
+        stage("merge-simple", rotfuse("merge", "--method", "simple", str(a), str(b), "-o", str(work), "-q"))
+    mergekit = shutil.which("mergekit-yaml") or os.environ.get("MERGEKIT_YAML")
+    if mergekit:
+        config = root / f"{size}-mergekit.yaml"
+        config.write_text(
+            "merge_method: linear\ndtype: bfloat16\nmodels:\n"
+            f"  - model: {a}\n    parameters: {{weight: 0.5}}\n  - model: {b}\n    parameters: {{weight: 0.5}}\n"
+        )
+        stage("mergekit-linear", [mergekit, str(config), str(work), "--lazy-unpickle", "--out-shard-size", "500M"])
+    deep_dims = {**dims, "num_hidden_layers": 2 * dims["num_hidden_layers"]}
+    deep_a = generate(root / f"{size}-deep-a", deep_dims, base_seed=0, noise_seed=None)
+    deep_b = generate(root / f"{size}-deep-b", deep_dims, base_seed=0, noise_seed=1)
+    stage("match-2x-deep", rotfuse("match", str(deep_a), str(deep_b), "-o", str(work), "--json", "-q", "--device", "cpu"),
+          detail_from_json=True)
+    if not keep:
+        for folder in (deep_a, deep_b):
+            shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
+    for row in rows:
+        row.ratio_to_floor = round(row.seconds / floor.seconds, 2)
+    return rows
+
+
+def startup_rows() -> list[Row]:
+    rows = []
+    for name, args in (("startup --help", ["--help"]), ("startup archs", ["archs"])):
+        best = min(run([shutil.which("rotfuse") or "rotfuse", *args])[0] for _ in range(5))
+        rows.append(Row("-", name, round(best, 3), 0.0))
+    return rows
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = ["| size | stage | seconds | x I/O floor | peak RSS (MiB) | notes |", "|---|---|---:|---:|---:|---|"]
+    by_size = {r.size: {x.stage: x for x in rows if x.size == r.size} for r in rows}
+    for r in rows:
+        note = ""
+        if r.detail.get("timings"):
+            t = r.detail["timings"]
+            note = "stages (s, summed over threads): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items() if k != "total")
+        if r.stage == "match-2x-deep" and "match-all" in by_size[r.size]:
+            note += f"; RSS vs match-all: {r.peak_rss_mib / by_size[r.size]['match-all'].peak_rss_mib:.2f}x"
+        ratio = "" if r.ratio_to_floor is None else f"{r.ratio_to_floor:.2f}"
+        rss = "" if not r.peak_rss_mib else f"{r.peak_rss_mib:.0f}"
+        lines.append(f"| {r.size} | {r.stage} | {r.seconds:.2f} | {ratio} | {rss} | {note} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="150m,1b", help=f"comma-separated, from {', '.join(SIZES)}")
+    parser.add_argument("--workdir", type=Path, default=None, help="where checkpoints go (default: a temp folder)")
+    parser.add_argument("--keep", action="store_true", help="keep generated checkpoints for the next run")
+    parser.add_argument("--json", action="store_true", help="print rows as JSON instead of Markdown")
+    args = parser.parse_args()
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="rotfuse-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    machine = {"cpus": os.cpu_count(), "torch": torch.__version__, "cuda": torch.cuda.is_available()}
+    print(f"benchmark in {root} on {machine}", file=sys.stderr)
+    rows = startup_rows()
+    for size in args.sizes.split(","):
+        rows += bench_size(size.strip(), root, args.keep)
+    if not args.keep and args.workdir is None:
+        shutil.rmtree(root, ignore_errors=True)
+    if args.json:
+        print(json.dumps({"machine": machine, "rows": [asdict(r) for r in rows]}, indent=2))
+    else:
+        print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Helpers shared by the test_archs*.py files: build model/anchor pairs, compare every output."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from tiny_models import save_tiny
+
+from rotfuse.runtime import example_inputs, forward, load_model
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Tiny models run faster on one thread, and far faster on a machine whose cores are busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def save_pair(tiny: str, root: Path, **overrides: Any) -> tuple[Path, Path]:
+    """A tiny model (seed 0) and a different-seed anchor (seed 1) of the same config."""
+    model = save_tiny(tiny, root / "model", seed=0, **overrides)
+    anchor = save_tiny(tiny, root / "anchor", seed=1, **overrides)
+    return model, anchor
+
+
+def output_tensors(outputs: Any) -> list[torch.Tensor]:
+    """Every floating tensor a model returned (nested outputs too, e.g. CLIP's two towers)."""
+    if isinstance(outputs, torch.Tensor):
+        return [outputs] if outputs.is_floating_point() else []
+    if hasattr(outputs, "to_tuple"):
+        outputs = outputs.to_tuple()
+    if isinstance(outputs, (tuple, list)):
+        return [t for item in outputs for t in output_tensors(item)]
+    return []
+
+
+def run(folder: Path, seeds: tuple[int, ...] = (0, 1)) -> list[torch.Tensor]:
+    """All outputs of a checkpoint on a few deterministic example batches."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    model = load_model(folder)
+    return [t for seed in seeds
+            for t in output_tensors(forward(model, example_inputs(config, batch=2, seq_len=12, seed=seed)))]
+
+
+def max_relative_change(a: Path, b: Path) -> float:
+    """Largest output difference between two checkpoints, relative to each output's scale."""
+    outs_a, outs_b = run(a), run(b)
+    assert len(outs_a) == len(outs_b) > 0
+    return max((x - y).abs().max().item() / max(x.abs().max().item(), 1.0) for x, y in zip(outs_a, outs_b))
+
+
+def assert_same_function(a: Path, b: Path, rel: float = 2e-5) -> None:
+    change = max_relative_change(a, b)
+    assert change <= rel, f"{b}: outputs differ from {a} by {change:.3g} (relative)"

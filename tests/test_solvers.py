@@ -1,0 +1,282 @@
+"""The pure solvers: each is shown optimal (beats every candidate we can throw at it), recovers a
+randomly scrambled copy exactly, and never increases the distance."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rotfuse.matching import LayerSettings, match_layer, scramble_layer
+from rotfuse.symmetry.circuit import CircuitTransform, solve_circuit
+from rotfuse.symmetry.permutation import permute_ffn, solve_permutation
+from rotfuse.symmetry.rotation import procrustes, random_rotation
+from rotfuse.symmetry.scaling import best_scale, scale_objective
+from rotfuse.symmetry.weights import (
+    Attention,
+    Circuit,
+    Ffn,
+    LayerWeights,
+    Linear,
+    circuit_sq_distance,
+    ffn_rows,
+    qk_circuit,
+    vo_circuit,
+    with_qk,
+    with_vo,
+)
+
+ALL = frozenset({"qk.rot", "qk.scale", "vo.rot", "vo.scale", "ffn.perm"})
+
+
+def random_layer(seed: int, d: int = 12, heads: int = 4, kv_heads: int = 2, head_dim: int = 6,
+                 dff: int = 17, biases: bool = True, gated: bool = False) -> LayerWeights:
+    g = torch.Generator().manual_seed(seed)
+
+    def lin(out: int, inp: int, bias: bool = biases) -> Linear:
+        return Linear(torch.randn(out, inp, generator=g), torch.randn(out, generator=g) if bias else None)
+
+    attention = Attention(
+        q=lin(heads * head_dim, d), k=lin(kv_heads * head_dim, d), v=lin(kv_heads * head_dim, d),
+        o=Linear(torch.randn(d, heads * head_dim, generator=g)),
+        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+    )
+    inputs = [lin(dff, d), lin(dff, d, bias=False)] if gated else [lin(dff, d)]
+    return LayerWeights(attention, Ffn(inputs, Linear(torch.randn(d, dff, generator=g))))
+
+
+def layer_distance(a: LayerWeights, b: LayerWeights) -> float:
+    total = circuit_sq_distance(qk_circuit(a.attention), qk_circuit(b.attention))
+    total += circuit_sq_distance(vo_circuit(a.attention), vo_circuit(b.attention))
+    total += float((ffn_rows(a.ffn).double() - ffn_rows(b.ffn).double()).pow(2).sum())
+    return math.sqrt(total)
+
+
+# ---------------------------------------------------------------------- packing
+
+
+def test_circuit_packing_round_trips_with_gqa_and_biases():
+    layer = random_layer(0, heads=6, kv_heads=2)
+    att = layer.attention
+    again = with_vo(with_qk(att, qk_circuit(att)), vo_circuit(att))
+    for name in ("q", "k", "v"):
+        assert torch.equal(getattr(again, name).weight, getattr(att, name).weight)
+        assert torch.equal(getattr(again, name).bias, getattr(att, name).bias)
+    assert torch.equal(again.o.weight, att.o.weight)
+
+
+def test_gqa_group_holds_its_query_heads():
+    """Group g of the QK circuit must contain query heads g*r .. g*r+r-1 (HF repeat_kv order)."""
+    att = random_layer(1, heads=6, kv_heads=2, head_dim=3, d=5, biases=False).attention
+    left = qk_circuit(att).left  # [2, 3, 3 heads * 5]
+    q = att.q.weight.reshape(6, 3, 5)
+    assert torch.equal(left[1, :, 0:5], q[3])
+    assert torch.equal(left[1, :, 10:15], q[5])
+
+
+# ---------------------------------------------------------------------- rotation
+
+
+@pytest.mark.parametrize("rotary_dim", [0, 6, 4])
+def test_procrustes_beats_random_members_of_its_group(rotary_dim):
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(5, 6, 6, generator=g, dtype=torch.float64)
+    best = (procrustes(m, rotary_dim) * m).sum((1, 2))
+    for _ in range(200):
+        other = random_rotation(5, 6, rotary_dim, g)
+        assert torch.all((other * m).sum((1, 2)) <= best + 1e-9)
+
+
+@pytest.mark.parametrize("rotary_dim", [0, 6, 4])
+def test_procrustes_result_is_orthogonal_and_in_group(rotary_dim):
+    m = torch.randn(3, 6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    r = procrustes(m, rotary_dim)
+    assert torch.allclose(r @ r.transpose(1, 2), torch.eye(6, dtype=torch.float64).expand(3, 6, 6), atol=1e-12)
+    if rotary_dim:
+        half = rotary_dim // 2
+        for i in range(half):  # each rotary plane is a proper 2-D rotation, not mixed with others
+            block = r[:, [i, i + half]][:, :, [i, i + half]]
+            assert torch.allclose(torch.linalg.det(block), torch.ones(3, dtype=torch.float64))
+            mask = torch.ones(6, dtype=torch.bool)
+            mask[[i, i + half]] = False
+            assert torch.all(r[:, i, mask] == 0)
+
+
+# ---------------------------------------------------------------------- scale
+
+
+def test_best_scale_matches_a_dense_grid_search():
+    g = torch.Generator().manual_seed(2)
+    c4, c0 = torch.rand(50, generator=g, dtype=torch.float64) * 5, torch.rand(50, generator=g, dtype=torch.float64) * 5
+    c3, c1 = torch.randn(50, generator=g, dtype=torch.float64) * 3, torch.randn(50, generator=g, dtype=torch.float64) * 3
+    a = best_scale(c4, c3, c1, c0)
+    grid = torch.cat([torch.linspace(-10, -0.05, 20000), torch.linspace(0.05, 10, 20000)]).double()
+    for i in range(50):
+        found = scale_objective(a[i], c4[i], c3[i], c1[i], c0[i])
+        searched = scale_objective(grid, c4[i], c3[i], c1[i], c0[i]).min()
+        assert found <= searched + 1e-9
+
+
+def test_best_scale_keeps_one_when_nothing_is_better():
+    one = torch.ones(1, dtype=torch.float64)
+    assert best_scale(one, one, one, one).item() == 1.0  # f(a) = a^2 - 2a + 1/a^2 - 2/a: min at a = 1
+    zero = torch.zeros(1, dtype=torch.float64)
+    assert best_scale(zero, zero, zero, zero).item() == 1.0  # degenerate (empty circuit)
+
+
+# ---------------------------------------------------------------------- alternation
+
+
+def test_alternation_is_never_worse_than_the_single_paper_pass():
+    g = torch.Generator().manual_seed(3)
+    for trial in range(20):
+        src = Circuit(torch.randn(3, 4, 9, generator=g), torch.randn(3, 4, 7, generator=g) * 3)
+        anc = Circuit(torch.randn(3, 4, 9, generator=g) * 2, torch.randn(3, 4, 7, generator=g))
+        one_pass = solve_circuit(src, anc, True, True, max_rounds=1)
+        full = solve_circuit(src, anc, True, True, max_rounds=50)
+        d_one = circuit_sq_distance(one_pass.transform.apply(src), anc)
+        d_full = circuit_sq_distance(full.transform.apply(src), anc)
+        assert d_full <= d_one * (1 + 1e-9)
+        assert all(b <= a * (1 + 1e-9) for a, b in zip(full.objective, full.objective[1:]))
+        assert full.rounds >= 1
+
+
+def test_circuit_objective_history_matches_the_real_distance():
+    g = torch.Generator().manual_seed(4)
+    src = Circuit(torch.randn(2, 5, 11, generator=g).double(), torch.randn(2, 5, 8, generator=g).double())
+    anc = Circuit(torch.randn(2, 5, 11, generator=g).double(), torch.randn(2, 5, 8, generator=g).double())
+    solution = solve_circuit(src, anc, True, True)
+    assert solution.objective[0] == pytest.approx(circuit_sq_distance(src, anc), rel=1e-9)
+    assert solution.objective[-1] == pytest.approx(circuit_sq_distance(solution.transform.apply(src), anc), rel=1e-9)
+
+
+# ---------------------------------------------------------------------- recovery of scrambled copies
+
+SUBSETS = {
+    "perm": frozenset({"ffn.perm"}),
+    "rot": frozenset({"qk.rot", "vo.rot"}),
+    "scale": frozenset({"qk.scale", "vo.scale"}),
+    "all": ALL,
+}
+
+
+@pytest.mark.parametrize("subset", sorted(SUBSETS))
+@pytest.mark.parametrize("rotary_dim", [0, 4])
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_match_recovers_a_scrambled_layer(subset, rotary_dim, kv_heads):
+    layer = random_layer(5, kv_heads=kv_heads, gated=bool(rotary_dim))
+    settings = LayerSettings(SUBSETS[subset], rotary_dim=rotary_dim)
+    scrambled = scramble_layer(layer, settings, torch.Generator().manual_seed(6))
+    before = layer_distance(scrambled, layer)
+    matched, results = match_layer(scrambled, layer, settings)
+    after = layer_distance(matched, layer)
+    assert before > 1.0
+    assert after / before < 1e-5, (subset, after, before)
+    assert math.sqrt(sum(r.after**2 for r in results)) == pytest.approx(after, abs=1e-5)
+
+
+def test_tied_qk_groups_share_one_transform_and_recover():
+    layer = random_layer(7)
+    settings = LayerSettings(ALL, tie_qk_groups=True)
+    scrambled = scramble_layer(layer, settings, torch.Generator().manual_seed(8))
+    matched, _ = match_layer(scrambled, layer, settings)
+    assert layer_distance(matched, layer) / layer_distance(scrambled, layer) < 1e-5
+
+
+def test_permutation_solver_is_exact_assignment_optimum():
+    """On small sizes, compare against brute force over all permutations."""
+    from itertools import permutations
+
+    g = torch.Generator().manual_seed(9)
+    src, anc = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    perm = solve_permutation(src, anc)
+    found = float((src[perm] * anc).sum())
+    best = max(float((src[list(p)] * anc).sum()) for p in permutations(range(6)))
+    assert found == pytest.approx(best, abs=1e-5)
+
+
+def test_permute_ffn_moves_rows_and_columns_together():
+    ffn = random_layer(10, gated=True).ffn
+    perm = torch.randperm(ffn.width, generator=torch.Generator().manual_seed(0))
+    moved = permute_ffn(ffn, perm)
+    x = torch.randn(3, 12)
+
+    def run(f: Ffn) -> torch.Tensor:  # SwiGLU: silu(gate) * up -> down
+        gate, up = (x @ lin.weight.T + (lin.bias if lin.bias is not None else 0) for lin in f.inputs)
+        return (torch.nn.functional.silu(gate) * up) @ f.output.weight.T
+
+    assert torch.allclose(run(moved), run(ffn), atol=1e-5)
+
+
+# ---------------------------------------------------------------------- monotonicity and identity
+
+
+def test_matching_a_layer_to_itself_changes_nothing():
+    layer = random_layer(11)
+    matched, results = match_layer(layer, layer, LayerSettings(ALL))
+    assert layer_distance(matched, layer) < 1e-4
+    assert all(r.after <= r.before for r in results)
+
+
+def test_disabled_symmetries_are_not_applied():
+    layer, anchor = random_layer(12), random_layer(13)
+    matched, results = match_layer(layer, anchor, LayerSettings(frozenset({"ffn.perm"})))
+    assert torch.equal(matched.attention.q.weight, layer.attention.q.weight)
+    assert {r.module: r.applied for r in results} == {"attn.qk": [], "attn.vo": [], "ffn": ["perm"]}
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    kv_heads=st.sampled_from([1, 2, 4]),
+    head_dim=st.sampled_from([2, 4, 6]),
+    dff=st.integers(1, 12),
+    biases=st.booleans(),
+    rope=st.booleans(),
+    subset=st.sampled_from(sorted(SUBSETS)),
+)
+def test_property_matching_never_increases_distance_and_recovers(seed, kv_heads, head_dim, dff, biases, rope, subset):
+    rotary_dim = head_dim if rope else 0
+    layer = random_layer(seed, d=7, heads=4, kv_heads=kv_heads, head_dim=head_dim, dff=dff, biases=biases)
+    anchor = random_layer(seed + 1, d=7, heads=4, kv_heads=kv_heads, head_dim=head_dim, dff=dff, biases=biases)
+    settings_ = LayerSettings(SUBSETS[subset], rotary_dim=rotary_dim)
+    _, results = match_layer(layer, anchor, settings_)
+    for result in results:
+        assert result.after <= result.before * (1 + 1e-12)
+    scrambled = scramble_layer(layer, settings_, torch.Generator().manual_seed(seed))
+    matched, _ = match_layer(scrambled, layer, settings_)
+    before = layer_distance(scrambled, layer)
+    if before > 1e-3:
+        assert layer_distance(matched, layer) / before < 1e-4
+
+
+def test_circuit_transform_apply_preserves_attention_scores_and_values():
+    """The QK product per head and the VO product per head are invariant -- the function-level
+    reason every transform above is exact."""
+    att = random_layer(14, heads=4, kv_heads=2).attention
+    settings_ = LayerSettings(ALL)
+    moved = scramble_layer(LayerWeights(att, random_layer(14).ffn), settings_, torch.Generator().manual_seed(1)).attention
+    x = torch.randn(5, 12, dtype=torch.float64)
+
+    def per_head(a: Attention):
+        q = (x @ a.q.weight.double().T + a.q.bias.double()).reshape(5, 4, 6)
+        k = (x @ a.k.weight.double().T + a.k.bias.double()).reshape(5, 2, 6).repeat_interleave(2, dim=1)
+        v = (x @ a.v.weight.double().T + a.v.bias.double()).reshape(5, 2, 6).repeat_interleave(2, dim=1)
+        scores = torch.einsum("thd,shd->hts", q, k)
+        out = torch.einsum("shd,hed->hse", v, a.o.weight.double().reshape(12, 4, 6).permute(1, 0, 2))
+        return scores, out
+
+    s1, o1 = per_head(att)
+    s2, o2 = per_head(moved)
+    assert torch.allclose(s1, s2, atol=1e-3)
+    assert torch.allclose(o1, o2, atol=1e-3)
+
+
+def test_identity_transform_is_a_no_op():
+    circuit = qk_circuit(random_layer(15).attention)
+    same = CircuitTransform().apply(circuit)
+    assert torch.equal(same.left, circuit.left) and torch.equal(same.right, circuit.right)
+
