@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from rotfuse.symmetry.circuit import CircuitTransform, solve_circuit
-from rotfuse.symmetry.permutation import permute_ffn, random_permutation, solve_permutation
+from rotfuse.symmetry.heads import pair_scores, permute_groups
+from rotfuse.symmetry.permutation import best_assignment, permute_ffn, random_permutation, solve_permutation
 from rotfuse.symmetry.rotation import random_rotation
 from rotfuse.symmetry.scaling import random_scale
 from rotfuse.symmetry.weights import (
+    Attention,
     Circuit,
+    Ffn,
     LayerWeights,
     circuit_sq_distance,
     ffn_rows,
@@ -50,6 +54,7 @@ class ModuleResult:
     rounds: int | None = None
     reverted: bool = False
     skipped: str | None = None  # why nothing was solved (e.g. non-finite values)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. the head permutation applied
 
     @property
     def reduction(self) -> float:
@@ -57,54 +62,84 @@ class ModuleResult:
 
 
 def match_layer(src: LayerWeights, anchor: LayerWeights, settings: LayerSettings) -> tuple[LayerWeights, list[ModuleResult]]:
-    attention = src.attention
-    results = []
-    for key, (pack, unpack) in CIRCUITS.items():
-        rotate = f"{key}.rot" in settings.symmetries
-        scale = f"{key}.scale" in settings.symmetries
-        src_circuit, anchor_circuit = pack(attention), pack(anchor.attention)
-        before = circuit_sq_distance(src_circuit, anchor_circuit)
-        if not _finite(src_circuit.left, src_circuit.right, anchor_circuit.left, anchor_circuit.right):
-            results.append(ModuleResult(f"attn.{key}", math.sqrt(before), math.sqrt(before), skipped=NONFINITE))
-            continue
-        solution = solve_circuit(
-            src_circuit, anchor_circuit, rotate, scale,
-            rotary_dim=settings.rotary_dim if key == "qk" else 0,
-            tie_groups=settings.tie_qk_groups and key == "qk",
-            max_rounds=settings.max_rounds,
-        )
-        moved = solution.transform.apply(src_circuit)
-        after = circuit_sq_distance(moved, anchor_circuit)
-        applied = [name for name, on in (("rot", rotate), ("scale", scale)) if on]
-        result = ModuleResult(f"attn.{key}", math.sqrt(before), math.sqrt(after), applied, solution.rounds)
-        if after > before:
-            result.after, result.reverted = result.before, True
-        elif applied:
-            attention = unpack(attention, moved)
-        results.append(result)
+    attention, results = _match_attention(src.attention, anchor.attention, settings)
+    ffn, ffn_result = _match_ffn(src.ffn, anchor.ffn, settings)
+    return LayerWeights(attention, ffn), results + [ffn_result]
 
-    ffn = src.ffn
-    src_rows, anchor_rows = ffn_rows(ffn), ffn_rows(anchor.ffn)
+
+def _match_attention(src: Attention, anchor: Attention, settings: LayerSettings) -> tuple[Attention, list[ModuleResult]]:
+    """Head permutation (when on), then per-group rotation and scale of the QK and VO circuits.
+
+    The permutation is kept only if neither circuit ends up farther from the anchor than it
+    started; otherwise the circuits are solved without it (each of those solves is monotone).
+    """
+    circuits = {key: (pack(src), pack(anchor)) for key, (pack, _) in CIRCUITS.items()}
+    before = {key: circuit_sq_distance(s, a) for key, (s, a) in circuits.items()}
+    if not _finite(*(t for pair in circuits.values() for c in pair for t in (c.left, c.right))):
+        return src, [ModuleResult(f"attn.{key}", math.sqrt(d), math.sqrt(d), skipped=NONFINITE) for key, d in before.items()]
+
+    def rotary(key: str) -> int:
+        return settings.rotary_dim if key == "qk" else 0
+
+    perm = None
+    if "heads.perm" in settings.symmetries and src.num_kv_heads > 1:
+        scores = sum(pair_scores(s, a, f"{key}.rot" in settings.symmetries, rotary(key))
+                     for key, (s, a) in circuits.items())
+        perm = best_assignment(scores)  # type: ignore[arg-type]
+        if torch.equal(perm, torch.arange(len(perm))):
+            perm = None
+
+    for candidate in ([perm, None] if perm is not None else [None]):
+        moved: dict[str, Circuit] = {}
+        results: list[ModuleResult] = []
+        for key, (s, a) in circuits.items():
+            rotate, scale = f"{key}.rot" in settings.symmetries, f"{key}.scale" in settings.symmetries
+            start = s if candidate is None else permute_groups(s, candidate)
+            solution = solve_circuit(start, a, rotate, scale, rotary_dim=rotary(key),
+                                     tie_groups=settings.tie_qk_groups and key == "qk", max_rounds=settings.max_rounds)
+            moved[key] = solution.transform.apply(start)
+            after = circuit_sq_distance(moved[key], a)
+            applied = (["heads"] if candidate is not None else []) + [n for n, on in (("rot", rotate), ("scale", scale)) if on]
+            result = ModuleResult(f"attn.{key}", math.sqrt(before[key]), math.sqrt(after), applied, solution.rounds)
+            if candidate is not None:
+                result.extra["head_permutation"] = candidate.tolist()
+            if after > before[key]:
+                result.after, result.reverted, moved[key] = result.before, True, s
+            results.append(result)
+        if candidate is None or not any(r.reverted for r in results):
+            break
+
+    attention = src
+    for (key, (_, unpack)), result in zip(CIRCUITS.items(), results):
+        if result.applied and not result.reverted:
+            attention = unpack(attention, moved[key])
+    return attention, results
+
+
+def _match_ffn(src: Ffn, anchor: Ffn, settings: LayerSettings) -> tuple[Ffn, ModuleResult]:
+    src_rows, anchor_rows = ffn_rows(src), ffn_rows(anchor)
     before = _sq(src_rows - anchor_rows)
     result = ModuleResult("ffn", math.sqrt(before), math.sqrt(before))
     if not _finite(src_rows, anchor_rows):
         result.skipped = NONFINITE
-    elif "ffn.perm" in settings.symmetries:
-        perm = solve_permutation(src_rows, anchor_rows)
-        after = _sq(src_rows[perm.to(src_rows.device)] - anchor_rows)
-        result.applied = ["perm"]
-        if after > before:
-            result.reverted = True
-        else:
-            ffn, result.after = permute_ffn(ffn, perm), math.sqrt(after)
-    results.append(result)
-    return LayerWeights(attention, ffn), results
+        return src, result
+    if "ffn.perm" not in settings.symmetries:
+        return src, result
+    perm = solve_permutation(src_rows, anchor_rows)
+    after = _sq(src_rows[perm.to(src_rows.device)] - anchor_rows)
+    result.applied = ["perm"]
+    if after > before:
+        result.reverted = True
+        return src, result
+    result.after = math.sqrt(after)
+    return permute_ffn(src, perm), result
 
 
 def scramble_layer(src: LayerWeights, settings: LayerSettings, generator: torch.Generator) -> LayerWeights:
     """Apply a random member of the enabled symmetry group: the function is unchanged."""
     attention = src.attention
     groups, dh = attention.num_kv_heads, attention.head_dim
+    head_perm = random_permutation(groups, generator) if "heads.perm" in settings.symmetries else None
     for key, (pack, unpack) in CIRCUITS.items():
         rotary_dim = settings.rotary_dim if key == "qk" else 0
         tied = settings.tie_qk_groups and key == "qk"
@@ -114,7 +149,8 @@ def scramble_layer(src: LayerWeights, settings: LayerSettings, generator: torch.
             if f"{key}.rot" in settings.symmetries else None,
             random_scale(count, generator).expand(groups) if f"{key}.scale" in settings.symmetries else None,
         )
-        attention = unpack(attention, transform.apply(pack(attention)))
+        circuit = pack(attention) if head_perm is None else permute_groups(pack(attention), head_perm)
+        attention = unpack(attention, transform.apply(circuit))
     ffn = src.ffn
     if "ffn.perm" in settings.symmetries:
         ffn = permute_ffn(ffn, random_permutation(ffn.width, generator))

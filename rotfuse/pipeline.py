@@ -23,7 +23,8 @@ import torch
 
 from rotfuse import __version__
 from rotfuse.archs.layer_io import check_layer_pair, layer_tensor_names, read_layer, write_layer
-from rotfuse.archs.spec import ALL_SYMMETRIES, BoundArch, LayerId, bind, select_spec
+from rotfuse.archs.spec import BoundArch, LayerId, bind, select_spec
+from rotfuse.symmetries import ALL_SYMMETRIES
 from rotfuse.errors import InputError, UsageError
 from rotfuse.io.checkpoint import Checkpoint
 from rotfuse.io.staging import StagedFolder, check_output_location
@@ -280,6 +281,7 @@ def match(
             }
             if result.skipped:
                 modules[result.module]["skipped"] = result.skipped
+            modules[result.module].update(result.extra)
         return new, {"layer": str(layer), "modules": modules}
 
     with StagedFolder(out, overwrite) as staged:

@@ -21,7 +21,7 @@ from arch_helpers import assert_same_function, max_relative_change, one_thread
 from safetensors.torch import load_file, save_file
 from tiny_models import save_tiny
 
-from rotfuse.archs.spec import symmetry_set
+from rotfuse.symmetries import symmetry_set
 from rotfuse.pipeline import MatchOptions, match, scramble
 from rotfuse.symmetry.circuit import CircuitTransform
 from rotfuse.symmetry.rotation import random_rotation

@@ -12,7 +12,7 @@ import pytest
 import torch
 from tiny_models import save_tiny
 
-from rotfuse.archs.spec import symmetry_set
+from rotfuse.symmetries import symmetry_set
 from rotfuse.io.checkpoint import Checkpoint
 from rotfuse.pipeline import REPORT_NAME, MatchOptions, match, scramble
 from rotfuse.runtime import example_inputs, forward, load_model, main_output

@@ -29,7 +29,7 @@ from rotfuse.symmetry.weights import (
     with_vo,
 )
 
-ALL = frozenset({"qk.rot", "qk.scale", "vo.rot", "vo.scale", "ffn.perm"})
+ALL = frozenset({"qk.rot", "qk.scale", "vo.rot", "vo.scale", "ffn.perm", "heads.perm"})
 
 
 def random_layer(seed: int, d: int = 12, heads: int = 4, kv_heads: int = 2, head_dim: int = 6,
@@ -157,8 +157,10 @@ def test_circuit_objective_history_matches_the_real_distance():
 
 SUBSETS = {
     "perm": frozenset({"ffn.perm"}),
+    "heads": frozenset({"heads.perm"}),
     "rot": frozenset({"qk.rot", "vo.rot"}),
     "scale": frozenset({"qk.scale", "vo.scale"}),
+    "heads+rot": frozenset({"heads.perm", "qk.rot", "vo.rot"}),
     "all": ALL,
 }
 
@@ -167,9 +169,14 @@ SUBSETS = {
 @pytest.mark.parametrize("rotary_dim", [0, 4])
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
 def test_match_recovers_a_scrambled_layer(subset, rotary_dim, kv_heads):
+    if subset == "heads" and kv_heads == 1:
+        pytest.skip("one KV group: there is nothing to permute")
     layer = random_layer(5, kv_heads=kv_heads, gated=bool(rotary_dim))
     settings = LayerSettings(SUBSETS[subset], rotary_dim=rotary_dim)
-    scrambled = scramble_layer(layer, settings, torch.Generator().manual_seed(6))
+    for seed in range(6, 20):  # a 2-group permutation is the identity half the time
+        scrambled = scramble_layer(layer, settings, torch.Generator().manual_seed(seed))
+        if layer_distance(scrambled, layer) > 1.0:
+            break
     before = layer_distance(scrambled, layer)
     matched, results = match_layer(scrambled, layer, settings)
     after = layer_distance(matched, layer)
@@ -253,26 +260,23 @@ def test_property_matching_never_increases_distance_and_recovers(seed, kv_heads,
         assert layer_distance(matched, layer) / before < 1e-4
 
 
-def test_circuit_transform_apply_preserves_attention_scores_and_values():
-    """The QK product per head and the VO product per head are invariant -- the function-level
-    reason every transform above is exact."""
+def test_scrambled_attention_computes_the_same_output():
+    """Multi-head attention (softmax included, GQA, biases) gives the same output after a random
+    head permutation, rotation and rescaling: the function-level reason they are exact."""
     att = random_layer(14, heads=4, kv_heads=2).attention
-    settings_ = LayerSettings(ALL)
-    moved = scramble_layer(LayerWeights(att, random_layer(14).ffn), settings_, torch.Generator().manual_seed(1)).attention
+    moved = scramble_layer(LayerWeights(att, random_layer(14).ffn), LayerSettings(ALL), torch.Generator().manual_seed(1)).attention
     x = torch.randn(5, 12, dtype=torch.float64)
 
-    def per_head(a: Attention):
+    def attend(a: Attention) -> torch.Tensor:
         q = (x @ a.q.weight.double().T + a.q.bias.double()).reshape(5, 4, 6)
         k = (x @ a.k.weight.double().T + a.k.bias.double()).reshape(5, 2, 6).repeat_interleave(2, dim=1)
         v = (x @ a.v.weight.double().T + a.v.bias.double()).reshape(5, 2, 6).repeat_interleave(2, dim=1)
-        scores = torch.einsum("thd,shd->hts", q, k)
-        out = torch.einsum("shd,hed->hse", v, a.o.weight.double().reshape(12, 4, 6).permute(1, 0, 2))
-        return scores, out
+        probs = torch.softmax(torch.einsum("thd,shd->hts", q, k) / 6**0.5, dim=-1)
+        heads = torch.einsum("hts,shd->thd", probs, v).reshape(5, 24)
+        return heads @ a.o.weight.double().T
 
-    s1, o1 = per_head(att)
-    s2, o2 = per_head(moved)
-    assert torch.allclose(s1, s2, atol=1e-3)
-    assert torch.allclose(o1, o2, atol=1e-3)
+    assert torch.allclose(attend(att), attend(moved), atol=1e-4)
+    assert not torch.allclose(att.q.weight, moved.q.weight)
 
 
 def test_identity_transform_is_a_no_op():
@@ -280,3 +284,69 @@ def test_identity_transform_is_a_no_op():
     same = CircuitTransform().apply(circuit)
     assert torch.equal(same.left, circuit.left) and torch.equal(same.right, circuit.right)
 
+
+
+# ---------------------------------------------------------------------- head permutation
+
+
+@pytest.mark.parametrize("rotary_dim", [0, 4, 6])
+def test_head_pair_scores_are_the_best_rotation_objective(rotary_dim):
+    from rotfuse.symmetry.heads import pair_scores
+
+    g = torch.Generator().manual_seed(20)
+    src = Circuit(torch.randn(3, 6, 10, generator=g), torch.randn(3, 6, 8, generator=g))
+    anc = Circuit(torch.randn(3, 6, 10, generator=g), torch.randn(3, 6, 8, generator=g))
+    scores = pair_scores(src, anc, rotate=True, rotary_dim=rotary_dim)
+    for i in range(3):
+        for j in range(3):
+            single_src = Circuit(src.left[i:i + 1], src.right[i:i + 1])
+            single_anc = Circuit(anc.left[j:j + 1], anc.right[j:j + 1])
+            solution = solve_circuit(single_src, single_anc, True, False, rotary_dim=rotary_dim)
+            norms = sum(float(t.double().pow(2).sum()) for c in (single_src, single_anc) for t in (c.left, c.right))
+            best = (norms - solution.objective[-1]) / 2  # |s - R a|^2 = |s|^2 + |a|^2 - 2 <R, M>
+            assert scores[i, j].item() == pytest.approx(best, rel=1e-4, abs=1e-3)
+
+
+def test_head_permutation_is_the_joint_optimum_by_brute_force():
+    """Over every head permutation, rotating each pair optimally: the solver's choice is the best."""
+    from itertools import permutations
+
+    from rotfuse.symmetry.heads import permute_groups
+
+    layer, anchor = random_layer(21, heads=4, kv_heads=4), random_layer(22, heads=4, kv_heads=4)
+    settings_ = LayerSettings(frozenset({"heads.perm", "qk.rot", "vo.rot"}))
+    matched, _ = match_layer(layer, anchor, settings_)
+    found = sum(circuit_sq_distance(f(matched.attention), f(anchor.attention)) for f in (qk_circuit, vo_circuit))
+    best = math.inf
+    for p in permutations(range(4)):
+        total = 0.0
+        for f in (qk_circuit, vo_circuit):
+            moved = permute_groups(f(layer.attention), torch.tensor(p))
+            solution = solve_circuit(moved, f(anchor.attention), True, False)
+            total += circuit_sq_distance(solution.transform.apply(moved), f(anchor.attention))
+        best = min(best, total)
+    assert found == pytest.approx(best, rel=1e-6)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_head_permutation_recovers_shuffled_heads_and_reports_it(kv_heads):
+    layer = random_layer(23, kv_heads=kv_heads)
+    settings_ = LayerSettings(ALL, rotary_dim=4)
+    swapped = 0
+    for seed in range(8):
+        scrambled = scramble_layer(layer, settings_, torch.Generator().manual_seed(seed))
+        matched, results = match_layer(scrambled, layer, settings_)
+        assert layer_distance(matched, layer) / layer_distance(scrambled, layer) < 1e-5
+        qk = next(r for r in results if r.module == "attn.qk")
+        if qk.applied[0] == "heads":
+            swapped += 1
+            assert sorted(qk.extra["head_permutation"]) == list(range(kv_heads))
+    assert swapped >= 2  # most random scrambles move heads, and every one was undone
+
+
+def test_without_head_permutation_shuffled_heads_are_not_recovered():
+    """The per-head rotation alone cannot swap heads: the new symmetry is needed."""
+    layer = random_layer(24, kv_heads=4)
+    scrambled = scramble_layer(layer, LayerSettings(frozenset({"heads.perm"})), torch.Generator().manual_seed(5))
+    matched, _ = match_layer(scrambled, layer, LayerSettings(frozenset({"qk.rot", "vo.rot"})))
+    assert layer_distance(matched, layer) / layer_distance(scrambled, layer) > 0.1

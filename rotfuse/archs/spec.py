@@ -22,17 +22,12 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from rotfuse.errors import InputError
+from rotfuse.symmetries import ALL_SYMMETRIES, symmetry_set  # noqa: F401  (symmetry_set: re-exported until callers move)
 
 if TYPE_CHECKING:
     from rotfuse.io.checkpoint import Checkpoint
 
-# Every symmetry rotfuse can apply, per module. CLI names map onto these (see symmetry_set).
-ALL_SYMMETRIES = frozenset({"qk.rot", "qk.scale", "vo.rot", "vo.scale", "ffn.perm"})
-CLI_SYMMETRIES = {
-    "perm": frozenset({"ffn.perm"}),
-    "rot": frozenset({"qk.rot", "vo.rot"}),
-    "scale": frozenset({"qk.scale", "vo.scale"}),
-}
+# Symmetry names live in rotfuse.symmetries.
 LAYOUTS = ("out_in", "in_out")  # torch Linear [out, in]; GPT-2 style Conv1D [in, out]
 FUSABLE_ROLES = ("q", "k", "v")
 ROPE_STYLES = ("rotate_half",)  # Hugging Face's layout: coordinate i pairs with i + rotary_dim/2
@@ -115,6 +110,7 @@ class StackSpec:
     rope: RopeSpec | None = None
     passive: tuple[str, ...] = ()  # globs: layer tensors no symmetry touches (norms, output biases)
     optional: bool = False  # a checkpoint may lack this stack (e.g. CLIP's text tower)
+    residual: dict[str, Any] | None = None  # the `residual:` section, as written (see rotfuse.archs.residual)
 
     def probe(self) -> str:
         """The tensor whose presence in layer 0 identifies the stack (and the key prefix)."""
@@ -317,6 +313,7 @@ def _parse_stack(raw: dict[str, Any], name: str) -> StackSpec:
         rope=_parse_rope(raw.get("rope")),
         passive=_keys(raw.get("passive")),
         optional=bool(raw.get("optional", False)),
+        residual=raw.get("residual"),
     )
     _check_stack(stack)
     return stack
@@ -538,25 +535,3 @@ def _rotary_dim(rope: RopeSpec, section: dict[str, Any], head_dim: int, where: s
         raise InputError(f"{where}: rotary dimension {rotary_dim} (head_dim {head_dim} x {factor}) is not a "
                          "positive even number")
     return rotary_dim
-
-
-def symmetry_set(text: str) -> frozenset[str]:
-    """Parse --symmetries: CLI names (perm, rot, scale) or module-qualified ones (qk.rot, ...)."""
-    chosen: set[str] = set()
-    for item in (t.strip() for t in text.split(",")):
-        if not item:
-            continue
-        if item == "all":
-            chosen |= ALL_SYMMETRIES
-        elif item == "none":
-            continue
-        elif item in CLI_SYMMETRIES:
-            chosen |= CLI_SYMMETRIES[item]
-        elif item in ALL_SYMMETRIES:
-            chosen.add(item)
-        else:
-            from rotfuse.errors import UsageError
-
-            known = sorted(CLI_SYMMETRIES) + sorted(ALL_SYMMETRIES)
-            raise UsageError(f"unknown symmetry {item!r} in --symmetries (known: {', '.join(known)}, all, none)")
-    return frozenset(chosen)

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from rotfuse.symmetries import DEFAULT_SYMMETRIES
 from rotfuse.cli.common import (
     AllowNonfinite,
     Arch,
@@ -24,7 +25,7 @@ from rotfuse.cli.common import (
 
 Symmetries = Annotated[str, typer.Option(
     "--symmetries", "-s",
-    help="Comma-separated symmetries to use: perm (FFN neurons), rot (per-head QK/VO rotation), "
+    help="Comma-separated symmetries to use: perm (FFN neurons), heads (whole-head permutation), rot (per-head QK/VO rotation), "
          "scale (per-head QK/VO rescaling), or qk.rot, vo.scale, ... ; 'all' or 'none'.")]
 Layers = Annotated[str | None, typer.Option("--layers", help="Only these layers, e.g. 0-5,8 (default: all).")]
 
@@ -34,7 +35,7 @@ def match_command(
     model: Annotated[Path, typer.Argument(help="Checkpoint folder to align.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the aligned checkpoint.")],
     report: Annotated[Path | None, typer.Option("--report", help="Where to write the JSON report [default: OUT/rotfuse_report.json].")] = None,
-    symmetries: Symmetries = "perm,rot,scale",
+    symmetries: Symmetries = DEFAULT_SYMMETRIES,
     layers: Layers = None,
     max_rounds: Annotated[int, typer.Option("--max-rounds", min=1, help="Most rotation/scale alternation rounds per circuit.")] = 20,
     arch: Arch = None,
@@ -52,7 +53,7 @@ def match_command(
     ui = Ui(quiet, json_out)
 
     def body() -> dict:
-        from rotfuse.archs.spec import symmetry_set
+        from rotfuse.symmetries import symmetry_set
         from rotfuse.pipeline import DEFAULT_WORKERS, MatchOptions, match, prepare_match
         from rotfuse.report import render_plan, render_match_table
 
@@ -77,7 +78,7 @@ def scramble_command(
     model: Annotated[Path, typer.Argument(help="Checkpoint folder to copy.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
     seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same output).")] = 0,
-    symmetries: Symmetries = "perm,rot,scale",
+    symmetries: Symmetries = DEFAULT_SYMMETRIES,
     layers: Layers = None,
     arch: Arch = None,
     arch_spec: ArchSpecFile = None,
@@ -95,7 +96,7 @@ def scramble_command(
     ui = Ui(quiet, json_out)
 
     def body() -> dict:
-        from rotfuse.archs.spec import symmetry_set
+        from rotfuse.symmetries import symmetry_set
         from rotfuse.pipeline import MatchOptions, scramble
 
         options = MatchOptions(symmetry_set(symmetries), parse_layers(layers), device, 1, arch, arch_spec, allow_nonfinite)

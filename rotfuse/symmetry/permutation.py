@@ -15,10 +15,14 @@ from rotfuse.symmetry.weights import Ffn, Linear
 
 def solve_permutation(src_rows: torch.Tensor, anchor_rows: torch.Tensor) -> torch.Tensor:
     """`perm[j]` = the source row to place at anchor slot j, maximising the total inner product."""
+    return best_assignment(src_rows.float() @ anchor_rows.float().T)
+
+
+def best_assignment(scores: torch.Tensor) -> torch.Tensor:
+    """`perm[j]` = the row assigned to column j, maximising the summed scores (Hungarian)."""
     from scipy.optimize import linear_sum_assignment
 
-    scores = (src_rows.float() @ anchor_rows.float().T).cpu().numpy()
-    rows, cols = linear_sum_assignment(scores, maximize=True)
+    rows, cols = linear_sum_assignment(scores.cpu().numpy(), maximize=True)
     perm = np.empty(len(cols), dtype=np.int64)
     perm[cols] = rows
     return torch.from_numpy(perm)

@@ -1,0 +1,39 @@
+"""The names of the symmetries, as the CLI, the specs and the report spell them.
+
+Module-qualified names say what moves: `ffn.perm` (FFN neurons), `heads.perm` (whole heads, or
+KV groups with their query heads), `qk.rot` / `vo.rot` (per-head rotations), `qk.scale` /
+`vo.scale` (per-head rescaling). The CLI also takes the short family names below.
+"""
+
+from __future__ import annotations
+
+from rotfuse.errors import UsageError
+
+ALL_SYMMETRIES = frozenset({"qk.rot", "qk.scale", "vo.rot", "vo.scale", "ffn.perm", "heads.perm"})
+DEFAULT_SYMMETRIES = "perm,heads,rot,scale"
+CLI_SYMMETRIES = {
+    "perm": frozenset({"ffn.perm"}),
+    "heads": frozenset({"heads.perm"}),
+    "rot": frozenset({"qk.rot", "vo.rot"}),
+    "scale": frozenset({"qk.scale", "vo.scale"}),
+}
+
+
+def symmetry_set(text: str) -> frozenset[str]:
+    """Parse --symmetries: CLI names (perm, rot, scale) or module-qualified ones (qk.rot, ...)."""
+    chosen: set[str] = set()
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        if item == "all":
+            chosen |= ALL_SYMMETRIES
+        elif item == "none":
+            continue
+        elif item in CLI_SYMMETRIES:
+            chosen |= CLI_SYMMETRIES[item]
+        elif item in ALL_SYMMETRIES:
+            chosen.add(item)
+        else:
+            known = sorted(CLI_SYMMETRIES) + sorted(ALL_SYMMETRIES)
+            raise UsageError(f"unknown symmetry {item!r} in --symmetries (known: {', '.join(known)}, all, none)")
+    return frozenset(chosen)

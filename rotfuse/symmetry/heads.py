@@ -1,0 +1,39 @@
+"""Head permutation (symmetries.md section 4): whole heads -- with GQA whole KV groups and their
+query heads -- can swap places, Q/K/V rows and O columns moving together.
+
+For models trained from different initialisations head h of one model has no reason to be head h
+of the other. Pairing source group i with anchor group j is worth the best the per-head rotation
+can then do for that pair: score(i, j) = max over the allowed rotations R of <R, M_ij>, summed over
+the QK and VO circuits (the trace, i.e. R = I, when rotation is off). The rotations of different
+pairs are independent, so one assignment on the G x G scores finds the joint optimum of
+permutation and rotation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rotfuse.symmetry.rotation import procrustes
+from rotfuse.symmetry.weights import Circuit
+
+
+def pair_scores(src: Circuit, anchor: Circuit, rotate: bool, rotary_dim: int = 0) -> torch.Tensor:
+    """`[G, G]` float64: the best <R, M_ij> for every source group i and anchor group j."""
+    groups, dh = src.left.shape[0], src.left.shape[1]
+
+    def cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # all pairs in one GEMM
+        return a.float().reshape(groups * dh, -1) @ b.float().reshape(groups * dh, -1).T
+
+    m = (cross(src.left, anchor.left) + cross(src.right, anchor.right)).double()
+    m = m.reshape(groups, dh, groups, dh).permute(0, 2, 1, 3)  # [i, j, dh, dh]
+    if not rotate:
+        return torch.diagonal(m, dim1=-2, dim2=-1).sum(-1)
+    if rotary_dim == 0:
+        return torch.linalg.svdvals(m).sum(-1)  # the maximum of <R, M> over O(dh) is the nuclear norm
+    flat = m.reshape(groups * groups, dh, dh)
+    return (procrustes(flat, rotary_dim) * flat).sum((1, 2)).reshape(groups, groups)
+
+
+def permute_groups(circuit: Circuit, perm: torch.Tensor) -> Circuit:
+    index = perm.to(circuit.left.device)
+    return Circuit(circuit.left.index_select(0, index), circuit.right.index_select(0, index))
