@@ -102,6 +102,17 @@ TINY.update({
 })
 
 
+# ---- heads that read or write the residual stream (tests/test_residual*.py)
+TINY.update({
+    "bert-mlm": Tiny(_bert, "BertForMaskedLM"),
+    "roberta-mlm": Tiny(_roberta, "RobertaForMaskedLM"),
+    "distilbert-mlm": Tiny(TINY["distilbert"].config, "DistilBertForMaskedLM"),
+    "deberta-v2-mlm": Tiny(TINY["deberta-v2"].config, "DebertaV2ForMaskedLM"),
+    "llama-tied": Tiny(_config("LlamaConfig", **_DECODER, num_attention_heads=4, num_key_value_heads=2, head_dim=6,
+                               tie_word_embeddings=True), "LlamaForCausalLM"),
+})
+
+
 def build(name: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
     import transformers
 

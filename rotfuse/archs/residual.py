@@ -1,0 +1,419 @@
+"""Which tensors of a checkpoint the residual stream indexes, from each spec's `residual:` section.
+
+Moving the stream by a map Q (rotfuse.symmetry.residual) is exact only if EVERY tensor that
+reads or writes it moves: embeddings, every projection into and out of the stream, every norm,
+the final norm and the heads. A tensor left in the old basis changes the function silently, so
+`residual_plans` classifies every tensor of the checkpoint and refuses one that the spec neither
+places on the stream nor declares stream-free (a LoRA adapter, a head the spec does not know).
+
+Per layer, the roles already in the spec are used: Q/K/V (or fused QKV) and FFN input weights
+read the stream, O and the FFN output weight write it, and the biases of Q/K/V and of the FFN
+inputs live in head or neuron space. Everything else -- the layer's norms, the biases of O and of
+the FFN output, all tensors outside the layers -- comes from the `residual:` section (schema:
+configs/archs/README.md). RMSNorm models additionally say which weights read each norm's output,
+so that its gain can be folded into them and any orthogonal map becomes exact.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from rotfuse.archs.spec import LAYOUTS, _config_value
+from rotfuse.errors import InputError
+from rotfuse.symmetry.residual import StreamMap, fold_gain, work_dtype
+
+if TYPE_CHECKING:
+    from rotfuse.archs.spec import ArchSpec, BoundArch, StackSpec
+    from rotfuse.io.checkpoint import Checkpoint
+
+NORM_TYPES = ("layernorm", "rmsnorm")
+ROLES = ("reads", "writes", "both", "table", "norm", "free")
+
+
+def _axes(role: str, layout: str, ndim: int) -> tuple[int, ...]:
+    """The stream axes of a tensor with `ndim` axes, in its stored layout."""
+    if role == "both":
+        return (0, 1)
+    if role in ("table", "norm"):  # vectors and tables of stream vectors: the last axis
+        return (ndim - 1,)
+    input_axis = 1 if layout == "out_in" else 0  # torch Linear/Conv [out, in, ...]; Conv1D [in, out]
+    return (input_axis,) if role == "reads" else (1 - input_axis,)
+
+
+# ---------------------------------------------------------------------- the YAML section
+
+
+@dataclass(frozen=True)
+class ResidualRule:
+    """One entry of a `residual:` list: tensor name globs and how the stream indexes them."""
+
+    role: str  # one of ROLES
+    names: tuple[str, ...]  # globs; relative to the key prefix (model) or layer prefix (layer); "/..." = root
+    layout: str = "out_in"  # of reads/writes weights: torch Linear [out, in] or Conv1D [in, out]
+    readers: tuple[str, ...] = ()  # role norm: the weights reading this RMSNorm's output
+    when: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # config values under which it applies
+    classes: tuple[str, ...] = ()  # globs on config.json `architectures` under which it applies
+
+    def applies(self, config: dict[str, Any]) -> bool:
+        if self.classes:
+            architectures = config.get("architectures") or ()
+            if not any(fnmatch.fnmatchcase(str(a), glob) for a in architectures for glob in self.classes):
+                return False
+        return not self.when or any(_config_value(config, key) in values for key, values in self.when.items())
+
+
+@dataclass(frozen=True)
+class TieRule:
+    """Input embedding and output head that share one tensor when the config says so."""
+
+    embedding: str
+    head: str
+    config_key: str = "tie_word_embeddings"
+    default: bool = False  # when config.json lacks the key (the config class's default)
+    classes: tuple[str, ...] = ()  # globs on `architectures`: the model classes that have the head
+
+
+@dataclass(frozen=True)
+class ResidualSection:
+    norm: str
+    model: tuple[ResidualRule, ...]
+    layer: tuple[ResidualRule, ...]
+    tie: TieRule | None = None
+
+
+def parse_residual(raw: Any, where: str) -> ResidualSection:
+    """The `residual:` section of one stack, checked; InputError naming the spec on a mistake."""
+    try:
+        if not isinstance(raw, dict):
+            raise ValueError("must be a mapping")
+        unknown = set(raw) - {"norm", "model", "layer", "tie"}
+        if unknown:
+            raise ValueError(f"unknown keys {sorted(unknown)}")
+        norm = raw.get("norm")
+        if norm not in NORM_TYPES:
+            raise ValueError(f"norm must be one of {NORM_TYPES}, got {norm!r}")
+        model = tuple(_parse_rule(r, norm) for r in raw.get("model") or ())
+        layer = tuple(_parse_rule(r, norm) for r in raw.get("layer") or ())
+        tie = raw.get("tie")
+        if tie is not None:
+            extra = set(tie) - {"embedding", "head", "config", "default", "classes"}
+            if extra:
+                raise ValueError(f"unknown keys in tie: {sorted(extra)}")
+            tie = TieRule(embedding=str(tie["embedding"]), head=str(tie["head"]),
+                          config_key=str(tie.get("config", "tie_word_embeddings")),
+                          default=bool(tie.get("default", False)), classes=_strings(tie.get("classes")))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{where}: invalid residual section ({exc})") from exc
+    return ResidualSection(norm, model, layer, tie)
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return (str(value),) if isinstance(value, str) else tuple(str(v) for v in value)
+
+
+def _parse_rule(raw: Any, norm: str) -> ResidualRule:
+    if not isinstance(raw, dict):
+        raise ValueError(f"each entry must be a mapping like {{table: NAME}}, got {raw!r}")
+    roles = [role for role in ROLES if role in raw]
+    if len(roles) != 1:
+        raise ValueError(f"each entry needs exactly one of {', '.join(ROLES)}: {raw!r}")
+    role = roles[0]
+    unknown = set(raw) - {role, "layout", "readers", "when", "classes"}
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)} in {raw!r}")
+    if role == "norm" and norm != "rmsnorm":
+        raise ValueError("a norm entry (a gain folded into its readers) needs norm: rmsnorm; "
+                         "LayerNorm gains and biases are tables")
+    if (role == "norm") != ("readers" in raw):
+        raise ValueError(f"readers go with norm entries, and every norm entry needs them: {raw!r}")
+    rule = ResidualRule(
+        role=role,
+        names=_strings(raw[role]),
+        layout=str(raw.get("layout", "out_in")),
+        readers=_strings(raw.get("readers")),
+        when={str(k): tuple(v) if isinstance(v, list) else (v,) for k, v in (raw.get("when") or {}).items()},
+        classes=_strings(raw.get("classes")),
+    )
+    if rule.layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {rule.layout!r}")
+    if not rule.names:
+        raise ValueError(f"entry names no tensor: {raw!r}")
+    return rule
+
+
+# ---------------------------------------------------------------------- plans
+
+
+@dataclass(frozen=True)
+class StreamTensor:
+    name: str  # full tensor name in the checkpoint
+    axes: tuple[int, ...]  # axes indexed by the stream, in the STORED layout (Conv1D is [in, out])
+    stack: str  # which stack's stream (CLIP has two towers, two streams)
+    layer: int | None  # layer index, None for tensors outside the layers (embeddings, final norm, heads)
+    role: str = "table"  # reads | writes | both | table | norm: how it meets the stream
+
+
+@dataclass(frozen=True)
+class NormFold:
+    gain: str  # full name of an RMSNorm gain
+    readers: tuple[str, ...]  # full names of the weights reading its output
+
+
+@dataclass
+class ResidualPlan:
+    """How to move one stack's residual stream: every tensor on it, and for RMSNorm models the
+    gains to fold first. `transform` gives a tensor's new value; apply it to every tensor.
+
+    `orthogonal`: any orthogonal map is exact (RMSNorm with every gain foldable and no tie in the
+    way); otherwise only permutations are, and `folds` is empty. `untie`: the folds untie the
+    input embedding from the output head; the caller then writes `config_updates` into
+    config.json and adds every tensor of `added` (new name -> the tensor whose value it starts
+    from, to be passed through `transform` under the new name)."""
+
+    stack: str
+    norm: str  # "layernorm" or "rmsnorm"
+    hidden_size: int
+    tensors: dict[str, StreamTensor]  # EVERY tensor touching this stream
+    folds: list[NormFold]  # rmsnorm only
+    orthogonal: bool
+    untie: bool
+    added: dict[str, str] = field(default_factory=dict)
+    config_updates: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # why orthogonal maps are off, when they are
+
+    def __post_init__(self) -> None:
+        self._gains = {fold.gain for fold in self.folds}
+        self._gains_of: dict[str, list[str]] = {}
+        for fold in self.folds:
+            for reader in fold.readers:
+                self._gains_of.setdefault(reader, []).append(fold.gain)
+
+    def transform(self, name: str, tensor: torch.Tensor, stream_map: StreamMap,
+                  read: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        """The new value of one tensor: folded gains become 1; a reader of a folded norm gets its
+        gain (read through `read`, by full name); then every stream axis is multiplied by Q.
+        Tensors outside the plan come back unchanged. Same dtype as `tensor`."""
+        entry = self.tensors.get(name)
+        if entry is None:
+            return tensor
+        if stream_map.d != self.hidden_size:
+            raise ValueError(f"stream map of width {stream_map.d} for a stream of width {self.hidden_size}")
+        if not (stream_map.is_permutation or self.orthogonal):
+            raise ValueError(f"only a permutation of the {self.stack or 'residual'} stream is exact here "
+                             f"({'; '.join(self.notes) or self.norm})")
+        if name in self._gains:
+            return torch.ones_like(tensor)
+        work = tensor
+        for gain in self._gains_of.get(name, ()):
+            work = fold_gain(work.to(work_dtype(tensor.dtype)), read(gain), entry.axes[0])
+        return stream_map.apply(work, entry.axes).to(tensor.dtype)
+
+
+@dataclass(frozen=True)
+class _Found:
+    """A tensor's classification: the stack whose stream it touches, its role and layout, and for
+    a norm gain the full names of the weights that read its output."""
+
+    stack: str
+    layer: int | None
+    role: str
+    layout: str = "out_in"
+    readers: tuple[str, ...] = ()
+
+
+def residual_plans(bound: BoundArch, checkpoint: Checkpoint, allow_untie: bool = False) -> dict[str, ResidualPlan]:
+    """One plan per stack present in the checkpoint. Refuses (InputError) a tensor that the spec
+    does not classify, a stream axis whose size is not the hidden size, and a spec without a
+    `residual:` section. `allow_untie`: with tied embeddings, fold anyway (see ResidualPlan)."""
+    stacks = [s for s in bound.spec.stacks if s.name not in bound.absent]
+    classifier = _Classifier(bound, stacks, checkpoint.config, str(checkpoint.folder))
+    found = {name: classifier.classify(name) for name in checkpoint.names()}
+    return {
+        stack.name: _plan(bound, stack, classifier.sections[stack.name], checkpoint,
+                          {n: f for n, f in found.items() if f.stack == stack.name}, allow_untie)
+        for stack in stacks
+    }
+
+
+def _full(bound: BoundArch, name: str) -> str:
+    """A model-level name of a residual section: from the root with a leading "/", else after the prefix."""
+    return name[1:] if name.startswith("/") else bound.prefix + name
+
+
+def _first(rules: tuple[ResidualRule, ...], name: str, config: dict[str, Any],
+           full: Callable[[str], str]) -> ResidualRule | None:
+    for rule in rules:
+        if any(fnmatch.fnmatchcase(name, full(glob)) for glob in rule.names) and rule.applies(config):
+            return rule
+    return None
+
+
+class _Classifier:
+    """Classifies tensor names against the spec: layer tensors by the layer spec's roles, then the
+    section's `layer` entries; other tensors by the `model` entries of every stack present."""
+
+    def __init__(self, bound: BoundArch, stacks: list[StackSpec], config: dict[str, Any], where: str):
+        self.bound, self.stacks, self.config, self.where = bound, stacks, config, where
+        self.sections = {s.name: _section(bound.spec, s) for s in stacks}
+        self.layer_patterns = {}
+        for stack in stacks:
+            before, after = (bound.prefix + stack.layer).split("{i}", 1)
+            self.layer_patterns[stack.name] = re.compile(re.escape(before) + r"(\d+)" + re.escape(after) + r"(.+)")
+        self.derived = {s.name: _derived(s) for s in stacks}
+
+    def classify(self, name: str) -> _Found:
+        for stack in self.stacks:
+            match = self.layer_patterns[stack.name].fullmatch(name)
+            if match is not None:
+                return self._in_layer(stack.name, name, int(match.group(1)), match.group(2))
+        claims, free = [], False
+        for stack in self.stacks:
+            rule = _first(self.sections[stack.name].model, name, self.config, lambda g: _full(self.bound, g))
+            if rule is not None and rule.role == "free":
+                free = True
+            elif rule is not None:
+                readers = tuple(_full(self.bound, r) for r in rule.readers)
+                claims.append(_Found(stack.name, None, rule.role, rule.layout, readers))
+        if len(claims) > 1:
+            raise InputError(f"{self.where}: tensor {name!r} is placed on the residual stream of several stacks "
+                             f"({', '.join(c.stack for c in claims)}) by the {self.bound.spec.name} spec")
+        if claims:
+            return claims[0]
+        if free:
+            return _Found("", None, "free")
+        raise _unclassified(name, self.bound, self.config, self.where)
+
+    def _in_layer(self, stack: str, name: str, index: int, relative: str) -> _Found:
+        if relative in self.derived[stack]:
+            return _Found(stack, index, *self.derived[stack][relative])
+        rule = _first(self.sections[stack].layer, relative, self.config, lambda glob: glob)
+        if rule is None:
+            raise _unclassified(name, self.bound, self.config, self.where)
+        layer_prefix = name[: len(name) - len(relative)]
+        return _Found(stack, index, rule.role, rule.layout, tuple(layer_prefix + r for r in rule.readers))
+
+
+def _section(spec: ArchSpec, stack: StackSpec) -> ResidualSection:
+    what = f"{spec.source or spec.name}" + (f" (stack {stack.name})" if stack.name else "")
+    if stack.residual is None:
+        raise InputError(f"{what}: the {spec.name} spec has no residual: section, so rotfuse does not know "
+                         "which tensors touch the residual stream (see configs/archs/README.md)")
+    return parse_residual(stack.residual, what)
+
+
+def _derived(stack: StackSpec) -> dict[str, tuple[str, str]]:
+    """Roles the layer spec implies: relative name -> (role, layout)."""
+    att, ffn = stack.attention, stack.ffn
+    roles: dict[str, tuple[str, str]] = {}
+    inputs = [att.qkv] if att.qkv else [att.q, att.k, att.v]
+    for ref in [*inputs, *ffn.inputs]:
+        roles[ref.weight] = ("reads", ref.layout)  # type: ignore[union-attr]
+        if ref.bias:  # type: ignore[union-attr]
+            roles[ref.bias] = ("free", ref.layout)  # type: ignore[union-attr]  # head / neuron space
+    roles[att.o.weight] = ("writes", att.o.layout)
+    roles[ffn.output.weight] = ("writes", ffn.output.layout)
+    return roles
+
+
+def _unclassified(name: str, bound: BoundArch, config: dict[str, Any], where: str) -> InputError:
+    architectures = ", ".join(map(str, config.get("architectures") or ())) or "none in config.json"
+    return InputError(
+        f"{where}: tensor {name!r} is not classified by the residual: section of the {bound.spec.name} spec "
+        f"(model class: {architectures}), so rotfuse cannot tell whether it reads or writes the residual "
+        "stream; a residual map could leave it in the old basis (classify it in the spec; see "
+        "configs/archs/README.md)"
+    )
+
+
+def _plan(bound: BoundArch, stack: StackSpec, section: ResidualSection, checkpoint: Checkpoint,
+          found: dict[str, _Found], allow_untie: bool) -> ResidualPlan:
+    where = str(checkpoint.folder)
+    d = bound.dims[stack.name].hidden_size
+    tensors = {name: _stream_tensor(name, tuple(checkpoint.entry(name).shape), item, d, where)
+               for name, item in found.items() if item.role != "free"}
+    if section.norm != "rmsnorm":
+        return ResidualPlan(stack.name, section.norm, d, tensors, [], orthogonal=False, untie=False,
+                            notes=["LayerNorm subtracts the mean, so only permutations of the stream are exact"])
+    norms = {name: item.readers for name, item in found.items() if item.role == "norm"}
+    folding = _folding(bound, section.tie, norms, tensors, checkpoint, allow_untie)
+    if folding.note:
+        return ResidualPlan(stack.name, section.norm, d, tensors, [], orthogonal=False, untie=False,
+                            notes=[folding.note])
+    for name in folding.added:
+        tensors[name] = StreamTensor(name, (1,), stack.name, None, "reads")  # a Linear head [vocab, d]
+    return ResidualPlan(stack.name, section.norm, d, tensors, folding.folds, orthogonal=True,
+                        untie=bool(folding.config_updates), added=folding.added,
+                        config_updates=folding.config_updates)
+
+
+def _stream_tensor(name: str, shape: tuple[int, ...], item: _Found, d: int, where: str) -> StreamTensor:
+    if item.layout == "in_out" and item.role in ("reads", "writes") and len(shape) != 2:
+        raise InputError(f"{where}: tensor {name!r} of shape {list(shape)} cannot have the in_out layout")
+    axes = _axes(item.role, item.layout, len(shape))
+    if len(shape) == 0 or max(axes) >= len(shape) or any(shape[a] != d for a in axes):
+        raise InputError(f"{where}: tensor {name!r} has shape {list(shape)}, but as a residual-stream "
+                         f"{item.role} tensor it needs size {d} (the hidden size) on axes {list(axes)}")
+    return StreamTensor(name, axes, item.stack, item.layer, item.role)
+
+
+@dataclass
+class _Folding:
+    """The folds of an RMSNorm stack, or the reason (`note`) why they cannot be made."""
+
+    folds: list[NormFold] = field(default_factory=list)
+    added: dict[str, str] = field(default_factory=dict)
+    config_updates: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+
+def _folding(bound: BoundArch, tie: TieRule | None, norms: dict[str, tuple[str, ...]],
+             tensors: dict[str, StreamTensor], checkpoint: Checkpoint, allow_untie: bool) -> _Folding:
+    """Whether every RMSNorm gain can be folded into its readers, which makes any orthogonal map
+    exact, and if so the folds and the untying they need."""
+    where = str(checkpoint.folder)
+    head = _tied_head(bound, tie, checkpoint.config)
+    folding = _Folding()
+    if head is not None and tie is not None:
+        if not allow_untie:
+            return _Folding(note=f"{tie.config_key} is set: folding the final norm into {head!r} would untie it "
+                            "from the input embedding, so only permutations are exact (allow untying for any "
+                            "orthogonal map)")
+        folding.config_updates[tie.config_key] = False
+        if head not in tensors:  # stored once, as the embedding: the head must be added
+            embedding = _full(bound, tie.embedding)
+            if embedding not in tensors:
+                raise InputError(f"{where}: tied embedding {embedding!r} not found")
+            folding.added[head] = embedding
+    readable = {name for name, t in tensors.items() if t.role == "reads"} | set(folding.added)
+    for gain, listed in norms.items():
+        readers = tuple(name for name in listed if name in readable or name in checkpoint)
+        for reader in readers:
+            if reader not in readable:
+                raise InputError(f"{where}: {reader!r} is listed as a reader of {gain!r} but is not a reads tensor")
+        if not readers:
+            return _Folding(note=f"{gain!r} feeds no weight of this checkpoint (its output is the model's "
+                            "output), so its gain cannot be folded: only permutations are exact")
+        folding.folds.append(NormFold(gain, readers))
+    unfolded = readable - {reader for fold in folding.folds for reader in fold.readers}
+    if unfolded:
+        raise InputError(f"{where}: {sorted(unfolded)[0]!r} reads the residual stream of an rmsnorm model but the "
+                         "spec lists it as the reader of no norm, so an orthogonal map could not be made exact")
+    return folding
+
+
+def _tied_head(bound: BoundArch, tie: TieRule | None, config: dict[str, Any]) -> str | None:
+    """The full name of the output head tied to the input embedding, if this checkpoint has one."""
+    if tie is None:
+        return None
+    tied = _config_value(config, tie.config_key)
+    architectures = [str(a) for a in config.get("architectures") or ()]
+    has_head = not tie.classes or any(fnmatch.fnmatchcase(a, g) for a in architectures for g in tie.classes)
+    return _full(bound, tie.head) if (tie.default if tied is None else bool(tied)) and has_head else None

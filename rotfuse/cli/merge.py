@@ -1,0 +1,195 @@
+"""`rotfuse merge`: the CLI side only (flags and job file in, report out)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from rotfuse.cli.common import Debug, DryRun, JsonOut, Overwrite, Quiet, Ui, run_command
+from rotfuse.errors import UsageError
+
+if TYPE_CHECKING:
+    from rotfuse.merge.config import Settings
+    from rotfuse.merge.engine import MergeOptions
+
+MERGE_SETTINGS = (
+    "models", "out", "method", "weights", "stats", "alpha", "fisher_floor", "fisher_normalize", "exclude",
+    "head_from", "match", "symmetries", "max_rounds", "dtype", "report", "arch", "arch_spec", "device",
+    "allow_nonfinite", "dry_run", "overwrite", "quiet", "json", "debug",
+)
+JobFile = Annotated[Path | None, typer.Option(
+    "--config", "-c", dir_okay=False,
+    help="YAML job file: keys are this command's flags (models: [...], method: regmean, ...); flags given "
+         "on the command line win.")]
+
+
+def merge_command(
+    models: Annotated[list[Path] | None, typer.Argument(
+        help="Checkpoint folders (two or more, one architecture). The output has the first one's layout, dtype, "
+             "config and tokenizer.", show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder for the merged checkpoint.")] = None,
+    method: Annotated[str | None, typer.Option(
+        "--method", "-m", help="simple (weighted average), fisher or regmean (need --stats)  [default: simple]")] = None,
+    weights: Annotated[str | None, typer.Option(
+        "--weights", "-w", help="Per-model weights, comma-separated, normalised to sum 1  [default: uniform]")] = None,
+    stats: Annotated[list[Path] | None, typer.Option(
+        "--stats", help="Statistics folders from `rotfuse stats`, one per model, in the models' order: "
+                        "--stats A B, --stats A --stats B or --stats A,B.", show_default=False)] = None,
+    alpha: Annotated[float | None, typer.Option(
+        "--alpha", help="RegMean: scale of the Grams' off-diagonal entries (0 = diagonal only)  [default: 0.9]")] = None,
+    fisher_floor: Annotated[float | None, typer.Option(
+        "--fisher-floor", help="Fisher: lower bound on each model's Fisher, so that parameters without signal "
+                               "fall back to the weighted average  [default: 1e-6]")] = None,
+    fisher_normalize: Annotated[bool | None, typer.Option(
+        "--fisher-normalize/--no-fisher-normalize",
+        help="Fisher: divide each model's Fisher by its global norm first (models whose Fishers differ in scale, "
+             "e.g. different tasks)  [default: off]", show_default=False)] = None,
+    exclude: Annotated[list[str] | None, typer.Option(
+        "--exclude", "-x", help="Regex (searched in tensor names; repeatable) of tensors kept out of the merge, "
+                                "e.g. task heads with different label spaces: copied from --head-from.",
+        show_default=False)] = None,
+    head_from: Annotated[str | None, typer.Option(
+        "--head-from", help="Model that excluded tensors (and config.json's labels) come from: its index "
+                            "(0 = first) or its folder  [default: 0]")] = None,
+    match: Annotated[bool | None, typer.Option(
+        "--match/--no-match", help="Align every model to the first one (as `rotfuse match`, in memory) before "
+                                   "merging. simple only: statistics must be computed on aligned checkpoints, so "
+                                   "for fisher/regmean run match, then stats, then merge.",
+        show_default=False)] = None,
+    symmetries: Annotated[str | None, typer.Option(
+        "--symmetries", "-s", help="With --match: symmetries to use, as for `rotfuse match`  [default: that of `rotfuse match`]")] = None,
+    max_rounds: Annotated[int | None, typer.Option(
+        "--max-rounds", min=1, help="With --match: most rotation/scale rounds per circuit  [default: 20]")] = None,
+    dtype: Annotated[str | None, typer.Option(
+        "--dtype", help="Dtype of the merged floating tensors: fp32, fp16, bf16  [default: the first model's]")] = None,
+    report: Annotated[Path | None, typer.Option(
+        "--report", help="Also write the JSON report here (it is always in OUT/rotfuse_merge.json).")] = None,
+    config: JobFile = None,
+    arch: Annotated[str | None, typer.Option("--arch", help="With --match: architecture spec to use (see `rotfuse archs`).")] = None,
+    arch_spec: Annotated[Path | None, typer.Option(
+        "--arch-spec", dir_okay=False, help="With --match: your own architecture spec (YAML).")] = None,
+    device: Annotated[str | None, typer.Option(
+        "--device", help="Where RegMean solves and --match run: auto (CUDA when available), cpu or cuda  [default: auto]")] = None,
+    allow_nonfinite: Annotated[bool, typer.Option(
+        "--allow-nonfinite", help="Accept checkpoint tensors holding NaN or Inf instead of refusing them.")] = False,
+    dry_run: DryRun = False,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    json_out: JsonOut = False,
+    debug: Debug = False,
+) -> None:
+    """Merge checkpoints of one architecture, tensor by tensor (memory: one tensor per model).
+
+    \b
+    rotfuse merge a/ b_aligned/ c/ --weights 0.5,0.3,0.2 -o merged/
+    rotfuse merge --method regmean a/ b_aligned/ --stats a_stats/ b_stats/ -o merged/
+    rotfuse merge --method fisher a/ b_aligned/ --stats a_fisher/ b_fisher/ --exclude classifier -o merged/
+    rotfuse merge --match a/ b/ -o merged/
+    rotfuse merge --config job.yaml
+    """
+    from rotfuse.merge.config import Settings, load_config
+
+    job = run_command(lambda: load_config(config, "merge", MERGE_SETTINGS), debug)
+    settings = Settings({
+        "models": models or None, "out": out, "method": method, "weights": weights, "stats": stats or None,
+        "alpha": alpha, "fisher_floor": fisher_floor, "fisher_normalize": fisher_normalize,
+        "exclude": exclude or None, "head_from": head_from, "match": match, "symmetries": symmetries,
+        "max_rounds": max_rounds, "dtype": dtype, "report": report, "arch": arch, "arch_spec": arch_spec,
+        "device": device, "allow_nonfinite": allow_nonfinite or None, "dry_run": dry_run or None,
+        "overwrite": overwrite or None, "quiet": quiet or None, "json": json_out or None, "debug": debug or None,
+    }, job)
+    ui = Ui(bool(settings.get("quiet", False)), bool(settings.get("json", False)))
+
+    def body() -> dict[str, Any]:
+        from rotfuse.merge.engine import prepare_merge, run_merge
+
+        paths, options = _options(settings)
+        target, replace = Path(settings.get("out")), bool(settings.get("overwrite", False))
+        plan = prepare_merge(paths, target, options, replace)
+        if settings.get("dry_run", False):
+            counts = _counts(plan.rules)
+            ui.console.print(f"would merge {len(paths)} models with {options.method} into {target}: {counts}")
+            return {"tool": "rotfuse", "command": "merge", "dry_run": True, "method": options.method,
+                    "models": [str(p) for p in paths], "output": str(target), "weights": plan.weights,
+                    "tensors": {"count": counts, "rules": plan.rules}, "ignored_tensors": plan.ignored}
+        with ui.progress("merging tensors") as progress:
+            result = run_merge(plan, replace, settings.path("report"), progress)
+        ui.console.print(f"merged {len(paths)} models with {options.method} ({_counts(plan.rules)}) -> {target}")
+        return result
+
+    ui.emit(run_command(body, bool(settings.get("debug", False))))
+
+
+def _counts(rules: dict[str, str]) -> str:
+    counts: dict[str, int] = {}
+    for rule in rules.values():
+        counts[rule] = counts.get(rule, 0) + 1
+    return ", ".join(f"{rule}: {n} tensors" for rule, n in sorted(counts.items()))
+
+
+def _models_and_stats(settings: Settings) -> tuple[list[Path], list[Path]]:
+    """The checkpoint folders and the statistics folders, in order.
+
+    `--stats a_stats/ b_stats/` reaches us as stats=[a_stats/] plus a positional b_stats/ (an
+    option takes one value); statistics folders announce themselves with their manifest, so they
+    are taken back from the positional arguments.
+    """
+    from rotfuse.merge.config import as_list
+
+    positional = [Path(p) for p in as_list(settings.get("models"))]
+    stats = [Path(p) for p in as_list(settings.get("stats"))]
+    stats += [p for p in positional if _is_stats_folder(p)]
+    return [p for p in positional if not _is_stats_folder(p)], stats
+
+
+def _options(settings: Settings) -> tuple[list[Path], MergeOptions]:
+    """Flags over job file over defaults -> (model paths, MergeOptions)."""
+    from rotfuse.io.dtypes import parse_dtype_flag
+    from rotfuse.merge.config import as_list
+    from rotfuse.merge.engine import MergeOptions
+    from rotfuse.symmetries import DEFAULT_SYMMETRIES, symmetry_set
+
+    paths, stats = _models_and_stats(settings)
+    if settings.get("out") is None:
+        raise UsageError("no output folder: pass --out DIR (or out: in the job file)")
+    weights, dtype = settings.get("weights"), settings.get("dtype")
+    try:
+        return paths, MergeOptions(
+            method=str(settings.get("method", "simple")),
+            weights=None if weights is None else tuple(float(w) for w in as_list(weights)),
+            stats=tuple(stats),
+            dtype=None if dtype is None else parse_dtype_flag(str(dtype)),
+            exclude=tuple(as_list(settings.get("exclude"), split=False)),
+            head_from=_head_index(settings.get("head_from", 0), paths),
+            alpha=float(settings.get("alpha", 0.9)),
+            fisher_floor=float(settings.get("fisher_floor", 1e-6)),
+            fisher_normalize=bool(settings.get("fisher_normalize", False)),
+            match=bool(settings.get("match", False)),
+            symmetries=symmetry_set(str(settings.get("symmetries", DEFAULT_SYMMETRIES))),
+            max_rounds=int(settings.get("max_rounds", 20)),
+            arch=settings.get("arch"),
+            arch_spec=settings.path("arch_spec"),
+            device=str(settings.get("device", "auto")),
+            allow_nonfinite=bool(settings.get("allow_nonfinite", False)),
+        )
+    except (TypeError, ValueError) as exc:  # values from a job file (the command line's are typed)
+        raise UsageError(f"a setting has the wrong type ({exc}); --weights takes numbers separated by commas") from None
+
+
+def _is_stats_folder(path: Path) -> bool:
+    from rotfuse.merge.statsfile import MANIFEST_FILE
+
+    return (path / MANIFEST_FILE).is_file() and not (path / "config.json").exists()
+
+
+def _head_index(value: Any, models: list[Path]) -> int:
+    """--head-from: a model index, or one of the model folders."""
+    text = str(value).strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    for index, model in enumerate(models):
+        if Path(text).resolve() == model.resolve():
+            return index
+    raise UsageError(f"--head-from {text!r}: neither a model index nor one of the model folders")

@@ -1,0 +1,418 @@
+"""Moving a whole checkpoint's residual stream (rotfuse.archs.residual) keeps its function.
+
+For every architecture and the head classes that read the stream differently: build a tiny model
+with every constant tensor (norm gains and biases, zero biases) randomised so that a missed
+tensor shows, save it, move the stream of every stack by a random map through the plans (a
+permutation for LayerNorm models, an orthogonal matrix for RMSNorm models, both paths for tied
+embeddings), save that with safetensors, load it with transformers and compare every output:
+logits must not change, outputs that are themselves stream vectors (a bare model's hidden
+states) must come back moved by the same map. Then the necessity: an orthogonal map on a
+LayerNorm model, an orthogonal map without folding the RMSNorm gains, and leaving out any single
+tensor of a plan each change the outputs. Last, the refusals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from arch_helpers import one_thread
+from safetensors.torch import save_file
+from tiny_models import TINY
+
+from rotfuse.archs.residual import ResidualPlan, parse_residual, residual_plans
+from rotfuse.archs.spec import bind, builtin_specs, load_spec_file, select_spec
+from rotfuse.errors import InputError
+from rotfuse.io.checkpoint import Checkpoint
+from rotfuse.runtime import example_inputs, forward, load_model
+from rotfuse.symmetry.residual import StreamMap, random_stream_map
+
+REL = 2e-5  # allowed output change, relative to each output's scale
+CHANGED = 1e-3  # a broken map must change some output by more than this
+
+
+@dataclass(frozen=True)
+class Case:
+    tiny: str
+    cls: str | None = None  # a transformers class other than TINY's (same config)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    orthogonal: bool = False  # the plan must allow any orthogonal map (and the test uses one)
+    allow_untie: bool = False
+    moved: dict[str, str] = field(default_factory=dict)  # output key -> stack whose stream it is in
+    encoder_states: bool = False  # cross-attention: pass encoder_hidden_states
+    choices: bool = False  # *ForMultipleChoice: the batch becomes the choices of one example
+
+
+CASES: dict[str, Case] = {
+    # LayerNorm models: permutations
+    "bert-seq-cls": Case("bert"),  # classifier reads the pooler output
+    "bert-bare": Case("bert-bare", moved={"last_hidden_state": ""}),  # pooler_output does not move
+    "bert-mlm": Case("bert-mlm"),
+    "bert-token-cls": Case("bert", "BertForTokenClassification"),
+    "bert-qa": Case("bert", "BertForQuestionAnswering", {"num_labels": 2}),
+    "bert-pretraining": Case("bert", "BertForPreTraining"),
+    "bert-decoder-cross-attention": Case("bert", "BertLMHeadModel", {"is_decoder": True, "add_cross_attention": True},
+                                         encoder_states=True),
+    "roberta-seq-cls": Case("roberta"),  # RobertaClassificationHead reads hidden[:, 0]
+    "roberta-mlm": Case("roberta-mlm"),
+    "roberta-multiple-choice": Case("roberta", "RobertaForMultipleChoice", choices=True),
+    "vit": Case("vit"),
+    "vit-bare": Case("vit-bare", moved={"last_hidden_state": ""}),
+    "vit-masked-image": Case("vit", "ViTForMaskedImageModeling", {"encoder_stride": 4}),
+    "gpt2-lm-tied": Case("gpt2"),
+    "gpt2-seq-cls": Case("gpt2", "GPT2ForSequenceClassification"),
+    "gpt2-double-heads": Case("gpt2", "GPT2DoubleHeadsModel"),
+    "gpt2-cross-attention": Case("gpt2", overrides={"add_cross_attention": True}, encoder_states=True),
+    "deberta-v2-token-cls": Case("deberta-v2"),
+    "deberta-v2-seq-cls": Case("deberta-v2", "DebertaV2ForSequenceClassification", {"type_vocab_size": 2}),
+    "deberta-v2-mlm": Case("deberta-v2-mlm"),
+    # rel_embeddings read by query_proj/key_proj, their LayerNorm, the ConvLayer, the new MLM head
+    "deberta-v2-mlm-shared-conv": Case("deberta-v2-mlm", overrides={
+        "legacy": False, "share_att_key": True, "conv_kernel_size": 3, "norm_rel_ebd": "layer_norm"}),
+    "phi": Case("phi"),
+    "phi-seq-cls": Case("phi", "PhiForSequenceClassification"),
+    "distilbert-token-cls": Case("distilbert"),
+    "distilbert-mlm": Case("distilbert-mlm"),
+    "distilbert-seq-cls": Case("distilbert", "DistilBertForSequenceClassification"),
+    "distilbert-sinusoidal": Case("distilbert", "DistilBertForQuestionAnswering",
+                                  {"sinusoidal_pos_embds": True, "num_labels": 2}),
+    # (transformers 5 puts the projected embeddings, which do not move, in the towers' pooler_output)
+    "clip": Case("clip", moved={"text_model_output.last_hidden_state": "text",
+                                "vision_model_output.last_hidden_state": "vision"}),
+    "clip-vision-classifier": Case("clip-vision-classifier"),
+    "clip-text": Case("clip-text", moved={"last_hidden_state": ""}),  # text_embeds do not move
+    "clip-vision": Case("clip-vision", moved={"last_hidden_state": "", "pooler_output": ""}),
+    "clip-vision-projection": Case("clip-vision", "CLIPVisionModelWithProjection", {"projection_dim": 16},
+                                   moved={"last_hidden_state": ""}),
+    # RMSNorm models: orthogonal maps after folding the gains
+    "llama-untied": Case("llama", orthogonal=True),
+    "llama-biases": Case("llama", overrides={"attention_bias": True, "mlp_bias": True}, orthogonal=True),
+    "llama-seq-cls": Case("llama", "LlamaForSequenceClassification", orthogonal=True),
+    "llama-token-cls": Case("llama", "LlamaForTokenClassification", orthogonal=True),
+    "llama-tied-permutation": Case("llama-tied"),
+    "llama-tied-untie": Case("llama-tied", orthogonal=True, allow_untie=True),
+    "llama-bare-permutation": Case("llama", "LlamaModel", moved={"last_hidden_state": ""}),
+    "mistral-untied": Case("mistral", orthogonal=True),
+    "qwen2-tied-permutation": Case("qwen2"),
+    "qwen2-tied-untie": Case("qwen2", orthogonal=True, allow_untie=True),
+    "qwen2-untied": Case("qwen2", overrides={"tie_word_embeddings": False}, orthogonal=True),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def save_case(case: Case, folder: Path, seed: int = 0) -> Path:
+    """Build the case's tiny model with every constant tensor randomised (norm gains are 1 and
+    biases 0 at init, where moving them or not makes no difference) and save it."""
+    import transformers
+
+    entry = TINY[case.tiny]
+    torch.manual_seed(seed)
+    model = getattr(transformers, case.cls or entry.model)(entry.config(**case.overrides)).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.is_floating_point() and bool((param == param.flatten()[0]).all()):
+                param.add_(0.3 * torch.randn_like(param))
+    model.save_pretrained(str(folder))
+    return folder
+
+
+def plans_for(folder: Path, allow_untie: bool = False) -> dict[str, ResidualPlan]:
+    checkpoint = Checkpoint.open(folder)
+    bound = bind(select_spec(checkpoint.config), checkpoint.config, checkpoint, str(folder))
+    return residual_plans(bound, checkpoint, allow_untie=allow_untie)
+
+
+def random_maps(plans: dict[str, ResidualPlan], orthogonal: bool, seed: int = 0) -> dict[str, StreamMap]:
+    generator = torch.Generator().manual_seed(seed)
+    return {stack: random_stream_map(plan.hidden_size, orthogonal, generator) for stack, plan in plans.items()}
+
+
+def write_moved(src: Path, dst: Path, plans: dict[str, ResidualPlan], maps: dict[str, StreamMap]) -> Path:
+    """What a caller does with the plans: every tensor through its plan's transform (gains read
+    from the source), the added tensors of an untied head, the config updates."""
+    checkpoint = Checkpoint.open(src)
+    tensors = {name: checkpoint.get(name) for name in checkpoint.names()}
+    owner = {name: plan for plan in plans.values() for name in plan.tensors if name in tensors}
+    out = {}
+    for name, tensor in tensors.items():
+        plan = owner.get(name)
+        out[name] = tensor if plan is None else plan.transform(name, tensor, maps[plan.stack], tensors.__getitem__)
+    config = json.loads((src / "config.json").read_text())
+    for plan in plans.values():
+        for name, source in plan.added.items():
+            out[name] = plan.transform(name, tensors[source], maps[plan.stack], tensors.__getitem__)
+        config.update(plan.config_updates)
+    dst.mkdir(parents=True)
+    tensors_out = {name: t.contiguous() for name, t in out.items()}
+    save_file(tensors_out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps(config))
+    for extra in src.iterdir():  # generation_config.json and the like
+        if extra.name not in ("config.json", "model.safetensors"):
+            shutil.copy(extra, dst / extra.name)
+    return dst
+
+
+def flat_outputs(outputs: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every floating tensor of a model's output, by (dotted, for nested outputs) key."""
+    flat: dict[str, torch.Tensor] = {}
+    for key, value in outputs.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            flat[prefix + key] = value
+        elif hasattr(value, "items"):
+            flat.update(flat_outputs(value, f"{prefix}{key}."))
+    return flat
+
+
+def run(folder: Path, case: Case) -> dict[str, torch.Tensor]:
+    config = json.loads((folder / "config.json").read_text())
+    inputs = example_inputs(config, batch=2, seq_len=12, seed=0)
+    generator = torch.Generator().manual_seed(1)
+    if "input_ids" in inputs and (config.get("type_vocab_size") or 0) > 1:
+        inputs["token_type_ids"] = torch.randint(0, config["type_vocab_size"], inputs["input_ids"].shape,
+                                                 generator=generator)
+    if case.encoder_states:
+        width = config.get("hidden_size") or config["n_embd"]
+        inputs["encoder_hidden_states"] = torch.randn(2, 5, width, generator=generator)
+    if case.choices:
+        inputs = {key: value.unsqueeze(0) for key, value in inputs.items()}
+    return flat_outputs(forward(load_model(folder), inputs))
+
+
+def output_change(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], case: Case,
+                  maps: dict[str, StreamMap]) -> float:
+    """Largest difference between the outputs after and the outputs before (moved by the map where
+    they are stream vectors), relative to each output's scale."""
+    assert before.keys() == after.keys() and before
+    worst = 0.0
+    for key, old in before.items():
+        expected = maps[case.moved[key]].apply(old, (-1,)) if key in case.moved else old
+        worst = max(worst, (after[key] - expected).abs().max().item() / max(expected.abs().max().item(), 1.0))
+    return worst
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """case -> (its checkpoint folder, its outputs), built once per module."""
+    root = tmp_path_factory.mktemp("residual")
+    cache: dict[str, tuple[Path, dict[str, torch.Tensor]]] = {}
+
+    def get(name: str) -> tuple[Path, dict[str, torch.Tensor]]:
+        if name not in cache:
+            folder = save_case(CASES[name], root / name)
+            cache[name] = (folder, run(folder, CASES[name]))
+        return cache[name]
+
+    return get
+
+
+# ---------------------------------------------------------------------- function preservation
+
+
+def test_every_builtin_spec_has_a_case():
+    covered = {select_spec(TINY[case.tiny].config().to_dict()).name for case in CASES.values()}
+    assert covered == set(builtin_specs())
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_moving_the_stream_keeps_the_function(saved, tmp_path, name):
+    case = CASES[name]
+    folder, before = saved(name)
+    plans = plans_for(folder, case.allow_untie)
+    assert all(plan.orthogonal == case.orthogonal for plan in plans.values()), [p.notes for p in plans.values()]
+    maps = random_maps(plans, orthogonal=case.orthogonal)
+    assert all(m.is_permutation != case.orthogonal for m in maps.values())
+    moved = write_moved(folder, tmp_path / "moved", plans, maps)
+    change = output_change(before, run(moved, case), case, maps)
+    assert change <= REL, f"outputs changed by {change:.3g}"
+
+
+def test_tied_embeddings_need_allow_untie(saved):
+    folder, _ = saved("qwen2-tied-permutation")
+    kept = plans_for(folder)[""]
+    assert not kept.orthogonal and not kept.untie and not kept.folds and not kept.added
+    assert kept.tensors["model.norm.weight"].role == "norm"  # permuted like any gain
+    with pytest.raises(ValueError, match="only a permutation"):
+        kept.transform("model.embed_tokens.weight", torch.zeros(61, 24),
+                       random_stream_map(24, True, torch.Generator().manual_seed(0)), lambda name: torch.ones(24))
+    untied = plans_for(folder, allow_untie=True)[""]
+    assert untied.orthogonal and untied.untie
+    assert untied.added == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert untied.config_updates == {"tie_word_embeddings": False}
+    assert untied.tensors["lm_head.weight"].axes == (1,)
+    assert [f.readers for f in untied.folds if f.gain == "model.norm.weight"] == [("lm_head.weight",)]
+
+
+def test_a_stored_tied_head_is_folded_in_place(saved, tmp_path):
+    """Older checkpoints store the tied lm_head next to the embedding: it is folded where it is."""
+    case = CASES["llama-tied-untie"]
+    folder, before = saved("llama-tied-untie")
+    embedding = Checkpoint.open(folder).get("model.embed_tokens.weight")
+    stored = _with_extra_tensor(folder, tmp_path / "stored", "lm_head.weight", embedding.clone())
+    plan = plans_for(stored, allow_untie=True)[""]
+    assert plan.untie and plan.orthogonal and not plan.added
+    assert plan.config_updates == {"tie_word_embeddings": False}
+    maps = random_maps({"": plan}, orthogonal=True)
+    moved = write_moved(stored, tmp_path / "moved", {"": plan}, maps)
+    assert output_change(before, run(moved, case), case, maps) <= REL
+
+
+def test_rmsnorm_plan_folds_every_gain(saved):
+    folder, _ = saved("llama-untied")
+    plan = plans_for(folder)[""]
+    folds = {fold.gain: fold.readers for fold in plan.folds}
+    assert folds["model.layers.1.input_layernorm.weight"] == tuple(
+        f"model.layers.1.self_attn.{p}_proj.weight" for p in "qkv")
+    assert folds["model.layers.0.post_attention_layernorm.weight"] == (
+        "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight")
+    assert folds["model.norm.weight"] == ("lm_head.weight",)
+    assert len(folds) == 2 * 2 + 1 and not plan.untie and not plan.added
+    gain = Checkpoint.open(folder).get("model.norm.weight")
+    assert plan.transform("model.norm.weight", gain, StreamMap.identity(20), lambda n: gain).eq(1).all()
+
+
+def test_plans_cover_each_tower_separately(saved):
+    folder, _ = saved("clip")
+    plans = plans_for(folder)
+    assert set(plans) == {"text", "vision"}
+    assert plans["text"].tensors["text_projection.weight"].axes == (1,)
+    assert plans["vision"].tensors["vision_model.embeddings.patch_embedding.weight"].axes == (0,)
+    assert "logit_scale" not in plans["text"].tensors and "logit_scale" not in plans["vision"].tensors
+    assert {t.stack for t in plans["vision"].tensors.values()} == {"vision"}
+
+
+def test_conv1d_layouts(saved):
+    folder, _ = saved("gpt2-cross-attention")
+    tensors = plans_for(folder)[""].tensors
+    assert tensors["transformer.h.0.attn.c_attn.weight"].axes == (0,)  # [d, 3d]: reads on its input axis
+    assert tensors["transformer.h.0.mlp.c_proj.weight"].axes == (1,)  # [dff, d]: writes on its output axis
+    assert tensors["transformer.h.0.crossattention.q_attn.weight"].axes == (0,)
+    assert "transformer.h.0.crossattention.c_attn.weight" not in tensors  # reads the encoder's states
+    assert "transformer.h.0.attn.c_attn.bias" not in tensors and tensors["transformer.h.0.attn.c_proj.bias"].layer == 0
+
+
+# ---------------------------------------------------------------------- necessity
+
+
+def test_an_orthogonal_map_breaks_a_layernorm_model(saved, tmp_path):
+    case = CASES["bert-mlm"]
+    folder, before = saved("bert-mlm")
+    plans = {stack: dataclasses.replace(plan, orthogonal=True) for stack, plan in plans_for(folder).items()}
+    maps = random_maps(plans, orthogonal=True)
+    assert output_change(before, run(write_moved(folder, tmp_path / "moved", plans, maps), case), case, maps) > CHANGED
+
+
+def test_an_orthogonal_map_needs_the_folds(saved, tmp_path):
+    case = CASES["llama-untied"]
+    folder, before = saved("llama-untied")
+    plans = {stack: dataclasses.replace(plan, folds=[]) for stack, plan in plans_for(folder).items()}
+    maps = random_maps(plans, orthogonal=True)
+    assert output_change(before, run(write_moved(folder, tmp_path / "moved", plans, maps), case), case, maps) > CHANGED
+
+
+# every stream tensor outside the layers and in the last layer: leaving any one of them in the
+# old basis changes the outputs
+NECESSITY = ["bert-mlm", "bert-decoder-cross-attention", "roberta-seq-cls", "vit", "gpt2-cross-attention",
+             "deberta-v2-mlm-shared-conv", "phi", "distilbert-mlm", "clip", "llama-tied-untie", "llama-biases"]
+
+
+@pytest.mark.parametrize("name", NECESSITY)
+def test_leaving_out_any_tensor_changes_the_function(saved, tmp_path, name):
+    case = CASES[name]
+    folder, before = saved(name)
+    plans = plans_for(folder, case.allow_untie)
+    maps = random_maps(plans, orthogonal=case.orthogonal)
+    checked = 0
+    for stack, plan in plans.items():
+        last = max(t.layer for t in plan.tensors.values() if t.layer is not None)
+        for left_out, tensor in plan.tensors.items():
+            if tensor.layer not in (None, last) or left_out in plan.added:
+                continue
+            partial = dict(plans)
+            partial[stack] = dataclasses.replace(plan, tensors={n: t for n, t in plan.tensors.items() if n != left_out})
+            moved = write_moved(folder, tmp_path / f"{checked}", partial, maps)
+            change = output_change(before, run(moved, case), case, maps)
+            assert change > CHANGED, f"leaving {left_out!r} out changed the outputs by only {change:.3g}"
+            checked += 1
+    assert checked >= 3
+
+
+# ---------------------------------------------------------------------- refusals
+
+
+def _with_extra_tensor(folder: Path, dst: Path, name: str, value: torch.Tensor) -> Path:
+    shutil.copytree(folder, dst)
+    checkpoint = Checkpoint.open(folder)
+    tensors = {n: checkpoint.get(n) for n in checkpoint.names()}
+    save_file({**tensors, name: value}, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_an_unknown_tensor_is_refused(saved, tmp_path):
+    folder, _ = saved("bert-seq-cls")
+    adapter = _with_extra_tensor(folder, tmp_path / "adapter", "adapter.down.weight", torch.zeros(4, 30))
+    with pytest.raises(InputError, match="'adapter.down.weight' is not classified"):
+        plans_for(adapter)
+
+
+def test_a_class_dependent_head_needs_the_model_class(saved, tmp_path):
+    folder, _ = saved("bert-seq-cls")
+    classless = tmp_path / "classless"
+    shutil.copytree(folder, classless)
+    config = json.loads((classless / "config.json").read_text())
+    del config["architectures"]
+    (classless / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="'classifier.weight' is not classified.*none in config.json"):
+        plans_for(classless)
+
+
+def test_a_stream_tensor_of_the_wrong_width_is_refused(tmp_path):
+    folder = save_case(Case("deberta-v2", overrides={"embedding_size": 16}), tmp_path / "narrow")
+    with pytest.raises(InputError, match="embeddings"):
+        plans_for(folder)
+
+
+def test_a_spec_without_a_residual_section_is_refused(saved, tmp_path):
+    folder, _ = saved("bert-seq-cls")
+    spec_file = tmp_path / "bert.yaml"
+    spec_file.write_text((Path(builtin_specs()["bert"].source)).read_text().split("\nresidual:")[0])
+    checkpoint = Checkpoint.open(folder)
+    bound = bind(load_spec_file(spec_file), checkpoint.config, checkpoint, str(folder))
+    with pytest.raises(InputError, match="no residual: section"):
+        residual_plans(bound, checkpoint)
+
+
+def test_a_bare_rmsnorm_model_gets_permutations_only(saved):
+    folder, _ = saved("llama-bare-permutation")
+    plan = plans_for(folder, allow_untie=True)[""]
+    assert not plan.orthogonal and not plan.folds
+    assert any("'norm.weight' feeds no weight" in note for note in plan.notes)
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"norm": "batchnorm"}, "norm must be one of"),
+    ({"norm": "layernorm", "model": [{"reads": "a", "table": "b"}]}, "exactly one of"),
+    ({"norm": "layernorm", "model": [{"norm": "g", "readers": ["w"]}]}, "needs norm: rmsnorm"),
+    ({"norm": "rmsnorm", "model": [{"norm": "g"}]}, "readers go with norm"),
+    ({"norm": "layernorm", "model": [{"reads": "a", "layout": "sideways"}]}, "layout must be"),
+    ({"norm": "layernorm", "heads": []}, "unknown keys"),
+    ({"norm": "layernorm", "layer": [{"table": "a", "colour": 1}]}, "unknown keys"),
+    ({"norm": "layernorm", "layer": ["table: a"]}, "must be a mapping"),
+    ({"norm": "rmsnorm", "tie": {"embedding": "e", "head": "h", "untie": True}}, "unknown keys in tie"),
+])
+def test_invalid_residual_sections_are_refused(raw, message):
+    with pytest.raises(InputError, match=message):
+        parse_residual(raw, "spec.yaml")
