@@ -1,47 +1,46 @@
-"""The streaming loop behind `rotfuse match` and `rotfuse scramble`.
+"""`rotfuse match` and `rotfuse scramble`: open and check the checkpoints, then stream.
 
 For each layer: read the model's (and the anchor's) tensors of that layer, transform them, write
-them at their place in the output; then copy every untouched tensor byte for byte. At most one
-layer of each checkpoint is in memory at a time. The output is staged and renamed into place only
-when complete (io/staging.py).
+them at their place in the output; then write every other tensor -- moved with the residual
+stream when a stream map is in play, else copied byte for byte. A few layers of each checkpoint
+are in memory at a time (streaming.py). The output is staged and renamed into place only when
+complete (io/staging.py).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-import threading
 import time
-from collections import deque
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
 from rotfuse import __version__
-from rotfuse.archs.layer_io import check_layer_pair, layer_tensor_names, read_layer, write_layer
+from rotfuse.archs.layer_io import check_layer_pair, layer_tensor_names, read_layer
 from rotfuse.archs.spec import BoundArch, LayerId, bind, select_spec
-from rotfuse.symmetries import ALL_SYMMETRIES
 from rotfuse.errors import InputError, UsageError
 from rotfuse.io.checkpoint import Checkpoint
 from rotfuse.io.staging import StagedFolder, check_output_location
-from rotfuse.io.writer import CheckpointWriter, copy_side_files, plan_like
+from rotfuse.io.writer import CheckpointWriter, ShardPlan, copy_side_files, plan_like
 from rotfuse.matching import LayerSettings, match_layer, scramble_layer
-from rotfuse.report import Distance, Timings, write_json
+from rotfuse.report import Distance, write_json
+from rotfuse.residual_match import StreamSide
+from rotfuse.streaming import Progress, Stream, sq_distance, transform_layers
+from rotfuse.symmetries import RESIDUAL, symmetry_set
+from rotfuse.symmetry.residual import StreamMap, random_stream_map
 from rotfuse.symmetry.weights import LayerWeights
 
 REPORT_NAME = "rotfuse_report.json"
-Progress = Callable[[int, int], None]
-T = TypeVar("T")
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
 class MatchOptions:
-    symmetries: frozenset[str] = ALL_SYMMETRIES
+    symmetries: frozenset[str] = field(default_factory=lambda: symmetry_set("default"))
     layers: frozenset[int] | None = None  # None: every layer
     device: str = "auto"
     max_rounds: int = 20
@@ -49,6 +48,13 @@ class MatchOptions:
     arch_spec: Path | None = None
     allow_nonfinite: bool = False
     workers: int = DEFAULT_WORKERS  # layers read and solved concurrently
+    # residual stream (symmetry "residual")
+    data: Path | None = None  # activation matching on these inputs; weight matching without
+    residual_rounds: int = 8  # weight matching: most alternations of stream map and per-layer maps
+    data_samples: int = 256
+    data_batch_size: int = 16
+    allow_untie: bool = False  # RMSNorm with tied embeddings: fold anyway, untying the head
+    allow_stream_output: bool = False  # a headless model's outputs are the stream itself
 
 
 @dataclass
@@ -141,81 +147,6 @@ def layer_settings(bound: BoundArch, layer: LayerId, symmetries: frozenset[str],
 
 
 @dataclass
-class _Stream:
-    """Shared state of one streaming pass: timings (summed over worker threads) and the tensors
-    already handled."""
-
-    timings: Timings = field(default_factory=Timings)
-    handled: set[str] = field(default_factory=set)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def timed(self, stage: str, fn: Callable[[], Any]) -> Any:
-        start = time.perf_counter()
-        try:
-            return fn()
-        finally:
-            with self.lock:
-                self.timings.add(stage, time.perf_counter() - start)
-
-
-def _transform_layers(
-    model: OpenedModel,
-    writer: CheckpointWriter,
-    layers: list[LayerId],
-    device: str,
-    transform: Callable[[LayerId, LayerWeights], tuple[LayerWeights, T]],
-    stream: _Stream,
-    progress: Progress | None,
-    workers: int,
-) -> list[T]:
-    """Read and transform layers in a small thread pool, write them in order on this thread.
-
-    Reading (safetensors), torch math and scipy's assignment solver all release the GIL, so with
-    `workers` threads one layer's I/O overlaps another's solve and independent layers' FFN
-    assignments run concurrently. At most `workers + 1` layers are in flight: memory stays a few
-    layers whatever the depth. Returns each layer's extra result, in layer order.
-    """
-
-    def job(layer: LayerId) -> tuple[LayerWeights, T]:
-        weights = stream.timed("read", lambda: read_layer(model.checkpoint, model.bound, layer, device))
-        return transform(layer, weights)
-
-    extras: list[T] = []
-    pending: deque[tuple[LayerId, Future]] = deque()
-
-    def finish_oldest() -> None:
-        layer, future = pending.popleft()
-        new, extra = future.result()
-        stream.timed("write", lambda: write_layer(writer, model.bound, layer, new))
-        stream.handled.update(layer_tensor_names(model.bound, layer, model.checkpoint))
-        extras.append(extra)
-        if progress:
-            progress(len(extras), len(layers))
-
-    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="rotfuse-layer")
-    try:
-        for layer in layers:
-            pending.append((layer, pool.submit(job, layer)))
-            if len(pending) > workers:
-                finish_oldest()
-        while pending:
-            finish_oldest()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    return extras
-
-
-def _sq_distance(a: torch.Tensor, b: torch.Tensor, rows_per_chunk: int = 4096) -> float:
-    """Squared distance without materialising a float64 copy of a large tensor."""
-    if a.dim() == 0 or not a.is_floating_point():
-        return float((a.double() - b.double()).pow(2).sum())
-    total = 0.0
-    for start in range(0, a.shape[0], rows_per_chunk):
-        total += float((a[start:start + rows_per_chunk].float() - b[start:start + rows_per_chunk].float()).double().pow(2).sum())
-    return total
-
-
-@dataclass
 class MatchPlan:
     """Everything `match` checks before it writes a byte; `--dry-run` prints it."""
 
@@ -226,10 +157,11 @@ class MatchPlan:
     unpaired: list[str]
     device: str
     options: MatchOptions
+    residual: ResidualSetup | None = None
 
     def describe(self) -> dict[str, Any]:
         touched = {n for layer in self.layers for n in layer_tensor_names(self.model.bound, layer, self.model.checkpoint)}
-        return {
+        described = {
             "tool": "rotfuse", "version": __version__, "command": "match", "dry_run": True,
             "anchor": str(self.anchor.folder), "model": str(self.model.folder), "output": str(self.out),
             "arch": self.model.bound.spec.name, "device": self.device,
@@ -240,18 +172,295 @@ class MatchPlan:
                         "unpaired": self.unpaired},
             "bytes_to_write": sum(self.model.checkpoint.entry(n).nbytes for n in self.model.checkpoint.names()),
         }
+        if self.residual is not None:
+            described["residual"] = self.residual.describe(self.options)
+        return described
+
+
+@dataclass
+class ResidualSetup:
+    """Both checkpoints as the residual-stream search sees them (gains folded where allowed)."""
+
+    model: StreamSide
+    anchor: StreamSide
+    notes: list[str] = field(default_factory=list)
+
+    def orthogonal(self, stack: str) -> bool:
+        return self.model.plans[stack].orthogonal
+
+    def describe(self, options: MatchOptions) -> dict[str, Any]:
+        plans = self.model.plans
+        return {
+            "method": "activations" if options.data else "weights",
+            "maps": {stack or "stream": "orthogonal" if p.orthogonal else "permutation" for stack, p in plans.items()},
+            "gains_folded": any(p.orthogonal for p in plans.values()),
+            "untied": [name for p in plans.values() for name in p.added],
+            "notes": self.notes,
+        }
+
+
+def _outputs_the_stream(model: OpenedModel) -> bool:
+    """A class without a head (BertModel, LlamaModel, ...): its outputs are the residual stream itself."""
+    import fnmatch
+
+    names = model.checkpoint.config.get("architectures") or []
+    globs = model.bound.spec.stream_output_classes
+    return any(fnmatch.fnmatchcase(str(name), glob) for name in names for glob in globs)
+
+
+def prepare_residual(anchor: OpenedModel, model: OpenedModel, options: MatchOptions) -> ResidualSetup | None:
+    if RESIDUAL not in options.symmetries:
+        return None
+    if _outputs_the_stream(model) and not options.allow_stream_output:
+        raise UsageError(
+            f"{model.folder}: {', '.join(model.checkpoint.config['architectures'])} has no head, so its outputs "
+            "are the residual stream itself and a residual map would change them (x -> x Q; cosine "
+            "similarities and norms are kept); pass --allow-stream-output to accept that"
+        )
+    from rotfuse.archs.residual import residual_plans
+
+    mine = residual_plans(model.bound, model.checkpoint, options.allow_untie)
+    theirs = residual_plans(anchor.bound, anchor.checkpoint, options.allow_untie)
+    for stack, plan in mine.items():
+        other = theirs.get(stack)
+        if other is None or other.orthogonal != plan.orthogonal:
+            raise InputError(
+                f"{model.folder}: its residual stream{' ' + stack if stack else ''} can move by "
+                f"{'any orthogonal map' if plan.orthogonal else 'permutations only'} but the anchor's cannot "
+                "(tied embeddings on one side only?); pass --allow-untie or use the same tying on both"
+            )
+    notes = [note for plan in mine.values() for note in plan.notes]
+    return ResidualSetup(StreamSide.unmoved(model.checkpoint, mine), StreamSide.unmoved(anchor.checkpoint, theirs), notes)
 
 
 def prepare_match(anchor_path: Path, model_path: Path, out: Path, options: MatchOptions,
-                  overwrite: bool = False) -> MatchPlan:
+                  overwrite: bool = False, check_output: bool = True) -> MatchPlan:
     """Validate flags, output location and both checkpoints (headers, config, shapes)."""
-    check_output_location(out, [anchor_path, model_path], overwrite)
+    if check_output:
+        check_output_location(out, [anchor_path, model_path], overwrite)
     device = resolve_device(options.device)
+    if options.data is not None and RESIDUAL not in options.symmetries:
+        raise UsageError("--data drives the residual-stream map: add residual to --symmetries")
     anchor = open_model(anchor_path, options.arch, options.arch_spec, options.allow_nonfinite)
     model = open_model(model_path, options.arch, options.arch_spec, options.allow_nonfinite)
     unpaired = check_compatible(anchor, model)
     layers = select_layers(model.bound, options.layers)
-    return MatchPlan(anchor, model, Path(out), layers, unpaired, device, options)
+    residual = prepare_residual(anchor, model, options)
+    return MatchPlan(anchor, model, Path(out), layers, unpaired, device, options, residual)
+
+
+# ---------------------------------------------------------------------- the residual stream map
+
+
+def search_stream_maps(plan: MatchPlan, stream: Stream) -> tuple[dict[str, StreamMap], dict[str, Any]]:
+    """The residual map of every stack: from activations with --data, else by weight matching."""
+    from rotfuse.residual_match import (
+        layer_stream_scores,
+        solve_stream_map,
+        stream_agreement,
+        stream_scores,
+        to_unmoved_basis,
+    )
+
+    setup, options = plan.residual, plan.options
+    assert setup is not None
+    stacks = list(setup.model.plans)
+    if options.data is not None:
+        if len(stacks) != 1:
+            raise UsageError(f"{plan.model.folder}: --data (activation matching) needs a model with one residual "
+                             f"stream; this one has {len(stacks)} (match it by weights: drop --data)")
+        from rotfuse.activations import activation_scores
+
+        stack = stacks[0]
+        scores = stream.timed("activations", lambda: activation_scores(
+            plan.model.folder, plan.anchor.folder, options.data, setup.orthogonal(stack),  # type: ignore[arg-type]
+            options.data_samples, options.data_batch_size, plan.device))
+        maps = {stack: solve_stream_map(scores, setup.orthogonal(stack))}
+        per_unit = stream_agreement(scores, maps[stack]) / setup.model.plans[stack].hidden_size
+        return maps, {"method": "activations", "data": str(options.data),
+                      "rounds": [{"round": 1, "mean_matched_score": per_unit}]}
+
+    in_layers = {n for layer in plan.layers for n in layer_tensor_names(plan.model.bound, layer, plan.model.checkpoint)}
+    folded = {fold.gain for p in setup.model.plans.values() for fold in p.folds}  # all ones on both sides
+    outside = [n for n in plan.model.checkpoint.names()
+               if setup.model.on_stream(n) and n not in in_layers and n not in folded]
+    stack_of = {n: setup.model._stack_of[n] for n in outside}
+
+    def outside_pass(maps: dict[str, StreamMap] | None) -> tuple[dict[str, torch.Tensor], float]:
+        """Scores of the tensors outside the matched layers (maps None), or their distance under maps."""
+        scores: dict[str, torch.Tensor] = {}
+        total = 0.0
+        for name in outside:
+            entry = setup.model.plans[stack_of[name]].tensors[name]
+            src = setup.model.read(name).float()
+            ref = setup.anchor.read(counterpart(name, plan.model, plan.anchor)).float()
+            if maps is None:
+                part = stream_scores(src, ref, entry.axes)
+                scores[entry.stack] = scores[entry.stack] + part if entry.stack in scores else part
+            else:
+                total += sq_distance(maps[entry.stack].apply(src, entry.axes), ref)
+        return scores, total
+
+    outside_scores, _ = stream.timed("solve", lambda: outside_pass(None))
+    maps = {s: (solve_stream_map(outside_scores[s], setup.orthogonal(s)) if s in outside_scores
+                else StreamMap.identity(setup.model.plans[s].hidden_size)) for s in stacks}
+    rounds: list[dict[str, Any]] = []
+    best: tuple[float, dict[str, StreamMap]] | None = None
+    for number in range(1, options.residual_rounds + 1):
+        side = setup.model.moved(maps)
+
+        def transform(layer: LayerId, weights: LayerWeights) -> tuple[LayerWeights, tuple[str, torch.Tensor, float]]:
+            ref = read_layer(plan.anchor.checkpoint, plan.anchor.bound, layer, plan.device, setup.anchor.view)
+            settings = layer_settings(plan.model.bound, layer, options.symmetries, options.max_rounds)
+            new, results = match_layer(weights, ref, settings)
+            return new, (layer.stack, layer_stream_scores(new, ref), sum(r.after ** 2 for r in results))
+
+        pass_stream = Stream()
+        extras = transform_layers(plan.model, None, plan.layers, plan.device, transform, pass_stream, None,
+                                  options.workers, view=side.view)
+        for stage, seconds in pass_stream.timings.seconds.items():
+            stream.timings.add(stage, seconds)
+        _, outside_distance = stream.timed("read", lambda: outside_pass(maps))
+        total = outside_distance + sum(after for _, _, after in extras)
+        scores = {s: outside_scores.get(s, 0) + to_unmoved_basis(
+            sum(c for stack, c, _ in extras if stack == s), maps[s]) for s in stacks}
+        rounds.append({"round": number, "distance": total ** 0.5,
+                       "mean_matched_score": sum(stream_agreement(scores[s], maps[s]) for s in stacks)
+                       / sum(setup.model.plans[s].hidden_size for s in stacks)})
+        if best is not None and total >= best[0] * (1 - 1e-7):
+            break
+        best = (total, maps)
+        new_maps = {s: solve_stream_map(scores[s], setup.orthogonal(s)) for s in stacks}
+        if all(_same_map(new_maps[s], maps[s]) for s in stacks):
+            break
+        maps = new_maps
+    assert best is not None
+    return best[1], {"method": "weights", "rounds": rounds}
+
+
+def _same_map(a: StreamMap, b: StreamMap) -> bool:
+    if a.perm is not None and b.perm is not None:
+        return torch.equal(a.perm, b.perm)
+    return torch.allclose(a.as_matrix(), b.as_matrix(), atol=1e-9)
+
+
+# ---------------------------------------------------------------------- writing an aligned copy
+
+
+def _layout(model: OpenedModel, side: StreamSide) -> list[ShardPlan]:
+    """The model's own layout, plus the heads an untie adds (next to the tensor they start from)."""
+    plans = plan_like(model.checkpoint)
+    for residual in side.plans.values():
+        for new, source in residual.added.items():
+            entry = model.checkpoint.entry(source)
+            target = next(p for p in plans if any(name == source for name, _, _ in p.tensors))
+            target.tensors.append((new, entry.dtype, entry.shape))
+    return plans
+
+
+def _write_copy(model: OpenedModel, folder: Path, layers: list[LayerId], device: str, workers: int,
+                transform: Any, side: StreamSide, stream: Stream, progress: Progress | None,
+                anchor: OpenedModel | None = None, anchor_side: StreamSide | None = None,
+                unmoved: StreamSide | None = None) -> tuple[list[Any], Distance, list[str]]:
+    """Write MODEL into `folder`: layers through `transform` (read through `side.view`), every
+    other tensor moved with the stream or copied byte for byte. With an anchor, also returns the
+    distance over the tensors outside the layers (before: `unmoved`, after: `side`)."""
+    writer = CheckpointWriter(folder, _layout(model, side), model.checkpoint)
+    outside = Distance()
+    try:
+        rows = transform_layers(model, writer, layers, device, transform, stream, progress, workers, view=side.view)
+        for name in model.checkpoint.names():
+            if name in stream.handled:
+                continue
+            moved = None
+            if side.on_stream(name):
+                raw = stream.timed("read", lambda: model.checkpoint.get(name))
+                moved = side.view(name, raw)
+                stream.timed("write", lambda: writer.write(name, moved))
+            if anchor is not None and anchor_side is not None and unmoved is not None:
+                other = counterpart(name, model, anchor)
+                if other in anchor.checkpoint:
+                    raw = model.checkpoint.get(name) if moved is None else raw
+                    ref = anchor_side.read(other)
+                    before = sq_distance(unmoved.view(name, raw), ref)
+                    outside.add(before, before if moved is None else sq_distance(moved, ref))
+        for residual in side.plans.values():
+            for new, source in residual.added.items():
+                writer.write(new, side.read(new, source))
+        stream.timed("copy", writer.finish)
+    finally:
+        writer.abort()
+    skipped = copy_side_files(model.checkpoint, folder)
+    updates = {k: v for p in side.plans.values() for k, v in p.config_updates.items()}
+    if updates:
+        config_path = folder / "config.json"
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **updates}, indent=2) + "\n")
+    return rows, outside, skipped
+
+
+# ---------------------------------------------------------------------- match
+
+
+def _match_into(plan: MatchPlan, folder: Path, progress: Progress | None) -> dict[str, Any]:
+    """Align plan.model to plan.anchor and write it into `folder`; returns the report."""
+    started = time.perf_counter()
+    anchor, model, device, options = plan.anchor, plan.model, plan.device, plan.options
+    stream = Stream()
+    residual_report: dict[str, Any] | None = None
+    if plan.residual is not None:
+        maps, search = search_stream_maps(plan, stream)
+        side, anchor_side, unmoved = plan.residual.model.moved(maps), plan.residual.anchor, plan.residual.model
+        residual_report = {**plan.residual.describe(options), **search}
+    else:
+        side = anchor_side = unmoved = None
+
+    def transform(layer: LayerId, weights: LayerWeights) -> tuple[LayerWeights, dict[str, Any]]:
+        view = anchor_side.view if anchor_side is not None else None
+        ref = stream.timed("read", lambda: read_layer(anchor.checkpoint, anchor.bound, layer, device, view))
+        settings = layer_settings(model.bound, layer, options.symmetries, options.max_rounds)
+        new, results = stream.timed("solve", lambda: match_layer(weights, ref, settings))
+        modules = {}
+        for result in results:
+            modules[result.module] = {
+                "before": result.before, "after": result.after, "reduction": result.reduction,
+                "applied": result.applied, "rounds": result.rounds, "reverted": result.reverted,
+                **({"skipped": result.skipped} if result.skipped else {}), **result.extra,
+            }
+        return new, {"layer": str(layer), "modules": modules}
+
+    folder.mkdir(parents=True, exist_ok=True)
+    plain = StreamSide(model.checkpoint, {}, {})
+    rows, outside, skipped = _write_copy(
+        model, folder, plan.layers, device, options.workers, transform, side or plain, stream, progress,
+        anchor, anchor_side or StreamSide(anchor.checkpoint, {}, {}), unmoved or plain)
+    matched = Distance(tensors=sum(1 for layer in plan.layers
+                                   for _ in layer_tensor_names(model.bound, layer, model.checkpoint)))
+    for row in rows:
+        for module in row["modules"].values():
+            matched.add(module["before"] ** 2, module["after"] ** 2, 0)
+    whole = Distance(matched.before + outside.before, matched.after + outside.after, matched.tensors + outside.tensors)
+    report: dict[str, Any] = {
+        "tool": "rotfuse", "version": __version__, "schema": 1, "command": "match",
+        "anchor": {"path": str(anchor.folder), "fingerprint": anchor.checkpoint.fingerprint()},
+        "model": {"path": str(model.folder), "fingerprint": model.checkpoint.fingerprint()},
+        "output": {"path": str(plan.out), "fingerprint": Checkpoint.open(folder, True).fingerprint()},
+        "arch": model.bound.spec.name,
+        "symmetries": sorted(options.symmetries),
+        "device": device,
+        "settings": {"max_rounds": options.max_rounds, "layers": [str(layer) for layer in plan.layers]},
+        "restrictions": model.bound.notes,
+    }
+    if residual_report is not None:
+        report["residual"] = residual_report
+    report.update({
+        "layers": rows,
+        "totals": {"matched": matched.as_dict(), "model": whole.as_dict()},
+        "unpaired_tensors": plan.unpaired,
+        "not_copied": skipped,
+    })
+    stream.timings.add("total", time.perf_counter() - started)
+    report["timings"] = stream.timings.as_dict()
+    return report
 
 
 def match(
@@ -264,68 +473,60 @@ def match(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Align MODEL to ANCHOR and write it to OUT; returns the report."""
-    started = time.perf_counter()
     plan = prepare_match(anchor_path, model_path, out, options, overwrite)
-    anchor, model, device = plan.anchor, plan.model, plan.device
-    stream = _Stream()
-
-    def transform(layer: LayerId, weights: LayerWeights) -> tuple[LayerWeights, dict[str, Any]]:
-        anchor_weights = stream.timed("read", lambda: read_layer(anchor.checkpoint, anchor.bound, layer, device))
-        settings = layer_settings(model.bound, layer, options.symmetries, options.max_rounds)
-        new, results = stream.timed("solve", lambda: match_layer(weights, anchor_weights, settings))
-        modules = {}
-        for result in results:
-            modules[result.module] = {
-                "before": result.before, "after": result.after, "reduction": result.reduction,
-                "applied": result.applied, "rounds": result.rounds, "reverted": result.reverted,
-            }
-            if result.skipped:
-                modules[result.module]["skipped"] = result.skipped
-            modules[result.module].update(result.extra)
-        return new, {"layer": str(layer), "modules": modules}
-
     with StagedFolder(out, overwrite) as staged:
-        writer = CheckpointWriter(staged.path, plan_like(model.checkpoint), model.checkpoint)
-        try:
-            rows = _transform_layers(model, writer, plan.layers, device, transform, stream, progress, options.workers)
-            matched = Distance(tensors=len(stream.handled))
-            for row in rows:
-                for module in row["modules"].values():
-                    matched.add(module["before"] ** 2, module["after"] ** 2, 0)
-            whole = Distance(matched.before, matched.after, matched.tensors)
-            for name in model.checkpoint.names():
-                if name in stream.handled or name in plan.unpaired:
-                    continue
-                sq = stream.timed("read", lambda: _sq_distance(
-                    model.checkpoint.get(name), anchor.checkpoint.get(counterpart(name, model, anchor))))
-                whole.add(sq, sq)
-            stream.timed("copy", writer.finish)
-        finally:
-            writer.abort()
-        skipped = copy_side_files(model.checkpoint, staged.path)
-        report = {
-            "tool": "rotfuse", "version": __version__, "schema": 1, "command": "match",
-            "anchor": {"path": str(anchor_path), "fingerprint": anchor.checkpoint.fingerprint()},
-            "model": {"path": str(model_path), "fingerprint": model.checkpoint.fingerprint()},
-            "output": {"path": str(out), "fingerprint": Checkpoint.open(staged.path, True).fingerprint()},
-            "arch": model.bound.spec.name,
-            "symmetries": sorted(options.symmetries),
-            "device": device,
-            "settings": {"max_rounds": options.max_rounds, "layers": [str(layer) for layer in plan.layers]},
-            "restrictions": model.bound.notes,
-            "layers": rows,
-            "totals": {"matched": matched.as_dict(), "model": whole.as_dict()},
-            "unpaired_tensors": plan.unpaired,
-            "not_copied": skipped,
-        }
-        stream.timings.add("total", time.perf_counter() - started)
-        report["timings"] = stream.timings.as_dict()
+        report = _match_into(plan, staged.path, progress)
         if report_path is None:
             write_json(staged.path / REPORT_NAME, report)
         staged.commit()
     if report_path is not None:
         write_json(report_path, report)
     return report
+
+
+def output_names(models: list[Path]) -> list[str]:
+    """One sub-folder name per model: its folder name, numbered when two share one."""
+    names: list[str] = []
+    for path in models:
+        base = Path(path).resolve().name or "model"
+        name, number = base, 2
+        while name in names:
+            name, number = f"{base}-{number}", number + 1
+        names.append(name)
+    return names
+
+
+def match_many(
+    anchor_path: Path,
+    model_paths: list[Path],
+    out: Path,
+    options: MatchOptions,
+    report_path: Path | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Align several models to one anchor: OUT/<model name>/ each, one report. All are checked
+    before anything is written, and OUT appears complete or not at all."""
+    check_output_location(out, [anchor_path, *model_paths], overwrite)
+    plans = [prepare_match(anchor_path, path, out, options, check_output=False) for path in model_paths]
+    names = output_names(model_paths)
+    with StagedFolder(out, overwrite) as staged:
+        reports = []
+        for plan, name in zip(plans, names):
+            plan.out = Path(out) / name
+            reports.append(_match_into(plan, staged.path / name, progress))
+        report = {"tool": "rotfuse", "version": __version__, "schema": 1, "command": "match",
+                  "anchor": reports[0]["anchor"], "outputs": dict(zip(names, (str(Path(out) / n) for n in names))),
+                  "models": reports}
+        if report_path is None:
+            write_json(staged.path / REPORT_NAME, report)
+        staged.commit()
+    if report_path is not None:
+        write_json(report_path, report)
+    return report
+
+
+# ---------------------------------------------------------------------- scramble
 
 
 def scramble(
@@ -341,27 +542,30 @@ def scramble(
     device = resolve_device(options.device)
     model = open_model(model_path, options.arch, options.arch_spec, options.allow_nonfinite)
     layers = select_layers(model.bound, options.layers)
-    stream = _Stream()
+    residual = prepare_residual(model, model, options)
+
+    def generator(label: str) -> torch.Generator:
+        # one generator per layer: the same seed gives the same output whatever the thread timing
+        digest = hashlib.sha256(f"{seed}:{label}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+    side = StreamSide(model.checkpoint, {}, {})
+    if residual is not None:
+        side = residual.model.moved({
+            stack: random_stream_map(p.hidden_size, p.orthogonal, generator(f"residual:{stack}"))
+            for stack, p in residual.model.plans.items()})
 
     def transform(layer: LayerId, weights: LayerWeights) -> tuple[LayerWeights, None]:
         settings = layer_settings(model.bound, layer, options.symmetries, options.max_rounds)
-        # one generator per layer: the same seed gives the same output whatever the thread timing
-        digest = hashlib.sha256(f"{seed}:{layer}".encode()).digest()
-        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-        return scramble_layer(weights, settings, generator), None
+        return scramble_layer(weights, settings, generator(str(layer))), None
 
     with StagedFolder(out, overwrite) as staged:
-        writer = CheckpointWriter(staged.path, plan_like(model.checkpoint), model.checkpoint)
-        try:
-            _transform_layers(model, writer, layers, device, transform, stream, progress, options.workers)
-            writer.finish()
-        finally:
-            writer.abort()
-        copy_side_files(model.checkpoint, staged.path)
+        _write_copy(model, staged.path, layers, device, options.workers, transform, side, Stream(), progress)
         staged.commit()
     return {
         "tool": "rotfuse", "version": __version__, "command": "scramble", "model": str(model_path),
         "output": str(out), "arch": model.bound.spec.name, "seed": seed,
         "symmetries": sorted(options.symmetries - model.bound.disabled),
         "layers": [str(layer) for layer in layers], "restrictions": model.bound.notes,
+        **({"residual": residual.describe(options)} if residual is not None else {}),
     }

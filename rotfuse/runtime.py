@@ -73,14 +73,15 @@ def example_inputs(config: dict[str, Any], batch: int = 2, seq_len: int = 16, se
     return inputs
 
 
-def forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
-    """Call the model with only the inputs its forward accepts."""
+def forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor], **flags: Any) -> Any:
+    """Call the model with the inputs its forward accepts; `flags` (output_hidden_states=True, ...)
+    always go through -- transformers 5 takes them as **kwargs."""
     import inspect
 
     accepted = inspect.signature(model.forward).parameters
     kwargs = {k: v for k, v in inputs.items() if k in accepted}
     with torch.no_grad():
-        return model(**kwargs)
+        return model(**kwargs, **flags)
 
 
 def main_output(outputs: Any) -> torch.Tensor:

@@ -2,16 +2,20 @@
 
 Module-qualified names say what moves: `ffn.perm` (FFN neurons), `heads.perm` (whole heads, or
 KV groups with their query heads), `qk.rot` / `vo.rot` (per-head rotations), `qk.scale` /
-`vo.scale` (per-head rescaling). The CLI also takes the short family names below.
+`vo.scale` (per-head rescaling), `residual.map` (the residual stream, opt-in). The CLI also takes
+the short family names below.
 """
 
 from __future__ import annotations
 
 from rotfuse.errors import UsageError
 
-ALL_SYMMETRIES = frozenset({"qk.rot", "qk.scale", "vo.rot", "vo.scale", "ffn.perm", "heads.perm"})
-DEFAULT_SYMMETRIES = "perm,heads,rot,scale"
+RESIDUAL = "residual.map"  # one map of the whole residual stream (permutation, or orthogonal where exact)
+ALL_SYMMETRIES = frozenset({"qk.rot", "qk.scale", "vo.rot", "vo.scale", "ffn.perm", "heads.perm", RESIDUAL})
+DEFAULT_SYMMETRIES = "perm,heads,rot,scale"  # per-layer maps; the residual map is opt-in
 CLI_SYMMETRIES = {
+    "default": frozenset({"ffn.perm", "heads.perm", "qk.rot", "qk.scale", "vo.rot", "vo.scale"}),
+    "residual": frozenset({RESIDUAL}),
     "perm": frozenset({"ffn.perm"}),
     "heads": frozenset({"heads.perm"}),
     "rot": frozenset({"qk.rot", "vo.rot"}),

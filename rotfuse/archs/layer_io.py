@@ -8,6 +8,7 @@ garbage. Math is done in float32 (or wider); `CheckpointWriter.write` casts back
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -42,9 +43,14 @@ def check_layer_pair(model: Checkpoint, model_bound: BoundArch, anchor: Checkpoi
             raise InputError(f"{holder.folder}: tensor {name!r} has no counterpart in {other.folder}")
 
 
+TensorView = Callable[[str, torch.Tensor], torch.Tensor]  # (full name, stored-layout value) -> new value
+
+
 class _LayerReader:
-    def __init__(self, checkpoint: Checkpoint, bound: BoundArch, layer: LayerId, device: str):
+    def __init__(self, checkpoint: Checkpoint, bound: BoundArch, layer: LayerId, device: str,
+                 view: TensorView | None = None):
         self.checkpoint, self.bound, self.layer, self.device = checkpoint, bound, layer, device
+        self.view = view
 
     def tensor(self, relative: str, layout: str, shape: tuple[int, ...]) -> torch.Tensor:
         name = self.bound.full_name(self.layer, relative)
@@ -59,6 +65,8 @@ class _LayerReader:
         if not value.is_floating_point():
             raise InputError(f"{self.checkpoint.folder}: tensor {name!r} is not floating point ({value.dtype})")
         value = value.float() if value.dtype != torch.float64 else value
+        if self.view is not None:
+            value = self.view(name, value)
         return value.T if layout == "in_out" and value.dim() == 2 else value
 
     def optional(self, relative: str | None, layout: str, shape: tuple[int, ...]) -> torch.Tensor | None:
@@ -84,10 +92,14 @@ class _LayerReader:
         return [self.linear(ref, out_dim, in_dim) for ref in present]
 
 
-def read_layer(checkpoint: Checkpoint, bound: BoundArch, layer: LayerId, device: str = "cpu") -> LayerWeights:
+def read_layer(checkpoint: Checkpoint, bound: BoundArch, layer: LayerId, device: str = "cpu",
+               view: TensorView | None = None) -> LayerWeights:
+    """One layer's tensors as canonical float32 `LayerWeights`. `view`, when given, sees every
+    tensor right after it is read (in float32, in its stored layout) and may replace it: the
+    residual-stream map and RMSNorm folding come in this way."""
     stack = bound.stack(layer.stack)
     dims = bound.dims[layer.stack]
-    reader = _LayerReader(checkpoint, bound, layer, device)
+    reader = _LayerReader(checkpoint, bound, layer, device, view)
     att, d = stack.attention, dims.hidden_size
 
     if att.qkv is not None:

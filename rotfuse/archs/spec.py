@@ -143,6 +143,9 @@ class ArchSpec:
     restrictions: tuple[Restriction, ...] = ()
     description: str = ""
     source: str = ""
+    # model classes (globs on config.json `architectures`) whose main output IS the residual stream
+    # (no head): a residual map moves their outputs, so it needs the user's consent
+    stream_output_classes: tuple[str, ...] = ("*Model",)
 
 
 @dataclass(frozen=True)
@@ -272,6 +275,7 @@ def _parse_spec(raw: dict[str, Any], source: str) -> ArchSpec:
         restrictions=restrictions,
         description=str(raw.get("description", "")),
         source=source,
+        stream_output_classes=_keys(raw.get("stream_output_classes", ["*Model"])),
     )
 
 

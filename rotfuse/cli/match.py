@@ -25,19 +25,39 @@ from rotfuse.cli.common import (
 
 Symmetries = Annotated[str, typer.Option(
     "--symmetries", "-s",
-    help="Comma-separated symmetries to use: perm (FFN neurons), heads (whole-head permutation), rot (per-head QK/VO rotation), "
-         "scale (per-head QK/VO rescaling), or qk.rot, vo.scale, ... ; 'all' or 'none'.")]
+    help="Comma-separated symmetries: perm (FFN neurons), heads (whole-head permutation), rot (per-head QK/VO "
+         "rotation), scale (per-head QK/VO rescaling), residual (the residual stream; opt-in), default "
+         "(perm,heads,rot,scale), module names (qk.rot, vo.scale, ...), all, none.")]
 Layers = Annotated[str | None, typer.Option("--layers", help="Only these layers, e.g. 0-5,8 (default: all).")]
+
+
+AllowUntie = Annotated[bool, typer.Option(
+    "--allow-untie", help="RMSNorm model with tied embeddings: fold the norm gains anyway so any orthogonal residual "
+                          "map is allowed; the output gets its own lm_head and tie_word_embeddings: false.")]
+AllowStreamOutput = Annotated[bool, typer.Option(
+    "--allow-stream-output", help="Allow a residual map on a model without a head (e.g. BertModel): its hidden "
+                                  "states then come out as x @ Q (cosine similarities and norms unchanged).")]
 
 
 def match_command(
     anchor: Annotated[Path, typer.Argument(help="Checkpoint folder to align to (never modified).")],
-    model: Annotated[Path, typer.Argument(help="Checkpoint folder to align.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the aligned checkpoint.")],
+    models: Annotated[list[Path], typer.Argument(
+        help="Checkpoint folder(s) to align. With several, OUT gets one sub-folder per model and one report.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the aligned checkpoint(s).")],
     report: Annotated[Path | None, typer.Option("--report", help="Where to write the JSON report [default: OUT/rotfuse_report.json].")] = None,
     symmetries: Symmetries = DEFAULT_SYMMETRIES,
     layers: Layers = None,
     max_rounds: Annotated[int, typer.Option("--max-rounds", min=1, help="Most rotation/scale alternation rounds per circuit.")] = 20,
+    data: Annotated[Path | None, typer.Option(
+        "--data", help="With the residual symmetry: find the residual-stream map from both models' hidden states on "
+                       "these inputs (.jsonl/.txt/.safetensors/.npz, as for `rotfuse stats`) instead of from weights.")] = None,
+    data_samples: Annotated[int, typer.Option("--max-samples", min=1, help="With --data: inputs used.")] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="With --data: inputs per forward pass.")] = 16,
+    residual_rounds: Annotated[int, typer.Option(
+        "--residual-rounds", min=1, help="Weight matching of the residual stream: most alternations of the stream map "
+                                         "and the per-layer maps.")] = 8,
+    allow_untie: AllowUntie = False,
+    allow_stream_output: AllowStreamOutput = False,
     arch: Arch = None,
     arch_spec: ArchSpecFile = None,
     device: Device = "auto",
@@ -49,25 +69,38 @@ def match_command(
     json_out: JsonOut = False,
     debug: Debug = False,
 ) -> None:
-    """Write the functionally equivalent copy of MODEL that lies closest to ANCHOR."""
+    """Write the functionally equivalent copy of each MODEL that lies closest to ANCHOR.
+
+    \b
+    rotfuse match anchor/ model/ -o aligned/
+    rotfuse match anchor/ m1/ m2/ m3/ -o aligned/          # aligned/m1, aligned/m2, aligned/m3
+    rotfuse match anchor/ model/ -o aligned/ -s default,residual                  # + the residual stream
+    rotfuse match anchor/ model/ -o aligned/ -s default,residual --data inputs.jsonl
+    """
     ui = Ui(quiet, json_out)
 
     def body() -> dict:
+        from rotfuse.pipeline import DEFAULT_WORKERS, MatchOptions, match, match_many, prepare_match
+        from rotfuse.report import render_match_table, render_plan
         from rotfuse.symmetries import symmetry_set
-        from rotfuse.pipeline import DEFAULT_WORKERS, MatchOptions, match, prepare_match
-        from rotfuse.report import render_plan, render_match_table
 
-        options = MatchOptions(symmetry_set(symmetries), parse_layers(layers), device, max_rounds, arch, arch_spec,
-                               allow_nonfinite, workers or DEFAULT_WORKERS)
+        options = MatchOptions(
+            symmetry_set(symmetries), parse_layers(layers), device, max_rounds, arch, arch_spec, allow_nonfinite,
+            workers or DEFAULT_WORKERS, data, residual_rounds, data_samples, batch_size, allow_untie,
+            allow_stream_output)
         if dry_run:
-            plan = prepare_match(anchor, model, out, options, overwrite).describe()
-            if not json_out:
+            plans = [prepare_match(anchor, model, out, options, overwrite).describe() for model in models]
+            for plan in plans if not json_out else ():
                 render_plan(plan, ui.console)
-            return plan
+            return plans[0] if len(plans) == 1 else {"dry_run": True, "models": plans}
         with ui.progress("matching layers") as progress:
-            result = match(anchor, model, out, options, report, overwrite, progress)
+            if len(models) == 1:
+                result = match(anchor, models[0], out, options, report, overwrite, progress)
+            else:
+                result = match_many(anchor, models, out, options, report, overwrite, progress)
         if not json_out:
-            render_match_table(result, ui.console)
+            for single in result.get("models", [result]):
+                render_match_table(single, ui.console)
         ui.console.print(f"wrote {out}" + (f" and {report}" if report else ""))
         return result
 
@@ -85,6 +118,8 @@ def scramble_command(
     device: Device = "cpu",
     overwrite: Overwrite = False,
     allow_nonfinite: AllowNonfinite = False,
+    allow_untie: AllowUntie = False,
+    allow_stream_output: AllowStreamOutput = False,
     quiet: Quiet = False,
     json_out: JsonOut = False,
     debug: Debug = False,
@@ -99,7 +134,8 @@ def scramble_command(
         from rotfuse.symmetries import symmetry_set
         from rotfuse.pipeline import MatchOptions, scramble
 
-        options = MatchOptions(symmetry_set(symmetries), parse_layers(layers), device, 1, arch, arch_spec, allow_nonfinite)
+        options = MatchOptions(symmetry_set(symmetries), parse_layers(layers), device, 1, arch, arch_spec,
+                               allow_nonfinite, allow_untie=allow_untie, allow_stream_output=allow_stream_output)
         with ui.progress("scrambling layers") as progress:
             result = scramble(model, out, options, seed, overwrite, progress)
         ui.console.print(f"wrote {out} ({result['arch']}, symmetries {','.join(result['symmetries'])}, seed {seed})")

@@ -24,7 +24,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ from rotfuse.merge.regmean import GramSystem, prepare
 from rotfuse.merge.simple import normalise_weights, weighted_average
 from rotfuse.merge.statsfile import LinearInput, StatsFolder
 from rotfuse.report import Distance, Timings, write_json
-from rotfuse.symmetries import ALL_SYMMETRIES
+from rotfuse.symmetries import RESIDUAL, symmetry_set
 
 REPORT_NAME = "rotfuse_merge.json"
 # config.json keys that describe a task head's label space: taken from the --head-from model
@@ -64,7 +64,7 @@ class MergeOptions:
     fisher_floor: float = 1e-6
     fisher_normalize: bool = False  # divide each model's Fisher by its global norm
     match: bool = False  # align every model to the first before merging (in memory)
-    symmetries: frozenset[str] = ALL_SYMMETRIES
+    symmetries: frozenset[str] = field(default_factory=lambda: symmetry_set("default"))
     max_rounds: int = 20
     arch: str | None = None
     arch_spec: Path | None = None
@@ -133,6 +133,11 @@ def _validate(models: Sequence[Path], options: MergeOptions) -> tuple[list[float
         if len(options.stats) != len(models):
             raise UsageError(f"--method {method.name} needs one --stats folder per model "
                              f"({len(models)}), got {len(options.stats)}")
+    if options.match and RESIDUAL in options.symmetries:
+        raise UsageError(
+            "--match aligns layer by layer and cannot move the residual stream, which couples every layer: "
+            "run `rotfuse match FIRST MODEL... -s default,residual -o ALIGNED` first, then merge the aligned copies"
+        )
     if not 0.0 <= options.alpha <= 1.0:
         raise UsageError(f"--alpha {options.alpha}: must be between 0 and 1")
     if not options.fisher_floor >= 0.0:

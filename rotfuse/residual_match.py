@@ -1,0 +1,113 @@
+"""Finding the residual-stream map T that brings MODEL's stream onto ANCHOR's.
+
+T couples every layer, so it cannot be solved layer by layer. Two ways:
+
+- weights (data-free): C = sum over every tensor on the stream of S A^T, with S and A the
+  model's and the anchor's values laid out stream-axis-first; T = argmax <T, C> over
+  permutations (LayerNorm models; Hungarian) or orthogonal maps (RMSNorm models with folded gains;
+  Procrustes). The per-layer maps (heads, rotations, FFN neurons) act on other axes and commute
+  with T, so the two are alternated: T from the tensors outside the layers first (embeddings,
+  heads), then per-layer maps given T, then T from everything, ... until the distance stops
+  falling (the GLMC weight-matching scheme, made exact for standard checkpoints).
+- activations (`--data`): T from the correlation (permutation) or cross-covariance (orthogonal)
+  of the two models' hidden states on the same inputs, summed over layers.
+
+Every tensor is compared as `StreamSide.view` sees it: RMSNorm gains folded into their readers
+where the plan allows any orthogonal map (on both sides, so like is compared with like), and the
+model's stream moved by the current T.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from rotfuse.archs.residual import ResidualPlan
+from rotfuse.io.checkpoint import Checkpoint
+from rotfuse.symmetry.permutation import best_assignment
+from rotfuse.symmetry.residual import StreamMap
+from rotfuse.symmetry.rotation import procrustes
+from rotfuse.symmetry.weights import LayerWeights
+
+
+@dataclass
+class StreamSide:
+    """One checkpoint as the matching sees it: gains folded where allowed, stream moved by `maps`."""
+
+    checkpoint: Checkpoint
+    plans: dict[str, ResidualPlan]
+    maps: dict[str, StreamMap]
+    _stack_of: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._stack_of = {name: stack for stack, plan in self.plans.items() for name in plan.tensors}
+
+    @classmethod
+    def unmoved(cls, checkpoint: Checkpoint, plans: dict[str, ResidualPlan]) -> StreamSide:
+        return cls(checkpoint, plans, {stack: StreamMap.identity(p.hidden_size) for stack, p in plans.items()})
+
+    def moved(self, maps: dict[str, StreamMap]) -> StreamSide:
+        return replace(self, maps=maps)
+
+    def on_stream(self, name: str) -> bool:
+        return name in self._stack_of
+
+    def view(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor's value in this side's basis (a `layer_io.TensorView`)."""
+        stack = self._stack_of.get(name)
+        if stack is None:
+            return tensor
+        return self.plans[stack].transform(name, tensor, self.maps[stack], self._gain)
+
+    def read(self, name: str, source: str | None = None) -> torch.Tensor:
+        """A whole tensor in this side's basis, in its stored dtype. `source`: read the value of
+        another tensor (an untied head starts from the embedding's value)."""
+        return self.view(name, self.checkpoint.get(source or name))
+
+    def _gain(self, name: str) -> torch.Tensor:
+        return self.checkpoint.get(name).float()
+
+
+def stream_scores(src: torch.Tensor, anchor: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
+    """sum over the stream axes of S A^T (`[d, d]`, float64), each axis laid out first in turn."""
+    total = None
+    for axis in axes:
+        s = src.float().movedim(axis, 0).reshape(src.shape[axis], -1)
+        a = anchor.float().movedim(axis, 0).reshape(anchor.shape[axis], -1)
+        part = (s @ a.T).double()
+        total = part if total is None else total + part
+    assert total is not None
+    return total
+
+
+def layer_stream_scores(src: LayerWeights, anchor: LayerWeights) -> torch.Tensor:
+    """The layer's contribution to C from its projections into the stream (Q, K, V, FFN inputs:
+    `[out, d]`) and out of it (O, FFN output: `[d, in]`), in canonical layout."""
+    readers = [(src.attention.q, anchor.attention.q), (src.attention.k, anchor.attention.k),
+               (src.attention.v, anchor.attention.v), *zip(src.ffn.inputs, anchor.ffn.inputs)]
+    writers = [(src.attention.o, anchor.attention.o), (src.ffn.output, anchor.ffn.output)]
+    total = sum(stream_scores(s.weight, a.weight, (1,)) for s, a in readers)
+    return total + sum(stream_scores(s.weight, a.weight, (0,)) for s, a in writers)
+
+
+def to_unmoved_basis(scores: torch.Tensor, stream_map: StreamMap) -> torch.Tensor:
+    """C from scores measured on a stream already moved by T: C = Q C_T (readers W Q and writers
+    Q^T W both give C_T = Q^T C)."""
+    if stream_map.perm is not None:
+        out = torch.empty_like(scores)
+        out[stream_map.perm.to(scores.device)] = scores
+        return out
+    return stream_map.as_matrix().to(scores.device) @ scores
+
+
+def solve_stream_map(scores: torch.Tensor, orthogonal: bool) -> StreamMap:
+    """argmax over T of <T, C>: Hungarian for a permutation, Procrustes for an orthogonal map."""
+    if orthogonal:
+        return StreamMap(matrix=procrustes(scores.double()[None])[0].cpu())
+    return StreamMap(perm=best_assignment(scores))
+
+
+def stream_agreement(scores: torch.Tensor, stream_map: StreamMap) -> float:
+    """<T, C>: the objective the map maximises (reported per round)."""
+    return float((stream_map.as_matrix().to(scores.device) * scores.double()).sum())

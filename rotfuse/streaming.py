@@ -1,0 +1,107 @@
+"""The streaming pass shared by every command that walks a checkpoint layer by layer.
+
+Layers are read and transformed in a small thread pool and handed back in order, so memory is a
+few layers whatever the depth (tests/test_streaming.py guards this).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+
+from rotfuse.archs.layer_io import TensorView, layer_tensor_names, read_layer, write_layer
+from rotfuse.archs.spec import LayerId
+from rotfuse.report import Timings
+from rotfuse.symmetry.weights import LayerWeights
+
+if TYPE_CHECKING:
+    from rotfuse.io.writer import CheckpointWriter
+    from rotfuse.pipeline import OpenedModel
+
+Progress = Callable[[int, int], None]
+T = TypeVar("T")
+
+
+@dataclass
+class Stream:
+    """Shared state of one streaming pass: timings (summed over worker threads) and the tensors
+    already handled."""
+
+    timings: Timings = field(default_factory=Timings)
+    handled: set[str] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def timed(self, stage: str, fn: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            with self.lock:
+                self.timings.add(stage, time.perf_counter() - start)
+
+
+def transform_layers(
+    model: OpenedModel,
+    writer: CheckpointWriter | None,
+    layers: list[LayerId],
+    device: str,
+    transform: Callable[[LayerId, LayerWeights], tuple[LayerWeights, T]],
+    stream: Stream,
+    progress: Progress | None,
+    workers: int,
+    view: TensorView | None = None,
+) -> list[T]:
+    """Read and transform layers in a small thread pool, write them in order on this thread.
+
+    Reading (safetensors), torch math and scipy's assignment solver all release the GIL, so with
+    `workers` threads one layer's I/O overlaps another's solve and independent layers' FFN
+    assignments run concurrently. At most `workers + 1` layers are in flight: memory stays a few
+    layers whatever the depth. Returns each layer's extra result, in layer order. `view` sees
+    every tensor as it is read (see layer_io.read_layer); without a writer nothing is written.
+    """
+
+    def job(layer: LayerId) -> tuple[LayerWeights, T]:
+        weights = stream.timed("read", lambda: read_layer(model.checkpoint, model.bound, layer, device, view))
+        return transform(layer, weights)
+
+    extras: list[T] = []
+    pending: deque[tuple[LayerId, Future]] = deque()
+
+    def finish_oldest() -> None:
+        layer, future = pending.popleft()
+        new, extra = future.result()
+        if writer is not None:
+            stream.timed("write", lambda: write_layer(writer, model.bound, layer, new))
+        stream.handled.update(layer_tensor_names(model.bound, layer, model.checkpoint))
+        extras.append(extra)
+        if progress:
+            progress(len(extras), len(layers))
+
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="rotfuse-layer")
+    try:
+        for layer in layers:
+            pending.append((layer, pool.submit(job, layer)))
+            if len(pending) > workers:
+                finish_oldest()
+        while pending:
+            finish_oldest()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return extras
+
+
+def sq_distance(a: torch.Tensor, b: torch.Tensor, rows_per_chunk: int = 4096) -> float:
+    """Squared distance without materialising a float64 copy of a large tensor."""
+    if a.dim() == 0 or not a.is_floating_point():
+        return float((a.double() - b.double()).pow(2).sum())
+    total = 0.0
+    for start in range(0, a.shape[0], rows_per_chunk):
+        total += float((a[start:start + rows_per_chunk].float() - b[start:start + rows_per_chunk].float()).double().pow(2).sum())
+    return total
