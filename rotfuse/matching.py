@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from rotfuse.tensors import all_finite, sq_distance
 from rotfuse.symmetry.circuit import CircuitTransform, solve_circuit
 from rotfuse.symmetry.heads import pair_scores, permute_groups
 from rotfuse.symmetry.permutation import best_assignment, permute_ffn, random_permutation, solve_permutation
@@ -43,6 +44,7 @@ class LayerSettings:
     rotary_dim: int = 0  # QK rotations restricted to maps that commute with RoPE on these dims
     tie_qk_groups: bool = False  # one QK transform shared by every head
     max_rounds: int = 20
+    may_be_nonfinite: bool = True  # False when the loader already refused NaN/Inf: skip the checks
 
 
 @dataclass
@@ -75,7 +77,7 @@ def _match_attention(src: Attention, anchor: Attention, settings: LayerSettings)
     """
     circuits = {key: (pack(src), pack(anchor)) for key, (pack, _) in CIRCUITS.items()}
     before = {key: circuit_sq_distance(s, a) for key, (s, a) in circuits.items()}
-    if not _finite(*(t for pair in circuits.values() for c in pair for t in (c.left, c.right))):
+    if settings.may_be_nonfinite and not _finite(*(t for pair in circuits.values() for c in pair for t in (c.left, c.right))):
         return src, [ModuleResult(f"attn.{key}", math.sqrt(d), math.sqrt(d), skipped=NONFINITE) for key, d in before.items()]
 
     def rotary(key: str) -> int:
@@ -117,16 +119,19 @@ def _match_attention(src: Attention, anchor: Attention, settings: LayerSettings)
 
 
 def _match_ffn(src: Ffn, anchor: Ffn, settings: LayerSettings) -> tuple[Ffn, ModuleResult]:
-    src_rows, anchor_rows = ffn_rows(src), ffn_rows(anchor)
-    before = _sq(src_rows - anchor_rows)
+    pairs = [(s.weight, a.weight) for s, a in zip(src.inputs, anchor.inputs)]
+    pairs += [(s.bias, a.bias) for s, a in zip(src.inputs, anchor.inputs) if s.bias is not None and a.bias is not None]
+    pairs.append((src.output.weight, anchor.output.weight))
+    before = sum(sq_distance(s, a) for s, a in pairs)
     result = ModuleResult("ffn", math.sqrt(before), math.sqrt(before))
-    if not _finite(src_rows, anchor_rows):
+    if settings.may_be_nonfinite and not _finite(*(t for pair in pairs for t in pair)):
         result.skipped = NONFINITE
         return src, result
     if "ffn.perm" not in settings.symmetries:
         return src, result
+    src_rows, anchor_rows = ffn_rows(src), ffn_rows(anchor)
     perm = solve_permutation(src_rows, anchor_rows)
-    after = _sq(src_rows[perm.to(src_rows.device)] - anchor_rows)
+    after = sq_distance(src_rows[perm.to(src_rows.device)], anchor_rows)
     result.applied = ["perm"]
     if after > before:
         result.reverted = True
@@ -158,11 +163,7 @@ def scramble_layer(src: LayerWeights, settings: LayerSettings, generator: torch.
 
 
 def _finite(*tensors: torch.Tensor) -> bool:
-    return all(bool(t.isfinite().all()) for t in tensors)
-
-
-def _sq(x: torch.Tensor) -> float:
-    return float(x.double().pow(2).sum())
+    return all(all_finite(t) for t in tensors)
 
 
 __all__ = ["Circuit", "LayerSettings", "ModuleResult", "match_layer", "scramble_layer"]

@@ -29,7 +29,8 @@ from rotfuse.io.writer import CheckpointWriter, ShardPlan, copy_side_files, plan
 from rotfuse.matching import LayerSettings, match_layer, scramble_layer
 from rotfuse.report import Distance, write_json
 from rotfuse.residual_match import StreamSide
-from rotfuse.streaming import Progress, Stream, sq_distance, transform_layers
+from rotfuse.streaming import Progress, Stream, transform_layers
+from rotfuse.tensors import sq_distance
 from rotfuse.symmetries import RESIDUAL, symmetry_set
 from rotfuse.symmetry.residual import StreamMap, random_stream_map
 from rotfuse.symmetry.weights import LayerWeights
@@ -106,10 +107,6 @@ def check_compatible(anchor: OpenedModel, model: OpenedModel) -> list[str]:
             f"{model.folder}: architecture {model.bound.spec.name!r} differs from the anchor's "
             f"{anchor.bound.spec.name!r}"
         )
-    for stack, dims in model.bound.dims.items():
-        theirs = anchor.bound.dims[stack]
-        if dims != theirs:
-            raise InputError(f"{model.folder}: config sizes {dims} differ from the anchor's {theirs}")
     unpaired = []
     for name in model.checkpoint.names():
         other = counterpart(name, model, anchor)
@@ -122,6 +119,13 @@ def check_compatible(anchor: OpenedModel, model: OpenedModel) -> list[str]:
                 f"{model.folder}: tensor {name!r} has shape {list(mine)} but the anchor's {other!r} "
                 f"has {list(theirs)}"
             )
+    for stack, dims in model.bound.dims.items():
+        theirs = anchor.bound.dims[stack]
+        for key, value in vars(dims).items():
+            if value != getattr(theirs, key):
+                where = f"{stack} " if stack else ""
+                raise InputError(f"{model.folder / 'config.json'}: {where}{key} is {value} but the anchor's is "
+                                 f"{getattr(theirs, key)}")
     for layer in model.bound.layers():
         check_layer_pair(model.checkpoint, model.bound, anchor.checkpoint, anchor.bound, layer)
     return unpaired
@@ -138,11 +142,13 @@ def select_layers(bound: BoundArch, wanted: frozenset[int] | None) -> list[Layer
     return [layer for layer in layers if layer.index in wanted]
 
 
-def layer_settings(bound: BoundArch, layer: LayerId, symmetries: frozenset[str], max_rounds: int) -> LayerSettings:
+def layer_settings(bound: BoundArch, layer: LayerId, symmetries: frozenset[str], max_rounds: int,
+                   allow_nonfinite: bool = True) -> LayerSettings:
     return LayerSettings(
         symmetries=symmetries - bound.disabled,
         rotary_dim=bound.dims[layer.stack].rotary_dim,
         max_rounds=max_rounds,
+        may_be_nonfinite=allow_nonfinite,
     )
 
 
@@ -302,16 +308,15 @@ def search_stream_maps(plan: MatchPlan, stream: Stream) -> tuple[dict[str, Strea
         return scores, total
 
     outside_scores, _ = stream.timed("solve", lambda: outside_pass(None))
-    maps = {s: (solve_stream_map(outside_scores[s], setup.orthogonal(s)) if s in outside_scores
-                else StreamMap.identity(setup.model.plans[s].hidden_size)) for s in stacks}
-    rounds: list[dict[str, Any]] = []
-    best: tuple[float, dict[str, StreamMap]] | None = None
-    for number in range(1, options.residual_rounds + 1):
+
+    def evaluate(maps: dict[str, StreamMap]) -> tuple[float, dict[str, torch.Tensor]]:
+        """Per-layer matching given the stream maps: the total distance, and C for the next maps."""
         side = setup.model.moved(maps)
 
         def transform(layer: LayerId, weights: LayerWeights) -> tuple[LayerWeights, tuple[str, torch.Tensor, float]]:
             ref = read_layer(plan.anchor.checkpoint, plan.anchor.bound, layer, plan.device, setup.anchor.view)
-            settings = layer_settings(plan.model.bound, layer, options.symmetries, options.max_rounds)
+            settings = layer_settings(plan.model.bound, layer, options.symmetries, options.max_rounds,
+                                      options.allow_nonfinite)
             new, results = match_layer(weights, ref, settings)
             return new, (layer.stack, layer_stream_scores(new, ref), sum(r.after ** 2 for r in results))
 
@@ -321,21 +326,40 @@ def search_stream_maps(plan: MatchPlan, stream: Stream) -> tuple[dict[str, Strea
         for stage, seconds in pass_stream.timings.seconds.items():
             stream.timings.add(stage, seconds)
         _, outside_distance = stream.timed("read", lambda: outside_pass(maps))
-        total = outside_distance + sum(after for _, _, after in extras)
         scores = {s: outside_scores.get(s, 0) + to_unmoved_basis(
             sum(c for stack, c, _ in extras if stack == s), maps[s]) for s in stacks}
+        return outside_distance + sum(after for _, _, after in extras), scores
+
+    def record(number: int, total: float, maps: dict[str, StreamMap], scores: dict[str, torch.Tensor]) -> None:
+        agreement = sum(stream_agreement(scores[s], maps[s]) for s in stacks)
         rounds.append({"round": number, "distance": total ** 0.5,
-                       "mean_matched_score": sum(stream_agreement(scores[s], maps[s]) for s in stacks)
-                       / sum(setup.model.plans[s].hidden_size for s in stacks)})
-        if best is not None and total >= best[0] * (1 - 1e-7):
+                       "mean_matched_score": agreement / sum(setup.model.plans[s].hidden_size for s in stacks)})
+
+    # round 0: the identity, so adding the residual symmetry never ends farther than leaving it out
+    identity = {s: StreamMap.identity(setup.model.plans[s].hidden_size) for s in stacks}
+    rounds: list[dict[str, Any]] = []
+    total, scores = evaluate(identity)
+    record(0, total, identity, scores)
+    best: tuple[float, dict[str, StreamMap]] = (total, identity)
+    # then GLMC's start: the map from the tensors outside the layers (embeddings, heads), which does
+    # not depend on the per-layer maps; alternate until the distance stops falling
+    maps = {s: (solve_stream_map(outside_scores[s], setup.orthogonal(s)) if s in outside_scores else identity[s])
+            for s in stacks}
+    previous: float | None = None
+    for number in range(1, options.residual_rounds + 1):
+        total, scores = evaluate(maps)
+        record(number, total, maps, scores)
+        if total < best[0]:
+            best = (total, maps)
+        if previous is not None and total >= previous * (1 - 1e-7):
             break
-        best = (total, maps)
+        previous = total
         new_maps = {s: solve_stream_map(scores[s], setup.orthogonal(s)) for s in stacks}
         if all(_same_map(new_maps[s], maps[s]) for s in stacks):
             break
         maps = new_maps
-    assert best is not None
-    return best[1], {"method": "weights", "rounds": rounds}
+    return best[1], {"method": "weights", "rounds": rounds, "chosen_round": next(
+        r["round"] for r in rounds if abs(r["distance"] - best[0] ** 0.5) <= 1e-12 * max(1.0, best[0] ** 0.5))}
 
 
 def _same_map(a: StreamMap, b: StreamMap) -> bool:
@@ -417,7 +441,7 @@ def _match_into(plan: MatchPlan, folder: Path, progress: Progress | None) -> dic
     def transform(layer: LayerId, weights: LayerWeights) -> tuple[LayerWeights, dict[str, Any]]:
         view = anchor_side.view if anchor_side is not None else None
         ref = stream.timed("read", lambda: read_layer(anchor.checkpoint, anchor.bound, layer, device, view))
-        settings = layer_settings(model.bound, layer, options.symmetries, options.max_rounds)
+        settings = layer_settings(model.bound, layer, options.symmetries, options.max_rounds, options.allow_nonfinite)
         new, results = stream.timed("solve", lambda: match_layer(weights, ref, settings))
         modules = {}
         for result in results:
@@ -476,12 +500,17 @@ def match(
     plan = prepare_match(anchor_path, model_path, out, options, overwrite)
     with StagedFolder(out, overwrite) as staged:
         report = _match_into(plan, staged.path, progress)
-        if report_path is None:
-            write_json(staged.path / REPORT_NAME, report)
-        staged.commit()
+        _commit_with_report(staged, report, report_path)
+    return report
+
+
+def _commit_with_report(staged: StagedFolder, report: dict[str, Any], report_path: Path | None) -> None:
+    """The report goes into the output (default) or to --report, after the output is in place."""
+    if report_path is None:
+        write_json(staged.path / REPORT_NAME, report)
+    staged.commit()
     if report_path is not None:
         write_json(report_path, report)
-    return report
 
 
 def output_names(models: list[Path]) -> list[str]:
@@ -518,11 +547,7 @@ def match_many(
         report = {"tool": "rotfuse", "version": __version__, "schema": 1, "command": "match",
                   "anchor": reports[0]["anchor"], "outputs": dict(zip(names, (str(Path(out) / n) for n in names))),
                   "models": reports}
-        if report_path is None:
-            write_json(staged.path / REPORT_NAME, report)
-        staged.commit()
-    if report_path is not None:
-        write_json(report_path, report)
+        _commit_with_report(staged, report, report_path)
     return report
 
 
@@ -556,7 +581,7 @@ def scramble(
             for stack, p in residual.model.plans.items()})
 
     def transform(layer: LayerId, weights: LayerWeights) -> tuple[LayerWeights, None]:
-        settings = layer_settings(model.bound, layer, options.symmetries, options.max_rounds)
+        settings = layer_settings(model.bound, layer, options.symmetries, options.max_rounds, options.allow_nonfinite)
         return scramble_layer(weights, settings, generator(str(layer))), None
 
     with StagedFolder(out, overwrite) as staged:

@@ -14,7 +14,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
 
 from rotfuse.archs.layer_io import TensorView, layer_tensor_names, read_layer, write_layer
 from rotfuse.archs.spec import LayerId
@@ -67,18 +66,18 @@ def transform_layers(
     every tensor as it is read (see layer_io.read_layer); without a writer nothing is written.
     """
 
-    def job(layer: LayerId) -> tuple[LayerWeights, T]:
+    def job(layer: LayerId) -> tuple[LayerWeights, LayerWeights, T]:
         weights = stream.timed("read", lambda: read_layer(model.checkpoint, model.bound, layer, device, view))
-        return transform(layer, weights)
+        return (weights, *transform(layer, weights))
 
     extras: list[T] = []
     pending: deque[tuple[LayerId, Future]] = deque()
 
     def finish_oldest() -> None:
         layer, future = pending.popleft()
-        new, extra = future.result()
-        if writer is not None:
-            stream.timed("write", lambda: write_layer(writer, model.bound, layer, new))
+        as_read, new, extra = future.result()
+        if writer is not None:  # without a view, parts left as they were are copied, not rewritten
+            stream.timed("write", lambda: write_layer(writer, model.bound, layer, new, None if view else as_read))
         stream.handled.update(layer_tensor_names(model.bound, layer, model.checkpoint))
         extras.append(extra)
         if progress:
@@ -95,13 +94,3 @@ def transform_layers(
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return extras
-
-
-def sq_distance(a: torch.Tensor, b: torch.Tensor, rows_per_chunk: int = 4096) -> float:
-    """Squared distance without materialising a float64 copy of a large tensor."""
-    if a.dim() == 0 or not a.is_floating_point():
-        return float((a.double() - b.double()).pow(2).sum())
-    total = 0.0
-    for start in range(0, a.shape[0], rows_per_chunk):
-        total += float((a[start:start + rows_per_chunk].float() - b[start:start + rows_per_chunk].float()).double().pow(2).sum())
-    return total

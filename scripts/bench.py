@@ -144,6 +144,15 @@ for shard in sorted(a.glob("*.safetensors")):
 """
 
 
+def warm(*folders: Path) -> None:
+    """Read every file once, so the OS page cache holds them as it would after the first stage."""
+    for folder in folders:
+        for path in sorted(folder.glob("*.safetensors")):
+            with open(path, "rb") as handle:
+                while handle.read(64 * 1024 * 1024):
+                    pass
+
+
 def rotfuse(*args: str) -> list[str]:
     return [sys.executable, "-m", "rotfuse", *args]
 
@@ -171,6 +180,7 @@ def bench_size(size: str, root: Path, keep: bool) -> list[Row]:
         print(f"  {size:>5} {name:<16} {seconds:8.2f} s  {rss:8.1f} MiB", file=sys.stderr, flush=True)
         return row
 
+    warm(a, b)  # every stage, the floor included, reads from a warm page cache: comparable ratios
     floor = stage("io-floor", [sys.executable, "-c", IO_FLOOR, str(a), str(b), str(work)])
     stage("match-attn", rotfuse("match", str(a), str(b), "-o", str(work), "--symmetries", "rot,scale", "--json", "-q",
                                 "--device", "cpu"), detail_from_json=True)
@@ -189,6 +199,7 @@ def bench_size(size: str, root: Path, keep: bool) -> list[Row]:
     deep_dims = {**dims, "num_hidden_layers": 2 * dims["num_hidden_layers"]}
     deep_a = generate(root / f"{size}-deep-a", deep_dims, base_seed=0, noise_seed=None)
     deep_b = generate(root / f"{size}-deep-b", deep_dims, base_seed=0, noise_seed=1)
+    warm(deep_a, deep_b)
     stage("match-2x-deep", rotfuse("match", str(deep_a), str(deep_b), "-o", str(work), "--json", "-q", "--device", "cpu"),
           detail_from_json=True)
     if not keep:

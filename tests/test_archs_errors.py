@@ -55,7 +55,7 @@ def test_unknown_model_type_exits_2_naming_it_and_how_to_add_a_spec(cli, tmp_pat
 # (anchor TINY, anchor overrides, model TINY, model overrides, words the one-line error must contain)
 MISMATCHES = {
     "other-architecture": ("llama", {}, "mistral", {}, ["architecture 'mistral' differs"]),
-    "gqa-ratio": ("llama", {}, "llama", {"num_key_value_heads": 1}, ["differ from the anchor"]),
+    "gqa-ratio": ("llama", {}, "llama", {"num_key_value_heads": 1}, ["self_attn.k_proj.weight", "has shape"]),
     "ffn-width": ("qwen2", {}, "qwen2", {"intermediate_size": 31}, ["mlp.down_proj.weight", "[24, 31]"]),
     "bias-only-in-model": ("llama", {}, "llama", {"attention_bias": True}, ["self_attn.q_proj.bias", "no counterpart"]),
     "bias-only-in-anchor": ("llama", {"mlp_bias": True}, "llama", {}, ["mlp.gate_proj.bias", "no counterpart"]),

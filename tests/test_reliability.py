@@ -170,3 +170,79 @@ def test_same_command_twice_gives_identical_bytes(cli, tmp_path):
     for relative in files:
         if relative.name != REPORT_NAME:
             assert (tmp_path / "one" / relative).read_bytes() == (tmp_path / "two" / relative).read_bytes(), relative
+
+
+# ---------------------------------------------------------------------- every bad input, through the CLI, for match and merge
+
+
+def _break(kind: str, folder: Path) -> str:
+    """Damage a checkpoint folder in one way; returns a fragment the error line must contain."""
+    weights = folder / "model.safetensors"
+    if kind == "no-config":
+        (folder / "config.json").unlink()
+        return "config.json"
+    if kind == "no-weights":
+        weights.unlink()
+        return "no weights found"
+    if kind == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-64])
+        return "truncated"
+    if kind == "corrupt-header":
+        data = bytearray(weights.read_bytes())
+        data[10:20] = b"@@@@@@@@@@"
+        weights.write_bytes(bytes(data))
+        return "model.safetensors"
+    if kind == "unknown-type":
+        config = json.loads((folder / "config.json").read_text())
+        config["model_type"] = "nonesuch"
+        (folder / "config.json").write_text(json.dumps(config))
+        return "nonesuch"
+    if kind == "nan":
+        tensors = load_file(str(weights))
+        tensors["bert.encoder.layer.0.output.dense.weight"][0, 0] = float("inf")
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+        return "'bert.encoder.layer.0.output.dense.weight' contains NaN or Inf"
+    if kind == "missing-shard":
+        save_tiny("bert", folder, seed=0, max_shard_size="20KB")
+        (folder / "model.safetensors").unlink(missing_ok=True)
+        victim = sorted(folder.glob("model-*.safetensors"))[1]
+        victim.unlink()
+        return victim.name
+    if kind == "other-shapes":
+        save_tiny("bert", folder, seed=0, hidden_size=36, num_attention_heads=3)
+        return "shape"
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("command", ["match", "merge"])
+@pytest.mark.parametrize("kind", ["no-config", "no-weights", "truncated", "corrupt-header", "missing-shard",
+                                  "unknown-type", "other-shapes", "nan"])
+def test_bad_checkpoint_is_one_line_and_exit_2(cli, tmp_path, command, kind):
+    good = save_tiny("bert", tmp_path / "good", seed=1)
+    bad = save_tiny("bert", tmp_path / "bad", seed=0)
+    fragment = _break(kind, bad)
+    args = ["match", good, bad] if command == "match" else ["merge", good, bad]
+    if command == "merge" and kind == "unknown-type":
+        fragment = "model_type"  # merge needs no spec, but the two checkpoints must be of one type
+    before = {p: p.read_bytes() for p in good.rglob("*") if p.is_file()}
+    assert_one_line_error(cli(*args, "-o", tmp_path / "out"), fragment)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    assert {p: p.read_bytes() for p in good.rglob("*") if p.is_file()} == before  # inputs untouched
+
+
+def test_merge_with_statistics_of_another_checkpoint_is_refused(cli, tmp_path):
+    """Statistics computed before matching do not belong to the matched checkpoint."""
+    import numpy as np
+
+    a = save_tiny("bert", tmp_path / "a", seed=0)
+    b = save_tiny("bert", tmp_path / "b", seed=1)
+    np.savez(tmp_path / "inputs.npz", input_ids=np.random.default_rng(0).integers(0, 60, (8, 6)))
+    for name in ("a", "b"):
+        result = cli("stats", tmp_path / name, "--data", tmp_path / "inputs.npz", "--kind", "regmean",
+                     "-o", tmp_path / f"{name}_stats", "-q")
+        assert result.returncode == 0, result.stderr
+    assert cli("match", a, b, "-o", tmp_path / "b_aligned", "-q").returncode == 0
+    assert_one_line_error(cli("merge", "--method", "regmean", a, tmp_path / "b_aligned", "--stats",
+                              tmp_path / "a_stats", tmp_path / "b_stats", "-o", tmp_path / "merged"),
+                          "b_stats", "another checkpoint")
+    assert not (tmp_path / "merged").exists()

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from rotfuse.archs.spec import BoundArch, Dims, LayerId, LinearRef
+from rotfuse.archs.spec import AttentionSpec, BoundArch, Dims, FfnSpec, LayerId, LinearRef
 from rotfuse.errors import InputError
 from rotfuse.symmetry.weights import Attention, Ffn, LayerWeights, Linear
 
@@ -129,31 +129,50 @@ def read_layer(checkpoint: Checkpoint, bound: BoundArch, layer: LayerId, device:
     return LayerWeights(attention, Ffn(inputs, output))
 
 
-def write_layer(writer: CheckpointWriter, bound: BoundArch, layer: LayerId, weights: LayerWeights) -> None:
-    stack = bound.stack(layer.stack)
-    att = stack.attention
-    attention = weights.attention
+class _LayerWriter:
+    """Puts canonical tensors back under their names, in their stored layout."""
 
-    def put(relative: str, tensor: torch.Tensor, layout: str) -> None:
-        writer.write(bound.full_name(layer, relative), tensor.T if layout == "in_out" and tensor.dim() == 2 else tensor)
+    def __init__(self, writer: CheckpointWriter, bound: BoundArch, layer: LayerId):
+        self.writer, self.bound, self.layer = writer, bound, layer
 
-    def put_linear(ref: LinearRef, linear: Linear) -> None:
-        put(ref.weight, linear.weight, ref.layout)
+    def put(self, relative: str, tensor: torch.Tensor, layout: str) -> None:
+        stored = tensor.T if layout == "in_out" and tensor.dim() == 2 else tensor
+        self.writer.write(self.bound.full_name(self.layer, relative), stored)
+
+    def linear(self, ref: LinearRef, linear: Linear) -> None:
+        self.put(ref.weight, linear.weight, ref.layout)
         if ref.bias and linear.bias is not None:
-            put(ref.bias, linear.bias, ref.layout)
+            self.put(ref.bias, linear.bias, ref.layout)
 
-    if att.qkv is not None:
-        parts = {"q": attention.q, "k": attention.k, "v": attention.v}
-        put(att.qkv.weight, torch.cat([parts[r].weight for r in att.qkv.order]), att.qkv.layout)
-        if att.qkv.bias and attention.q.bias is not None:
-            put(att.qkv.bias, torch.cat([parts[r].bias for r in att.qkv.order]), att.qkv.layout)  # type: ignore[misc]
-    else:
-        for ref, linear in ((att.q, attention.q), (att.k, attention.k), (att.v, attention.v)):
-            put_linear(ref, linear)  # type: ignore[arg-type]
-    put(att.o.weight, attention.o.weight, att.o.layout)
-    for refs, linears in ((att.q_like, attention.q_like), (att.k_like, attention.k_like)):
-        for ref, linear in zip(bound.present(layer.stack, refs), linears, strict=True):
-            put_linear(ref, linear)
-    for ref, linear in zip(stack.ffn.inputs, weights.ffn.inputs):
-        put_linear(ref, linear)
-    put(stack.ffn.output.weight, weights.ffn.output.weight, stack.ffn.output.layout)
+    def attention(self, spec: AttentionSpec, attention: Attention) -> None:
+        if spec.qkv is not None:
+            parts = {"q": attention.q, "k": attention.k, "v": attention.v}
+            self.put(spec.qkv.weight, torch.cat([parts[r].weight for r in spec.qkv.order]), spec.qkv.layout)
+            if spec.qkv.bias and attention.q.bias is not None:
+                biases = [parts[r].bias for r in spec.qkv.order]
+                self.put(spec.qkv.bias, torch.cat(biases), spec.qkv.layout)  # type: ignore[arg-type]
+        else:
+            for ref, linear in ((spec.q, attention.q), (spec.k, attention.k), (spec.v, attention.v)):
+                self.linear(ref, linear)  # type: ignore[arg-type]
+        self.put(spec.o.weight, attention.o.weight, spec.o.layout)
+        for refs, linears in ((spec.q_like, attention.q_like), (spec.k_like, attention.k_like)):
+            for ref, linear in zip(self.bound.present(self.layer.stack, refs), linears, strict=True):
+                self.linear(ref, linear)
+
+    def ffn(self, spec: FfnSpec, ffn: Ffn) -> None:
+        for ref, linear in zip(spec.inputs, ffn.inputs):
+            self.linear(ref, linear)
+        self.put(spec.output.weight, ffn.output.weight, spec.output.layout)
+
+
+def write_layer(writer: CheckpointWriter, bound: BoundArch, layer: LayerId, weights: LayerWeights,
+                as_read: LayerWeights | None = None) -> None:
+    """Write a layer's tensors back in the checkpoint's layout. With `as_read` (the weights as they
+    were read, no view applied), a part the symmetries left as it was -- the very same object --
+    is not rewritten: the writer copies its bytes unchanged instead of a float round trip."""
+    stack = bound.stack(layer.stack)
+    out = _LayerWriter(writer, bound, layer)
+    if as_read is None or weights.attention is not as_read.attention:
+        out.attention(stack.attention, weights.attention)
+    if as_read is None or weights.ffn is not as_read.ffn:
+        out.ffn(stack.ffn, weights.ffn)

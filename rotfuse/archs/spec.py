@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from rotfuse.errors import InputError
-from rotfuse.symmetries import ALL_SYMMETRIES, symmetry_set  # noqa: F401  (symmetry_set: re-exported until callers move)
+from rotfuse.symmetries import ALL_SYMMETRIES
 
 if TYPE_CHECKING:
     from rotfuse.io.checkpoint import Checkpoint

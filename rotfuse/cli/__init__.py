@@ -8,7 +8,11 @@ import typer
 
 from rotfuse import __version__
 from rotfuse.cli.archs import archs_command
+from rotfuse.cli.interpolate import interpolate_command
 from rotfuse.cli.match import match_command, scramble_command
+from rotfuse.cli.merge import merge_command
+from rotfuse.cli.stats import stats_command
+from rotfuse.cli.verify import verify_command
 
 app = typer.Typer(
     name="rotfuse",
@@ -20,7 +24,11 @@ app = typer.Typer(
 )
 app.command("match")(match_command)
 app.command("scramble")(scramble_command)
+app.command("stats")(stats_command)
+app.command("merge")(merge_command)
 app.command("archs")(archs_command)
+app.command("verify")(verify_command)
+app.command("interpolate")(interpolate_command)
 
 
 def _version(value: bool) -> None:

@@ -86,9 +86,15 @@ def _merge(stacks: list[dict[str, Any]], key: str) -> Any:
 def stack_features(stack: StackSpec) -> list[tuple[str, str]]:
     """The symmetry group one stack gets, as (short, long) phrases derived from its spec."""
     att = stack.attention
-    features = [_ffn_feature(stack), _qk_feature(stack),
+    features = [_ffn_feature(stack), ("heads perm", "whole-head (KV-group) permutation"), _qk_feature(stack),
                 ("VO rot", "VO rotation (full Procrustes per head)"),
                 ("QK/VO scale", "QK and VO rescaling per head")]
+    if stack.residual:
+        norm = stack.residual.get("norm", "layernorm")
+        features.append(("residual: orthogonal (RMSNorm, gains folded)", "residual stream: any orthogonal map, "
+                         "after folding RMSNorm gains into their readers (a permutation with tied embeddings)")
+                        if norm == "rmsnorm" else
+                        ("residual: permutation", "residual stream: one permutation (LayerNorm allows no more)"))
     if stack.dims.num_kv_heads:
         features.append(("GQA", "GQA: one QK and one VO transform per KV head, shared by its query heads"))
     if att.qkv is not None:

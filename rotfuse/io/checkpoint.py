@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rotfuse.errors import InputError
+from rotfuse.tensors import all_finite
 from rotfuse.io.pickled import BIN_FILE, BIN_INDEX_FILE, read_bin_shard
 from rotfuse.io.safetensors_file import ShardHeader, TensorEntry, read_header
 
@@ -38,8 +38,6 @@ class Checkpoint:
     index: dict[str, Any] | None = None
     allow_nonfinite: bool = False
     _shard_of: dict[str, int] = field(default_factory=dict, repr=False)
-    _handles: dict[int, Any] = field(default_factory=dict, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # readers run in threads
     _pickled: dict[str, Any] = field(default_factory=dict, repr=False)  # .bin tensors (memory-mapped)
 
     # ------------------------------------------------------------------ opening
@@ -117,34 +115,42 @@ class Checkpoint:
         return sum(entry.numel for shard in self.shards for entry in shard.entries.values())
 
     # ------------------------------------------------------------------ reading
-    def get(self, name: str, device: str = "cpu") -> torch.Tensor:
-        """Read one tensor (a fresh copy, in its stored dtype) and move it to `device`."""
+    def get(self, name: str, device: str = "cpu", check: bool = True) -> torch.Tensor:
+        """Read one tensor, in its stored dtype, on `device`. It is the caller's own: on the CPU
+        it maps the file copy-on-write, so even writes to it never reach the file.
+
+        NaN/Inf are refused unless the checkpoint allows them. `check=False` leaves that to a
+        caller that checks a result every input flows into (see `refuse_nonfinite`)."""
         number = self._shard_of.get(name)
         if number is None:
             raise InputError(f"{self.folder}: tensor {name!r} not found in the checkpoint")
         tensor = self._pickled[name].clone() if name in self._pickled else self._read(number, name)
-        if not self.allow_nonfinite and tensor.is_floating_point() and not bool(tensor.isfinite().all()):
-            raise InputError(
-                f"{self.shards[number].path}: tensor {name!r} contains NaN or Inf values "
-                "(pass --allow-nonfinite to accept them)"
-            )
+        if check:
+            self.refuse_nonfinite(name, tensor)
         return tensor if device == "cpu" else tensor.to(device)
 
-    def _read(self, number: int, name: str) -> torch.Tensor:
-        with self._lock:
-            handle = self._handles.get(number)
-            if handle is None:
-                from safetensors import safe_open
+    def refuse_nonfinite(self, name: str, tensor: torch.Tensor) -> None:
+        if not self.allow_nonfinite and not all_finite(tensor):
+            raise InputError(
+                f"{self.shard_of(name).path}: tensor {name!r} contains NaN or Inf values "
+                "(pass --allow-nonfinite to accept them)"
+            )
 
-                try:
-                    handle = safe_open(str(self.shards[number].path), framework="pt", device="cpu")
-                except Exception as exc:  # safetensors raises its own error types
-                    raise InputError(f"{self.shards[number].path}: cannot open ({exc})") from exc
-                self._handles[number] = handle
+    def _read(self, number: int, name: str) -> torch.Tensor:
+        """One tensor through a `safe_open` handle opened for this read alone.
+
+        The tensor maps the file copy-on-write, and the mapping lives exactly as long as the
+        tensor: a handle kept open for the whole run would keep every page ever read mapped, and
+        the process's resident memory would grow to the size of the checkpoint.
+        """
+        from safetensors import safe_open
+
+        path = self.shards[number].path
         try:
-            return handle.get_tensor(name)
-        except Exception as exc:
-            raise InputError(f"{self.shards[number].path}: cannot read tensor {name!r} ({exc})") from exc
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                return handle.get_tensor(name)
+        except Exception as exc:  # safetensors raises its own error types
+            raise InputError(f"{path}: cannot read tensor {name!r} ({exc})") from exc
 
     def fingerprint(self) -> str:
         """A content hash that tells this checkpoint from any transformed copy of it.
@@ -176,7 +182,7 @@ class Checkpoint:
         return digest.hexdigest()[:32]
 
     def close(self) -> None:
-        self._handles.clear()
+        """Nothing stays open between reads; kept so a Checkpoint works as a context manager."""
 
     def __enter__(self) -> Checkpoint:
         return self

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -61,6 +62,9 @@ class CheckpointWriter:
         self._where: dict[str, tuple[int, str, tuple[int, ...], int]] = {}  # name -> fd, dtype, shape, begin
         self._pending: set[str] = set()
         self._fds: list[int] = []
+        self._unwritten: dict[int, int] = {}  # fd -> tensors still to come
+        self._syncs: list[Future] = []  # a shard is flushed in the background once it is complete
+        self._sync_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rotfuse-fsync")
         try:
             for plan in plans:
                 header, offsets = encode_header(plan.tensors, plan.metadata)
@@ -72,6 +76,9 @@ class CheckpointWriter:
                 for name, dtype, shape in plan.tensors:
                     self._where[name] = (fd, dtype, shape, offsets[name][0])
                     self._pending.add(name)
+                self._unwritten[fd] = len(plan.tensors)
+                if not plan.tensors:  # nothing will complete this shard: flush its header now
+                    self._syncs.append(self._sync_pool.submit(os.fsync, fd))
         except OSError as exc:
             self.abort()
             raise OutputError(f"{folder}: cannot create output files ({exc.strerror or exc})") from exc
@@ -89,7 +96,7 @@ class CheckpointWriter:
         data = tensor.detach().to(device="cpu", dtype=torch_dtype(dtype)).contiguous().reshape(-1)
         raw = data.view(torch.uint8).numpy()
         self._pwrite(fd, memoryview(raw), begin, name)
-        self._pending.discard(name)
+        self._done(name, fd)
 
     def copy(self, name: str, source: Checkpoint | None = None) -> None:
         """Copy a tensor's bytes unchanged from `source` (default: the template)."""
@@ -108,7 +115,7 @@ class CheckpointWriter:
             raise OutputError(f"{self.folder}: cannot write tensor {name!r} ({exc.strerror or exc})") from exc
         finally:
             os.close(src_fd)
-        self._pending.discard(name)
+        self._done(name, fd)
 
     @property
     def pending(self) -> set[str]:
@@ -124,8 +131,8 @@ class CheckpointWriter:
         if len(self._plans) > 1 or template_index is not None:
             self._write_index(dict((template_index or {}).get("metadata") or {}))
         try:
-            for fd in self._fds:
-                os.fsync(fd)
+            for future in self._syncs:  # one per shard, each submitted when it was complete
+                future.result()
         except OSError as exc:
             raise OutputError(f"{self.folder}: cannot flush output ({exc.strerror or exc})") from exc
         self._close()
@@ -167,7 +174,15 @@ class CheckpointWriter:
         except OSError as exc:
             raise OutputError(f"{self.folder}: cannot write {INDEX_FILE} ({exc.strerror or exc})") from exc
 
+    def _done(self, name: str, fd: int) -> None:
+        if name in self._pending:
+            self._pending.discard(name)
+            self._unwritten[fd] -= 1
+            if self._unwritten[fd] == 0:  # the shard is complete: flush it while others are written
+                self._syncs.append(self._sync_pool.submit(os.fsync, fd))
+
     def _close(self) -> None:
+        self._sync_pool.shutdown(wait=True)
         for fd in self._fds:
             try:
                 os.close(fd)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from rotfuse.merge.simple import normalise_weights, weighted_average
 from rotfuse.merge.statsfile import LinearInput, StatsFolder
 from rotfuse.report import Distance, Timings, write_json
 from rotfuse.symmetries import RESIDUAL, symmetry_set
+from rotfuse.tensors import all_finite
 
 REPORT_NAME = "rotfuse_merge.json"
 # config.json keys that describe a task head's label space: taken from the --head-from model
@@ -273,18 +275,44 @@ def prepare_merge(models: Sequence[Path], out: Path, options: MergeOptions, over
 
 
 class _Sources:
-    """Model i's tensor: from its checkpoint, or (with --match) from its aligned layer in memory."""
+    """Model i's tensor: from its checkpoint, or (with --match) from its aligned layer in memory.
+
+    `prefetch(name)` starts reading a tensor of every model on a background thread, so that the
+    next tensor's I/O overlaps this one's arithmetic and write (memory: two tensors per model).
+    """
 
     def __init__(self, models: list[_Model]):
         self.models = models
         self.aligned: list[dict[str, torch.Tensor]] = [{} for _ in models]
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rotfuse-prefetch")
+        self._ahead: tuple[str, Future] | None = None
 
-    def get(self, index: int, name: str) -> torch.Tensor:
+    def get(self, index: int, name: str, check: bool = True) -> torch.Tensor:
         tensor = self.aligned[index].get(name)
-        return tensor if tensor is not None else self.models[index].checkpoint.get(name)
+        return tensor if tensor is not None else self.models[index].checkpoint.get(name, check=check)
 
     def all(self, name: str) -> list[torch.Tensor]:
-        return [self.get(i, name) for i in range(len(self.models))]
+        if self._ahead is not None and self._ahead[0] == name:
+            future = self._ahead[1]
+            self._ahead = None
+            return future.result()
+        return self._read(name)
+
+    def prefetch(self, name: str) -> None:
+        self._ahead = (name, self._pool.submit(self._read, name))
+
+    def close(self) -> None:
+        self._ahead = None
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _read(self, name: str) -> list[torch.Tensor]:
+        """Unchecked for NaN/Inf: `_Merger.merge` checks the merged tensor, which they all flow into."""
+        return [self.get(i, name, check=False) for i in range(len(self.models))]
+
+    def blame_nonfinite(self, name: str) -> None:
+        """The merged tensor is not finite: name the input that made it so."""
+        for index, model in enumerate(self.models):
+            model.checkpoint.refuse_nonfinite(name, self.get(index, name, check=False))
 
 
 @dataclass
@@ -297,6 +325,12 @@ class _Merger:
     _system: GramSystem | None = None
 
     def merge(self, name: str) -> torch.Tensor:
+        merged = self._merge(name)
+        if not all_finite(merged):  # NaN/Inf in an input reach the average; find which one
+            self.sources.blame_nonfinite(name)
+        return merged
+
+    def _merge(self, name: str) -> torch.Tensor:
         rule, weights, models = self.plan.rules[name], self.plan.weights, self.plan.models
         tensors = self.sources.all(name)
         if rule == "fisher":
@@ -370,7 +404,8 @@ def _aligned_layers(plan: MergePlan, sources: _Sources, distances: list[Distance
         anchor_weights = read_layer(anchor.checkpoint, anchor.bound, layer, plan.device)
         for index, model in enumerate(plan.models[1:], start=1):
             assert model.bound is not None
-            settings = layer_settings(model.bound, layer, plan.options.symmetries, plan.options.max_rounds)
+            settings = layer_settings(model.bound, layer, plan.options.symmetries, plan.options.max_rounds,
+                                      plan.options.allow_nonfinite)
             weights = read_layer(model.checkpoint, model.bound, layer, plan.device)
             aligned, results = match_layer(weights, anchor_weights, settings)
             for result in results:
@@ -453,11 +488,15 @@ def run_merge(plan: MergePlan, overwrite: bool = False, report_path: Path | None
                     for name in names:
                         handle(name, writer)
                     handled.update(names)
-            for name in _order(plan):
-                if name not in handled:
-                    handle(name, writer)
+            pending = [name for name in _order(plan) if name not in handled]
+            for number, name in enumerate(pending):
+                following = pending[number + 1] if number + 1 < len(pending) else None
+                if following is not None and plan.rules[following] not in ("copy", "head"):
+                    sources.prefetch(following)
+                handle(name, writer)
             writer.finish()
         finally:
+            sources.close()
             writer.abort()
         skipped = _write_side_files(plan, staged.path)
         report = _report(plan, distances, skipped)

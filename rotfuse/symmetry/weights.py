@@ -18,6 +18,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from rotfuse.tensors import sq_distance
+
 
 @dataclass
 class Linear:
@@ -149,9 +151,7 @@ def ffn_rows(ffn: Ffn) -> torch.Tensor:
 
 def circuit_sq_distance(a: Circuit, b: Circuit) -> float:
     """Squared Frobenius distance, accumulated in float64."""
-    return float(
-        (a.left.double() - b.left.double()).pow(2).sum() + (a.right.double() - b.right.double()).pow(2).sum()
-    )
+    return sq_distance(a.left, b.left) + sq_distance(a.right, b.right)
 
 
 @dataclass

@@ -1,0 +1,116 @@
+"""`rotfuse interpolate`: the CLI side only (flags in, curves, table and plot out)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from rotfuse.cli.common import Debug, Device, JsonOut, Quiet, Ui, run_command
+from rotfuse.cli.verify import BatchSize
+
+
+def interpolate_command(
+    a: Annotated[Path, typer.Argument(help="Checkpoint at λ = 0 (e.g. the anchor).")],
+    ends: Annotated[list[Path], typer.Argument(
+        help="Checkpoint(s) at λ = 1: one curve from A to each, e.g. B and B matched to A.", show_default=False)],
+    data: Annotated[Path, typer.Option(
+        "--data", dir_okay=False, show_default=False,
+        help="Inputs with labels (.jsonl with a label field, or .safetensors/.npz with a labels tensor); "
+             "unlabelled data works for causal LMs and classifiers (see below).")],
+    steps: Annotated[int, typer.Option("--steps", min=2, help="Grid points from λ = 0 to 1, both included.")] = 11,
+    plot: Annotated[Path | None, typer.Option("--plot", dir_okay=False, help="Write a PNG of the curves here.")] = None,
+    label: Annotated[list[str] | None, typer.Option(
+        "--label", help="Name of a curve in the table and legend; repeat once per end, in order [default: folder names].")] = None,
+    overlay: Annotated[list[Path] | None, typer.Option(
+        "--overlay", dir_okay=False, help="Also plot the curves saved by an earlier run (its --out or --json file); repeatable.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", dir_okay=False, help="Also write the JSON result to this file.")] = None,
+    title: Annotated[str | None, typer.Option("--title", help="Title of the plot.")] = None,
+    samples: Annotated[int | None, typer.Option("--samples", min=1, help="Use only the first N samples of --data.")] = None,
+    batch_size: BatchSize = 32,
+    device: Device = "auto",
+    quiet: Quiet = False,
+    json_out: JsonOut = False,
+    debug: Debug = False,
+) -> None:
+    """Loss (and accuracy) of (1-λ)·A + λ·B along a grid of λ, and the loss barrier.
+
+    barrier = max over λ of L(λ) - [(1-λ) L(A) + λ L(B)]; 0 means linearly mode connected.
+
+    Loss: the task loss with the labels in --data (cross-entropy); next-token loss for causal LMs.
+
+    A classifier without labels is scored against the predictions of the A+B ensemble.
+
+    Streaming: only one interpolated model is in memory at a time.
+    """
+    ui = Ui(quiet, json_out)
+
+    def body() -> dict[str, Any]:
+        from rotfuse.data import load_inputs
+        from rotfuse.errors import UsageError
+        from rotfuse.interpolate import InterpolationSettings, grid, interpolate
+        from rotfuse.pipeline import resolve_device
+        from rotfuse.report import write_json
+
+        names = list(label or [])
+        if names and len(names) != len(ends):
+            raise UsageError(f"--label given {len(names)} times for {len(ends)} curve(s): give one per end checkpoint")
+        if overlay and plot is None:
+            raise UsageError("--overlay adds curves to the plot: give --plot FILE.png too")
+        earlier = [curve for path in overlay or [] for curve in _read_curves(path)]
+        inputs = load_inputs(data, a, samples)
+        settings = InterpolationSettings(grid(steps), batch_size, resolve_device(device))
+        curves = []
+        for number, end in enumerate(ends):
+            with ui.progress(f"curve {number + 1}/{len(ends)}: λ grid") as progress:
+                curves.append(interpolate(a, end, inputs, settings, names[number] if names else None, progress))
+        result: dict[str, Any] = {
+            "tool": "rotfuse", "command": "interpolate", "data": str(data),
+            "samples": next(iter(inputs.values())).shape[0], "curves": [curve.as_dict() for curve in curves],
+            "plot": str(plot) if plot else None,
+        }
+        if plot is not None:
+            from rotfuse.plot import plot_curves
+
+            plot_curves(earlier + curves, plot, title)
+        if out is not None:
+            write_json(out, result)
+        if not json_out:
+            _render(curves, ui)
+        if plot or out:
+            ui.console.print("wrote " + " and ".join(str(p) for p in (plot, out) if p))
+        return result
+
+    ui.emit(run_command(body, debug))
+
+
+def _read_curves(path: Path) -> list[Any]:
+    """Curves saved by an earlier run: its whole result or a single curve."""
+    from rotfuse.errors import InputError
+    from rotfuse.interpolate import Curve
+
+    try:
+        saved = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: cannot read saved curves ({exc})") from exc
+    items = saved.get("curves") if isinstance(saved, dict) and "curves" in saved else [saved]
+    if not isinstance(items, list) or not items:
+        raise InputError(f"{path}: no curves in this file (expected the output of interpolate --json)")
+    return [Curve.from_dict(item if isinstance(item, dict) else {}, str(path)) for item in items]
+
+
+def _render(curves: list[Any], ui: Ui) -> None:
+    from rich.table import Table
+
+    middle = len(curves[0].lambdas) // 2
+    mid = f"{curves[0].lambdas[middle]:g}"
+    table = Table(title=f"rotfuse interpolate (loss vs. {curves[0].labels} labels)")
+    for column in ("curve", "L(A)", f"L({mid})", "L(B)", "barrier", "acc(A)", f"acc({mid})", "acc(B)"):
+        table.add_column(column, justify="left" if column == "curve" else "right")
+    for curve in curves:
+        accs = curve.accuracies or [None] * len(curve.lambdas)
+        table.add_row(curve.label, *(f"{x:.4f}" for x in (curve.losses[0], curve.losses[middle], curve.losses[-1], curve.barrier)),
+                      *("-" if x is None else f"{x:.3f}" for x in (accs[0], accs[middle], accs[-1])))
+    ui.console.print(table)
