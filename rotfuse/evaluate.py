@@ -5,7 +5,7 @@ scripts load those, and only `verify()` opens checkpoints itself. Everything is 
 float32 whatever the checkpoint's dtype, and accumulated as sums over batches, so the batch size
 never changes a result.
 
-Loss definitions (documented for users in docs/evidence.md):
+Loss definitions (documented for users in the README, under `rotfuse interpolate`):
 - labels in the data: the model's task loss -- cross-entropy on the logits for classification
   (sequence, image or token level; label -100 is ignored, as in transformers), mean squared error
   for float labels or a single-output head (regression, as transformers does for num_labels 1).

@@ -1,0 +1,29 @@
+"""scripts/bench.py runs end to end at its tiny size: every stage, ratios to the floor, and the
+memory rows that guard the streaming design (no timing assertions: only that it measures)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).parent.parent / "scripts" / "bench.py"
+
+
+def test_bench_tiny_reports_every_stage(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, str(SCRIPT), "--sizes", "tiny", "--repeat", "1", "--json",
+                             "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = {row["stage"]: row for row in json.loads(result.stdout)["rows"]}
+    expected = {"startup --help", "startup archs", "io-floor", "match-attn", "match-all", "merge-simple",
+                "match-2x-deep", "merge-2x-deep"}
+    assert expected <= set(rows)
+    assert rows["io-floor"]["ratio_to_floor"] == 1.0
+    for stage in expected - {"startup --help", "startup archs"}:
+        assert rows[stage]["seconds"] > 0 and rows[stage]["peak_rss_mib"] > 0, stage
+    assert rows["match-all"]["detail"]["timings"]["solve"] >= 0
+    # twice the depth, (about) the same peak memory: a loader that kept layers alive would fail this
+    assert rows["match-2x-deep"]["peak_rss_mib"] <= 1.2 * rows["match-all"]["peak_rss_mib"]
+    assert rows["merge-2x-deep"]["peak_rss_mib"] <= 1.2 * rows["merge-simple"]["peak_rss_mib"]
+    assert not any(tmp_path.glob("*-out")), "the benchmark leaves no output behind"
