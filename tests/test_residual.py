@@ -95,6 +95,7 @@ CASES: dict[str, Case] = {
     "llama-biases": Case("llama", overrides={"attention_bias": True, "mlp_bias": True}, orthogonal=True),
     "llama-seq-cls": Case("llama", "LlamaForSequenceClassification", orthogonal=True),
     "llama-token-cls": Case("llama", "LlamaForTokenClassification", orthogonal=True),
+    "llama-qa": Case("llama", "LlamaForQuestionAnswering", {"num_labels": 2}, orthogonal=True),  # "transformer." prefix
     "llama-tied-permutation": Case("llama-tied"),
     "llama-tied-untie": Case("llama-tied", orthogonal=True, allow_untie=True),
     "llama-bare-permutation": Case("llama", "LlamaModel", moved={"last_hidden_state": ""}),
@@ -102,6 +103,7 @@ CASES: dict[str, Case] = {
     "qwen2-tied-permutation": Case("qwen2"),
     "qwen2-tied-untie": Case("qwen2", orthogonal=True, allow_untie=True),
     "qwen2-untied": Case("qwen2", overrides={"tie_word_embeddings": False}, orthogonal=True),
+    "qwen2-qa": Case("qwen2", "Qwen2ForQuestionAnswering", {"num_labels": 2}, orthogonal=True),
 }
 
 
