@@ -253,7 +253,8 @@ def markdown(rows: list[Row]) -> str:
         shallow = {"match-2x-deep": "match-all", "merge-2x-deep": "merge-simple"}.get(r.stage)
         if shallow in by_size[r.size]:
             sep = "; " if note else ""
-            note += f"{sep}RSS vs {shallow}: {r.peak_rss_mib / by_size[r.size][shallow].peak_rss_mib:.2f}x"
+            note += (f"{sep}RSS vs {shallow}: {r.peak_rss_mib / by_size[r.size][shallow].peak_rss_mib:.2f}x "
+                     "(twice the floor's bytes)")
         ratio = "" if r.ratio_to_floor is None else f"{r.ratio_to_floor:.2f}"
         rss = "" if not r.peak_rss_mib else f"{r.peak_rss_mib:.0f}"
         lines.append(f"| {r.size} | {r.stage} | {r.seconds:.2f} | {ratio} | {rss} | {note} |")
