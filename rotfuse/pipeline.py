@@ -24,7 +24,7 @@ from rotfuse.archs.layer_io import check_layer_pair, layer_tensor_names, read_la
 from rotfuse.archs.spec import BoundArch, LayerId, bind, select_spec
 from rotfuse.errors import InputError, UsageError
 from rotfuse.io.checkpoint import Checkpoint
-from rotfuse.io.staging import StagedFolder, check_output_location
+from rotfuse.io.staging import StagedFolder, check_output_location, check_report_location
 from rotfuse.io.writer import CheckpointWriter, ShardPlan, copy_side_files, plan_like
 from rotfuse.matching import LayerSettings, match_layer, scramble_layer
 from rotfuse.report import Distance, write_json
@@ -290,14 +290,13 @@ def search_stream_maps(plan: MatchPlan, stream: Stream) -> tuple[dict[str, Strea
     folded = {fold.gain for p in setup.model.plans.values() for fold in p.folds}  # all ones on both sides
     outside = [n for n in plan.model.checkpoint.names()
                if setup.model.on_stream(n) and n not in in_layers and n not in folded]
-    stack_of = {n: setup.model._stack_of[n] for n in outside}
 
     def outside_pass(maps: dict[str, StreamMap] | None) -> tuple[dict[str, torch.Tensor], float]:
         """Scores of the tensors outside the matched layers (maps None), or their distance under maps."""
         scores: dict[str, torch.Tensor] = {}
         total = 0.0
         for name in outside:
-            entry = setup.model.plans[stack_of[name]].tensors[name]
+            entry = setup.model.entry(name)
             src = setup.model.read(name).float()
             ref = setup.anchor.read(counterpart(name, plan.model, plan.anchor)).float()
             if maps is None:
@@ -497,6 +496,7 @@ def match(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Align MODEL to ANCHOR and write it to OUT; returns the report."""
+    check_report_location(report_path, [anchor_path, model_path])
     plan = prepare_match(anchor_path, model_path, out, options, overwrite)
     with StagedFolder(out, overwrite) as staged:
         report = _match_into(plan, staged.path, progress)
@@ -537,6 +537,7 @@ def match_many(
     """Align several models to one anchor: OUT/<model name>/ each, one report. All are checked
     before anything is written, and OUT appears complete or not at all."""
     check_output_location(out, [anchor_path, *model_paths], overwrite)
+    check_report_location(report_path, [anchor_path, *model_paths])
     plans = [prepare_match(anchor_path, path, out, options, check_output=False) for path in model_paths]
     names = output_names(model_paths)
     with StagedFolder(out, overwrite) as staged:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from rotfuse.archs.residual import ResidualPlan
+from rotfuse.archs.residual import ResidualPlan, StreamTensor
 from rotfuse.io.checkpoint import Checkpoint
 from rotfuse.symmetry.permutation import best_assignment
 from rotfuse.symmetry.residual import StreamMap
@@ -52,6 +52,10 @@ class StreamSide:
 
     def on_stream(self, name: str) -> bool:
         return name in self._stack_of
+
+    def entry(self, name: str) -> StreamTensor:
+        """How the stream indexes a tensor on it (its stack, axes and role)."""
+        return self.plans[self._stack_of[name]].tensors[name]
 
     def view(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """The tensor's value in this side's basis (a `layer_io.TensorView`)."""

@@ -73,15 +73,20 @@ def example_inputs(config: dict[str, Any], batch: int = 2, seq_len: int = 16, se
     return inputs
 
 
-def forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor], **flags: Any) -> Any:
-    """Call the model with the inputs its forward accepts; `flags` (output_hidden_states=True, ...)
-    always go through -- transformers 5 takes them as **kwargs."""
+def accepted_inputs(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inputs the model's forward takes by name (data files may carry more, e.g. labels for
+    another head)."""
     import inspect
 
     accepted = inspect.signature(model.forward).parameters
-    kwargs = {k: v for k, v in inputs.items() if k in accepted}
+    return {k: v for k, v in inputs.items() if k in accepted}
+
+
+def forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor], **flags: Any) -> Any:
+    """Call the model with the inputs its forward accepts; `flags` (output_hidden_states=True, ...)
+    always go through -- transformers 5 takes them as **kwargs."""
     with torch.no_grad():
-        return model(**kwargs, **flags)
+        return model(**accepted_inputs(model, inputs), **flags)
 
 
 def main_output(outputs: Any) -> torch.Tensor:

@@ -37,7 +37,6 @@ manifest lists them; merge averages them simply).
 
 from __future__ import annotations
 
-import inspect
 import sys
 import time
 from collections import Counter
@@ -56,7 +55,7 @@ from rotfuse.io.dtypes import parse_dtype_flag, torch_dtype
 from rotfuse.io.safetensors_file import FLOAT_DTYPES
 from rotfuse.io.staging import StagedFolder, check_output_location
 from rotfuse.merge.statsfile import GRAM_PREFIX, KINDS, SCHEMA, write_stats
-from rotfuse.runtime import load_model
+from rotfuse.runtime import accepted_inputs, load_model
 
 Progress = Callable[[int, int], None]
 LABEL_MODES = ("auto", "sampled", "data")
@@ -133,8 +132,7 @@ def _same_values(parameter: torch.Tensor, checkpoint: Checkpoint, name: str, sam
 
 def _model_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
     """The batch's tensors the model's forward accepts (labels never: rotfuse makes its own loss)."""
-    accepted = inspect.signature(model.forward).parameters
-    return {k: v.to(device) for k, v in batch.items() if k in accepted and k != "labels"}
+    return {k: v.to(device) for k, v in accepted_inputs(model, batch).items() if k != "labels"}
 
 
 def _example(inputs: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:

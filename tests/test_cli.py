@@ -108,6 +108,16 @@ def test_output_inside_an_input_is_refused(cli, pair):
     assert_one_line_error(cli("match", anchor, model, "-o", model / "aligned"), "must not be inside the input")
 
 
+@pytest.mark.parametrize("command", ["match", "match-many", "merge"])
+def test_report_inside_an_input_is_refused(cli, pair, tmp_path, command):
+    anchor, model = pair
+    report = model / "report.json"
+    args = {"match": ["match", anchor, model], "match-many": ["match", anchor, model, model],
+            "merge": ["merge", anchor, model]}[command]
+    assert_one_line_error(cli(*args, "-o", tmp_path / "out", "--report", report), "report must not be written inside")
+    assert not report.exists() and not (tmp_path / "out").exists()
+
+
 def test_different_architectures_are_refused(cli, pair, tmp_path):
     anchor, _ = pair
     vit = save_tiny("vit", tmp_path / "vit", seed=0)

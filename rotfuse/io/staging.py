@@ -34,6 +34,17 @@ def check_output_location(target: Path, inputs: list[Path], overwrite: bool) -> 
         raise OutputError(f"{target}: exists and is not a folder")
 
 
+def check_report_location(report: Path | None, inputs: list[Path]) -> None:
+    """A report written beside the output (`--report FILE`) must not land inside an input:
+    inputs are never modified, not even by a stray report."""
+    if report is None:
+        return
+    resolved = Path(report).resolve()
+    for item in inputs:
+        if Path(item).resolve() in resolved.parents:
+            raise OutputError(f"{report}: the report must not be written inside the input {item}")
+
+
 class StagedFolder:
     """Context manager: `path` is the staging folder; `commit()` renames it to the target."""
 

@@ -37,7 +37,7 @@ from rotfuse.archs.spec import BoundArch
 from rotfuse.errors import InputError, OutputError, UsageError
 from rotfuse.io.checkpoint import CONFIG_FILE, Checkpoint
 from rotfuse.io.safetensors_file import FLOAT_DTYPES
-from rotfuse.io.staging import StagedFolder, check_output_location
+from rotfuse.io.staging import StagedFolder, check_output_location, check_report_location
 from rotfuse.io.writer import CheckpointWriter, ShardPlan, copy_side_files, plan_like
 from rotfuse.merge import method as lookup_method
 from rotfuse.merge.fisher import fisher_average
@@ -452,10 +452,7 @@ def run_merge(plan: MergePlan, overwrite: bool = False, report_path: Path | None
     """Write the merged checkpoint described by `plan`; returns the report (written as
     OUT/rotfuse_merge.json, and also to `report_path` when given)."""
     started = time.perf_counter()
-    if report_path is not None:  # inputs are never modified, not even by a stray report
-        for item in (*(m.path for m in plan.models), *plan.options.stats):
-            if Path(item).resolve() in Path(report_path).resolve().parents:
-                raise OutputError(f"{report_path}: the report must not be written inside the input {item}")
+    check_report_location(report_path, [*(m.path for m in plan.models), *map(Path, plan.options.stats)])
     timings = Timings()
     sources = _Sources(plan.models)
     merger = _Merger(plan, sources)
