@@ -21,6 +21,7 @@ import torch
 
 from rotfuse import __version__
 from rotfuse.archs.layer_io import check_layer_pair, layer_tensor_names, read_layer
+from rotfuse.archs.residual import GainSource
 from rotfuse.archs.spec import BoundArch, LayerId, bind, select_spec
 from rotfuse.errors import InputError, UsageError
 from rotfuse.io.checkpoint import Checkpoint
@@ -30,10 +31,10 @@ from rotfuse.matching import LayerSettings, match_layer, scramble_layer
 from rotfuse.report import Distance, write_json
 from rotfuse.residual_match import StreamSide
 from rotfuse.streaming import Progress, Stream, transform_layers
-from rotfuse.tensors import sq_distance
 from rotfuse.symmetries import RESIDUAL, symmetry_set
 from rotfuse.symmetry.residual import StreamMap, random_stream_map
 from rotfuse.symmetry.weights import LayerWeights
+from rotfuse.tensors import sq_distance
 
 REPORT_NAME = "rotfuse_report.json"
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
@@ -194,46 +195,68 @@ class ResidualSetup:
     def orthogonal(self, stack: str) -> bool:
         return self.model.plans[stack].orthogonal
 
+    def solve(self, stack: str, scores: torch.Tensor) -> StreamMap:
+        """The best map of the kind the stack admits."""
+        from rotfuse.residual_match import solve_stream_map
+
+        plan = self.model.plans[stack]
+        return solve_stream_map(scores, plan.orthogonal, plan.keeps_ones)
+
     def describe(self, options: MatchOptions) -> dict[str, Any]:
         plans = self.model.plans
+        kinds = {stack or "stream": ("permutation" if not p.orthogonal else
+                                     "orthogonal, keeping the ones" if p.keeps_ones else "orthogonal")
+                 for stack, p in plans.items()}
         return {
             "method": "activations" if options.data else "weights",
-            "maps": {stack or "stream": "orthogonal" if p.orthogonal else "permutation" for stack, p in plans.items()},
+            "maps": kinds,
             "gains_folded": any(p.orthogonal for p in plans.values()),
+            "distances": ("norm gains folded into their readers, on both sides" if any(p.folds for p in plans.values())
+                          else "as stored"),
+            "output_gains": "the anchor's" if any(p.folds for p in plans.values()) else "unchanged",
             "untied": [name for p in plans.values() for name in p.added],
             "notes": self.notes,
         }
 
 
-def _outputs_the_stream(model: OpenedModel) -> bool:
-    """A class without a head (BertModel, LlamaModel, ...): its outputs are the residual stream itself."""
-    import fnmatch
-
-    names = model.checkpoint.config.get("architectures") or []
-    globs = model.bound.spec.stream_output_classes
-    return any(fnmatch.fnmatchcase(str(name), glob) for name in names for glob in globs)
+def gains_from(model: OpenedModel, source: OpenedModel, sides: StreamSide) -> tuple[GainSource, list[str]]:
+    """What expresses a moved copy of MODEL in SOURCE's norm gains (the anchor's, or the model's
+    own for a scrambled copy), read once up front, and notes. A gain with a zero entry cannot be
+    unfolded into: that norm stays folded (gain 1), and a note says so."""
+    gains: dict[str, torch.Tensor | None] = {}
+    notes = []
+    for fold in (fold for plan in sides.plans.values() for fold in plan.folds):
+        other = counterpart(fold.gain, model, source)
+        value = source.checkpoint.get(other).double()
+        usable = bool((value != 0).all()) and bool(torch.isfinite(value).all())
+        gains[fold.gain] = value if usable else None
+        if not usable:
+            notes.append(f"{source.folder}: {other!r} has zero entries, so the output keeps that norm folded "
+                         "(gain 1) instead of taking its gains")
+    return gains.get, notes
 
 
 def prepare_residual(anchor: OpenedModel, model: OpenedModel, options: MatchOptions) -> ResidualSetup | None:
     if RESIDUAL not in options.symmetries:
         return None
-    if _outputs_the_stream(model) and not options.allow_stream_output:
+    from rotfuse.archs.residual import outputs_the_stream, residual_plans
+
+    if outputs_the_stream(model.bound, model.checkpoint.config) and not options.allow_stream_output:
         raise UsageError(
             f"{model.folder}: {', '.join(model.checkpoint.config['architectures'])} has no head, so its outputs "
             "are the residual stream itself and a residual map would change them (x -> x Q; cosine "
             "similarities and norms are kept); pass --allow-stream-output to accept that"
         )
-    from rotfuse.archs.residual import residual_plans
-
     mine = residual_plans(model.bound, model.checkpoint, options.allow_untie)
     theirs = residual_plans(anchor.bound, anchor.checkpoint, options.allow_untie)
     for stack, plan in mine.items():
         other = theirs.get(stack)
         if other is None or other.orthogonal != plan.orthogonal:
+            why = "; ".join((other.notes if plan.orthogonal else plan.notes) if other is not None else [])
             raise InputError(
                 f"{model.folder}: its residual stream{' ' + stack if stack else ''} can move by "
-                f"{'any orthogonal map' if plan.orthogonal else 'permutations only'} but the anchor's cannot "
-                "(tied embeddings on one side only?); pass --allow-untie or use the same tying on both"
+                f"{'orthogonal maps' if plan.orthogonal else 'permutations only'} but the anchor's cannot "
+                f"({why or 'tied embeddings on one side only?'}); with tied embeddings pass --allow-untie"
             )
     notes = [note for plan in mine.values() for note in plan.notes]
     return ResidualSetup(StreamSide.unmoved(model.checkpoint, mine), StreamSide.unmoved(anchor.checkpoint, theirs), notes)
@@ -262,7 +285,6 @@ def search_stream_maps(plan: MatchPlan, stream: Stream) -> tuple[dict[str, Strea
     """The residual map of every stack: from activations with --data, else by weight matching."""
     from rotfuse.residual_match import (
         layer_stream_scores,
-        solve_stream_map,
         stream_agreement,
         stream_scores,
         to_unmoved_basis,
@@ -281,7 +303,7 @@ def search_stream_maps(plan: MatchPlan, stream: Stream) -> tuple[dict[str, Strea
         scores = stream.timed("activations", lambda: activation_scores(
             plan.model.folder, plan.anchor.folder, options.data, setup.orthogonal(stack),  # type: ignore[arg-type]
             options.data_samples, options.data_batch_size, plan.device))
-        maps = {stack: solve_stream_map(scores, setup.orthogonal(stack))}
+        maps = {stack: setup.solve(stack, scores)}
         per_unit = stream_agreement(scores, maps[stack]) / setup.model.plans[stack].hidden_size
         return maps, {"method": "activations", "data": str(options.data),
                       "rounds": [{"round": 1, "mean_matched_score": per_unit}]}
@@ -299,7 +321,7 @@ def search_stream_maps(plan: MatchPlan, stream: Stream) -> tuple[dict[str, Strea
             entry = setup.model.entry(name)
             src = setup.model.read(name).float()
             ref = setup.anchor.read(counterpart(name, plan.model, plan.anchor)).float()
-            if maps is None:
+            if maps is None:  # (every tensor here has a stream axis: folded gains, all ones, are left out)
                 part = stream_scores(src, ref, entry.axes)
                 scores[entry.stack] = scores[entry.stack] + part if entry.stack in scores else part
             else:
@@ -342,8 +364,7 @@ def search_stream_maps(plan: MatchPlan, stream: Stream) -> tuple[dict[str, Strea
     best: tuple[float, dict[str, StreamMap]] = (total, identity)
     # then GLMC's start: the map from the tensors outside the layers (embeddings, heads), which does
     # not depend on the per-layer maps; alternate until the distance stops falling
-    maps = {s: (solve_stream_map(outside_scores[s], setup.orthogonal(s)) if s in outside_scores else identity[s])
-            for s in stacks}
+    maps = {s: (setup.solve(s, outside_scores[s]) if s in outside_scores else identity[s]) for s in stacks}
     previous: float | None = None
     for number in range(1, options.residual_rounds + 1):
         total, scores = evaluate(maps)
@@ -353,7 +374,7 @@ def search_stream_maps(plan: MatchPlan, stream: Stream) -> tuple[dict[str, Strea
         if previous is not None and total >= previous * (1 - 1e-7):
             break
         previous = total
-        new_maps = {s: solve_stream_map(scores[s], setup.orthogonal(s)) for s in stacks}
+        new_maps = {s: setup.solve(s, scores[s]) for s in stacks}
         if all(_same_map(new_maps[s], maps[s]) for s in stacks):
             break
         maps = new_maps
@@ -381,14 +402,30 @@ def _layout(model: OpenedModel, side: StreamSide) -> list[ShardPlan]:
     return plans
 
 
+class _Expressing:
+    """A CheckpointWriter whose every tensor goes through `side.express` first."""
+
+    def __init__(self, writer: CheckpointWriter, side: StreamSide):
+        self._writer, self._side = writer, side
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._writer.write(name, self._side.express(name, tensor))
+
+    def __getattr__(self, attribute: str) -> Any:  # finish, abort, copy: as they are
+        return getattr(self._writer, attribute)
+
+
 def _write_copy(model: OpenedModel, folder: Path, layers: list[LayerId], device: str, workers: int,
                 transform: Any, side: StreamSide, stream: Stream, progress: Progress | None,
                 anchor: OpenedModel | None = None, anchor_side: StreamSide | None = None,
                 unmoved: StreamSide | None = None) -> tuple[list[Any], Distance, list[str]]:
     """Write MODEL into `folder`: layers through `transform` (read through `side.view`), every
     other tensor moved with the stream or copied byte for byte. With an anchor, also returns the
-    distance over the tensors outside the layers (before: `unmoved`, after: `side`)."""
-    writer = CheckpointWriter(folder, _layout(model, side), model.checkpoint)
+    distance over the tensors outside the layers (before: `unmoved`, after: `side`). What is
+    written goes through `side.express` (the norm gains the copy is expressed in)."""
+    writer: Any = CheckpointWriter(folder, _layout(model, side), model.checkpoint)
+    if side.into is not None:
+        writer = _Expressing(writer, side)
     outside = Distance()
     try:
         rows = transform_layers(model, writer, layers, device, transform, stream, progress, workers, view=side.view)
@@ -430,16 +467,18 @@ def _match_into(plan: MatchPlan, folder: Path, progress: Progress | None) -> dic
     anchor, model, device, options = plan.anchor, plan.model, plan.device, plan.options
     stream = Stream()
     residual_report: dict[str, Any] | None = None
+    side = unmoved = StreamSide(model.checkpoint, {}, {})  # the checkpoints as stored
+    anchor_side = StreamSide(anchor.checkpoint, {}, {})
     if plan.residual is not None:
         maps, search = search_stream_maps(plan, stream)
-        side, anchor_side, unmoved = plan.residual.model.moved(maps), plan.residual.anchor, plan.residual.model
+        # compared with folded norms, written in the anchor's norm gains (so that it averages with it)
+        into, notes = gains_from(model, anchor, plan.residual.model)
+        side, anchor_side, unmoved = plan.residual.model.moved(maps, into), plan.residual.anchor, plan.residual.model
         residual_report = {**plan.residual.describe(options), **search}
-    else:
-        side = anchor_side = unmoved = None
+        residual_report["notes"] = [*residual_report["notes"], *notes]
 
     def transform(layer: LayerId, weights: LayerWeights) -> tuple[LayerWeights, dict[str, Any]]:
-        view = anchor_side.view if anchor_side is not None else None
-        ref = stream.timed("read", lambda: read_layer(anchor.checkpoint, anchor.bound, layer, device, view))
+        ref = stream.timed("read", lambda: read_layer(anchor.checkpoint, anchor.bound, layer, device, anchor_side.view))
         settings = layer_settings(model.bound, layer, options.symmetries, options.max_rounds, options.allow_nonfinite)
         new, results = stream.timed("solve", lambda: match_layer(weights, ref, settings))
         modules = {}
@@ -452,10 +491,9 @@ def _match_into(plan: MatchPlan, folder: Path, progress: Progress | None) -> dic
         return new, {"layer": str(layer), "modules": modules}
 
     folder.mkdir(parents=True, exist_ok=True)
-    plain = StreamSide(model.checkpoint, {}, {})
     rows, outside, skipped = _write_copy(
-        model, folder, plan.layers, device, options.workers, transform, side or plain, stream, progress,
-        anchor, anchor_side or StreamSide(anchor.checkpoint, {}, {}), unmoved or plain)
+        model, folder, plan.layers, device, options.workers, transform, side, stream, progress,
+        anchor, anchor_side, unmoved)
     matched = Distance(tensors=sum(1 for layer in plan.layers
                                    for _ in layer_tensor_names(model.bound, layer, model.checkpoint)))
     for row in rows:
@@ -577,9 +615,9 @@ def scramble(
 
     side = StreamSide(model.checkpoint, {}, {})
     if residual is not None:
-        side = residual.model.moved({
-            stack: random_stream_map(p.hidden_size, p.orthogonal, generator(f"residual:{stack}"))
-            for stack, p in residual.model.plans.items()})
+        side = residual.model.moved({  # a copy in the model's own gains, as a differently trained model has
+            stack: random_stream_map(p.hidden_size, p.orthogonal, generator(f"residual:{stack}"), p.keeps_ones)
+            for stack, p in residual.model.plans.items()}, gains_from(model, model, residual.model)[0])
 
     def transform(layer: LayerId, weights: LayerWeights) -> tuple[LayerWeights, None]:
         settings = layer_settings(model.bound, layer, options.symmetries, options.max_rounds, options.allow_nonfinite)

@@ -4,17 +4,18 @@ T couples every layer, so it cannot be solved layer by layer. Two ways:
 
 - weights (data-free): C = sum over every tensor on the stream of S A^T, with S and A the
   model's and the anchor's values laid out stream-axis-first; T = argmax <T, C> over
-  permutations (LayerNorm models; Hungarian) or orthogonal maps (RMSNorm models with folded gains;
-  Procrustes). The per-layer maps (heads, rotations, FFN neurons) act on other axes and commute
+  permutations (Hungarian) or, where the norms fold, orthogonal maps (Procrustes; for LayerNorm
+  restricted to the maps that keep the all-ones direction). The per-layer maps (heads, rotations, FFN neurons) act on other axes and commute
   with T, so the two are alternated: T from the tensors outside the layers first (embeddings,
   heads), then per-layer maps given T, then T from everything, ... until the distance stops
   falling (the GLMC weight-matching scheme, made exact for standard checkpoints).
 - activations (`--data`): T from the correlation (permutation) or cross-covariance (orthogonal)
   of the two models' hidden states on the same inputs, summed over layers.
 
-Every tensor is compared as `StreamSide.view` sees it: RMSNorm gains folded into their readers
-where the plan allows any orthogonal map (on both sides, so like is compared with like), and the
-model's stream moved by the current T.
+Every tensor is compared as `StreamSide.view` sees it: norm gains folded into their readers
+where the plan allows orthogonal maps (on both sides, so like is compared with like), and the
+model's stream moved by the current T. The written copy is then unfolded into the anchor's gains
+(`StreamSide.into`), so that it has the anchor's parameterisation and averages with it directly.
 """
 
 from __future__ import annotations
@@ -23,21 +24,23 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from rotfuse.archs.residual import ResidualPlan, StreamTensor
+from rotfuse.archs.residual import GainSource, ResidualPlan, StreamTensor
 from rotfuse.io.checkpoint import Checkpoint
 from rotfuse.symmetry.permutation import best_assignment
-from rotfuse.symmetry.residual import StreamMap
+from rotfuse.symmetry.residual import StreamMap, keeping_ones, ones_frame
 from rotfuse.symmetry.rotation import procrustes
 from rotfuse.symmetry.weights import LayerWeights
 
 
 @dataclass
 class StreamSide:
-    """One checkpoint as the matching sees it: gains folded where allowed, stream moved by `maps`."""
+    """One checkpoint as the matching sees it: gains folded where allowed, stream moved by `maps`;
+    `express` then gives a tensor as written, in the gains `into` gives (None: left folded)."""
 
     checkpoint: Checkpoint
     plans: dict[str, ResidualPlan]
     maps: dict[str, StreamMap]
+    into: GainSource | None = None
     _stack_of: dict[str, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -47,8 +50,8 @@ class StreamSide:
     def unmoved(cls, checkpoint: Checkpoint, plans: dict[str, ResidualPlan]) -> StreamSide:
         return cls(checkpoint, plans, {stack: StreamMap.identity(p.hidden_size) for stack, p in plans.items()})
 
-    def moved(self, maps: dict[str, StreamMap]) -> StreamSide:
-        return replace(self, maps=maps)
+    def moved(self, maps: dict[str, StreamMap], into: GainSource | None = None) -> StreamSide:
+        return replace(self, maps=maps, into=into)
 
     def on_stream(self, name: str) -> bool:
         return name in self._stack_of
@@ -63,6 +66,13 @@ class StreamSide:
         if stack is None:
             return tensor
         return self.plans[stack].transform(name, tensor, self.maps[stack], self._gain)
+
+    def express(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A viewed tensor (after any per-layer maps too) in the gains of `into`, to be written."""
+        stack = self._stack_of.get(name)
+        if stack is None or self.into is None:
+            return tensor
+        return self.plans[stack].unfold(name, tensor, self.into)
 
     def read(self, name: str, source: str | None = None) -> torch.Tensor:
         """A whole tensor in this side's basis, in its stored dtype. `source`: read the value of
@@ -105,11 +115,17 @@ def to_unmoved_basis(scores: torch.Tensor, stream_map: StreamMap) -> torch.Tenso
     return stream_map.as_matrix().to(scores.device) @ scores
 
 
-def solve_stream_map(scores: torch.Tensor, orthogonal: bool) -> StreamMap:
-    """argmax over T of <T, C>: Hungarian for a permutation, Procrustes for an orthogonal map."""
-    if orthogonal:
+def solve_stream_map(scores: torch.Tensor, orthogonal: bool, keep_ones: bool = False) -> StreamMap:
+    """argmax over T of <T, C>: Hungarian for a permutation, Procrustes for an orthogonal map.
+    `keep_ones` (LayerNorm): over the maps with T 1 = 1, i.e. T = H diag(1, R) H (`ones_frame`),
+    where <T, C> = (H C H)[0, 0] + <R, (H C H)[1:, 1:]>: Procrustes on the block."""
+    if not orthogonal:
+        return StreamMap(perm=best_assignment(scores))
+    if not keep_ones:
         return StreamMap(matrix=procrustes(scores.double()[None])[0].cpu())
-    return StreamMap(perm=best_assignment(scores))
+    frame = ones_frame(scores.shape[0])
+    block = (frame @ scores.double().cpu() @ frame)[1:, 1:]
+    return keeping_ones(procrustes(block[None])[0])
 
 
 def stream_agreement(scores: torch.Tensor, stream_map: StreamMap) -> float:

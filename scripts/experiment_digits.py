@@ -183,7 +183,7 @@ class Row:
     setting: str
     seed: int
     variant: str
-    distance: float  # ||B_matched - A|| over every tensor
+    distance: float  # ||B_matched - A|| over every tensor, norm gains folded (folded_distance)
     function_change: float  # max |logits(B_matched) - logits(B)| on B's training images (rotfuse verify)
     acc_a: float
     acc_b: float
@@ -216,6 +216,26 @@ def stats_merges(config: Config, a: EndModel, b: EndModel, work: Path, test: dic
     return scores
 
 
+def folded_distance(a: Path, b: Path) -> float:
+    """||B - A|| over every tensor with each model's LayerNorm gains folded into the weights that
+    read them (gain 1, bias / gain): a distance that does not depend on how a model splits a scale
+    between a norm and its readers -- the space the residual search works in, and the same for
+    every variant (the copies with a residual map take the anchor's gains, the others keep B's)."""
+    from rotfuse.archs.residual import residual_plans
+    from rotfuse.archs.spec import bind, select_spec
+    from rotfuse.io.checkpoint import Checkpoint
+    from rotfuse.residual_match import StreamSide
+
+    def side(folder: Path) -> StreamSide:
+        checkpoint = Checkpoint.open(folder)
+        bound = bind(select_spec(checkpoint.config), checkpoint.config, checkpoint, str(folder))
+        return StreamSide.unmoved(checkpoint, residual_plans(bound, checkpoint))
+
+    mine, theirs = side(b), side(a)
+    return math.sqrt(sum(float((mine.read(n).double() - theirs.read(n).double()).pow(2).sum())
+                         for n in mine.checkpoint.names()))
+
+
 def run_pair(config: Config, digits: Digits, setting: str, seed: int, work: Path) -> list[Row]:
     a, b = train_pair(config, digits, setting, seed, work)
     test = digits.inputs(digits.test)
@@ -225,12 +245,13 @@ def run_pair(config: Config, digits: Digits, setting: str, seed: int, work: Path
         matched = EndModel(work / f"b-{name.replace(' ', '_')}", b.data)
         options = MatchOptions(symmetries=symmetry_set(symmetries), device="cpu",
                                data=a.data if activations else None, data_samples=config.activation_samples)
-        report = match(a.folder, b.folder, matched.folder, options)
+        match(a.folder, b.folder, matched.folder, options)
         same = verify(b.folder, matched.folder, VerifyOptions(data=b.data, batch_size=256))
         curve = interpolate(a.folder, matched.folder, test, settings, label=name)
         middle = curve.at(0.5)
         accs = curve.accuracies or []
-        rows.append(Row(setting, seed, name, report["totals"]["model"]["after"], same["max_abs_diff"], accs[0], accs[-1],
+        rows.append(Row(setting, seed, name, folded_distance(a.folder, matched.folder), same["max_abs_diff"],
+                        accs[0], accs[-1],
                         float(middle["accuracy"] or 0.0), float(middle["loss"] or 0.0), curve.barrier,
                         curve=curve, **stats_merges(config, a, matched, work, test)))
     return rows
@@ -304,7 +325,8 @@ def markdown(config: Config, rows: list[Row], summary: dict[str, Any], command: 
         f"{config.train} training / {config.test} held-out test images. Mean ± std over {n} seed pair(s) "
         f"(seeds {', '.join(map(str, config.seeds))}). Every accuracy and loss is measured on the held-out test set.",
         "",
-        "- distance: `||B_matched - A||` over all tensors (relative: divided by the distance without matching)",
+        "- distance: `||B_matched - A||` over all tensors, each model's LayerNorm gains folded into the weights "
+        "reading them (relative: divided by the distance without matching)",
         "- function change: largest `|logits(B_matched) - logits(B)|` on B's training images (`rotfuse verify`); "
         "matching must leave B's function unchanged",
         "- simple: the plain average `(A + B_matched) / 2`, i.e. l = 0.5 on the interpolation path",

@@ -62,21 +62,27 @@ CASES: dict[str, Case] = {
     "roberta-seq-cls": Case("roberta"),  # RobertaClassificationHead reads hidden[:, 0]
     "roberta-mlm": Case("roberta-mlm"),
     "roberta-multiple-choice": Case("roberta", "RobertaForMultipleChoice", choices=True),
-    "vit": Case("vit"),
+    "vit": Case("vit", orthogonal=True),  # pre-LN: LayerNorm gains fold, maps keep the ones
     "vit-bare": Case("vit-bare", moved={"last_hidden_state": ""}),
-    "vit-masked-image": Case("vit", "ViTForMaskedImageModeling", {"encoder_stride": 4}),
+    "vit-masked-image": Case("vit", "ViTForMaskedImageModeling", {"encoder_stride": 4}, orthogonal=True),
     "gpt2-lm-tied": Case("gpt2"),
-    "gpt2-seq-cls": Case("gpt2", "GPT2ForSequenceClassification"),
+    "gpt2-lm-untie": Case("gpt2", orthogonal=True, allow_untie=True),
+    "gpt2-seq-cls": Case("gpt2", "GPT2ForSequenceClassification", orthogonal=True),  # score has no bias
+    "gpt2-bare": Case("gpt2", "GPT2Model", moved={"last_hidden_state": ""}),
     "gpt2-double-heads": Case("gpt2", "GPT2DoubleHeadsModel"),
     "gpt2-cross-attention": Case("gpt2", overrides={"add_cross_attention": True}, encoder_states=True),
+    "gpt2-cross-attention-untie": Case("gpt2", overrides={"add_cross_attention": True}, encoder_states=True,
+                                       orthogonal=True, allow_untie=True),
     "deberta-v2-token-cls": Case("deberta-v2"),
     "deberta-v2-seq-cls": Case("deberta-v2", "DebertaV2ForSequenceClassification", {"type_vocab_size": 2}),
     "deberta-v2-mlm": Case("deberta-v2-mlm"),
     # rel_embeddings read by query_proj/key_proj, their LayerNorm, the ConvLayer, the new MLM head
     "deberta-v2-mlm-shared-conv": Case("deberta-v2-mlm", overrides={
         "legacy": False, "share_att_key": True, "conv_kernel_size": 3, "norm_rel_ebd": "layer_norm"}),
-    "phi": Case("phi"),
-    "phi-seq-cls": Case("phi", "PhiForSequenceClassification"),
+    "phi": Case("phi", orthogonal=True),
+    "phi-seq-cls": Case("phi", "PhiForSequenceClassification", orthogonal=True),
+    "phi-tied-permutation": Case("phi", overrides={"tie_word_embeddings": True}),
+    "phi-tied-untie": Case("phi", overrides={"tie_word_embeddings": True}, orthogonal=True, allow_untie=True),
     "distilbert-token-cls": Case("distilbert"),
     "distilbert-mlm": Case("distilbert-mlm"),
     "distilbert-seq-cls": Case("distilbert", "DistilBertForSequenceClassification"),
@@ -140,7 +146,8 @@ def plans_for(folder: Path, allow_untie: bool = False) -> dict[str, ResidualPlan
 
 def random_maps(plans: dict[str, ResidualPlan], orthogonal: bool, seed: int = 0) -> dict[str, StreamMap]:
     generator = torch.Generator().manual_seed(seed)
-    return {stack: random_stream_map(plan.hidden_size, orthogonal, generator) for stack, plan in plans.items()}
+    return {stack: random_stream_map(plan.hidden_size, orthogonal, generator, plan.keeps_ones)
+            for stack, plan in plans.items()}
 
 
 def write_moved(src: Path, dst: Path, plans: dict[str, ResidualPlan], maps: dict[str, StreamMap]) -> Path:
@@ -317,12 +324,63 @@ def test_an_orthogonal_map_breaks_a_layernorm_model(saved, tmp_path):
     assert output_change(before, run(write_moved(folder, tmp_path / "moved", plans, maps), case), case, maps) > CHANGED
 
 
-def test_an_orthogonal_map_needs_the_folds(saved, tmp_path):
-    case = CASES["llama-untied"]
-    folder, before = saved("llama-untied")
+@pytest.mark.parametrize("name", ["llama-untied", "vit", "gpt2-seq-cls"])
+def test_an_orthogonal_map_needs_the_folds(saved, tmp_path, name):
+    case = CASES[name]
+    folder, before = saved(name)
     plans = {stack: dataclasses.replace(plan, folds=[]) for stack, plan in plans_for(folder).items()}
     maps = random_maps(plans, orthogonal=True)
     assert output_change(before, run(write_moved(folder, tmp_path / "moved", plans, maps), case), case, maps) > CHANGED
+
+
+@pytest.mark.parametrize("name", ["vit", "gpt2-seq-cls"])
+def test_a_layernorm_model_needs_maps_that_keep_the_ones(saved, tmp_path, name):
+    """Folded LayerNorm still centers the stream: an orthogonal map that moves the all-ones
+    direction changes the outputs, and the plan refuses it."""
+    case = CASES[name]
+    folder, before = saved(name)
+    plans = plans_for(folder)
+    generator = torch.Generator().manual_seed(0)
+    maps = {stack: random_stream_map(plan.hidden_size, True, generator) for stack, plan in plans.items()}
+    assert not any(m.keeps_ones for m in maps.values())
+    stack, plan = next(iter(plans.items()))
+    with pytest.raises(ValueError, match="keep the all-ones direction"):
+        plan.transform(next(iter(plan.tensors)), torch.zeros(1), maps[stack], lambda name: torch.ones(1))
+    unchecked = {stack: dataclasses.replace(plan, norm="rmsnorm") for stack, plan in plans.items()}  # no check
+    moved = write_moved(folder, tmp_path / "moved", unchecked, maps)
+    assert output_change(before, run(moved, case), case, maps) > CHANGED
+
+
+def test_a_pre_ln_plan_folds_every_layernorm(saved):
+    folder, _ = saved("gpt2-cross-attention-untie")
+    plan = plans_for(folder, allow_untie=True)[""]
+    assert plan.orthogonal and plan.keeps_ones and plan.untie
+    folds = {fold.gain: (fold.readers, fold.bias) for fold in plan.folds}
+    assert folds["transformer.h.1.ln_1.weight"] == (("transformer.h.1.attn.c_attn.weight",), "transformer.h.1.ln_1.bias")
+    assert folds["transformer.h.0.ln_cross_attn.weight"][0] == ("transformer.h.0.crossattention.q_attn.weight",)
+    assert folds["transformer.ln_f.weight"] == (("lm_head.weight",), "transformer.ln_f.bias")
+    assert len(folds) == 2 * 3 + 1
+    checkpoint = Checkpoint.open(folder)
+    gain, bias = checkpoint.get("transformer.ln_f.weight"), checkpoint.get("transformer.ln_f.bias")
+    identity = StreamMap.identity(gain.numel())
+    assert plan.transform("transformer.ln_f.weight", gain, identity, checkpoint.get).eq(1).all()
+    assert torch.allclose(plan.transform("transformer.ln_f.bias", bias, identity, checkpoint.get), bias / gain)
+    # unfolded into the same gains, every tensor comes back as it was
+    for name in ("transformer.ln_f.weight", "transformer.ln_f.bias", "transformer.h.0.attn.c_attn.weight"):
+        folded = plan.transform(name, checkpoint.get(name), identity, checkpoint.get)
+        back = plan.unfold(name, folded, into=checkpoint.get)
+        assert torch.allclose(back, checkpoint.get(name), atol=1e-6), name
+
+
+def test_post_ln_and_headless_models_get_permutations_only(saved):
+    bert = plans_for(saved("bert-mlm")[0])[""]
+    assert not bert.orthogonal and "no norm" in bert.notes[0]
+    bare = plans_for(saved("gpt2-bare")[0])[""]
+    assert not bare.orthogonal and "'ln_f.weight' feeds no weight" in bare.notes[0]
+    pooled = plans_for(saved("vit-bare")[0])[""]  # the pooler reads the final norm, but so does the output
+    assert not pooled.orthogonal and "no head" in pooled.notes[0]
+    vision = plans_for(saved("clip")[0])["vision"]
+    assert not vision.orthogonal
 
 
 # every stream tensor outside the layers and in the last layer: leaving any one of them in the
@@ -407,7 +465,9 @@ def test_a_bare_rmsnorm_model_gets_permutations_only(saved):
 @pytest.mark.parametrize("raw, message", [
     ({"norm": "batchnorm"}, "norm must be one of"),
     ({"norm": "layernorm", "model": [{"reads": "a", "table": "b"}]}, "exactly one of"),
-    ({"norm": "layernorm", "model": [{"norm": "g", "readers": ["w"]}]}, "needs norm: rmsnorm"),
+    ({"norm": "rmsnorm", "model": [{"norm": "g", "bias": "b", "readers": ["w"]}]}, "bias goes with"),
+    ({"norm": "layernorm", "model": [{"table": "g", "bias": "b"}]}, "bias goes with"),
+    ({"norm": "layernorm", "model": [{"norm": ["g", "h"], "bias": "b", "readers": ["w"]}]}, "bias goes with"),
     ({"norm": "rmsnorm", "model": [{"norm": "g"}]}, "readers go with norm"),
     ({"norm": "layernorm", "model": [{"reads": "a", "layout": "sideways"}]}, "layout must be"),
     ({"norm": "layernorm", "heads": []}, "unknown keys"),

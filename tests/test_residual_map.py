@@ -1,7 +1,8 @@
-"""StreamMap and fold_gain (rotfuse.symmetry.residual): the one rule "multiply every stream axis by
+"""StreamMap and scale_axis (rotfuse.symmetry.residual): the one rule "multiply every stream axis by
 Q" is checked against the layers themselves -- a Linear reading or writing the stream (torch and
-Conv1D layouts), a patch convolution, embeddings, LayerNorm (permutations only) and RMSNorm
-(any orthogonal map once the gain is folded into the reader)."""
+Conv1D layouts), a patch convolution, embeddings, LayerNorm on the stream (permutations only),
+LayerNorm feeding a reader (orthogonal maps keeping the ones, once the gain is folded and the
+bias rides along as bias / gain) and RMSNorm (any orthogonal map once the gain is folded)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rotfuse.symmetry.residual import StreamMap, fold_gain, random_stream_map
+from rotfuse.symmetry.residual import StreamMap, keeping_ones, ones_frame, random_stream_map, scale_axis
 
 D = 7
 
@@ -31,7 +32,7 @@ def _maps() -> list[StreamMap]:
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+    return torch.allclose(a.double(), b.double(), atol=1e-5, rtol=1e-5)
 
 
 def test_identity_changes_nothing():
@@ -115,6 +116,37 @@ def test_layernorm_admits_permutations_only():
     assert not _close(new, rotation.apply(F.layer_norm(x, (D,), gain, bias), (1,)))
 
 
+def test_a_layernorm_feeding_a_reader_admits_orthogonal_maps_that_keep_the_ones():
+    g = _gen()
+    x, reader, reader_bias = torch.randn(6, D, generator=g), torch.randn(4, D, generator=g), torch.randn(4, generator=g)
+    gain, bias = torch.rand(D, generator=g) + 0.5, torch.randn(D, generator=g)
+    expected = F.linear(F.layer_norm(x, (D,), gain, bias), reader, reader_bias)
+    rotation = random_stream_map(D, orthogonal=True, generator=_gen(2), keep_ones=True)
+    assert rotation.keeps_ones and not rotation.is_permutation
+    folded_reader = rotation.apply(scale_axis(reader, gain, 1), (1,))
+    riding_bias = rotation.apply(bias / gain, (0,))
+    new = F.linear(F.layer_norm(rotation.apply(x, (1,)), (D,), torch.ones(D), riding_bias), folded_reader, reader_bias)
+    assert _close(new, expected)
+    # a map that moves the ones does not commute with the centering
+    moving = random_stream_map(D, orthogonal=True, generator=_gen(3))
+    assert not moving.keeps_ones
+    folded_reader = moving.apply(scale_axis(reader, gain, 1), (1,))
+    new = F.linear(F.layer_norm(moving.apply(x, (1,)), (D,), torch.ones(D), moving.apply(bias / gain, (0,))),
+                   folded_reader, reader_bias)
+    assert not _close(new, expected)
+
+
+def test_maps_that_keep_the_ones():
+    frame = ones_frame(D)
+    assert _close(frame @ frame.T, torch.eye(D, dtype=torch.float64)) and _close(frame, frame.T)
+    assert _close(frame[:, 0], torch.full((D,), D ** -0.5, dtype=torch.float64))
+    rotation = random_stream_map(D - 1, orthogonal=True, generator=_gen(4)).as_matrix()
+    kept = keeping_ones(rotation)
+    assert kept.keeps_ones and _close(kept.as_matrix() @ torch.ones(D, dtype=torch.float64), torch.ones(D))
+    assert random_stream_map(D, orthogonal=False, generator=_gen()).keeps_ones  # every permutation
+    assert keeping_ones(torch.eye(0)).d == 1
+
+
 def _rms(x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * gain
 
@@ -124,7 +156,7 @@ def test_rmsnorm_admits_any_orthogonal_map_once_the_gain_is_folded():
     x, gain, reader = torch.randn(6, D, generator=g), torch.rand(D, generator=g) + 0.5, torch.randn(4, D, generator=g)
     rotation = random_stream_map(D, orthogonal=True, generator=_gen(2))
     assert not rotation.is_permutation
-    folded = rotation.apply(fold_gain(reader, gain, 1), (1,))
+    folded = rotation.apply(scale_axis(reader, gain, 1), (1,))
     assert _close(_rms(rotation.apply(x, (1,)), torch.ones(D)) @ folded.T, _rms(x, gain) @ reader.T)
     # unfolded, the gain would have to commute with Q, which it does not
     unfolded = rotation.apply(reader, (1,))
@@ -133,12 +165,12 @@ def test_rmsnorm_admits_any_orthogonal_map_once_the_gain_is_folded():
 
 def test_fold_gain_axis_and_dtype():
     weight, gain = torch.randn(3, D, dtype=torch.bfloat16, generator=_gen()), torch.rand(D) + 0.5
-    folded = fold_gain(weight, gain, 1)
+    folded = scale_axis(weight, gain, 1)
     assert folded.dtype == torch.bfloat16
     assert torch.allclose(folded.float(), weight.float() * gain, rtol=1e-2)
-    assert torch.allclose(fold_gain(weight.T, gain, 0).float(), folded.T.float())
-    with pytest.raises(ValueError, match="does not fit"):
-        fold_gain(weight, gain, 0)
+    assert torch.allclose(scale_axis(weight.T, gain, 0).float(), folded.T.float())
+    with pytest.raises(ValueError, match="do not fit"):
+        scale_axis(weight, gain, 0)
 
 
 def test_apply_keeps_dtype_and_checks_the_axis():

@@ -10,8 +10,10 @@ Per layer, the roles already in the spec are used: Q/K/V (or fused QKV) and FFN 
 read the stream, O and the FFN output weight write it, and the biases of Q/K/V and of the FFN
 inputs live in head or neuron space. Everything else -- the layer's norms, the biases of O and of
 the FFN output, all tensors outside the layers -- comes from the `residual:` section (schema:
-configs/archs/README.md). RMSNorm models additionally say which weights read each norm's output,
-so that its gain can be folded into them and any orthogonal map becomes exact.
+configs/archs/README.md). A `norm` entry says which weights read a norm's output, so that its
+gain can be folded into them: RMSNorm models, and pre-LN LayerNorm models (whose norms feed only
+weights, never the stream), then admit orthogonal maps -- keeping the all-ones direction for
+LayerNorm (rotfuse.symmetry.residual).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 
 from rotfuse.archs.spec import LAYOUTS, _config_value
 from rotfuse.errors import InputError
-from rotfuse.symmetry.residual import StreamMap, fold_gain, work_dtype
+from rotfuse.symmetry.residual import StreamMap, scale_axis, work_dtype
 
 if TYPE_CHECKING:
     from rotfuse.archs.spec import ArchSpec, BoundArch, StackSpec
@@ -56,7 +58,8 @@ class ResidualRule:
     role: str  # one of ROLES
     names: tuple[str, ...]  # globs; relative to the key prefix (model) or layer prefix (layer); "/..." = root
     layout: str = "out_in"  # of reads/writes weights: torch Linear [out, in] or Conv1D [in, out]
-    readers: tuple[str, ...] = ()  # role norm: the weights reading this RMSNorm's output
+    readers: tuple[str, ...] = ()  # role norm: the weights reading this norm's output
+    bias: str = ""  # role norm: the LayerNorm's bias (it rides along as bias / gain when folded)
     when: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # config values under which it applies
     classes: tuple[str, ...] = ()  # globs on config.json `architectures` under which it applies
 
@@ -126,19 +129,19 @@ def _parse_rule(raw: Any, norm: str) -> ResidualRule:
     if len(roles) != 1:
         raise ValueError(f"each entry needs exactly one of {', '.join(ROLES)}: {raw!r}")
     role = roles[0]
-    unknown = set(raw) - {role, "layout", "readers", "when", "classes"}
+    unknown = set(raw) - {role, "layout", "readers", "bias", "when", "classes"}
     if unknown:
         raise ValueError(f"unknown keys {sorted(unknown)} in {raw!r}")
-    if role == "norm" and norm != "rmsnorm":
-        raise ValueError("a norm entry (a gain folded into its readers) needs norm: rmsnorm; "
-                         "LayerNorm gains and biases are tables")
     if (role == "norm") != ("readers" in raw):
         raise ValueError(f"readers go with norm entries, and every norm entry needs them: {raw!r}")
+    if "bias" in raw and (role != "norm" or norm != "layernorm" or len(_strings(raw[role])) != 1):
+        raise ValueError(f"bias goes with the norm entry of one LayerNorm gain: {raw!r}")
     rule = ResidualRule(
         role=role,
         names=_strings(raw[role]),
         layout=str(raw.get("layout", "out_in")),
         readers=_strings(raw.get("readers")),
+        bias=str(raw.get("bias", "")),
         when={str(k): tuple(v) if isinstance(v, list) else (v,) for k, v in (raw.get("when") or {}).items()},
         classes=_strings(raw.get("classes")),
     )
@@ -163,26 +166,34 @@ class StreamTensor:
 
 @dataclass(frozen=True)
 class NormFold:
-    gain: str  # full name of an RMSNorm gain
+    gain: str  # full name of a norm's gain
     readers: tuple[str, ...]  # full names of the weights reading its output
+    bias: str | None = None  # full name of a LayerNorm's bias: b / g after folding
+
+
+# How a moved checkpoint is expressed: a norm gain's full name -> the gain to unfold the folded
+# checkpoint into (e.g. the anchor's), or None to leave that norm folded (gain 1).
+GainSource = Callable[[str], "torch.Tensor | None"]
 
 
 @dataclass
 class ResidualPlan:
-    """How to move one stack's residual stream: every tensor on it, and for RMSNorm models the
-    gains to fold first. `transform` gives a tensor's new value; apply it to every tensor.
+    """How to move one stack's residual stream: every tensor on it, and where orthogonal maps are
+    exact the norm gains to fold first. `transform` gives a tensor's new value; apply it to every
+    tensor.
 
-    `orthogonal`: any orthogonal map is exact (RMSNorm with every gain foldable and no tie in the
-    way); otherwise only permutations are, and `folds` is empty. `untie`: the folds untie the
-    input embedding from the output head; the caller then writes `config_updates` into
-    config.json and adds every tensor of `added` (new name -> the tensor whose value it starts
-    from, to be passed through `transform` under the new name)."""
+    `orthogonal`: orthogonal maps are exact (every norm foldable and no tie in the way) -- any
+    for RMSNorm, those keeping the all-ones direction for LayerNorm (`keeps_ones`); otherwise
+    only permutations are, and `folds` is empty. `untie`: the folds untie the input embedding
+    from the output head; the caller then writes `config_updates` into config.json and adds
+    every tensor of `added` (new name -> the tensor whose value it starts from, to be passed
+    through `transform` under the new name)."""
 
     stack: str
     norm: str  # "layernorm" or "rmsnorm"
     hidden_size: int
     tensors: dict[str, StreamTensor]  # EVERY tensor touching this stream
-    folds: list[NormFold]  # rmsnorm only
+    folds: list[NormFold]  # empty unless orthogonal
     orthogonal: bool
     untie: bool
     added: dict[str, str] = field(default_factory=dict)
@@ -191,16 +202,22 @@ class ResidualPlan:
 
     def __post_init__(self) -> None:
         self._gains = {fold.gain for fold in self.folds}
+        self._gain_of_bias = {fold.bias: fold.gain for fold in self.folds if fold.bias}
         self._gains_of: dict[str, list[str]] = {}
         for fold in self.folds:
             for reader in fold.readers:
                 self._gains_of.setdefault(reader, []).append(fold.gain)
 
+    @property
+    def keeps_ones(self) -> bool:
+        """Orthogonal maps must keep the all-ones direction (LayerNorm centers the stream)."""
+        return self.norm == "layernorm"
+
     def transform(self, name: str, tensor: torch.Tensor, stream_map: StreamMap,
                   read: Callable[[str], torch.Tensor]) -> torch.Tensor:
-        """The new value of one tensor: folded gains become 1; a reader of a folded norm gets its
-        gain (read through `read`, by full name); then every stream axis is multiplied by Q.
-        Tensors outside the plan come back unchanged. Same dtype as `tensor`."""
+        """The new value of one tensor: fold (gains become 1, a LayerNorm bias b becomes b / g,
+        readers get the gain; gains read through `read`, by full name), then multiply every
+        stream axis by Q. Tensors outside the plan come back unchanged. Same dtype as `tensor`."""
         entry = self.tensors.get(name)
         if entry is None:
             return tensor
@@ -209,24 +226,64 @@ class ResidualPlan:
         if not (stream_map.is_permutation or self.orthogonal):
             raise ValueError(f"only a permutation of the {self.stack or 'residual'} stream is exact here "
                              f"({'; '.join(self.notes) or self.norm})")
+        if self.keeps_ones and not stream_map.keeps_ones:
+            raise ValueError(f"the {self.stack or 'residual'} stream goes through LayerNorm: an orthogonal map "
+                             "must keep the all-ones direction (Q 1 = 1)")
         if name in self._gains:
             return torch.ones_like(tensor)
-        work = tensor
-        for gain in self._gains_of.get(name, ()):
-            work = fold_gain(work.to(work_dtype(tensor.dtype)), read(gain), entry.axes[0])
+        work = tensor.to(work_dtype(tensor.dtype))  # one rounding to the stored dtype, at the end
+        gain = self._gain_of_bias.get(name)
+        if gain is not None:
+            work = scale_axis(work, 1.0 / read(gain).double(), entry.axes[0])
+        for reader_gain in self._gains_of.get(name, ()):
+            work = scale_axis(work, read(reader_gain), entry.axes[0])
         return stream_map.apply(work, entry.axes).to(tensor.dtype)
+
+    def unfold(self, name: str, tensor: torch.Tensor, into: GainSource) -> torch.Tensor:
+        """A folded tensor (a `transform` output, possibly moved further along other axes)
+        expressed in the gains `into` gives: gain 1 -> g', bias -> bias * g', readers -> / g'.
+        Exact for any g' without zeros, so the copy can take another model's gains and be averaged
+        with it entry by entry. Tensors outside the folds come back unchanged."""
+        entry = self.tensors.get(name)
+        if entry is None:
+            return tensor
+        if name in self._gains:
+            target = into(name)
+            return tensor if target is None else target.to(tensor.dtype).reshape(tensor.shape)
+        work, axis = tensor.to(work_dtype(tensor.dtype)), entry.axes[0]
+        gain = self._gain_of_bias.get(name)
+        if gain is not None and (target := into(gain)) is not None:
+            work = scale_axis(work, target, axis)
+        for reader_gain in self._gains_of.get(name, ()):
+            if (target := into(reader_gain)) is not None:
+                work = scale_axis(work, 1.0 / target.double(), axis)
+        return work.to(tensor.dtype)
 
 
 @dataclass(frozen=True)
 class _Found:
     """A tensor's classification: the stack whose stream it touches, its role and layout, and for
-    a norm gain the full names of the weights that read its output."""
+    a norm gain the full names of the weights that read its output and of its bias (a LayerNorm's
+    bias is itself a norm tensor, with `gain_of` naming its gain)."""
 
     stack: str
     layer: int | None
     role: str
     layout: str = "out_in"
     readers: tuple[str, ...] = ()
+    bias: str = ""
+    gain_of: str = ""
+
+    @classmethod
+    def of(cls, rule: ResidualRule, name: str, stack: str, layer: int | None, full: Callable[[str], str]) -> _Found:
+        """`name`'s classification by the rule that matched it."""
+        if rule.role != "norm":
+            return cls(stack, layer, rule.role, rule.layout)
+        gain = full(rule.names[0])
+        if rule.bias and name == full(rule.bias):
+            return cls(stack, layer, "norm", gain_of=gain)
+        return cls(stack, layer, "norm", readers=tuple(full(r) for r in rule.readers),
+                   bias=full(rule.bias) if rule.bias else "")
 
 
 def residual_plans(bound: BoundArch, checkpoint: Checkpoint, allow_untie: bool = False) -> dict[str, ResidualPlan]:
@@ -251,7 +308,8 @@ def _full(bound: BoundArch, name: str) -> str:
 def _first(rules: tuple[ResidualRule, ...], name: str, config: dict[str, Any],
            full: Callable[[str], str]) -> ResidualRule | None:
     for rule in rules:
-        if any(fnmatch.fnmatchcase(name, full(glob)) for glob in rule.names) and rule.applies(config):
+        globs = (*rule.names, rule.bias) if rule.bias else rule.names
+        if any(fnmatch.fnmatchcase(name, full(glob)) for glob in globs) and rule.applies(config):
             return rule
     return None
 
@@ -280,8 +338,7 @@ class _Classifier:
             if rule is not None and rule.role == "free":
                 free = True
             elif rule is not None:
-                readers = tuple(_full(self.bound, r) for r in rule.readers)
-                claims.append(_Found(stack.name, None, rule.role, rule.layout, readers))
+                claims.append(_Found.of(rule, name, stack.name, None, lambda g: _full(self.bound, g)))
         if len(claims) > 1:
             raise InputError(f"{self.where}: tensor {name!r} is placed on the residual stream of several stacks "
                              f"({', '.join(c.stack for c in claims)}) by the {self.bound.spec.name} spec")
@@ -298,7 +355,7 @@ class _Classifier:
         if rule is None:
             raise _unclassified(name, self.bound, self.config, self.where)
         layer_prefix = name[: len(name) - len(relative)]
-        return _Found(stack, index, rule.role, rule.layout, tuple(layer_prefix + r for r in rule.readers))
+        return _Found.of(rule, name, stack, index, lambda glob: layer_prefix + glob)
 
 
 def _section(spec: ArchSpec, stack: StackSpec) -> ResidualSection:
@@ -339,11 +396,15 @@ def _plan(bound: BoundArch, stack: StackSpec, section: ResidualSection, checkpoi
     d = bound.dims[stack.name].hidden_size
     tensors = {name: _stream_tensor(name, tuple(checkpoint.entry(name).shape), item, d, where)
                for name, item in found.items() if item.role != "free"}
-    if section.norm != "rmsnorm":
-        return ResidualPlan(stack.name, section.norm, d, tensors, [], orthogonal=False, untie=False,
-                            notes=["LayerNorm subtracts the mean, so only permutations of the stream are exact"])
-    norms = {name: item.readers for name, item in found.items() if item.role == "norm"}
-    folding = _folding(bound, section.tie, norms, tensors, checkpoint, allow_untie)
+    norms = {name: item for name, item in found.items() if item.role == "norm" and not item.gain_of}
+    if norms:
+        folding = _folding(bound, section.tie, norms, tensors, checkpoint, allow_untie)
+    else:  # post-LN (BERT and family): the norms act on the stream itself
+        folding = _Folding(note="the spec names no norm whose gain folds into the weights reading it (post-LN "
+                           "models normalise the stream itself), so only permutations of the stream are exact")
+    if not folding.note and outputs_the_stream(bound, checkpoint.config):
+        folding = _Folding(note="the model has no head: its outputs are the final norm's, which cannot be folded, "
+                           "so only permutations are exact")
     if folding.note:
         return ResidualPlan(stack.name, section.norm, d, tensors, [], orthogonal=False, untie=False,
                             notes=[folding.note])
@@ -364,9 +425,15 @@ def _stream_tensor(name: str, shape: tuple[int, ...], item: _Found, d: int, wher
     return StreamTensor(name, axes, item.stack, item.layer, item.role)
 
 
+def outputs_the_stream(bound: BoundArch, config: dict[str, Any]) -> bool:
+    """A class without a head (BertModel, LlamaModel, ...): its outputs are the residual stream itself."""
+    names = config.get("architectures") or []
+    return any(fnmatch.fnmatchcase(str(name), glob) for name in names for glob in bound.spec.stream_output_classes)
+
+
 @dataclass
 class _Folding:
-    """The folds of an RMSNorm stack, or the reason (`note`) why they cannot be made."""
+    """The folds of a stack's norms, or the reason (`note`) why they cannot be made."""
 
     folds: list[NormFold] = field(default_factory=list)
     added: dict[str, str] = field(default_factory=dict)
@@ -374,10 +441,10 @@ class _Folding:
     note: str = ""
 
 
-def _folding(bound: BoundArch, tie: TieRule | None, norms: dict[str, tuple[str, ...]],
+def _folding(bound: BoundArch, tie: TieRule | None, norms: dict[str, _Found],
              tensors: dict[str, StreamTensor], checkpoint: Checkpoint, allow_untie: bool) -> _Folding:
-    """Whether every RMSNorm gain can be folded into its readers, which makes any orthogonal map
-    exact, and if so the folds and the untying they need."""
+    """Whether every norm gain can be folded into its readers, which makes orthogonal maps exact,
+    and if so the folds and the untying they need."""
     where = str(checkpoint.folder)
     head = _tied_head(bound, tie, checkpoint.config)
     folding = _Folding()
@@ -393,19 +460,23 @@ def _folding(bound: BoundArch, tie: TieRule | None, norms: dict[str, tuple[str, 
                 raise InputError(f"{where}: tied embedding {embedding!r} not found")
             folding.added[head] = embedding
     readable = {name for name, t in tensors.items() if t.role == "reads"} | set(folding.added)
-    for gain, listed in norms.items():
-        readers = tuple(name for name in listed if name in readable or name in checkpoint)
+    for gain, item in norms.items():
+        readers = tuple(name for name in item.readers if name in readable or name in checkpoint)
         for reader in readers:
             if reader not in readable:
                 raise InputError(f"{where}: {reader!r} is listed as a reader of {gain!r} but is not a reads tensor")
         if not readers:
-            return _Folding(note=f"{gain!r} feeds no weight of this checkpoint (its output is the model's "
-                            "output), so its gain cannot be folded: only permutations are exact")
-        folding.folds.append(NormFold(gain, readers))
+            return _Folding(note=f"{gain!r} feeds no weight of this checkpoint (its output is the stream or the "
+                            "model's output), so its gain cannot be folded: only permutations are exact")
+        bias = item.bias if item.bias in checkpoint else None
+        if bias is not None and bool((checkpoint.get(gain) == 0).any()):
+            return _Folding(note=f"{gain!r} has zero entries, so its bias cannot ride along as bias / gain: "
+                            "only permutations are exact")
+        folding.folds.append(NormFold(gain, readers, bias))
     unfolded = readable - {reader for fold in folding.folds for reader in fold.readers}
     if unfolded:
-        raise InputError(f"{where}: {sorted(unfolded)[0]!r} reads the residual stream of an rmsnorm model but the "
-                         "spec lists it as the reader of no norm, so an orthogonal map could not be made exact")
+        raise InputError(f"{where}: {sorted(unfolded)[0]!r} reads the residual stream but the spec lists it as the "
+                         "reader of no norm, so an orthogonal map could not be made exact")
     return folding
 
 

@@ -91,10 +91,15 @@ def stack_features(stack: StackSpec) -> list[tuple[str, str]]:
                 ("QK/VO scale", "QK and VO rescaling per head")]
     if stack.residual:
         norm = stack.residual.get("norm", "layernorm")
-        features.append(("residual: orthogonal (RMSNorm, gains folded)", "residual stream: any orthogonal map, "
+        folds = any("norm" in entry for part in ("model", "layer") for entry in stack.residual.get(part) or ())
+        features.append(("residual: permutation", "residual stream: one permutation (the norms act on the stream)")
+                        if not folds else
+                        ("residual: orthogonal (RMSNorm, gains folded)", "residual stream: any orthogonal map, "
                          "after folding RMSNorm gains into their readers (a permutation with tied embeddings)")
                         if norm == "rmsnorm" else
-                        ("residual: permutation", "residual stream: one permutation (LayerNorm allows no more)"))
+                        ("residual: orthogonal (pre-LN, norms folded)", "residual stream: "
+                         "orthogonal maps with Q 1 = 1, after folding LayerNorm gains into their readers "
+                         "(a permutation with tied embeddings, a head-less class or a norm on the stream)"))
     if stack.dims.num_kv_heads:
         features.append(("GQA", "GQA: one QK and one VO transform per KV head, shared by its query heads"))
     if att.qkv is not None:

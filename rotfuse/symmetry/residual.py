@@ -14,11 +14,14 @@ Why that is exact (torch layouts; a Linear computes y = x @ W.T + b):
 - embedding tables [vocab, d], position tables [N, d] or [1, N, d], cls tokens [1, 1, d] hold
   stream vectors along their last axis: rows e become e Q.
 - LayerNorm gain and bias: LN(x P) = LN(x) P for a permutation P (mean and variance ignore the
-  order), and (LN(x) * g + b) P = LN(x) P * (g P) + b P. An orthogonal Q does not commute with
-  the mean subtraction, so LayerNorm models admit permutations only.
+  order), and (LN(x) * g + b) P = LN(x) P * (g P) + b P.
 - RMSNorm: rms(x Q) = rms(x) for orthogonal Q, so x / rms(x) commutes with Q; the gain does not,
-  but (x / rms * g) W^T = (x / rms) (W diag(g))^T, so folding g into every reader (fold_gain)
+  but (x / rms * g) W^T = (x / rms) (W diag(g))^T, so folding g into every reader (`scale_axis`)
   and setting it to 1 makes any orthogonal Q exact.
+- LayerNorm, when its output only feeds weights (pre-LN models): x - mean(x) commutes with an
+  orthogonal Q exactly when Q keeps the all-ones direction (Q 1 = 1; `keeps_ones`), and then so
+  does the variance. The gain folds into the readers as for RMSNorm, and the bias rides along as
+  b / g: LN(x) * g + b = (LN(x) + b / g) * g, with b / g a stream vector that moves like a table.
 """
 
 from __future__ import annotations
@@ -80,6 +83,13 @@ class StreamMap:
         q[self.perm, torch.arange(self.d)] = 1.0
         return q
 
+    @property
+    def keeps_ones(self) -> bool:
+        """Q 1 = 1: the map keeps the all-ones direction, so it commutes with LayerNorm's centering."""
+        if self.perm is not None:
+            return True
+        return bool((self.matrix.sum(dim=1) - 1).abs().max() <= 1e-6) if self.d else True  # type: ignore[union-attr]
+
     def inverse(self) -> StreamMap:
         """Q^-1 = Q^T: x_new @ Q^T = x."""
         if self.perm is not None:
@@ -108,22 +118,45 @@ class StreamMap:
         return result.to(tensor.dtype)
 
 
-def random_stream_map(d: int, orthogonal: bool, generator: torch.Generator) -> StreamMap:
-    """A uniformly random permutation, or a Haar-random orthogonal matrix (QR with sign fix)."""
+def ones_frame(d: int) -> torch.Tensor:
+    """A symmetric orthogonal H [d, d] (a Householder reflection) whose first column is 1/sqrt(d):
+    its other columns are an orthonormal basis of the directions orthogonal to all-ones, so
+    H diag(1, R) H keeps the ones for every orthogonal R [d-1, d-1]."""
+    unit = torch.full((d,), d ** -0.5, dtype=torch.float64)
+    v = -unit
+    v[0] += 1.0
+    if float(v.norm()) < 1e-12:  # d == 1: the ones are the first axis already
+        return torch.eye(d, dtype=torch.float64)
+    return torch.eye(d, dtype=torch.float64) - 2.0 * torch.outer(v, v) / (v @ v)
+
+
+def keeping_ones(rotation: torch.Tensor) -> StreamMap:
+    """The map H diag(1, R) H that acts as `rotation` [d-1, d-1] on the directions orthogonal to all-ones."""
+    d = rotation.shape[0] + 1
+    frame = ones_frame(d)
+    block = torch.eye(d, dtype=torch.float64)
+    block[1:, 1:] = rotation.double()
+    return StreamMap(matrix=frame @ block @ frame)
+
+
+def random_stream_map(d: int, orthogonal: bool, generator: torch.Generator, keep_ones: bool = False) -> StreamMap:
+    """A uniformly random permutation, or a Haar-random orthogonal matrix (QR with sign fix) --
+    `keep_ones`: Haar-random among those with Q 1 = 1."""
     if not orthogonal:
         return StreamMap(perm=torch.randperm(d, generator=generator))
-    gaussian = torch.randn(d, d, generator=generator, dtype=torch.float64)
+    size = d - 1 if keep_ones else d
+    gaussian = torch.randn(size, size, generator=generator, dtype=torch.float64)
     q, r = torch.linalg.qr(gaussian)
-    return StreamMap(matrix=q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, 1.0))
+    q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, 1.0)
+    return keeping_ones(q) if keep_ones else StreamMap(matrix=q)
 
 
-def fold_gain(weight: torch.Tensor, gain: torch.Tensor, axis: int) -> torch.Tensor:
-    """A reader's weight with a norm gain folded in: weight * gain along the stream `axis`, so
-    that reading the un-scaled norm output gives the same result. Computed in float32 or wider;
-    returned in the weight's dtype."""
-    if gain.dim() != 1 or weight.shape[axis] != gain.numel():
-        raise ValueError(f"gain of shape {list(gain.shape)} does not fit axis {axis} of {list(weight.shape)}")
-    work = work_dtype(weight.dtype)
-    shape = [1] * weight.dim()
+def scale_axis(tensor: torch.Tensor, factors: torch.Tensor, axis: int) -> torch.Tensor:
+    """tensor * factors along `axis` (folding a norm gain into a reader, or back out of it).
+    Computed in float32 or wider; returned in the tensor's dtype."""
+    if factors.dim() != 1 or tensor.shape[axis] != factors.numel():
+        raise ValueError(f"factors of shape {list(factors.shape)} do not fit axis {axis} of {list(tensor.shape)}")
+    work = work_dtype(tensor.dtype)
+    shape = [1] * tensor.dim()
     shape[axis] = -1
-    return (weight.to(work) * gain.to(device=weight.device, dtype=work).reshape(shape)).to(weight.dtype)
+    return (tensor.to(work) * factors.to(device=tensor.device, dtype=work).reshape(shape)).to(tensor.dtype)
