@@ -151,6 +151,21 @@ def test_untie_allows_an_orthogonal_map_on_tied_embeddings(tmp_path):
     assert_same_function(model, tmp_path / "scrambled")
 
 
+def test_untie_on_a_pre_ln_model_recovers_a_rotated_stream(tmp_path):
+    """GPT-2 ties lm_head to wte and feeds it through ln_f: with --allow-untie the LayerNorms fold,
+    the stream may rotate (keeping the ones), and a scrambled copy is matched back."""
+    model = save_tiny("gpt2", tmp_path / "model", seed=0)
+    options = MatchOptions(symmetries=WITH_RESIDUAL, device="cpu", allow_untie=True)
+    scrambled = scramble(model, tmp_path / "scrambled", options, seed=3)
+    assert scrambled["residual"]["maps"] == {"stream": KEEPING_ONES} and scrambled["residual"]["untied"]
+    assert_same_function(model, tmp_path / "scrambled")
+    report = match(tmp_path / "scrambled", model, tmp_path / "back", options)
+    totals = report["totals"]["model"]
+    assert totals["before"] > 1.0 and totals["after"] / totals["before"] < 1e-5
+    assert_same_function(model, tmp_path / "back")
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["tie_word_embeddings"] is False
+
+
 def test_headless_model_needs_consent(tmp_path, cli):
     model = save_tiny("bert-bare", tmp_path / "model", seed=0)
     anchor = save_tiny("bert-bare", tmp_path / "anchor", seed=1)
