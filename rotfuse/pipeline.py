@@ -131,6 +131,11 @@ def check_compatible(anchor: OpenedModel, model: OpenedModel) -> list[str]:
     return unpaired
 
 
+def in_layers(model: OpenedModel, layers: list[LayerId]) -> set[str]:
+    """Every tensor name the layers' symmetries read and write."""
+    return {n for layer in layers for n in layer_tensor_names(model.bound, layer, model.checkpoint)}
+
+
 def select_layers(bound: BoundArch, wanted: frozenset[int] | None) -> list[LayerId]:
     layers = bound.layers()
     if wanted is None:
@@ -166,7 +171,7 @@ class MatchPlan:
     residual: ResidualSetup | None = None
 
     def describe(self) -> dict[str, Any]:
-        touched = {n for layer in self.layers for n in layer_tensor_names(self.model.bound, layer, self.model.checkpoint)}
+        touched = in_layers(self.model, self.layers)
         described = {
             "tool": "rotfuse", "version": __version__, "command": "match", "dry_run": True,
             "anchor": str(self.anchor.folder), "model": str(self.model.folder), "output": str(self.out),
@@ -286,10 +291,10 @@ def search_stream_maps(plan: MatchPlan, stream: Stream) -> tuple[dict[str, Strea
         return maps, {"method": "activations", "data": str(options.data),
                       "rounds": [{"round": 1, "mean_matched_score": per_unit}]}
 
-    in_layers = {n for layer in plan.layers for n in layer_tensor_names(plan.model.bound, layer, plan.model.checkpoint)}
+    layer_names = in_layers(plan.model, plan.layers)
     folded = {fold.gain for p in setup.model.plans.values() for fold in p.folds}  # all ones on both sides
     outside = [n for n in plan.model.checkpoint.names()
-               if setup.model.on_stream(n) and n not in in_layers and n not in folded]
+               if setup.model.on_stream(n) and n not in layer_names and n not in folded]
 
     def outside_pass(maps: dict[str, StreamMap] | None) -> tuple[dict[str, torch.Tensor], float]:
         """Scores of the tensors outside the matched layers (maps None), or their distance under maps."""
@@ -321,7 +326,7 @@ def search_stream_maps(plan: MatchPlan, stream: Stream) -> tuple[dict[str, Strea
 
         pass_stream = Stream()
         extras = transform_layers(plan.model, None, plan.layers, plan.device, transform, pass_stream, None,
-                                  options.workers, view=side.view)
+                                  options.workers, view=side.layer_view)
         for stage, seconds in pass_stream.timings.seconds.items():
             stream.timings.add(stage, seconds)
         _, outside_distance = stream.timed("read", lambda: outside_pass(maps))
@@ -384,14 +389,19 @@ def _layout(model: OpenedModel, side: StreamSide) -> list[ShardPlan]:
 def _write_copy(model: OpenedModel, folder: Path, layers: list[LayerId], device: str, workers: int,
                 transform: Any, side: StreamSide, stream: Stream, progress: Progress | None,
                 anchor: OpenedModel | None = None, anchor_side: StreamSide | None = None,
-                unmoved: StreamSide | None = None) -> tuple[list[Any], Distance, list[str]]:
-    """Write MODEL into `folder`: layers through `transform` (read through `side.view`), every
-    other tensor moved with the stream or copied byte for byte. With an anchor, also returns the
-    distance over the tensors outside the layers (before: `unmoved`, after: `side`)."""
+                unmoved: StreamSide | None = None, stored_ffn: bool = False) -> tuple[list[Any], Distance, list[str]]:
+    """Write MODEL into `folder`: layers through `transform` (read through `side.view`, FFN
+    tensors in their stored dtype with `stored_ffn`), every other tensor moved with the stream or
+    copied byte for byte. With an anchor, also returns the distance over the tensors outside the
+    layers (before: `unmoved`, after: `side`)."""
     writer = CheckpointWriter(folder, _layout(model, side), model.checkpoint)
     outside = Distance()
     try:
-        rows = transform_layers(model, writer, layers, device, transform, stream, progress, workers, view=side.view)
+        layer_names = in_layers(model, layers)  # the rest, unless on the stream, is copied first
+        stream.timed("copy", lambda: writer.copy_unwritten(
+            n for n in model.checkpoint.names() if n not in layer_names and not side.on_stream(n)))
+        rows = transform_layers(model, writer, layers, device, transform, stream, progress, workers,
+                                view=side.layer_view, stored_ffn=stored_ffn)
         for name in model.checkpoint.names():
             if name in stream.handled:
                 continue
@@ -436,10 +446,13 @@ def _match_into(plan: MatchPlan, folder: Path, progress: Progress | None) -> dic
         residual_report = {**plan.residual.describe(options), **search}
     else:
         side = anchor_side = unmoved = None
+    # without FFN permutation (nor a stream map) the FFN is only measured, never transformed
+    stored_ffn = side is None and "ffn.perm" not in (options.symmetries - model.bound.disabled)
 
     def transform(layer: LayerId, weights: LayerWeights) -> tuple[LayerWeights, dict[str, Any]]:
-        view = anchor_side.view if anchor_side is not None else None
-        ref = stream.timed("read", lambda: read_layer(anchor.checkpoint, anchor.bound, layer, device, view))
+        view = anchor_side.layer_view if anchor_side is not None else None
+        ref = stream.timed("read", lambda: read_layer(anchor.checkpoint, anchor.bound, layer, device, view,
+                                                      stored_ffn))
         settings = layer_settings(model.bound, layer, options.symmetries, options.max_rounds, options.allow_nonfinite)
         new, results = stream.timed("solve", lambda: match_layer(weights, ref, settings))
         modules = {}
@@ -455,7 +468,7 @@ def _match_into(plan: MatchPlan, folder: Path, progress: Progress | None) -> dic
     plain = StreamSide(model.checkpoint, {}, {})
     rows, outside, skipped = _write_copy(
         model, folder, plan.layers, device, options.workers, transform, side or plain, stream, progress,
-        anchor, anchor_side or StreamSide(anchor.checkpoint, {}, {}), unmoved or plain)
+        anchor, anchor_side or StreamSide(anchor.checkpoint, {}, {}), unmoved or plain, stored_ffn)
     matched = Distance(tensors=sum(1 for layer in plan.layers
                                    for _ in layer_tensor_names(model.bound, layer, model.checkpoint)))
     for row in rows:
