@@ -58,11 +58,9 @@ def solve_circuit(
     """The transform of `src` closest to `anchor` within the chosen group."""
     if not (rotate or scale):
         return CircuitSolution(CircuitTransform(), 0, [])
-    l1, r1 = src.left.double(), src.right.double()
-    l2, r2 = anchor.left.double(), anchor.right.double()
-    m_left, m_right = l1 @ l2.transpose(1, 2), r1 @ r2.transpose(1, 2)
-    c4, c0 = l1.pow(2).sum((1, 2)), r1.pow(2).sum((1, 2))
-    constant = l2.pow(2).sum((1, 2)) + r2.pow(2).sum((1, 2))
+    m_left, c4, anchor_left = _products(src.left, anchor.left)
+    m_right, c0, anchor_right = _products(src.right, anchor.right)
+    constant = anchor_left + anchor_right
     if tie_groups:  # one transform shared by all groups (positions shared across heads)
         m_left, m_right = m_left.sum(0, keepdim=True), m_right.sum(0, keepdim=True)
         c4, c0, constant = c4.sum(0, keepdim=True), c0.sum(0, keepdim=True), constant.sum(0, keepdim=True)
@@ -97,3 +95,19 @@ def solve_circuit(
     return CircuitSolution(
         CircuitTransform(rotation if rotate else None, a if scale else None), rounds, history
     )
+
+
+def _products(x: torch.Tensor, y: torch.Tensor, columns: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x y^T, |x|^2 and |y|^2 per group of `[G, dh, n]` tensors, in float64 -- the objective is an
+    expansion whose terms nearly cancel -- a block of columns at a time: the float64 copies stay
+    in cache instead of doubling the circuits' size in fresh memory."""
+    groups, dh, n = x.shape
+    cross = torch.zeros(groups, dh, dh, dtype=torch.float64, device=x.device)
+    x_norm = torch.zeros(groups, dtype=torch.float64, device=x.device)
+    y_norm = torch.zeros_like(x_norm)
+    for start in range(0, n, columns):
+        xb, yb = x[:, :, start:start + columns].double(), y[:, :, start:start + columns].double()
+        cross.baddbmm_(xb, yb.transpose(1, 2))
+        x_norm += xb.square().sum((1, 2))
+        y_norm += yb.square().sum((1, 2))
+    return cross, x_norm, y_norm
