@@ -29,13 +29,17 @@ class CircuitTransform:
 
     def apply(self, circuit: Circuit) -> Circuit:
         left, right = circuit.left, circuit.right
-        if self.rotation is not None:
-            rt = self.rotation.transpose(1, 2).to(device=left.device, dtype=left.dtype)
-            left, right = rt @ left, rt @ right
-        if self.scale is not None:
+        if self.rotation is None:
+            if self.scale is None:
+                return circuit
             a = self.scale.to(device=left.device, dtype=left.dtype)[:, None, None]
-            left, right = left * a, right / a
-        return Circuit(left, right)
+            return Circuit(left * a, right / a)
+        # the scale folded into the small [G, dh, dh] maps: one pass over each big tensor
+        rt = self.rotation.transpose(1, 2)
+        a = self.scale[:, None, None] if self.scale is not None else torch.ones_like(rt[:, :1, :1])
+        as_left = (rt * a).to(device=left.device, dtype=left.dtype)
+        as_right = (rt / a).to(device=right.device, dtype=right.dtype)
+        return Circuit(as_left @ left, as_right @ right)
 
 
 @dataclass
