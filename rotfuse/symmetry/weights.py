@@ -143,7 +143,7 @@ def ffn_rows(ffn: Ffn) -> torch.Tensor:
         parts.append(linear.weight)
         if linear.bias is not None:
             parts.append(linear.bias[:, None])
-    parts.append(ffn.output.weight.T)
+    parts.append(ffn.output.weight.T.contiguous())  # transposed in tiles, not gathered by cat
     return torch.cat(parts, dim=1)
 
 
