@@ -446,8 +446,8 @@ def _match_into(plan: MatchPlan, folder: Path, progress: Progress | None) -> dic
         residual_report = {**plan.residual.describe(options), **search}
     else:
         side = anchor_side = unmoved = None
-    # without FFN permutation (nor a stream map) the FFN is only measured, never transformed
-    stored_ffn = side is None and "ffn.perm" not in (options.symmetries - model.bound.disabled)
+    # without a stream map the FFN is only measured and perhaps permuted: exact in its own dtype
+    stored_ffn = side is None
 
     def transform(layer: LayerId, weights: LayerWeights) -> tuple[LayerWeights, dict[str, Any]]:
         view = anchor_side.layer_view if anchor_side is not None else None

@@ -98,8 +98,8 @@ def read_layer(checkpoint: Checkpoint, bound: BoundArch, layer: LayerId, device:
     """One layer's tensors as canonical float32 `LayerWeights`. `view`, when given, sees every
     tensor right after it is read (in float32, in its stored layout) and may replace it: the
     residual-stream map and RMSNorm folding come in this way. `stored_ffn` (without a view) keeps
-    the FFN's tensors in their stored dtype: a pass that leaves the FFN as it is only measures
-    it, and a float32 copy of two thirds of the layer's bytes would cost more than the rest."""
+    the FFN's tensors in their stored dtype: measuring and permuting them is exact in it, and a
+    float32 copy of two thirds of the layer's bytes would cost more than the rest of its work."""
     if stored_ffn and view is not None:
         raise ValueError("stored_ffn: the view needs float tensors")
     stack = bound.stack(layer.stack)

@@ -35,38 +35,40 @@ def bounded_row_bests(src: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor |
 
     The scores over a prefix of the columns, plus |x_rest| |y_rest| (Cauchy-Schwarz) for the rest
     and a rounding slack, bound every row's full scores from above; a row whose best-bounded
-    candidate scores (exactly, over every column) at least every other bound is settled, and its
-    best is the full GEMM's argmax. Related models -- fine-tunes of one base, scrambled copies --
-    settle every row on a short prefix; unrelated ones cannot (None as soon as a prefix settles
-    few of the open rows: the first one, at 1/8 of the GEMM's cost), nor two rows with one best.
+    candidate scores (over every column) at least every other bound is settled, and its best is
+    the full GEMM's argmax. Related models -- fine-tunes of one base, scrambled copies -- settle
+    every row on a short prefix; unrelated ones cannot (None as soon as a prefix settles few of
+    the open rows: the first one, at 1/8 of the GEMM's cost), nor two rows with one best.
     """
     n, width = src.shape
-    if n == 0 or anchor.shape[0] != n:
-        return None
+    if n < 2 or anchor.shape[0] != n:
+        return None  # nothing to gain
     src_norm, anchor_norm = src.norm(dim=1), anchor.norm(dim=1)
     best = torch.empty(n, dtype=torch.int64, device=src.device)
     open_rows = torch.arange(n, device=src.device)
     scores: torch.Tensor | None = None
+    bound = src.new_empty(min(n, ROW_BLOCK), n)
     done = 0
     for divisor in PREFIXES:
         upto = max(1, width // divisor)
         if upto <= done:
             continue
-        part = src[open_rows, done:upto] @ anchor[:, done:upto].T
+        rows_src = src if len(open_rows) == n else src.index_select(0, open_rows)
+        part = rows_src[:, done:upto] @ anchor[:, done:upto].T
         scores = part if scores is None else scores.add_(part)
         done = upto
-        src_rest, anchor_rest = src[open_rows, upto:].norm(dim=1), anchor[:, upto:].norm(dim=1)
+        src_rest, anchor_rest = rows_src[:, upto:], anchor[:, upto:]
+        src_rest_norm, anchor_rest_norm = src_rest.norm(dim=1), anchor_rest.norm(dim=1)
         settled, candidate = [], []
         for start in range(0, len(open_rows), ROW_BLOCK):
-            rows = open_rows[start:start + ROW_BLOCK]
-            bound = scores[start:start + ROW_BLOCK].clone()
-            bound.addr_(src_rest[start:start + ROW_BLOCK], anchor_rest)
-            bound.addr_(src_norm[rows], anchor_norm, alpha=SLACK)
-            pick = bound.argmax(dim=1)
-            exact = (src[rows] * anchor[pick]).sum(dim=1).double()  # cascade sum: ~1e-6, inside SLACK
-            bound.scatter_(1, pick[:, None], -torch.inf)
-            settled.append(exact >= bound.max(dim=1).values)
-            candidate.append(pick)
+            block = slice(start, start + ROW_BLOCK)
+            upper = torch.addr(scores[block], src_rest_norm[block], anchor_rest_norm, out=bound[:len(scores[block])])
+            upper.addr_(src_norm[open_rows[block]], anchor_norm, alpha=SLACK)
+            top, pick = upper.topk(2, dim=1)
+            # over every column: this prefix's GEMM scores (their rounding is inside SLACK) plus the rest
+            exact = scores[block].gather(1, pick[:, :1])[:, 0] + (src_rest[block] * anchor_rest[pick[:, 0]]).sum(dim=1)
+            settled.append(exact >= top[:, 1])
+            candidate.append(pick[:, 0])
         ok, pick = torch.cat(settled), torch.cat(candidate)
         if float(ok.float().mean()) < MIN_SETTLED:
             return None  # unrelated rows: the bounds will not settle them before the full GEMM

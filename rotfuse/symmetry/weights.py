@@ -136,15 +136,17 @@ def with_vo(att: Attention, circuit: Circuit) -> Attention:
     return replace(att, v=v, o=Linear(o_t.weight.T))  # a view: the writer's cast makes it contiguous
 
 
-def ffn_rows(ffn: Ffn) -> torch.Tensor:
-    """Every parameter indexed by FFN neuron, one row per neuron: `[dff, n]`."""
+def ffn_rows(ffn: Ffn, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Every parameter indexed by FFN neuron, one row per neuron: `[dff, n]`, in `dtype` (default:
+    the weights'), cast while concatenating."""
     parts = []
     for linear in ffn.inputs:
         parts.append(linear.weight)
         if linear.bias is not None:
             parts.append(linear.bias[:, None])
     parts.append(ffn.output.weight.T.contiguous())  # transposed in tiles, not gathered by cat
-    return torch.cat(parts, dim=1)
+    out = parts[0].new_empty((parts[0].shape[0], sum(p.shape[1] for p in parts)), dtype=dtype or parts[0].dtype)
+    return torch.cat(parts, dim=1, out=out)
 
 
 def circuit_sq_distance(a: Circuit, b: Circuit) -> float:
