@@ -396,27 +396,35 @@ def _write_copy(model: OpenedModel, folder: Path, layers: list[LayerId], device:
     layers (before: `unmoved`, after: `side`)."""
     writer = CheckpointWriter(folder, _layout(model, side), model.checkpoint)
     outside = Distance()
+    layer_names = in_layers(model, layers)
+    rest = [n for n in model.checkpoint.names() if n not in layer_names]
+    fixed, moving = [n for n in rest if not side.on_stream(n)], [n for n in rest if side.on_stream(n)]
+    against = (anchor, anchor_side, unmoved) if anchor and anchor_side and unmoved else None
+
+    def measure(name: str, raw: torch.Tensor, moved: torch.Tensor | None = None) -> None:
+        assert against is not None
+        theirs, theirs_side, before_side = against
+        other = counterpart(name, model, theirs)
+        if other in theirs.checkpoint:
+            ref = theirs_side.read(other)
+            before = sq_distance(before_side.view(name, raw), ref)
+            outside.add(before, before if moved is None else sq_distance(moved, ref))
+
+    def measure_fixed() -> None:
+        for name in fixed:
+            measure(name, model.checkpoint.get(name))
+
     try:
-        layer_names = in_layers(model, layers)  # the rest, unless on the stream, is copied first
-        stream.timed("copy", lambda: writer.copy_unwritten(
-            n for n in model.checkpoint.names() if n not in layer_names and not side.on_stream(n)))
+        stream.timed("copy", lambda: writer.copy_unwritten(fixed))  # first: their shards are flushed early
         rows = transform_layers(model, writer, layers, device, transform, stream, progress, workers,
-                                view=side.layer_view, stored_ffn=stored_ffn)
-        for name in model.checkpoint.names():
-            if name in stream.handled:
-                continue
-            moved = None
-            if side.on_stream(name):
-                raw = stream.timed("read", lambda: model.checkpoint.get(name))
-                moved = side.view(name, raw)
-                stream.timed("write", lambda: writer.write(name, moved))
-            if anchor is not None and anchor_side is not None and unmoved is not None:
-                other = counterpart(name, model, anchor)
-                if other in anchor.checkpoint:
-                    raw = model.checkpoint.get(name) if moved is None else raw
-                    ref = anchor_side.read(other)
-                    before = sq_distance(unmoved.view(name, raw), ref)
-                    outside.add(before, before if moved is None else sq_distance(moved, ref))
+                                view=side.layer_view, stored_ffn=stored_ffn,
+                                alongside=measure_fixed if against else None)
+        for name in moving:
+            raw = stream.timed("read", lambda: model.checkpoint.get(name))
+            moved = side.view(name, raw)
+            stream.timed("write", lambda: writer.write(name, moved))
+            if against:
+                measure(name, raw, moved)
         for residual in side.plans.values():
             for new, source in residual.added.items():
                 writer.write(new, side.read(new, source))

@@ -75,6 +75,7 @@ def transform_layers(
     workers: int,
     view: TensorView | None = None,
     stored_ffn: bool = False,
+    alongside: Callable[[], None] | None = None,
 ) -> list[T]:
     """Read and transform layers in a small thread pool, write them in order on this thread.
 
@@ -83,7 +84,9 @@ def transform_layers(
     assignments run concurrently. At most `workers + 1` layers are in flight: memory stays a few
     layers whatever the depth. Returns each layer's extra result, in layer order. `view` sees
     every tensor as it is read, `stored_ffn` keeps FFN tensors in their stored dtype (see
-    layer_io.read_layer); without a writer nothing is written.
+    layer_io.read_layer); without a writer nothing is written. `alongside` runs in the pool next
+    to the layers (work that needs no writer, such as measuring the tensors outside the layers),
+    rather than after them on this thread while the pool idles.
     """
 
     def job(layer: LayerId) -> tuple[LayerWeights, LayerWeights, T]:
@@ -110,12 +113,15 @@ def transform_layers(
     with threads_per_op(workers):
         pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="rotfuse-layer")
         try:
+            side_job = pool.submit(alongside) if alongside is not None else None
             for layer in layers:
                 pending.append((layer, pool.submit(job, layer)))
                 if len(pending) > workers:
                     finish_oldest()
             while pending:
                 finish_oldest()
+            if side_job is not None:
+                side_job.result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
     return extras
