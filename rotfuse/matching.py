@@ -118,10 +118,17 @@ def _match_attention(src: Attention, anchor: Attention, settings: LayerSettings)
     return attention, results
 
 
-def _match_ffn(src: Ffn, anchor: Ffn, settings: LayerSettings) -> tuple[Ffn, ModuleResult]:
+def _ffn_pairs(src: Ffn, anchor: Ffn) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The tensors FFN permutation moves, paired with the anchor's."""
     pairs = [(s.weight, a.weight) for s, a in zip(src.inputs, anchor.inputs)]
     pairs += [(s.bias, a.bias) for s, a in zip(src.inputs, anchor.inputs) if s.bias is not None and a.bias is not None]
-    pairs.append((src.output.weight, anchor.output.weight))
+    return pairs + [(src.output.weight, anchor.output.weight)]
+
+
+def _match_ffn(src: Ffn, anchor: Ffn, settings: LayerSettings) -> tuple[Ffn, ModuleResult]:
+    """FFN tensors may come in their stored dtype (bf16): measuring and permuting are exact in
+    any dtype, and only the scores are built in float32."""
+    pairs = _ffn_pairs(src, anchor)
     before = sum(sq_distance(s, a) for s, a in pairs)
     result = ModuleResult("ffn", math.sqrt(before), math.sqrt(before))
     if settings.may_be_nonfinite and not _finite(*(t for pair in pairs for t in pair)):
@@ -129,15 +136,15 @@ def _match_ffn(src: Ffn, anchor: Ffn, settings: LayerSettings) -> tuple[Ffn, Mod
         return src, result
     if "ffn.perm" not in settings.symmetries:
         return src, result
-    src_rows, anchor_rows = ffn_rows(src), ffn_rows(anchor)
-    perm = solve_permutation(src_rows, anchor_rows)
-    after = sq_distance(src_rows[perm.to(src_rows.device)], anchor_rows)
+    perm = solve_permutation(ffn_rows(src, torch.float32), ffn_rows(anchor, torch.float32))
+    moved = permute_ffn(src, perm)
+    after = sum(sq_distance(s, a) for s, a in _ffn_pairs(moved, anchor))
     result.applied = ["perm"]
     if after > before:
         result.reverted = True
         return src, result
     result.after = math.sqrt(after)
-    return permute_ffn(src, perm), result
+    return moved, result
 
 
 def scramble_layer(src: LayerWeights, settings: LayerSettings, generator: torch.Generator) -> LayerWeights:

@@ -132,6 +132,11 @@ def check_compatible(anchor: OpenedModel, model: OpenedModel) -> list[str]:
     return unpaired
 
 
+def in_layers(model: OpenedModel, layers: list[LayerId]) -> set[str]:
+    """Every tensor name the layers' symmetries read and write."""
+    return {n for layer in layers for n in layer_tensor_names(model.bound, layer, model.checkpoint)}
+
+
 def select_layers(bound: BoundArch, wanted: frozenset[int] | None) -> list[LayerId]:
     layers = bound.layers()
     if wanted is None:
@@ -167,7 +172,7 @@ class MatchPlan:
     residual: ResidualSetup | None = None
 
     def describe(self) -> dict[str, Any]:
-        touched = {n for layer in self.layers for n in layer_tensor_names(self.model.bound, layer, self.model.checkpoint)}
+        touched = in_layers(self.model, self.layers)
         described = {
             "tool": "rotfuse", "version": __version__, "command": "match", "dry_run": True,
             "anchor": str(self.anchor.folder), "model": str(self.model.folder), "output": str(self.out),
@@ -308,10 +313,10 @@ def search_stream_maps(plan: MatchPlan, stream: Stream) -> tuple[dict[str, Strea
         return maps, {"method": "activations", "data": str(options.data),
                       "rounds": [{"round": 1, "mean_matched_score": per_unit}]}
 
-    in_layers = {n for layer in plan.layers for n in layer_tensor_names(plan.model.bound, layer, plan.model.checkpoint)}
+    layer_names = in_layers(plan.model, plan.layers)
     folded = {fold.gain for p in setup.model.plans.values() for fold in p.folds}  # all ones on both sides
     outside = [n for n in plan.model.checkpoint.names()
-               if setup.model.on_stream(n) and n not in in_layers and n not in folded]
+               if setup.model.on_stream(n) and n not in layer_names and n not in folded]
 
     def outside_pass(maps: dict[str, StreamMap] | None) -> tuple[dict[str, torch.Tensor], float]:
         """Scores of the tensors outside the matched layers (maps None), or their distance under maps."""
@@ -343,7 +348,7 @@ def search_stream_maps(plan: MatchPlan, stream: Stream) -> tuple[dict[str, Strea
 
         pass_stream = Stream()
         extras = transform_layers(plan.model, None, plan.layers, plan.device, transform, pass_stream, None,
-                                  options.workers, view=side.view)
+                                  options.workers, view=side.layer_view)
         for stage, seconds in pass_stream.timings.seconds.items():
             stream.timings.add(stage, seconds)
         _, outside_distance = stream.timed("read", lambda: outside_pass(maps))
@@ -418,32 +423,45 @@ class _Expressing:
 def _write_copy(model: OpenedModel, folder: Path, layers: list[LayerId], device: str, workers: int,
                 transform: Any, side: StreamSide, stream: Stream, progress: Progress | None,
                 anchor: OpenedModel | None = None, anchor_side: StreamSide | None = None,
-                unmoved: StreamSide | None = None) -> tuple[list[Any], Distance, list[str]]:
-    """Write MODEL into `folder`: layers through `transform` (read through `side.view`), every
-    other tensor moved with the stream or copied byte for byte. With an anchor, also returns the
-    distance over the tensors outside the layers (before: `unmoved`, after: `side`). What is
-    written goes through `side.express` (the norm gains the copy is expressed in)."""
+                unmoved: StreamSide | None = None, stored_ffn: bool = False) -> tuple[list[Any], Distance, list[str]]:
+    """Write MODEL into `folder`: layers through `transform` (read through `side.view`, FFN
+    tensors in their stored dtype with `stored_ffn`), every other tensor moved with the stream or
+    copied byte for byte. With an anchor, also returns the distance over the tensors outside the
+    layers (before: `unmoved`, after: `side`). What is written goes through `side.express` (the
+    norm gains the copy is expressed in)."""
     writer: Any = CheckpointWriter(folder, _layout(model, side), model.checkpoint)
     if side.into is not None:
         writer = _Expressing(writer, side)
     outside = Distance()
+    layer_names = in_layers(model, layers)
+    rest = [n for n in model.checkpoint.names() if n not in layer_names]
+    fixed, moving = [n for n in rest if not side.on_stream(n)], [n for n in rest if side.on_stream(n)]
+    against = (anchor, anchor_side, unmoved) if anchor and anchor_side and unmoved else None
+
+    def measure(name: str, raw: torch.Tensor, moved: torch.Tensor | None = None) -> None:
+        assert against is not None
+        theirs, theirs_side, before_side = against
+        other = counterpart(name, model, theirs)
+        if other in theirs.checkpoint:
+            ref = theirs_side.read(other)
+            before = sq_distance(before_side.view(name, raw), ref)
+            outside.add(before, before if moved is None else sq_distance(moved, ref))
+
+    def measure_fixed() -> None:
+        for name in fixed:
+            measure(name, model.checkpoint.get(name))
+
     try:
-        rows = transform_layers(model, writer, layers, device, transform, stream, progress, workers, view=side.view)
-        for name in model.checkpoint.names():
-            if name in stream.handled:
-                continue
-            moved = None
-            if side.on_stream(name):
-                raw = stream.timed("read", lambda: model.checkpoint.get(name))
-                moved = side.view(name, raw)
-                stream.timed("write", lambda: writer.write(name, moved))
-            if anchor is not None and anchor_side is not None and unmoved is not None:
-                other = counterpart(name, model, anchor)
-                if other in anchor.checkpoint:
-                    raw = model.checkpoint.get(name) if moved is None else raw
-                    ref = anchor_side.read(other)
-                    before = sq_distance(unmoved.view(name, raw), ref)
-                    outside.add(before, before if moved is None else sq_distance(moved, ref))
+        stream.timed("copy", lambda: writer.copy_unwritten(fixed))  # first: their shards are flushed early
+        rows = transform_layers(model, writer, layers, device, transform, stream, progress, workers,
+                                view=side.layer_view, stored_ffn=stored_ffn,
+                                alongside=measure_fixed if against else None)
+        for name in moving:
+            raw = stream.timed("read", lambda: model.checkpoint.get(name))
+            moved = side.view(name, raw)
+            stream.timed("write", lambda: writer.write(name, moved))
+            if against:
+                measure(name, raw, moved)
         for residual in side.plans.values():
             for new, source in residual.added.items():
                 writer.write(new, side.read(new, source))
@@ -476,9 +494,12 @@ def _match_into(plan: MatchPlan, folder: Path, progress: Progress | None) -> dic
         side, anchor_side, unmoved = plan.residual.model.moved(maps, into), plan.residual.anchor, plan.residual.model
         residual_report = {**plan.residual.describe(options), **search}
         residual_report["notes"] = [*residual_report["notes"], *notes]
+    # without a stream map the FFN is only measured and perhaps permuted: exact in its own dtype
+    stored_ffn = plan.residual is None
 
     def transform(layer: LayerId, weights: LayerWeights) -> tuple[LayerWeights, dict[str, Any]]:
-        ref = stream.timed("read", lambda: read_layer(anchor.checkpoint, anchor.bound, layer, device, anchor_side.view))
+        ref = stream.timed("read", lambda: read_layer(anchor.checkpoint, anchor.bound, layer, device,
+                                                      anchor_side.layer_view, stored_ffn))
         settings = layer_settings(model.bound, layer, options.symmetries, options.max_rounds, options.allow_nonfinite)
         new, results = stream.timed("solve", lambda: match_layer(weights, ref, settings))
         modules = {}
@@ -493,7 +514,7 @@ def _match_into(plan: MatchPlan, folder: Path, progress: Progress | None) -> dic
     folder.mkdir(parents=True, exist_ok=True)
     rows, outside, skipped = _write_copy(
         model, folder, plan.layers, device, options.workers, transform, side, stream, progress,
-        anchor, anchor_side, unmoved)
+        anchor, anchor_side, unmoved, stored_ffn)
     matched = Distance(tensors=sum(1 for layer in plan.layers
                                    for _ in layer_tensor_names(model.bound, layer, model.checkpoint)))
     for row in rows:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from rotfuse.archs.layer_io import TensorView
 from rotfuse.archs.residual import GainSource, ResidualPlan, StreamTensor
 from rotfuse.io.checkpoint import Checkpoint
 from rotfuse.symmetry.permutation import best_assignment
@@ -59,6 +60,12 @@ class StreamSide:
     def entry(self, name: str) -> StreamTensor:
         """How the stream indexes a tensor on it (its stack, axes and role)."""
         return self.plans[self._stack_of[name]].tensors[name]
+
+    @property
+    def layer_view(self) -> TensorView | None:
+        """`view` for layer readers, None when no tensor is on the stream: a reader without a view
+        lets the writer copy the parts a solve left unchanged byte for byte."""
+        return self.view if self.plans else None
 
     def view(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """The tensor's value in this side's basis (a `layer_io.TensorView`)."""

@@ -9,11 +9,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import torch
 
 from rotfuse.archs.layer_io import TensorView, layer_tensor_names, read_layer, write_layer
 from rotfuse.archs.spec import LayerId
@@ -46,6 +48,22 @@ class Stream:
                 self.timings.add(stage, time.perf_counter() - start)
 
 
+@contextmanager
+def threads_per_op(workers: int) -> Iterator[None]:
+    """Split torch's intra-op threads among `workers` threads that each run their own ops.
+
+    Every op fanning out over all cores from each of several threads oversubscribes the cores,
+    and OpenMP's spin-waiting turns that into a loss: on 2 cores, a 1M-element sum took 8 ms
+    with 2 threads per op and 0.1 ms with 1. Threads started inside take the new count.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, before // max(1, workers)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def transform_layers(
     model: OpenedModel,
     writer: CheckpointWriter | None,
@@ -56,6 +74,8 @@ def transform_layers(
     progress: Progress | None,
     workers: int,
     view: TensorView | None = None,
+    stored_ffn: bool = False,
+    alongside: Callable[[], None] | None = None,
 ) -> list[T]:
     """Read and transform layers in a small thread pool, write them in order on this thread.
 
@@ -63,11 +83,15 @@ def transform_layers(
     `workers` threads one layer's I/O overlaps another's solve and independent layers' FFN
     assignments run concurrently. At most `workers + 1` layers are in flight: memory stays a few
     layers whatever the depth. Returns each layer's extra result, in layer order. `view` sees
-    every tensor as it is read (see layer_io.read_layer); without a writer nothing is written.
+    every tensor as it is read, `stored_ffn` keeps FFN tensors in their stored dtype (see
+    layer_io.read_layer); without a writer nothing is written. `alongside` runs in the pool next
+    to the layers (work that needs no writer, such as measuring the tensors outside the layers),
+    rather than after them on this thread while the pool idles.
     """
 
     def job(layer: LayerId) -> tuple[LayerWeights, LayerWeights, T]:
-        weights = stream.timed("read", lambda: read_layer(model.checkpoint, model.bound, layer, device, view))
+        weights = stream.timed("read", lambda: read_layer(model.checkpoint, model.bound, layer, device, view,
+                                                          stored_ffn))
         return (weights, *transform(layer, weights))
 
     extras: list[T] = []
@@ -76,21 +100,28 @@ def transform_layers(
     def finish_oldest() -> None:
         layer, future = pending.popleft()
         as_read, new, extra = future.result()
+        names = layer_tensor_names(model.bound, layer, model.checkpoint)
         if writer is not None:  # without a view, parts left as they were are copied, not rewritten
             stream.timed("write", lambda: write_layer(writer, model.bound, layer, new, None if view else as_read))
-        stream.handled.update(layer_tensor_names(model.bound, layer, model.checkpoint))
+            if writer.template is not None:
+                stream.timed("copy", lambda: writer.copy_unwritten(names))
+        stream.handled.update(names)
         extras.append(extra)
         if progress:
             progress(len(extras), len(layers))
 
-    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="rotfuse-layer")
-    try:
-        for layer in layers:
-            pending.append((layer, pool.submit(job, layer)))
-            if len(pending) > workers:
+    with threads_per_op(workers):
+        pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="rotfuse-layer")
+        try:
+            side_job = pool.submit(alongside) if alongside is not None else None
+            for layer in layers:
+                pending.append((layer, pool.submit(job, layer)))
+                if len(pending) > workers:
+                    finish_oldest()
+            while pending:
                 finish_oldest()
-        while pending:
-            finish_oldest()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+            if side_job is not None:
+                side_job.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
     return extras

@@ -3,6 +3,7 @@
 
     python scripts/bench.py                      # ~150M and ~1B parameters
     python scripts/bench.py --sizes 150m --json  # one size, machine-readable
+    python scripts/bench.py --sizes 1b --stages io-floor,match-attn  # some stages only
 
 For each size it generates (deterministically, offline) a pair of related checkpoints -- B is A
 plus noise, like two fine-tunes of one base -- sharded the way Hugging Face shards them, then times
@@ -45,6 +46,8 @@ SIZES = {  # hidden, layers, heads, kv heads, ffn width, vocab
                  intermediate_size=352, vocab_size=1000),
 }
 SHARD_BYTES = 500 * 1024 * 1024
+STAGES = ("startup", "io-floor", "match-attn", "match-all", "merge-simple", "mergekit-linear", "match-2x-deep",
+          "merge-2x-deep")
 
 
 @dataclass
@@ -183,14 +186,16 @@ def timed(cmd: list[str], repeat: int, output: Path) -> tuple[float, float, str]
     return seconds, rss, out
 
 
-def bench_size(size: str, root: Path, keep: bool, repeat: int) -> list[Row]:
+def bench_size(size: str, root: Path, keep: bool, repeat: int, stages: frozenset[str] = frozenset(STAGES)) -> list[Row]:
     dims = SIZES[size]
     a = generate(root / f"{size}-a", dims, base_seed=0, noise_seed=None)
     b = generate(root / f"{size}-b", dims, base_seed=0, noise_seed=1)
     rows: list[Row] = []
     work = root / f"{size}-out"
 
-    def stage(name: str, cmd: list[str], detail_from_json: bool = False) -> Row:
+    def stage(name: str, cmd: list[str], detail_from_json: bool = False) -> Row | None:
+        if name not in stages:
+            return None
         seconds, rss, out = timed(cmd, repeat, work)
         detail = {}
         if detail_from_json and out.strip():
@@ -207,29 +212,30 @@ def bench_size(size: str, root: Path, keep: bool, repeat: int) -> list[Row]:
                                 "--device", "cpu"), detail_from_json=True)
     stage("match-all", rotfuse("match", str(a), str(b), "-o", str(work), "--json", "-q", "--device", "cpu"),
           detail_from_json=True)
-    if has_command("merge"):
+    if "merge-simple" in stages and has_command("merge"):
         stage("merge-simple", rotfuse("merge", "--method", "simple", str(a), str(b), "-o", str(work), "-q"))
     mergekit = shutil.which("mergekit-yaml") or os.environ.get("MERGEKIT_YAML")
-    if mergekit:
+    if mergekit and "mergekit-linear" in stages:
         config = root / f"{size}-mergekit.yaml"
         config.write_text(
             "merge_method: linear\ndtype: bfloat16\nmodels:\n"
             f"  - model: {a}\n    parameters: {{weight: 0.5}}\n  - model: {b}\n    parameters: {{weight: 0.5}}\n"
         )
         stage("mergekit-linear", [mergekit, str(config), str(work), "--lazy-unpickle", "--out-shard-size", "500M"])
-    deep_dims = {**dims, "num_hidden_layers": 2 * dims["num_hidden_layers"]}
-    deep_a = generate(root / f"{size}-deep-a", deep_dims, base_seed=0, noise_seed=None)
-    deep_b = generate(root / f"{size}-deep-b", deep_dims, base_seed=0, noise_seed=1)
-    warm(deep_a, deep_b)
-    stage("match-2x-deep", rotfuse("match", str(deep_a), str(deep_b), "-o", str(work), "--json", "-q", "--device", "cpu"),
-          detail_from_json=True)
-    if has_command("merge"):
-        stage("merge-2x-deep", rotfuse("merge", "--method", "simple", str(deep_a), str(deep_b), "-o", str(work), "-q"))
-    if not keep:
-        for folder in (deep_a, deep_b):
-            shutil.rmtree(folder, ignore_errors=True)
+    if stages & {"match-2x-deep", "merge-2x-deep"}:
+        deep_dims = {**dims, "num_hidden_layers": 2 * dims["num_hidden_layers"]}
+        deep_a = generate(root / f"{size}-deep-a", deep_dims, base_seed=0, noise_seed=None)
+        deep_b = generate(root / f"{size}-deep-b", deep_dims, base_seed=0, noise_seed=1)
+        warm(deep_a, deep_b)
+        stage("match-2x-deep", rotfuse("match", str(deep_a), str(deep_b), "-o", str(work), "--json", "-q", "--device",
+                                       "cpu"), detail_from_json=True)
+        if "merge-2x-deep" in stages and has_command("merge"):
+            stage("merge-2x-deep", rotfuse("merge", "--method", "simple", str(deep_a), str(deep_b), "-o", str(work), "-q"))
+        if not keep:
+            for folder in (deep_a, deep_b):
+                shutil.rmtree(folder, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
-    for row in rows:
+    for row in rows if floor is not None else []:
         row.ratio_to_floor = round(row.seconds / floor.seconds, 2)
     return rows
 
@@ -268,14 +274,18 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep generated checkpoints for the next run")
     parser.add_argument("--json", action="store_true", help="print rows as JSON instead of Markdown")
     parser.add_argument("--repeat", type=int, default=3, help=f"runs of each stage under {REPEAT_UNDER_S:.0f} s; the fastest counts")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, from {', '.join(STAGES)}")
     args = parser.parse_args()
+    stages = frozenset(name.strip() for name in args.stages.split(",") if name.strip())
+    if stages - set(STAGES):
+        parser.error(f"unknown stage(s) {', '.join(sorted(stages - set(STAGES)))} (use {', '.join(STAGES)})")
     root = args.workdir or Path(tempfile.mkdtemp(prefix="rotfuse-bench-"))
     root.mkdir(parents=True, exist_ok=True)
     machine = {"cpus": os.cpu_count(), "torch": torch.__version__, "cuda": torch.cuda.is_available()}
     print(f"benchmark in {root} on {machine}", file=sys.stderr)
-    rows = startup_rows()
+    rows = startup_rows() if "startup" in stages else []
     for size in args.sizes.split(","):
-        rows += bench_size(size.strip(), root, args.keep, max(1, args.repeat))
+        rows += bench_size(size.strip(), root, args.keep, max(1, args.repeat), stages)
     if not args.keep and args.workdir is None:
         shutil.rmtree(root, ignore_errors=True)
     if args.json:

@@ -27,3 +27,17 @@ def test_bench_tiny_reports_every_stage(tmp_path: Path) -> None:
     assert rows["match-2x-deep"]["peak_rss_mib"] <= 1.2 * rows["match-all"]["peak_rss_mib"]
     assert rows["merge-2x-deep"]["peak_rss_mib"] <= 1.2 * rows["merge-simple"]["peak_rss_mib"]
     assert not any(tmp_path.glob("*-out")), "the benchmark leaves no output behind"
+
+
+def test_bench_runs_only_the_stages_asked_for(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, str(SCRIPT), "--sizes", "tiny", "--repeat", "1", "--json",
+                             "--workdir", str(tmp_path), "--stages", "io-floor,match-attn"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = {row["stage"]: row for row in json.loads(result.stdout)["rows"]}
+    assert set(rows) == {"io-floor", "match-attn"}
+    assert rows["match-attn"]["ratio_to_floor"] > 0
+    assert not any(tmp_path.glob("tiny-deep-*")), "no twice-as-deep pair without a stage that needs it"
+    unknown = subprocess.run([sys.executable, str(SCRIPT), "--stages", "io-floor,match-everything"],
+                             capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 2 and "match-everything" in unknown.stderr

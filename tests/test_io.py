@@ -18,8 +18,10 @@ from test_match import assert_same_function
 from rotfuse.errors import InputError
 from rotfuse.io.checkpoint import INDEX_FILE, Checkpoint
 from rotfuse.io.safetensors_file import read_header
+from rotfuse.io.writer import CheckpointWriter, copy_side_files, plan_like
 from rotfuse.archs.layer_io import layer_tensor_names
 from rotfuse.pipeline import MatchOptions, match, open_model, scramble
+from rotfuse.tensors import sq_distance
 
 
 def folder_digest(folder: Path) -> dict[str, str]:
@@ -146,3 +148,48 @@ def test_missing_config_and_missing_weights(tmp_path):
         Checkpoint.open(tmp_path / "empty")
     with pytest.raises(InputError, match="no such checkpoint folder"):
         Checkpoint.open(tmp_path / "nowhere")
+
+
+def test_attention_only_match_copies_the_ffn_and_measures_it_in_its_stored_dtype(tmp_path):
+    """Without FFN permutation the FFN is only measured: read in bf16, never rewritten."""
+    model = save_tiny("llama", tmp_path / "model", seed=0, dtype=torch.bfloat16, max_shard_size="40KB")
+    anchor = save_tiny("llama", tmp_path / "anchor", seed=1, dtype=torch.bfloat16)
+    report = match(anchor, model, tmp_path / "out", MatchOptions(device="cpu", symmetries=frozenset({"qk.rot", "vo.rot"})))
+    src, ref, out = Checkpoint.open(model), Checkpoint.open(anchor), Checkpoint.open(tmp_path / "out")
+    ffn = [n for n in src.names() if ".mlp." in n]
+    for name in ffn:
+        assert raw_bytes(src, name) == raw_bytes(out, name), name
+    assert raw_bytes(src, "model.layers.0.self_attn.q_proj.weight") != raw_bytes(out, "model.layers.0.self_attn.q_proj.weight")
+    for row in report["layers"]:
+        names = [n for n in ffn if n.startswith(f"model.layers.{row['layer']}.")]
+        expected = sum(float((src.get(n).double() - ref.get(n).double()).square().sum()) for n in names) ** 0.5
+        assert row["modules"]["ffn"]["before"] == row["modules"]["ffn"]["after"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_writer_copies_what_nobody_wrote_early_and_only_that(tmp_path):
+    model = save_tiny("bert", tmp_path / "model", seed=0)
+    src = Checkpoint.open(model)
+    first, second, *rest = src.names()
+    (tmp_path / "out").mkdir()
+    writer = CheckpointWriter(tmp_path / "out", plan_like(src), src)
+    writer.write(first, torch.zeros(src.entry(first).shape))
+    writer.copy_unwritten([first, second])
+    assert writer.pending == set(rest)
+    writer.finish()
+    copy_side_files(src, tmp_path / "out")
+    out = Checkpoint.open(tmp_path / "out")
+    assert not out.get(first).any()
+    for name in [second, *rest]:
+        assert raw_bytes(src, name) == raw_bytes(out, name), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(), (0, 3), (5,), (3000, 7), (4, 300, 9)])
+def test_sq_distance_matches_a_float64_reference_in_any_chunking(dtype, shape):
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(shape, generator=g).to(dtype) for _ in range(2))
+    expected = float((a.double() - b.double()).square().sum())
+    for chunk in (1, 64, 1 << 18):
+        assert sq_distance(a, b, chunk) == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    if len(shape) == 2:  # a transposed view, as in-out layouts are read
+        assert sq_distance(a.T, b.T, 64) == pytest.approx(expected, rel=1e-6, abs=1e-12)

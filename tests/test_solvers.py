@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from rotfuse.matching import LayerSettings, match_layer, scramble_layer
 from rotfuse.symmetry.circuit import CircuitTransform, solve_circuit
-from rotfuse.symmetry.permutation import permute_ffn, solve_permutation
+from rotfuse.symmetry.permutation import best_assignment, bounded_row_bests, permute_ffn, solve_permutation
 from rotfuse.symmetry.rotation import procrustes, random_rotation
 from rotfuse.symmetry.scaling import best_scale, scale_objective
 from rotfuse.symmetry.weights import (
@@ -204,6 +204,20 @@ def test_permutation_solver_is_exact_assignment_optimum():
     found = float((src[perm] * anc).sum())
     best = max(float((src[list(p)] * anc).sum()) for p in permutations(range(6)))
     assert found == pytest.approx(best, abs=1e-5)
+
+
+def test_bounded_row_bests_agree_with_the_full_scores_or_step_aside():
+    g = torch.Generator().manual_seed(11)
+    anchor = torch.randn(300, 512, generator=g)
+    scrambled = anchor[torch.randperm(300, generator=g)]
+    for src in (scrambled, scrambled + 0.3 * torch.randn(300, 512, generator=g)):  # a copy, a fine-tune
+        best = bounded_row_bests(src, anchor)
+        assert best is not None and torch.equal(best, (src @ anchor.T).argmax(dim=1))
+        assert torch.equal(solve_permutation(src, anchor), best_assignment(src @ anchor.T))
+    assert bounded_row_bests(torch.randn(300, 512, generator=g), anchor) is None  # unrelated: full GEMM
+    twins = scrambled.clone()
+    twins[1] = twins[0]  # two rows with one best column: no certificate
+    assert bounded_row_bests(twins, anchor) is None
 
 
 def test_permute_ffn_moves_rows_and_columns_together():

@@ -61,3 +61,25 @@ def test_scramble_is_deterministic_across_worker_counts(tmp_path):
     scramble(model, tmp_path / "one", MatchOptions(device="cpu", workers=1), seed=9)
     scramble(model, tmp_path / "three", MatchOptions(device="cpu", workers=3), seed=9)
     assert (tmp_path / "one" / "model.safetensors").read_bytes() == (tmp_path / "three" / "model.safetensors").read_bytes()
+
+
+def test_threads_per_op_are_shared_among_workers_and_restored(tmp_path, monkeypatch):
+    import threading
+
+    import torch
+
+    seen: list[int] = []
+    original = Checkpoint.get
+
+    def recording(checkpoint, name, device="cpu"):
+        if threading.current_thread().name.startswith("rotfuse-layer"):
+            seen.append(torch.get_num_threads())
+        return original(checkpoint, name, device)
+
+    model = save_tiny("bert", tmp_path / "model", seed=0)
+    anchor = save_tiny("bert", tmp_path / "anchor", seed=1)
+    before = torch.get_num_threads()
+    monkeypatch.setattr(Checkpoint, "get", recording)
+    match(anchor, model, tmp_path / "out", MatchOptions(device="cpu", workers=2))
+    assert torch.get_num_threads() == before
+    assert seen and max(seen) <= max(1, before // 2)

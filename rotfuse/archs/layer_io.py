@@ -48,9 +48,9 @@ TensorView = Callable[[str, torch.Tensor], torch.Tensor]  # (full name, stored-l
 
 class _LayerReader:
     def __init__(self, checkpoint: Checkpoint, bound: BoundArch, layer: LayerId, device: str,
-                 view: TensorView | None = None):
+                 view: TensorView | None = None, stored: bool = False):
         self.checkpoint, self.bound, self.layer, self.device = checkpoint, bound, layer, device
-        self.view = view
+        self.view, self.stored = view, stored  # stored: values kept in their stored dtype
 
     def tensor(self, relative: str, layout: str, shape: tuple[int, ...]) -> torch.Tensor:
         name = self.bound.full_name(self.layer, relative)
@@ -64,7 +64,8 @@ class _LayerReader:
         value = self.checkpoint.get(name, self.device)
         if not value.is_floating_point():
             raise InputError(f"{self.checkpoint.folder}: tensor {name!r} is not floating point ({value.dtype})")
-        value = value.float() if value.dtype != torch.float64 else value
+        if not self.stored:
+            value = value.float() if value.dtype != torch.float64 else value
         if self.view is not None:
             value = self.view(name, value)
         return value.T if layout == "in_out" and value.dim() == 2 else value
@@ -93,10 +94,14 @@ class _LayerReader:
 
 
 def read_layer(checkpoint: Checkpoint, bound: BoundArch, layer: LayerId, device: str = "cpu",
-               view: TensorView | None = None) -> LayerWeights:
+               view: TensorView | None = None, stored_ffn: bool = False) -> LayerWeights:
     """One layer's tensors as canonical float32 `LayerWeights`. `view`, when given, sees every
     tensor right after it is read (in float32, in its stored layout) and may replace it: the
-    residual-stream map and RMSNorm folding come in this way."""
+    residual-stream map and RMSNorm folding come in this way. `stored_ffn` (without a view) keeps
+    the FFN's tensors in their stored dtype: measuring and permuting them is exact in it, and a
+    float32 copy of two thirds of the layer's bytes would cost more than the rest of its work."""
+    if stored_ffn and view is not None:
+        raise ValueError("stored_ffn: the view needs float tensors")
     stack = bound.stack(layer.stack)
     dims = bound.dims[layer.stack]
     reader = _LayerReader(checkpoint, bound, layer, device, view)
@@ -124,8 +129,9 @@ def read_layer(checkpoint: Checkpoint, bound: BoundArch, layer: LayerId, device:
     if len(stored) != 2:
         raise InputError(f"{checkpoint.folder}: tensor {out_name!r} is not a matrix (shape {list(stored)})")
     width = stored[1] if out_ref.layout == "out_in" else stored[0]
-    output = Linear(reader.tensor(out_ref.weight, out_ref.layout, (d, width)))
-    inputs = [reader.linear(ref, width, d) for ref in ffn_spec.inputs]
+    ffn_reader = _LayerReader(checkpoint, bound, layer, device, view, stored_ffn)
+    output = Linear(ffn_reader.tensor(out_ref.weight, out_ref.layout, (d, width)))
+    inputs = [ffn_reader.linear(ref, width, d) for ref in ffn_spec.inputs]
     return LayerWeights(attention, Ffn(inputs, output))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +117,13 @@ class CheckpointWriter:
         finally:
             os.close(src_fd)
         self._done(name, fd)
+
+    def copy_unwritten(self, names: Iterable[str]) -> None:
+        """Copy those of `names` nobody wrote from the template now rather than in `finish`: a
+        shard is flushed as soon as its last tensor is in, while later layers are still solved."""
+        for name in names:
+            if name in self._pending:
+                self.copy(name)
 
     @property
     def pending(self) -> set[str]:

@@ -85,7 +85,7 @@ def _pack(linears: list[Linear], groups: int, head_dim: int) -> torch.Tensor:
             heads_per_group = matrix.shape[0] // (groups * head_dim)
             blocks = matrix.reshape(groups, heads_per_group, head_dim, matrix.shape[1])
             parts.append(blocks.permute(0, 2, 1, 3).reshape(groups, head_dim, -1))
-    return torch.cat(parts, dim=2)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
 def _unpack(packed: torch.Tensor, templates: list[Linear], groups: int, head_dim: int) -> list[Linear]:
@@ -110,10 +110,6 @@ def _unpack(packed: torch.Tensor, templates: list[Linear], groups: int, head_dim
     return out
 
 
-def _transposed_o(att: Attention) -> Linear:
-    return Linear(att.o.weight.T)
-
-
 def qk_circuit(att: Attention) -> Circuit:
     g, dh = att.num_kv_heads, att.head_dim
     return Circuit(_pack([att.q, *att.q_like], g, dh), _pack([att.k, *att.k_like], g, dh))
@@ -121,7 +117,9 @@ def qk_circuit(att: Attention) -> Circuit:
 
 def vo_circuit(att: Attention) -> Circuit:
     g, dh = att.num_kv_heads, att.head_dim
-    return Circuit(_pack([att.v], g, dh), _pack([_transposed_o(att)], g, dh))
+    # O's columns as rows, contiguous first: torch transposes a matrix in cache-sized tiles, while
+    # packing the transposed view directly would gather every element from another cache line
+    return Circuit(_pack([att.v], g, dh), _pack([Linear(att.o.weight.T.contiguous())], g, dh))
 
 
 def with_qk(att: Attention, circuit: Circuit) -> Attention:
@@ -134,19 +132,21 @@ def with_qk(att: Attention, circuit: Circuit) -> Attention:
 def with_vo(att: Attention, circuit: Circuit) -> Attention:
     g, dh = att.num_kv_heads, att.head_dim
     (v,) = _unpack(circuit.left, [att.v], g, dh)
-    (o_t,) = _unpack(circuit.right, [_transposed_o(att)], g, dh)
-    return replace(att, v=v, o=Linear(o_t.weight.T.contiguous()))
+    (o_t,) = _unpack(circuit.right, [Linear(att.o.weight.T)], g, dh)
+    return replace(att, v=v, o=Linear(o_t.weight.T))  # a view: the writer's cast makes it contiguous
 
 
-def ffn_rows(ffn: Ffn) -> torch.Tensor:
-    """Every parameter indexed by FFN neuron, one row per neuron: `[dff, n]`."""
+def ffn_rows(ffn: Ffn, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Every parameter indexed by FFN neuron, one row per neuron: `[dff, n]`, in `dtype` (default:
+    the weights'), cast while concatenating."""
     parts = []
     for linear in ffn.inputs:
         parts.append(linear.weight)
         if linear.bias is not None:
             parts.append(linear.bias[:, None])
-    parts.append(ffn.output.weight.T)
-    return torch.cat(parts, dim=1)
+    parts.append(ffn.output.weight.T.contiguous())  # transposed in tiles, not gathered by cat
+    out = parts[0].new_empty((parts[0].shape[0], sum(p.shape[1] for p in parts)), dtype=dtype or parts[0].dtype)
+    return torch.cat(parts, dim=1, out=out)
 
 
 def circuit_sq_distance(a: Circuit, b: Circuit) -> float:
