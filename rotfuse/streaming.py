@@ -53,8 +53,9 @@ def threads_per_op(workers: int) -> Iterator[None]:
     """Split torch's intra-op threads among `workers` threads that each run their own ops.
 
     Every op fanning out over all cores from each of several threads oversubscribes the cores,
-    and OpenMP's spin-waiting turns that into a loss: on 2 cores, a 1M-element sum took 8 ms
-    with 2 threads per op and 0.1 ms with 1. Threads started inside take the new count.
+    and OpenMP's spin-waiting turns that into a loss (measured on 2 cores with one of them busy:
+    a 1M-element sum, 8 ms with 2 threads per op, 0.1 ms with 1). Threads started inside take
+    the new count.
     """
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, before // max(1, workers)))

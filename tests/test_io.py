@@ -17,7 +17,7 @@ from test_match import assert_same_function
 
 from rotfuse.errors import InputError
 from rotfuse.io.checkpoint import INDEX_FILE, Checkpoint
-from rotfuse.io.safetensors_file import read_header
+from rotfuse.io.safetensors_file import read_header, start_writeback
 from rotfuse.io.writer import CheckpointWriter, copy_side_files, plan_like
 from rotfuse.archs.layer_io import layer_tensor_names
 from rotfuse.pipeline import MatchOptions, match, open_model, scramble
@@ -193,3 +193,16 @@ def test_sq_distance_matches_a_float64_reference_in_any_chunking(dtype, shape):
         assert sq_distance(a, b, chunk) == pytest.approx(expected, rel=1e-6, abs=1e-12)
     if len(shape) == 2:  # a transposed view, as in-out layouts are read
         assert sq_distance(a.T, b.T, 64) == pytest.approx(expected, rel=1e-6, abs=1e-12)
+
+
+def test_start_writeback_leaves_the_bytes_alone(tmp_path):
+    path = tmp_path / "data"
+    path.write_bytes(b"x" * 10000)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"y" * 100, 5000)
+        start_writeback(fd, 5000, 100)
+        start_writeback(fd, 0, 0)  # nothing to do
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"x" * 5000 + b"y" * 100 + b"x" * 4900

@@ -21,7 +21,7 @@ from rotfuse.errors import InputError, OutputError
 from rotfuse.io.checkpoint import INDEX_FILE, Checkpoint
 from rotfuse.io.dtypes import torch_dtype
 from rotfuse.io.pickled import safetensors_name
-from rotfuse.io.safetensors_file import FLOAT_DTYPES, copy_byte_range, encode_header
+from rotfuse.io.safetensors_file import FLOAT_DTYPES, copy_byte_range, encode_header, start_writeback
 
 if TYPE_CHECKING:
     import torch
@@ -97,6 +97,7 @@ class CheckpointWriter:
         data = tensor.detach().to(device="cpu", dtype=torch_dtype(dtype)).contiguous().reshape(-1)
         raw = data.view(torch.uint8).numpy()
         self._pwrite(fd, memoryview(raw), begin, name)
+        start_writeback(fd, begin, raw.nbytes)
         self._done(name, fd)
 
     def copy(self, name: str, source: Checkpoint | None = None) -> None:
@@ -112,6 +113,7 @@ class CheckpointWriter:
         src_fd = os.open(source.shard_of(name).path, os.O_RDONLY)
         try:
             copy_byte_range(src_fd, fd, entry.begin, begin, entry.nbytes)
+            start_writeback(fd, begin, entry.nbytes)
         except OSError as exc:
             raise OutputError(f"{self.folder}: cannot write tensor {name!r} ({exc.strerror or exc})") from exc
         finally:
