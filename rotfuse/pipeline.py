@@ -79,6 +79,16 @@ def open_model(path: Path, arch: str | None = None, arch_spec: Path | None = Non
     return OpenedModel(checkpoint, bind(spec, checkpoint.config, checkpoint, where=str(path)))
 
 
+def folded_view(path: Path) -> StreamSide:
+    """A checkpoint as the residual search compares it: every foldable norm folded into its
+    readers, the stream not moved -- values that do not depend on how the model splits a scale
+    between a norm and the weights after it."""
+    from rotfuse.archs.residual import residual_plans
+
+    model = open_model(path)
+    return StreamSide.unmoved(model.checkpoint, residual_plans(model.bound, model.checkpoint))
+
+
 def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

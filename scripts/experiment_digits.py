@@ -39,7 +39,7 @@ from rotfuse.symmetries import symmetry_set
 from rotfuse.evaluate import LossSpec, VerifyOptions, score, verify
 from rotfuse.interpolate import Curve, InterpolationSettings, grid, interpolate
 from rotfuse.merge.engine import MergeOptions, merge
-from rotfuse.pipeline import MatchOptions, match
+from rotfuse.pipeline import MatchOptions, folded_view, match
 from rotfuse.runtime import load_model, offline
 from rotfuse.stats import StatsOptions, compute_stats
 
@@ -221,17 +221,7 @@ def folded_distance(a: Path, b: Path) -> float:
     read them (gain 1, bias / gain): a distance that does not depend on how a model splits a scale
     between a norm and its readers -- the space the residual search works in, and the same for
     every variant (the copies with a residual map take the anchor's gains, the others keep B's)."""
-    from rotfuse.archs.residual import residual_plans
-    from rotfuse.archs.spec import bind, select_spec
-    from rotfuse.io.checkpoint import Checkpoint
-    from rotfuse.residual_match import StreamSide
-
-    def side(folder: Path) -> StreamSide:
-        checkpoint = Checkpoint.open(folder)
-        bound = bind(select_spec(checkpoint.config), checkpoint.config, checkpoint, str(folder))
-        return StreamSide.unmoved(checkpoint, residual_plans(bound, checkpoint))
-
-    mine, theirs = side(b), side(a)
+    mine, theirs = folded_view(b), folded_view(a)
     return math.sqrt(sum(float((mine.read(n).double() - theirs.read(n).double()).pow(2).sum())
                          for n in mine.checkpoint.names()))
 

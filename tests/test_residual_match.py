@@ -14,7 +14,7 @@ from test_match import assert_same_function, outputs
 from tiny_models import save_tiny
 
 from rotfuse.io.checkpoint import Checkpoint
-from rotfuse.pipeline import REPORT_NAME, MatchOptions, match, scramble
+from rotfuse.pipeline import REPORT_NAME, MatchOptions, folded_view, match, scramble
 from rotfuse.symmetries import symmetry_set
 
 WITH_RESIDUAL = symmetry_set("default,residual")
@@ -89,15 +89,9 @@ def test_a_copy_in_the_anchors_gains_averages_like_the_folded_pair(tmp_path):
     inputs = example_inputs(json.loads((model / "config.json").read_text()), batch=2, seq_len=8, seed=0)
     merged = forward(load_model(tmp_path / "merged"), inputs).logits
     # the same average taken with every norm folded on both sides (gain 1, bias / gain)
-    from rotfuse.archs.residual import residual_plans
-    from rotfuse.archs.spec import bind, select_spec
-    from rotfuse.residual_match import StreamSide
-
     def folded(folder):
-        checkpoint = Checkpoint.open(folder)
-        bound = bind(select_spec(checkpoint.config), checkpoint.config, checkpoint, str(folder))
-        side = StreamSide.unmoved(checkpoint, residual_plans(bound, checkpoint))
-        return {name: side.read(name) for name in checkpoint.names()}
+        side = folded_view(folder)
+        return {name: side.read(name) for name in side.checkpoint.names()}
 
     mine, theirs = folded(tmp_path / "copy"), folded(anchor)
     average = {name: (mine[name] + theirs[name]) / 2 for name in mine}
