@@ -129,7 +129,7 @@ def write_interpolated(a: Checkpoint, b: Checkpoint, lam: float, folder: Path) -
     merge` writes, the endpoints are A and B bit for bit, and A with itself gives A back.
     Integer tensors (buffers) are copied from A.
     """
-    writer = CheckpointWriter(folder, plan_like(a), a)
+    writer = CheckpointWriter(folder, plan_like(a), a, fsync=False)  # read once and deleted: no flush
     try:
         for name in a.names():
             if a.entry(name).dtype not in FLOAT_DTYPES:

@@ -77,7 +77,7 @@ def _match_attention(src: Attention, anchor: Attention, settings: LayerSettings)
     """
     circuits = {key: (pack(src), pack(anchor)) for key, (pack, _) in CIRCUITS.items()}
     before = {key: circuit_sq_distance(s, a) for key, (s, a) in circuits.items()}
-    if settings.may_be_nonfinite and not _finite(*(t for pair in circuits.values() for c in pair for t in (c.left, c.right))):
+    if settings.may_be_nonfinite and not _finite(*(t for pair in circuits.values() for c in pair for t in c.tensors())):
         return src, [ModuleResult(f"attn.{key}", math.sqrt(d), math.sqrt(d), skipped=NONFINITE) for key, d in before.items()]
 
     def rotary(key: str) -> int:

@@ -57,6 +57,7 @@ class MatchOptions:
     data_batch_size: int = 16
     allow_untie: bool = False  # RMSNorm with tied embeddings: fold anyway, untying the head
     allow_stream_output: bool = False  # a headless model's outputs are the stream itself
+    fsync: bool = True  # flush the output to disk before it is moved into place (io/staging.py)
 
 
 @dataclass
@@ -433,13 +434,14 @@ class _Expressing:
 def _write_copy(model: OpenedModel, folder: Path, layers: list[LayerId], device: str, workers: int,
                 transform: Any, side: StreamSide, stream: Stream, progress: Progress | None,
                 anchor: OpenedModel | None = None, anchor_side: StreamSide | None = None,
-                unmoved: StreamSide | None = None, stored_ffn: bool = False) -> tuple[list[Any], Distance, list[str]]:
+                unmoved: StreamSide | None = None, stored_ffn: bool = False,
+                fsync: bool = True) -> tuple[list[Any], Distance, list[str]]:
     """Write MODEL into `folder`: layers through `transform` (read through `side.view`, FFN
     tensors in their stored dtype with `stored_ffn`), every other tensor moved with the stream or
     copied byte for byte. With an anchor, also returns the distance over the tensors outside the
     layers (before: `unmoved`, after: `side`). What is written goes through `side.express` (the
     norm gains the copy is expressed in)."""
-    writer: Any = CheckpointWriter(folder, _layout(model, side), model.checkpoint)
+    writer: Any = CheckpointWriter(folder, _layout(model, side), model.checkpoint, fsync)
     if side.into is not None:
         writer = _Expressing(writer, side)
     outside = Distance()
@@ -524,7 +526,7 @@ def _match_into(plan: MatchPlan, folder: Path, progress: Progress | None) -> dic
     folder.mkdir(parents=True, exist_ok=True)
     rows, outside, skipped = _write_copy(
         model, folder, plan.layers, device, options.workers, transform, side, stream, progress,
-        anchor, anchor_side, unmoved, stored_ffn)
+        anchor, anchor_side, unmoved, stored_ffn, options.fsync)
     matched = Distance(tensors=sum(1 for layer in plan.layers
                                    for _ in layer_tensor_names(model.bound, layer, model.checkpoint)))
     for row in rows:
@@ -567,7 +569,7 @@ def match(
     """Align MODEL to ANCHOR and write it to OUT; returns the report."""
     check_report_location(report_path, [anchor_path, model_path])
     plan = prepare_match(anchor_path, model_path, out, options, overwrite)
-    with StagedFolder(out, overwrite) as staged:
+    with StagedFolder(out, overwrite, options.fsync) as staged:
         report = _match_into(plan, staged.path, progress)
         _commit_with_report(staged, report, report_path)
     return report
@@ -609,7 +611,7 @@ def match_many(
     check_report_location(report_path, [anchor_path, *model_paths])
     plans = [prepare_match(anchor_path, path, out, options, check_output=False) for path in model_paths]
     names = output_names(model_paths)
-    with StagedFolder(out, overwrite) as staged:
+    with StagedFolder(out, overwrite, options.fsync) as staged:
         reports = []
         for plan, name in zip(plans, names):
             plan.out = Path(out) / name
@@ -654,8 +656,9 @@ def scramble(
         settings = layer_settings(model.bound, layer, options.symmetries, options.max_rounds, options.allow_nonfinite)
         return scramble_layer(weights, settings, generator(str(layer))), None
 
-    with StagedFolder(out, overwrite) as staged:
-        _write_copy(model, staged.path, layers, device, options.workers, transform, side, Stream(), progress)
+    with StagedFolder(out, overwrite, options.fsync) as staged:
+        _write_copy(model, staged.path, layers, device, options.workers, transform, side, Stream(), progress,
+                    fsync=options.fsync)
         staged.commit()
     return {
         "tool": "rotfuse", "version": __version__, "command": "scramble", "model": str(model_path),

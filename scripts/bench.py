@@ -8,14 +8,21 @@
 For each size it generates (deterministically, offline) a pair of related checkpoints -- B is A
 plus noise, like two fine-tunes of one base -- sharded the way Hugging Face shards them, then times
 in one run, each as its own process so peak RSS is per command:
-  io-floor        read both checkpoints fully and write one, with plain safetensors calls
-  match-attn      rotfuse match --symmetries rot,scale
-  match-all       rotfuse match (FFN permutation too), with per-stage seconds from its report
-  merge-simple    rotfuse merge --method simple (when the command exists)
-  mergekit-linear mergekit-yaml linear merge of the same pair (when mergekit is installed)
-  match-2x-deep   match-all on the same model made twice as deep: peak RSS must stay flat
-  merge-2x-deep   merge-simple on the twice-as-deep pair: peak RSS must stay flat too
-and `rotfuse --help` / `rotfuse archs` start-up. Ratios are to the I/O floor of the same size.
+  io-floor           read both checkpoints fully and write one, with plain safetensors calls
+  match-attn         rotfuse match --symmetries rot,scale
+  match-all          rotfuse match (FFN permutation too), with per-stage seconds from its report
+  merge-simple       rotfuse merge --method simple (when the command exists)
+  mergekit-linear    mergekit-yaml linear merge of the same pair (when mergekit is installed)
+  match-2x-deep      match-all on the same model made twice as deep: peak RSS must stay flat
+  merge-2x-deep      merge-simple on the twice-as-deep pair: peak RSS must stay flat too
+  io-floor-fsync     io-floor, each written file flushed to disk (os.fsync) before the end
+  match-attn-fsync   match-attn as rotfuse runs by default: output flushed before it is moved into place
+  merge-simple-fsync merge-simple likewise
+and `rotfuse --help` / `rotfuse archs` start-up. The floor, mergekit and the plain rotfuse stages
+leave writeback to the OS (rotfuse with --no-fsync); the -fsync stages wait for the disk, and
+their ratios are to io-floor-fsync. Every other ratio is to io-floor of the same size. Before each
+timed run the OS is asked to write back what the previous one left (untimed), so no stage pays for
+another's writes.
 
 Wall times on a shared 2-core machine vary by a second between runs, so every stage shorter than
 REPEAT_UNDER_S is run `--repeat` times and its fastest run is reported (peak RSS: the largest).
@@ -47,7 +54,8 @@ SIZES = {  # hidden, layers, heads, kv heads, ffn width, vocab
 }
 SHARD_BYTES = 500 * 1024 * 1024
 STAGES = ("startup", "io-floor", "match-attn", "match-all", "merge-simple", "mergekit-linear", "match-2x-deep",
-          "merge-2x-deep")
+          "merge-2x-deep", "io-floor-fsync", "match-attn-fsync", "merge-simple-fsync")
+FLUSHED = "-fsync"  # stages that flush their output: measured against io-floor-fsync
 
 
 @dataclass
@@ -135,10 +143,11 @@ def run(cmd: list[str]) -> tuple[float, float, str]:
 
 
 IO_FLOOR = r"""
-import sys, pathlib
+import os, sys, pathlib
 from safetensors import safe_open
 from safetensors.torch import save_file
 a, b, out = map(pathlib.Path, sys.argv[1:4])
+flush = sys.argv[4:] == ["fsync"]
 for folder in (b,):
     for shard in sorted(folder.glob("*.safetensors")):
         with safe_open(str(shard), "pt") as f:
@@ -148,6 +157,10 @@ for shard in sorted(a.glob("*.safetensors")):
     with safe_open(str(shard), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     save_file(tensors, str(out / shard.name), metadata={"format": "pt"})
+    if flush:
+        fd = os.open(out / shard.name, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
 """
 
 
@@ -177,6 +190,7 @@ def timed(cmd: list[str], repeat: int, output: Path) -> tuple[float, float, str]
 
     def once() -> tuple[float, float, str]:
         shutil.rmtree(output, ignore_errors=True)
+        os.sync()  # untimed: what earlier runs left to write back is not this run's cost
         return run(cmd)
 
     seconds, rss, out = once()
@@ -207,13 +221,18 @@ def bench_size(size: str, root: Path, keep: bool, repeat: int, stages: frozenset
         return row
 
     warm(a, b)  # every stage, the floor included, reads from a warm page cache: comparable ratios
-    floor = stage("io-floor", [sys.executable, "-c", IO_FLOOR, str(a), str(b), str(work)])
-    stage("match-attn", rotfuse("match", str(a), str(b), "-o", str(work), "--symmetries", "rot,scale", "--json", "-q",
-                                "--device", "cpu"), detail_from_json=True)
-    stage("match-all", rotfuse("match", str(a), str(b), "-o", str(work), "--json", "-q", "--device", "cpu"),
+    no_fsync = ("--no-fsync",)  # as the floor and mergekit: writeback left to the OS
+    floors = {"": stage("io-floor", [sys.executable, "-c", IO_FLOOR, str(a), str(b), str(work)]),
+              FLUSHED: stage("io-floor-fsync", [sys.executable, "-c", IO_FLOOR, str(a), str(b), str(work), "fsync"])}
+    attn = ("match", str(a), str(b), "-o", str(work), "--symmetries", "rot,scale", "--json", "-q", "--device", "cpu")
+    stage("match-attn", rotfuse(*attn, *no_fsync), detail_from_json=True)
+    stage("match-attn-fsync", rotfuse(*attn), detail_from_json=True)
+    stage("match-all", rotfuse("match", str(a), str(b), "-o", str(work), "--json", "-q", "--device", "cpu", *no_fsync),
           detail_from_json=True)
-    if "merge-simple" in stages and has_command("merge"):
-        stage("merge-simple", rotfuse("merge", "--method", "simple", str(a), str(b), "-o", str(work), "-q"))
+    if stages & {"merge-simple", "merge-simple-fsync"} and has_command("merge"):
+        simple = ("merge", "--method", "simple", str(a), str(b), "-o", str(work), "-q")
+        stage("merge-simple", rotfuse(*simple, *no_fsync))
+        stage("merge-simple-fsync", rotfuse(*simple))
     mergekit = shutil.which("mergekit-yaml") or os.environ.get("MERGEKIT_YAML")
     if mergekit and "mergekit-linear" in stages:
         config = root / f"{size}-mergekit.yaml"
@@ -228,15 +247,18 @@ def bench_size(size: str, root: Path, keep: bool, repeat: int, stages: frozenset
         deep_b = generate(root / f"{size}-deep-b", deep_dims, base_seed=0, noise_seed=1)
         warm(deep_a, deep_b)
         stage("match-2x-deep", rotfuse("match", str(deep_a), str(deep_b), "-o", str(work), "--json", "-q", "--device",
-                                       "cpu"), detail_from_json=True)
+                                       "cpu", *no_fsync), detail_from_json=True)
         if "merge-2x-deep" in stages and has_command("merge"):
-            stage("merge-2x-deep", rotfuse("merge", "--method", "simple", str(deep_a), str(deep_b), "-o", str(work), "-q"))
+            stage("merge-2x-deep", rotfuse("merge", "--method", "simple", str(deep_a), str(deep_b), "-o", str(work), "-q",
+                                           *no_fsync))
         if not keep:
             for folder in (deep_a, deep_b):
                 shutil.rmtree(folder, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
-    for row in rows if floor is not None else []:
-        row.ratio_to_floor = round(row.seconds / floor.seconds, 2)
+    for row in rows:
+        floor = floors[FLUSHED if row.stage.endswith(FLUSHED) else ""]
+        if floor is not None:
+            row.ratio_to_floor = round(row.seconds / floor.seconds, 2)
     return rows
 
 
@@ -249,7 +271,8 @@ def startup_rows() -> list[Row]:
 
 
 def markdown(rows: list[Row]) -> str:
-    lines = ["| size | stage | seconds | x I/O floor | peak RSS (MiB) | notes |", "|---|---|---:|---:|---:|---|"]
+    lines = ["| size | stage | seconds | x I/O floor (-fsync: x io-floor-fsync) | peak RSS (MiB) | notes |",
+             "|---|---|---:|---:|---:|---|"]
     by_size = {r.size: {x.stage: x for x in rows if x.size == r.size} for r in rows}
     for r in rows:
         note = ""

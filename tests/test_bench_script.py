@@ -17,9 +17,13 @@ def test_bench_tiny_reports_every_stage(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     rows = {row["stage"]: row for row in json.loads(result.stdout)["rows"]}
     expected = {"startup --help", "startup archs", "io-floor", "match-attn", "match-all", "merge-simple",
-                "match-2x-deep", "merge-2x-deep"}
+                "match-2x-deep", "merge-2x-deep", "io-floor-fsync", "match-attn-fsync", "merge-simple-fsync"}
     assert expected <= set(rows)
     assert rows["io-floor"]["ratio_to_floor"] == 1.0
+    assert rows["io-floor-fsync"]["ratio_to_floor"] == 1.0  # the flushed stages have their own floor
+    for flushed in ("match-attn-fsync", "merge-simple-fsync"):
+        floor = rows["io-floor-fsync"]["seconds"]
+        assert abs(rows[flushed]["ratio_to_floor"] - rows[flushed]["seconds"] / floor) < 0.01, flushed
     for stage in expected - {"startup --help", "startup archs"}:
         assert rows[stage]["seconds"] > 0 and rows[stage]["peak_rss_mib"] > 0, stage
     assert rows["match-all"]["detail"]["timings"]["solve"] >= 0

@@ -182,3 +182,23 @@ def test_cli_startup_does_not_import_torch():
     code = "import sys; import rotfuse.cli; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:3]"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("command", ["archs", "match", "merge"])
+def test_commands_collect_garbage_again_once_their_imports_are_in(pair, tmp_path, command):
+    """`main` switches the cyclic collector off for the imports; every command must switch it
+    back on (with the import-time objects frozen), or a long run would never free a cycle."""
+    anchor, model = pair
+    argv = {"archs": ["archs", "--json"],
+            "match": ["match", str(anchor), str(model), "-o", str(tmp_path / "m"), "-q", "--device", "cpu"],
+            "merge": ["merge", str(anchor), str(model), "-o", str(tmp_path / "g"), "-q"]}[command]
+    code = (
+        "import atexit, gc, sys\n"
+        "atexit.register(lambda: print('collector', gc.isenabled(), gc.get_freeze_count() > 1000, file=sys.stderr))\n"
+        f"sys.argv = ['rotfuse', *{argv!r}]\n"
+        "from rotfuse.cli import main\n"
+        "main()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "collector True True" in result.stderr, result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Annotated
 
@@ -50,4 +51,8 @@ def main() -> None:
     # most of its time faulting in 4 KiB pages (an 11M-element bf16 -> float32 copy: 36 ms, 11 ms
     # with huge pages). torch reads this once, at its first allocation: before a command imports it.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    # numpy's OpenBLAS only ever sees tiny matrices here (the rotary solves), but its idle threads
+    # spin on the cores the layer threads need
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    gc.disable()  # until the command's imports are in: cli.common.imports_done
     app()

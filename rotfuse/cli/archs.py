@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from rotfuse.cli.common import Debug, JsonOut, Quiet, Ui, run_command
+from rotfuse.cli.common import Debug, JsonOut, Quiet, Ui, imports_done, run_command
 
 if TYPE_CHECKING:
     from rotfuse.archs.spec import ArchSpec, Restriction, StackSpec
@@ -28,6 +28,8 @@ def archs_command(
 
     def body() -> dict:
         from rotfuse.archs.spec import builtin_spec_dir, builtin_specs
+
+        imports_done()
 
         if spec_dir:
             if not json_out:

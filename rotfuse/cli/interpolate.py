@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from rotfuse.cli.common import Debug, Device, JsonOut, Quiet, Ui, run_command
+from rotfuse.cli.common import Debug, Device, JsonOut, Quiet, Ui, imports_done, run_command
 from rotfuse.cli.verify import BatchSize
 
 
@@ -53,6 +53,8 @@ def interpolate_command(
         from rotfuse.interpolate import InterpolationSettings, grid, interpolate
         from rotfuse.pipeline import resolve_device
         from rotfuse.report import write_json
+
+        imports_done()
 
         names = list(label or [])
         if names and len(names) != len(ends):

@@ -15,10 +15,12 @@ from rotfuse.cli.common import (
     Debug,
     Device,
     DryRun,
+    Fsync,
     JsonOut,
     Overwrite,
     Quiet,
     Ui,
+    imports_done,
     parse_layers,
     run_command,
 )
@@ -63,6 +65,7 @@ def match_command(
     device: Device = "auto",
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="Layers read and solved concurrently [default: min(4, CPUs)].")] = None,
     overwrite: Overwrite = False,
+    fsync: Fsync = True,
     allow_nonfinite: AllowNonfinite = False,
     dry_run: DryRun = False,
     quiet: Quiet = False,
@@ -84,10 +87,11 @@ def match_command(
         from rotfuse.report import render_match_table, render_plan
         from rotfuse.symmetries import symmetry_set
 
+        imports_done()
         options = MatchOptions(
             symmetry_set(symmetries), parse_layers(layers), device, max_rounds, arch, arch_spec, allow_nonfinite,
             workers or DEFAULT_WORKERS, data, residual_rounds, data_samples, batch_size, allow_untie,
-            allow_stream_output)
+            allow_stream_output, fsync)
         if dry_run:
             plans = [prepare_match(anchor, model, out, options, overwrite).describe() for model in models]
             for plan in plans if not json_out else ():
@@ -117,6 +121,7 @@ def scramble_command(
     arch_spec: ArchSpecFile = None,
     device: Device = "cpu",
     overwrite: Overwrite = False,
+    fsync: Fsync = True,
     allow_nonfinite: AllowNonfinite = False,
     allow_untie: AllowUntie = False,
     allow_stream_output: AllowStreamOutput = False,
@@ -134,8 +139,10 @@ def scramble_command(
         from rotfuse.symmetries import symmetry_set
         from rotfuse.pipeline import MatchOptions, scramble
 
+        imports_done()
         options = MatchOptions(symmetry_set(symmetries), parse_layers(layers), device, 1, arch, arch_spec,
-                               allow_nonfinite, allow_untie=allow_untie, allow_stream_output=allow_stream_output)
+                               allow_nonfinite, allow_untie=allow_untie, allow_stream_output=allow_stream_output,
+                               fsync=fsync)
         with ui.progress("scrambling layers") as progress:
             result = scramble(model, out, options, seed, overwrite, progress)
         ui.console.print(f"wrote {out} ({result['arch']}, symmetries {','.join(result['symmetries'])}, seed {seed})")

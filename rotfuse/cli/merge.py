@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from rotfuse.cli.common import Debug, DryRun, JsonOut, Overwrite, Quiet, Ui, run_command
+from rotfuse.cli.common import FSYNC_HELP, Debug, DryRun, JsonOut, Overwrite, Quiet, Ui, imports_done, run_command
 from rotfuse.errors import UsageError
 
 if TYPE_CHECKING:
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 MERGE_SETTINGS = (
     "models", "out", "method", "weights", "stats", "alpha", "fisher_floor", "fisher_normalize", "exclude",
     "head_from", "match", "symmetries", "max_rounds", "dtype", "report", "arch", "arch_spec", "device",
-    "allow_nonfinite", "dry_run", "overwrite", "quiet", "json", "debug",
+    "allow_nonfinite", "dry_run", "overwrite", "fsync", "quiet", "json", "debug",
 )
 JobFile = Annotated[Path | None, typer.Option(
     "--config", "-c", dir_okay=False,
@@ -76,6 +76,8 @@ def merge_command(
         "--allow-nonfinite", help="Accept checkpoint tensors holding NaN or Inf instead of refusing them.")] = False,
     dry_run: DryRun = False,
     overwrite: Overwrite = False,
+    fsync: Annotated[bool | None, typer.Option(
+        "--fsync/--no-fsync", help=FSYNC_HELP + "  [default: fsync]", show_default=False)] = None,
     quiet: Quiet = False,
     json_out: JsonOut = False,
     debug: Debug = False,
@@ -98,13 +100,14 @@ def merge_command(
         "exclude": exclude or None, "head_from": head_from, "match": match, "symmetries": symmetries,
         "max_rounds": max_rounds, "dtype": dtype, "report": report, "arch": arch, "arch_spec": arch_spec,
         "device": device, "allow_nonfinite": allow_nonfinite or None, "dry_run": dry_run or None,
-        "overwrite": overwrite or None, "quiet": quiet or None, "json": json_out or None, "debug": debug or None,
+        "overwrite": overwrite or None, "fsync": fsync, "quiet": quiet or None, "json": json_out or None, "debug": debug or None,
     }, job)
     ui = Ui(bool(settings.get("quiet", False)), bool(settings.get("json", False)))
 
     def body() -> dict[str, Any]:
         from rotfuse.merge.engine import prepare_merge, run_merge
 
+        imports_done()
         paths, options = _options(settings)
         target, replace = Path(settings.get("out")), bool(settings.get("overwrite", False))
         plan = prepare_merge(paths, target, options, replace)
@@ -173,6 +176,7 @@ def _options(settings: Settings) -> tuple[list[Path], MergeOptions]:
             arch_spec=settings.path("arch_spec"),
             device=str(settings.get("device", "auto")),
             allow_nonfinite=bool(settings.get("allow_nonfinite", False)),
+            fsync=bool(settings.get("fsync", True)),
         )
     except (TypeError, ValueError) as exc:  # values from a job file (the command line's are typed)
         raise UsageError(f"a setting has the wrong type ({exc}); --weights takes numbers separated by commas") from None

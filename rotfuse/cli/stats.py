@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from rotfuse.cli.common import Debug, JsonOut, Overwrite, Quiet, Ui, run_command
+from rotfuse.cli.common import Debug, JsonOut, Overwrite, Quiet, Ui, imports_done, run_command
 from rotfuse.cli.merge import JobFile
 from rotfuse.errors import UsageError
 
@@ -73,6 +73,8 @@ def stats_command(
 
     def body() -> dict[str, Any]:
         from rotfuse.stats import StatsOptions, compute_stats
+
+        imports_done()
 
         for key, flag in (("model", "MODEL"), ("data", "--data"), ("kind", "--kind"), ("out", "--out")):
             if settings.get(key) is None:

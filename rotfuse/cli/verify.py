@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from rotfuse.cli.common import Debug, Device, JsonOut, Quiet, Ui, run_command
+from rotfuse.cli.common import Debug, Device, JsonOut, Quiet, Ui, imports_done, run_command
 
 DIFFERENT = 3  # exit status when the check ran and the outputs disagree (1 stays "internal error")
 
@@ -48,6 +48,8 @@ def verify_command(
     def body() -> dict[str, Any]:
         from rotfuse.evaluate import VerifyOptions, verify
         from rotfuse.pipeline import resolve_device
+
+        imports_done()
 
         options = VerifyOptions(data, samples, seq_len, seed, atol, rtol, resolve_device(device), batch_size)
         result = verify(original, aligned, options)

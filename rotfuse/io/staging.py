@@ -1,13 +1,16 @@
 """Outputs appear complete or not at all.
 
 Every command writes into a hidden sibling of its output folder and renames it into place only
-when everything is written and flushed. An existing output is replaced only with `--overwrite`,
+when everything is written and flushed: every file and folder is fsynced before the rename and the
+parent after it, so not even a crash or power loss can leave a complete-looking output with empty
+files (`--no-fsync` skips the flushes, for scratch disks: then only errors and signals are covered). An existing output is replaced only with `--overwrite`,
 and only after the new one is complete; an error, Ctrl-C or SIGTERM removes the staging folder and
 leaves whatever was there before untouched.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -48,9 +51,10 @@ def check_report_location(report: Path | None, inputs: list[Path]) -> None:
 class StagedFolder:
     """Context manager: `path` is the staging folder; `commit()` renames it to the target."""
 
-    def __init__(self, target: Path, overwrite: bool = False):
+    def __init__(self, target: Path, overwrite: bool = False, fsync: bool = True):
         self.target = Path(target)
         self.overwrite = overwrite
+        self.fsync = fsync
         self.committed = False
         parent = self.target.resolve().parent
         try:
@@ -62,6 +66,8 @@ class StagedFolder:
     def commit(self) -> None:
         final = self.target.resolve()
         old: Path | None = None
+        if self.fsync:
+            flush_tree(self.path)
         try:
             if final.exists():
                 if not self.overwrite:
@@ -74,6 +80,8 @@ class StagedFolder:
                 os.rename(old / final.name, final)  # put the previous output back
             raise OutputError(f"{self.target}: cannot move output into place ({exc.strerror or exc})") from exc
         self.committed = True
+        if self.fsync:
+            flush_tree(final.parent, recursive=False)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -85,3 +93,35 @@ class StagedFolder:
     ) -> None:
         if not self.committed:
             shutil.rmtree(self.path, ignore_errors=True)
+
+
+def flush_tree(folder: Path, recursive: bool = True) -> None:
+    """fsync every file under `folder` (cheap for those already flushed), then the folders
+    themselves, so their entries survive a crash too."""
+    try:
+        if recursive:
+            for root, _dirs, files in os.walk(folder):
+                for name in files:
+                    _fsync_path(Path(root) / name, os.O_RDONLY)
+                _fsync_path(Path(root), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        else:
+            _fsync_path(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot flush output to disk ({exc.strerror or exc})") from exc
+
+
+def _fsync_path(path: Path, flags: int) -> None:
+    folder = bool(flags & getattr(os, "O_DIRECTORY", 0)) or path.is_dir()
+    if folder and os.name == "nt":
+        return  # Windows cannot open folders for fsync
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if not (folder and exc.errno in _UNSYNCABLE_FOLDER):
+            raise  # some file systems (network, FUSE) cannot fsync a folder; their files are flushed
+    finally:
+        os.close(fd)
+
+
+_UNSYNCABLE_FOLDER = {errno.EINVAL, errno.ENOTSUP, errno.EBADF}

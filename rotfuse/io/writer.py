@@ -54,11 +54,17 @@ def plan_like(template: Checkpoint, dtype: str | None = None) -> list[ShardPlan]
 
 
 class CheckpointWriter:
-    """Writes the weight files of one checkpoint into `folder` (a staging folder)."""
+    """Writes the weight files of one checkpoint into `folder` (a staging folder).
 
-    def __init__(self, folder: Path, plans: list[ShardPlan], template: Checkpoint | None = None):
+    With `fsync` (the default) every shard is on disk when `finish()` returns: writeback starts as
+    each tensor lands and a shard is fsynced in the background once complete, so the flush overlaps
+    the work. Without it the OS writes back when it likes (scratch outputs, temporary checkpoints).
+    """
+
+    def __init__(self, folder: Path, plans: list[ShardPlan], template: Checkpoint | None = None, fsync: bool = True):
         self.folder = folder
         self.template = template
+        self.fsync = fsync
         self._plans = plans
         self._where: dict[str, tuple[int, str, tuple[int, ...], int]] = {}  # name -> fd, dtype, shape, begin
         self._pending: set[str] = set()
@@ -79,7 +85,7 @@ class CheckpointWriter:
                     self._pending.add(name)
                 self._unwritten[fd] = len(plan.tensors)
                 if not plan.tensors:  # nothing will complete this shard: flush its header now
-                    self._syncs.append(self._sync_pool.submit(os.fsync, fd))
+                    self._flush(fd)
         except OSError as exc:
             self.abort()
             raise OutputError(f"{folder}: cannot create output files ({exc.strerror or exc})") from exc
@@ -97,7 +103,7 @@ class CheckpointWriter:
         data = tensor.detach().to(device="cpu", dtype=torch_dtype(dtype)).contiguous().reshape(-1)
         raw = data.view(torch.uint8).numpy()
         self._pwrite(fd, memoryview(raw), begin, name)
-        start_writeback(fd, begin, raw.nbytes)
+        self._start_writeback(fd, begin, raw.nbytes)
         self._done(name, fd)
 
     def copy(self, name: str, source: Checkpoint | None = None) -> None:
@@ -113,7 +119,7 @@ class CheckpointWriter:
         src_fd = os.open(source.shard_of(name).path, os.O_RDONLY)
         try:
             copy_byte_range(src_fd, fd, entry.begin, begin, entry.nbytes)
-            start_writeback(fd, begin, entry.nbytes)
+            self._start_writeback(fd, begin, entry.nbytes)
         except OSError as exc:
             raise OutputError(f"{self.folder}: cannot write tensor {name!r} ({exc.strerror or exc})") from exc
         finally:
@@ -189,7 +195,15 @@ class CheckpointWriter:
             self._pending.discard(name)
             self._unwritten[fd] -= 1
             if self._unwritten[fd] == 0:  # the shard is complete: flush it while others are written
-                self._syncs.append(self._sync_pool.submit(os.fsync, fd))
+                self._flush(fd)
+
+    def _start_writeback(self, fd: int, offset: int, length: int) -> None:
+        if self.fsync:
+            start_writeback(fd, offset, length)
+
+    def _flush(self, fd: int) -> None:
+        if self.fsync:
+            self._syncs.append(self._sync_pool.submit(os.fsync, fd))
 
     def _close(self) -> None:
         self._sync_pool.shutdown(wait=True)

@@ -72,6 +72,7 @@ class MergeOptions:
     arch_spec: Path | None = None
     device: str = "auto"
     allow_nonfinite: bool = False
+    fsync: bool = True  # flush the output to disk before it is moved into place (io/staging.py)
 
 
 @dataclass
@@ -476,8 +477,8 @@ def run_merge(plan: MergePlan, overwrite: bool = False, report_path: Path | None
         if progress:
             progress(done, total)
 
-    with StagedFolder(plan.out, overwrite) as staged:
-        writer = CheckpointWriter(staged.path, _plans(plan), plan.first.checkpoint)
+    with StagedFolder(plan.out, overwrite, plan.options.fsync) as staged:
+        writer = CheckpointWriter(staged.path, _plans(plan), plan.first.checkpoint, plan.options.fsync)
         try:
             handled: set[str] = set()
             if plan.options.match:

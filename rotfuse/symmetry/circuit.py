@@ -17,7 +17,7 @@ import torch
 
 from rotfuse.symmetry.rotation import procrustes
 from rotfuse.symmetry.scaling import best_scale, scale_objective
-from rotfuse.symmetry.weights import Circuit
+from rotfuse.symmetry.weights import Blocks, Circuit, batched
 
 
 @dataclass
@@ -28,18 +28,35 @@ class CircuitTransform:
     scale: torch.Tensor | None = None  # [G] float64
 
     def apply(self, circuit: Circuit) -> Circuit:
-        left, right = circuit.left, circuit.right
-        if self.rotation is None:
-            if self.scale is None:
-                return circuit
-            a = self.scale.to(device=left.device, dtype=left.dtype)[:, None, None]
-            return Circuit(left * a, right / a)
-        # the scale folded into the small [G, dh, dh] maps: one pass over each big tensor
-        rt = self.rotation.transpose(1, 2)
-        a = self.scale[:, None, None] if self.scale is not None else torch.ones_like(rt[:, :1, :1])
-        as_left = (rt * a).to(device=left.device, dtype=left.dtype)
-        as_right = (rt / a).to(device=right.device, dtype=right.dtype)
-        return Circuit(as_left @ left, as_right @ right)
+        if self.rotation is None and self.scale is None:
+            return circuit
+        if self.rotation is None:  # a scale alone: [G, 1, 1] maps
+            assert self.scale is not None
+            as_left = self.scale[:, None, None]
+            as_right = 1.0 / as_left
+        else:  # the scale folded into the small [G, dh, dh] maps: one pass over each big tensor
+            rt = self.rotation.transpose(1, 2)
+            a = self.scale[:, None, None] if self.scale is not None else torch.ones_like(rt[:, :1, :1])
+            as_left, as_right = rt * a, rt / a
+        return Circuit(tuple(_mapped(as_left, b) for b in circuit.left),
+                       tuple(_mapped(as_right, b) for b in circuit.right))
+
+
+def _mapped(maps: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """`maps[g] @ block[g, h]` for every head h of group g (`maps` `[G, dh, dh]`, or `[G, 1, 1]`
+    for a scale), written in `block`'s own layout: a transposed weight's result is that weight
+    transposed again, with no copy on the way in or out."""
+    maps = maps.to(device=block.device, dtype=block.dtype)
+    out = torch.empty_like(block)  # same strides as `block` (packing only makes dense layouts)
+    if maps.shape[1] == 1:
+        return torch.mul(block, maps[:, None], out=out)
+    groups, heads, dh = block.shape[0], block.shape[1], block.shape[2]
+    per_head = maps[:, None].expand(groups, heads, dh, dh).reshape(groups * heads, dh, dh)
+    try:
+        torch.bmm(per_head, batched(block), out=out.view(groups * heads, dh, -1))
+    except RuntimeError:  # a layout no [G*H, dh, n] view exists for: a contiguous result
+        out = torch.matmul(maps[:, None], block)
+    return out
 
 
 @dataclass
@@ -94,26 +111,30 @@ def solve_circuit(
             break
 
     if tie_groups:
-        full = src.left.shape[0]
+        full = src.left[0].shape[0]
         rotation, a = rotation.expand(full, dh, dh).clone(), a.expand(full).clone()
     return CircuitSolution(
         CircuitTransform(rotation if rotate else None, a if scale else None), rounds, history
     )
 
 
-def _products(x: torch.Tensor, y: torch.Tensor, columns: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x y^T, |x|^2 and |y|^2 per group of `[G, dh, n]` tensors, a block of columns at a time:
-    each block in the inputs' precision (a float32 GEMM is twice as fast as a float64 one and
-    needs no float64 copy), the blocks summed in float64. A 256-term float32 sum is good to ~1e-6
-    of its terms: the optimum it finds moves far less than float32 rounds the transformed weights.
-    The objective's terms nearly cancel, so its values carry that error (float64 inputs: none)."""
-    groups, dh, n = x.shape
-    cross = torch.zeros(groups, dh, dh, dtype=torch.float64, device=x.device)
-    x_norm = torch.zeros(groups, dtype=torch.float64, device=x.device)
+def _products(x: Blocks, y: Blocks, columns: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """sum_h x_h y_h^T, |x|^2 and |y|^2 per group, over the blocks of one side (each `[G, H, dh,
+    n]`), a block of columns at a time: each in the inputs' precision (a float32 GEMM is twice as
+    fast as a float64 one and needs no float64 copy), the blocks summed in float64. A 256-term
+    float32 sum is good to ~1e-6 of its terms: the optimum it finds moves far less than float32
+    rounds the transformed weights. The objective's terms nearly cancel, so its values carry that
+    error (float64 inputs: none). Strided blocks (O transposed) go to the GEMM as they are."""
+    groups, dh = x[0].shape[0], x[0].shape[2]
+    cross = torch.zeros(groups, dh, dh, dtype=torch.float64, device=x[0].device)
+    x_norm = torch.zeros(groups, dtype=torch.float64, device=x[0].device)
     y_norm = torch.zeros_like(x_norm)
-    for start in range(0, n, columns):
-        xb, yb = x[:, :, start:start + columns], y[:, :, start:start + columns]
-        cross += torch.bmm(xb, yb.transpose(1, 2)).double()
-        x_norm += xb.square().sum((1, 2)).double()
-        y_norm += yb.square().sum((1, 2)).double()
+    for x_block, y_block in zip(x, y, strict=True):
+        heads, n = x_block.shape[1], x_block.shape[3]
+        xs, ys = batched(x_block), batched(y_block)
+        for start in range(0, n, columns):
+            xb, yb = xs[:, :, start:start + columns], ys[:, :, start:start + columns]
+            cross += torch.bmm(xb, yb.transpose(1, 2)).view(groups, heads, dh, dh).sum(1).double()
+            x_norm += xb.square().sum((1, 2)).view(groups, heads).sum(1).double()
+            y_norm += yb.square().sum((1, 2)).view(groups, heads).sum(1).double()
     return cross, x_norm, y_norm

@@ -19,12 +19,13 @@ from rotfuse.symmetry.weights import Circuit
 
 def pair_scores(src: Circuit, anchor: Circuit, rotate: bool, rotary_dim: int = 0) -> torch.Tensor:
     """`[G, G]` float64: the best <R, M_ij> for every source group i and anchor group j."""
-    groups, dh = src.left.shape[0], src.left.shape[1]
+    groups, dh = src.left[0].shape[0], src.left[0].shape[2]
 
-    def cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # all pairs in one GEMM
-        return a.float().reshape(groups * dh, -1) @ b.float().reshape(groups * dh, -1).T
+    def rows(block: torch.Tensor) -> torch.Tensor:  # [G*dh, H*n]: a group's heads side by side
+        return block.float().permute(0, 2, 1, 3).reshape(groups * dh, -1)
 
-    m = (cross(src.left, anchor.left) + cross(src.right, anchor.right)).double()
+    # all pairs in one GEMM per block
+    m = sum(rows(a) @ rows(b).T for a, b in zip(src.tensors(), anchor.tensors(), strict=True)).double()
     m = m.reshape(groups, dh, groups, dh).permute(0, 2, 1, 3)  # [i, j, dh, dh]
     if not rotate:
         return torch.diagonal(m, dim1=-2, dim2=-1).sum(-1)
@@ -35,5 +36,6 @@ def pair_scores(src: Circuit, anchor: Circuit, rotate: bool, rotary_dim: int = 0
 
 
 def permute_groups(circuit: Circuit, perm: torch.Tensor) -> Circuit:
-    index = perm.to(circuit.left.device)
-    return Circuit(circuit.left.index_select(0, index), circuit.right.index_select(0, index))
+    index = perm.to(circuit.left[0].device)
+    return Circuit(tuple(b.index_select(0, index) for b in circuit.left),
+                   tuple(b.index_select(0, index) for b in circuit.right))

@@ -1,15 +1,17 @@
 """The tensors of one transformer layer, in one canonical layout, with no names attached.
 
 Every weight is torch-Linear style `[out, in]` (callers transpose Conv1D weights on the way in
-and out). The attention symmetries act on per-head row blocks, so a circuit (QK or VO) is packed
-into two tensors of shape `[groups, head_dim, n]`:
+and out). The attention symmetries act on per-head row blocks, so each side of a circuit (QK or
+VO) is a few blocks of shape `[groups, heads per group, head_dim, n]`, one per weight or bias:
 
-- QK: left = [Q rows | q bias] of every query head in the group, right = [K rows | k bias];
-- VO: left = [V rows | v bias], right = O's columns for every query head in the group, transposed.
+- QK: left = Q, q bias (and q-like tensors) of every query head in the group, right = K, k bias;
+- VO: left = V, v bias, right = O's columns for every query head in the group, transposed.
 
 A rotation R acts as `X <- R^T X` on both sides; a scale a as `left <- a*left, right <- right/a`.
 With GQA a group is one KV head and the query heads that read it (queries are laid out
 group-major, as in Hugging Face's `repeat_kv`), so one transform per group keeps the function.
+The blocks are views of the weights (O's transposed included): nothing is copied to pack a circuit
+or to unpack it, and a transformed block keeps the layout of the weight it came from.
 """
 
 from __future__ import annotations
@@ -63,51 +65,58 @@ class Ffn:
         return self.output.weight.shape[1]
 
 
+Blocks = tuple[torch.Tensor, ...]
+
+
 @dataclass
 class Circuit:
-    """A QK or VO circuit packed per group: left `[G, dh, nL]` (scaled by a), right `[G, dh, nR]` (by 1/a)."""
+    """A QK or VO circuit: per side, blocks `[G, H, dh, n]` whose H heads share their group's
+    transform; left scaled by a, right by 1/a. A `[G, dh, n]` tensor is taken as one block, H = 1."""
 
-    left: torch.Tensor
-    right: torch.Tensor
+    left: Blocks
+    right: Blocks
+
+    def __post_init__(self) -> None:
+        self.left, self.right = as_blocks(self.left), as_blocks(self.right)
+
+    def tensors(self) -> Blocks:
+        return self.left + self.right
+
+
+def as_blocks(side: torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor]) -> Blocks:
+    items = (side,) if isinstance(side, torch.Tensor) else tuple(side)
+    return tuple(t[:, None] if t.dim() == 3 else t for t in items)
+
+
+def batched(block: torch.Tensor) -> torch.Tensor:
+    """`[G, H, dh, n]` -> `[G*H, dh, n]`, a view for every layout packing makes."""
+    return block.reshape(block.shape[0] * block.shape[1], *block.shape[2:])
 
 
 # ---------------------------------------------------------------------- packing
 
 
-def _pack(linears: list[Linear], groups: int, head_dim: int) -> torch.Tensor:
-    """Stack per-group row blocks of several linears side by side: `[G, dh, sum of columns]`."""
-    parts = []
+def _pack(linears: list[Linear], groups: int, head_dim: int) -> Blocks:
+    """Each weight and bias as a view `[G, heads per group, dh, columns]` of its per-head row blocks."""
+    blocks = []
     for linear in linears:
         for tensor in (linear.weight, linear.bias):
             if tensor is None:
                 continue
             matrix = tensor if tensor.dim() == 2 else tensor[:, None]
             heads_per_group = matrix.shape[0] // (groups * head_dim)
-            blocks = matrix.reshape(groups, heads_per_group, head_dim, matrix.shape[1])
-            parts.append(blocks.permute(0, 2, 1, 3).reshape(groups, head_dim, -1))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+            blocks.append(matrix.reshape(groups, heads_per_group, head_dim, matrix.shape[1]))
+    return tuple(blocks)
 
 
-def _unpack(packed: torch.Tensor, templates: list[Linear], groups: int, head_dim: int) -> list[Linear]:
+def _unpack(blocks: Blocks, templates: list[Linear]) -> list[Linear]:
     """Inverse of `_pack`, using `templates` for the shapes."""
-    out: list[Linear] = []
-    start = 0
+    remaining = iter(blocks)
 
     def take(tensor: torch.Tensor | None) -> torch.Tensor | None:
-        nonlocal start
-        if tensor is None:
-            return None
-        matrix = tensor if tensor.dim() == 2 else tensor[:, None]
-        heads_per_group = matrix.shape[0] // (groups * head_dim)
-        width = heads_per_group * matrix.shape[1]
-        block = packed[:, :, start:start + width]
-        start += width
-        block = block.reshape(groups, head_dim, heads_per_group, matrix.shape[1]).permute(0, 2, 1, 3)
-        return block.reshape(tensor.shape)
+        return None if tensor is None else next(remaining).reshape(tensor.shape)
 
-    for linear in templates:
-        out.append(Linear(take(linear.weight), take(linear.bias)))  # type: ignore[arg-type]
-    return out
+    return [Linear(take(linear.weight), take(linear.bias)) for linear in templates]  # type: ignore[arg-type]
 
 
 def qk_circuit(att: Attention) -> Circuit:
@@ -117,23 +126,19 @@ def qk_circuit(att: Attention) -> Circuit:
 
 def vo_circuit(att: Attention) -> Circuit:
     g, dh = att.num_kv_heads, att.head_dim
-    # O's columns as rows, contiguous first: torch transposes a matrix in cache-sized tiles, while
-    # packing the transposed view directly would gather every element from another cache line
-    return Circuit(_pack([att.v], g, dh), _pack([Linear(att.o.weight.T.contiguous())], g, dh))
+    return Circuit(_pack([att.v], g, dh), _pack([Linear(att.o.weight.T)], g, dh))
 
 
 def with_qk(att: Attention, circuit: Circuit) -> Attention:
-    g, dh = att.num_kv_heads, att.head_dim
-    q, *q_like = _unpack(circuit.left, [att.q, *att.q_like], g, dh)
-    k, *k_like = _unpack(circuit.right, [att.k, *att.k_like], g, dh)
+    q, *q_like = _unpack(circuit.left, [att.q, *att.q_like])
+    k, *k_like = _unpack(circuit.right, [att.k, *att.k_like])
     return replace(att, q=q, k=k, q_like=q_like, k_like=k_like)
 
 
 def with_vo(att: Attention, circuit: Circuit) -> Attention:
-    g, dh = att.num_kv_heads, att.head_dim
-    (v,) = _unpack(circuit.left, [att.v], g, dh)
-    (o_t,) = _unpack(circuit.right, [Linear(att.o.weight.T)], g, dh)
-    return replace(att, v=v, o=Linear(o_t.weight.T))  # a view: the writer's cast makes it contiguous
+    (v,) = _unpack(circuit.left, [att.v])
+    (o_t,) = _unpack(circuit.right, [Linear(att.o.weight.T)])
+    return replace(att, v=v, o=Linear(o_t.weight.T))  # O's own layout again when the blocks kept it
 
 
 def ffn_rows(ffn: Ffn, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -151,7 +156,7 @@ def ffn_rows(ffn: Ffn, dtype: torch.dtype | None = None) -> torch.Tensor:
 
 def circuit_sq_distance(a: Circuit, b: Circuit) -> float:
     """Squared Frobenius distance, accumulated in float64."""
-    return sq_distance(a.left, b.left) + sq_distance(a.right, b.right)
+    return sum((sq_distance(x, y) for x, y in zip(a.tensors(), b.tensors(), strict=True)), 0.0)
 
 
 @dataclass
