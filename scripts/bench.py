@@ -25,7 +25,8 @@ timed run the OS is asked to write back what the previous one left (untimed), so
 another's writes.
 
 Wall times on a shared 2-core machine vary by a second between runs, so every stage shorter than
-REPEAT_UNDER_S is run `--repeat` times and its fastest run is reported (peak RSS: the largest).
+REPEAT_UNDER_S is run `--repeat` times, in rounds that interleave the stages (a slow spell then
+slows the floor too), and its fastest run is reported (peak RSS: the largest).
 """
 
 from __future__ import annotations
@@ -184,52 +185,56 @@ def has_command(name: str) -> bool:
 REPEAT_UNDER_S = 20.0  # longer stages vary little relative to their length: one run
 
 
-def timed(cmd: list[str], repeat: int, output: Path) -> tuple[float, float, str]:
-    """Fastest wall seconds and largest peak RSS over up to `repeat` runs (one if the first is long),
-    each into an absent `output` folder."""
+@dataclass
+class Stage:
+    name: str
+    cmd: list[str]
+    detail_from_json: bool = False
+    seconds: float = float("inf")
+    rss: float = 0.0
+    out: str = ""
+    runs: int = 0
 
-    def once() -> tuple[float, float, str]:
-        shutil.rmtree(output, ignore_errors=True)
-        os.sync()  # untimed: what earlier runs left to write back is not this run's cost
-        return run(cmd)
 
-    seconds, rss, out = once()
-    for _ in range(repeat - 1 if seconds < REPEAT_UNDER_S else 0):
-        again = once()
-        seconds, rss = min(seconds, again[0]), max(rss, again[1])
-    return seconds, rss, out
+def timed_rounds(stages: list[Stage], repeat: int, output: Path) -> None:
+    """Run every stage once, then again in rounds while rounds are left, skipping stages whose first
+    run took REPEAT_UNDER_S or more; keep each stage's fastest run (and largest peak RSS). Rounds
+    interleave the stages, so a slow spell of this shared machine slows the floor as much as what
+    is measured against it instead of one stage's repeats. Each run writes into an absent `output`."""
+    for round_number in range(max(1, repeat)):
+        for stage in stages:
+            if round_number and stage.seconds >= REPEAT_UNDER_S:
+                continue
+            shutil.rmtree(output, ignore_errors=True)
+            os.sync()  # untimed: what earlier runs left to write back is not this run's cost
+            seconds, rss, out = run(stage.cmd)
+            if seconds < stage.seconds:
+                stage.seconds, stage.out = seconds, out
+            stage.rss, stage.runs = max(stage.rss, rss), stage.runs + 1
+            print(f"  {stage.name:<18} run {stage.runs}: {seconds:8.2f} s  {rss:8.1f} MiB", file=sys.stderr, flush=True)
+    shutil.rmtree(output, ignore_errors=True)
 
 
 def bench_size(size: str, root: Path, keep: bool, repeat: int, stages: frozenset[str] = frozenset(STAGES)) -> list[Row]:
     dims = SIZES[size]
     a = generate(root / f"{size}-a", dims, base_seed=0, noise_seed=None)
     b = generate(root / f"{size}-b", dims, base_seed=0, noise_seed=1)
-    rows: list[Row] = []
     work = root / f"{size}-out"
+    planned: list[Stage] = []
 
-    def stage(name: str, cmd: list[str], detail_from_json: bool = False) -> Row | None:
-        if name not in stages:
-            return None
-        seconds, rss, out = timed(cmd, repeat, work)
-        detail = {}
-        if detail_from_json and out.strip():
-            report = json.loads(out)
-            detail = {"timings": report.get("timings"), "distance_reduction": report["totals"]["matched"]["reduction"]}
-        row = Row(size, name, round(seconds, 2), round(rss, 1), detail=detail)
-        rows.append(row)
-        print(f"  {size:>5} {name:<16} {seconds:8.2f} s  {rss:8.1f} MiB", file=sys.stderr, flush=True)
-        return row
+    def stage(name: str, cmd: list[str], detail_from_json: bool = False) -> None:
+        if name in stages:
+            planned.append(Stage(name, cmd, detail_from_json))
 
-    warm(a, b)  # every stage, the floor included, reads from a warm page cache: comparable ratios
     no_fsync = ("--no-fsync",)  # as the floor and mergekit: writeback left to the OS
-    floors = {"": stage("io-floor", [sys.executable, "-c", IO_FLOOR, str(a), str(b), str(work)]),
-              FLUSHED: stage("io-floor-fsync", [sys.executable, "-c", IO_FLOOR, str(a), str(b), str(work), "fsync"])}
+    stage("io-floor", [sys.executable, "-c", IO_FLOOR, str(a), str(b), str(work)])
+    stage("io-floor-fsync", [sys.executable, "-c", IO_FLOOR, str(a), str(b), str(work), "fsync"])
     attn = ("match", str(a), str(b), "-o", str(work), "--symmetries", "rot,scale", "--json", "-q", "--device", "cpu")
     stage("match-attn", rotfuse(*attn, *no_fsync), detail_from_json=True)
     stage("match-attn-fsync", rotfuse(*attn), detail_from_json=True)
     stage("match-all", rotfuse("match", str(a), str(b), "-o", str(work), "--json", "-q", "--device", "cpu", *no_fsync),
           detail_from_json=True)
-    if stages & {"merge-simple", "merge-simple-fsync"} and has_command("merge"):
+    if stages & {"merge-simple", "merge-simple-fsync", "merge-2x-deep"} and has_command("merge"):
         simple = ("merge", "--method", "simple", str(a), str(b), "-o", str(work), "-q")
         stage("merge-simple", rotfuse(*simple, *no_fsync))
         stage("merge-simple-fsync", rotfuse(*simple))
@@ -241,20 +246,31 @@ def bench_size(size: str, root: Path, keep: bool, repeat: int, stages: frozenset
             f"  - model: {a}\n    parameters: {{weight: 0.5}}\n  - model: {b}\n    parameters: {{weight: 0.5}}\n"
         )
         stage("mergekit-linear", [mergekit, str(config), str(work), "--lazy-unpickle", "--out-shard-size", "500M"])
+    folders = [a, b]
     if stages & {"match-2x-deep", "merge-2x-deep"}:
         deep_dims = {**dims, "num_hidden_layers": 2 * dims["num_hidden_layers"]}
         deep_a = generate(root / f"{size}-deep-a", deep_dims, base_seed=0, noise_seed=None)
         deep_b = generate(root / f"{size}-deep-b", deep_dims, base_seed=0, noise_seed=1)
-        warm(deep_a, deep_b)
+        folders += [deep_a, deep_b]
         stage("match-2x-deep", rotfuse("match", str(deep_a), str(deep_b), "-o", str(work), "--json", "-q", "--device",
                                        "cpu", *no_fsync), detail_from_json=True)
-        if "merge-2x-deep" in stages and has_command("merge"):
+        if has_command("merge"):
             stage("merge-2x-deep", rotfuse("merge", "--method", "simple", str(deep_a), str(deep_b), "-o", str(work), "-q",
                                            *no_fsync))
-        if not keep:
-            for folder in (deep_a, deep_b):
-                shutil.rmtree(folder, ignore_errors=True)
-    shutil.rmtree(work, ignore_errors=True)
+    warm(*folders)  # every stage, the floor included, reads from a warm page cache: comparable ratios
+    timed_rounds(planned, repeat, work)
+    if not keep:
+        for folder in folders[2:]:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    rows = []
+    for done in planned:
+        detail = {}
+        if done.detail_from_json and done.out.strip():
+            report = json.loads(done.out)
+            detail = {"timings": report.get("timings"), "distance_reduction": report["totals"]["matched"]["reduction"]}
+        rows.append(Row(size, done.name, round(done.seconds, 2), round(done.rss, 1), detail=detail))
+    floors = {kind: next((r for r in rows if r.stage == "io-floor" + kind), None) for kind in ("", FLUSHED)}
     for row in rows:
         floor = floors[FLUSHED if row.stage.endswith(FLUSHED) else ""]
         if floor is not None:

@@ -68,6 +68,35 @@ def test_circuit_packing_round_trips_with_gqa_and_biases():
     assert torch.equal(again.o.weight, att.o.weight)
 
 
+@pytest.mark.parametrize("rotate", [True, False])
+def test_transforms_follow_the_per_head_formulas_and_keep_each_weights_layout(rotate):
+    """Q_h <- a R^T Q_h, K_h <- R^T K_h / a, V_h <- a' R'^T V_h, O[:, h] <- O[:, h] R' / a' for every
+    head h of group g, written straight into each weight's own layout (O included: its blocks are
+    views of O transposed, and the result is O's layout again, not a transposed copy)."""
+    att = random_layer(3, heads=6, kv_heads=2, head_dim=4, d=7).attention
+    g = torch.Generator().manual_seed(4)
+    rotations = [random_rotation(2, 4, 0, g).double() if rotate else None for _ in range(2)]
+    scales = [torch.rand(2, generator=g, dtype=torch.float64) + 0.5 for _ in range(2)]
+    qk, vo = (CircuitTransform(r, a) for r, a in zip(rotations, scales))
+    new = with_vo(with_qk(att, qk.apply(qk_circuit(att))), vo.apply(vo_circuit(att)))
+    for head in range(6):
+        group, rows = head // 3, slice(4 * head, 4 * head + 4)
+        rq = rotations[0][group].float() if rotate else torch.eye(4)
+        rv = rotations[1][group].float() if rotate else torch.eye(4)
+        aq, av = float(scales[0][group]), float(scales[1][group])
+        assert torch.allclose(new.q.weight[rows], aq * rq.T @ att.q.weight[rows], atol=1e-5)
+        assert torch.allclose(new.q.bias[rows], aq * rq.T @ att.q.bias[rows], atol=1e-5)
+        assert torch.allclose(new.o.weight[:, rows], att.o.weight[:, rows] @ rv / av, atol=1e-5)
+    for kv in range(2):
+        rows = slice(4 * kv, 4 * kv + 4)
+        rk = rotations[0][kv].float() if rotate else torch.eye(4)
+        rv = rotations[1][kv].float() if rotate else torch.eye(4)
+        assert torch.allclose(new.k.weight[rows], rk.T @ att.k.weight[rows] / float(scales[0][kv]), atol=1e-5)
+        assert torch.allclose(new.v.weight[rows], float(scales[1][kv]) * rv.T @ att.v.weight[rows], atol=1e-5)
+    for linear in (new.q, new.k, new.v, new.o):
+        assert linear.weight.is_contiguous(), "a transposed copy would cost the writer another pass"
+
+
 def test_gqa_group_holds_its_query_heads():
     """Group g of the QK circuit must contain query heads g*r .. g*r+r-1 (HF repeat_kv order)."""
     att = random_layer(1, heads=6, kv_heads=2, head_dim=3, d=5, biases=False).attention
