@@ -129,18 +129,31 @@ def generate(folder: Path, dims: dict, base_seed: int, noise_seed: int | None) -
     return folder
 
 
+# Peak RSS comes from wait4 on the measured process. On Linux a child's ru_maxrss starts at the
+# high-water mark of the process that spawned it (exec keeps the old mm's peak), so spawning straight
+# from this script -- torch imported, checkpoints generated -- would give every stage this script's
+# peak as a floor and hide what the command itself uses. A tiny interpreter without site packages
+# spawns it instead, times it, and hands back seconds and peak RSS on its stderr's last line.
+LAUNCHER = r"""
+import os, subprocess, sys, time
+start = time.perf_counter()
+child = subprocess.Popen(sys.argv[1:])
+_, status, usage = os.wait4(child.pid, 0)
+seconds = time.perf_counter() - start
+sys.stderr.write("\n@bench %r %r\n" % (seconds, usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run(cmd: list[str]) -> tuple[float, float, str]:
-    """Wall seconds and peak RSS (MiB) of a command and the children it waited for."""
-    start = time.perf_counter()
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    out = process.stdout.read() if process.stdout else ""
-    err = process.stderr.read() if process.stderr else ""
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({process.returncode}):\n{err[-3000:]}")
-    return seconds, usage.ru_maxrss / 1024, out
+    """Wall seconds and peak RSS (MiB) of a command and the children it waited for, measured from a
+    launcher that holds almost no memory itself (see LAUNCHER)."""
+    process = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, *cmd], capture_output=True, text=True)
+    measured = process.stderr.rpartition("\n@bench ")[2]
+    if process.returncode != 0 or not measured:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({process.returncode}):\n{process.stderr[-3000:]}")
+    seconds, max_rss_kib = (float(field) for field in measured.split())
+    return seconds, max_rss_kib / 1024, process.stdout
 
 
 IO_FLOOR = r"""

@@ -3,12 +3,34 @@ memory rows that guard the streaming design (no timing assertions: only that it 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).parent.parent / "scripts" / "bench.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peak_rss_is_the_commands_own_not_the_benchmarks(tmp_path: Path) -> None:
+    """A child's ru_maxrss starts at its spawner's peak on Linux: measured straight from the bench
+    process (torch loaded, checkpoints generated) every stage would inherit that floor, and the
+    memory-flat rows would compare two copies of the benchmark's own peak."""
+    bench = load_bench()
+    ballast = bytearray(600 * 1024 * 1024)  # touched pages: this process's peak is now >= 600 MiB
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    seconds, rss, out = bench.run([sys.executable, "-S", "-c", "print(sum(range(10)))"])
+    assert out.strip() == "45" and seconds > 0
+    assert 0 < rss < 200, f"{rss:.0f} MiB for an empty interpreter"
+    del ballast
 
 
 def test_bench_tiny_reports_every_stage(tmp_path: Path) -> None:
