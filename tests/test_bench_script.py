@@ -67,3 +67,16 @@ def test_bench_runs_only_the_stages_asked_for(tmp_path: Path) -> None:
     unknown = subprocess.run([sys.executable, str(SCRIPT), "--stages", "io-floor,match-everything"],
                              capture_output=True, text=True, timeout=60)
     assert unknown.returncode == 2 and "match-everything" in unknown.stderr
+
+
+def test_ffn_solve_benchmark_names_the_path_of_every_case() -> None:
+    script = SCRIPT.parent / "bench_ffn_solve.py"
+    result = subprocess.run([sys.executable, str(script), "--neurons", "256", "--width", "384", "--repeat", "1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    cases = {row[0].strip(): row[1].strip() for row in rows[1:]}
+    assert cases["fine-tune (+5 %)"] == "prefix bounds"
+    assert cases["unrelated"] == "float32 GEMM + Hungarian"
+    assert "far relative (+50 %)" in cases
+    assert all(float(row[3]) > 0 for row in rows[1:])

@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 
 from rotfuse.matching import LayerSettings, match_layer, scramble_layer
 from rotfuse.symmetry.circuit import CircuitTransform, solve_circuit
-from rotfuse.symmetry.permutation import best_assignment, bounded_row_bests, permute_ffn, solve_permutation
+from rotfuse.symmetry.permutation import (
+    best_assignment,
+    bounded_row_bests,
+    filtered_row_bests,
+    permute_ffn,
+    solve_permutation,
+)
 from rotfuse.symmetry.rotation import procrustes, random_rotation
 from rotfuse.symmetry.scaling import best_scale, scale_objective
 from rotfuse.symmetry.weights import (
@@ -248,6 +254,48 @@ def test_bounded_row_bests_agree_with_the_full_scores_or_step_aside():
     twins = scrambled.clone()
     twins[1] = twins[0]  # two rows with one best column: no certificate
     assert bounded_row_bests(twins, anchor) is None
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.3, 1.0, 2.0])
+def test_bfloat16_filtered_row_bests_are_the_float64_argmax_or_step_aside(noise):
+    """Whatever the CPU (the bound holds for any bfloat16 GEMM accumulating in float32): the bests
+    of a copy, fine-tunes and distant relatives are found exactly, none is guessed."""
+    g = torch.Generator().manual_seed(12)
+    anchor = torch.randn(300, 512, generator=g)
+    src = anchor[torch.randperm(300, generator=g)] + noise * torch.randn(300, 512, generator=g)
+    best = filtered_row_bests(src, anchor)
+    exact = src.double() @ anchor.double().T
+    assert best is not None and torch.equal(best, exact.argmax(dim=1))
+    assert torch.equal(solve_permutation(src, anchor), best_assignment(exact))  # whichever path it takes
+
+
+def test_bfloat16_filtered_row_bests_settle_near_ties_in_float64():
+    """Anchor rows in pairs of equal norm whose scores differ far below bfloat16's resolution: which
+    one of a pair is a row's best is decided by the float64 scores of the few candidates, not by
+    the rounded GEMM."""
+    g = torch.Generator().manual_seed(13)
+    first = torch.randn(150, 256, generator=g, dtype=torch.float64)
+    second = first + 0.02 * first.norm(dim=1, keepdim=True) * torch.randn(150, 256, generator=g, dtype=torch.float64) / 16
+    second *= first.norm(dim=1, keepdim=True) / second.norm(dim=1, keepdim=True)
+    anchor = torch.cat([first, second])
+    # each row leans towards its own member of the pair: <x, own> - <x, twin> ~ 2e-4 |x| |y|
+    src = torch.cat([first + 0.5 * (first - second), second + 0.5 * (second - first)])
+    src, anchor = src[torch.randperm(300, generator=g)].float(), anchor.float()
+    best = filtered_row_bests(src, anchor)
+    exact = (src.double() @ anchor.double().T).argmax(dim=1)
+    assert torch.unique(exact).numel() == 300, "the case is meant to have distinct bests"
+    assert best is not None and torch.equal(best, exact)
+    rounded = (src.bfloat16() @ anchor.bfloat16().T).float().argmax(dim=1)
+    assert not torch.equal(rounded, exact), "the rounded GEMM alone must get some wrong, or this tests nothing"
+
+
+def test_bfloat16_filtered_row_bests_step_aside_for_unrelated_rows_and_shared_bests():
+    g = torch.Generator().manual_seed(14)
+    anchor = torch.randn(300, 512, generator=g)
+    assert filtered_row_bests(torch.randn(300, 512, generator=g), anchor) is None  # near-ties everywhere
+    twins = anchor[torch.randperm(300, generator=g)]
+    twins[1] = twins[0]  # two rows with one best column: no certificate
+    assert filtered_row_bests(twins, anchor) is None
 
 
 def test_permute_ffn_moves_rows_and_columns_together():
