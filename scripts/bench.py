@@ -148,10 +148,10 @@ def run(cmd: list[str]) -> tuple[float, float, str]:
     """Wall seconds and peak RSS (MiB) of a command and the children it waited for, measured from a
     launcher that holds almost no memory itself (see LAUNCHER)."""
     process = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, *cmd], capture_output=True, text=True)
-    measured = process.stderr.rpartition("\n@bench ")[2]
-    if process.returncode != 0 or not measured:
+    _, marker, measured = process.stderr.rpartition("\n@bench ")
+    if process.returncode != 0 or not marker:
         raise RuntimeError(f"{' '.join(cmd)} failed ({process.returncode}):\n{process.stderr[-3000:]}")
-    seconds, max_rss_kib = (float(field) for field in measured.split())
+    seconds, max_rss_kib = (float(number) for number in measured.split())
     return seconds, max_rss_kib / 1024, process.stdout
 
 
