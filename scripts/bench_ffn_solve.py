@@ -60,6 +60,8 @@ def main() -> None:
             path = "prefix bounds"
         elif fast_bfloat16_gemm(anchor.device) and filtered_row_bests(sources[0], anchor) is not None:
             path = "bfloat16 filter"
+        elif torch.unique((sources[0] @ anchor.T).argmax(dim=1)).numel() == args.neurons:
+            path = "float32 GEMM + certificate"
         else:
             path = "float32 GEMM + Hungarian"
         if path == "float32 GEMM + Hungarian" and args.neurons > 3000:

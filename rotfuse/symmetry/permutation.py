@@ -71,7 +71,7 @@ def filtered_row_bests(src: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor 
     error = 2 * (3 * BF16_UNIT + width * FP32_UNIT)
     src_norm, anchor_norm = src.norm(dim=1), anchor.norm(dim=1)
     best = torch.empty(n, dtype=torch.int64, device=src.device)
-    open_rows, open_cols = [], []
+    open_rows, open_cols, open_pairs = [], [], 0
     for start in range(0, n, ROW_BLOCK):
         block = slice(start, start + ROW_BLOCK)
         scores = approx[block].float()
@@ -87,7 +87,8 @@ def filtered_row_bests(src: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor 
         rows, cols = candidates[~single].nonzero(as_tuple=True)
         open_rows.append(torch.arange(start, start + len(pick), device=src.device)[~single][rows])
         open_cols.append(cols)
-        if sum(len(r) for r in open_rows) > MAX_CANDIDATES * n:
+        open_pairs += len(cols)
+        if open_pairs > MAX_CANDIDATES * n:
             return None
     rows, cols = torch.cat(open_rows), torch.cat(open_cols)
     if len(rows):
