@@ -103,13 +103,14 @@ def _load_texts(path: Path) -> tuple[list[str], list[str] | None, list[int] | No
 
 
 def _tokenize(texts: list[str], pairs: list[str] | None, folder: Path, max_length: int) -> dict[str, torch.Tensor]:
-    from rotfuse.runtime import offline
+    from rotfuse.runtime import offline, refuse_remote_code
 
     offline()
+    refuse_remote_code(folder)
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         raise InputError(f"{folder}: no usable tokenizer for text data ({type(exc).__name__}: {exc})") from exc
     if tokenizer.pad_token is None:

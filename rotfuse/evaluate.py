@@ -279,9 +279,11 @@ def verify(original: Path, aligned: Path, options: VerifyOptions) -> dict[str, A
     """Run both checkpoints with transformers (one at a time, in float32) and compare main outputs."""
     from rotfuse.data import load_inputs
     from rotfuse.io.checkpoint import Checkpoint
-    from rotfuse.runtime import example_inputs
+    from rotfuse.runtime import example_inputs, refuse_remote_code
 
     first, second = Checkpoint.open(original), Checkpoint.open(aligned)
+    for folder in (original, aligned):
+        refuse_remote_code(folder)
     for key in ("model_type", "architectures"):
         if first.config.get(key) != second.config.get(key):
             raise InputError(f"{aligned}: {key} {second.config.get(key)!r} differs from {first.config.get(key)!r} "

@@ -27,7 +27,7 @@ from rotfuse.io.checkpoint import Checkpoint
 from rotfuse.io.safetensors_file import FLOAT_DTYPES
 from rotfuse.io.writer import CheckpointWriter, copy_side_files, plan_like
 from rotfuse.merge.simple import weighted_average
-from rotfuse.runtime import load_model
+from rotfuse.runtime import load_model, refuse_remote_code
 
 Progress = Callable[[int, int], None]
 
@@ -154,6 +154,8 @@ def interpolate(a_path: Path, b_path: Path, inputs: dict[str, torch.Tensor], set
     """Score `(1-l)*A + l*B` on `inputs` for every `l` in `settings.lambdas`."""
     a, b = Checkpoint.open(a_path), Checkpoint.open(b_path)
     check_pair(a, b)
+    for folder in (a_path, b_path):
+        refuse_remote_code(folder)
     spec = loss_spec(a.config, inputs, where=str(a_path))
     reference = _reference_labels(a_path, b_path, inputs, spec, settings)
     losses: list[float] = []

@@ -289,6 +289,11 @@ def prepare_match(anchor_path: Path, model_path: Path, out: Path, options: Match
     anchor = open_model(anchor_path, options.arch, options.arch_spec, options.allow_nonfinite)
     model = open_model(model_path, options.arch, options.arch_spec, options.allow_nonfinite)
     unpaired = check_compatible(anchor, model)
+    if options.data is not None:  # the models will run: nothing of theirs may execute
+        from rotfuse.runtime import refuse_remote_code
+
+        for folder in (anchor_path, model_path):
+            refuse_remote_code(folder)
     layers = select_layers(model.bound, options.layers)
     residual = prepare_residual(anchor, model, options)
     return MatchPlan(anchor, model, Path(out), layers, unpaired, device, options, residual)

@@ -2,7 +2,10 @@
 
 `match` and `merge --method simple` never import this module (nor transformers). `stats`,
 `verify` and `interpolate` do. Nothing here touches the network: models load from their folder
-with `local_files_only`, and the hub is switched off for the process.
+with `local_files_only`, and the hub is switched off for the process. Nothing from the checkpoint
+runs either: a folder whose configs name their own code (`auto_map`) is refused before
+transformers sees it, and every load passes `trust_remote_code=False` (transformers then raises
+instead of prompting on stdin).
 """
 
 from __future__ import annotations
@@ -21,6 +24,33 @@ def offline() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def refuse_remote_code(folder: str | Path) -> None:
+    """Refuse a checkpoint whose configs ask transformers to import Python files shipped with it
+    (`auto_map` in config.json, tokenizer_config.json, ...): rotfuse never runs a checkpoint's code."""
+    import json
+
+    folder = Path(folder)
+    for path in sorted(folder.glob("*.json")):
+        if not (path.name == "config.json" or path.name.endswith("_config.json")):
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            continue  # unreadable side files are the loader's to report
+        if isinstance(data, dict) and _names_code(data):
+            raise InputError(
+                f"{path}: names Python code shipped with the checkpoint (auto_map); rotfuse never "
+                "runs a checkpoint's own code -- use a checkpoint of an architecture built into transformers"
+            )
+
+
+def _names_code(config: dict[str, Any]) -> bool:
+    """True when a config dict (or a sub-config in it) carries an `auto_map`."""
+    if config.get("auto_map"):
+        return True
+    return any(isinstance(value, dict) and value.get("auto_map") for value in config.values())
 
 
 def model_class(config: dict[str, Any]) -> Any:
@@ -44,9 +74,10 @@ def load_model(folder: str | Path, device: str = "cpu", dtype: torch.dtype | Non
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise InputError(f"{folder / 'config.json'}: cannot read ({exc})") from exc
+    refuse_remote_code(folder)
     cls = model_class(config)
     try:
-        model = cls.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
+        model = cls.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False, dtype=dtype)
     except Exception as exc:  # transformers raises many types; the user needs the one line
         raise InputError(f"{folder}: transformers cannot load this checkpoint ({type(exc).__name__}: {exc})") from exc
     return model.to(device).eval()

@@ -55,7 +55,7 @@ from rotfuse.io.dtypes import parse_dtype_flag, torch_dtype
 from rotfuse.io.safetensors_file import FLOAT_DTYPES
 from rotfuse.io.staging import StagedFolder, check_output_location
 from rotfuse.merge.statsfile import GRAM_PREFIX, KINDS, SCHEMA, write_stats
-from rotfuse.runtime import accepted_inputs, load_model
+from rotfuse.runtime import accepted_inputs, load_model, refuse_remote_code
 
 Progress = Callable[[int, int], None]
 LABEL_MODES = ("auto", "sampled", "data")
@@ -368,6 +368,7 @@ def compute_stats(model_path: Path, data_path: Path, out: Path, options: StatsOp
     check_output_location(Path(out), [Path(model_path), Path(data_path)], overwrite)
     device = resolve_device(options.device)
     checkpoint = Checkpoint.open(model_path)
+    refuse_remote_code(model_path)
     inputs = load_inputs(Path(data_path), Path(model_path), options.max_samples, options.max_length)
     if len(next(iter(inputs.values()))) == 0:
         raise InputError(f"{data_path}: no samples")
