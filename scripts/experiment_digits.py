@@ -8,10 +8,10 @@ Two settings, several seed pairs each:
 
 For each pair and each symmetry subset (none, perm, rot, perm+rot, perm+rot+scale; then past the
 paper: + head permutation, + a residual-stream map from weights or from activations on A's
-training images) B is matched to A with `rotfuse.pipeline.match`, then the path (1-l)*A + l*B is scored on held-out data with
-`rotfuse.interpolate`: l = 0.5 is the simple-averaged merge, the curve gives the loss barrier.
+training images) B is matched to A with `rotfuse.align.match.match`, then the path (1-l)*A + l*B is scored on held-out data with
+`rotfuse.eval.interpolate`: l = 0.5 is the simple-averaged merge, the curve gives the loss barrier.
 Fisher and RegMean merges (`rotfuse.merge`) use statistics computed on each model's own training
-data with `rotfuse.stats`, on the matched B (statistics belong to the checkpoint being merged).
+data with `rotfuse.merge.stats.collect`, on the matched B (statistics belong to the checkpoint being merged).
 Writes results.md (tables), results.json and one PNG per setting to --out. Deterministic given
 the seeds. `--quick` is the CI-size version.
 
@@ -35,13 +35,16 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from rotfuse.symmetries import symmetry_set
-from rotfuse.evaluate import LossSpec, VerifyOptions, score, verify
-from rotfuse.interpolate import Curve, InterpolationSettings, grid, interpolate
+from rotfuse.symmetry.names import symmetry_set
+from rotfuse.eval.score import LossSpec, score
+from rotfuse.eval.verify import VerifyOptions, verify
+from rotfuse.eval.interpolate import Curve, InterpolationSettings, grid, interpolate
 from rotfuse.merge.engine import MergeOptions, merge
-from rotfuse.pipeline import MatchOptions, folded_view, match
-from rotfuse.runtime import load_model, offline
-from rotfuse.stats import StatsOptions, compute_stats
+from rotfuse.align.options import MatchOptions
+from rotfuse.align.pair import folded_view
+from rotfuse.align.match import match
+from rotfuse.eval.runtime import load_model, offline
+from rotfuse.merge.stats.collect import StatsOptions, compute_stats
 
 # (name in tables, --symmetries value, residual map from activations on A's training images)
 # The first five are the paper's symmetries; the last three go past it (issue 8): whole-head
@@ -353,7 +356,7 @@ def markdown(config: Config, rows: list[Row], summary: dict[str, Any], command: 
 
 def run(config: Config, out: Path, command: str, work_root: Path | None = None, log: Any = print) -> dict[str, Any]:
     """The whole experiment; returns what results.json holds."""
-    from rotfuse.plot import plot_curves
+    from rotfuse.eval.plot import plot_curves
 
     offline()
     torch.use_deterministic_algorithms(True)

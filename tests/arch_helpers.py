@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from tiny_models import save_tiny
 
-from rotfuse.runtime import example_inputs, forward, load_model
+from rotfuse.eval.runtime import example_inputs, forward, load_model
 
 
 @contextmanager

@@ -17,7 +17,9 @@ import pytest
 from arch_helpers import assert_same_function, one_thread, save_pair
 
 from rotfuse.archs.spec import builtin_specs
-from rotfuse.pipeline import MatchOptions, match, scramble
+from rotfuse.align.options import MatchOptions
+from rotfuse.align.match import match
+from rotfuse.align.scramble import scramble
 
 # case -> (TINY entry, config overrides, spec it must bind to, symmetries the config switches off)
 CASES: dict[str, tuple[str, dict, str, set[str]]] = {

@@ -21,8 +21,10 @@ from arch_helpers import assert_same_function, max_relative_change, one_thread
 from safetensors.torch import load_file, save_file
 from tiny_models import save_tiny
 
-from rotfuse.symmetries import symmetry_set
-from rotfuse.pipeline import MatchOptions, match, scramble
+from rotfuse.symmetry.names import symmetry_set
+from rotfuse.align.options import MatchOptions
+from rotfuse.align.match import match
+from rotfuse.align.scramble import scramble
 from rotfuse.symmetry.circuit import CircuitTransform
 from rotfuse.symmetry.rotation import random_rotation
 from rotfuse.symmetry.weights import Attention, Linear, qk_circuit, with_qk

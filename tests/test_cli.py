@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from tiny_models import save_tiny
 
-from rotfuse.pipeline import REPORT_NAME
+from rotfuse.align.match import REPORT_NAME
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +170,7 @@ def test_match_path_does_not_import_transformers(pair, tmp_path):
     anchor, model = pair
     code = (
         "import sys; from pathlib import Path\n"
-        "from rotfuse.pipeline import match, MatchOptions\n"
+        "from rotfuse.align.match import match\nfrom rotfuse.align.options import MatchOptions\n"
         f"match(Path({str(anchor)!r}), Path({str(model)!r}), Path({str(tmp_path / 'out')!r}), MatchOptions(device='cpu'))\n"
         "assert 'transformers' not in sys.modules, 'transformers was imported'\n"
     )

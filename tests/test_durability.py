@@ -17,7 +17,9 @@ from test_io import folder_digest
 import rotfuse.io.writer as writer_module
 from rotfuse.cli import app
 from rotfuse.merge.engine import MergeOptions, merge
-from rotfuse.pipeline import MatchOptions, match, scramble
+from rotfuse.align.options import MatchOptions
+from rotfuse.align.match import match
+from rotfuse.align.scramble import scramble
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads fsynced paths from /proc/self/fd")
 

@@ -15,12 +15,13 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from tiny_models import save_tiny
 
-from rotfuse.errors import InputError
-from rotfuse.evaluate import LossSpec, loss_spec, score
-from rotfuse.interpolate import InterpolationSettings, barrier, grid, interpolate, write_interpolated
+from rotfuse.core.errors import InputError
+from rotfuse.eval.score import LossSpec, loss_spec, score
+from rotfuse.eval.interpolate import InterpolationSettings, barrier, grid, interpolate, write_interpolated
 from rotfuse.io.checkpoint import Checkpoint
-from rotfuse.pipeline import MatchOptions, match
-from rotfuse.runtime import load_model
+from rotfuse.align.options import MatchOptions
+from rotfuse.align.match import match
+from rotfuse.eval.runtime import load_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

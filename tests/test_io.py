@@ -15,13 +15,16 @@ from safetensors.torch import load_file, save_file
 from tiny_models import save_tiny
 from test_match import assert_same_function
 
-from rotfuse.errors import InputError
+from rotfuse.core.errors import InputError
 from rotfuse.io.checkpoint import INDEX_FILE, Checkpoint
 from rotfuse.io.safetensors_file import read_header, start_writeback
 from rotfuse.io.writer import CheckpointWriter, copy_side_files, plan_like
 from rotfuse.archs.layer_io import layer_tensor_names
-from rotfuse.pipeline import MatchOptions, match, open_model, scramble
-from rotfuse.tensors import sq_distance
+from rotfuse.align.options import MatchOptions
+from rotfuse.align.match import match
+from rotfuse.align.pair import open_model
+from rotfuse.align.scramble import scramble
+from rotfuse.core.tensors import sq_distance
 
 
 def folder_digest(folder: Path) -> dict[str, str]:

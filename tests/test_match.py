@@ -12,10 +12,12 @@ import pytest
 import torch
 from tiny_models import save_tiny
 
-from rotfuse.symmetries import symmetry_set
+from rotfuse.symmetry.names import symmetry_set
 from rotfuse.io.checkpoint import Checkpoint
-from rotfuse.pipeline import REPORT_NAME, MatchOptions, match, scramble
-from rotfuse.runtime import example_inputs, forward, load_model, main_output
+from rotfuse.align.match import REPORT_NAME, match
+from rotfuse.align.options import MatchOptions
+from rotfuse.align.scramble import scramble
+from rotfuse.eval.runtime import example_inputs, forward, load_model, main_output
 
 ARCHS = ["bert", "bert-bare", "roberta", "vit", "vit-bare"]
 

@@ -17,15 +17,15 @@ import torch
 from test_merge_helpers import hooked_rows, save_inputs, tensors, token_inputs
 from tiny_models import save_tiny
 
-from rotfuse.errors import InputError, UsageError
+from rotfuse.core.errors import InputError, UsageError
 from rotfuse.io.checkpoint import Checkpoint
 from rotfuse.merge.engine import MergeOptions, merge
-from rotfuse.merge.simple import weighted_average
-from rotfuse.merge.statsfile import StatsFolder
-from rotfuse.pipeline import MatchOptions
-from rotfuse.pipeline import match as match_checkpoints
-from rotfuse.runtime import load_model
-from rotfuse.stats import StatsOptions, compute_stats
+from rotfuse.merge.methods.simple import weighted_average
+from rotfuse.merge.stats.folder import StatsFolder
+from rotfuse.align.options import MatchOptions
+from rotfuse.align.match import match as match_checkpoints
+from rotfuse.eval.runtime import load_model
+from rotfuse.merge.stats.collect import StatsOptions, compute_stats
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,9 @@ from tiny_models import save_tiny
 
 from rotfuse.cli.merge import MERGE_SETTINGS
 from rotfuse.cli.stats import STATS_SETTINGS
-from rotfuse.merge import METHODS
-from rotfuse.merge.config import load_config
-from rotfuse.stats import StatsOptions, compute_stats
+from rotfuse.merge.methods import REGISTRY
+from rotfuse.cli.jobfile import load_config
+from rotfuse.merge.stats.collect import StatsOptions, compute_stats
 
 EXAMPLES = Path(__file__).parent.parent / "configs" / "examples"
 
@@ -110,7 +110,7 @@ def test_example_job_files_are_valid(example: Path) -> None:
     known = STATS_SETTINGS if example.name.startswith("stats") else MERGE_SETTINGS
     settings = load_config(example, example.stem, known)
     if known is MERGE_SETTINGS:
-        assert settings["method"] in METHODS and len(settings["models"]) >= 2 and settings["out"]
+        assert settings["method"] in REGISTRY and len(settings["models"]) >= 2 and settings["out"]
         assert len(settings.get("stats", settings["models"])) == len(settings["models"])
     else:
         assert {"model", "data", "kind", "out"} <= set(settings)

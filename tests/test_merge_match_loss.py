@@ -19,8 +19,9 @@ import torch
 from tiny_models import build
 
 from rotfuse.merge.engine import MergeOptions, merge
-from rotfuse.pipeline import MatchOptions, match
-from rotfuse.runtime import load_model
+from rotfuse.align.options import MatchOptions
+from rotfuse.align.match import match
+from rotfuse.eval.runtime import load_model
 
 SIZES = dict(num_hidden_layers=1, intermediate_size=96, initializer_range=0.02, hidden_dropout_prob=0.0,
              attention_probs_dropout_prob=0.0)

@@ -11,11 +11,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rotfuse.errors import InputError, UsageError
-from rotfuse.merge import METHODS, method
-from rotfuse.merge.fisher import fisher_average
-from rotfuse.merge.regmean import prepare, regmean_merge, shrink
-from rotfuse.merge.simple import normalise_weights, weighted_average
+from rotfuse.core.errors import InputError, UsageError
+from rotfuse.merge.methods import REGISTRY, method_class
+from rotfuse.merge.methods.fisher import fisher_average
+from rotfuse.merge.methods.regmean import prepare, regmean_merge, shrink
+from rotfuse.merge.methods.base import normalise_weights
+from rotfuse.merge.methods.simple import weighted_average
 
 seeds = st.integers(min_value=0, max_value=2**31 - 1)
 
@@ -50,9 +51,12 @@ def test_weights_are_normalised_and_validated() -> None:
 
 
 def test_registry_names_the_statistics_each_method_needs() -> None:
-    assert {name: m.stats for name, m in METHODS.items()} == {"simple": None, "fisher": "fisher", "regmean": "regmean"}
+    stats = {name: method_class(name).stats for name in REGISTRY}
+    assert {name: stats[name] for name in ("simple", "fisher", "regmean")} == {
+        "simple": None, "fisher": "fisher", "regmean": "regmean"}
+    assert all(method_class(name).name == name for name in REGISTRY)
     with pytest.raises(UsageError, match="unknown merge method"):
-        method("ties")
+        method_class("no-such-method")
 
 
 # ---------------------------------------------------------------------- Fisher

@@ -20,7 +20,7 @@ from test_cli import assert_one_line_error
 from test_match import assert_same_function
 from tiny_models import save_tiny
 
-from rotfuse.pipeline import REPORT_NAME
+from rotfuse.align.match import REPORT_NAME
 
 
 def leftovers(parent: Path) -> list[str]:

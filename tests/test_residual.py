@@ -22,15 +22,17 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 from arch_helpers import one_thread
 from safetensors.torch import save_file
 from tiny_models import TINY
 
-from rotfuse.archs.residual import ResidualPlan, parse_residual, residual_plans
-from rotfuse.archs.spec import bind, builtin_specs, load_spec_file, select_spec
-from rotfuse.errors import InputError
+from rotfuse.archs.residual import ResidualPlan, residual_plans
+from rotfuse.archs.bind import bind, select_spec
+from rotfuse.archs.spec import builtin_specs, load_spec_file
+from rotfuse.core.errors import InputError
 from rotfuse.io.checkpoint import Checkpoint
-from rotfuse.runtime import example_inputs, forward, load_model
+from rotfuse.eval.runtime import example_inputs, forward, load_model
 from rotfuse.symmetry.residual import StreamMap, random_stream_map
 
 REL = 2e-5  # allowed output change, relative to each output's scale
@@ -470,11 +472,14 @@ def test_a_bare_rmsnorm_model_gets_permutations_only(saved):
     ({"norm": "layernorm", "model": [{"norm": ["g", "h"], "bias": "b", "readers": ["w"]}]}, "bias goes with"),
     ({"norm": "rmsnorm", "model": [{"norm": "g"}]}, "readers go with norm"),
     ({"norm": "layernorm", "model": [{"reads": "a", "layout": "sideways"}]}, "layout must be"),
-    ({"norm": "layernorm", "heads": []}, "unknown keys"),
-    ({"norm": "layernorm", "layer": [{"table": "a", "colour": 1}]}, "unknown keys"),
+    ({"norm": "layernorm", "heads": []}, "unknown key 'heads' in residual"),
+    ({"norm": "layernorm", "layer": [{"table": "a", "colour": 1}]}, "unknown key 'colour'"),
     ({"norm": "layernorm", "layer": ["table: a"]}, "must be a mapping"),
-    ({"norm": "rmsnorm", "tie": {"embedding": "e", "head": "h", "untie": True}}, "unknown keys in tie"),
+    ({"norm": "rmsnorm", "tie": {"embedding": "e", "head": "h", "untie": True}}, "unknown key 'untie' in residual tie"),
 ])
-def test_invalid_residual_sections_are_refused(raw, message):
-    with pytest.raises(InputError, match=message):
-        parse_residual(raw, "spec.yaml")
+def test_invalid_residual_sections_are_refused_when_the_spec_loads(tmp_path, raw, message):
+    spec = tmp_path / "mine.yaml"
+    spec.write_text(yaml.safe_dump({"extends": "llama", "name": "mine", "residual": raw}))
+    with pytest.raises(InputError, match=message) as caught:
+        load_spec_file(spec)
+    assert str(spec) in str(caught.value)

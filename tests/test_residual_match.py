@@ -14,8 +14,11 @@ from test_match import assert_same_function, outputs
 from tiny_models import save_tiny
 
 from rotfuse.io.checkpoint import Checkpoint
-from rotfuse.pipeline import REPORT_NAME, MatchOptions, folded_view, match, scramble
-from rotfuse.symmetries import symmetry_set
+from rotfuse.align.match import REPORT_NAME, match
+from rotfuse.align.options import MatchOptions
+from rotfuse.align.pair import folded_view
+from rotfuse.align.scramble import scramble
+from rotfuse.symmetry.names import symmetry_set
 
 WITH_RESIDUAL = symmetry_set("default,residual")
 
@@ -79,7 +82,7 @@ def test_a_copy_in_the_anchors_gains_averages_like_the_folded_pair(tmp_path):
     """The point of writing the copy in the anchor's norm gains: the plain average of ANCHOR and
     the copy computes what the average of both, folded, computes."""
     from rotfuse.merge.engine import MergeOptions, merge
-    from rotfuse.runtime import example_inputs, forward, load_model
+    from rotfuse.eval.runtime import example_inputs, forward, load_model
 
     model = save_tiny("vit", tmp_path / "model", seed=0)
     anchor = save_tiny("vit", tmp_path / "anchor", seed=1)

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rotfuse.matching import LayerSettings, match_layer, scramble_layer
+from rotfuse.align.layer import LayerSettings, match_layer, scramble_layer
 from rotfuse.symmetry.circuit import CircuitTransform, solve_circuit
 from rotfuse.symmetry.permutation import (
     best_assignment,

@@ -15,11 +15,11 @@ import torch
 from test_merge_helpers import hooked_grams, run, save_inputs, token_inputs  # noqa: F401 - run is a fixture
 from tiny_models import save_tiny
 
-from rotfuse.errors import InputError, UsageError
+from rotfuse.core.errors import InputError, UsageError
 from rotfuse.io.checkpoint import Checkpoint
-from rotfuse.merge.statsfile import StatsFolder
-from rotfuse.runtime import load_model
-from rotfuse.stats import StatsOptions, compute_stats
+from rotfuse.merge.stats.folder import StatsFolder
+from rotfuse.eval.runtime import load_model
+from rotfuse.merge.stats.collect import StatsOptions, compute_stats
 
 
 def _gram(stats: StatsFolder, weight: str) -> torch.Tensor:

@@ -10,7 +10,9 @@ import pytest
 from tiny_models import save_tiny
 
 from rotfuse.io.checkpoint import Checkpoint
-from rotfuse.pipeline import MatchOptions, match, scramble
+from rotfuse.align.options import MatchOptions
+from rotfuse.align.match import match
+from rotfuse.align.scramble import scramble
 
 
 class LiveTensorCounter:

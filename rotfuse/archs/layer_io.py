@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from rotfuse.archs.spec import AttentionSpec, BoundArch, Dims, FfnSpec, LayerId, LinearRef
-from rotfuse.errors import InputError
+from rotfuse.archs.spec import AttentionSpec, FfnSpec, LinearRef
+
+from rotfuse.archs.bind import BoundArch, Dims, LayerId
+from rotfuse.core.errors import InputError
 from rotfuse.symmetry.weights import Attention, Ffn, LayerWeights, Linear
 
 if TYPE_CHECKING:

@@ -19,24 +19,20 @@ LayerNorm (rotfuse.symmetry.residual).
 from __future__ import annotations
 
 import fnmatch
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rotfuse.archs.spec import LAYOUTS, _config_value
-from rotfuse.errors import InputError
+from rotfuse.archs.spec import ResidualRule, ResidualSection, TieRule, config_value
+from rotfuse.core.errors import InputError
 from rotfuse.symmetry.residual import StreamMap, scale_axis, work_dtype
 
 if TYPE_CHECKING:
-    from rotfuse.archs.spec import ArchSpec, BoundArch, StackSpec
+    from rotfuse.archs.bind import BoundArch
+    from rotfuse.archs.spec import ArchSpec, StackSpec
     from rotfuse.io.checkpoint import Checkpoint
-
-NORM_TYPES = ("layernorm", "rmsnorm")
-ROLES = ("reads", "writes", "both", "table", "norm", "free")
-
 
 def _axes(role: str, layout: str, ndim: int) -> tuple[int, ...]:
     """The stream axes of a tensor with `ndim` axes, in its stored layout."""
@@ -46,110 +42,6 @@ def _axes(role: str, layout: str, ndim: int) -> tuple[int, ...]:
         return (ndim - 1,)
     input_axis = 1 if layout == "out_in" else 0  # torch Linear/Conv [out, in, ...]; Conv1D [in, out]
     return (input_axis,) if role == "reads" else (1 - input_axis,)
-
-
-# ---------------------------------------------------------------------- the YAML section
-
-
-@dataclass(frozen=True)
-class ResidualRule:
-    """One entry of a `residual:` list: tensor name globs and how the stream indexes them."""
-
-    role: str  # one of ROLES
-    names: tuple[str, ...]  # globs; relative to the key prefix (model) or layer prefix (layer); "/..." = root
-    layout: str = "out_in"  # of reads/writes weights: torch Linear [out, in] or Conv1D [in, out]
-    readers: tuple[str, ...] = ()  # role norm: the weights reading this norm's output
-    bias: str = ""  # role norm: the LayerNorm's bias (it rides along as bias / gain when folded)
-    when: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # config values under which it applies
-    classes: tuple[str, ...] = ()  # globs on config.json `architectures` under which it applies
-
-    def applies(self, config: dict[str, Any]) -> bool:
-        if self.classes:
-            architectures = config.get("architectures") or ()
-            if not any(fnmatch.fnmatchcase(str(a), glob) for a in architectures for glob in self.classes):
-                return False
-        return not self.when or any(_config_value(config, key) in values for key, values in self.when.items())
-
-
-@dataclass(frozen=True)
-class TieRule:
-    """Input embedding and output head that share one tensor when the config says so."""
-
-    embedding: str
-    head: str
-    config_key: str = "tie_word_embeddings"
-    default: bool = False  # when config.json lacks the key (the config class's default)
-    classes: tuple[str, ...] = ()  # globs on `architectures`: the model classes that have the head
-
-
-@dataclass(frozen=True)
-class ResidualSection:
-    norm: str
-    model: tuple[ResidualRule, ...]
-    layer: tuple[ResidualRule, ...]
-    tie: TieRule | None = None
-
-
-def parse_residual(raw: Any, where: str) -> ResidualSection:
-    """The `residual:` section of one stack, checked; InputError naming the spec on a mistake."""
-    try:
-        if not isinstance(raw, dict):
-            raise ValueError("must be a mapping")
-        unknown = set(raw) - {"norm", "model", "layer", "tie"}
-        if unknown:
-            raise ValueError(f"unknown keys {sorted(unknown)}")
-        norm = raw.get("norm")
-        if norm not in NORM_TYPES:
-            raise ValueError(f"norm must be one of {NORM_TYPES}, got {norm!r}")
-        model = tuple(_parse_rule(r, norm) for r in raw.get("model") or ())
-        layer = tuple(_parse_rule(r, norm) for r in raw.get("layer") or ())
-        tie = raw.get("tie")
-        if tie is not None:
-            extra = set(tie) - {"embedding", "head", "config", "default", "classes"}
-            if extra:
-                raise ValueError(f"unknown keys in tie: {sorted(extra)}")
-            tie = TieRule(embedding=str(tie["embedding"]), head=str(tie["head"]),
-                          config_key=str(tie.get("config", "tie_word_embeddings")),
-                          default=bool(tie.get("default", False)), classes=_strings(tie.get("classes")))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InputError(f"{where}: invalid residual section ({exc})") from exc
-    return ResidualSection(norm, model, layer, tie)
-
-
-def _strings(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    return (str(value),) if isinstance(value, str) else tuple(str(v) for v in value)
-
-
-def _parse_rule(raw: Any, norm: str) -> ResidualRule:
-    if not isinstance(raw, dict):
-        raise ValueError(f"each entry must be a mapping like {{table: NAME}}, got {raw!r}")
-    roles = [role for role in ROLES if role in raw]
-    if len(roles) != 1:
-        raise ValueError(f"each entry needs exactly one of {', '.join(ROLES)}: {raw!r}")
-    role = roles[0]
-    unknown = set(raw) - {role, "layout", "readers", "bias", "when", "classes"}
-    if unknown:
-        raise ValueError(f"unknown keys {sorted(unknown)} in {raw!r}")
-    if (role == "norm") != ("readers" in raw):
-        raise ValueError(f"readers go with norm entries, and every norm entry needs them: {raw!r}")
-    if "bias" in raw and (role != "norm" or norm != "layernorm" or len(_strings(raw[role])) != 1):
-        raise ValueError(f"bias goes with the norm entry of one LayerNorm gain: {raw!r}")
-    rule = ResidualRule(
-        role=role,
-        names=_strings(raw[role]),
-        layout=str(raw.get("layout", "out_in")),
-        readers=_strings(raw.get("readers")),
-        bias=str(raw.get("bias", "")),
-        when={str(k): tuple(v) if isinstance(v, list) else (v,) for k, v in (raw.get("when") or {}).items()},
-        classes=_strings(raw.get("classes")),
-    )
-    if rule.layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {rule.layout!r}")
-    if not rule.names:
-        raise ValueError(f"entry names no tensor: {raw!r}")
-    return rule
 
 
 # ---------------------------------------------------------------------- plans
@@ -321,10 +213,7 @@ class _Classifier:
     def __init__(self, bound: BoundArch, stacks: list[StackSpec], config: dict[str, Any], where: str):
         self.bound, self.stacks, self.config, self.where = bound, stacks, config, where
         self.sections = {s.name: _section(bound.spec, s) for s in stacks}
-        self.layer_patterns = {}
-        for stack in stacks:
-            before, after = (bound.prefix + stack.layer).split("{i}", 1)
-            self.layer_patterns[stack.name] = re.compile(re.escape(before) + r"(\d+)" + re.escape(after) + r"(.+)")
+        self.layer_patterns = {stack.name: stack.layer_pattern(bound.prefix) for stack in stacks}
         self.derived = {s.name: _derived(s) for s in stacks}
 
     def classify(self, name: str) -> _Found:
@@ -363,7 +252,7 @@ def _section(spec: ArchSpec, stack: StackSpec) -> ResidualSection:
     if stack.residual is None:
         raise InputError(f"{what}: the {spec.name} spec has no residual: section, so rotfuse does not know "
                          "which tensors touch the residual stream (see configs/archs/README.md)")
-    return parse_residual(stack.residual, what)
+    return stack.residual
 
 
 def _derived(stack: StackSpec) -> dict[str, tuple[str, str]]:
@@ -484,7 +373,7 @@ def _tied_head(bound: BoundArch, tie: TieRule | None, config: dict[str, Any]) ->
     """The full name of the output head tied to the input embedding, if this checkpoint has one."""
     if tie is None:
         return None
-    tied = _config_value(config, tie.config_key)
+    tied = config_value(config, tie.config_key)
     architectures = [str(a) for a in config.get("architectures") or ()]
     has_head = not tie.classes or any(fnmatch.fnmatchcase(a, g) for a in architectures for g in tie.classes)
     return _full(bound, tie.head) if (tie.default if tied is None else bool(tied)) and has_head else None

@@ -13,7 +13,6 @@ import copy
 import fnmatch
 import functools
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -21,15 +20,17 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from rotfuse.errors import InputError
-from rotfuse.symmetries import ALL_SYMMETRIES
+from rotfuse.core.errors import InputError
+from rotfuse.symmetry.names import ALL_SYMMETRIES
 
 if TYPE_CHECKING:
-    from rotfuse.io.checkpoint import Checkpoint
+    pass
 
-# Symmetry names live in rotfuse.symmetries.
+# Symmetry names live in rotfuse.symmetry.names.
 LAYOUTS = ("out_in", "in_out")  # torch Linear [out, in]; GPT-2 style Conv1D [in, out]
 FUSABLE_ROLES = ("q", "k", "v")
+NORM_TYPES = ("layernorm", "rmsnorm")
+ROLES = ("reads", "writes", "both", "table", "norm", "free")
 ROPE_STYLES = ("rotate_half",)  # Hugging Face's layout: coordinate i pairs with i + rotary_dim/2
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when available: much faster
 
@@ -98,6 +99,45 @@ class DimKeys:
 
 
 @dataclass(frozen=True)
+class ResidualRule:
+    """One entry of a `residual:` list: tensor name globs and how the stream indexes them."""
+
+    role: str  # one of ROLES
+    names: tuple[str, ...]  # globs; relative to the key prefix (model) or layer prefix (layer); "/..." = root
+    layout: str = "out_in"  # of reads/writes weights: torch Linear [out, in] or Conv1D [in, out]
+    readers: tuple[str, ...] = ()  # role norm: the weights reading this norm's output
+    bias: str = ""  # role norm: the LayerNorm's bias (it rides along as bias / gain when folded)
+    when: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # config values under which it applies
+    classes: tuple[str, ...] = ()  # globs on config.json `architectures` under which it applies
+
+    def applies(self, config: dict[str, Any]) -> bool:
+        if self.classes:
+            architectures = config.get("architectures") or ()
+            if not any(fnmatch.fnmatchcase(str(a), glob) for a in architectures for glob in self.classes):
+                return False
+        return not self.when or any(config_value(config, key) in values for key, values in self.when.items())
+
+
+@dataclass(frozen=True)
+class TieRule:
+    """Input embedding and output head that share one tensor when the config says so."""
+
+    embedding: str
+    head: str
+    config_key: str = "tie_word_embeddings"
+    default: bool = False  # when config.json lacks the key (the config class's default)
+    classes: tuple[str, ...] = ()  # globs on `architectures`: the model classes that have the head
+
+
+@dataclass(frozen=True)
+class ResidualSection:
+    norm: str
+    model: tuple[ResidualRule, ...]
+    layer: tuple[ResidualRule, ...]
+    tie: TieRule | None = None
+
+
+@dataclass(frozen=True)
 class StackSpec:
     """A stack of identical transformer layers (most models have one; CLIP has two towers)."""
 
@@ -110,7 +150,12 @@ class StackSpec:
     rope: RopeSpec | None = None
     passive: tuple[str, ...] = ()  # globs: layer tensors no symmetry touches (norms, output biases)
     optional: bool = False  # a checkpoint may lack this stack (e.g. CLIP's text tower)
-    residual: dict[str, Any] | None = None  # the `residual:` section, as written (see rotfuse.archs.residual)
+    residual: ResidualSection | None = None  # which tensors touch the stream (rotfuse.archs.residual)
+
+    def layer_pattern(self, prefix: str) -> re.Pattern[str]:
+        """The regex of this stack's layer tensors under `prefix`: group 1 the layer index, group 2
+        the name relative to the layer (the one place layer names are parsed)."""
+        return _layer_pattern(prefix + self.layer)
 
     def probe(self) -> str:
         """The tensor whose presence in layer 0 identifies the stack (and the key prefix)."""
@@ -146,54 +191,6 @@ class ArchSpec:
     # model classes (globs on config.json `architectures`) whose main output IS the residual stream
     # (no head): a residual map moves their outputs, so it needs the user's consent
     stream_output_classes: tuple[str, ...] = ("*Model",)
-
-
-@dataclass(frozen=True)
-class Dims:
-    """The sizes of one stack, read from a checkpoint's config."""
-
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    hidden_size: int
-    rotary_dim: int = 0  # leading head dims under RoPE (0: none)
-
-
-@dataclass(frozen=True)
-class LayerId:
-    stack: str
-    index: int
-
-    def __str__(self) -> str:
-        return f"{self.stack}.{self.index}" if self.stack else str(self.index)
-
-
-@dataclass
-class BoundArch:
-    """A spec bound to one checkpoint: its key prefix, sizes, stacks present and active restrictions."""
-
-    spec: ArchSpec
-    prefix: str
-    dims: dict[str, Dims]
-    disabled: frozenset[str] = frozenset()
-    notes: list[str] = field(default_factory=list)
-    absent: frozenset[str] = frozenset()  # optional stacks this checkpoint does not have
-    extras: frozenset[str] = frozenset()  # "stack/relative weight" of the q_like/k_like found in layer 0
-
-    def layers(self) -> list[LayerId]:
-        return [LayerId(s.name, i) for s in self.spec.stacks if s.name not in self.absent
-                for i in range(self.dims[s.name].num_layers)]
-
-    def stack(self, name: str) -> StackSpec:
-        return next(s for s in self.spec.stacks if s.name == name)
-
-    def full_name(self, layer: LayerId, relative: str) -> str:
-        return self.prefix + self.stack(layer.stack).layer.format(i=layer.index) + relative
-
-    def present(self, stack: str, refs: tuple[LinearRef, ...]) -> tuple[LinearRef, ...]:
-        """The extra projections among `refs` that this checkpoint has (decided on layer 0)."""
-        return tuple(ref for ref in refs if f"{stack}/{ref.weight}" in self.extras)
 
 
 # ---------------------------------------------------------------------- loading
@@ -259,10 +256,18 @@ def _parse_yaml(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
     return raw
 
 
+TOP_KEYS = ['description', 'extends', 'model_types', 'name', 'prefixes', 'restrictions', 'stacks', 'stream_output_classes']
+STACK_KEYS = ['attention', 'config_section', 'dims', 'ffn', 'layer', 'layout', 'name', 'optional', 'passive', 'residual', 'rope']
+
+
 def _parse_spec(raw: dict[str, Any], source: str) -> ArchSpec:
     if "stacks" in raw:
-        stacks = tuple(_parse_stack(s, s.get("name", "")) for s in raw["stacks"])
+        _mapping(raw, set(TOP_KEYS), "the spec")
+        if not isinstance(raw["stacks"], list):
+            raise ValueError("stacks must be a list")
+        stacks = tuple(_parse_stack(s, str(_mapping(s, set(STACK_KEYS), "a stack").get("name", ""))) for s in raw["stacks"])
     else:
+        _mapping(raw, set(TOP_KEYS) | set(STACK_KEYS), "the spec")
         stacks = (_parse_stack(raw, ""),)
     if len({s.name for s in stacks}) != len(stacks):
         raise ValueError("stack names must be distinct")
@@ -275,30 +280,58 @@ def _parse_spec(raw: dict[str, Any], source: str) -> ArchSpec:
         restrictions=restrictions,
         description=str(raw.get("description", "")),
         source=source,
-        stream_output_classes=_keys(raw.get("stream_output_classes", ["*Model"])),
+        stream_output_classes=_names(raw.get("stream_output_classes", ["*Model"])),
     )
 
 
-def _keys(value: Any) -> tuple[str, ...]:
+def _names(value: Any) -> tuple[str, ...]:
+    """A name or a list of names (YAML) -> a tuple of strings."""
     if value is None:
         return ()
-    return (value,) if isinstance(value, str) else tuple(value)
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"expected a name or a list of names, got {value!r}")
+    return tuple(str(v) for v in value)
+
+
+def _when(raw: Any) -> dict[str, tuple[Any, ...]]:
+    """`{config.key: value or [values]}` -> key -> tuple of values."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"when must be a mapping of config keys to values, got {raw!r}")
+    return {str(k): tuple(v) if isinstance(v, list) else (v,) for k, v in raw.items()}
+
+
+def _mapping(raw: Any, allowed: set[str], what: str) -> dict[str, Any]:
+    """`raw` as a mapping whose keys are all in `allowed` (a misspelled key is an error)."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{what} must be a mapping, got {raw!r}")
+    unknown = sorted(set(map(str, raw)) - allowed)
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r} in {what} (known: {', '.join(sorted(allowed))})")
+    return raw
+
+
+@functools.lru_cache(maxsize=64)
+def _layer_pattern(layer_prefix: str) -> re.Pattern[str]:
+    before, after = layer_prefix.split("{i}", 1)
+    return re.compile(re.escape(before) + r"(\d+)" + re.escape(after) + r"(.+)")
 
 
 def _parse_stack(raw: dict[str, Any], name: str) -> StackSpec:
     layout = raw.get("layout", "out_in")
-    dims = raw["dims"]
-    attention = raw["attention"]
-    ffn = raw["ffn"]
+    dims = _mapping(raw["dims"], {"num_layers", "num_heads", "hidden_size", "num_kv_heads", "head_dim"}, "dims")
+    attention = _mapping(raw["attention"], {"q", "k", "v", "o", "qkv", "q_like", "k_like"}, "attention")
+    ffn = _mapping(raw["ffn"], {"inputs", "output"}, "ffn")
     stack = StackSpec(
         name=name,
         layer=str(raw["layer"]),
         dims=DimKeys(
-            num_layers=_keys(dims["num_layers"]),
-            num_heads=_keys(dims["num_heads"]),
-            hidden_size=_keys(dims["hidden_size"]),
-            num_kv_heads=_keys(dims.get("num_kv_heads")),
-            head_dim=_keys(dims.get("head_dim")),
+            num_layers=_names(dims["num_layers"]),
+            num_heads=_names(dims["num_heads"]),
+            hidden_size=_names(dims["hidden_size"]),
+            num_kv_heads=_names(dims.get("num_kv_heads")),
+            head_dim=_names(dims.get("head_dim")),
         ),
         attention=AttentionSpec(
             o=_linear(attention["o"], layout),
@@ -315,9 +348,9 @@ def _parse_stack(raw: dict[str, Any], name: str) -> StackSpec:
         ),
         config_section=raw.get("config_section"),
         rope=_parse_rope(raw.get("rope")),
-        passive=_keys(raw.get("passive")),
+        passive=_names(raw.get("passive")),
         optional=bool(raw.get("optional", False)),
-        residual=raw.get("residual"),
+        residual=_parse_residual(raw["residual"]) if raw.get("residual") is not None else None,
     )
     _check_stack(stack)
     return stack
@@ -341,9 +374,10 @@ def _parse_rope(raw: Any) -> RopeSpec | None:
         return None
     if raw is True:
         return RopeSpec()
+    raw = _mapping(raw, {"style", "partial_factor_key", "partial_factor_default"}, "rope")
     rope = RopeSpec(
         style=str(raw.get("style", "rotate_half")),
-        partial_factor_key=_keys(raw.get("partial_factor_key")),
+        partial_factor_key=_names(raw.get("partial_factor_key")),
         partial_factor_default=float(raw.get("partial_factor_default", 1.0)),
     )
     if rope.style not in ROPE_STYLES:
@@ -353,14 +387,16 @@ def _parse_rope(raw: Any) -> RopeSpec | None:
     return rope
 
 
-def _linear(raw: dict[str, Any], layout: str) -> LinearRef:
+def _linear(raw: Any, layout: str) -> LinearRef:
+    raw = _mapping(raw, {"weight", "bias", "layout"}, "a linear layer")
     ref = LinearRef(weight=str(raw["weight"]), bias=raw.get("bias"), layout=raw.get("layout", layout))
     if ref.layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {ref.layout!r}")
     return ref
 
 
-def _fused(raw: dict[str, Any], layout: str) -> FusedRef:
+def _fused(raw: Any, layout: str) -> FusedRef:
+    raw = _mapping(raw, {"weight", "order", "bias", "layout"}, "qkv")
     order = tuple(raw["order"])
     if sorted(order) != sorted(FUSABLE_ROLES):
         raise ValueError(f"qkv order must list q, k and v once each, got {list(order)}")
@@ -370,172 +406,65 @@ def _fused(raw: dict[str, Any], layout: str) -> FusedRef:
     return ref
 
 
-def _parse_restriction(raw: dict[str, Any]) -> Restriction:
-    disable = frozenset(raw["disable"])
+def _parse_restriction(raw: Any) -> Restriction:
+    raw = _mapping(raw, {"when", "disable", "reason"}, "a restriction")
+    disable = frozenset(_names(raw["disable"]))
     unknown = disable - ALL_SYMMETRIES
     if unknown:
         raise ValueError(f"restriction disables unknown symmetries {sorted(unknown)}")
-    when = {str(k): tuple(v) if isinstance(v, list) else (v,) for k, v in raw["when"].items()}
-    return Restriction(when=when, disable=disable, reason=" ".join(str(raw.get("reason", "")).split()))
+    return Restriction(when=_when(raw["when"]), disable=disable, reason=" ".join(str(raw.get("reason", "")).split()))
 
 
-# ---------------------------------------------------------------------- choosing and binding
+def _parse_residual(raw: Any) -> ResidualSection:
+    """The `residual:` section of one stack, checked (ValueError on a mistake)."""
+    raw = _mapping(raw, {"norm", "model", "layer", "tie"}, "residual")
+    norm = raw.get("norm")
+    if norm not in NORM_TYPES:
+        raise ValueError(f"residual norm must be one of {NORM_TYPES}, got {norm!r}")
+    model = tuple(_parse_rule(r, norm) for r in raw.get("model") or ())
+    layer = tuple(_parse_rule(r, norm) for r in raw.get("layer") or ())
+    tie = None
+    if raw.get("tie") is not None:
+        entry = _mapping(raw["tie"], {"embedding", "head", "config", "default", "classes"}, "residual tie")
+        tie = TieRule(embedding=str(entry["embedding"]), head=str(entry["head"]),
+                      config_key=str(entry.get("config", "tie_word_embeddings")),
+                      default=bool(entry.get("default", False)), classes=_names(entry.get("classes")))
+    return ResidualSection(norm, model, layer, tie)
 
 
-def select_spec(config: dict[str, Any], arch: str | None = None, spec_file: Path | None = None,
-                where: str = "config.json") -> ArchSpec:
-    """The spec for a checkpoint: a user's file, a named built-in, or detected from model_type."""
-    if spec_file is not None:
-        return load_spec_file(spec_file)
-    specs = builtin_specs()
-    if arch is not None:
-        if arch not in specs:
-            raise InputError(f"unknown --arch {arch!r} (known: {', '.join(sorted(specs))})")
-        return specs[arch]
-    model_type = config.get("model_type")
-    for spec in specs.values():
-        if model_type in spec.model_types:
-            return spec
-    what = f"model_type {model_type!r} is not supported" if model_type else "no model_type in the config"
-    known = sorted(t for spec in specs.values() for t in spec.model_types)
-    raise InputError(
-        f"{where}: {what} (known: {', '.join(known)}); describe the architecture in a YAML spec "
-        "(schema: configs/archs/README.md; examples: `rotfuse archs --spec-dir`) and pass it with "
-        "--arch-spec FILE, or force a built-in spec with --arch"
+def _parse_rule(raw: Any, norm: str) -> ResidualRule:
+    if not isinstance(raw, dict):
+        raise ValueError(f"each entry must be a mapping like {{table: NAME}}, got {raw!r}")
+    roles = [role for role in ROLES if role in raw]
+    if len(roles) != 1:
+        raise ValueError(f"each entry needs exactly one of {', '.join(ROLES)}: {raw!r}")
+    role = roles[0]
+    _mapping(raw, {role, "layout", "readers", "bias", "when", "classes"}, f"residual entry {raw!r}")
+    if (role == "norm") != ("readers" in raw):
+        raise ValueError(f"readers go with norm entries, and every norm entry needs them: {raw!r}")
+    if "bias" in raw and (role != "norm" or norm != "layernorm" or len(_names(raw[role])) != 1):
+        raise ValueError(f"bias goes with the norm entry of one LayerNorm gain: {raw!r}")
+    rule = ResidualRule(
+        role=role,
+        names=_names(raw[role]),
+        layout=str(raw.get("layout", "out_in")),
+        readers=_names(raw.get("readers")),
+        bias=str(raw.get("bias", "")),
+        when=_when(raw.get("when") or {}),
+        classes=_names(raw.get("classes")),
     )
+    if rule.layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {rule.layout!r}")
+    if not rule.names:
+        raise ValueError(f"entry names no tensor: {raw!r}")
+    return rule
 
 
-def bind(spec: ArchSpec, config: dict[str, Any], names: Iterable[str] | Checkpoint, where: str) -> BoundArch:
-    """Resolve a spec against one checkpoint's config and tensor names (an iterable of names, or
-    a Checkpoint): key prefix, stacks present, sizes, coverage of every layer tensor, restrictions."""
-    all_names = set(names.names() if hasattr(names, "names") else names)  # type: ignore[attr-defined]
-    prefix, absent = _detect_prefix(spec, all_names, where)
-    dims = {stack.name: _read_dims(stack, config, where) for stack in spec.stacks}
-    for stack in spec.stacks:
-        if stack.name not in absent:
-            _check_coverage(spec, stack, prefix, dims[stack.name], all_names, where)
-    disabled, notes = _restrictions(spec, config)
-    notes += [f"{spec.name}: no {name!r} stack in this checkpoint (left as is)" for name in sorted(absent)]
-    return BoundArch(spec, prefix, dims, frozenset(disabled), notes, frozenset(absent),
-                     _present_extras(spec, prefix, all_names))
-
-
-def _present_extras(spec: ArchSpec, prefix: str, names: set[str]) -> frozenset[str]:
-    """"stack/weight" of every q_like/k_like projection that layer 0 has (they depend on config)."""
-    return frozenset(
-        f"{stack.name}/{ref.weight}"
-        for stack in spec.stacks for ref in (*stack.attention.q_like, *stack.attention.k_like)
-        if prefix + stack.layer.format(i=0) + ref.weight in names
-    )
-
-
-def _restrictions(spec: ArchSpec, config: dict[str, Any]) -> tuple[set[str], list[str]]:
-    """Symmetries switched off by config values, and one note per restriction that fired."""
-    disabled: set[str] = set()
-    notes: list[str] = []
-    for restriction in spec.restrictions:
-        for key, values in restriction.when.items():
-            value = _config_value(config, key)
-            if value in values:
-                disabled |= restriction.disable
-                reason = restriction.reason.replace("{value}", str(value))
-                notes.append(f"{', '.join(sorted(restriction.disable))} off: {reason}")
-                break
-    return disabled, notes
-
-
-def _detect_prefix(spec: ArchSpec, names: set[str], where: str) -> tuple[str, set[str]]:
-    """The first prefix under which a stack's layer 0 exists; and the optional stacks missing there."""
-    for prefix in spec.prefixes:
-        found = {s.name for s in spec.stacks if prefix + s.layer.format(i=0) + s.probe() in names}
-        if not found:
-            continue
-        for stack in spec.stacks:
-            if stack.name not in found and not stack.optional:
-                missing = prefix + stack.layer.format(i=0) + stack.probe()
-                raise InputError(f"{where}: tensor {missing!r} not found (the {spec.name} spec needs it)")
-        return prefix, {s.name for s in spec.stacks} - found
-    tried = ", ".join(repr(p + s.layer.format(i=0) + s.probe()) for p in spec.prefixes for s in spec.stacks)
-    raise InputError(f"{where}: does not look like a {spec.name} checkpoint (none of {tried} found)")
-
-
-def _check_coverage(spec: ArchSpec, stack: StackSpec, prefix: str, dims: Dims, names: set[str], where: str) -> None:
-    """Refuse layer tensors the spec does not describe: one might read Q or K (a QK-norm, a LoRA
-    adapter, a relative-position table), and a symmetry that ignores it could change the function."""
-    before, after = (prefix + stack.layer).split("{i}", 1)
-    pattern = re.compile(re.escape(before) + r"(\d+)" + re.escape(after) + r"(.+)")
-    touched = set(stack.touched())
-    for name in sorted(names):
-        found = pattern.fullmatch(name)
-        if found is None:
-            continue
-        index, relative = int(found.group(1)), found.group(2)
-        if index >= dims.num_layers:
-            raise InputError(f"{where}: tensor {name!r} belongs to layer {index}, but the config has "
-                             f"{dims.num_layers} layers")
-        if relative not in touched and not any(fnmatch.fnmatchcase(relative, glob) for glob in stack.passive):
-            raise InputError(
-                f"{where}: tensor {name!r} is not described by the {spec.name} spec, so rotfuse cannot "
-                "tell whether the symmetries keep it exact (list it under passive: in the spec if no "
-                "symmetry affects it; see configs/archs/README.md)"
-            )
-
-
-def _config_value(config: dict[str, Any], dotted: str) -> Any:
+def config_value(config: dict[str, Any], dotted: str) -> Any:
+    """config[a][b] for "a.b" (None where absent)."""
     value: Any = config
     for part in dotted.split("."):
         if not isinstance(value, dict):
             return None
         value = value.get(part)
     return value
-
-
-def _read_dims(stack: StackSpec, config: dict[str, Any], where: str) -> Dims:
-    section = config
-    if stack.config_section:
-        section = _config_value(config, stack.config_section)
-        if not isinstance(section, dict):
-            raise InputError(f"{where}: config has no {stack.config_section!r} section")
-
-    def get(keys: tuple[str, ...], what: str, required: bool = True) -> int | None:
-        for key in keys:
-            value = _config_value(section, key)
-            if value is not None:
-                if not isinstance(value, int) or value <= 0:
-                    raise InputError(f"{where}: {key} = {value!r} is not a positive integer")
-                return value
-        if required:
-            raise InputError(f"{where}: none of {list(keys)} found in config (needed for {what})")
-        return None
-
-    num_layers = get(stack.dims.num_layers, "the number of layers")
-    num_heads = get(stack.dims.num_heads, "the number of heads")
-    hidden = get(stack.dims.hidden_size, "the hidden size")
-    num_kv = get(stack.dims.num_kv_heads, "", required=False) or num_heads
-    head_dim = get(stack.dims.head_dim, "", required=False)
-    assert num_layers and num_heads and hidden and num_kv
-    if head_dim is None:
-        if hidden % num_heads:
-            raise InputError(f"{where}: hidden size {hidden} is not divisible by {num_heads} heads")
-        head_dim = hidden // num_heads
-    if num_heads % num_kv:
-        raise InputError(f"{where}: {num_heads} query heads are not divisible into {num_kv} key/value heads")
-    rotary_dim = _rotary_dim(stack.rope, section, head_dim, where) if stack.rope else 0
-    return Dims(num_layers, num_heads, num_kv, head_dim, hidden, rotary_dim)
-
-
-def _rotary_dim(rope: RopeSpec, section: dict[str, Any], head_dim: int, where: str) -> int:
-    """Leading head coordinates under RoPE, computed as the model code does: int(head_dim * factor)."""
-    factor: Any = rope.partial_factor_default
-    for key in rope.partial_factor_key:
-        value = _config_value(section, key)
-        if value is not None:
-            factor = value
-            break
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
-        raise InputError(f"{where}: partial rotary factor {factor!r} is not a number in (0, 1]")
-    rotary_dim = int(head_dim * float(factor))
-    if rotary_dim % 2 or rotary_dim == 0:
-        raise InputError(f"{where}: rotary dimension {rotary_dim} (head_dim {head_dim} x {factor}) is not a "
-                         "positive even number")
-    return rotary_dim

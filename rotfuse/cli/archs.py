@@ -92,8 +92,8 @@ def stack_features(stack: StackSpec) -> list[tuple[str, str]]:
                 ("VO rot", "VO rotation (full Procrustes per head)"),
                 ("QK/VO scale", "QK and VO rescaling per head")]
     if stack.residual:
-        norm = stack.residual.get("norm", "layernorm")
-        folds = any("norm" in entry for part in ("model", "layer") for entry in stack.residual.get(part) or ())
+        norm = stack.residual.norm
+        folds = any(rule.role == "norm" for rule in (*stack.residual.model, *stack.residual.layer))
         features.append(("residual: permutation", "residual stream: one permutation (the norms act on the stream)")
                         if not folds else
                         ("residual: orthogonal (RMSNorm, gains folded)", "residual stream: any orthogonal map, "

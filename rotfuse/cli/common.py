@@ -22,7 +22,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from rotfuse.errors import RotfuseError, UsageError
+from rotfuse.core.errors import RotfuseError, UsageError
 
 T = TypeVar("T")
 

@@ -48,11 +48,11 @@ def interpolate_command(
     ui = Ui(quiet, json_out)
 
     def body() -> dict[str, Any]:
-        from rotfuse.data import load_inputs
-        from rotfuse.errors import UsageError
-        from rotfuse.interpolate import InterpolationSettings, grid, interpolate
-        from rotfuse.pipeline import resolve_device
-        from rotfuse.report import write_json
+        from rotfuse.eval.data import load_inputs
+        from rotfuse.core.errors import UsageError
+        from rotfuse.eval.interpolate import InterpolationSettings, grid, interpolate
+        from rotfuse.core.device import resolve_device
+        from rotfuse.core.report import write_json
 
         imports_done()
 
@@ -74,7 +74,7 @@ def interpolate_command(
             "plot": str(plot) if plot else None,
         }
         if plot is not None:
-            from rotfuse.plot import plot_curves
+            from rotfuse.eval.plot import plot_curves
 
             plot_curves(earlier + curves, plot, title)
         if out is not None:
@@ -90,8 +90,8 @@ def interpolate_command(
 
 def _read_curves(path: Path) -> list[Any]:
     """Curves saved by an earlier run: its whole result or a single curve."""
-    from rotfuse.errors import InputError
-    from rotfuse.interpolate import Curve
+    from rotfuse.core.errors import InputError
+    from rotfuse.eval.interpolate import Curve
 
     try:
         saved = json.loads(Path(path).read_text(encoding="utf-8"))

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from rotfuse.symmetries import DEFAULT_SYMMETRIES
+from rotfuse.symmetry.names import DEFAULT_SYMMETRIES
 from rotfuse.cli.common import (
     AllowNonfinite,
     Arch,
@@ -83,9 +83,11 @@ def match_command(
     ui = Ui(quiet, json_out)
 
     def body() -> dict:
-        from rotfuse.pipeline import DEFAULT_WORKERS, MatchOptions, match, match_many, prepare_match
-        from rotfuse.report import render_match_table, render_plan
-        from rotfuse.symmetries import symmetry_set
+        from rotfuse.align.options import DEFAULT_WORKERS, MatchOptions
+        from rotfuse.align.match import match, match_many
+        from rotfuse.align.plan import prepare_match
+        from rotfuse.core.report import render_match_table, render_plan
+        from rotfuse.symmetry.names import symmetry_set
 
         imports_done()
         options = MatchOptions(
@@ -136,8 +138,9 @@ def scramble_command(
     ui = Ui(quiet, json_out)
 
     def body() -> dict:
-        from rotfuse.symmetries import symmetry_set
-        from rotfuse.pipeline import MatchOptions, scramble
+        from rotfuse.symmetry.names import symmetry_set
+        from rotfuse.align.options import MatchOptions
+        from rotfuse.align.scramble import scramble
 
         imports_done()
         options = MatchOptions(symmetry_set(symmetries), parse_layers(layers), device, 1, arch, arch_spec,

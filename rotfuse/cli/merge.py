@@ -8,12 +8,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from rotfuse.cli.common import FSYNC_HELP, Debug, DryRun, JsonOut, Overwrite, Quiet, Ui, imports_done, run_command
-from rotfuse.errors import UsageError
+from rotfuse.core.errors import UsageError
+from rotfuse.merge.methods import REGISTRY
 
 if TYPE_CHECKING:
-    from rotfuse.merge.config import Settings
+    from rotfuse.cli.jobfile import Settings
     from rotfuse.merge.engine import MergeOptions
 
+# flags that are settings of one method or another (the method's Settings dataclass validates them)
+METHOD_SETTINGS = ("alpha", "fisher_floor", "fisher_normalize")
 MERGE_SETTINGS = (
     "models", "out", "method", "weights", "stats", "alpha", "fisher_floor", "fisher_normalize", "exclude",
     "head_from", "match", "symmetries", "max_rounds", "dtype", "report", "arch", "arch_spec", "device",
@@ -31,7 +34,8 @@ def merge_command(
              "config and tokenizer.", show_default=False)] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder for the merged checkpoint.")] = None,
     method: Annotated[str | None, typer.Option(
-        "--method", "-m", help="simple (weighted average), fisher or regmean (need --stats)  [default: simple]")] = None,
+        "--method", "-m", help=f"One of {', '.join(REGISTRY)}; fisher and regmean need --stats "
+                               "(`rotfuse merge` README section)  [default: simple]")] = None,
     weights: Annotated[str | None, typer.Option(
         "--weights", "-w", help="Per-model weights, comma-separated, normalised to sum 1  [default: uniform]")] = None,
     stats: Annotated[list[Path] | None, typer.Option(
@@ -91,7 +95,7 @@ def merge_command(
     rotfuse merge --match a/ b/ -o merged/
     rotfuse merge --config job.yaml
     """
-    from rotfuse.merge.config import Settings, load_config
+    from rotfuse.cli.jobfile import Settings, load_config
 
     job = run_command(lambda: load_config(config, "merge", MERGE_SETTINGS), debug)
     settings = Settings({
@@ -139,7 +143,7 @@ def _models_and_stats(settings: Settings) -> tuple[list[Path], list[Path]]:
     option takes one value); statistics folders announce themselves with their manifest, so they
     are taken back from the positional arguments.
     """
-    from rotfuse.merge.config import as_list
+    from rotfuse.cli.jobfile import as_list
 
     positional = [Path(p) for p in as_list(settings.get("models"))]
     stats = [Path(p) for p in as_list(settings.get("stats"))]
@@ -150,9 +154,9 @@ def _models_and_stats(settings: Settings) -> tuple[list[Path], list[Path]]:
 def _options(settings: Settings) -> tuple[list[Path], MergeOptions]:
     """Flags over job file over defaults -> (model paths, MergeOptions)."""
     from rotfuse.io.dtypes import parse_dtype_flag
-    from rotfuse.merge.config import as_list
+    from rotfuse.cli.jobfile import as_list
     from rotfuse.merge.engine import MergeOptions
-    from rotfuse.symmetries import DEFAULT_SYMMETRIES, symmetry_set
+    from rotfuse.symmetry.names import DEFAULT_SYMMETRIES, symmetry_set
 
     paths, stats = _models_and_stats(settings)
     if settings.get("out") is None:
@@ -163,12 +167,10 @@ def _options(settings: Settings) -> tuple[list[Path], MergeOptions]:
             method=str(settings.get("method", "simple")),
             weights=None if weights is None else tuple(float(w) for w in as_list(weights)),
             stats=tuple(stats),
+            settings={key: settings.get(key) for key in METHOD_SETTINGS if settings.get(key) is not None},
             dtype=None if dtype is None else parse_dtype_flag(str(dtype)),
             exclude=tuple(as_list(settings.get("exclude"), split=False)),
             head_from=_head_index(settings.get("head_from", 0), paths),
-            alpha=float(settings.get("alpha", 0.9)),
-            fisher_floor=float(settings.get("fisher_floor", 1e-6)),
-            fisher_normalize=bool(settings.get("fisher_normalize", False)),
             match=bool(settings.get("match", False)),
             symmetries=symmetry_set(str(settings.get("symmetries", DEFAULT_SYMMETRIES))),
             max_rounds=int(settings.get("max_rounds", 20)),
@@ -183,7 +185,7 @@ def _options(settings: Settings) -> tuple[list[Path], MergeOptions]:
 
 
 def _is_stats_folder(path: Path) -> bool:
-    from rotfuse.merge.statsfile import MANIFEST_FILE
+    from rotfuse.merge.stats.folder import MANIFEST_FILE
 
     return (path / MANIFEST_FILE).is_file() and not (path / "config.json").exists()
 

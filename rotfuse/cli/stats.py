@@ -9,7 +9,7 @@ import typer
 
 from rotfuse.cli.common import Debug, JsonOut, Overwrite, Quiet, Ui, imports_done, run_command
 from rotfuse.cli.merge import JobFile
-from rotfuse.errors import UsageError
+from rotfuse.core.errors import UsageError
 
 STATS_SETTINGS = (
     "model", "data", "kind", "out", "max_samples", "batch_size", "max_length", "labels", "seed", "model_dtype",
@@ -60,7 +60,7 @@ def stats_command(
     rotfuse stats a/ --data a_inputs.jsonl --kind regmean -o a_stats/
     rotfuse stats vit/ --data images.safetensors --kind fisher -o vit_fisher/
     """
-    from rotfuse.merge.config import Settings, load_config
+    from rotfuse.cli.jobfile import Settings, load_config
 
     job = run_command(lambda: load_config(config, "stats", STATS_SETTINGS), debug)
     settings = Settings({
@@ -72,7 +72,7 @@ def stats_command(
     ui = Ui(bool(settings.get("quiet", False)), bool(settings.get("json", False)))
 
     def body() -> dict[str, Any]:
-        from rotfuse.stats import StatsOptions, compute_stats
+        from rotfuse.merge.stats.collect import StatsOptions, compute_stats
 
         imports_done()
 

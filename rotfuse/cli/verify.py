@@ -46,8 +46,8 @@ def verify_command(
     ui = Ui(quiet, json_out)
 
     def body() -> dict[str, Any]:
-        from rotfuse.evaluate import VerifyOptions, verify
-        from rotfuse.pipeline import resolve_device
+        from rotfuse.eval.verify import VerifyOptions, verify
+        from rotfuse.core.device import resolve_device
 
         imports_done()
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rotfuse.errors import InputError
-from rotfuse.tensors import all_finite
+from rotfuse.core.errors import InputError
+from rotfuse.core.tensors import all_finite
 from rotfuse.io.pickled import BIN_FILE, BIN_INDEX_FILE, read_bin_shard
 from rotfuse.io.safetensors_file import ShardHeader, TensorEntry, read_header
 

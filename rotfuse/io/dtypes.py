@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from rotfuse.errors import UsageError
+from rotfuse.core.errors import UsageError
 
 if TYPE_CHECKING:
     import torch

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rotfuse.errors import InputError
+from rotfuse.core.errors import InputError
 from rotfuse.io.safetensors_file import ShardHeader, TensorEntry
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rotfuse.errors import InputError
+from rotfuse.core.errors import InputError
 
 # safetensors dtype name -> bytes per element
 DTYPE_SIZES: dict[str, int] = {

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from types import TracebackType
 
-from rotfuse.errors import OutputError
+from rotfuse.core.errors import OutputError
 
 STAGING_PREFIX = ".rotfuse-tmp-"
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rotfuse.errors import InputError, OutputError
+from rotfuse.core.errors import InputError, OutputError
 from rotfuse.io.checkpoint import INDEX_FILE, Checkpoint
 from rotfuse.io.dtypes import torch_dtype
 from rotfuse.io.pickled import safetensors_name

@@ -11,9 +11,13 @@ Rules, one per tensor of the first model:
 - `head`: matches `--exclude`; copied from model `--head-from` (task heads whose label spaces
   differ between the models);
 - `copy`: not floating point (integer buffers); copied from the first model;
-- `fisher` / `regmean`: the method, where every model's statistics cover the tensor;
+- the method's name: where the method covers the tensor (`MergeMethod.covers`; for the
+  statistics methods, where every model's statistics hold it);
 - `simple`: everything else (for regmean: biases, norms, embeddings; for fisher: tensors that
   have no Fisher, e.g. buffers).
+
+The method itself comes from the registry (rotfuse/merge/methods/): the engine knows no method by
+name. A method that needs a base (`--base`) gets the base's tensor next to the models' ones.
 
 This module never imports transformers: `merge --method simple` works without it.
 """
@@ -33,38 +37,36 @@ from typing import Any
 import torch
 
 from rotfuse import __version__
-from rotfuse.archs.spec import BoundArch
-from rotfuse.errors import InputError, OutputError, UsageError
+from rotfuse.archs.bind import BoundArch
+from rotfuse.core.errors import InputError, OutputError, UsageError
 from rotfuse.io.checkpoint import CONFIG_FILE, Checkpoint
 from rotfuse.io.safetensors_file import FLOAT_DTYPES
 from rotfuse.io.staging import StagedFolder, check_output_location, check_report_location
 from rotfuse.io.writer import CheckpointWriter, ShardPlan, copy_side_files, plan_like
-from rotfuse.merge import method as lookup_method
-from rotfuse.merge.fisher import fisher_average
-from rotfuse.merge.regmean import GramSystem, prepare
-from rotfuse.merge.simple import normalise_weights, weighted_average
-from rotfuse.merge.statsfile import LinearInput, StatsFolder
-from rotfuse.report import Distance, Timings, write_json
-from rotfuse.symmetries import RESIDUAL, symmetry_set
-from rotfuse.tensors import all_finite
+from rotfuse.merge.methods import method_class
+from rotfuse.merge.methods.base import MergeMethod
+from rotfuse.merge.methods.simple import weighted_average
+from rotfuse.merge.stats.folder import StatsFolder
+from rotfuse.core.report import SCHEMA_VERSION, Distance, Timings, write_json
+from rotfuse.symmetry.names import RESIDUAL, symmetry_set
+from rotfuse.core.tensors import all_finite
+from rotfuse.core.progress import Progress
 
 REPORT_NAME = "rotfuse_merge.json"
 # config.json keys that describe a task head's label space: taken from the --head-from model
 LABEL_KEYS = ("id2label", "label2id", "num_labels", "_num_labels", "problem_type")
-Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
 class MergeOptions:
     method: str = "simple"
-    weights: tuple[float, ...] | None = None  # per model; normalised; None: uniform
+    weights: tuple[float, ...] | None = None  # per model; the method normalises them; None: uniform
     stats: tuple[Path, ...] = ()  # one statistics folder per model (fisher, regmean)
+    settings: dict[str, Any] = field(default_factory=dict)  # the method's settings given (flag name -> value)
+    base: Path | None = None  # the base model, for methods that take one (task vectors)
     dtype: str | None = None  # safetensors dtype for floating tensors; None: the first model's
     exclude: tuple[str, ...] = ()  # regexes (re.search) of tensors kept out of the merge
     head_from: int = 0  # model index the excluded tensors are copied from
-    alpha: float = 0.9  # RegMean off-diagonal shrinkage
-    fisher_floor: float = 1e-6
-    fisher_normalize: bool = False  # divide each model's Fisher by its global norm
     match: bool = False  # align every model to the first before merging (in memory)
     symmetries: frozenset[str] = field(default_factory=lambda: symmetry_set("default"))
     max_rounds: int = 20
@@ -81,21 +83,10 @@ class _Model:
     checkpoint: Checkpoint
     bound: BoundArch | None = None  # only with --match
     stats: StatsFolder | None = None
-    fisher_scale: float = 1.0  # 1 / ||F|| with --fisher-normalize
 
     @cached_property
     def fingerprint(self) -> str:
         return self.checkpoint.fingerprint()
-
-    @property
-    def statistics(self) -> StatsFolder:
-        assert self.stats is not None, "the method takes no statistics"
-        return self.stats
-
-    def linear_input(self, name: str) -> LinearInput:
-        entry = self.statistics.linear_input(name)
-        assert entry is not None, f"no Gram for {name}"
-        return entry
 
 
 @dataclass
@@ -105,24 +96,43 @@ class MergePlan:
     models: list[_Model]
     out: Path
     options: MergeOptions
-    weights: list[float]
+    method: MergeMethod
     rules: dict[str, str]  # first model's tensor name -> rule
     ignored: list[str]  # tensors only some other model has (not in the output)
     device: str
+    base: _Model | None = None
 
     @property
     def first(self) -> _Model:
         return self.models[0]
 
+    @property
+    def weights(self) -> list[float]:
+        return self.method.weights
+
+    @property
+    def sources(self) -> list[_Model]:
+        """Every checkpoint a tensor is read from: the models, then the base."""
+        return [*self.models, *([self.base] if self.base else [])]
+
 
 # ---------------------------------------------------------------------- checking
 
 
-def _validate(models: Sequence[Path], options: MergeOptions) -> tuple[list[float], list[re.Pattern[str]]]:
-    method = lookup_method(options.method)
-    if len(models) < 2:
-        raise UsageError(f"merge needs at least two checkpoints, got {len(models)}")
-    weights = normalise_weights(options.weights, len(models))
+def _validate(models: Sequence[Path], options: MergeOptions) -> tuple[type[MergeMethod], Any, list[float],
+                                                                  list[re.Pattern[str]]]:
+    """The method's class, settings and weights, and the --exclude patterns, or a usage error."""
+    method = method_class(options.method)
+    if len(models) < method.min_models:
+        raise UsageError(f"--method {method.name} needs at least {method.min_models} checkpoints, got {len(models)}")
+    if method.max_models is not None and len(models) > method.max_models:
+        raise UsageError(f"--method {method.name} merges at most {method.max_models} checkpoints, got {len(models)}")
+    if method.needs_base and options.base is None:
+        raise UsageError(f"--method {method.name} needs the models' common base: pass --base BASE")
+    if not method.needs_base and options.base is not None:
+        raise UsageError(f"--method {method.name} takes no base model; drop --base")
+    weights = method.normalise(options.weights, len(models))
+    settings = method.make_settings(options.settings)
     if method.stats is None and options.stats:
         raise UsageError(f"--method {method.name} uses no statistics; drop --stats")
     if method.stats is not None:
@@ -141,10 +151,6 @@ def _validate(models: Sequence[Path], options: MergeOptions) -> tuple[list[float
             "--match aligns layer by layer and cannot move the residual stream, which couples every layer: "
             "run `rotfuse match FIRST MODEL... -s default,residual -o ALIGNED` first, then merge the aligned copies"
         )
-    if not 0.0 <= options.alpha <= 1.0:
-        raise UsageError(f"--alpha {options.alpha}: must be between 0 and 1")
-    if not options.fisher_floor >= 0.0:
-        raise UsageError(f"--fisher-floor {options.fisher_floor}: must be >= 0")
     if not 0 <= options.head_from < len(models):
         raise UsageError(f"--head-from {options.head_from}: must be a model index from 0 to {len(models) - 1}")
     patterns = []
@@ -153,13 +159,13 @@ def _validate(models: Sequence[Path], options: MergeOptions) -> tuple[list[float
             patterns.append(re.compile(text))
         except re.error as exc:
             raise UsageError(f"--exclude {text!r}: not a regular expression ({exc})") from None
-    return weights, patterns
+    return method, settings, weights, patterns
 
 
 def _open_models(paths: Sequence[Path], options: MergeOptions) -> list[_Model]:
     if not options.match:
         return [_Model(Path(p), Checkpoint.open(p, allow_nonfinite=options.allow_nonfinite)) for p in paths]
-    from rotfuse.pipeline import open_model
+    from rotfuse.align.pair import open_model
 
     opened = [open_model(Path(p), options.arch, options.arch_spec, options.allow_nonfinite) for p in paths]
     first = opened[0]
@@ -203,7 +209,7 @@ def _check_layout(models: list[_Model], excluded: Callable[[str], bool], head_fr
     return sorted({name for model in models[1:] for name in model.checkpoint.names() if name not in own})
 
 
-def _open_stats(models: list[_Model], options: MergeOptions, kind: str) -> None:
+def _open_stats(models: list[_Model], options: MergeOptions, kind: str) -> list[StatsFolder]:
     for model, folder in zip(models, options.stats, strict=True):
         stats = StatsFolder.open(folder)
         if stats.kind != kind:
@@ -218,45 +224,27 @@ def _open_stats(models: list[_Model], options: MergeOptions, kind: str) -> None:
                 f"rotfuse stats {model.path} --kind {kind} ..."
             )
         model.stats = stats
-        if kind == "fisher" and options.fisher_normalize:
-            squares = stats.squared_norm()
-            if squares <= 0:
-                raise InputError(f"{folder}: the Fisher is zero everywhere; --fisher-normalize cannot scale it")
-            model.fisher_scale = 1.0 / squares ** 0.5
+    return [model.stats for model in models if model.stats is not None]
 
 
-def _rule(name: str, models: list[_Model], method: str, excluded: Callable[[str], bool]) -> str:
-    first = models[0].checkpoint
+def _rule(name: str, first: Checkpoint, method: MergeMethod, excluded: Callable[[str], bool]) -> str:
     if excluded(name):
         return "head"
     if first.entry(name).dtype not in FLOAT_DTYPES:
         return "copy"
-    if method == "simple":
-        return "simple"
-    covered = [_covers(model.statistics, name, method) for model in models]
-    if all(covered):
-        return method
-    if any(covered):
-        missing, holder = models[covered.index(False)].statistics, models[covered.index(True)].statistics
-        raise InputError(f"{missing.folder}: no {method} statistics for tensor {name!r}, "
-                         f"but {holder.folder} has them; were they computed on different architectures?")
-    return "simple"
-
-
-def _covers(stats: StatsFolder, name: str, method: str) -> bool:
-    if method == "fisher":
-        return stats.has(name)
-    return stats.linear_input(name) is not None
+    return method.name if method.covers(name) else "simple"
 
 
 def prepare_merge(models: Sequence[Path], out: Path, options: MergeOptions, overwrite: bool = False) -> MergePlan:
     """Validate flags, output location, checkpoints and statistics; decide every tensor's rule."""
-    from rotfuse.pipeline import resolve_device
+    from rotfuse.core.device import resolve_device
 
-    weights, patterns = _validate(models, options)
-    check_output_location(Path(out), [Path(p) for p in (*models, *options.stats)], overwrite)
+    method_cls, settings, weights, patterns = _validate(models, options)
+    inputs = [*models, *options.stats, *([options.base] if options.base else [])]
+    check_output_location(Path(out), [Path(p) for p in inputs], overwrite)
     device = resolve_device(options.device)
-    opened = _open_models(models, options)
+    opened = _open_models([*models, *([options.base] if options.base else [])], options)
+    base = opened.pop() if options.base else None
 
     def excluded(name: str) -> bool:
         return any(p.search(name) for p in patterns)
@@ -264,12 +252,12 @@ def prepare_merge(models: Sequence[Path], out: Path, options: MergeOptions, over
     for pattern in patterns:  # a typo must not silently merge a head
         if not any(pattern.search(name) for name in opened[0].checkpoint.names()):
             raise UsageError(f"--exclude {pattern.pattern!r}: matches no tensor of {opened[0].path}")
-    ignored = _check_layout(opened, excluded, options.head_from)
-    kind = lookup_method(options.method).stats
-    if kind is not None:
-        _open_stats(opened, options, kind)
-    rules = {name: _rule(name, opened, options.method, excluded) for name in opened[0].checkpoint.names()}
-    return MergePlan(opened, Path(out), options, weights, rules, ignored, device)
+    ignored = _check_layout([*opened, *([base] if base else [])], excluded, options.head_from)
+    stats = _open_stats(opened, options, method_cls.stats) if method_cls.stats is not None else []
+    method = method_cls(settings, weights, stats, device)
+    first = opened[0].checkpoint
+    rules = {name: _rule(name, first, method, excluded) for name in first.names()}
+    return MergePlan(opened, Path(out), options, method, rules, ignored, device, base)
 
 
 # ---------------------------------------------------------------------- merging
@@ -318,12 +306,10 @@ class _Sources:
 
 @dataclass
 class _Merger:
-    """Applies each tensor's rule; keeps the factorised Gram system of the input being merged."""
+    """Applies each tensor's rule: the method where it covers the tensor, else the weighted average."""
 
     plan: MergePlan
     sources: _Sources
-    _system_key: tuple[str, ...] | None = None
-    _system: GramSystem | None = None
 
     def merge(self, name: str) -> torch.Tensor:
         merged = self._merge(name)
@@ -332,50 +318,20 @@ class _Merger:
         return merged
 
     def _merge(self, name: str) -> torch.Tensor:
-        rule, weights, models = self.plan.rules[name], self.plan.weights, self.plan.models
+        plan = self.plan
         tensors = self.sources.all(name)
-        if rule == "fisher":
-            fishers = [m.statistics.get(name) * m.fisher_scale for m in models]
-            for model, fisher in zip(models, fishers):
-                if fisher.shape != tensors[0].shape:
-                    raise InputError(f"{model.statistics.folder}: Fisher {name!r} has shape {list(fisher.shape)}, "
-                                     f"the tensor {list(tensors[0].shape)}")
-            return fisher_average(tensors, fishers, weights, self.plan.options.fisher_floor)
-        if rule == "regmean":
-            return self._regmean(name, tensors)
-        return weighted_average(tensors, weights)
-
-    def _regmean(self, name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-        inputs = [m.linear_input(name) for m in self.plan.models]
-        layout = inputs[0].layout
-        if any(i.layout != layout for i in inputs) or tensors[0].dim() != 2:
-            raise InputError(f"RegMean: the statistics disagree on how {name!r} is stored (layouts "
-                             f"{sorted({i.layout for i in inputs})}) or it is not a matrix")
-        key = tuple(i.gram for i in inputs)
-        if key != self._system_key:
-            self._system = None  # free the previous input's Grams before reading the next
-            dim = tensors[0].shape[1 if layout == "out_in" else 0]
-            grams = []
-            for model, gram_name in zip(self.plan.models, key):
-                gram = model.statistics.get(gram_name)
-                if tuple(gram.shape) != (dim, dim):
-                    raise InputError(f"{model.statistics.folder}: Gram {gram_name!r} is {list(gram.shape)}, but "
-                                     f"{name!r} ({layout}) reads {dim} inputs")
-                grams.append(gram)
-            self._system = prepare(grams, self.plan.weights, self.plan.options.alpha, name, self.plan.device)
-            self._system_key = key
-        assert self._system is not None
-        return self._system.solve(tensors, layout)
+        base = tensors.pop() if plan.base is not None else None
+        if plan.rules[name] == plan.method.name:
+            return plan.method.merge(name, tensors, base)
+        return weighted_average(tensors, plan.weights)
 
 
 def _order(plan: MergePlan) -> list[str]:
-    """The first model's tensors, with weights that read one Gram (q, k, v) next to each other so
-    that its factorisation is computed once."""
+    """The first model's tensors, those of one method group next to each other (RegMean: the
+    weights that read one Gram, q k v, so that its factorisation is computed once)."""
     groups: dict[str, list[str]] = {}
     for name in plan.first.checkpoint.names():
-        key = name
-        if plan.rules[name] == "regmean":
-            key = plan.first.linear_input(name).gram
+        key = plan.method.group(name) if plan.rules[name] == plan.method.name else name
         groups.setdefault(key, []).append(name)
     return [name for group in groups.values() for name in group]
 
@@ -395,15 +351,15 @@ def _aligned_layers(plan: MergePlan, sources: _Sources, distances: list[Distance
     tensors in `sources`, yield the layer's tensor names; then forget them. `distances` gets each
     other model's distance to the first one over the matched tensors, before and after."""
     from rotfuse.archs.layer_io import layer_tensor_names, read_layer, write_layer
-    from rotfuse.matching import match_layer
-    from rotfuse.pipeline import layer_settings
+    from rotfuse.align.layer import match_layer
+    from rotfuse.align.pair import layer_settings
 
     anchor = plan.first
     assert anchor.bound is not None
-    distances[:] = [Distance() for _ in plan.models[1:]]
+    distances[:] = [Distance() for _ in plan.sources[1:]]
     for layer in anchor.bound.layers():
         anchor_weights = read_layer(anchor.checkpoint, anchor.bound, layer, plan.device)
-        for index, model in enumerate(plan.models[1:], start=1):
+        for index, model in enumerate(plan.sources[1:], start=1):
             assert model.bound is not None
             settings = layer_settings(model.bound, layer, plan.options.symmetries, plan.options.max_rounds,
                                       plan.options.allow_nonfinite)
@@ -415,7 +371,7 @@ def _aligned_layers(plan: MergePlan, sources: _Sources, distances: list[Distance
             write_layer(capture, model.bound, layer, aligned)  # type: ignore[arg-type]
             sources.aligned[index] = capture.tensors
         yield layer_tensor_names(anchor.bound, layer, anchor.checkpoint)
-        sources.aligned = [{} for _ in plan.models]
+        sources.aligned = [{} for _ in plan.sources]
 
 
 def _plans(plan: MergePlan) -> list[ShardPlan]:
@@ -453,9 +409,9 @@ def run_merge(plan: MergePlan, overwrite: bool = False, report_path: Path | None
     """Write the merged checkpoint described by `plan`; returns the report (written as
     OUT/rotfuse_merge.json, and also to `report_path` when given)."""
     started = time.perf_counter()
-    check_report_location(report_path, [*(m.path for m in plan.models), *map(Path, plan.options.stats)])
+    check_report_location(report_path, [*(m.path for m in plan.sources), *map(Path, plan.options.stats)])
     timings = Timings()
-    sources = _Sources(plan.models)
+    sources = _Sources(plan.sources)
     merger = _Merger(plan, sources)
     distances: list[Distance] = []
     head_from = plan.options.head_from
@@ -520,18 +476,21 @@ def _report(plan: MergePlan, distances: list[Distance], skipped: list[str]) -> d
         if index and distances:
             entry["alignment"] = {k: v for k, v in distances[index - 1].as_dict().items() if k != "tensors"}
         models.append(entry)
+    base: dict[str, Any] | None = None
+    if plan.base is not None:
+        base = {"path": str(plan.base.path), "fingerprint": plan.base.fingerprint}
+        if distances:
+            base["alignment"] = {k: v for k, v in distances[-1].as_dict().items() if k != "tensors"}
     settings: dict[str, Any] = {"dtype": options.dtype, "exclude": list(options.exclude), "head_from": options.head_from,
                                 "match": options.match}
-    if options.method == "regmean":
-        settings["alpha"] = options.alpha
-    if options.method == "fisher":
-        settings |= {"fisher_floor": options.fisher_floor, "fisher_normalize": options.fisher_normalize}
+    settings |= plan.method.describe()
     if options.match:
         settings |= {"symmetries": sorted(options.symmetries), "max_rounds": options.max_rounds}
     return {
-        "tool": "rotfuse", "version": __version__, "schema": 1, "command": "merge",
+        "tool": "rotfuse", "version": __version__, "schema": SCHEMA_VERSION, "command": "merge",
         "method": options.method,
         "models": models,
+        **({"base": base} if base is not None else {}),
         "output": {"path": str(plan.out)},
         "device": plan.device,
         "settings": settings,

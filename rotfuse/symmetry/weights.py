@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from rotfuse.tensors import sq_distance
+from rotfuse.core.tensors import sq_distance
 
 
 @dataclass

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-from rotfuse.errors import InputError
+from rotfuse.core.errors import InputError
 
 
 def activation_scores(model_dir: Path, anchor_dir: Path, data: Path, orthogonal: bool,
                       max_samples: int = 256, batch_size: int = 16, device: str = "cpu") -> torch.Tensor:
-    from rotfuse.data import batches, load_inputs
-    from rotfuse.runtime import forward, load_model
+    from rotfuse.eval.data import batches, load_inputs
+    from rotfuse.eval.runtime import forward, load_model
 
     model, anchor = load_model(model_dir, device), load_model(anchor_dir, device)
     inputs = load_inputs(data, tokenizer_folder=model_dir, max_samples=max_samples)

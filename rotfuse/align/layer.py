@@ -15,10 +15,15 @@ from typing import Any
 
 import torch
 
-from rotfuse.tensors import all_finite, sq_distance
+from rotfuse.core.tensors import all_finite, sq_distance
 from rotfuse.symmetry.circuit import CircuitTransform, solve_circuit
 from rotfuse.symmetry.heads import pair_scores, permute_groups
-from rotfuse.symmetry.permutation import best_assignment, permute_ffn, random_permutation, solve_permutation
+from rotfuse.symmetry.permutation import (
+    best_assignment,
+    permute_ffn,
+    random_permutation,
+    solve_permutation,
+)
 from rotfuse.symmetry.rotation import random_rotation
 from rotfuse.symmetry.scaling import random_scale
 from rotfuse.symmetry.weights import (

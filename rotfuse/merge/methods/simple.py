@@ -2,31 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
-from rotfuse.errors import UsageError
-
-
-def normalise_weights(weights: Sequence[float] | None, count: int) -> list[float]:
-    """Per-model weights scaled to sum to one (uniform when none are given).
-
-    Negative weights are refused: Fisher and RegMean multiply statistics by them, and a negative
-    multiple of a Fisher or Gram matrix is no longer one.
-    """
-    if weights is None:
-        return [1.0 / count] * count
-    weights = [float(w) for w in weights]
-    if len(weights) != count:
-        raise UsageError(f"--weights has {len(weights)} values for {count} models")
-    if any(not math.isfinite(w) or w < 0 for w in weights):
-        raise UsageError(f"--weights {','.join(map(str, weights))}: every weight must be finite and >= 0")
-    total = sum(weights)
-    if total <= 0:
-        raise UsageError("--weights: at least one weight must be positive")
-    return [w / total for w in weights]
+from rotfuse.merge.methods.base import MergeMethod
 
 
 def weighted_average(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
@@ -56,3 +36,11 @@ def weighted_average(tensors: Sequence[torch.Tensor], weights: Sequence[float]) 
     if total is None:  # every weight zero: normalise_weights refuses that, but stay total
         return torch.zeros(tensors[0].shape, dtype=work, device=tensors[0].device)
     return total
+
+
+class Simple(MergeMethod):
+    name = "simple"
+    summary = "weighted average of every parameter"
+
+    def merge(self, name: str, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None) -> torch.Tensor:
+        return weighted_average(tensors, self.weights)

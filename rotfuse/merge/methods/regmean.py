@@ -21,10 +21,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from rotfuse.errors import InputError
+from rotfuse.core.errors import InputError, UsageError
+from rotfuse.merge.methods.base import StatsMethod
+
+if TYPE_CHECKING:
+    from rotfuse.merge.stats.folder import LinearInput, StatsFolder
 
 RIDGE = 1e-6  # relative to the mean diagonal of the summed Gram matrix
 
@@ -98,3 +103,61 @@ def regmean_merge(tensors: Sequence[torch.Tensor], grams: Sequence[torch.Tensor]
                   alpha: float = 0.9, layout: str = "out_in", name: str = "weight") -> torch.Tensor:
     """Merge one linear weight (all models' tensors, same layout) from its input Gram matrices."""
     return prepare(grams, weights, alpha, name, tensors[0].device).solve(tensors, layout)
+
+
+@dataclass(frozen=True)
+class RegMeanSettings:
+    alpha: float = 0.9  # scale of the Grams' off-diagonal entries (0: diagonal only)
+
+    def validate(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise UsageError(f"--alpha {self.alpha}: must be between 0 and 1")
+
+
+class RegMean(StatsMethod):
+    """Linear weights by RegMean; every other tensor (biases, norms, embeddings) averaged. The
+    factorised system of one input is kept while the weights reading it (q, k, v) are merged."""
+
+    name = "regmean"
+    summary = ("closed-form least-squares merge of every linear layer from its input Gram matrices; "
+               "simple average for everything else")
+    stats = "regmean"
+    Settings = RegMeanSettings
+
+    def __init__(self, settings: RegMeanSettings, weights: Sequence[float], stats: Sequence[StatsFolder] = (),
+                 device: str = "cpu") -> None:
+        super().__init__(settings, weights, stats, device)
+        self._system_key: tuple[str, ...] | None = None
+        self._system: GramSystem | None = None
+
+    def has(self, stats: StatsFolder, name: str) -> bool:
+        return stats.linear_input(name) is not None
+
+    def group(self, name: str) -> str:
+        return self._inputs(name)[0].gram
+
+    def _inputs(self, name: str) -> list[LinearInput]:
+        inputs = [folder.linear_input(name) for folder in self.stats]
+        return [entry for entry in inputs if entry is not None]
+
+    def merge(self, name: str, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None) -> torch.Tensor:
+        inputs = self._inputs(name)
+        layout = inputs[0].layout
+        if any(i.layout != layout for i in inputs) or tensors[0].dim() != 2:
+            raise InputError(f"RegMean: the statistics disagree on how {name!r} is stored (layouts "
+                             f"{sorted({i.layout for i in inputs})}) or it is not a matrix")
+        key = tuple(i.gram for i in inputs)
+        if key != self._system_key:
+            self._system = None  # free the previous input's Grams before reading the next
+            dim = tensors[0].shape[1 if layout == "out_in" else 0]
+            grams = []
+            for folder, gram_name in zip(self.stats, key, strict=True):
+                gram = folder.get(gram_name)
+                if tuple(gram.shape) != (dim, dim):
+                    raise InputError(f"{folder.folder}: Gram {gram_name!r} is {list(gram.shape)}, but "
+                                     f"{name!r} ({layout}) reads {dim} inputs")
+                grams.append(gram)
+            self._system = prepare(grams, self.weights, self.settings.alpha, name, self.device)
+            self._system_key = key
+        assert self._system is not None
+        return self._system.solve(tensors, layout)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from rotfuse.errors import InputError
+from rotfuse.core.errors import InputError
 
 
 def offline() -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from rotfuse.errors import InputError
+from rotfuse.core.errors import InputError
 
 TEXT_KEYS = ("text", "sentence", "input", "content")
 
@@ -103,7 +103,7 @@ def _load_texts(path: Path) -> tuple[list[str], list[str] | None, list[int] | No
 
 
 def _tokenize(texts: list[str], pairs: list[str] | None, folder: Path, max_length: int) -> dict[str, torch.Tensor]:
-    from rotfuse.runtime import offline, refuse_remote_code
+    from rotfuse.eval.runtime import offline, refuse_remote_code
 
     offline()
     refuse_remote_code(folder)

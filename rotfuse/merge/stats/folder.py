@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rotfuse.errors import InputError
+from rotfuse.core.errors import InputError
 
 if TYPE_CHECKING:
     import torch
@@ -127,13 +127,13 @@ def write_stats(folder: Path, tensors: dict[str, torch.Tensor], manifest: dict[s
     """Write the tensors and the manifest into `folder` (a staging folder)."""
     from safetensors.torch import save_file
 
-    from rotfuse.report import write_json
+    from rotfuse.core.report import write_json
 
     try:
         save_file({name: t.contiguous() for name, t in tensors.items()}, str(folder / STATS_FILE),
                   metadata={"format": "pt", "rotfuse_kind": str(manifest["kind"])})
     except OSError as exc:
-        from rotfuse.errors import OutputError
+        from rotfuse.core.errors import OutputError
 
         raise OutputError(f"{folder / STATS_FILE}: cannot write ({exc.strerror or exc})") from exc
     write_json(folder / MANIFEST_FILE, manifest)

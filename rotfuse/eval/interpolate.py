@@ -14,22 +14,29 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rotfuse.errors import InputError, UsageError
-from rotfuse.evaluate import LABELS_ENSEMBLE, LossSpec, ensemble_labels, located, loss_spec, probabilities, score
+from rotfuse.core.errors import InputError, UsageError
+from rotfuse.core.progress import Progress
+from rotfuse.eval.runtime import load_model, refuse_remote_code
+from rotfuse.eval.score import (
+    LABELS_ENSEMBLE,
+    LossSpec,
+    ensemble_labels,
+    located,
+    loss_spec,
+    probabilities,
+    score,
+)
 from rotfuse.io.checkpoint import Checkpoint
 from rotfuse.io.safetensors_file import FLOAT_DTYPES
 from rotfuse.io.writer import CheckpointWriter, copy_side_files, plan_like
-from rotfuse.merge.simple import weighted_average
-from rotfuse.runtime import load_model, refuse_remote_code
-
-Progress = Callable[[int, int], None]
+from rotfuse.merge.methods.simple import weighted_average
 
 
 def grid(steps: int) -> list[float]:

@@ -10,23 +10,28 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from rotfuse.archs.layer_io import TensorView, layer_tensor_names, read_layer, write_layer
-from rotfuse.archs.spec import LayerId
-from rotfuse.report import Timings
+from rotfuse.archs.layer_io import (
+    TensorView,
+    layer_tensor_names,
+    read_layer,
+    write_layer,
+)
+from rotfuse.archs.bind import LayerId
+from rotfuse.core.report import Timings
 from rotfuse.symmetry.weights import LayerWeights
+from rotfuse.core.progress import Progress
 
 if TYPE_CHECKING:
+    from rotfuse.align.pair import OpenedModel
     from rotfuse.io.writer import CheckpointWriter
-    from rotfuse.pipeline import OpenedModel
 
-Progress = Callable[[int, int], None]
 T = TypeVar("T")
 
 

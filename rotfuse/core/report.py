@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rotfuse.errors import OutputError
+from rotfuse.core.errors import OutputError
 
 SCHEMA_VERSION = 1
 

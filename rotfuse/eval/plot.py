@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from rotfuse.errors import OutputError
-from rotfuse.interpolate import Curve
+from rotfuse.core.errors import OutputError
+from rotfuse.eval.interpolate import Curve
 
 
 def plot_curves(curves: Sequence[Curve], path: Path, title: str | None = None, barrier_in_legend: bool = True) -> Path:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rotfuse.errors import InputError, UsageError
+from rotfuse.core.errors import InputError, UsageError
 
 
 @dataclass

@@ -8,7 +8,7 @@ the short family names below.
 
 from __future__ import annotations
 
-from rotfuse.errors import UsageError
+from rotfuse.core.errors import UsageError
 
 RESIDUAL = "residual.map"  # one map of the whole residual stream (permutation, or orthogonal where exact)
 ALL_SYMMETRIES = frozenset({"qk.rot", "qk.scale", "vo.rot", "vo.scale", "ffn.perm", "heads.perm", RESIDUAL})

@@ -48,16 +48,16 @@ from typing import Any
 import torch
 
 from rotfuse import __version__
-from rotfuse.data import batches, load_inputs
-from rotfuse.errors import InputError, UsageError
+from rotfuse.eval.data import batches, load_inputs
+from rotfuse.core.errors import InputError, UsageError
 from rotfuse.io.checkpoint import Checkpoint
 from rotfuse.io.dtypes import parse_dtype_flag, torch_dtype
 from rotfuse.io.safetensors_file import FLOAT_DTYPES
 from rotfuse.io.staging import StagedFolder, check_output_location
-from rotfuse.merge.statsfile import GRAM_PREFIX, KINDS, SCHEMA, write_stats
-from rotfuse.runtime import accepted_inputs, load_model, refuse_remote_code
+from rotfuse.merge.stats.folder import GRAM_PREFIX, KINDS, SCHEMA, write_stats
+from rotfuse.eval.runtime import accepted_inputs, load_model, refuse_remote_code
+from rotfuse.core.progress import Progress
 
-Progress = Callable[[int, int], None]
 LABEL_MODES = ("auto", "sampled", "data")
 FISHER_ESTIMATOR = "per-example squared gradient of log p(y|x), y sampled from the model or from the data"
 
@@ -361,7 +361,7 @@ def collect_fisher(model: torch.nn.Module, names: dict[int, list[str]], inputs: 
 def compute_stats(model_path: Path, data_path: Path, out: Path, options: StatsOptions, overwrite: bool = False,
                   progress: Progress | None = None) -> dict[str, Any]:
     """Run MODEL on DATA and write its statistics to OUT; returns the manifest."""
-    from rotfuse.pipeline import resolve_device
+    from rotfuse.core.device import resolve_device
 
     started = time.perf_counter()
     _validate(options)

@@ -24,11 +24,19 @@ others' values.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from rotfuse.merge.simple import weighted_average
+from rotfuse.core.errors import InputError, UsageError
+from rotfuse.merge.methods.base import StatsMethod
+from rotfuse.merge.methods.simple import weighted_average
+
+if TYPE_CHECKING:
+    from rotfuse.merge.stats.folder import StatsFolder
 
 
 def fisher_average(tensors: Sequence[torch.Tensor], fishers: Sequence[torch.Tensor],
@@ -50,3 +58,41 @@ def fisher_average(tensors: Sequence[torch.Tensor], fishers: Sequence[torch.Tens
         return torch.where(empty, fallback, numerator / denominator.masked_fill(empty, 1.0))
     return numerator / denominator
 
+
+@dataclass(frozen=True)
+class FisherSettings:
+    fisher_floor: float = 1e-6  # lower bound on every model's Fisher (after normalisation)
+    fisher_normalize: bool = False  # divide each model's Fisher by its global L2 norm first
+
+    def validate(self) -> None:
+        if not (math.isfinite(self.fisher_floor) and self.fisher_floor >= 0.0):
+            raise UsageError(f"--fisher-floor {self.fisher_floor}: must be finite and >= 0")
+
+
+class Fisher(StatsMethod):
+    name = "fisher"
+    summary = "per-parameter average weighted by each model's diagonal Fisher"
+    stats = "fisher"
+    Settings = FisherSettings
+
+    def __init__(self, settings: FisherSettings, weights: Sequence[float], stats: Sequence[StatsFolder] = (),
+                 device: str = "cpu") -> None:
+        super().__init__(settings, weights, stats, device)
+        self.scales = [1.0] * len(self.stats)
+        if settings.fisher_normalize:
+            for index, folder in enumerate(self.stats):
+                squares = folder.squared_norm()
+                if squares <= 0:
+                    raise InputError(f"{folder.folder}: the Fisher is zero everywhere; --fisher-normalize cannot scale it")
+                self.scales[index] = 1.0 / squares ** 0.5
+
+    def has(self, stats: StatsFolder, name: str) -> bool:
+        return stats.has(name)
+
+    def merge(self, name: str, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None) -> torch.Tensor:
+        fishers = [folder.get(name) * scale for folder, scale in zip(self.stats, self.scales, strict=True)]
+        for folder, fisher in zip(self.stats, fishers, strict=True):
+            if fisher.shape != tensors[0].shape:
+                raise InputError(f"{folder.folder}: Fisher {name!r} has shape {list(fisher.shape)}, "
+                                 f"the tensor {list(tensors[0].shape)}")
+        return fisher_average(tensors, fishers, self.weights, self.settings.fisher_floor)

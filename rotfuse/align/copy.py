@@ -1,0 +1,100 @@
+"""Writing a transformed copy of a checkpoint: layers through a transform, every other tensor
+moved with the residual stream or copied byte for byte, side files, config updates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rotfuse.align.pair import OpenedModel, counterpart, in_layers
+from rotfuse.align.pool import Stream, transform_layers
+from rotfuse.core.progress import Progress
+from rotfuse.align.residual.scores import StreamSide
+from rotfuse.archs.bind import LayerId
+from rotfuse.core.report import Distance
+from rotfuse.core.tensors import sq_distance
+from rotfuse.io.writer import CheckpointWriter, ShardPlan, copy_side_files, plan_like
+
+
+def _layout(model: OpenedModel, side: StreamSide) -> list[ShardPlan]:
+    """The model's own layout, plus the heads an untie adds (next to the tensor they start from)."""
+    plans = plan_like(model.checkpoint)
+    for residual in side.plans.values():
+        for new, source in residual.added.items():
+            entry = model.checkpoint.entry(source)
+            target = next(p for p in plans if any(name == source for name, _, _ in p.tensors))
+            target.tensors.append((new, entry.dtype, entry.shape))
+    return plans
+
+
+class _Expressing:
+    """A CheckpointWriter whose every tensor goes through `side.express` first."""
+
+    def __init__(self, writer: CheckpointWriter, side: StreamSide):
+        self._writer, self._side = writer, side
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._writer.write(name, self._side.express(name, tensor))
+
+    def __getattr__(self, attribute: str) -> Any:  # finish, abort, copy: as they are
+        return getattr(self._writer, attribute)
+
+
+def write_copy(model: OpenedModel, folder: Path, layers: list[LayerId], device: str, workers: int,
+                transform: Any, side: StreamSide, stream: Stream, progress: Progress | None,
+                anchor: OpenedModel | None = None, anchor_side: StreamSide | None = None,
+                unmoved: StreamSide | None = None, stored_ffn: bool = False,
+                fsync: bool = True) -> tuple[list[Any], Distance, list[str]]:
+    """Write MODEL into `folder`: layers through `transform` (read through `side.view`, FFN
+    tensors in their stored dtype with `stored_ffn`), every other tensor moved with the stream or
+    copied byte for byte. With an anchor, also returns the distance over the tensors outside the
+    layers (before: `unmoved`, after: `side`). What is written goes through `side.express` (the
+    norm gains the copy is expressed in)."""
+    writer: Any = CheckpointWriter(folder, _layout(model, side), model.checkpoint, fsync)
+    if side.into is not None:
+        writer = _Expressing(writer, side)
+    outside = Distance()
+    layer_names = in_layers(model, layers)
+    rest = [n for n in model.checkpoint.names() if n not in layer_names]
+    fixed, moving = [n for n in rest if not side.on_stream(n)], [n for n in rest if side.on_stream(n)]
+    against = (anchor, anchor_side, unmoved) if anchor and anchor_side and unmoved else None
+
+    def measure(name: str, raw: torch.Tensor, moved: torch.Tensor | None = None) -> None:
+        assert against is not None
+        theirs, theirs_side, before_side = against
+        other = counterpart(name, model, theirs)
+        if other in theirs.checkpoint:
+            ref = theirs_side.read(other)
+            before = sq_distance(before_side.view(name, raw), ref)
+            outside.add(before, before if moved is None else sq_distance(moved, ref))
+
+    def measure_fixed() -> None:
+        for name in fixed:
+            measure(name, model.checkpoint.get(name))
+
+    try:
+        stream.timed("copy", lambda: writer.copy_unwritten(fixed))  # first: their shards are flushed early
+        rows = transform_layers(model, writer, layers, device, transform, stream, progress, workers,
+                                view=side.layer_view, stored_ffn=stored_ffn,
+                                alongside=measure_fixed if against else None)
+        for name in moving:
+            raw = stream.timed("read", lambda: model.checkpoint.get(name))
+            moved = side.view(name, raw)
+            stream.timed("write", lambda: writer.write(name, moved))
+            if against:
+                measure(name, raw, moved)
+        for residual in side.plans.values():
+            for new, source in residual.added.items():
+                writer.write(new, side.read(new, source))
+        stream.timed("copy", writer.finish)
+    finally:
+        writer.abort()
+    skipped = copy_side_files(model.checkpoint, folder)
+    updates = {k: v for p in side.plans.values() for k, v in p.config_updates.items()}
+    if updates:
+        config_path = folder / "config.json"
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **updates}, indent=2) + "\n")
+    return rows, outside, skipped

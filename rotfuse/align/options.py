@@ -1,0 +1,31 @@
+"""The settings of one `rotfuse match` or `rotfuse scramble` run."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rotfuse.symmetry.names import symmetry_set
+
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class MatchOptions:
+    symmetries: frozenset[str] = field(default_factory=lambda: symmetry_set("default"))
+    layers: frozenset[int] | None = None  # None: every layer
+    device: str = "auto"
+    max_rounds: int = 20
+    arch: str | None = None
+    arch_spec: Path | None = None
+    allow_nonfinite: bool = False
+    workers: int = DEFAULT_WORKERS  # layers read and solved concurrently
+    # residual stream (symmetry "residual")
+    data: Path | None = None  # activation matching on these inputs; weight matching without
+    residual_rounds: int = 8  # weight matching: most alternations of stream map and per-layer maps
+    data_samples: int = 256
+    data_batch_size: int = 16
+    allow_untie: bool = False  # RMSNorm with tied embeddings: fold anyway, untying the head
+    allow_stream_output: bool = False  # a headless model's outputs are the stream itself
+    fsync: bool = True  # flush the output to disk before it is moved into place (io/staging.py)

@@ -1,0 +1,222 @@
+"""A spec bound to one checkpoint: its key prefix, the stacks present, the sizes read from
+config.json, the coverage of every layer tensor, and the restrictions its config switches on."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from rotfuse.archs.spec import (
+    ArchSpec,
+    LinearRef,
+    RopeSpec,
+    StackSpec,
+    builtin_specs,
+    config_value,
+    load_spec_file,
+)
+from rotfuse.core.errors import InputError
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from rotfuse.io.checkpoint import Checkpoint
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes of one stack, read from a checkpoint's config."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    rotary_dim: int = 0  # leading head dims under RoPE (0: none)
+
+
+@dataclass(frozen=True)
+class LayerId:
+    stack: str
+    index: int
+
+    def __str__(self) -> str:
+        return f"{self.stack}.{self.index}" if self.stack else str(self.index)
+
+
+@dataclass
+class BoundArch:
+    """A spec bound to one checkpoint: its key prefix, sizes, stacks present and active restrictions."""
+
+    spec: ArchSpec
+    prefix: str
+    dims: dict[str, Dims]
+    disabled: frozenset[str] = frozenset()
+    notes: list[str] = field(default_factory=list)
+    absent: frozenset[str] = frozenset()  # optional stacks this checkpoint does not have
+    extras: frozenset[str] = frozenset()  # "stack/relative weight" of the q_like/k_like found in layer 0
+
+    def layers(self) -> list[LayerId]:
+        return [LayerId(s.name, i) for s in self.spec.stacks if s.name not in self.absent
+                for i in range(self.dims[s.name].num_layers)]
+
+    def stack(self, name: str) -> StackSpec:
+        return next(s for s in self.spec.stacks if s.name == name)
+
+    def full_name(self, layer: LayerId, relative: str) -> str:
+        return self.prefix + self.stack(layer.stack).layer.format(i=layer.index) + relative
+
+    def present(self, stack: str, refs: tuple[LinearRef, ...]) -> tuple[LinearRef, ...]:
+        """The extra projections among `refs` that this checkpoint has (decided on layer 0)."""
+        return tuple(ref for ref in refs if f"{stack}/{ref.weight}" in self.extras)
+
+
+def select_spec(config: dict[str, Any], arch: str | None = None, spec_file: Path | None = None,
+                where: str = "config.json") -> ArchSpec:
+    """The spec for a checkpoint: a user's file, a named built-in, or detected from model_type."""
+    if spec_file is not None:
+        return load_spec_file(spec_file)
+    specs = builtin_specs()
+    if arch is not None:
+        if arch not in specs:
+            raise InputError(f"unknown --arch {arch!r} (known: {', '.join(sorted(specs))})")
+        return specs[arch]
+    model_type = config.get("model_type")
+    for spec in specs.values():
+        if model_type in spec.model_types:
+            return spec
+    what = f"model_type {model_type!r} is not supported" if model_type else "no model_type in the config"
+    known = sorted(t for spec in specs.values() for t in spec.model_types)
+    raise InputError(
+        f"{where}: {what} (known: {', '.join(known)}); describe the architecture in a YAML spec "
+        "(schema: configs/archs/README.md; examples: `rotfuse archs --spec-dir`) and pass it with "
+        "--arch-spec FILE, or force a built-in spec with --arch"
+    )
+
+
+def bind(spec: ArchSpec, config: dict[str, Any], names: Iterable[str] | Checkpoint, where: str) -> BoundArch:
+    """Resolve a spec against one checkpoint's config and tensor names (an iterable of names, or
+    a Checkpoint): key prefix, stacks present, sizes, coverage of every layer tensor, restrictions."""
+    all_names = set(names.names() if hasattr(names, "names") else names)  # type: ignore[attr-defined]
+    prefix, absent = _detect_prefix(spec, all_names, where)
+    dims = {stack.name: _read_dims(stack, config, where) for stack in spec.stacks}
+    for stack in spec.stacks:
+        if stack.name not in absent:
+            _check_coverage(spec, stack, prefix, dims[stack.name], all_names, where)
+    disabled, notes = _restrictions(spec, config)
+    notes += [f"{spec.name}: no {name!r} stack in this checkpoint (left as is)" for name in sorted(absent)]
+    return BoundArch(spec, prefix, dims, frozenset(disabled), notes, frozenset(absent),
+                     _present_extras(spec, prefix, all_names))
+
+
+def _present_extras(spec: ArchSpec, prefix: str, names: set[str]) -> frozenset[str]:
+    """"stack/weight" of every q_like/k_like projection that layer 0 has (they depend on config)."""
+    return frozenset(
+        f"{stack.name}/{ref.weight}"
+        for stack in spec.stacks for ref in (*stack.attention.q_like, *stack.attention.k_like)
+        if prefix + stack.layer.format(i=0) + ref.weight in names
+    )
+
+
+def _restrictions(spec: ArchSpec, config: dict[str, Any]) -> tuple[set[str], list[str]]:
+    """Symmetries switched off by config values, and one note per restriction that fired."""
+    disabled: set[str] = set()
+    notes: list[str] = []
+    for restriction in spec.restrictions:
+        for key, values in restriction.when.items():
+            value = config_value(config, key)
+            if value in values:
+                disabled |= restriction.disable
+                reason = restriction.reason.replace("{value}", str(value))
+                notes.append(f"{', '.join(sorted(restriction.disable))} off: {reason}")
+                break
+    return disabled, notes
+
+
+def _detect_prefix(spec: ArchSpec, names: set[str], where: str) -> tuple[str, set[str]]:
+    """The first prefix under which a stack's layer 0 exists; and the optional stacks missing there."""
+    for prefix in spec.prefixes:
+        found = {s.name for s in spec.stacks if prefix + s.layer.format(i=0) + s.probe() in names}
+        if not found:
+            continue
+        for stack in spec.stacks:
+            if stack.name not in found and not stack.optional:
+                missing = prefix + stack.layer.format(i=0) + stack.probe()
+                raise InputError(f"{where}: tensor {missing!r} not found (the {spec.name} spec needs it)")
+        return prefix, {s.name for s in spec.stacks} - found
+    tried = ", ".join(repr(p + s.layer.format(i=0) + s.probe()) for p in spec.prefixes for s in spec.stacks)
+    raise InputError(f"{where}: does not look like a {spec.name} checkpoint (none of {tried} found)")
+
+
+def _check_coverage(spec: ArchSpec, stack: StackSpec, prefix: str, dims: Dims, names: set[str], where: str) -> None:
+    """Refuse layer tensors the spec does not describe: one might read Q or K (a QK-norm, a LoRA
+    adapter, a relative-position table), and a symmetry that ignores it could change the function."""
+    pattern = stack.layer_pattern(prefix)
+    touched = set(stack.touched())
+    for name in sorted(names):
+        found = pattern.fullmatch(name)
+        if found is None:
+            continue
+        index, relative = int(found.group(1)), found.group(2)
+        if index >= dims.num_layers:
+            raise InputError(f"{where}: tensor {name!r} belongs to layer {index}, but the config has "
+                             f"{dims.num_layers} layers")
+        if relative not in touched and not any(fnmatch.fnmatchcase(relative, glob) for glob in stack.passive):
+            raise InputError(
+                f"{where}: tensor {name!r} is not described by the {spec.name} spec, so rotfuse cannot "
+                "tell whether the symmetries keep it exact (list it under passive: in the spec if no "
+                "symmetry affects it; see configs/archs/README.md)"
+            )
+
+
+def _read_dims(stack: StackSpec, config: dict[str, Any], where: str) -> Dims:
+    section = config
+    if stack.config_section:
+        section = config_value(config, stack.config_section)
+        if not isinstance(section, dict):
+            raise InputError(f"{where}: config has no {stack.config_section!r} section")
+
+    def get(keys: tuple[str, ...], what: str, required: bool = True) -> int | None:
+        for key in keys:
+            value = config_value(section, key)
+            if value is not None:
+                if not isinstance(value, int) or value <= 0:
+                    raise InputError(f"{where}: {key} = {value!r} is not a positive integer")
+                return value
+        if required:
+            raise InputError(f"{where}: none of {list(keys)} found in config (needed for {what})")
+        return None
+
+    num_layers = get(stack.dims.num_layers, "the number of layers")
+    num_heads = get(stack.dims.num_heads, "the number of heads")
+    hidden = get(stack.dims.hidden_size, "the hidden size")
+    num_kv = get(stack.dims.num_kv_heads, "", required=False) or num_heads
+    head_dim = get(stack.dims.head_dim, "", required=False)
+    assert num_layers and num_heads and hidden and num_kv
+    if head_dim is None:
+        if hidden % num_heads:
+            raise InputError(f"{where}: hidden size {hidden} is not divisible by {num_heads} heads")
+        head_dim = hidden // num_heads
+    if num_heads % num_kv:
+        raise InputError(f"{where}: {num_heads} query heads are not divisible into {num_kv} key/value heads")
+    rotary_dim = _rotary_dim(stack.rope, section, head_dim, where) if stack.rope else 0
+    return Dims(num_layers, num_heads, num_kv, head_dim, hidden, rotary_dim)
+
+
+def _rotary_dim(rope: RopeSpec, section: dict[str, Any], head_dim: int, where: str) -> int:
+    """Leading head coordinates under RoPE, computed as the model code does: int(head_dim * factor)."""
+    factor: Any = rope.partial_factor_default
+    for key in rope.partial_factor_key:
+        value = config_value(section, key)
+        if value is not None:
+            factor = value
+            break
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
+        raise InputError(f"{where}: partial rotary factor {factor!r} is not a number in (0, 1]")
+    rotary_dim = int(head_dim * float(factor))
+    if rotary_dim % 2 or rotary_dim == 0:
+        raise InputError(f"{where}: rotary dimension {rotary_dim} (head_dim {head_dim} x {factor}) is not a "
+                         "positive even number")
+    return rotary_dim

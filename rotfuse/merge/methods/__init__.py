@@ -1,0 +1,39 @@
+"""The merge-method registry: every `rotfuse merge --method NAME` there is.
+
+A method is one module in this package that defines a `MergeMethod` subclass (base.py), plus one
+registration line below naming that class. The registry is all the CLI and the engine know of
+methods: they validate, dispatch and report through it. Importing this package imports neither
+torch nor a method module (`rotfuse merge --help` stays fast); `method_class` imports one on use.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+from rotfuse.core.errors import UsageError
+
+if TYPE_CHECKING:
+    from rotfuse.merge.methods.base import MergeMethod
+
+# name -> "module:class"; one line per method
+REGISTRY: dict[str, str] = {
+    "simple": "rotfuse.merge.methods.simple:Simple",
+    "fisher": "rotfuse.merge.methods.fisher:Fisher",
+    "regmean": "rotfuse.merge.methods.regmean:RegMean",
+}
+
+
+def method_names() -> list[str]:
+    return list(REGISTRY)
+
+
+def method_class(name: str) -> type[MergeMethod]:
+    """The class registered under `name` (imported now); a usage error for an unknown name."""
+    try:
+        target = REGISTRY[name]
+    except KeyError:
+        raise UsageError(f"unknown merge method {name!r} (use one of {', '.join(REGISTRY)})") from None
+    module, _, attribute = target.partition(":")
+    cls: type[MergeMethod] = getattr(import_module(module), attribute)
+    return cls
