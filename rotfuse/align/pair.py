@@ -11,6 +11,7 @@ from rotfuse.archs.layer_io import check_layer_pair, layer_tensor_names
 from rotfuse.archs.bind import BoundArch, LayerId, bind, select_spec
 from rotfuse.core.errors import InputError, UsageError
 from rotfuse.io.checkpoint import Checkpoint
+from rotfuse.io.compat import PairRule, compare_tensors
 
 
 @dataclass
@@ -64,18 +65,8 @@ def check_compatible(anchor: OpenedModel, model: OpenedModel) -> list[str]:
             f"{model.folder}: architecture {model.bound.spec.name!r} differs from the anchor's "
             f"{anchor.bound.spec.name!r}"
         )
-    unpaired = []
-    for name in model.checkpoint.names():
-        other = counterpart(name, model, anchor)
-        if other not in anchor.checkpoint:
-            unpaired.append(name)
-            continue
-        mine, theirs = model.checkpoint.entry(name).shape, anchor.checkpoint.entry(other).shape
-        if mine != theirs:
-            raise InputError(
-                f"{model.folder}: tensor {name!r} has shape {list(mine)} but the anchor's {other!r} "
-                f"has {list(theirs)}"
-            )
+    rule = PairRule(rename=lambda name: counterpart(name, model, anchor), extra_ok=True, missing_ok=True)
+    unpaired = compare_tensors(anchor.checkpoint, model.checkpoint, rule).extra
     for stack, dims in model.bound.dims.items():
         theirs = anchor.bound.dims[stack]
         for key, value in vars(dims).items():

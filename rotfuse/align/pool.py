@@ -1,7 +1,7 @@
 """The streaming pass shared by every command that walks a checkpoint layer by layer.
 
 Layers are read and transformed in a small thread pool and handed back in order, so memory is a
-few layers whatever the depth (tests/test_streaming.py guards this).
+few layers whatever the depth (tests/align/test_pool.py guards this).
 """
 
 from __future__ import annotations
@@ -58,8 +58,7 @@ def threads_per_op(workers: int) -> Iterator[None]:
     """Split torch's intra-op threads among `workers` threads that each run their own ops.
 
     Every op fanning out over all cores from each of several threads oversubscribes the cores,
-    and OpenMP's spin-waiting turns that into a loss (measured on 2 cores with one of them busy:
-    a 1M-element sum, 8 ms with 2 threads per op, 0.1 ms with 1). Threads started inside take
+    and OpenMP's spin-waiting turns that into a loss on small ops. Threads started inside take
     the new count.
     """
     before = torch.get_num_threads()

@@ -99,7 +99,7 @@ def select_spec(config: dict[str, Any], arch: str | None = None, spec_file: Path
 def bind(spec: ArchSpec, config: dict[str, Any], names: Iterable[str] | Checkpoint, where: str) -> BoundArch:
     """Resolve a spec against one checkpoint's config and tensor names (an iterable of names, or
     a Checkpoint): key prefix, stacks present, sizes, coverage of every layer tensor, restrictions."""
-    all_names = set(names.names() if hasattr(names, "names") else names)  # type: ignore[attr-defined]
+    all_names = set(names.names() if hasattr(names, "names") else names)
     prefix, absent = _detect_prefix(spec, all_names, where)
     dims = {stack.name: _read_dims(stack, config, where) for stack in spec.stacks}
     for stack in spec.stacks:

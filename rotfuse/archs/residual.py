@@ -261,9 +261,9 @@ def _derived(stack: StackSpec) -> dict[str, tuple[str, str]]:
     roles: dict[str, tuple[str, str]] = {}
     inputs = [att.qkv] if att.qkv else [att.q, att.k, att.v]
     for ref in [*inputs, *ffn.inputs]:
-        roles[ref.weight] = ("reads", ref.layout)  # type: ignore[union-attr]
-        if ref.bias:  # type: ignore[union-attr]
-            roles[ref.bias] = ("free", ref.layout)  # type: ignore[union-attr]  # head / neuron space
+        roles[ref.weight] = ("reads", ref.layout)
+        if ref.bias:
+            roles[ref.bias] = ("free", ref.layout)  # head / neuron space
     roles[att.o.weight] = ("writes", att.o.layout)
     roles[ffn.output.weight] = ("writes", ffn.output.layout)
     return roles

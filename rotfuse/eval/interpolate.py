@@ -33,6 +33,7 @@ from rotfuse.eval.score import (
     probabilities,
     score,
 )
+from rotfuse.io.compat import compare_tensors
 from rotfuse.io.checkpoint import Checkpoint
 from rotfuse.io.safetensors_file import FLOAT_DTYPES
 from rotfuse.io.writer import CheckpointWriter, copy_side_files, plan_like
@@ -117,16 +118,7 @@ class Curve:
 
 def check_pair(a: Checkpoint, b: Checkpoint) -> None:
     """Both checkpoints must hold the same tensors with the same shapes."""
-    theirs = set(b.names())
-    for name in a.names():
-        if name not in theirs:
-            raise InputError(f"{b.folder}: has no tensor {name!r} (present in {a.folder})")
-        if a.entry(name).shape != b.entry(name).shape:
-            raise InputError(f"{b.folder}: tensor {name!r} has shape {list(b.entry(name).shape)}, "
-                             f"but {list(a.entry(name).shape)} in {a.folder}")
-    extra = theirs - set(a.names())
-    if extra:
-        raise InputError(f"{b.folder}: has tensor {sorted(extra)[0]!r}, absent from {a.folder}")
+    compare_tensors(a, b)
 
 
 def write_interpolated(a: Checkpoint, b: Checkpoint, lam: float, folder: Path) -> None:

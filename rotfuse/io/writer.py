@@ -102,7 +102,7 @@ class CheckpointWriter:
             raise InputError(f"tensor {name!r}: shape {list(tensor.shape)} does not fit the output's {list(shape)}")
         data = tensor.detach().to(device="cpu", dtype=torch_dtype(dtype)).contiguous().reshape(-1)
         raw = data.view(torch.uint8).numpy()
-        self._pwrite(fd, memoryview(raw), begin, name)
+        self._pwrite(fd, raw.data, begin, name)
         self._start_writeback(fd, begin, raw.nbytes)
         self._done(name, fd)
 

@@ -40,6 +40,7 @@ from rotfuse import __version__
 from rotfuse.archs.bind import BoundArch
 from rotfuse.core.errors import InputError, OutputError, UsageError
 from rotfuse.io.checkpoint import CONFIG_FILE, Checkpoint
+from rotfuse.io.compat import PairRule, compare_tensors
 from rotfuse.io.safetensors_file import FLOAT_DTYPES
 from rotfuse.io.staging import StagedFolder, check_output_location, check_report_location
 from rotfuse.io.writer import CheckpointWriter, ShardPlan, copy_side_files, plan_like
@@ -124,7 +125,8 @@ def _validate(models: Sequence[Path], options: MergeOptions) -> tuple[type[Merge
     """The method's class, settings and weights, and the --exclude patterns, or a usage error."""
     method = method_class(options.method)
     if len(models) < method.min_models:
-        raise UsageError(f"--method {method.name} needs at least {method.min_models} checkpoints, got {len(models)}")
+        count = {2: "two", 3: "three"}.get(method.min_models, str(method.min_models))
+        raise UsageError(f"merge needs at least {count} checkpoints, got {len(models)} (--method {method.name})")
     if method.max_models is not None and len(models) > method.max_models:
         raise UsageError(f"--method {method.name} merges at most {method.max_models} checkpoints, got {len(models)}")
     if method.needs_base and options.base is None:
@@ -186,27 +188,16 @@ def _check_layout(models: list[_Model], excluded: Callable[[str], bool], head_fr
         if theirs != model_type:
             raise InputError(f"{model.path}: model_type {theirs!r} differs from the first model's {model_type!r} "
                              f"({models[0].path})")
-    for name in first.names():
-        if excluded(name):
-            head = models[head_from].checkpoint
-            if name not in head:
-                raise InputError(f"{head.folder}: tensor {name!r} (excluded, to be copied with --head-from) "
-                                 "not found")
-            continue
-        shape = first.entry(name).shape
-        for model in models[1:]:
-            if name not in model.checkpoint:
-                raise InputError(f"{model.path}: tensor {name!r} of {models[0].path} not found "
-                                 "(merge needs checkpoints with the same tensors; --exclude REGEX leaves some out)")
-            theirs = model.checkpoint.entry(name).shape
-            if theirs != shape:
-                raise InputError(
-                    f"{model.path}: tensor {name!r} has shape {list(theirs)} but {list(shape)} in {models[0].path}; "
-                    "if it is a task head with its own label space, keep it out with --exclude REGEX "
-                    "(and choose its source with --head-from N)"
-                )
-    own = set(first.names())
-    return sorted({name for model in models[1:] for name in model.checkpoint.names() if name not in own})
+    for name in filter(excluded, first.names()):
+        head = models[head_from].checkpoint
+        if name not in head:
+            raise InputError(f"{head.folder}: tensor {name!r} (excluded, to be copied with --head-from) not found")
+    rule = PairRule(skip=excluded, extra_ok=True, hint=(
+        "; if it is a task head with its own label space, keep it out with --exclude REGEX "
+        "(and choose its source with --head-from N)"), missing_hint=(
+        " (merge needs checkpoints with the same tensors; --exclude REGEX leaves some out)"))
+    ignored = {name for model in models[1:] for name in compare_tensors(first, model.checkpoint, rule).extra}
+    return sorted(ignored)
 
 
 def _open_stats(models: list[_Model], options: MergeOptions, kind: str) -> list[StatsFolder]:

@@ -1,4 +1,4 @@
-"""Head permutation (symmetries.md section 4): whole heads -- with GQA whole KV groups and their
+"""Head permutation (docs/design/symmetries.md section 4): whole heads -- with GQA whole KV groups and their
 query heads -- can swap places, Q/K/V rows and O columns moving together.
 
 For models trained from different initialisations head h of one model has no reason to be head h
@@ -10,6 +10,8 @@ permutation and rotation.
 """
 
 from __future__ import annotations
+
+from typing import cast
 
 import torch
 
@@ -25,7 +27,8 @@ def pair_scores(src: Circuit, anchor: Circuit, rotate: bool, rotary_dim: int = 0
         return block.float().permute(0, 2, 1, 3).reshape(groups * dh, -1)
 
     # all pairs in one GEMM per block
-    m = sum(rows(a) @ rows(b).T for a, b in zip(src.tensors(), anchor.tensors(), strict=True)).double()
+    m = cast(torch.Tensor, sum(rows(a) @ rows(b).T for a, b in zip(src.tensors(), anchor.tensors(), strict=True)))
+    m = m.double()
     m = m.reshape(groups, dh, groups, dh).permute(0, 2, 1, 3)  # [i, j, dh, dh]
     if not rotate:
         return torch.diagonal(m, dim1=-2, dim2=-1).sum(-1)

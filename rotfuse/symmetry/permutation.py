@@ -1,4 +1,4 @@
-"""FFN neuron permutation (symmetries.md section 1), solved as a linear assignment.
+"""FFN neuron permutation (docs/design/symmetries.md section 1), solved as a linear assignment.
 
 All parameters indexed by the FFN neuron are concatenated into one row per neuron, so the score
 matrix is a single GEMM: C[i, j] = <row i of source, row j of anchor>. The Hungarian solve on C
@@ -6,10 +6,8 @@ matrix is a single GEMM: C[i, j] = <row i of source, row j of anchor>. The Hunga
 every row's best column is distinct it does not, and the bests can be found exactly without the
 float32 GEMM: for related models from bounds on a prefix of the columns (`bounded_row_bests`),
 and, where those do not settle and the CPU multiplies bfloat16 several times faster than float32,
-from a bfloat16 GEMM and its error bound (`filtered_row_bests`). It comes second because with
-both worker threads on bfloat16 GEMMs a whole match ran slower on this project's 2-core AMX
-machine than with the prefix bounds, although each solve alone took as long; where the bounds
-fail it is 2-3x faster than the float32 GEMM.
+from a bfloat16 GEMM and its rigorous error bound (`filtered_row_bests`). The bounds come first:
+they are cheaper when they settle, and the bfloat16 path is the fallback for rows they leave open.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A map of the residual stream (symmetries.md section 5): pure tensor math, no names or files.
+"""A map of the residual stream (docs/design/symmetries.md section 5): pure tensor math, no names or files.
 
 The stream is a row vector x of width d, and a map Q [d, d] moves it to x_new = x @ Q. One rule
 then covers every tensor of a checkpoint: multiply each axis indexed by the stream by Q,

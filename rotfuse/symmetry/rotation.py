@@ -1,4 +1,4 @@
-"""Orthogonal Procrustes per head: the rotation symmetry of attention (symmetries.md section 2).
+"""Orthogonal Procrustes per head: the rotation symmetry of attention (docs/design/symmetries.md section 2).
 
 `procrustes(M)` returns the orthogonal R maximising <R, M> = trace(R^T M), batched over heads.
 With rotary embeddings the QK rotation must commute with every position's rotary map: in Hugging

@@ -1,4 +1,4 @@
-"""Per-head rescaling (symmetries.md section 3): left side times a, right side divided by a.
+"""Per-head rescaling (docs/design/symmetries.md section 3): left side times a, right side divided by a.
 
 With c4 = |L1|^2, c3 = <R^T L1, L2>, c1 = <R^T R1, R2>, c0 = |R1|^2 the objective is
 f(a) = c4 a^2 - 2 c3 a + c0 / a^2 - 2 c1 / a (+ constants), and f'(a) = 0 times a^3/2 is the

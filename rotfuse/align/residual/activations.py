@@ -43,7 +43,7 @@ def activation_scores(model_dir: Path, anchor_dir: Path, data: Path, orthogonal:
         count += pairs[0][0].shape[0]
         s = torch.stack([torch.stack([x.sum(0), y.sum(0)]) for x, y in pairs])  # [L, 2, d]
         q = torch.stack([torch.stack([x.pow(2).sum(0), y.pow(2).sum(0)]) for x, y in pairs])
-        sums, squares = (s, q) if sums is None else (sums + s, squares + q)
+        sums, squares = (s, q) if sums is None or squares is None else (sums + s, squares + q)
     if not count or sums is None or squares is None:
         raise InputError(f"{data}: no tokens to compare")
     if orthogonal:

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from typing import cast
+
 import torch
 
 from rotfuse.archs.layer_io import TensorView
@@ -109,7 +111,7 @@ def layer_stream_scores(src: LayerWeights, anchor: LayerWeights) -> torch.Tensor
                (src.attention.v, anchor.attention.v), *zip(src.ffn.inputs, anchor.ffn.inputs)]
     writers = [(src.attention.o, anchor.attention.o), (src.ffn.output, anchor.ffn.output)]
     total = sum(stream_scores(s.weight, a.weight, (1,)) for s, a in readers)
-    return total + sum(stream_scores(s.weight, a.weight, (0,)) for s, a in writers)
+    return cast(torch.Tensor, total + sum(stream_scores(s.weight, a.weight, (0,)) for s, a in writers))
 
 
 def to_unmoved_basis(scores: torch.Tensor, stream_map: StreamMap) -> torch.Tensor:

@@ -3,7 +3,7 @@ alternated with the per-layer maps until the distance stops falling."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -86,7 +86,7 @@ def search_stream_maps(plan: MatchPlan, stream: Stream) -> tuple[dict[str, Strea
             stream.timings.add(stage, seconds)
         _, outside_distance = stream.timed("read", lambda: outside_pass(maps))
         scores = {s: outside_scores.get(s, 0) + to_unmoved_basis(
-            sum(c for stack, c, _ in extras if stack == s), maps[s]) for s in stacks}
+            cast(torch.Tensor, sum(c for stack, c, _ in extras if stack == s)), maps[s]) for s in stacks}
         return outside_distance + sum(after for _, _, after in extras), scores
 
     def record(number: int, total: float, maps: dict[str, StreamMap], scores: dict[str, torch.Tensor]) -> None:

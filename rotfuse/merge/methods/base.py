@@ -68,7 +68,7 @@ class MergeMethod(ABC):
                  device: str = "cpu") -> None:
         self.settings = settings
         self.weights = list(weights)
-        self.stats = list(stats)
+        self.folders = list(stats)  # one statistics folder per model (statistics methods)
         self.device = device
 
     # ---- declared once per job
@@ -122,11 +122,11 @@ class StatsMethod(MergeMethod):
         """Whether one model's statistics cover tensor `name`."""
 
     def covers(self, name: str) -> bool:
-        covered = [self.has(stats, name) for stats in self.stats]
+        covered = [self.has(stats, name) for stats in self.folders]
         if all(covered):
             return True
         if any(covered):
-            missing, holder = self.stats[covered.index(False)], self.stats[covered.index(True)]
+            missing, holder = self.folders[covered.index(False)], self.folders[covered.index(True)]
             raise InputError(f"{missing.folder}: no {self.name} statistics for tensor {name!r}, "
                              f"but {holder.folder} has them; were they computed on different architectures?")
         return False

@@ -78,9 +78,9 @@ class Fisher(StatsMethod):
     def __init__(self, settings: FisherSettings, weights: Sequence[float], stats: Sequence[StatsFolder] = (),
                  device: str = "cpu") -> None:
         super().__init__(settings, weights, stats, device)
-        self.scales = [1.0] * len(self.stats)
+        self.scales = [1.0] * len(self.folders)
         if settings.fisher_normalize:
-            for index, folder in enumerate(self.stats):
+            for index, folder in enumerate(self.folders):
                 squares = folder.squared_norm()
                 if squares <= 0:
                     raise InputError(f"{folder.folder}: the Fisher is zero everywhere; --fisher-normalize cannot scale it")
@@ -90,8 +90,8 @@ class Fisher(StatsMethod):
         return stats.has(name)
 
     def merge(self, name: str, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None) -> torch.Tensor:
-        fishers = [folder.get(name) * scale for folder, scale in zip(self.stats, self.scales, strict=True)]
-        for folder, fisher in zip(self.stats, fishers, strict=True):
+        fishers = [folder.get(name) * scale for folder, scale in zip(self.folders, self.scales, strict=True)]
+        for folder, fisher in zip(self.folders, fishers, strict=True):
             if fisher.shape != tensors[0].shape:
                 raise InputError(f"{folder.folder}: Fisher {name!r} has shape {list(fisher.shape)}, "
                                  f"the tensor {list(tensors[0].shape)}")

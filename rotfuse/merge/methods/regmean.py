@@ -137,7 +137,7 @@ class RegMean(StatsMethod):
         return self._inputs(name)[0].gram
 
     def _inputs(self, name: str) -> list[LinearInput]:
-        inputs = [folder.linear_input(name) for folder in self.stats]
+        inputs = [folder.linear_input(name) for folder in self.folders]
         return [entry for entry in inputs if entry is not None]
 
     def merge(self, name: str, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None) -> torch.Tensor:
@@ -151,7 +151,7 @@ class RegMean(StatsMethod):
             self._system = None  # free the previous input's Grams before reading the next
             dim = tensors[0].shape[1 if layout == "out_in" else 0]
             grams = []
-            for folder, gram_name in zip(self.stats, key, strict=True):
+            for folder, gram_name in zip(self.folders, key, strict=True):
                 gram = folder.get(gram_name)
                 if tuple(gram.shape) != (dim, dim):
                     raise InputError(f"{folder.folder}: Gram {gram_name!r} is {list(gram.shape)}, but "

@@ -106,7 +106,7 @@ def checkpoint_names(model: torch.nn.Module, checkpoint: Checkpoint) -> tuple[di
     try:
         from transformers.core_model_loading import revert_weight_conversion
 
-        saved = revert_weight_conversion(model, dict(live))
+        saved = revert_weight_conversion(model, dict(live))  # type: ignore[arg-type]
     except ImportError:  # transformers 4: the names in memory are the names on disk
         saved = dict(live)
     names: dict[int, list[str]] = {}
@@ -210,17 +210,18 @@ class GramCollector:
 
 def _linear_modules(model: torch.nn.Module, names: dict[int, list[str]]) -> tuple[dict[str, _Linear], dict[str, str]]:
     """Every linear layer with its checkpoint weight names; and the weights left out, with why."""
+    conv1d: type | None
     try:
-        from transformers.pytorch_utils import Conv1D
+        from transformers.pytorch_utils import Conv1D as conv1d
     except ImportError:  # pragma: no cover - transformers without Conv1D
-        Conv1D = ()  # noqa: N806
+        conv1d = None
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     linears: dict[str, _Linear] = {}
     skipped: dict[str, str] = {}
     for module_name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
             layout = "out_in"
-        elif Conv1D and isinstance(module, Conv1D):
+        elif conv1d is not None and isinstance(module, conv1d):
             layout = "in_out"
         else:
             continue

@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from arch_helpers import one_thread
+from helpers.functions import one_thread
 from safetensors.torch import save_file
-from tiny_models import TINY
+from helpers.tiny_models import TINY
 
 from rotfuse.archs.residual import ResidualPlan, residual_plans
 from rotfuse.archs.bind import bind, select_spec

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny_models import save_tiny
+from helpers.tiny_models import save_tiny
 
 from rotfuse.align.match import REPORT_NAME
 
@@ -18,16 +18,6 @@ from rotfuse.align.match import REPORT_NAME
 def pair(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("pair")
     return save_tiny("bert", root / "anchor", seed=1), save_tiny("bert", root / "model", seed=0)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("rotfuse: error: ")
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 def test_match_writes_checkpoint_and_report(cli, pair, tmp_path):

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tiny_models import build
+from helpers.tiny_models import build
 
 from rotfuse.merge.engine import MergeOptions, merge
 from rotfuse.align.options import MatchOptions

@@ -53,7 +53,7 @@ TINY: dict[str, Tiny] = {
 }
 
 
-# ---- architecture breadth (tests/test_archs*.py): odd sizes, large init so attention is sharp
+# ---- architecture breadth (tests/archs/): odd sizes, large init so attention is sharp
 
 def _config(cls: str, **base: Any) -> Callable[..., Any]:
     """A TINY config factory: transformers config class `cls` with `base` sizes, overridable."""
@@ -102,7 +102,7 @@ TINY.update({
 })
 
 
-# ---- heads that read or write the residual stream (tests/test_residual*.py)
+# ---- heads that read or write the residual stream (tests/archs/test_archs_residual.py, tests/align/test_residual_search.py)
 TINY.update({
     "bert-mlm": Tiny(_bert, "BertForMaskedLM"),
     "roberta-mlm": Tiny(_roberta, "RobertaForMaskedLM"),

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from arch_helpers import one_thread
+from helpers.functions import one_thread
 from safetensors.torch import load_file, save_file
-from tiny_models import save_tiny
+from helpers.tiny_models import save_tiny
 
 from rotfuse.archs.spec import builtin_specs, load_spec_file
 from rotfuse.cli.archs import describe_spec

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "experiment_digits.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "experiment_digits.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from arch_helpers import assert_same_function, max_relative_change, one_thread
+from helpers.functions import assert_same_function, max_relative_change, one_thread
 from safetensors.torch import load_file, save_file
-from tiny_models import save_tiny
+from helpers.tiny_models import save_tiny
 
 from rotfuse.symmetry.names import symmetry_set
 from rotfuse.align.options import MatchOptions

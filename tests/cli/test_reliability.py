@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_cli import assert_one_line_error
-from test_match import assert_same_function
-from tiny_models import save_tiny
+from helpers.cli import assert_one_line_error
+from helpers.functions import assert_same_function
+from helpers.tiny_models import save_tiny
 
 from rotfuse.align.match import REPORT_NAME
 

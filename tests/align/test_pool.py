@@ -7,7 +7,7 @@ import gc
 import weakref
 
 import pytest
-from tiny_models import save_tiny
+from helpers.tiny_models import save_tiny
 
 from rotfuse.io.checkpoint import Checkpoint
 from rotfuse.align.options import MatchOptions

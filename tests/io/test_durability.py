@@ -11,8 +11,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from tiny_models import save_tiny
-from test_io import folder_digest
+from helpers.tiny_models import save_tiny
+from helpers.files import folder_digest
 
 import rotfuse.io.writer as writer_module
 from rotfuse.cli import app

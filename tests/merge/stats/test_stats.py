@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_merge_helpers import hooked_grams, run, save_inputs, token_inputs  # noqa: F401 - run is a fixture
-from tiny_models import save_tiny
+from helpers.merge_data import hooked_grams, save_inputs, token_inputs
+from helpers.tiny_models import save_tiny
 
 from rotfuse.core.errors import InputError, UsageError
 from rotfuse.io.checkpoint import Checkpoint

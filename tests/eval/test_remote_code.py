@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny_models import save_tiny
+from helpers.tiny_models import save_tiny
 
 EVIL = """
 from pathlib import Path

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import save_tiny
+from helpers.tiny_models import save_tiny
 
 from rotfuse.symmetry.names import symmetry_set
 from rotfuse.io.checkpoint import Checkpoint
@@ -20,20 +20,6 @@ from rotfuse.align.scramble import scramble
 from rotfuse.eval.runtime import example_inputs, forward, load_model, main_output
 
 ARCHS = ["bert", "bert-bare", "roberta", "vit", "vit-bare"]
-
-
-def outputs(folder: Path, seed: int = 0) -> torch.Tensor:
-    model = load_model(folder)
-    config = json.loads((Path(folder) / "config.json").read_text())
-    return main_output(forward(model, example_inputs(config, batch=3, seq_len=11, seed=seed)))
-
-
-def assert_same_function(a: Path, b: Path, rel: float = 1e-5) -> None:
-    for seed in (0, 1):
-        out_a, out_b = outputs(a, seed), outputs(b, seed)
-        scale = out_a.abs().max().item()
-        diff = (out_a - out_b).abs().max().item()
-        assert diff <= rel * max(scale, 1.0), f"{b}: outputs differ by {diff:.3g} (scale {scale:.3g})"
 
 
 @pytest.mark.parametrize("arch", ARCHS)

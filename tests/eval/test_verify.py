@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import save_tiny
+from helpers.tiny_models import save_tiny
 
 from rotfuse.core.errors import InputError
 from rotfuse.eval.verify import OutputDiff, Tolerance, VerifyOptions, default_tolerance, verify

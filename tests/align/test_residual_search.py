@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_cli import assert_one_line_error
-from test_match import assert_same_function, outputs
-from tiny_models import save_tiny
+from helpers.cli import assert_one_line_error
+from helpers.functions import assert_same_function, outputs
+from helpers.tiny_models import save_tiny
 
 from rotfuse.io.checkpoint import Checkpoint
 from rotfuse.align.match import REPORT_NAME, match

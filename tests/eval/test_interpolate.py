@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
-from tiny_models import save_tiny
+from helpers.tiny_models import save_tiny
 
 from rotfuse.core.errors import InputError
 from rotfuse.eval.score import LossSpec, loss_spec, score

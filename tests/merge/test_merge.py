@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_merge_helpers import hooked_rows, save_inputs, tensors, token_inputs
-from tiny_models import save_tiny
+from helpers.merge_data import hooked_rows, save_inputs, token_inputs
+from helpers.files import tensors
+from helpers.tiny_models import save_tiny
 
 from rotfuse.core.errors import InputError, UsageError
 from rotfuse.io.checkpoint import Checkpoint
@@ -108,7 +109,7 @@ def assert_least_squares_fit(merged: torch.Tensor, rows: list[torch.Tensor], wei
 
 def test_regmean_merge_is_the_least_squares_solution_of_each_layer(pair: dict[str, Path], tmp_path: Path) -> None:
     report = merge([pair["a"], pair["b"]], tmp_path / "out",
-                   MergeOptions(method="regmean", stats=(pair["a_grams"], pair["b_grams"]), alpha=1.0, device="cpu"))
+                   MergeOptions(method="regmean", stats=(pair["a_grams"], pair["b_grams"]), settings={"alpha": 1.0}, device="cpu"))
     a, b, out = tensors(pair["a"]), tensors(pair["b"]), tensors(tmp_path / "out")
     live = {"bert.encoder.layer.0.intermediate.dense": True, "bert.encoder.layer.1.attention.self.value": True,
             "classifier": False}
@@ -146,7 +147,7 @@ def test_regmean_gpt2_conv1d_merges_in_its_own_layout(tmp_path: Path) -> None:
         compute_stats(model, data, tmp_path / f"grams_{seed}", StatsOptions(kind="regmean", device="cpu"))
         models.append(model)
         rows.append(hooked_rows(load_model(model), inputs, list(live), live))
-    report = merge(models, tmp_path / "out", MergeOptions(method="regmean", alpha=1.0, device="cpu",
+    report = merge(models, tmp_path / "out", MergeOptions(method="regmean", settings={"alpha": 1.0}, device="cpu",
                                                           stats=(tmp_path / "grams_4", tmp_path / "grams_5")))
     merged = tensors(tmp_path / "out")
     for module in live:  # Conv1D stores [in, out]: a transposition mix-up would go unnoticed on c_proj's shape
@@ -178,8 +179,7 @@ def test_fisher_merge_applies_the_formula_to_the_statistics(pair: dict[str, Path
                                                             tmp_path: Path, normalize: bool) -> None:
     floor = 1e-8
     merge([pair["a"], pair["b"]], tmp_path / "out",
-          MergeOptions(method="fisher", stats=fisher_stats, weights=(1.0, 2.0), fisher_floor=floor,
-                       fisher_normalize=normalize))
+          MergeOptions(method="fisher", stats=fisher_stats, weights=(1.0, 2.0), settings={"fisher_floor": floor, "fisher_normalize": normalize}))
     fishers = [tensors_of_stats(s) for s in fisher_stats]
     norms = [sum(float(f.double().pow(2).sum()) for f in fs.values()) ** 0.5 if normalize else 1.0 for fs in fishers]
     a, b, out = tensors(pair["a"]), tensors(pair["b"]), tensors(tmp_path / "out")

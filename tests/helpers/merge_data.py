@@ -1,9 +1,5 @@
-"""Helpers shared by the merge and stats tests (no tests here).
-
-Input files with padding, checkpoint tensors as a dict, an independent reference for Gram
-matrices (forward hooks on named live modules, rows selected by the attention mask by hand), and
-an in-process CLI runner.
-"""
+"""Data for the merge and stats tests: input files with padding, and an independent reference
+for Gram matrices (forward hooks on named live modules, rows selected by the attention mask by hand)."""
 
 from __future__ import annotations
 
@@ -45,11 +41,6 @@ def save_inputs(path: Path, inputs: dict[str, torch.Tensor]) -> Path:
     return path
 
 
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    checkpoint = Checkpoint.open(folder)
-    return {name: checkpoint.get(name) for name in checkpoint.names()}
-
-
 def hooked_rows(model: torch.nn.Module, inputs: dict[str, torch.Tensor], modules: list[str],
                 token_level: dict[str, bool]) -> dict[str, torch.Tensor]:
     """Each named live module's input rows (float64) on one forward pass over `inputs`: the
@@ -74,25 +65,3 @@ def hooked_grams(model: torch.nn.Module, inputs: dict[str, torch.Tensor], module
     """`X^T X / rows` of each named live module's input rows (see `hooked_rows`)."""
     return {name: rows.T @ rows / rows.shape[0]
             for name, rows in hooked_rows(model, inputs, modules, token_level).items()}
-
-
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-@pytest.fixture
-def run() -> Callable[..., Result]:
-    """The rotfuse CLI in this process (typer's runner): like the `cli` fixture without paying
-    for a fresh torch/transformers import per call."""
-    from typer.testing import CliRunner
-
-    from rotfuse.cli import app
-
-    def invoke(*args: object) -> Result:
-        result = CliRunner().invoke(app, [str(a) for a in args])
-        return Result(result.exit_code, result.stdout, result.stderr)
-
-    return invoke

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import save_tiny
-from test_match import assert_same_function
+from helpers.tiny_models import save_tiny
+from helpers.functions import assert_same_function
 
 from rotfuse.core.errors import InputError
 from rotfuse.io.checkpoint import INDEX_FILE, Checkpoint
@@ -25,13 +25,6 @@ from rotfuse.align.match import match
 from rotfuse.align.pair import open_model
 from rotfuse.align.scramble import scramble
 from rotfuse.core.tensors import sq_distance
-
-
-def folder_digest(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*")) if p.is_file()
-    }
 
 
 def raw_bytes(checkpoint: Checkpoint, name: str) -> bytes:

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_merge_helpers import run, save_inputs, tensors, token_inputs  # noqa: F401 - run is a fixture
-from tiny_models import save_tiny
+from helpers.merge_data import save_inputs, token_inputs
+from helpers.files import tensors
+from helpers.tiny_models import save_tiny
 
 from rotfuse.cli.merge import MERGE_SETTINGS
 from rotfuse.cli.stats import STATS_SETTINGS
@@ -21,7 +22,7 @@ from rotfuse.merge.methods import REGISTRY
 from rotfuse.cli.jobfile import load_config
 from rotfuse.merge.stats.collect import StatsOptions, compute_stats
 
-EXAMPLES = Path(__file__).parent.parent / "configs" / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "configs" / "examples"
 
 
 @pytest.fixture(scope="module")

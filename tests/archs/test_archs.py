@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from arch_helpers import assert_same_function, one_thread, save_pair
+from helpers.functions import assert_same_function, one_thread, save_pair
 
 from rotfuse.archs.spec import builtin_specs
 from rotfuse.align.options import MatchOptions
@@ -48,7 +48,7 @@ CASES: dict[str, tuple[str, dict, str, set[str]]] = {
     "clip-vision": ("clip-vision", {}, "clip_vision_model", set()),
     "bert-relative-key-query": ("bert", {"position_embedding_type": "relative_key_query"}, "bert", {"qk.rot", "qk.scale"}),
 }
-COVERED_ELSEWHERE = {"roberta", "vit"}  # tests/test_match.py
+COVERED_ELSEWHERE = {"roberta", "vit"}  # tests/align/test_match.py
 
 
 @pytest.fixture(scope="module", autouse=True)

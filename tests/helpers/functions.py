@@ -1,4 +1,9 @@
-"""Helpers shared by the test_archs*.py files: build model/anchor pairs, compare every output."""
+"""Function preservation, the one way every test checks it: run both checkpoints with transformers on
+the same deterministic inputs and compare every output, relative to its scale (`assert_same_function`).
+
+The tolerance rule: |a - b| <= rel * max(|a|_max, 1) per output tensor, rel = 2e-5 by default --
+float32 rounding of a transformed model on tiny random inputs, far below what any broken symmetry
+gives (tests/archs/test_archs_necessity.py shows those at 1e-2 and above)."""
 
 from __future__ import annotations
 
@@ -9,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tiny_models import save_tiny
+from helpers.tiny_models import save_tiny
 
-from rotfuse.eval.runtime import example_inputs, forward, load_model
+from rotfuse.eval.runtime import example_inputs, forward, load_model, main_output
 
 
 @contextmanager
@@ -61,3 +66,9 @@ def max_relative_change(a: Path, b: Path) -> float:
 def assert_same_function(a: Path, b: Path, rel: float = 2e-5) -> None:
     change = max_relative_change(a, b)
     assert change <= rel, f"{b}: outputs differ from {a} by {change:.3g} (relative)"
+
+
+def outputs(folder: Path, seed: int = 0) -> torch.Tensor:
+    """The checkpoint's main output (logits, or hidden states without a head) on example inputs."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    return main_output(forward(load_model(folder), example_inputs(config, batch=3, seq_len=11, seed=seed)))
