@@ -59,3 +59,11 @@ def run() -> Callable[..., Result]:
         return Result(result.exit_code, result.stdout, result.stderr)
 
     return invoke
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The slow tier: everything under tests/e2e/, and every test that starts the CLI as a
+    separate process (the `cli` fixture); others mark themselves with @pytest.mark.slow."""
+    for item in items:
+        if "cli" in getattr(item, "fixturenames", ()) or "/e2e/" in item.nodeid.replace("\\", "/"):
+            item.add_marker(pytest.mark.slow)

@@ -1,6 +1,6 @@
 """Matching one layer: solve every enabled symmetry against the anchor and apply it.
 
-Pure functions on `LayerWeights`; the streaming loop (pipeline.py) feeds them layer by layer. Each
+Pure functions on `LayerWeights`; the layer pool (pool.py) feeds them layer by layer. Each
 module (attn.qk, attn.vo, ffn) is solved on its own -- their tensors are disjoint -- and its
 distance to the anchor is measured before and after on the tensors it touches. A solve that would
 increase a module's distance (possible only through float rounding, since every group contains

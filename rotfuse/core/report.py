@@ -1,10 +1,14 @@
-"""The match report: JSON for machines, a rich table for people.
+"""Reports: the JSON every command writes (atomically, with the schema version) and the rich tables
+people read on stderr.
 
-Schema (version 1), every distance a Frobenius norm ||model - anchor||:
+The match report (schema SCHEMA_VERSION), every distance a Frobenius norm ||model - anchor||:
   tool, version, schema, command, created_by (argv), anchor/model/output {path, fingerprint},
   arch, symmetries, device, settings, restrictions (notes), layers: [{layer, modules: {attn.qk,
   attn.vo, ffn: {before, after, reduction, applied, rounds, reverted}}}], totals {matched, model:
   {before, after, reduction, tensors}}, timings {read, solve, write, copy, total} in seconds.
+The merge report: tool, version, schema, command, method, models [{path, fingerprint, weight,
+  stats, alignment}], base, output, device, settings (the method's own included), tensors
+  {count, rules}, ignored_tensors, not_copied, timings.
 """
 
 from __future__ import annotations

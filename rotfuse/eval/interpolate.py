@@ -70,7 +70,7 @@ class Curve:
     lambdas: list[float]
     losses: list[float]
     accuracies: list[float] | None = None
-    labels: str = "data"  # where the loss targets came from (evaluate.LossSpec.labels)
+    labels: str = "data"  # where the loss targets came from (score.LossSpec.labels)
     endpoints: tuple[str, str] = ("", "")
     loss_spread: list[float] | None = None
     accuracy_spread: list[float] | None = None

@@ -6,10 +6,10 @@ pretrained all-MiniLM-L6-v2."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from helpers.functions import assert_same_function
 from helpers.tiny_models import save_tiny
 
 from rotfuse.symmetry.names import symmetry_set
@@ -17,7 +17,6 @@ from rotfuse.io.checkpoint import Checkpoint
 from rotfuse.align.match import REPORT_NAME, match
 from rotfuse.align.options import MatchOptions
 from rotfuse.align.scramble import scramble
-from rotfuse.eval.runtime import example_inputs, forward, load_model, main_output
 
 ARCHS = ["bert", "bert-bare", "roberta", "vit", "vit-bare"]
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.cli import assert_one_line_error
 from helpers.tiny_models import save_tiny
 
 from rotfuse.align.match import REPORT_NAME

@@ -3,14 +3,10 @@ for Gram matrices (forward hooks on named live modules, rows selected by the att
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import torch
 
-from rotfuse.io.checkpoint import Checkpoint
 
 
 def token_inputs(n: int, seq: int, vocab: int, seed: int, labels: int | None = None,

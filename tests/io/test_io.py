@@ -3,15 +3,14 @@ byte for byte, unknown tensors come along, inputs are never modified, bad files 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from helpers.files import folder_digest
 from helpers.tiny_models import save_tiny
 from helpers.functions import assert_same_function
 

@@ -4,7 +4,7 @@
 
 `F_j` is model j's diagonal Fisher, `w_j` the per-model weights (`--weights`, normalised).
 
-The estimator (rotfuse/stats.py): the mean over examples of per-example squared gradients of
+The estimator (rotfuse/merge/stats/collect.py): the mean over examples of per-example squared gradients of
 log p(y|x), y sampled from the model's own prediction (or the data's label with --labels data).
 Per-example squares are the faithful diagonal; squaring a batch gradient, as the RegMean
 reference code does, adds cross terms between examples.

@@ -1,7 +1,7 @@
 """`rotfuse stats`: a checkpoint's statistics on user data, for Fisher and RegMean merging.
 
-The checkpoint runs with transformers (offline, rotfuse/runtime.py) on the user's data
-(rotfuse/data.py); the results are written as a statistics folder (merge/statsfile.py), keyed
+The checkpoint runs with transformers (offline, rotfuse/eval/runtime.py) on the user's data
+(rotfuse/eval/data.py); the results are written as a statistics folder (merge/stats/folder.py), keyed
 by the checkpoint's own tensor names and stamped with its fingerprint.
 
 RegMean (`--kind regmean`): a forward pre-hook on every nn.Linear and transformers Conv1D
