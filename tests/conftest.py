@@ -7,6 +7,7 @@ tests marked `slow` start the CLI in separate processes or train / run many mode
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from collections.abc import Callable
@@ -61,9 +62,21 @@ def run() -> Callable[..., Result]:
     return invoke
 
 
+def _starts_processes(item: pytest.Item) -> bool:
+    """The test starts the CLI (or Python) in separate processes: the `cli` fixture, or
+    `subprocess` in its own body."""
+    if "cli" in getattr(item, "fixturenames", ()):
+        return True
+    function = getattr(item, "function", None)
+    try:
+        return function is not None and "subprocess." in inspect.getsource(function)
+    except (OSError, TypeError):
+        return False
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The slow tier: everything under tests/e2e/, and every test that starts the CLI as a
-    separate process (the `cli` fixture); others mark themselves with @pytest.mark.slow."""
+    """The slow tier: everything under tests/e2e/, and every test that starts processes; other
+    tests mark themselves with @pytest.mark.slow."""
     for item in items:
-        if "cli" in getattr(item, "fixturenames", ()) or "/e2e/" in item.nodeid.replace("\\", "/"):
+        if "/e2e/" in item.nodeid.replace("\\", "/") or _starts_processes(item):
             item.add_marker(pytest.mark.slow)

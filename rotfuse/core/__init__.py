@@ -1,0 +1,1 @@
+"""The shared low-level pieces every other package may use: errors, device, progress, reports, tensor reductions."""

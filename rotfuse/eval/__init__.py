@@ -1,0 +1,1 @@
+"""Running checkpoints with transformers: data, scores, `verify`, `interpolate`, plots."""

@@ -37,7 +37,7 @@ from rotfuse.io.compat import compare_tensors
 from rotfuse.io.checkpoint import Checkpoint
 from rotfuse.io.safetensors_file import FLOAT_DTYPES
 from rotfuse.io.writer import CheckpointWriter, copy_side_files, plan_like
-from rotfuse.merge.methods.simple import weighted_average
+from rotfuse.core.tensors import weighted_average
 
 
 def grid(steps: int) -> list[float]:

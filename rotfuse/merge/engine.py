@@ -46,7 +46,7 @@ from rotfuse.io.staging import StagedFolder, check_output_location, check_report
 from rotfuse.io.writer import CheckpointWriter, ShardPlan, copy_side_files, plan_like
 from rotfuse.merge.methods import method_class
 from rotfuse.merge.methods.base import MergeMethod
-from rotfuse.merge.methods.simple import weighted_average
+from rotfuse.core.tensors import weighted_average
 from rotfuse.merge.stats.folder import StatsFolder
 from rotfuse.core.report import SCHEMA_VERSION, Distance, Timings, write_json
 from rotfuse.symmetry.names import RESIDUAL, symmetry_set

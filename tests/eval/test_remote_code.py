@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from helpers.tiny_models import save_tiny
 
+pytestmark = pytest.mark.slow  # every test here starts the CLI in a separate process
+
 EVIL = """
 from pathlib import Path
 Path({marker!r}).write_text("ran")

@@ -1,0 +1,1 @@
+"""The residual stream: how it is seen, scored and searched for the one map that moves every layer."""

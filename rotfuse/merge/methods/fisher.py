@@ -33,7 +33,7 @@ import torch
 
 from rotfuse.core.errors import InputError, UsageError
 from rotfuse.merge.methods.base import StatsMethod
-from rotfuse.merge.methods.simple import weighted_average
+from rotfuse.core.tensors import weighted_average
 
 if TYPE_CHECKING:
     from rotfuse.merge.stats.folder import StatsFolder
