@@ -13,7 +13,6 @@ rises above the straight line between the endpoint losses. 0 means linearly mode
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,8 @@ from rotfuse.errors import InputError, UsageError
 from rotfuse.evaluate import LABELS_ENSEMBLE, LossSpec, ensemble_labels, located, loss_spec, probabilities, score
 from rotfuse.io.checkpoint import Checkpoint
 from rotfuse.io.safetensors_file import FLOAT_DTYPES
-from rotfuse.io.writer import CheckpointWriter, copy_side_files, plan_like
+from rotfuse.io.staging import temporary_folder
+from rotfuse.io.writer import CheckpointWriter, copy_side_files, plan_like, side_files
 from rotfuse.merge.simple import weighted_average
 from rotfuse.runtime import load_model, refuse_remote_code
 
@@ -117,6 +117,9 @@ def check_pair(a: Checkpoint, b: Checkpoint) -> None:
         if a.entry(name).shape != b.entry(name).shape:
             raise InputError(f"{b.folder}: tensor {name!r} has shape {list(b.entry(name).shape)}, "
                              f"but {list(a.entry(name).shape)} in {a.folder}")
+    for name in a.names():
+        for checkpoint in (a, b):
+            checkpoint.refuse_float8(name, "interpolate")
     extra = theirs - set(a.names())
     if extra:
         raise InputError(f"{b.folder}: has tensor {sorted(extra)[0]!r}, absent from {a.folder}")
@@ -154,13 +157,14 @@ def interpolate(a_path: Path, b_path: Path, inputs: dict[str, torch.Tensor], set
     """Score `(1-l)*A + l*B` on `inputs` for every `l` in `settings.lambdas`."""
     a, b = Checkpoint.open(a_path), Checkpoint.open(b_path)
     check_pair(a, b)
+    side_files(a)
     for folder in (a_path, b_path):
         refuse_remote_code(folder)
     spec = loss_spec(a.config, inputs, where=str(a_path))
     reference = _reference_labels(a_path, b_path, inputs, spec, settings)
     losses: list[float] = []
     accuracies: list[float | None] = []
-    with tempfile.TemporaryDirectory(prefix="rotfuse-interpolate-", dir=settings.work_dir) as tmp:
+    with temporary_folder(Path(a_path).name, settings.work_dir) as tmp:
         for done, lam in enumerate(settings.lambdas, start=1):
             folder = Path(tmp) / f"lambda-{done}"
             folder.mkdir()

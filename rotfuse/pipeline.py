@@ -25,11 +25,12 @@ from rotfuse.archs.residual import GainSource
 from rotfuse.archs.spec import BoundArch, LayerId, bind, select_spec
 from rotfuse.errors import InputError, UsageError
 from rotfuse.io.checkpoint import Checkpoint
-from rotfuse.io.staging import StagedFolder, check_output_location, check_report_location
-from rotfuse.io.writer import CheckpointWriter, ShardPlan, copy_side_files, plan_like
+from rotfuse.io.staging import StagedFolder, Target, check_outputs
+from rotfuse.io.writer import CheckpointWriter, ShardPlan, copy_side_files, output_file_names, plan_like, side_files
 from rotfuse.matching import LayerSettings, match_layer, scramble_layer
 from rotfuse.report import Distance, write_json
 from rotfuse.residual_match import StreamSide
+from rotfuse.selection import LayerRanges
 from rotfuse.streaming import Progress, Stream, transform_layers
 from rotfuse.symmetries import RESIDUAL, symmetry_set
 from rotfuse.symmetry.residual import StreamMap, random_stream_map
@@ -43,7 +44,7 @@ DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 @dataclass(frozen=True)
 class MatchOptions:
     symmetries: frozenset[str] = field(default_factory=lambda: symmetry_set("default"))
-    layers: frozenset[int] | None = None  # None: every layer
+    layers: LayerRanges | frozenset[int] | None = None  # None: every layer
     device: str = "auto"
     max_rounds: int = 20
     arch: str | None = None
@@ -91,12 +92,19 @@ def folded_view(path: Path) -> StreamSide:
 
 
 def resolve_device(name: str) -> str:
+    """auto, cpu, cuda or cuda:N -> a device torch has here; anything else is a usage error."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise UsageError(f"unknown --device {name!r} (use auto, cpu or cuda)")
+    if name == "cpu":
+        return name
+    kind, _, number = name.partition(":")
+    if kind != "cuda" or (number and not number.isdigit()):
+        raise UsageError(f"unknown --device {name!r} (use auto, cpu, cuda or cuda:N)")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device is available (use --device cpu or auto)")
+    if number and int(number) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: there is no such CUDA device (this machine has "
+                         f"{torch.cuda.device_count()}: cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return name
 
 
@@ -148,14 +156,19 @@ def in_layers(model: OpenedModel, layers: list[LayerId]) -> set[str]:
     return {n for layer in layers for n in layer_tensor_names(model.bound, layer, model.checkpoint)}
 
 
-def select_layers(bound: BoundArch, wanted: frozenset[int] | None) -> list[LayerId]:
+def select_layers(bound: BoundArch, wanted: LayerRanges | frozenset[int] | None) -> list[LayerId]:
+    """The layers `--layers` names, checked against the model's count before any is used (ranges
+    are never expanded: `--layers 0-99999999999` is refused at once)."""
     layers = bound.layers()
     if wanted is None:
         return layers
     available = {layer.index for layer in layers}
-    missing = sorted(wanted - available)
-    if missing:
-        raise UsageError(f"--layers: layer {missing[0]} does not exist (the model has layers 0-{max(available)})")
+    if isinstance(wanted, LayerRanges):
+        missing = wanted.first_missing(available)
+    else:
+        missing = min(wanted - available, default=None)
+    if missing is not None:
+        raise UsageError(f"--layers: layer {missing} does not exist (the model has layers 0-{max(available)})")
     return [layer for layer in layers if layer.index in wanted]
 
 
@@ -278,16 +291,26 @@ def prepare_residual(anchor: OpenedModel, model: OpenedModel, options: MatchOpti
     return ResidualSetup(StreamSide.unmoved(model.checkpoint, mine), StreamSide.unmoved(anchor.checkpoint, theirs), notes)
 
 
+def match_inputs(anchor_path: Path, model_paths: list[Path], options: MatchOptions) -> list[Path | None]:
+    """Every path `match` reads: no output may touch one (io/staging.check_outputs)."""
+    return [anchor_path, *model_paths, options.data, options.arch_spec]
+
+
 def prepare_match(anchor_path: Path, model_path: Path, out: Path, options: MatchOptions,
-                  overwrite: bool = False, check_output: bool = True) -> MatchPlan:
-    """Validate flags, output location and both checkpoints (headers, config, shapes)."""
-    if check_output:
-        check_output_location(out, [anchor_path, model_path], overwrite)
+                  overwrite: bool = False, check_output: bool = True, report: Path | None = None) -> MatchPlan:
+    """Validate flags, output locations and both checkpoints (headers, config, shapes, side files)
+    before anything is written."""
     device = resolve_device(options.device)
     if options.data is not None and RESIDUAL not in options.symmetries:
         raise UsageError("--data drives the residual-stream map: add residual to --symmetries")
     anchor = open_model(anchor_path, options.arch, options.arch_spec, options.allow_nonfinite)
     model = open_model(model_path, options.arch, options.arch_spec, options.allow_nonfinite)
+    if check_output:
+        check_outputs([Target(out, "-o", report=None if report else REPORT_NAME,
+                              holds=output_file_names(model.checkpoint)),
+                       Target(report, "--report", folder=False, what="report") if report else None],
+                      match_inputs(anchor_path, [model_path], options), overwrite)
+    side_files(model.checkpoint)
     unpaired = check_compatible(anchor, model)
     if options.data is not None:  # the models will run: nothing of theirs may execute
         from rotfuse.runtime import refuse_remote_code
@@ -440,13 +463,13 @@ def _write_copy(model: OpenedModel, folder: Path, layers: list[LayerId], device:
                 transform: Any, side: StreamSide, stream: Stream, progress: Progress | None,
                 anchor: OpenedModel | None = None, anchor_side: StreamSide | None = None,
                 unmoved: StreamSide | None = None, stored_ffn: bool = False,
-                fsync: bool = True) -> tuple[list[Any], Distance, list[str]]:
+                fsync: bool = True, allow_nonfinite: bool = False) -> tuple[list[Any], Distance, list[str]]:
     """Write MODEL into `folder`: layers through `transform` (read through `side.view`, FFN
     tensors in their stored dtype with `stored_ffn`), every other tensor moved with the stream or
     copied byte for byte. With an anchor, also returns the distance over the tensors outside the
     layers (before: `unmoved`, after: `side`). What is written goes through `side.express` (the
     norm gains the copy is expressed in)."""
-    writer: Any = CheckpointWriter(folder, _layout(model, side), model.checkpoint, fsync)
+    writer: Any = CheckpointWriter(folder, _layout(model, side), model.checkpoint, fsync, allow_nonfinite)
     if side.into is not None:
         writer = _Expressing(writer, side)
     outside = Distance()
@@ -531,7 +554,7 @@ def _match_into(plan: MatchPlan, folder: Path, progress: Progress | None) -> dic
     folder.mkdir(parents=True, exist_ok=True)
     rows, outside, skipped = _write_copy(
         model, folder, plan.layers, device, options.workers, transform, side, stream, progress,
-        anchor, anchor_side, unmoved, stored_ffn, options.fsync)
+        anchor, anchor_side, unmoved, stored_ffn, options.fsync, options.allow_nonfinite)
     matched = Distance(tensors=sum(1 for layer in plan.layers
                                    for _ in layer_tensor_names(model.bound, layer, model.checkpoint)))
     for row in rows:
@@ -572,8 +595,7 @@ def match(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Align MODEL to ANCHOR and write it to OUT; returns the report."""
-    check_report_location(report_path, [anchor_path, model_path])
-    plan = prepare_match(anchor_path, model_path, out, options, overwrite)
+    plan = prepare_match(anchor_path, model_path, out, options, overwrite, report=report_path)
     with StagedFolder(out, overwrite, options.fsync) as staged:
         report = _match_into(plan, staged.path, progress)
         _commit_with_report(staged, report, report_path)
@@ -586,7 +608,7 @@ def _commit_with_report(staged: StagedFolder, report: dict[str, Any], report_pat
         write_json(staged.path / REPORT_NAME, report)
     staged.commit()
     if report_path is not None:
-        write_json(report_path, report)
+        write_json(report_path, report, output=True)
 
 
 def output_names(models: list[Path]) -> list[str]:
@@ -612,10 +634,11 @@ def match_many(
 ) -> dict[str, Any]:
     """Align several models to one anchor: OUT/<model name>/ each, one report. All are checked
     before anything is written, and OUT appears complete or not at all."""
-    check_output_location(out, [anchor_path, *model_paths], overwrite)
-    check_report_location(report_path, [anchor_path, *model_paths])
     plans = [prepare_match(anchor_path, path, out, options, check_output=False) for path in model_paths]
     names = output_names(model_paths)
+    check_outputs([Target(out, "-o", report=None if report_path else REPORT_NAME, holds=tuple(names)),
+                   Target(report_path, "--report", folder=False, what="report") if report_path else None],
+                  match_inputs(anchor_path, model_paths, options), overwrite)
     with StagedFolder(out, overwrite, options.fsync) as staged:
         reports = []
         for plan, name in zip(plans, names):
@@ -640,9 +663,10 @@ def scramble(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Write a copy of MODEL moved by a random member of the symmetry group (same function)."""
-    check_output_location(out, [model_path], overwrite)
     device = resolve_device(options.device)
     model = open_model(model_path, options.arch, options.arch_spec, options.allow_nonfinite)
+    check_outputs([Target(out, "-o")], [model_path, options.arch_spec], overwrite)
+    side_files(model.checkpoint)
     layers = select_layers(model.bound, options.layers)
     residual = prepare_residual(model, model, options)
 
@@ -663,7 +687,7 @@ def scramble(
 
     with StagedFolder(out, overwrite, options.fsync) as staged:
         _write_copy(model, staged.path, layers, device, options.workers, transform, side, Stream(), progress,
-                    fsync=options.fsync)
+                    fsync=options.fsync, allow_nonfinite=options.allow_nonfinite)
         staged.commit()
     return {
         "tool": "rotfuse", "version": __version__, "command": "scramble", "model": str(model_path),

@@ -9,16 +9,23 @@ import typer
 
 from rotfuse.cli.common import FSYNC_HELP, Debug, DryRun, JsonOut, Overwrite, Quiet, Ui, imports_done, run_command
 from rotfuse.errors import UsageError
+from rotfuse.merge.config import BOOL, LIST, TEXT, Kind
 
 if TYPE_CHECKING:
     from rotfuse.merge.config import Settings
     from rotfuse.merge.engine import MergeOptions
 
-MERGE_SETTINGS = (
-    "models", "out", "method", "weights", "stats", "alpha", "fisher_floor", "fisher_normalize", "exclude",
-    "head_from", "match", "symmetries", "max_rounds", "dtype", "report", "arch", "arch_spec", "device",
-    "allow_nonfinite", "dry_run", "overwrite", "fsync", "quiet", "json", "debug",
-)
+
+# each job-file key with its flag's type and range (merge/config.Kind)
+MERGE_SETTINGS: dict[str, Kind] = {
+    "models": LIST, "out": TEXT, "method": TEXT, "weights": LIST, "stats": LIST,
+    "alpha": Kind("float", 0.0, 1.0), "fisher_floor": Kind("float", 0.0), "fisher_normalize": BOOL,
+    "exclude": LIST, "head_from": TEXT, "match": BOOL, "symmetries": TEXT, "max_rounds": Kind("int", 1),
+    "dtype": TEXT, "report": TEXT, "arch": TEXT, "arch_spec": TEXT, "device": TEXT,
+    "allow_nonfinite": BOOL, "dry_run": BOOL, "overwrite": BOOL, "fsync": BOOL, "quiet": BOOL, "json": BOOL,
+    "debug": BOOL,
+}
+
 JobFile = Annotated[Path | None, typer.Option(
     "--config", "-c", dir_okay=False,
     help="YAML job file: keys are this command's flags (models: [...], method: regmean, ...); flags given "
@@ -110,7 +117,7 @@ def merge_command(
         imports_done()
         paths, options = _options(settings)
         target, replace = Path(settings.get("out")), bool(settings.get("overwrite", False))
-        plan = prepare_merge(paths, target, options, replace)
+        plan = prepare_merge(paths, target, options, replace, settings.path("report"), [config] if config else [])
         if settings.get("dry_run", False):
             counts = _counts(plan.rules)
             ui.console.print(f"would merge {len(paths)} models with {options.method} into {target}: {counts}")

@@ -21,6 +21,7 @@ This module never imports transformers: `merge --method simple` works without it
 from __future__ import annotations
 
 import json
+import math
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
 import time
@@ -37,8 +38,8 @@ from rotfuse.archs.spec import BoundArch
 from rotfuse.errors import InputError, OutputError, UsageError
 from rotfuse.io.checkpoint import CONFIG_FILE, Checkpoint
 from rotfuse.io.safetensors_file import FLOAT_DTYPES
-from rotfuse.io.staging import StagedFolder, check_output_location, check_report_location
-from rotfuse.io.writer import CheckpointWriter, ShardPlan, copy_side_files, plan_like
+from rotfuse.io.staging import StagedFolder, Target, check_outputs
+from rotfuse.io.writer import CheckpointWriter, ShardPlan, copy_side_files, output_file_names, plan_like, side_files
 from rotfuse.merge import method as lookup_method
 from rotfuse.merge.fisher import fisher_average
 from rotfuse.merge.regmean import GramSystem, prepare
@@ -143,8 +144,8 @@ def _validate(models: Sequence[Path], options: MergeOptions) -> tuple[list[float
         )
     if not 0.0 <= options.alpha <= 1.0:
         raise UsageError(f"--alpha {options.alpha}: must be between 0 and 1")
-    if not options.fisher_floor >= 0.0:
-        raise UsageError(f"--fisher-floor {options.fisher_floor}: must be >= 0")
+    if not 0.0 <= options.fisher_floor < math.inf:
+        raise UsageError(f"--fisher-floor {options.fisher_floor}: must be a finite number >= 0")
     if not 0 <= options.head_from < len(models):
         raise UsageError(f"--head-from {options.head_from}: must be a model index from 0 to {len(models) - 1}")
     patterns = []
@@ -229,6 +230,8 @@ def _rule(name: str, models: list[_Model], method: str, excluded: Callable[[str]
     first = models[0].checkpoint
     if excluded(name):
         return "head"
+    for model in models:
+        model.checkpoint.refuse_float8(name, "merge")  # (--exclude keeps a float8 head out of the merge)
     if first.entry(name).dtype not in FLOAT_DTYPES:
         return "copy"
     if method == "simple":
@@ -249,14 +252,19 @@ def _covers(stats: StatsFolder, name: str, method: str) -> bool:
     return stats.linear_input(name) is not None
 
 
-def prepare_merge(models: Sequence[Path], out: Path, options: MergeOptions, overwrite: bool = False) -> MergePlan:
-    """Validate flags, output location, checkpoints and statistics; decide every tensor's rule."""
+def prepare_merge(models: Sequence[Path], out: Path, options: MergeOptions, overwrite: bool = False,
+                  report: Path | None = None, inputs: Sequence[Path] = ()) -> MergePlan:
+    """Validate flags, output locations, checkpoints and statistics; decide every tensor's rule.
+    `inputs`: other files the command read (its job file), which no output may replace."""
     from rotfuse.pipeline import resolve_device
 
     weights, patterns = _validate(models, options)
-    check_output_location(Path(out), [Path(p) for p in (*models, *options.stats)], overwrite)
     device = resolve_device(options.device)
     opened = _open_models(models, options)
+    check_outputs([Target(Path(out), "-o", report=REPORT_NAME, holds=output_file_names(opened[0].checkpoint)),
+                   Target(report, "--report", folder=False, what="report") if report is not None else None],
+                  [*map(Path, models), *options.stats, options.arch_spec, *inputs], overwrite)
+    side_files(opened[0].checkpoint)
 
     def excluded(name: str) -> bool:
         return any(p.search(name) for p in patterns)
@@ -327,8 +335,11 @@ class _Merger:
 
     def merge(self, name: str) -> torch.Tensor:
         merged = self._merge(name)
-        if not all_finite(merged):  # NaN/Inf in an input reach the average; find which one
-            self.sources.blame_nonfinite(name)
+        if not all_finite(merged) and not self.plan.options.allow_nonfinite:
+            self.sources.blame_nonfinite(name)  # NaN/Inf in an input reach the average: name it
+            rule = self.plan.rules[name]
+            raise InputError(f"tensor {name!r}: the {rule} merge gives NaN or Inf values from finite inputs"
+                             + (" (is --fisher-floor too large?)" if rule == "fisher" else "") + "; nothing was written")
         return merged
 
     def _merge(self, name: str) -> torch.Tensor:
@@ -453,7 +464,6 @@ def run_merge(plan: MergePlan, overwrite: bool = False, report_path: Path | None
     """Write the merged checkpoint described by `plan`; returns the report (written as
     OUT/rotfuse_merge.json, and also to `report_path` when given)."""
     started = time.perf_counter()
-    check_report_location(report_path, [*(m.path for m in plan.models), *map(Path, plan.options.stats)])
     timings = Timings()
     sources = _Sources(plan.models)
     merger = _Merger(plan, sources)
@@ -478,7 +488,8 @@ def run_merge(plan: MergePlan, overwrite: bool = False, report_path: Path | None
             progress(done, total)
 
     with StagedFolder(plan.out, overwrite, plan.options.fsync) as staged:
-        writer = CheckpointWriter(staged.path, _plans(plan), plan.first.checkpoint, plan.options.fsync)
+        writer = CheckpointWriter(staged.path, _plans(plan), plan.first.checkpoint, plan.options.fsync,
+                                  plan.options.allow_nonfinite)
         try:
             handled: set[str] = set()
             if plan.options.match:
@@ -503,7 +514,7 @@ def run_merge(plan: MergePlan, overwrite: bool = False, report_path: Path | None
         write_json(staged.path / REPORT_NAME, report)  # the merged folder always says how it was made
         staged.commit()
     if report_path is not None:
-        write_json(report_path, report)
+        write_json(report_path, report, output=True)
     return report
 
 
@@ -544,5 +555,5 @@ def _report(plan: MergePlan, distances: list[Distance], skipped: list[str]) -> d
 def merge(models: Sequence[Path], out: Path, options: MergeOptions, report_path: Path | None = None,
           overwrite: bool = False, progress: Progress | None = None) -> dict[str, Any]:
     """Merge MODELS into OUT; returns the report (see `run_merge`)."""
-    plan = prepare_merge(models, out, options, overwrite)
+    plan = prepare_merge(models, out, options, overwrite, report_path)
     return run_merge(plan, overwrite, report_path, progress)
