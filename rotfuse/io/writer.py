@@ -81,14 +81,18 @@ class CheckpointWriter:
         self._where: dict[str, tuple[int, str, tuple[int, ...], int]] = {}  # name -> fd, dtype, shape, begin
         self._pending: set[str] = set()
         self._fds: list[int] = []
+        self._files: dict[int, Path] = {}  # fd -> its file, for messages
         self._unwritten: dict[int, int] = {}  # fd -> tensors still to come
         self._syncs: list[Future] = []  # a shard is flushed in the background once it is complete
         self._sync_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rotfuse-fsync")
+        current = folder
         try:
             for plan in plans:
+                current = folder / plan.file_name
                 header, offsets = encode_header(plan.tensors, plan.metadata)
-                fd = os.open(folder / plan.file_name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                fd = os.open(current, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
                 self._fds.append(fd)
+                self._files[fd] = current
                 os.pwrite(fd, header, 0)
                 end = max((e for _, e in offsets.values()), default=len(header))
                 os.ftruncate(fd, end)
@@ -100,7 +104,7 @@ class CheckpointWriter:
                     self._flush(fd)
         except OSError as exc:
             self.abort()
-            raise OutputError(f"{folder}: cannot create output files ({exc.strerror or exc})") from exc
+            raise OutputError(f"{current}: cannot create output file ({exc.strerror or exc})") from exc
 
     def dtype_of(self, name: str) -> str:
         return self._where[name][1]
@@ -140,7 +144,7 @@ class CheckpointWriter:
             copy_byte_range(src_fd, fd, entry.begin, begin, entry.nbytes)
             self._start_writeback(fd, begin, entry.nbytes)
         except OSError as exc:
-            raise OutputError(f"{self.folder}: cannot write tensor {name!r} ({exc.strerror or exc})") from exc
+            raise OutputError(f"{self._files[fd]}: cannot write tensor {name!r} ({exc.strerror or exc})") from exc
         finally:
             os.close(src_fd)
         self._done(name, fd)
@@ -188,7 +192,7 @@ class CheckpointWriter:
                 written = os.pwrite(fd, data, offset)
                 data, offset = data[written:], offset + written
         except OSError as exc:
-            raise OutputError(f"{self.folder}: cannot write tensor {name!r} ({exc.strerror or exc})") from exc
+            raise OutputError(f"{self._files[fd]}: cannot write tensor {name!r} ({exc.strerror or exc})") from exc
 
     def _write_index(self, metadata: dict) -> None:
         from rotfuse.io.safetensors_file import DTYPE_SIZES
