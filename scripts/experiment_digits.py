@@ -35,16 +35,16 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from rotfuse.symmetry.names import symmetry_set
-from rotfuse.eval.score import LossSpec, score
-from rotfuse.eval.verify import VerifyOptions, verify
-from rotfuse.eval.interpolate import Curve, InterpolationSettings, grid, interpolate
-from rotfuse.merge.engine import MergeOptions, merge
+from rotfuse.align.match import match
 from rotfuse.align.options import MatchOptions
 from rotfuse.align.pair import folded_view
-from rotfuse.align.match import match
+from rotfuse.eval.interpolate import Curve, InterpolationSettings, grid, interpolate
 from rotfuse.eval.runtime import load_model, offline
+from rotfuse.eval.score import LossSpec, score
+from rotfuse.eval.verify import VerifyOptions, verify
+from rotfuse.merge.engine import MergeOptions, merge
 from rotfuse.merge.stats.collect import StatsOptions, compute_stats
+from rotfuse.symmetry.names import symmetry_set
 
 # (name in tables, --symmetries value, residual map from activations on A's training images)
 # The first five are the paper's symmetries; the last three go past it (issue 8): whole-head

@@ -11,9 +11,9 @@ import torch
 
 from rotfuse.align.pair import OpenedModel, counterpart, in_layers
 from rotfuse.align.pool import Stream, transform_layers
-from rotfuse.core.progress import Progress
 from rotfuse.align.residual.scores import StreamSide
 from rotfuse.archs.bind import LayerId
+from rotfuse.core.progress import Progress
 from rotfuse.core.report import Distance
 from rotfuse.core.tensors import sq_distance
 from rotfuse.io.writer import CheckpointWriter, ShardPlan, copy_side_files, plan_like
@@ -47,13 +47,13 @@ def write_copy(model: OpenedModel, folder: Path, layers: list[LayerId], device: 
                 transform: Any, side: StreamSide, stream: Stream, progress: Progress | None,
                 anchor: OpenedModel | None = None, anchor_side: StreamSide | None = None,
                 unmoved: StreamSide | None = None, stored_ffn: bool = False,
-                fsync: bool = True) -> tuple[list[Any], Distance, list[str]]:
+                fsync: bool = True, allow_nonfinite: bool = False) -> tuple[list[Any], Distance, list[str]]:
     """Write MODEL into `folder`: layers through `transform` (read through `side.view`, FFN
     tensors in their stored dtype with `stored_ffn`), every other tensor moved with the stream or
     copied byte for byte. With an anchor, also returns the distance over the tensors outside the
     layers (before: `unmoved`, after: `side`). What is written goes through `side.express` (the
     norm gains the copy is expressed in)."""
-    writer: Any = CheckpointWriter(folder, _layout(model, side), model.checkpoint, fsync)
+    writer: Any = CheckpointWriter(folder, _layout(model, side), model.checkpoint, fsync, allow_nonfinite)
     if side.into is not None:
         writer = _Expressing(writer, side)
     outside = Distance()

@@ -15,26 +15,20 @@ from typing import Any
 from rotfuse import __version__
 from rotfuse.align.copy import write_copy
 from rotfuse.align.layer import match_layer
-from rotfuse.align.options import MatchOptions
+from rotfuse.align.options import REPORT_NAME, MatchOptions
 from rotfuse.align.pair import layer_settings
-from rotfuse.align.plan import MatchPlan, prepare_match
+from rotfuse.align.plan import MatchPlan, match_inputs, prepare_match
 from rotfuse.align.pool import Stream
-from rotfuse.core.progress import Progress
 from rotfuse.align.residual.scores import StreamSide
 from rotfuse.align.residual.search import search_stream_maps
 from rotfuse.align.residual.setup import gains_from
-from rotfuse.archs.layer_io import layer_tensor_names, read_layer
 from rotfuse.archs.bind import LayerId
-from rotfuse.core.report import SCHEMA_VERSION, Distance, write_json
+from rotfuse.archs.layer_io import layer_tensor_names, read_layer
+from rotfuse.core.progress import Progress
+from rotfuse.core.report import SCHEMA_VERSION, Distance
 from rotfuse.io.checkpoint import Checkpoint
-from rotfuse.io.staging import (
-    StagedFolder,
-    check_output_location,
-    check_report_location,
-)
+from rotfuse.io.staging import StagedFolder, Target, check_outputs, write_json
 from rotfuse.symmetry.weights import LayerWeights
-
-REPORT_NAME = "rotfuse_report.json"
 
 
 def _match_into(plan: MatchPlan, folder: Path, progress: Progress | None) -> dict[str, Any]:
@@ -72,7 +66,7 @@ def _match_into(plan: MatchPlan, folder: Path, progress: Progress | None) -> dic
     folder.mkdir(parents=True, exist_ok=True)
     rows, outside, skipped = write_copy(
         model, folder, plan.layers, device, options.workers, transform, side, stream, progress,
-        anchor, anchor_side, unmoved, stored_ffn, options.fsync)
+        anchor, anchor_side, unmoved, stored_ffn, options.fsync, options.allow_nonfinite)
     matched = Distance(tensors=sum(1 for layer in plan.layers
                                    for _ in layer_tensor_names(model.bound, layer, model.checkpoint)))
     for row in rows:
@@ -113,8 +107,7 @@ def match(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Align MODEL to ANCHOR and write it to OUT; returns the report."""
-    check_report_location(report_path, [anchor_path, model_path])
-    plan = prepare_match(anchor_path, model_path, out, options, overwrite)
+    plan = prepare_match(anchor_path, model_path, out, options, overwrite, report=report_path)
     with StagedFolder(out, overwrite, options.fsync) as staged:
         report = _match_into(plan, staged.path, progress)
         _commit_with_report(staged, report, report_path)
@@ -127,7 +120,7 @@ def _commit_with_report(staged: StagedFolder, report: dict[str, Any], report_pat
         write_json(staged.path / REPORT_NAME, report)
     staged.commit()
     if report_path is not None:
-        write_json(report_path, report)
+        write_json(report_path, report, output=True)
 
 
 def output_names(models: list[Path]) -> list[str]:
@@ -153,10 +146,11 @@ def match_many(
 ) -> dict[str, Any]:
     """Align several models to one anchor: OUT/<model name>/ each, one report. All are checked
     before anything is written, and OUT appears complete or not at all."""
-    check_output_location(out, [anchor_path, *model_paths], overwrite)
-    check_report_location(report_path, [anchor_path, *model_paths])
     plans = [prepare_match(anchor_path, path, out, options, check_output=False) for path in model_paths]
     names = output_names(model_paths)
+    check_outputs([Target(out, "-o", report=None if report_path else REPORT_NAME, holds=tuple(names)),
+                   Target(report_path, "--report", folder=False, what="report") if report_path else None],
+                  match_inputs(anchor_path, model_paths, options), overwrite)
     with StagedFolder(out, overwrite, options.fsync) as staged:
         reports = []
         for plan, name in zip(plans, names):

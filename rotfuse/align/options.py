@@ -6,15 +6,17 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rotfuse.core.selection import LayerRanges
 from rotfuse.symmetry.names import symmetry_set
 
+REPORT_NAME = "rotfuse_report.json"  # the report inside a match output
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
 class MatchOptions:
     symmetries: frozenset[str] = field(default_factory=lambda: symmetry_set("default"))
-    layers: frozenset[int] | None = None  # None: every layer
+    layers: LayerRanges | frozenset[int] | None = None  # None: every layer
     device: str = "auto"
     max_rounds: int = 20
     arch: str | None = None

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from rotfuse.align.layer import LayerSettings
 from rotfuse.align.residual.scores import StreamSide
-from rotfuse.archs.layer_io import check_layer_pair, layer_tensor_names
 from rotfuse.archs.bind import BoundArch, LayerId, bind, select_spec
+from rotfuse.archs.layer_io import check_layer_pair, layer_tensor_names
 from rotfuse.core.errors import InputError, UsageError
+from rotfuse.core.selection import LayerRanges
 from rotfuse.io.checkpoint import Checkpoint
 from rotfuse.io.compat import PairRule, compare_tensors
 
@@ -84,14 +85,19 @@ def in_layers(model: OpenedModel, layers: list[LayerId]) -> set[str]:
     return {n for layer in layers for n in layer_tensor_names(model.bound, layer, model.checkpoint)}
 
 
-def select_layers(bound: BoundArch, wanted: frozenset[int] | None) -> list[LayerId]:
+def select_layers(bound: BoundArch, wanted: LayerRanges | frozenset[int] | None) -> list[LayerId]:
+    """The layers `--layers` names, checked against the model's count before any is used (ranges
+    are never expanded: `--layers 0-99999999999` is refused at once)."""
     layers = bound.layers()
     if wanted is None:
         return layers
     available = {layer.index for layer in layers}
-    missing = sorted(wanted - available)
-    if missing:
-        raise UsageError(f"--layers: layer {missing[0]} does not exist (the model has layers 0-{max(available)})")
+    if isinstance(wanted, LayerRanges):
+        missing = wanted.first_missing(available)
+    else:
+        missing = min(wanted - available, default=None)
+    if missing is not None:
+        raise UsageError(f"--layers: layer {missing} does not exist (the model has layers 0-{max(available)})")
     return [layer for layer in layers if layer.index in wanted]
 
 

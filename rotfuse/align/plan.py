@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from rotfuse import __version__
-from rotfuse.align.options import MatchOptions
+from rotfuse.align.options import REPORT_NAME, MatchOptions
 from rotfuse.align.pair import (
     OpenedModel,
     check_compatible,
@@ -19,9 +19,8 @@ from rotfuse.align.residual.setup import ResidualSetup, prepare_residual
 from rotfuse.archs.bind import LayerId
 from rotfuse.core.device import resolve_device
 from rotfuse.core.errors import UsageError
-from rotfuse.io.staging import (
-    check_output_location,
-)
+from rotfuse.io.staging import Target, check_outputs
+from rotfuse.io.writer import output_file_names, side_files
 from rotfuse.symmetry.names import RESIDUAL
 
 
@@ -57,16 +56,26 @@ class MatchPlan:
 
 
 
+def match_inputs(anchor_path: Path, model_paths: list[Path], options: MatchOptions) -> list[Path | None]:
+    """Every path `match` reads: no output may touch one (io/staging.check_outputs)."""
+    return [anchor_path, *model_paths, options.data, options.arch_spec]
+
+
 def prepare_match(anchor_path: Path, model_path: Path, out: Path, options: MatchOptions,
-                  overwrite: bool = False, check_output: bool = True) -> MatchPlan:
-    """Validate flags, output location and both checkpoints (headers, config, shapes)."""
-    if check_output:
-        check_output_location(out, [anchor_path, model_path], overwrite)
+                  overwrite: bool = False, check_output: bool = True, report: Path | None = None) -> MatchPlan:
+    """Validate flags, output locations and both checkpoints (headers, config, shapes, side files)
+    before anything is written."""
     device = resolve_device(options.device)
     if options.data is not None and RESIDUAL not in options.symmetries:
         raise UsageError("--data drives the residual-stream map: add residual to --symmetries")
     anchor = open_model(anchor_path, options.arch, options.arch_spec, options.allow_nonfinite)
     model = open_model(model_path, options.arch, options.arch_spec, options.allow_nonfinite)
+    if check_output:
+        check_outputs([Target(out, "-o", report=None if report else REPORT_NAME,
+                              holds=output_file_names(model.checkpoint)),
+                       Target(report, "--report", folder=False, what="report") if report else None],
+                      match_inputs(anchor_path, [model_path], options), overwrite)
+    side_files(model.checkpoint)
     unpaired = check_compatible(anchor, model)
     if options.data is not None:  # the models will run: nothing of theirs may execute
         from rotfuse.eval.runtime import refuse_remote_code

@@ -17,16 +17,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
+from rotfuse.archs.bind import LayerId
 from rotfuse.archs.layer_io import (
     TensorView,
     layer_tensor_names,
     read_layer,
     write_layer,
 )
-from rotfuse.archs.bind import LayerId
+from rotfuse.core.progress import Progress
 from rotfuse.core.report import Timings
 from rotfuse.symmetry.weights import LayerWeights
-from rotfuse.core.progress import Progress
 
 if TYPE_CHECKING:
     from rotfuse.align.pair import OpenedModel

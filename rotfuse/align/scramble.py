@@ -14,15 +14,13 @@ from rotfuse.align.layer import scramble_layer
 from rotfuse.align.options import MatchOptions
 from rotfuse.align.pair import layer_settings, open_model, select_layers
 from rotfuse.align.pool import Stream
-from rotfuse.core.progress import Progress
 from rotfuse.align.residual.scores import StreamSide
 from rotfuse.align.residual.setup import gains_from, prepare_residual
 from rotfuse.archs.bind import LayerId
 from rotfuse.core.device import resolve_device
-from rotfuse.io.staging import (
-    StagedFolder,
-    check_output_location,
-)
+from rotfuse.core.progress import Progress
+from rotfuse.io.staging import StagedFolder, Target, check_outputs
+from rotfuse.io.writer import side_files
 from rotfuse.symmetry.residual import random_stream_map
 from rotfuse.symmetry.weights import LayerWeights
 
@@ -36,9 +34,10 @@ def scramble(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Write a copy of MODEL moved by a random member of the symmetry group (same function)."""
-    check_output_location(out, [model_path], overwrite)
     device = resolve_device(options.device)
     model = open_model(model_path, options.arch, options.arch_spec, options.allow_nonfinite)
+    check_outputs([Target(out, "-o")], [model_path, options.arch_spec], overwrite)
+    side_files(model.checkpoint)
     layers = select_layers(model.bound, options.layers)
     residual = prepare_residual(model, model, options)
 
@@ -59,7 +58,7 @@ def scramble(
 
     with StagedFolder(out, overwrite, options.fsync) as staged:
         write_copy(model, staged.path, layers, device, options.workers, transform, side, Stream(), progress,
-                    fsync=options.fsync)
+                    fsync=options.fsync, allow_nonfinite=options.allow_nonfinite)
         staged.commit()
     return {
         "tool": "rotfuse", "version": __version__, "command": "scramble", "model": str(model_path),

@@ -104,6 +104,10 @@ def bind(spec: ArchSpec, config: dict[str, Any], names: Iterable[str] | Checkpoi
     dims = {stack.name: _read_dims(stack, config, where) for stack in spec.stacks}
     for stack in spec.stacks:
         if stack.name not in absent:
+            last = prefix + stack.layer.format(i=dims[stack.name].num_layers - 1) + stack.probe()
+            if last not in all_names:  # (also keeps a corrupt layer count from being enumerated)
+                raise InputError(f"{where}: the config gives {dims[stack.name].num_layers} layers, but tensor "
+                                 f"{last!r} of the last one is not in the checkpoint")
             _check_coverage(spec, stack, prefix, dims[stack.name], all_names, where)
     disabled, notes = _restrictions(spec, config)
     notes += [f"{spec.name}: no {name!r} stack in this checkpoint (left as is)" for name in sorted(absent)]

@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from rotfuse.archs.spec import AttentionSpec, FfnSpec, LinearRef
-
 from rotfuse.archs.bind import BoundArch, Dims, LayerId
+from rotfuse.archs.spec import AttentionSpec, FfnSpec, LinearRef
 from rotfuse.core.errors import InputError
 from rotfuse.symmetry.weights import Attention, Ffn, LayerWeights, Linear
 
@@ -66,7 +65,7 @@ class _LayerReader:
         value = self.checkpoint.get(name, self.device)
         if not value.is_floating_point():
             raise InputError(f"{self.checkpoint.folder}: tensor {name!r} is not floating point ({value.dtype})")
-        if not self.stored:
+        if not self.stored or value.element_size() == 1:  # float8 has no arithmetic: through float32
             value = value.float() if value.dtype != torch.float64 else value
         if self.view is not None:
             value = self.view(name, value)

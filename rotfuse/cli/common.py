@@ -10,19 +10,21 @@ must stay fast.
 from __future__ import annotations
 
 import gc
-import json
-import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
+from rotfuse.core import signals
 from rotfuse.core.errors import RotfuseError, UsageError
+
+if TYPE_CHECKING:
+    from rotfuse.core.selection import LayerRanges
 
 T = TypeVar("T")
 
@@ -41,10 +43,6 @@ Arch = Annotated[str | None, typer.Option("--arch", help="Architecture spec to u
 ArchSpecFile = Annotated[Path | None, typer.Option("--arch-spec", help="Load your own architecture spec (YAML) instead of a built-in one.", dir_okay=False)]
 
 
-class Terminated(BaseException):
-    """Raised from the SIGTERM handler so that `with` blocks clean up staged output."""
-
-
 @dataclass
 class Ui:
     """Where human output goes, given --quiet / --json."""
@@ -59,7 +57,9 @@ class Ui:
 
     def emit(self, result: dict[str, Any]) -> None:
         if self.json:
-            sys.stdout.write(json.dumps(result, indent=2) + "\n")
+            from rotfuse.core.report import dumps_strict
+
+            sys.stdout.write(dumps_strict(result) + "\n")
             sys.stdout.flush()
 
     @contextmanager
@@ -91,14 +91,14 @@ def imports_done() -> None:
 
 
 def run_command(action: Callable[[], T], debug: bool) -> T:
-    """Run a command body, turning failures into one stderr line and the right exit code."""
+    """Run a command body, turning failures into one stderr line and the right exit code.
 
-    def on_sigterm(signum: int, frame: Any) -> None:
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    Ctrl-C and SIGTERM (rotfuse/signals.py): before the output is in place they end the command
+    (staging removed, "no output was written"); once it is, the command finishes and then exits
+    130/143 saying that the output is complete."""
+    previous = signals.install()
     try:
-        return action()
+        result = action()
     except RotfuseError as exc:
         _fail(exc, debug, f"rotfuse: error: {exc}", exc.exit_code)
     except OSError as exc:
@@ -106,13 +106,18 @@ def run_command(action: Callable[[], T], debug: bool) -> T:
         _fail(exc, debug, f"rotfuse: error: {where}{exc.strerror or exc}", 2)
     except KeyboardInterrupt as exc:
         _fail(exc, debug, "rotfuse: interrupted; no output was written", 130)
-    except Terminated as exc:
-        _fail(exc, debug, "rotfuse: terminated; no output was written", 143)
+    except signals.Interrupted as exc:
+        _fail(exc, debug, f"rotfuse: {exc.verb}; no output was written", exc.exit_code)
     except Exception as exc:  # a bug in rotfuse
         _fail(exc, debug, f"rotfuse: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1)
     finally:
-        signal.signal(signal.SIGTERM, previous)
-    raise AssertionError("unreachable")
+        signals.restore(previous)
+    late = signals.pending()
+    if late is not None:
+        where = ", ".join(str(p) for p in signals.completed_outputs())
+        sys.stderr.write(f"rotfuse: {late.verb} after the output was complete: {where} is whole\n")
+        raise typer.Exit(late.exit_code)
+    return result
 
 
 def _fail(exc: BaseException, debug: bool, line: str, code: int) -> None:
@@ -122,24 +127,14 @@ def _fail(exc: BaseException, debug: bool, line: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-def parse_layers(text: str | None) -> frozenset[int] | None:
-    """'0-5,8' -> {0,...,5,8}; None -> None (every layer)."""
+def parse_layers(text: str | None) -> LayerRanges | None:
+    """'0-5,8' -> those ranges (checked against the model's layer count later, never expanded);
+    None -> None (every layer)."""
+    from rotfuse.core.selection import parse_layer_ranges
+
     if text is None:
         return None
-    chosen: set[int] = set()
     try:
-        for part in (p.strip() for p in text.split(",")):
-            if not part:
-                continue
-            if "-" in part:
-                low, high = (int(x) for x in part.split("-", 1))
-                if low > high:
-                    raise ValueError
-                chosen.update(range(low, high + 1))
-            else:
-                chosen.add(int(part))
+        return parse_layer_ranges(text)
     except ValueError:
         raise UsageError(f"--layers {text!r}: expected indices and ranges like 0-5,8") from None
-    if not chosen or min(chosen) < 0:
-        raise UsageError(f"--layers {text!r}: expected indices and ranges like 0-5,8")
-    return frozenset(chosen)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from rotfuse.cli.common import Debug, Device, JsonOut, Quiet, Ui, imports_done, run_command
+from rotfuse.cli.common import Debug, Device, JsonOut, Overwrite, Quiet, Ui, imports_done, run_command
 from rotfuse.cli.verify import BatchSize
 
 
@@ -31,6 +30,7 @@ def interpolate_command(
     samples: Annotated[int | None, typer.Option("--samples", min=1, help="Use only the first N samples of --data.")] = None,
     batch_size: BatchSize = 32,
     device: Device = "auto",
+    overwrite: Overwrite = False,
     quiet: Quiet = False,
     json_out: JsonOut = False,
     debug: Debug = False,
@@ -48,11 +48,11 @@ def interpolate_command(
     ui = Ui(quiet, json_out)
 
     def body() -> dict[str, Any]:
-        from rotfuse.eval.data import load_inputs
-        from rotfuse.core.errors import UsageError
-        from rotfuse.eval.interpolate import InterpolationSettings, grid, interpolate
         from rotfuse.core.device import resolve_device
-        from rotfuse.core.report import write_json
+        from rotfuse.core.errors import UsageError
+        from rotfuse.eval.data import load_inputs
+        from rotfuse.eval.interpolate import InterpolationSettings, grid, interpolate
+        from rotfuse.io.staging import Target, check_outputs, write_json
 
         imports_done()
 
@@ -61,6 +61,9 @@ def interpolate_command(
             raise UsageError(f"--label given {len(names)} times for {len(ends)} curve(s): give one per end checkpoint")
         if overlay and plot is None:
             raise UsageError("--overlay adds curves to the plot: give --plot FILE.png too")
+        check_outputs([Target(plot, "--plot", folder=False, what="plot") if plot else None,
+                       Target(out, "--out", folder=False, what="result") if out else None],
+                      [a, *ends, data, *(overlay or [])], overwrite)
         earlier = [curve for path in overlay or [] for curve in _read_curves(path)]
         inputs = load_inputs(data, a, samples)
         settings = InterpolationSettings(grid(steps), batch_size, resolve_device(device))
@@ -76,9 +79,9 @@ def interpolate_command(
         if plot is not None:
             from rotfuse.eval.plot import plot_curves
 
-            plot_curves(earlier + curves, plot, title)
+            plot_curves(earlier + curves, plot, title, output=True)
         if out is not None:
-            write_json(out, result)
+            write_json(out, result, output=True)
         if not json_out:
             _render(curves, ui)
         if plot or out:
@@ -92,11 +95,9 @@ def _read_curves(path: Path) -> list[Any]:
     """Curves saved by an earlier run: its whole result or a single curve."""
     from rotfuse.core.errors import InputError
     from rotfuse.eval.interpolate import Curve
+    from rotfuse.io.untrusted import read_json
 
-    try:
-        saved = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: cannot read saved curves ({exc})") from exc
+    saved = read_json(Path(path), "saved curves")
     items = saved.get("curves") if isinstance(saved, dict) and "curves" in saved else [saved]
     if not isinstance(items, list) or not items:
         raise InputError(f"{path}: no curves in this file (expected the output of interpolate --json)")

@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from rotfuse.symmetry.names import DEFAULT_SYMMETRIES
 from rotfuse.cli.common import (
     AllowNonfinite,
     Arch,
@@ -24,6 +23,7 @@ from rotfuse.cli.common import (
     parse_layers,
     run_command,
 )
+from rotfuse.symmetry.names import DEFAULT_SYMMETRIES
 
 Symmetries = Annotated[str, typer.Option(
     "--symmetries", "-s",
@@ -83,8 +83,8 @@ def match_command(
     ui = Ui(quiet, json_out)
 
     def body() -> dict:
-        from rotfuse.align.options import DEFAULT_WORKERS, MatchOptions
         from rotfuse.align.match import match, match_many
+        from rotfuse.align.options import DEFAULT_WORKERS, MatchOptions
         from rotfuse.align.plan import prepare_match
         from rotfuse.core.report import render_match_table, render_plan
         from rotfuse.symmetry.names import symmetry_set
@@ -138,9 +138,9 @@ def scramble_command(
     ui = Ui(quiet, json_out)
 
     def body() -> dict:
-        from rotfuse.symmetry.names import symmetry_set
         from rotfuse.align.options import MatchOptions
         from rotfuse.align.scramble import scramble
+        from rotfuse.symmetry.names import symmetry_set
 
         imports_done()
         options = MatchOptions(symmetry_set(symmetries), parse_layers(layers), device, 1, arch, arch_spec,

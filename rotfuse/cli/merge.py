@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from rotfuse.cli.common import FSYNC_HELP, Debug, DryRun, JsonOut, Overwrite, Quiet, Ui, imports_done, run_command
+from rotfuse.cli.jobfile import BOOL, LIST, TEXT, Kind
 from rotfuse.core.errors import UsageError
 from rotfuse.merge.methods import REGISTRY
 
@@ -17,11 +18,17 @@ if TYPE_CHECKING:
 
 # flags that are settings of one method or another (the method's Settings dataclass validates them)
 METHOD_SETTINGS = ("alpha", "fisher_floor", "fisher_normalize")
-MERGE_SETTINGS = (
-    "models", "out", "method", "weights", "stats", "alpha", "fisher_floor", "fisher_normalize", "exclude",
-    "head_from", "match", "symmetries", "max_rounds", "dtype", "report", "arch", "arch_spec", "device",
-    "allow_nonfinite", "dry_run", "overwrite", "fsync", "quiet", "json", "debug",
-)
+
+# each job-file key with its flag's type and range (merge/config.Kind)
+MERGE_SETTINGS: dict[str, Kind] = {
+    "models": LIST, "out": TEXT, "method": TEXT, "weights": LIST, "stats": LIST,
+    "alpha": Kind("float", 0.0, 1.0), "fisher_floor": Kind("float", 0.0), "fisher_normalize": BOOL,
+    "exclude": LIST, "head_from": TEXT, "match": BOOL, "symmetries": TEXT, "max_rounds": Kind("int", 1),
+    "dtype": TEXT, "report": TEXT, "arch": TEXT, "arch_spec": TEXT, "device": TEXT,
+    "allow_nonfinite": BOOL, "dry_run": BOOL, "overwrite": BOOL, "fsync": BOOL, "quiet": BOOL, "json": BOOL,
+    "debug": BOOL,
+}
+
 JobFile = Annotated[Path | None, typer.Option(
     "--config", "-c", dir_okay=False,
     help="YAML job file: keys are this command's flags (models: [...], method: regmean, ...); flags given "
@@ -114,7 +121,7 @@ def merge_command(
         imports_done()
         paths, options = _options(settings)
         target, replace = Path(settings.get("out")), bool(settings.get("overwrite", False))
-        plan = prepare_merge(paths, target, options, replace)
+        plan = prepare_merge(paths, target, options, replace, settings.path("report"), [config] if config else [])
         if settings.get("dry_run", False):
             counts = _counts(plan.rules)
             ui.console.print(f"would merge {len(paths)} models with {options.method} into {target}: {counts}")
@@ -153,8 +160,8 @@ def _models_and_stats(settings: Settings) -> tuple[list[Path], list[Path]]:
 
 def _options(settings: Settings) -> tuple[list[Path], MergeOptions]:
     """Flags over job file over defaults -> (model paths, MergeOptions)."""
-    from rotfuse.io.dtypes import parse_dtype_flag
     from rotfuse.cli.jobfile import as_list
+    from rotfuse.io.dtypes import parse_dtype_flag
     from rotfuse.merge.engine import MergeOptions
     from rotfuse.symmetry.names import DEFAULT_SYMMETRIES, symmetry_set
 

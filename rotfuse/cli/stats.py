@@ -8,13 +8,17 @@ from typing import Annotated, Any
 import typer
 
 from rotfuse.cli.common import Debug, JsonOut, Overwrite, Quiet, Ui, imports_done, run_command
+from rotfuse.cli.jobfile import BOOL, TEXT, Kind
 from rotfuse.cli.merge import JobFile
 from rotfuse.core.errors import UsageError
 
-STATS_SETTINGS = (
-    "model", "data", "kind", "out", "max_samples", "batch_size", "max_length", "labels", "seed", "model_dtype",
-    "device", "overwrite", "quiet", "json", "debug",
-)
+# each job-file key with its flag's type and range (merge/config.Kind)
+STATS_SETTINGS: dict[str, Kind] = {
+    "model": TEXT, "data": TEXT, "kind": TEXT, "out": TEXT, "max_samples": Kind("int", 1),
+    "batch_size": Kind("int", 1), "max_length": Kind("int", 1), "labels": TEXT, "seed": Kind("int"),
+    "model_dtype": TEXT, "device": TEXT, "overwrite": BOOL, "quiet": BOOL, "json": BOOL, "debug": BOOL,
+}
+
 
 
 def stats_command(
@@ -96,7 +100,7 @@ def stats_command(
         target = settings.path("out")
         with ui.progress(f"{options.kind} statistics") as progress:
             manifest = compute_stats(settings.path("model"), settings.path("data"), target, options,  # type: ignore[arg-type]
-                                     bool(settings.get("overwrite", False)), progress)
+                                     bool(settings.get("overwrite", False)), progress, [config] if config else [])
         count = len(manifest.get("inputs") or manifest.get("parameters") or ())
         what = "Gram matrices" if options.kind == "regmean" else "Fisher tensors"
         ui.console.print(f"wrote {count} {what} of {settings.get('model')} "

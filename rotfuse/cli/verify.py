@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from rotfuse.cli.common import Debug, Device, JsonOut, Quiet, Ui, imports_done, run_command
+from rotfuse.cli.common import AllowNonfinite, Debug, Device, JsonOut, Quiet, Ui, imports_done, run_command
 
 DIFFERENT = 3  # exit status when the check ran and the outputs disagree (1 stays "internal error")
 
@@ -31,6 +31,7 @@ def verify_command(
         "--rtol", min=0.0, help="Relative tolerance (to |original output|) [default: by dtype, as --atol].")] = None,
     batch_size: BatchSize = 16,
     device: Device = "auto",
+    allow_nonfinite: AllowNonfinite = False,
     quiet: Quiet = False,
     json_out: JsonOut = False,
     debug: Debug = False,
@@ -46,12 +47,13 @@ def verify_command(
     ui = Ui(quiet, json_out)
 
     def body() -> dict[str, Any]:
-        from rotfuse.eval.verify import VerifyOptions, verify
         from rotfuse.core.device import resolve_device
+        from rotfuse.eval.verify import VerifyOptions, verify
 
         imports_done()
 
-        options = VerifyOptions(data, samples, seq_len, seed, atol, rtol, resolve_device(device), batch_size)
+        options = VerifyOptions(data, samples, seq_len, seed, atol, rtol, resolve_device(device), batch_size,
+                                allow_nonfinite)
         result = verify(original, aligned, options)
         verdict = "SAME FUNCTION: outputs agree within tolerance" if result["agree"] else "DIFFERENT: outputs disagree beyond tolerance"
         ui.console.print(

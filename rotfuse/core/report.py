@@ -15,13 +15,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-from rotfuse.core.errors import OutputError
 
 SCHEMA_VERSION = 1
 
@@ -58,18 +53,21 @@ class Timings:
         return {k: round(v, 4) for k, v in self.seconds.items()}
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=False)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write report ({exc.strerror or exc})") from exc
+def finite_json(value: Any) -> Any:
+    """`value` with every NaN or infinite float replaced by None: strict JSON has no NaN or
+    Infinity, and a reader that meets them (jq, JavaScript, most parsers) fails or guesses."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(item) for item in value]
+    return value
+
+
+def dumps_strict(data: Any) -> str:
+    """Every JSON rotfuse writes (stdout, reports, manifests): strict, non-finite values as null."""
+    return json.dumps(finite_json(data), indent=2, allow_nan=False)
 
 
 def render_match_table(report: dict[str, Any], console: Any) -> None:

@@ -11,15 +11,19 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from rotfuse.core.errors import InputError
+from rotfuse.core.tensors import all_finite
+from rotfuse.io.untrusted import parse_json
 
 TEXT_KEYS = ("text", "sentence", "input", "content")
+IGNORE_LABEL = -100  # transformers' "no target here"
+INT64 = (-(2 ** 63), 2 ** 63 - 1)
 
 
 def load_inputs(path: Path, tokenizer_folder: Path | None = None, max_samples: int | None = None,
@@ -40,12 +44,75 @@ def load_inputs(path: Path, tokenizer_folder: Path | None = None, max_samples: i
             tensors["labels"] = torch.tensor(labels, dtype=torch.long)
     else:
         raise InputError(f"{path}: unknown data format {suffix!r} (use .jsonl, .txt, .safetensors or .npz)")
-    sizes = {name: t.shape[0] for name, t in tensors.items()}
-    if not sizes or len(set(sizes.values())) != 1:
-        raise InputError(f"{path}: inputs need one common leading (batch) axis, got sizes {sizes}")
+    check_inputs(path, tensors, _config(tokenizer_folder))
     if max_samples is not None:
         tensors = {name: t[:max_samples] for name, t in tensors.items()}
     return tensors
+
+
+def _config(folder: Path | None) -> dict[str, Any]:
+    if folder is None or not (Path(folder) / "config.json").exists():
+        return {}
+    from rotfuse.io.checkpoint import read_config
+
+    return read_config(Path(folder))
+
+
+def check_inputs(path: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    """Every input tensor before any model runs: a common batch axis, real numbers, finite
+    floats, token ids inside the vocabulary, masks of 0 and 1, and labels the head can score
+    (0..classes-1, or -100 for "ignore"; a negative label is never quietly class 0)."""
+    sizes = {name: (t.shape[0] if t.dim() else None) for name, t in tensors.items()}
+    if not sizes or None in sizes.values() or len(set(sizes.values())) != 1:
+        raise InputError(f"{path}: inputs need one common leading (batch) axis, got sizes {sizes}")
+    section = config.get("text_config")
+    text: dict[str, Any] = section if isinstance(section, dict) else config
+    for name, tensor in tensors.items():
+        where = f"{path}: tensor {name!r}"
+        if tensor.is_complex():
+            raise InputError(f"{where} has dtype {tensor.dtype}; inputs are real numbers")
+        if tensor.is_floating_point():
+            if not all_finite(tensor):
+                raise InputError(f"{where} holds NaN or Inf values")
+            continue
+        if name == "input_ids":
+            _within(tensor, 0, text.get("vocab_size"), where, "token ids", "the vocabulary")
+        elif name == "token_type_ids":
+            _within(tensor, 0, text.get("type_vocab_size"), where, "token type ids", "type_vocab_size")
+        elif name == "attention_mask":
+            _within(tensor, 0, 2, where, "mask values", "0 and 1")
+    labels = tensors.get("labels")
+    if labels is not None and not labels.is_floating_point():
+        classes = _label_count(config)
+        kept = labels[labels != IGNORE_LABEL]
+        _within(kept, 0, classes, f"{path}: labels", "labels", "the model's classes (or -100 to ignore)")
+
+
+def _within(values: torch.Tensor, low: int, high: Any, where: str, what: str, range_name: str) -> None:
+    """All integer `values` in [low, high) (no upper bound when `high` is not a positive int)."""
+    if values.numel() == 0:
+        return
+    smallest, largest = int(values.min()), int(values.max())
+    bounded = isinstance(high, int) and not isinstance(high, bool) and high > 0
+    if smallest < low or (bounded and largest >= high):
+        span = f"{low}..{high - 1}" if bounded else f">= {low}"
+        bad = smallest if smallest < low else largest
+        raise InputError(f"{where}: {what} must lie in {span} ({range_name}), found {bad}")
+
+
+def _label_count(config: dict[str, Any]) -> int | None:
+    """How many classes the head scores: the vocabulary for a language model, the labels of a
+    classifier; None where labels are not class indices (regression, multi-label) or unknown."""
+    from rotfuse.eval.runtime import CAUSAL_SUFFIXES
+
+    architectures = [a for a in config.get("architectures") or () if isinstance(a, str)]
+    if any(a.endswith(CAUSAL_SUFFIXES) for a in architectures):
+        return config.get("vocab_size")
+    if config.get("problem_type") in ("regression", "multi_label_classification"):
+        return None
+    id2label = config.get("id2label")
+    count = len(id2label) if isinstance(id2label, dict) and id2label else config.get("num_labels")
+    return None if count == 1 else count
 
 
 def batches(inputs: dict[str, torch.Tensor], batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -72,17 +139,19 @@ def _load_texts(path: Path) -> tuple[list[str], list[str] | None, list[int] | No
     texts: list[str] = []
     pairs: list[str] = []
     labels: list[int] = []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         if path.suffix.lower() == ".txt":
             texts.append(line)
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+        record = parse_json(line, f"{path}:{number}", "the JSON line")
         key = next((k for k in TEXT_KEYS if isinstance(record, dict) and isinstance(record.get(k), str)), None)
         if key is None:
             raise InputError(f"{path}:{number}: no text field (expected one of {', '.join(TEXT_KEYS)})")
@@ -90,8 +159,9 @@ def _load_texts(path: Path) -> tuple[list[str], list[str] | None, list[int] | No
         if "text_pair" in record:
             pairs.append(str(record["text_pair"]))
         if "label" in record:
-            if not isinstance(record["label"], int):
-                raise InputError(f"{path}:{number}: label must be an integer, got {record['label']!r}")
+            label = record["label"]
+            if isinstance(label, bool) or not isinstance(label, int) or not INT64[0] <= label <= INT64[1]:
+                raise InputError(f"{path}:{number}: label must be an integer (int64), got {str(label)[:40]}")
             labels.append(record["label"])
     if not texts:
         raise InputError(f"{path}: no samples")

@@ -13,7 +13,6 @@ rises above the straight line between the endpoint losses. 0 means linearly mode
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 
 from rotfuse.core.errors import InputError, UsageError
 from rotfuse.core.progress import Progress
+from rotfuse.core.tensors import weighted_average
 from rotfuse.eval.runtime import load_model, refuse_remote_code
 from rotfuse.eval.score import (
     LABELS_ENSEMBLE,
@@ -33,11 +33,11 @@ from rotfuse.eval.score import (
     probabilities,
     score,
 )
-from rotfuse.io.compat import compare_tensors
 from rotfuse.io.checkpoint import Checkpoint
+from rotfuse.io.compat import compare_tensors
 from rotfuse.io.safetensors_file import FLOAT_DTYPES
-from rotfuse.io.writer import CheckpointWriter, copy_side_files, plan_like
-from rotfuse.core.tensors import weighted_average
+from rotfuse.io.staging import temporary_folder
+from rotfuse.io.writer import CheckpointWriter, copy_side_files, plan_like, side_files
 
 
 def grid(steps: int) -> list[float]:
@@ -119,6 +119,9 @@ class Curve:
 def check_pair(a: Checkpoint, b: Checkpoint) -> None:
     """Both checkpoints must hold the same tensors with the same shapes."""
     compare_tensors(a, b)
+    for name in a.names():
+        for checkpoint in (a, b):
+            checkpoint.refuse_float8(name, "interpolate")
 
 
 def write_interpolated(a: Checkpoint, b: Checkpoint, lam: float, folder: Path) -> None:
@@ -153,13 +156,14 @@ def interpolate(a_path: Path, b_path: Path, inputs: dict[str, torch.Tensor], set
     """Score `(1-l)*A + l*B` on `inputs` for every `l` in `settings.lambdas`."""
     a, b = Checkpoint.open(a_path), Checkpoint.open(b_path)
     check_pair(a, b)
+    side_files(a)
     for folder in (a_path, b_path):
         refuse_remote_code(folder)
     spec = loss_spec(a.config, inputs, where=str(a_path))
     reference = _reference_labels(a_path, b_path, inputs, spec, settings)
     losses: list[float] = []
     accuracies: list[float | None] = []
-    with tempfile.TemporaryDirectory(prefix="rotfuse-interpolate-", dir=settings.work_dir) as tmp:
+    with temporary_folder(Path(a_path).name, settings.work_dir) as tmp:
         for done, lam in enumerate(settings.lambdas, start=1):
             folder = Path(tmp) / f"lambda-{done}"
             folder.mkdir()

@@ -9,15 +9,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from rotfuse.core.errors import OutputError
 from rotfuse.eval.interpolate import Curve
+from rotfuse.io.staging import write_file_atomically
 
 
-def plot_curves(curves: Sequence[Curve], path: Path, title: str | None = None, barrier_in_legend: bool = True) -> Path:
+def plot_curves(curves: Sequence[Curve], path: Path, title: str | None = None, barrier_in_legend: bool = True,
+                output: bool = False) -> Path:
     """Write a PNG with loss (and, when every curve has it, accuracy) against lambda.
 
     The legend gives each curve's barrier unless `barrier_in_legend` is off (e.g. for averaged
-    curves, whose label already carries the mean barrier of the runs they average).
+    curves, whose label already carries the mean barrier of the runs they average). `output`:
+    the plot is a command's output (see io/staging.write_file_atomically).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -44,12 +46,8 @@ def plot_curves(curves: Sequence[Curve], path: Path, title: str | None = None, b
     figure.legend(loc="outside lower center", ncols=min(3, len(curves)), fontsize="small", frameon=False)
     if title:
         figure.suptitle(title)
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=110, format="png")
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write plot ({exc.strerror or exc})") from exc
+    path = Path(path)  # written whole or not at all, as every output
+    write_file_atomically(path, lambda handle: figure.savefig(handle, dpi=110, format="png"), "plot", output)
     return path
 
 

@@ -18,6 +18,11 @@ import torch
 
 from rotfuse.core.errors import InputError
 
+# model classes by the head their name says they have (transformers' naming)
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+CLASSIFIER_SUFFIXES = ("ForSequenceClassification", "ForImageClassification", "ForTokenClassification",
+                       "ForAudioClassification")
+
 
 def offline() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -67,13 +72,11 @@ def model_class(config: dict[str, Any]) -> Any:
 
 def load_model(folder: str | Path, device: str = "cpu", dtype: torch.dtype | None = torch.float32) -> torch.nn.Module:
     """Load a checkpoint folder with transformers, offline, in eval mode."""
-    import json
+
+    from rotfuse.io.checkpoint import read_config
 
     folder = Path(folder)
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{folder / 'config.json'}: cannot read ({exc})") from exc
+    config = read_config(folder)
     refuse_remote_code(folder)
     cls = model_class(config)
     try:

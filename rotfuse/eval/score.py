@@ -29,13 +29,9 @@ import torch
 
 from rotfuse.core.errors import InputError
 from rotfuse.eval.data import batches
-from rotfuse.eval.runtime import forward
+from rotfuse.eval.runtime import CAUSAL_SUFFIXES, CLASSIFIER_SUFFIXES, forward
 
 IGNORE = -100  # transformers' label for "no target here"
-CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
-CLASSIFIER_SUFFIXES = ("ForSequenceClassification", "ForImageClassification", "ForTokenClassification",
-                       "ForAudioClassification")
-
 # label sources, as reported in results
 LABELS_FROM_DATA = "data"
 LABELS_NEXT_TOKEN = "next-token"

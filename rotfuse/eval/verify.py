@@ -100,6 +100,7 @@ class VerifyOptions:
     rtol: float | None = None
     device: str = "cpu"
     batch_size: int = 16
+    allow_nonfinite: bool = False  # else NaN/Inf weights are refused: outputs built on them prove nothing
 
 
 def verify(original: Path, aligned: Path, options: VerifyOptions) -> dict[str, Any]:
@@ -108,9 +109,11 @@ def verify(original: Path, aligned: Path, options: VerifyOptions) -> dict[str, A
     from rotfuse.eval.runtime import example_inputs, refuse_remote_code
     from rotfuse.io.checkpoint import Checkpoint
 
-    first, second = Checkpoint.open(original), Checkpoint.open(aligned)
+    first, second = (Checkpoint.open(path, options.allow_nonfinite) for path in (original, aligned))
     for folder in (original, aligned):
         refuse_remote_code(folder)
+    for checkpoint in (first, second):
+        checkpoint.check_values()
     for key in ("model_type", "architectures"):
         if first.config.get(key) != second.config.get(key):
             raise InputError(f"{aligned}: {key} {second.config.get(key)!r} differs from {first.config.get(key)!r} "

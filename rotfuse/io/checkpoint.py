@@ -9,7 +9,6 @@ command's memory is bounded by what it holds, never by the model's size.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 from rotfuse.core.errors import InputError
 from rotfuse.core.tensors import all_finite
 from rotfuse.io.pickled import BIN_FILE, BIN_INDEX_FILE, read_bin_shard
-from rotfuse.io.safetensors_file import ShardHeader, TensorEntry, read_header
+from rotfuse.io.safetensors_file import FLOAT8_DTYPES, ShardHeader, TensorEntry, read_header
+from rotfuse.io.untrusted import read_json_object, require_text
 
 if TYPE_CHECKING:
     import torch
@@ -62,7 +62,7 @@ class Checkpoint:
         elif (folder / BIN_INDEX_FILE).exists() or (folder / BIN_FILE).exists():
             index = _read_json(folder / BIN_INDEX_FILE, what="shard index") if (folder / BIN_INDEX_FILE).exists() else None
             shards = []
-            for name in _shard_files_from_index(folder, index) if index else [BIN_FILE]:
+            for name in _shard_files_from_index(folder, index, BIN_INDEX_FILE) if index else [BIN_FILE]:
                 shard, tensors = read_bin_shard(folder / name)
                 shards.append(shard)
                 pickled.update(tensors)
@@ -109,6 +109,23 @@ class Checkpoint:
     def pickled(self) -> bool:
         """True for pytorch_model*.bin checkpoints (no byte ranges to copy raw)."""
         return bool(self._pickled) or any(shard.path.suffix == ".bin" for shard in self.shards)
+
+    def float8_tensors(self) -> list[str]:
+        """Tensors stored as float8 (quantized): checked and copied, never averaged."""
+        return [name for shard in self.shards for name, e in shard.entries.items() if e.dtype in FLOAT8_DTYPES]
+
+    def refuse_float8(self, name: str, doing: str) -> None:
+        """Quantized float8 tensors are checked and copied byte for byte, but never averaged or
+        interpolated: a float8 weight usually comes with scales that would have to be reconciled."""
+        dtype = self.entry(name).dtype
+        if dtype in FLOAT8_DTYPES:
+            raise InputError(f"{self.shard_of(name).path}: tensor {name!r} is float8 ({dtype}); rotfuse does not "
+                             f"{doing} quantized tensors (their scales would have to be reconciled): dequantize first")
+
+    def check_values(self) -> None:
+        """Read every tensor once, refusing NaN/Inf (unless allowed) with the tensor's name."""
+        for name in self.names():
+            self.get(name)
 
     @property
     def num_parameters(self) -> int:
@@ -194,23 +211,31 @@ class Checkpoint:
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     if not path.exists():
         raise InputError(f"{path}: missing {what} file")
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: cannot parse {what} ({exc})") from exc
-    if not isinstance(value, dict):
-        raise InputError(f"{path}: {what} is not a JSON object")
-    return value
+    return read_json_object(path, what)
 
 
-def _shard_files_from_index(folder: Path, index: dict[str, Any]) -> list[str]:
+def read_config(folder: Path) -> dict[str, Any]:
+    """A checkpoint's config.json, parsed as every untrusted JSON file is (io/untrusted.py)."""
+    return _read_json(Path(folder) / CONFIG_FILE, what="config")
+
+
+def _shard_files_from_index(folder: Path, index: dict[str, Any], name: str = INDEX_FILE) -> list[str]:
+    """The shard files an index names, after checking its shape: `weight_map` maps tensor names
+    to plain file names in the folder, `metadata` (optional) is an object."""
+    where = folder / name
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        raise InputError(f"{folder / INDEX_FILE}: no weight_map in the shard index")
+        raise InputError(f"{where}: no weight_map in the shard index")
+    if not isinstance(index.get("metadata", {}), dict):
+        raise InputError(f"{where}: metadata must be a JSON object")
+    for tensor, file in weight_map.items():
+        require_text(file, where, f"weight_map[{tensor!r}]")
+        if not file or Path(file).name != file or file in (".", ".."):
+            raise InputError(f"{where}: weight_map[{tensor!r}] = {file!r} is not a file name in the checkpoint folder")
     files = sorted(set(weight_map.values()))
-    for name in files:
-        if not (folder / name).exists():
-            raise InputError(f"{folder / INDEX_FILE}: names shard {name!r}, which does not exist")
+    for file in files:
+        if not (folder / file).is_file():
+            raise InputError(f"{where}: names shard {file!r}, which does not exist")
     return files
 
 

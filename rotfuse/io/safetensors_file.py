@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rotfuse.core.errors import InputError
+from rotfuse.io.untrusted import parse_json, require_int
 
 # safetensors dtype name -> bytes per element
 DTYPE_SIZES: dict[str, int] = {
@@ -26,7 +27,9 @@ DTYPE_SIZES: dict[str, int] = {
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1,
     "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
 }
-FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})  # what rotfuse computes with
+FLOAT8_DTYPES = frozenset({"F8_E4M3", "F8_E5M2"})  # quantized: checked through float32, never merged
+FLOATING_DTYPES = FLOAT_DTYPES | FLOAT8_DTYPES  # what can hold NaN or Inf
 MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enforces
 ALIGNMENT = 8
 
@@ -77,39 +80,48 @@ def read_header(path: Path) -> ShardHeader:
             raw = handle.read(header_len)
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: corrupt safetensors header ({exc})") from exc
+    header = parse_json(raw, path, "safetensors header", problem="corrupt")
     if not isinstance(header, dict):
         raise InputError(f"{path}: corrupt safetensors header (not a JSON object)")
 
     data_start = 8 + header_len
-    metadata = header.pop("__metadata__", None) or {}
-    entries: list[TensorEntry] = []
-    for name, info in header.items():
-        entries.append(_parse_entry(path, name, info, data_start, size))
-    entries.sort(key=lambda e: e.begin)
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InputError(f"{path}: corrupt safetensors header (__metadata__ must map names to strings)")
+    entries = [_parse_entry(path, name, info, data_start, size) for name, info in header.items()]
+    entries.sort(key=lambda e: (e.begin, e.end))
+    for before, after in zip(entries, entries[1:]):
+        if after.begin < before.end:
+            raise InputError(f"{path}: corrupt safetensors header (tensors {before.name!r} and {after.name!r} "
+                             "share bytes)")
     return ShardHeader(path, data_start, {e.name: e for e in entries}, dict(metadata))
 
 
 def _parse_entry(path: Path, name: str, info: object, data_start: int, size: int) -> TensorEntry:
-    try:
-        dtype = info["dtype"]  # type: ignore[index]
-        shape = tuple(int(d) for d in info["shape"])  # type: ignore[index]
-        begin, end = (int(o) for o in info["data_offsets"])  # type: ignore[index]
-    except (TypeError, KeyError, ValueError) as exc:
-        raise InputError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from exc
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(info, dict):
+        raise InputError(f"{path}: corrupt safetensors header entry for tensor {name!r}")
+    dtype = info.get("dtype")
+    if not isinstance(dtype, str):
+        raise InputError(f"{where}: dtype must be a string, got {dtype!r}"[:300])
     if dtype not in DTYPE_SIZES:
         raise InputError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
-    if end - begin != math.prod(shape) * DTYPE_SIZES[dtype] or begin < 0:
-        raise InputError(f"{path}: tensor {name!r}: byte range does not match shape {list(shape)}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
+        raise InputError(f"{path}: corrupt safetensors header entry for tensor {name!r} (shape and data_offsets "
+                         "must be lists)")
+    dims = tuple(require_int(d, where, "shape") for d in shape)
+    begin, end = (require_int(o, where, "data_offsets") for o in offsets)
+    if end - begin != math.prod(dims) * DTYPE_SIZES[dtype]:
+        raise InputError(f"{path}: tensor {name!r}: byte range does not match shape {list(dims)}")
     if data_start + end > size:
         raise InputError(
             f"{path}: truncated file: tensor {name!r} ends at byte {data_start + end}, "
             f"file has {size}"
         )
-    return TensorEntry(name, dtype, shape, data_start + begin, data_start + end)
+    return TensorEntry(name, dtype, dims, data_start + begin, data_start + end)
 
 
 def encode_header(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,10 +19,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rotfuse.core.errors import InputError, OutputError
+from rotfuse.core.tensors import all_finite
 from rotfuse.io.checkpoint import INDEX_FILE, Checkpoint
 from rotfuse.io.dtypes import torch_dtype
 from rotfuse.io.pickled import safetensors_name
-from rotfuse.io.safetensors_file import FLOAT_DTYPES, copy_byte_range, encode_header, start_writeback
+from rotfuse.io.safetensors_file import FLOAT_DTYPES, FLOATING_DTYPES, copy_byte_range, encode_header, start_writeback
 
 if TYPE_CHECKING:
     import torch
@@ -53,6 +55,14 @@ def plan_like(template: Checkpoint, dtype: str | None = None) -> list[ShardPlan]
     return plans
 
 
+def output_file_names(template: Checkpoint) -> tuple[str, ...]:
+    """The weight files an output laid out like `template` holds (its shards and index)."""
+    names = [plan.file_name for plan in plan_like(template)]
+    if len(names) > 1 or template.index is not None:
+        names.append(INDEX_FILE)
+    return tuple(names)
+
+
 class CheckpointWriter:
     """Writes the weight files of one checkpoint into `folder` (a staging folder).
 
@@ -61,22 +71,28 @@ class CheckpointWriter:
     the work. Without it the OS writes back when it likes (scratch outputs, temporary checkpoints).
     """
 
-    def __init__(self, folder: Path, plans: list[ShardPlan], template: Checkpoint | None = None, fsync: bool = True):
+    def __init__(self, folder: Path, plans: list[ShardPlan], template: Checkpoint | None = None, fsync: bool = True,
+                 allow_nonfinite: bool = False):
         self.folder = folder
         self.template = template
         self.fsync = fsync
+        self.allow_nonfinite = allow_nonfinite  # else a NaN or Inf in a result is refused, never written
         self._plans = plans
         self._where: dict[str, tuple[int, str, tuple[int, ...], int]] = {}  # name -> fd, dtype, shape, begin
         self._pending: set[str] = set()
         self._fds: list[int] = []
+        self._files: dict[int, Path] = {}  # fd -> its file, for messages
         self._unwritten: dict[int, int] = {}  # fd -> tensors still to come
         self._syncs: list[Future] = []  # a shard is flushed in the background once it is complete
         self._sync_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rotfuse-fsync")
+        current = folder
         try:
             for plan in plans:
+                current = folder / plan.file_name
                 header, offsets = encode_header(plan.tensors, plan.metadata)
-                fd = os.open(folder / plan.file_name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                fd = os.open(current, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
                 self._fds.append(fd)
+                self._files[fd] = current
                 os.pwrite(fd, header, 0)
                 end = max((e for _, e in offsets.values()), default=len(header))
                 os.ftruncate(fd, end)
@@ -88,31 +104,38 @@ class CheckpointWriter:
                     self._flush(fd)
         except OSError as exc:
             self.abort()
-            raise OutputError(f"{folder}: cannot create output files ({exc.strerror or exc})") from exc
+            raise OutputError(f"{current}: cannot create output file ({exc.strerror or exc})") from exc
 
     def dtype_of(self, name: str) -> str:
         return self._where[name][1]
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Cast `tensor` to the planned dtype and write it in place."""
+        """Cast `tensor` to the planned dtype and write it in place. A result holding NaN or Inf
+        (an overflow, or a non-finite input let through) is refused unless `allow_nonfinite`."""
         import torch
 
         fd, dtype, shape, begin = self._slot(name)
         if tuple(tensor.shape) != shape:
             raise InputError(f"tensor {name!r}: shape {list(tensor.shape)} does not fit the output's {list(shape)}")
         data = tensor.detach().to(device="cpu", dtype=torch_dtype(dtype)).contiguous().reshape(-1)
+        if not self.allow_nonfinite and not all_finite(data):
+            raise InputError(f"tensor {name!r}: the result holds NaN or Inf values (in its output dtype {dtype}); "
+                             "nothing was written")
         raw = data.view(torch.uint8).numpy()
         self._pwrite(fd, raw.data, begin, name)
         self._start_writeback(fd, begin, raw.nbytes)
         self._done(name, fd)
 
     def copy(self, name: str, source: Checkpoint | None = None) -> None:
-        """Copy a tensor's bytes unchanged from `source` (default: the template)."""
+        """Copy a tensor's bytes unchanged from `source` (default: the template). Its values are
+        checked for NaN/Inf first, like every tensor read (unless the source allows them)."""
         source = source or self.template
         if source is None:
             raise ValueError("no template checkpoint to copy from")
         fd, dtype, shape, begin = self._slot(name)
         entry = source.entry(name)
+        if entry.dtype in FLOATING_DTYPES and not source.allow_nonfinite:
+            source.get(name)  # refuses NaN/Inf, naming the file and the tensor
         if entry.dtype != dtype or entry.shape != shape or entry.begin < 0:
             self.write(name, source.get(name))  # a cast, or a pickled source without byte ranges
             return
@@ -121,7 +144,7 @@ class CheckpointWriter:
             copy_byte_range(src_fd, fd, entry.begin, begin, entry.nbytes)
             self._start_writeback(fd, begin, entry.nbytes)
         except OSError as exc:
-            raise OutputError(f"{self.folder}: cannot write tensor {name!r} ({exc.strerror or exc})") from exc
+            raise OutputError(f"{self._files[fd]}: cannot write tensor {name!r} ({exc.strerror or exc})") from exc
         finally:
             os.close(src_fd)
         self._done(name, fd)
@@ -169,7 +192,7 @@ class CheckpointWriter:
                 written = os.pwrite(fd, data, offset)
                 data, offset = data[written:], offset + written
         except OSError as exc:
-            raise OutputError(f"{self.folder}: cannot write tensor {name!r} ({exc.strerror or exc})") from exc
+            raise OutputError(f"{self._files[fd]}: cannot write tensor {name!r} ({exc.strerror or exc})") from exc
 
     def _write_index(self, metadata: dict) -> None:
         from rotfuse.io.safetensors_file import DTYPE_SIZES
@@ -215,24 +238,64 @@ class CheckpointWriter:
         self._fds = []
 
 
+@dataclass(frozen=True)
+class SideFiles:
+    """The non-weight files of a checkpoint folder (config, tokenizer, ...) an output gets, and the
+    other weight files it deliberately does not."""
+
+    copied: tuple[str, ...]
+    skipped: tuple[str, ...]
+
+
+def side_files(source: Checkpoint) -> SideFiles:
+    """Which files `copy_side_files` will copy, each checked now -- before any work -- so that a
+    dangling link, a FIFO (which would block the copy forever) or an unreadable file is refused
+    naming it, not found after all the matching under the staging folder's name."""
+    own = set(source.weight_files)
+    copied: list[str] = []
+    skipped: list[str] = []
+    for item in sorted(source.folder.iterdir()):
+        if item.name in own or item.name.startswith("."):
+            continue
+        if item.suffix in FOREIGN_WEIGHT_SUFFIXES or item.name.endswith(".bin.index.json"):
+            skipped.append(item.name)
+            continue
+        _check_copyable(item)
+        copied.append(item.name)
+    return SideFiles(tuple(copied), tuple(skipped))
+
+
+def _check_copyable(path: Path) -> None:
+    """A regular file or a folder of them (symlinks followed), readable."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        raise InputError(f"{path}: a symbolic link to nothing ({os.readlink(path) if path.is_symlink() else '?'}); "
+                         "remove it or point it at a file") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    if stat.S_ISDIR(status.st_mode):
+        for child in sorted(path.iterdir()):
+            _check_copyable(child)
+    elif not stat.S_ISREG(status.st_mode):
+        raise InputError(f"{path}: not a regular file (a FIFO, socket or device); rotfuse copies only files and folders")
+    elif not os.access(path, os.R_OK):
+        raise InputError(f"{path}: cannot read (permission denied)")
+
+
 def copy_side_files(source: Checkpoint, dest: Path) -> list[str]:
     """Copy config, tokenizer and other non-weight files of `source` into `dest`.
 
     Returns the names of files deliberately not copied (weights in another format).
     """
-    skipped: list[str] = []
-    own = set(source.weight_files)
-    for item in sorted(source.folder.iterdir()):
-        if item.name in own or item.name.startswith(".rotfuse-") or item.name.startswith("."):
-            continue
-        target = dest / item.name
+    plan = side_files(source)
+    for name in plan.copied:
+        item, target = source.folder / name, dest / name
         try:
             if item.is_dir():
                 shutil.copytree(item, target, symlinks=False)
-            elif item.suffix in FOREIGN_WEIGHT_SUFFIXES or item.name.endswith(".bin.index.json"):
-                skipped.append(item.name)
             else:
                 shutil.copy2(item, target)
-        except OSError as exc:
-            raise OutputError(f"{target}: cannot copy ({exc.strerror or exc})") from exc
-    return skipped
+        except (OSError, shutil.Error) as exc:
+            raise OutputError(f"{target}: cannot copy {item} ({getattr(exc, 'strerror', None) or exc})") from exc
+    return list(plan.skipped)

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import json
 import re
-from concurrent.futures import Future, ThreadPoolExecutor
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -39,19 +39,18 @@ import torch
 from rotfuse import __version__
 from rotfuse.archs.bind import BoundArch
 from rotfuse.core.errors import InputError, OutputError, UsageError
+from rotfuse.core.progress import Progress
+from rotfuse.core.report import SCHEMA_VERSION, Distance, Timings
+from rotfuse.core.tensors import all_finite, weighted_average
 from rotfuse.io.checkpoint import CONFIG_FILE, Checkpoint
 from rotfuse.io.compat import PairRule, compare_tensors
 from rotfuse.io.safetensors_file import FLOAT_DTYPES
-from rotfuse.io.staging import StagedFolder, check_output_location, check_report_location
-from rotfuse.io.writer import CheckpointWriter, ShardPlan, copy_side_files, plan_like
+from rotfuse.io.staging import StagedFolder, Target, check_outputs, write_json
+from rotfuse.io.writer import CheckpointWriter, ShardPlan, copy_side_files, output_file_names, plan_like, side_files
 from rotfuse.merge.methods import method_class
 from rotfuse.merge.methods.base import MergeMethod
-from rotfuse.core.tensors import weighted_average
 from rotfuse.merge.stats.folder import StatsFolder
-from rotfuse.core.report import SCHEMA_VERSION, Distance, Timings, write_json
 from rotfuse.symmetry.names import RESIDUAL, symmetry_set
-from rotfuse.core.tensors import all_finite
-from rotfuse.core.progress import Progress
 
 REPORT_NAME = "rotfuse_merge.json"
 # config.json keys that describe a task head's label space: taken from the --head-from model
@@ -218,24 +217,31 @@ def _open_stats(models: list[_Model], options: MergeOptions, kind: str) -> list[
     return [model.stats for model in models if model.stats is not None]
 
 
-def _rule(name: str, first: Checkpoint, method: MergeMethod, excluded: Callable[[str], bool]) -> str:
+def _rule(name: str, sources: Sequence[_Model], method: MergeMethod, excluded: Callable[[str], bool]) -> str:
     if excluded(name):
         return "head"
+    for model in sources:
+        model.checkpoint.refuse_float8(name, "merge")  # (--exclude keeps a float8 head out of the merge)
+    first = sources[0].checkpoint
     if first.entry(name).dtype not in FLOAT_DTYPES:
         return "copy"
     return method.name if method.covers(name) else "simple"
 
 
-def prepare_merge(models: Sequence[Path], out: Path, options: MergeOptions, overwrite: bool = False) -> MergePlan:
-    """Validate flags, output location, checkpoints and statistics; decide every tensor's rule."""
+def prepare_merge(models: Sequence[Path], out: Path, options: MergeOptions, overwrite: bool = False,
+                  report: Path | None = None, inputs: Sequence[Path] = ()) -> MergePlan:
+    """Validate flags, output locations, checkpoints and statistics; decide every tensor's rule.
+    `inputs`: other files the command read (its job file), which no output may replace."""
     from rotfuse.core.device import resolve_device
 
     method_cls, settings, weights, patterns = _validate(models, options)
-    inputs = [*models, *options.stats, *([options.base] if options.base else [])]
-    check_output_location(Path(out), [Path(p) for p in inputs], overwrite)
     device = resolve_device(options.device)
     opened = _open_models([*models, *([options.base] if options.base else [])], options)
     base = opened.pop() if options.base else None
+    check_outputs([Target(Path(out), "-o", report=REPORT_NAME, holds=output_file_names(opened[0].checkpoint)),
+                   Target(report, "--report", folder=False, what="report") if report is not None else None],
+                  [*map(Path, models), *options.stats, options.arch_spec, options.base, *inputs], overwrite)
+    side_files(opened[0].checkpoint)
 
     def excluded(name: str) -> bool:
         return any(p.search(name) for p in patterns)
@@ -246,8 +252,8 @@ def prepare_merge(models: Sequence[Path], out: Path, options: MergeOptions, over
     ignored = _check_layout([*opened, *([base] if base else [])], excluded, options.head_from)
     stats = _open_stats(opened, options, method_cls.stats) if method_cls.stats is not None else []
     method = method_cls(settings, weights, stats, device)
-    first = opened[0].checkpoint
-    rules = {name: _rule(name, first, method, excluded) for name in first.names()}
+    sources = [*opened, *([base] if base else [])]
+    rules = {name: _rule(name, sources, method, excluded) for name in opened[0].checkpoint.names()}
     return MergePlan(opened, Path(out), options, method, rules, ignored, device, base)
 
 
@@ -304,8 +310,11 @@ class _Merger:
 
     def merge(self, name: str) -> torch.Tensor:
         merged = self._merge(name)
-        if not all_finite(merged):  # NaN/Inf in an input reach the average; find which one
-            self.sources.blame_nonfinite(name)
+        if not all_finite(merged) and not self.plan.options.allow_nonfinite:
+            self.sources.blame_nonfinite(name)  # NaN/Inf in an input reach the average: name it
+            rule = self.plan.rules[name]
+            raise InputError(f"tensor {name!r}: the {rule} merge gives NaN or Inf values from finite inputs"
+                             + (" (is --fisher-floor too large?)" if rule == "fisher" else "") + "; nothing was written")
         return merged
 
     def _merge(self, name: str) -> torch.Tensor:
@@ -341,9 +350,9 @@ def _aligned_layers(plan: MergePlan, sources: _Sources, distances: list[Distance
     """With --match: align one layer of every model to the first model's, publish the aligned
     tensors in `sources`, yield the layer's tensor names; then forget them. `distances` gets each
     other model's distance to the first one over the matched tensors, before and after."""
-    from rotfuse.archs.layer_io import layer_tensor_names, read_layer, write_layer
     from rotfuse.align.layer import match_layer
     from rotfuse.align.pair import layer_settings
+    from rotfuse.archs.layer_io import layer_tensor_names, read_layer, write_layer
 
     anchor = plan.first
     assert anchor.bound is not None
@@ -400,7 +409,6 @@ def run_merge(plan: MergePlan, overwrite: bool = False, report_path: Path | None
     """Write the merged checkpoint described by `plan`; returns the report (written as
     OUT/rotfuse_merge.json, and also to `report_path` when given)."""
     started = time.perf_counter()
-    check_report_location(report_path, [*(m.path for m in plan.sources), *map(Path, plan.options.stats)])
     timings = Timings()
     sources = _Sources(plan.sources)
     merger = _Merger(plan, sources)
@@ -425,7 +433,8 @@ def run_merge(plan: MergePlan, overwrite: bool = False, report_path: Path | None
             progress(done, total)
 
     with StagedFolder(plan.out, overwrite, plan.options.fsync) as staged:
-        writer = CheckpointWriter(staged.path, _plans(plan), plan.first.checkpoint, plan.options.fsync)
+        writer = CheckpointWriter(staged.path, _plans(plan), plan.first.checkpoint, plan.options.fsync,
+                                  plan.options.allow_nonfinite)
         try:
             handled: set[str] = set()
             if plan.options.match:
@@ -450,7 +459,7 @@ def run_merge(plan: MergePlan, overwrite: bool = False, report_path: Path | None
         write_json(staged.path / REPORT_NAME, report)  # the merged folder always says how it was made
         staged.commit()
     if report_path is not None:
-        write_json(report_path, report)
+        write_json(report_path, report, output=True)
     return report
 
 
@@ -494,5 +503,5 @@ def _report(plan: MergePlan, distances: list[Distance], skipped: list[str]) -> d
 def merge(models: Sequence[Path], out: Path, options: MergeOptions, report_path: Path | None = None,
           overwrite: bool = False, progress: Progress | None = None) -> dict[str, Any]:
     """Merge MODELS into OUT; returns the report (see `run_merge`)."""
-    plan = prepare_merge(models, out, options, overwrite)
+    plan = prepare_merge(models, out, options, overwrite, report_path)
     return run_merge(plan, overwrite, report_path, progress)

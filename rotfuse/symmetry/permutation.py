@@ -17,7 +17,6 @@ import torch
 
 from rotfuse.symmetry.weights import Ffn, Linear
 
-
 PREFIXES = (8, 4, 2)  # bounded scores over the first 1/8, 1/4, then 1/2 of the columns
 SLACK = 2.0 ** -12  # of |x| |y|: far above float32 GEMM rounding, far below a real margin
 MIN_SETTLED = 1 / 8  # a prefix that settles fewer of the open rows gives up on the bounds

@@ -12,11 +12,11 @@ import torch
 from helpers.functions import assert_same_function
 from helpers.tiny_models import save_tiny
 
-from rotfuse.symmetry.names import symmetry_set
-from rotfuse.io.checkpoint import Checkpoint
 from rotfuse.align.match import REPORT_NAME, match
 from rotfuse.align.options import MatchOptions
 from rotfuse.align.scramble import scramble
+from rotfuse.io.checkpoint import Checkpoint
+from rotfuse.symmetry.names import symmetry_set
 
 ARCHS = ["bert", "bert-bare", "roberta", "vit", "vit-bare"]
 

@@ -9,10 +9,10 @@ import weakref
 import pytest
 from helpers.tiny_models import save_tiny
 
-from rotfuse.io.checkpoint import Checkpoint
-from rotfuse.align.options import MatchOptions
 from rotfuse.align.match import match
+from rotfuse.align.options import MatchOptions
 from rotfuse.align.scramble import scramble
+from rotfuse.io.checkpoint import Checkpoint
 
 
 class LiveTensorCounter:

@@ -8,16 +8,16 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from helpers.cli import assert_one_line_error
 from helpers.functions import assert_same_function, outputs
 from helpers.tiny_models import save_tiny
+from safetensors.torch import save_file
 
-from rotfuse.io.checkpoint import Checkpoint
 from rotfuse.align.match import REPORT_NAME, match
 from rotfuse.align.options import MatchOptions
 from rotfuse.align.pair import folded_view
 from rotfuse.align.scramble import scramble
+from rotfuse.io.checkpoint import Checkpoint
 from rotfuse.symmetry.names import symmetry_set
 
 WITH_RESIDUAL = symmetry_set("default,residual")
@@ -81,8 +81,8 @@ def test_residual_alignment_helps_models_from_different_seeds(tmp_path):
 def test_a_copy_in_the_anchors_gains_averages_like_the_folded_pair(tmp_path):
     """The point of writing the copy in the anchor's norm gains: the plain average of ANCHOR and
     the copy computes what the average of both, folded, computes."""
-    from rotfuse.merge.engine import MergeOptions, merge
     from rotfuse.eval.runtime import example_inputs, forward, load_model
+    from rotfuse.merge.engine import MergeOptions, merge
 
     model = save_tiny("vit", tmp_path / "model", seed=0)
     anchor = save_tiny("vit", tmp_path / "anchor", seed=1)

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from helpers.functions import assert_same_function, one_thread, save_pair
 
-from rotfuse.archs.spec import builtin_specs
-from rotfuse.align.options import MatchOptions
 from rotfuse.align.match import match
+from rotfuse.align.options import MatchOptions
 from rotfuse.align.scramble import scramble
+from rotfuse.archs.spec import builtin_specs
 
 # case -> (TINY entry, config overrides, spec it must bind to, symmetries the config switches off)
 CASES: dict[str, tuple[str, dict, str, set[str]]] = {

@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 from helpers.functions import one_thread
-from safetensors.torch import load_file, save_file
 from helpers.tiny_models import save_tiny
+from safetensors.torch import load_file, save_file
 
+from rotfuse.align.match import match
+from rotfuse.align.options import MatchOptions
+from rotfuse.align.pair import open_model
+from rotfuse.align.scramble import scramble
 from rotfuse.archs.spec import builtin_specs, load_spec_file
 from rotfuse.cli.archs import describe_spec
 from rotfuse.core.errors import InputError
-from rotfuse.align.options import MatchOptions
-from rotfuse.align.match import match
-from rotfuse.align.pair import open_model
-from rotfuse.align.scramble import scramble
 
 ISSUE_MODEL_TYPES = {"gpt2", "deberta-v2", "llama", "mistral", "qwen2", "distilbert", "clip",
                      "clip_vision_model", "clip_text_model"}

@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.functions import assert_same_function, max_relative_change, one_thread
-from safetensors.torch import load_file, save_file
 from helpers.tiny_models import save_tiny
+from safetensors.torch import load_file, save_file
 
-from rotfuse.symmetry.names import symmetry_set
-from rotfuse.align.options import MatchOptions
 from rotfuse.align.match import match
+from rotfuse.align.options import MatchOptions
 from rotfuse.align.scramble import scramble
 from rotfuse.symmetry.circuit import CircuitTransform
+from rotfuse.symmetry.names import symmetry_set
 from rotfuse.symmetry.rotation import random_rotation
 from rotfuse.symmetry.weights import Attention, Linear, qk_circuit, with_qk
 

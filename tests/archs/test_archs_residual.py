@@ -24,15 +24,15 @@ import pytest
 import torch
 import yaml
 from helpers.functions import one_thread
-from safetensors.torch import save_file
 from helpers.tiny_models import TINY
+from safetensors.torch import save_file
 
-from rotfuse.archs.residual import ResidualPlan, residual_plans
 from rotfuse.archs.bind import bind, select_spec
+from rotfuse.archs.residual import ResidualPlan, residual_plans
 from rotfuse.archs.spec import builtin_specs, load_spec_file
 from rotfuse.core.errors import InputError
-from rotfuse.io.checkpoint import Checkpoint
 from rotfuse.eval.runtime import example_inputs, forward, load_model
+from rotfuse.io.checkpoint import Checkpoint
 from rotfuse.symmetry.residual import StreamMap, random_stream_map
 
 REL = 2e-5  # allowed output change, relative to each output's scale

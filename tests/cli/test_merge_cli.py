@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers.merge_data import save_inputs, token_inputs
 from helpers.files import tensors
+from helpers.merge_data import save_inputs, token_inputs
 from helpers.tiny_models import save_tiny
 
+from rotfuse.cli.jobfile import load_config
 from rotfuse.cli.merge import MERGE_SETTINGS
 from rotfuse.cli.stats import STATS_SETTINGS
 from rotfuse.merge.methods import REGISTRY
-from rotfuse.cli.jobfile import load_config
 from rotfuse.merge.stats.collect import StatsOptions, compute_stats
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "configs" / "examples"

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from helpers.cli import assert_one_line_error
 from helpers.functions import assert_same_function
 from helpers.tiny_models import save_tiny
+from safetensors.torch import load_file, save_file
 
 from rotfuse.align.match import REPORT_NAME
 

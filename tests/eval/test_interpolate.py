@@ -10,18 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.tiny_models import save_tiny
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
-from helpers.tiny_models import save_tiny
 
-from rotfuse.core.errors import InputError
-from rotfuse.eval.score import LossSpec, loss_spec, score
-from rotfuse.eval.interpolate import InterpolationSettings, barrier, grid, interpolate, write_interpolated
-from rotfuse.io.checkpoint import Checkpoint
-from rotfuse.align.options import MatchOptions
 from rotfuse.align.match import match
+from rotfuse.align.options import MatchOptions
+from rotfuse.core.errors import InputError
+from rotfuse.eval.interpolate import InterpolationSettings, barrier, grid, interpolate, write_interpolated
 from rotfuse.eval.runtime import load_model
+from rotfuse.eval.score import LossSpec, loss_spec, score
+from rotfuse.io.checkpoint import Checkpoint
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -43,8 +43,8 @@ def test_checkpoint_code_never_runs(tmp_path, command):
     marker = tmp_path / "ran.txt"
     poison(evil, marker)
     data = tmp_path / "data.safetensors"
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     save_file({"input_ids": torch.randint(0, 60, (4, 7)), "labels": torch.tensor([0, 1, 2, 0])}, str(data))
     args = {

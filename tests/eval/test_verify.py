@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from helpers.tiny_models import save_tiny
+from safetensors.torch import load_file, save_file
 
+from rotfuse.align.match import match
+from rotfuse.align.options import MatchOptions
+from rotfuse.align.scramble import scramble
 from rotfuse.core.errors import InputError
 from rotfuse.eval.verify import OutputDiff, Tolerance, VerifyOptions, default_tolerance, verify
-from rotfuse.align.options import MatchOptions
-from rotfuse.align.match import match
-from rotfuse.align.scramble import scramble
 
 
 def matched_pair(tmp_path: Path, arch: str, dtype: torch.dtype | None = None) -> tuple[Path, Path]:

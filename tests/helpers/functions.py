@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from helpers.tiny_models import save_tiny
 
+from helpers.tiny_models import save_tiny
 from rotfuse.eval.runtime import example_inputs, forward, load_model, main_output
 
 

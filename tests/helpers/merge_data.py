@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 
 
-
 def token_inputs(n: int, seq: int, vocab: int, seed: int, labels: int | None = None,
                  pad: int = 0) -> dict[str, torch.Tensor]:
     """Right-padded token batches of varied lengths (3 .. seq), optionally with class labels."""

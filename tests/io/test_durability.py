@@ -11,15 +11,15 @@ import threading
 from pathlib import Path
 
 import pytest
-from helpers.tiny_models import save_tiny
 from helpers.files import folder_digest
+from helpers.tiny_models import save_tiny
 
 import rotfuse.io.writer as writer_module
+from rotfuse.align.match import match
+from rotfuse.align.options import MatchOptions
+from rotfuse.align.scramble import scramble
 from rotfuse.cli import app
 from rotfuse.merge.engine import MergeOptions, merge
-from rotfuse.align.options import MatchOptions
-from rotfuse.align.match import match
-from rotfuse.align.scramble import scramble
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads fsynced paths from /proc/self/fd")
 

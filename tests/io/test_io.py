@@ -9,21 +9,21 @@ import struct
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from helpers.files import folder_digest
-from helpers.tiny_models import save_tiny
 from helpers.functions import assert_same_function
+from helpers.tiny_models import save_tiny
+from safetensors.torch import load_file, save_file
 
+from rotfuse.align.match import match
+from rotfuse.align.options import MatchOptions
+from rotfuse.align.pair import open_model
+from rotfuse.align.scramble import scramble
+from rotfuse.archs.layer_io import layer_tensor_names
 from rotfuse.core.errors import InputError
+from rotfuse.core.tensors import sq_distance
 from rotfuse.io.checkpoint import INDEX_FILE, Checkpoint
 from rotfuse.io.safetensors_file import read_header, start_writeback
 from rotfuse.io.writer import CheckpointWriter, copy_side_files, plan_like
-from rotfuse.archs.layer_io import layer_tensor_names
-from rotfuse.align.options import MatchOptions
-from rotfuse.align.match import match
-from rotfuse.align.pair import open_model
-from rotfuse.align.scramble import scramble
-from rotfuse.core.tensors import sq_distance
 
 
 def raw_bytes(checkpoint: Checkpoint, name: str) -> bytes:

@@ -14,19 +14,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.merge_data import hooked_rows, save_inputs, token_inputs
 from helpers.files import tensors
+from helpers.merge_data import hooked_rows, save_inputs, token_inputs
 from helpers.tiny_models import save_tiny
 
+from rotfuse.align.match import match as match_checkpoints
+from rotfuse.align.options import MatchOptions
 from rotfuse.core.errors import InputError, UsageError
+from rotfuse.eval.runtime import load_model
 from rotfuse.io.checkpoint import Checkpoint
 from rotfuse.merge.engine import MergeOptions, merge
 from rotfuse.merge.methods.simple import weighted_average
-from rotfuse.merge.stats.folder import StatsFolder
-from rotfuse.align.options import MatchOptions
-from rotfuse.align.match import match as match_checkpoints
-from rotfuse.eval.runtime import load_model
 from rotfuse.merge.stats.collect import StatsOptions, compute_stats
+from rotfuse.merge.stats.folder import StatsFolder
 
 
 @pytest.fixture(scope="module")

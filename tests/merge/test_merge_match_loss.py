@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from helpers.tiny_models import build
 
-from rotfuse.merge.engine import MergeOptions, merge
-from rotfuse.align.options import MatchOptions
 from rotfuse.align.match import match
+from rotfuse.align.options import MatchOptions
 from rotfuse.eval.runtime import load_model
+from rotfuse.merge.engine import MergeOptions, merge
 
 SIZES = dict(num_hidden_layers=1, intermediate_size=96, initializer_range=0.02, hidden_dropout_prob=0.0,
              attention_probs_dropout_prob=0.0)

@@ -21,7 +21,6 @@ model's stream moved by the current T. The written copy is then unfolded into th
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-
 from typing import cast
 
 import torch

@@ -11,8 +11,8 @@ from rotfuse.align.layer import match_layer
 from rotfuse.align.pair import counterpart, in_layers, layer_settings
 from rotfuse.align.plan import MatchPlan
 from rotfuse.align.pool import Stream, transform_layers
-from rotfuse.archs.layer_io import read_layer
 from rotfuse.archs.bind import LayerId
+from rotfuse.archs.layer_io import read_layer
 from rotfuse.core.errors import UsageError
 from rotfuse.core.tensors import sq_distance
 from rotfuse.symmetry.residual import StreamMap

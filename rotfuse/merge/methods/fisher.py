@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from rotfuse.core.errors import InputError, UsageError
-from rotfuse.merge.methods.base import StatsMethod
 from rotfuse.core.tensors import weighted_average
+from rotfuse.merge.methods.base import StatsMethod
 
 if TYPE_CHECKING:
     from rotfuse.merge.stats.folder import StatsFolder

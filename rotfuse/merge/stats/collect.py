@@ -40,7 +40,8 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,15 +49,15 @@ from typing import Any
 import torch
 
 from rotfuse import __version__
-from rotfuse.eval.data import batches, load_inputs
 from rotfuse.core.errors import InputError, UsageError
+from rotfuse.core.progress import Progress
+from rotfuse.eval.data import batches, load_inputs
+from rotfuse.eval.runtime import accepted_inputs, load_model, refuse_remote_code
 from rotfuse.io.checkpoint import Checkpoint
 from rotfuse.io.dtypes import parse_dtype_flag, torch_dtype
 from rotfuse.io.safetensors_file import FLOAT_DTYPES
-from rotfuse.io.staging import StagedFolder, check_output_location
+from rotfuse.io.staging import StagedFolder, Target, check_outputs
 from rotfuse.merge.stats.folder import GRAM_PREFIX, KINDS, SCHEMA, write_stats
-from rotfuse.eval.runtime import accepted_inputs, load_model, refuse_remote_code
-from rotfuse.core.progress import Progress
 
 LABEL_MODES = ("auto", "sampled", "data")
 FISHER_ESTIMATOR = "per-example squared gradient of log p(y|x), y sampled from the model or from the data"
@@ -359,14 +360,26 @@ def collect_fisher(model: torch.nn.Module, names: dict[int, list[str]], inputs: 
 # ---------------------------------------------------------------------- the command
 
 
+@contextmanager
+def fitting(data: Path, model: Path) -> Iterator[None]:
+    """Inputs the model cannot take (a wrong shape, an id its embedding lacks) are the data's
+    fault: one line naming both files, exit 2 -- as `evaluate.run_batches` does for scoring."""
+    try:
+        yield
+    except (ValueError, TypeError, IndexError, RuntimeError) as exc:
+        raise InputError(f"{data}: the inputs do not fit {model} ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:300]})") from exc
+
+
 def compute_stats(model_path: Path, data_path: Path, out: Path, options: StatsOptions, overwrite: bool = False,
-                  progress: Progress | None = None) -> dict[str, Any]:
-    """Run MODEL on DATA and write its statistics to OUT; returns the manifest."""
+                  progress: Progress | None = None, inputs_read: Sequence[Path] = ()) -> dict[str, Any]:
+    """Run MODEL on DATA and write its statistics to OUT; returns the manifest. `inputs_read`:
+    other files the command read (its job file), which the output must not replace."""
     from rotfuse.core.device import resolve_device
 
     started = time.perf_counter()
     _validate(options)
-    check_output_location(Path(out), [Path(model_path), Path(data_path)], overwrite)
+    check_outputs([Target(Path(out), "-o")], [Path(model_path), Path(data_path), *inputs_read], overwrite)
     device = resolve_device(options.device)
     checkpoint = Checkpoint.open(model_path)
     refuse_remote_code(model_path)
@@ -375,10 +388,11 @@ def compute_stats(model_path: Path, data_path: Path, out: Path, options: StatsOp
         raise InputError(f"{data_path}: no samples")
     model = load_model(model_path, device, _model_dtype(options.model_dtype, options.kind, checkpoint, device))
     names, unmapped = checkpoint_names(model, checkpoint)
-    if options.kind == "regmean":
-        tensors, details = collect_grams(model, names, inputs, options, device, progress)
-    else:
-        tensors, details = collect_fisher(model, names, inputs, options, device, Path(data_path), progress)
+    with fitting(data_path, model_path):
+        if options.kind == "regmean":
+            tensors, details = collect_grams(model, names, inputs, options, device, progress)
+        else:
+            tensors, details = collect_fisher(model, names, inputs, options, device, Path(data_path), progress)
     mask = inputs.get("attention_mask")
     samples = len(next(iter(inputs.values())))
     manifest: dict[str, Any] = {

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 from rotfuse.core.errors import InputError, UsageError
 from rotfuse.merge.methods import REGISTRY, method_class
+from rotfuse.merge.methods.base import normalise_weights
 from rotfuse.merge.methods.fisher import fisher_average
 from rotfuse.merge.methods.regmean import prepare, regmean_merge, shrink
-from rotfuse.merge.methods.base import normalise_weights
 from rotfuse.merge.methods.simple import weighted_average
 
 seeds = st.integers(min_value=0, max_value=2**31 - 1)

@@ -16,10 +16,10 @@ from helpers.merge_data import hooked_grams, save_inputs, token_inputs
 from helpers.tiny_models import save_tiny
 
 from rotfuse.core.errors import InputError, UsageError
-from rotfuse.io.checkpoint import Checkpoint
-from rotfuse.merge.stats.folder import StatsFolder
 from rotfuse.eval.runtime import load_model
+from rotfuse.io.checkpoint import Checkpoint
 from rotfuse.merge.stats.collect import StatsOptions, compute_stats
+from rotfuse.merge.stats.folder import StatsFolder
 
 
 def _gram(stats: StatsFolder, weight: str) -> torch.Tensor:
