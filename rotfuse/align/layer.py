@@ -70,6 +70,8 @@ class ModuleResult:
 
 def match_layer(src: LayerWeights, anchor: LayerWeights, settings: LayerSettings) -> tuple[LayerWeights, list[ModuleResult]]:
     attention, results = _match_attention(src.attention, anchor.attention, settings)
+    if src.ffn is None or anchor.ffn is None:  # an attention-only stack
+        return LayerWeights(attention, None), results
     ffn, ffn_result = _match_ffn(src.ffn, anchor.ffn, settings)
     return LayerWeights(attention, ffn), results + [ffn_result]
 
@@ -169,7 +171,7 @@ def scramble_layer(src: LayerWeights, settings: LayerSettings, generator: torch.
         circuit = pack(attention) if head_perm is None else permute_groups(pack(attention), head_perm)
         attention = unpack(attention, transform.apply(circuit))
     ffn = src.ffn
-    if "ffn.perm" in settings.symmetries:
+    if ffn is not None and "ffn.perm" in settings.symmetries:
         ffn = permute_ffn(ffn, random_permutation(ffn.width, generator))
     return LayerWeights(attention, ffn)
 

@@ -104,7 +104,7 @@ def select_layers(bound: BoundArch, wanted: LayerRanges | frozenset[int] | None)
 def layer_settings(bound: BoundArch, layer: LayerId, symmetries: frozenset[str], max_rounds: int,
                    allow_nonfinite: bool = True) -> LayerSettings:
     return LayerSettings(
-        symmetries=symmetries - bound.disabled,
+        symmetries=symmetries - bound.disabled_in(layer.stack),
         rotary_dim=bound.dims[layer.stack].rotary_dim,
         max_rounds=max_rounds,
         may_be_nonfinite=allow_nonfinite,

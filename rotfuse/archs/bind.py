@@ -56,7 +56,12 @@ class BoundArch:
     disabled: frozenset[str] = frozenset()
     notes: list[str] = field(default_factory=list)
     absent: frozenset[str] = frozenset()  # optional stacks this checkpoint does not have
-    extras: frozenset[str] = frozenset()  # "stack/relative weight" of the q_like/k_like found in layer 0
+    extras: frozenset[str] = frozenset()  # "stack/relative weight" of the optional refs found in layer 0
+    stack_disabled: dict[str, frozenset[str]] = field(default_factory=dict)  # restrictions limited to stacks
+
+    def disabled_in(self, stack: str) -> frozenset[str]:
+        """The symmetries switched off in one stack (the global ones and that stack's own)."""
+        return self.disabled | self.stack_disabled.get(stack, frozenset())
 
     def layers(self) -> list[LayerId]:
         return [LayerId(s.name, i) for s in self.spec.stacks if s.name not in self.absent
@@ -109,34 +114,47 @@ def bind(spec: ArchSpec, config: dict[str, Any], names: Iterable[str] | Checkpoi
                 raise InputError(f"{where}: the config gives {dims[stack.name].num_layers} layers, but tensor "
                                  f"{last!r} of the last one is not in the checkpoint")
             _check_coverage(spec, stack, prefix, dims[stack.name], all_names, where)
-    disabled, notes = _restrictions(spec, config)
+    disabled, stack_disabled, notes = _restrictions(spec, config)
     notes += [f"{spec.name}: no {name!r} stack in this checkpoint (left as is)" for name in sorted(absent)]
-    return BoundArch(spec, prefix, dims, frozenset(disabled), notes, frozenset(absent),
-                     _present_extras(spec, prefix, all_names))
+    extras = _present_extras(spec, prefix, all_names)
+    for stack in spec.stacks:
+        if stack.name not in absent and stack.ffn is not None and not any(
+                not ref.optional or f"{stack.name}/{ref.weight}" in extras for ref in stack.ffn.inputs):
+            first = prefix + stack.layer.format(i=0)
+            raise InputError(f"{where}: none of the FFN inputs of the {spec.name} spec "
+                             f"({', '.join(first + ref.weight for ref in stack.ffn.inputs)}) is in the checkpoint")
+    return BoundArch(spec, prefix, dims, frozenset(disabled), notes, frozenset(absent), extras,
+                     {name: frozenset(off) for name, off in stack_disabled.items()})
 
 
 def _present_extras(spec: ArchSpec, prefix: str, names: set[str]) -> frozenset[str]:
-    """"stack/weight" of every q_like/k_like projection that layer 0 has (they depend on config)."""
+    """"stack/weight" of every optional projection (q_like/k_like, optional FFN inputs) that
+    layer 0 has (they depend on config)."""
     return frozenset(
         f"{stack.name}/{ref.weight}"
-        for stack in spec.stacks for ref in (*stack.attention.q_like, *stack.attention.k_like)
+        for stack in spec.stacks for ref in stack.optional_refs()
         if prefix + stack.layer.format(i=0) + ref.weight in names
     )
 
 
-def _restrictions(spec: ArchSpec, config: dict[str, Any]) -> tuple[set[str], list[str]]:
-    """Symmetries switched off by config values, and one note per restriction that fired."""
+def _restrictions(spec: ArchSpec, config: dict[str, Any]) -> tuple[set[str], dict[str, set[str]], list[str]]:
+    """Symmetries switched off by config values (everywhere, and in named stacks only), and one
+    note per restriction that fired."""
     disabled: set[str] = set()
+    stack_disabled: dict[str, set[str]] = {}
     notes: list[str] = []
     for restriction in spec.restrictions:
-        for key, values in restriction.when.items():
-            value = config_value(config, key)
-            if value in values:
-                disabled |= restriction.disable
-                reason = restriction.reason.replace("{value}", str(value))
-                notes.append(f"{', '.join(sorted(restriction.disable))} off: {reason}")
-                break
-    return disabled, notes
+        fires, value = restriction.fires(config)
+        if not fires:
+            continue
+        for stack in restriction.stacks:
+            stack_disabled.setdefault(stack, set()).update(restriction.disable)
+        if not restriction.stacks:
+            disabled |= restriction.disable
+        reason = restriction.reason.replace("{value}", str(value))
+        where = f" in {', '.join(restriction.stacks)}" if restriction.stacks else ""
+        notes.append(f"{', '.join(sorted(restriction.disable))} off{where}: {reason}")
+    return disabled, stack_disabled, notes
 
 
 def _detect_prefix(spec: ArchSpec, names: set[str], where: str) -> tuple[str, set[str]]:

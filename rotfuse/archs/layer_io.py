@@ -124,6 +124,8 @@ def read_layer(checkpoint: Checkpoint, bound: BoundArch, layer: LayerId, device:
                           k_like=reader.extras(att.k_like, _rows("k", dims), d))
 
     ffn_spec = stack.ffn
+    if ffn_spec is None:  # an attention-only stack (cross-attention blocks)
+        return LayerWeights(attention, None)
     out_ref = ffn_spec.output
     out_name = bound.full_name(layer, out_ref.weight)
     stored = checkpoint.entry(out_name).shape
@@ -132,8 +134,19 @@ def read_layer(checkpoint: Checkpoint, bound: BoundArch, layer: LayerId, device:
     width = stored[1] if out_ref.layout == "out_in" else stored[0]
     ffn_reader = _LayerReader(checkpoint, bound, layer, device, view, stored_ffn)
     output = Linear(ffn_reader.tensor(out_ref.weight, out_ref.layout, (d, width)))
-    inputs = [ffn_reader.linear(ref, width, d) for ref in ffn_spec.inputs]
+    inputs = [ffn_reader.linear(ref, width, d) for ref in ffn_inputs(bound, layer.stack, ffn_spec)]
+    for ref in set(ffn_spec.inputs) - set(ffn_inputs(bound, layer.stack, ffn_spec)):
+        if bound.full_name(layer, ref.weight) in checkpoint:  # layer 0 decides; a stray is refused
+            raise InputError(f"{checkpoint.folder}: tensor {bound.full_name(layer, ref.weight)!r} has no "
+                             "counterpart in layer 0")
     return LayerWeights(attention, Ffn(inputs, output))
+
+
+def ffn_inputs(bound: BoundArch, stack: str, spec: FfnSpec) -> list[LinearRef]:
+    """The FFN input projections this checkpoint has: every required one, and the optional ones
+    that layer 0 has (e.g. T5's `wi`, or `wi_0` and `wi_1` when the FFN is gated)."""
+    present = set(bound.present(stack, spec.inputs))
+    return [ref for ref in spec.inputs if not ref.optional or ref in present]
 
 
 class _LayerWriter:
@@ -167,7 +180,7 @@ class _LayerWriter:
                 self.linear(ref, linear)
 
     def ffn(self, spec: FfnSpec, ffn: Ffn) -> None:
-        for ref, linear in zip(spec.inputs, ffn.inputs):
+        for ref, linear in zip(ffn_inputs(self.bound, self.layer.stack, spec), ffn.inputs, strict=True):
             self.linear(ref, linear)
         self.put(spec.output.weight, ffn.output.weight, spec.output.layout)
 
@@ -181,5 +194,5 @@ def write_layer(writer: CheckpointWriter, bound: BoundArch, layer: LayerId, weig
     out = _LayerWriter(writer, bound, layer)
     if as_read is None or weights.attention is not as_read.attention:
         out.attention(stack.attention, weights.attention)
-    if as_read is None or weights.ffn is not as_read.ffn:
+    if weights.ffn is not None and stack.ffn is not None and (as_read is None or weights.ffn is not as_read.ffn):
         out.ffn(stack.ffn, weights.ffn)

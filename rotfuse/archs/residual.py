@@ -260,12 +260,13 @@ def _derived(stack: StackSpec) -> dict[str, tuple[str, str]]:
     att, ffn = stack.attention, stack.ffn
     roles: dict[str, tuple[str, str]] = {}
     inputs = [att.qkv] if att.qkv else [att.q, att.k, att.v]
-    for ref in [*inputs, *ffn.inputs]:
+    for ref in [*inputs, *(ffn.inputs if ffn else ())]:
         roles[ref.weight] = ("reads", ref.layout)
         if ref.bias:
             roles[ref.bias] = ("free", ref.layout)  # head / neuron space
     roles[att.o.weight] = ("writes", att.o.layout)
-    roles[ffn.output.weight] = ("writes", ffn.output.layout)
+    if ffn is not None:
+        roles[ffn.output.weight] = ("writes", ffn.output.layout)
     return roles
 
 

@@ -42,6 +42,7 @@ class LinearRef:
     weight: str
     bias: str | None = None
     layout: str = "out_in"
+    optional: bool = False  # FFN inputs: used where layer 0 has it (e.g. T5's wi vs wi_0/wi_1)
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ class StackSpec:
     layer: str  # layer prefix pattern with {i}
     dims: DimKeys
     attention: AttentionSpec
-    ffn: FfnSpec
+    ffn: FfnSpec | None  # None: an attention-only stack (e.g. cross-attention blocks)
     config_section: str | None = None  # e.g. "vision_config" for a nested config
     rope: RopeSpec | None = None
     passive: tuple[str, ...] = ()  # globs: layer tensors no symmetry touches (norms, output biases)
@@ -164,19 +165,37 @@ class StackSpec:
     def touched(self) -> list[str]:
         """Relative names of every tensor the symmetries may read or write (biases included)."""
         att, ffn = self.attention, self.ffn
-        refs = [*ffn.inputs, *att.q_like, *att.k_like]
+        refs = [*(ffn.inputs if ffn else ()), *att.q_like, *att.k_like]
         refs += [att.qkv] if att.qkv else [att.q, att.k, att.v]  # type: ignore[list-item]
         with_bias = [name for ref in refs for name in (ref.weight, ref.bias) if name]
-        return [att.o.weight, ffn.output.weight, *with_bias]  # O's and the FFN output's biases never move
+        outputs = [att.o.weight] + ([ffn.output.weight] if ffn else [])
+        return [*outputs, *with_bias]  # O's and the FFN output's biases never move
+
+    def optional_refs(self) -> tuple[LinearRef, ...]:
+        """Projections used where layer 0 has them: q_like/k_like and optional FFN inputs."""
+        ffn_inputs = tuple(ref for ref in self.ffn.inputs if ref.optional) if self.ffn else ()
+        return (*self.attention.q_like, *self.attention.k_like, *ffn_inputs)
 
 
 @dataclass(frozen=True)
 class Restriction:
-    """Symmetries to turn off when config.json has one of the listed values."""
+    """Symmetries to turn off when config.json has one of the listed values (always when `when`
+    is empty), in the listed stacks (all when `stacks` is empty)."""
 
     when: dict[str, tuple[Any, ...]]
     disable: frozenset[str]
     reason: str
+    stacks: tuple[str, ...] = ()
+
+    def fires(self, config: dict[str, Any]) -> tuple[bool, Any]:
+        """Whether it applies to this config, and the config value that triggered it (or None)."""
+        if not self.when:
+            return True, None
+        for key, values in self.when.items():
+            value = config_value(config, key)
+            if value in values:
+                return True, value
+        return False, None
 
 
 @dataclass(frozen=True)
@@ -272,6 +291,10 @@ def _parse_spec(raw: dict[str, Any], source: str) -> ArchSpec:
     if len({s.name for s in stacks}) != len(stacks):
         raise ValueError("stack names must be distinct")
     restrictions = tuple(_parse_restriction(r) for r in raw.get("restrictions") or ())
+    for restriction in restrictions:
+        unknown_stacks = set(restriction.stacks) - {s.name for s in stacks}
+        if unknown_stacks:
+            raise ValueError(f"restriction names unknown stacks {sorted(unknown_stacks)}")
     return ArchSpec(
         name=str(raw["name"]),
         model_types=tuple(raw.get("model_types") or (raw["name"],)),
@@ -322,7 +345,7 @@ def _parse_stack(raw: dict[str, Any], name: str) -> StackSpec:
     layout = raw.get("layout", "out_in")
     dims = _mapping(raw["dims"], {"num_layers", "num_heads", "hidden_size", "num_kv_heads", "head_dim"}, "dims")
     attention = _mapping(raw["attention"], {"q", "k", "v", "o", "qkv", "q_like", "k_like"}, "attention")
-    ffn = _mapping(raw["ffn"], {"inputs", "output"}, "ffn")
+    ffn = _mapping(raw["ffn"], {"inputs", "output"}, "ffn") if raw.get("ffn") is not None else None
     stack = StackSpec(
         name=name,
         layer=str(raw["layer"]),
@@ -343,9 +366,9 @@ def _parse_stack(raw: dict[str, Any], name: str) -> StackSpec:
             k_like=tuple(_linear(r, layout) for r in attention.get("k_like") or ()),
         ),
         ffn=FfnSpec(
-            inputs=tuple(_linear(r, layout) for r in ffn["inputs"]),
+            inputs=tuple(_linear(r, layout, may_be_optional=True) for r in ffn["inputs"]),
             output=_linear(ffn["output"], layout),
-        ),
+        ) if ffn is not None else None,
         config_section=raw.get("config_section"),
         rope=_parse_rope(raw.get("rope")),
         passive=_names(raw.get("passive")),
@@ -362,7 +385,8 @@ def _check_stack(stack: StackSpec) -> None:
     separate = [ref for ref in (att.q, att.k, att.v) if ref is not None]
     if (att.qkv is None) == (len(separate) < 3) or (att.qkv is not None and separate):
         raise ValueError("attention needs either q, k and v, or a fused qkv (not both)")
-    for what, ref in (("attention o", att.o), ("ffn output", stack.ffn.output)):
+    outputs = [("attention o", att.o)] + ([("ffn output", stack.ffn.output)] if stack.ffn else [])
+    for what, ref in outputs:
         if ref.bias:
             raise ValueError(f"{what} has a bias, which no symmetry touches: list it under passive instead")
     if "{i}" not in stack.layer:
@@ -387,9 +411,11 @@ def _parse_rope(raw: Any) -> RopeSpec | None:
     return rope
 
 
-def _linear(raw: Any, layout: str) -> LinearRef:
-    raw = _mapping(raw, {"weight", "bias", "layout"}, "a linear layer")
-    ref = LinearRef(weight=str(raw["weight"]), bias=raw.get("bias"), layout=raw.get("layout", layout))
+def _linear(raw: Any, layout: str, may_be_optional: bool = False) -> LinearRef:
+    keys = {"weight", "bias", "layout"} | ({"optional"} if may_be_optional else set())
+    raw = _mapping(raw, keys, "a linear layer")
+    ref = LinearRef(weight=str(raw["weight"]), bias=raw.get("bias"), layout=raw.get("layout", layout),
+                    optional=bool(raw.get("optional", False)))
     if ref.layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {ref.layout!r}")
     return ref
@@ -407,12 +433,15 @@ def _fused(raw: Any, layout: str) -> FusedRef:
 
 
 def _parse_restriction(raw: Any) -> Restriction:
-    raw = _mapping(raw, {"when", "disable", "reason"}, "a restriction")
+    raw = _mapping(raw, {"when", "disable", "reason", "stacks"}, "a restriction")
     disable = frozenset(_names(raw["disable"]))
     unknown = disable - ALL_SYMMETRIES
     if unknown:
         raise ValueError(f"restriction disables unknown symmetries {sorted(unknown)}")
-    return Restriction(when=_when(raw["when"]), disable=disable, reason=" ".join(str(raw.get("reason", "")).split()))
+    if not raw.get("when") and not str(raw.get("reason", "")).strip():
+        raise ValueError("a restriction without `when` (always on) needs a reason")
+    return Restriction(when=_when(raw.get("when") or {}), disable=disable,
+                       reason=" ".join(str(raw.get("reason", "")).split()), stacks=_names(raw.get("stacks")))
 
 
 def _parse_residual(raw: Any) -> ResidualSection:

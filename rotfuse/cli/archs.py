@@ -60,7 +60,10 @@ def describe_spec(spec: ArchSpec) -> dict[str, Any]:
     """One architecture as plain data: its stacks' symmetry groups and its restrictions."""
     stacks = []
     for stack in spec.stacks:
-        features = stack_features(stack)
+        always_off = {name for r in spec.restrictions if not r.when and (not r.stacks or stack.name in r.stacks)
+                      for name in r.disable}
+        features = [f for f in stack_features(stack) if not _FEATURE_SYMMETRIES.get(f[0].split(" (")[0], set())
+                    or not _FEATURE_SYMMETRIES[f[0].split(" (")[0]] <= always_off]
         stacks.append({"name": stack.name, "layer": stack.layer, "optional": stack.optional,
                        "summary": ", ".join(short for short, _ in features),
                        "symmetries": [long for _, long in features]})
@@ -76,6 +79,12 @@ def describe_spec(spec: ArchSpec) -> dict[str, Any]:
     }
 
 
+# a feature's short phrase (up to " (") -> the symmetries it stands for: a restriction without
+# `when` switches them off for good, so the stack does not list them
+_FEATURE_SYMMETRIES = {"FFN perm": {"ffn.perm"}, "heads perm": {"heads.perm"}, "QK rot": {"qk.rot"},
+                       "VO rot": {"vo.rot"}, "QK/VO scale": {"qk.scale", "vo.scale"}}
+
+
 def _merge(stacks: list[dict[str, Any]], key: str) -> Any:
     """A field over all stacks; prefixed by the stack name only where the stacks differ."""
     if all(s[key] == stacks[0][key] for s in stacks):
@@ -88,7 +97,7 @@ def _merge(stacks: list[dict[str, Any]], key: str) -> Any:
 def stack_features(stack: StackSpec) -> list[tuple[str, str]]:
     """The symmetry group one stack gets, as (short, long) phrases derived from its spec."""
     att = stack.attention
-    features = [_ffn_feature(stack), ("heads perm", "whole-head (KV-group) permutation"), _qk_feature(stack),
+    features = [*_ffn_feature(stack), ("heads perm", "whole-head (KV-group) permutation"), _qk_feature(stack),
                 ("VO rot", "VO rotation (full Procrustes per head)"),
                 ("QK/VO scale", "QK and VO rescaling per head")]
     if stack.residual:
@@ -107,7 +116,8 @@ def stack_features(stack: StackSpec) -> list[tuple[str, str]]:
     if att.qkv is not None:
         order = "|".join(att.qkv.order).upper()
         features.append((f"fused {order}", f"fused {order} split and re-fused"))
-    if any(ref.layout == "in_out" for ref in (att.qkv or att.q, att.o, stack.ffn.output)):  # type: ignore[union-attr]
+    refs = (att.qkv or att.q, att.o, *((stack.ffn.output,) if stack.ffn else ()))
+    if any(ref.layout == "in_out" for ref in refs):
         features.append(("Conv1D", "Conv1D weights stored [in, out]"))
     return features
 
@@ -117,12 +127,14 @@ def _module(ref: Any) -> str:
     return ref.weight.rsplit(".", 2)[-2] if ref.weight.count(".") else ref.weight
 
 
-def _ffn_feature(stack: StackSpec) -> tuple[str, str]:
+def _ffn_feature(stack: StackSpec) -> list[tuple[str, str]]:
+    if stack.ffn is None:
+        return []  # an attention-only stack
     inputs = stack.ffn.inputs
     if len(inputs) == 1:
-        return "FFN perm", "FFN neuron permutation"
-    names = "+".join(_module(ref) for ref in inputs)
-    return f"FFN perm ({names})", f"FFN neuron permutation ({names} share one)"
+        return [("FFN perm", "FFN neuron permutation")]
+    names = "+".join(_module(ref) + ("?" if ref.optional else "") for ref in inputs)
+    return [(f"FFN perm ({names})", f"FFN neuron permutation ({names} share one; ? = where present)")]
 
 
 def _qk_feature(stack: StackSpec) -> tuple[str, str]:
@@ -142,8 +154,11 @@ def _qk_feature(stack: StackSpec) -> tuple[str, str]:
 
 def describe_restriction(restriction: Restriction) -> dict[str, Any]:
     when = {key: list(values) for key, values in restriction.when.items()}
-    text = " or ".join(f"{key} = {' | '.join(_value(v) for v in values)}" for key, values in when.items())
-    return {"when": when, "when_text": text, "disable": sorted(restriction.disable), "reason": restriction.reason}
+    text = " or ".join(f"{key} = {' | '.join(_value(v) for v in values)}" for key, values in when.items()) or "always"
+    if restriction.stacks:
+        text += f" (in {', '.join(restriction.stacks)})"
+    return {"when": when, "when_text": text, "disable": sorted(restriction.disable), "reason": restriction.reason,
+            "stacks": list(restriction.stacks)}
 
 
 def _value(value: Any) -> str:

@@ -87,8 +87,8 @@ def load_model(folder: str | Path, device: str = "cpu", dtype: torch.dtype | Non
 
 
 def example_inputs(config: dict[str, Any], batch: int = 2, seq_len: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Deterministic random inputs valid for the architecture: token ids within the vocabulary,
-    pixel tensors of the configured size, or both (CLIP)."""
+    """Deterministic random inputs valid for the architecture: token ids within the vocabulary
+    (and decoder token ids for an encoder-decoder), pixel tensors of the configured size, or both (CLIP)."""
     generator = torch.Generator().manual_seed(seed)
     text = config.get("text_config") or config
     vision = config.get("vision_config") or config
@@ -98,6 +98,10 @@ def example_inputs(config: dict[str, Any], batch: int = 2, seq_len: int = 16, se
         length = min(seq_len, int(limit))
         inputs["input_ids"] = torch.randint(0, int(text["vocab_size"]), (batch, length), generator=generator)
         inputs["attention_mask"] = torch.ones(batch, length, dtype=torch.long)
+        if text.get("is_encoder_decoder"):  # T5 needs decoder inputs (BART would shift input_ids)
+            decoder_length = max(1, length - 3)  # another length than the encoder's
+            inputs["decoder_input_ids"] = torch.randint(0, int(text["vocab_size"]), (batch, decoder_length),
+                                                        generator=generator)
     if "image_size" in vision:
         size = int(vision["image_size"])
         channels = int(vision.get("num_channels", 3))

@@ -164,4 +164,4 @@ class LayerWeights:
     """What the symmetries of one transformer layer act on."""
 
     attention: Attention
-    ffn: Ffn
+    ffn: Ffn | None  # None in an attention-only stack (cross-attention blocks)

@@ -49,6 +49,7 @@ CASES: dict[str, tuple[str, dict, str, set[str]]] = {
     "bert-relative-key-query": ("bert", {"position_embedding_type": "relative_key_query"}, "bert", {"qk.rot", "qk.scale"}),
 }
 COVERED_ELSEWHERE = {"roberta", "vit"}  # tests/align/test_match.py
+COVERED_ELSEWHERE |= {"t5", "bart", "mbart"}  # tests/archs/test_archs_encoder_decoder.py
 
 
 @pytest.fixture(scope="module", autouse=True)

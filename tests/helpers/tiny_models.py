@@ -130,3 +130,21 @@ def save_tiny(name: str, folder: Path, seed: int = 0, dtype: torch.dtype | None 
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(str(folder), **kwargs)
     return Path(folder)
+
+
+# ---- encoder-decoders (tests/archs/test_archs_encoder_decoder.py): T5 v1.1 gated (d_kv 6 != d_model / heads,
+# more decoder layers than encoder ones), T5 v1.0 (relu, tied head scaled by d_model^-0.5), BART (post-LN),
+# mBART (pre-LN)
+_T5 = dict(vocab_size=61, d_model=20, d_kv=6, d_ff=29, num_layers=2, num_heads=3, relative_attention_num_buckets=8,
+           relative_attention_max_distance=16, decoder_start_token_id=0)  # default init: T5 does not scale q.k
+_BART = dict(_TOKENS, d_model=24, encoder_layers=2, decoder_layers=2, encoder_attention_heads=3,
+             decoder_attention_heads=4, encoder_ffn_dim=29, decoder_ffn_dim=31, max_position_embeddings=32,
+             init_std=0.25)
+TINY.update({
+    "t5-gated": Tiny(_config("T5Config", **_T5, num_decoder_layers=3, feed_forward_proj="gated-gelu",
+                             tie_word_embeddings=False), "T5ForConditionalGeneration"),
+    "t5-v1.0": Tiny(_config("T5Config", **_T5, feed_forward_proj="relu"), "T5ForConditionalGeneration"),
+    "t5-encoder": Tiny(_config("T5Config", **_T5, feed_forward_proj="gated-gelu"), "T5EncoderModel"),
+    "bart": Tiny(_config("BartConfig", **_BART), "BartForConditionalGeneration"),
+    "mbart": Tiny(_config("MBartConfig", **_BART), "MBartForConditionalGeneration"),
+})

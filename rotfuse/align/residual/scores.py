@@ -107,8 +107,11 @@ def layer_stream_scores(src: LayerWeights, anchor: LayerWeights) -> torch.Tensor
     """The layer's contribution to C from its projections into the stream (Q, K, V, FFN inputs:
     `[out, d]`) and out of it (O, FFN output: `[d, in]`), in canonical layout."""
     readers = [(src.attention.q, anchor.attention.q), (src.attention.k, anchor.attention.k),
-               (src.attention.v, anchor.attention.v), *zip(src.ffn.inputs, anchor.ffn.inputs)]
-    writers = [(src.attention.o, anchor.attention.o), (src.ffn.output, anchor.ffn.output)]
+               (src.attention.v, anchor.attention.v)]
+    writers = [(src.attention.o, anchor.attention.o)]
+    if src.ffn is not None and anchor.ffn is not None:
+        readers += list(zip(src.ffn.inputs, anchor.ffn.inputs))
+        writers.append((src.ffn.output, anchor.ffn.output))
     total = sum(stream_scores(s.weight, a.weight, (1,)) for s, a in readers)
     return cast(torch.Tensor, total + sum(stream_scores(s.weight, a.weight, (0,)) for s, a in writers))
 

@@ -1,0 +1,184 @@
+"""Encoder-decoders (issue 17): T5 (v1.1 gated, v1.0 relu with its tied and scaled head, the bare
+encoder) and BART / mBART, on tiny random models built from transformers' config classes.
+
+Each spec has three stacks: `encoder`, `decoder` (self-attention and FFN) and `cross`, the
+decoder's cross-attention blocks as an attention-only stack under the decoder's layer prefix
+(Q reads the decoder stream, K/V the encoder output; its QK and VO circuits get their own maps).
+Per case: matching keeps every output and never increases a module's distance; a random member
+of the group keeps the function and matching recovers it (< 1e-5). Necessity: permuting the heads
+of T5's self-attention (whose relative bias is shared by the whole stack) breaks the function, and
+so does leaving the gated FFN's `wi_1` out of the neuron permutation. One CLI round trip: match,
+verify, merge.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from helpers.functions import assert_same_function, max_relative_change, one_thread, save_pair
+from helpers.tiny_models import save_tiny
+
+from rotfuse.align.match import match
+from rotfuse.align.options import MatchOptions
+from rotfuse.align.scramble import scramble
+from rotfuse.symmetry.names import symmetry_set
+
+BROKEN = 1e-3  # a relative output change this large is a different function, not rounding
+SELF_ATTENTION = ("encoder", "decoder")
+
+# case -> (TINY entry, spec, stacks present, head permutation off in the self-attention stacks)
+CASES: dict[str, tuple[str, str, set[str], bool]] = {
+    "t5-v1.1-gated": ("t5-gated", "t5", {"encoder", "decoder", "cross"}, True),
+    "t5-v1.0-tied": ("t5-v1.0", "t5", {"encoder", "decoder", "cross"}, True),
+    "t5-encoder-only": ("t5-encoder", "t5", {"encoder"}, True),
+    "bart": ("bart", "bart", {"encoder", "decoder", "cross"}, False),
+    "mbart": ("mbart", "mbart", {"encoder", "decoder", "cross"}, False),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> Callable[[str], tuple[Path, Path]]:
+    root = tmp_path_factory.mktemp("encdec")
+    cache: dict[str, tuple[Path, Path]] = {}
+
+    def get(case: str) -> tuple[Path, Path]:
+        if case not in cache:
+            cache[case] = save_pair(CASES[case][0], root / case)
+        return cache[case]
+
+    return get
+
+
+def _check_rows(report: dict, case: str) -> None:
+    _, _, stacks, heads_off = CASES[case]
+    assert {row["layer"].split(".")[0] for row in report["layers"]} == stacks
+    for row in report["layers"]:
+        stack = row["layer"].split(".")[0]
+        assert set(row["modules"]) == ({"attn.qk", "attn.vo"} if stack == "cross" else {"attn.qk", "attn.vo", "ffn"})
+        for name, module in row["modules"].items():
+            assert module["after"] <= module["before"], (row["layer"], name)
+            if name.startswith("attn."):
+                assert {"rot", "scale"} <= set(module["applied"]), (row["layer"], name)
+                if heads_off and stack in SELF_ATTENTION:
+                    assert "heads" not in module["applied"], (row["layer"], name)
+    notes = [note for note in report["restrictions"] if " off" in note]
+    assert notes == (["heads.perm off in encoder, decoder: the relative attention bias of block 0 (one column per "
+                      "head) is added to the scores of every layer of the stack, so a layer's heads cannot be "
+                      "permuted on their own (per-head rotation and rescaling are unaffected; cross-attention has "
+                      "no position bias and keeps head permutation)"] if heads_off else [])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_matching_keeps_the_function(pairs, tmp_path, case):
+    model, anchor = pairs(case)
+    report = match(anchor, model, tmp_path / "aligned", MatchOptions(device="cpu"))
+    assert report["arch"] == CASES[case][1]
+    assert_same_function(model, tmp_path / "aligned")
+    totals = report["totals"]["matched"]
+    assert totals["after"] < 0.99 * totals["before"]
+    _check_rows(report, case)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_scramble_keeps_the_function_and_matching_undoes_it(pairs, tmp_path, case):
+    model, _ = pairs(case)
+    scrambled = tmp_path / "scrambled"
+    scramble(model, scrambled, MatchOptions(device="cpu"), seed=11)
+    assert_same_function(model, scrambled)
+    report = match(model, scrambled, tmp_path / "back", MatchOptions(device="cpu"))
+    totals = report["totals"]["matched"]
+    assert totals["before"] > 1.0
+    assert totals["after"] < 1e-5 * totals["before"]
+    for row in report["layers"]:  # every stack, cross-attention's QK and VO included, was moved and found back
+        for name, module in row["modules"].items():
+            assert module["before"] > 0.1 and module["after"] < 1e-5 * module["before"], (row["layer"], name)
+    _check_rows(report, case)
+
+
+def test_cross_attention_head_permutation_is_recovered(tmp_path):
+    """T5's cross-attention has no position bias: its heads permute, and matching finds them back."""
+    model = save_tiny("t5-gated", tmp_path / "model")
+    heads = MatchOptions(symmetries=symmetry_set("heads.perm"), device="cpu")
+    scramble(model, tmp_path / "scrambled", heads, seed=5)
+    assert_same_function(model, tmp_path / "scrambled")
+    report = match(model, tmp_path / "scrambled", tmp_path / "back", heads)
+    for row in report["layers"]:
+        for module in row["modules"].values():
+            if row["layer"].startswith("cross."):
+                assert module["after"] < 1e-5 * max(module["before"], 1e-3)
+            else:  # encoder / decoder self-attention and FFN: nothing may move
+                assert module["before"] == 0.0 and module["after"] == 0.0
+    assert any(m["before"] > 1.0 for row in report["layers"] for m in row["modules"].values())
+
+
+# ---------------------------------------------------------------------- necessity
+
+# T5 with one stack whose gated FFN leaves wi_1 out of the neuron permutation
+T5_WI1_LEFT_OUT = """
+extends: t5
+name: t5
+restrictions: []
+stacks:
+  - name: encoder
+    layer: "encoder.block.{i}."
+    dims: {num_layers: num_layers, num_heads: num_heads, hidden_size: d_model, head_dim: d_kv}
+    attention:
+      q: {weight: layer.0.SelfAttention.q.weight}
+      k: {weight: layer.0.SelfAttention.k.weight}
+      v: {weight: layer.0.SelfAttention.v.weight}
+      o: {weight: layer.0.SelfAttention.o.weight}
+    ffn:
+      inputs: [{weight: layer.1.DenseReluDense.wi_0.weight}]
+      output: {weight: layer.1.DenseReluDense.wo.weight}
+    passive: ["layer.*.layer_norm.weight", layer.0.SelfAttention.relative_attention_bias.weight,
+              layer.1.DenseReluDense.wi_1.weight]
+"""
+# variant -> (TINY entry, spec text dropping one safeguard, symmetries the unsafe copy is scrambled with)
+SAFEGUARDS = {
+    "t5-self-attention-heads-permuted-per-layer": ("t5-gated", "extends: t5\nname: t5\nrestrictions: []\n",
+                                                   "heads.perm"),
+    "t5-v1.0-self-attention-heads-permuted-per-layer": ("t5-v1.0", "extends: t5\nname: t5\nrestrictions: []\n",
+                                                        "heads.perm"),
+    "t5-gated-ffn-wi_1-left-out": ("t5-encoder", T5_WI1_LEFT_OUT, "ffn.perm"),
+}
+
+
+@pytest.mark.parametrize("variant", SAFEGUARDS)
+def test_dropping_a_spec_safeguard_breaks_the_function(tmp_path, variant):
+    tiny, spec_text, symmetries = SAFEGUARDS[variant]
+    model = save_tiny(tiny, tmp_path / "model", seed=0)
+    spec = tmp_path / "variant.yaml"
+    spec.write_text(spec_text)
+    chosen = symmetry_set(symmetries)
+    scramble(model, tmp_path / "safe", MatchOptions(symmetries=chosen, device="cpu"), seed=2)
+    scramble(model, tmp_path / "unsafe", MatchOptions(symmetries=chosen, device="cpu", arch_spec=spec), seed=2)
+    assert_same_function(model, tmp_path / "safe")
+    assert max_relative_change(model, tmp_path / "unsafe") > BROKEN
+
+
+# ---------------------------------------------------------------------- CLI
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tiny", ["t5-gated", "bart"])
+def test_cli_match_verify_merge(cli, tmp_path, tiny):
+    model, anchor = save_pair(tiny, tmp_path)
+    aligned = tmp_path / "aligned"
+    result = cli("match", anchor, model, "-o", aligned)
+    assert result.returncode == 0, result.stderr
+    result = cli("verify", model, aligned)
+    assert result.returncode == 0, result.stderr + result.stdout
+    result = cli("merge", anchor, aligned, "-o", tmp_path / "merged")
+    assert result.returncode == 0, result.stderr
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["is_encoder_decoder"] and (tmp_path / "merged" / "model.safetensors").exists()
+    result = cli("merge", "--match", anchor, model, "-o", tmp_path / "merged2")
+    assert result.returncode == 0, result.stderr
