@@ -1,5 +1,5 @@
 """Encoder-decoders (issue 17): T5 (v1.1 gated, v1.0 relu with its tied and scaled head, the bare
-encoder) and BART / mBART, on tiny random models built from transformers' config classes.
+encoder), mT5 and BART / mBART, on tiny random models built from transformers' config classes.
 
 Each spec has three stacks: `encoder`, `decoder` (self-attention and FFN) and `cross`, the
 decoder's cross-attention blocks as an attention-only stack under the decoder's layer prefix
@@ -24,6 +24,8 @@ from helpers.tiny_models import save_tiny
 from rotfuse.align.match import match
 from rotfuse.align.options import MatchOptions
 from rotfuse.align.scramble import scramble
+from rotfuse.archs.spec import load_spec_file
+from rotfuse.core.errors import InputError
 from rotfuse.symmetry.names import symmetry_set
 
 BROKEN = 1e-3  # a relative output change this large is a different function, not rounding
@@ -34,6 +36,7 @@ CASES: dict[str, tuple[str, str, set[str], bool]] = {
     "t5-v1.1-gated": ("t5-gated", "t5", {"encoder", "decoder", "cross"}, True),
     "t5-v1.0-tied": ("t5-v1.0", "t5", {"encoder", "decoder", "cross"}, True),
     "t5-encoder-only": ("t5-encoder", "t5", {"encoder"}, True),
+    "mt5": ("mt5", "t5", {"encoder", "decoder", "cross"}, True),
     "bart": ("bart", "bart", {"encoder", "decoder", "cross"}, False),
     "mbart": ("mbart", "mbart", {"encoder", "decoder", "cross"}, False),
 }
@@ -182,3 +185,35 @@ def test_cli_match_verify_merge(cli, tmp_path, tiny):
     assert config["is_encoder_decoder"] and (tmp_path / "merged" / "model.safetensors").exists()
     result = cli("merge", "--match", anchor, model, "-o", tmp_path / "merged2")
     assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------------- schema
+
+@pytest.mark.parametrize(("text", "fragment"), [
+    ("restrictions: [{disable: [heads.perm], stacks: [nowhere], reason: r}]", "unknown stacks"),
+    ("restrictions: [{disable: [heads.perm]}]", "needs a reason"),
+])
+def test_bad_restrictions_are_refused(tmp_path, text, fragment):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(f"extends: t5\nname: t5\n{text}\n")
+    with pytest.raises(InputError, match=fragment):
+        load_spec_file(spec)
+
+
+def test_an_optional_input_is_refused_outside_an_ffn(tmp_path):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("extends: llama\nname: llama\nattention:\n  q: {weight: a, optional: true}\n"
+                    "  k: {weight: b}\n  v: {weight: c}\n  o: {weight: d}\n")
+    with pytest.raises(InputError, match="unknown key 'optional'"):
+        load_spec_file(spec)
+
+
+def test_a_checkpoint_without_any_ffn_input_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = save_tiny("t5-encoder", tmp_path / "model")
+    tensors = load_file(str(model / "model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if ".wi_" not in k}, str(model / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(InputError, match="none of the FFN inputs"):
+        scramble(model, tmp_path / "out", MatchOptions(device="cpu"), seed=0)

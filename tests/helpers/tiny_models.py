@@ -144,6 +144,8 @@ TINY.update({
     "t5-gated": Tiny(_config("T5Config", **_T5, num_decoder_layers=3, feed_forward_proj="gated-gelu",
                              tie_word_embeddings=False), "T5ForConditionalGeneration"),
     "t5-v1.0": Tiny(_config("T5Config", **_T5, feed_forward_proj="relu"), "T5ForConditionalGeneration"),
+    "mt5": Tiny(_config("MT5Config", **_T5, feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+                "MT5ForConditionalGeneration"),
     "t5-encoder": Tiny(_config("T5Config", **_T5, feed_forward_proj="gated-gelu"), "T5EncoderModel"),
     "bart": Tiny(_config("BartConfig", **_BART), "BartForConditionalGeneration"),
     "mbart": Tiny(_config("MBartConfig", **_BART), "MBartForConditionalGeneration"),
