@@ -59,8 +59,9 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 def describe_spec(spec: ArchSpec) -> dict[str, Any]:
     """One architecture as plain data: its stacks' symmetry groups and its restrictions."""
     stacks = []
+    always = always_disabled(spec)
     for stack in spec.stacks:
-        features = stack_features(stack)
+        features = stack_features(stack, always)
         stacks.append({"name": stack.name, "layer": stack.layer, "optional": stack.optional,
                        "summary": ", ".join(short for short, _ in features),
                        "symmetries": [long for _, long in features]})
@@ -85,12 +86,27 @@ def _merge(stacks: list[dict[str, Any]], key: str) -> Any:
     return [f"{s['name']}: {line}" for s in stacks for line in s[key]]
 
 
-def stack_features(stack: StackSpec) -> list[tuple[str, str]]:
-    """The symmetry group one stack gets, as (short, long) phrases derived from its spec."""
+def always_disabled(spec: ArchSpec) -> frozenset[str]:
+    """Symmetries a restriction switches off for every model_type of the spec (e.g. Qwen3's QK
+    maps, off because of its QK norms whatever the config): the spec never gets them."""
+    off: set[str] = set()
+    for restriction in spec.restrictions:
+        if set(spec.model_types) <= set(restriction.when.get("model_type", ())):
+            off |= restriction.disable
+    return frozenset(off)
+
+
+def stack_features(stack: StackSpec, always: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
+    """The symmetry group one stack gets, as (short, long) phrases derived from its spec (`always`:
+    symmetries that a restriction switches off for every config)."""
     att = stack.attention
-    features = [_ffn_feature(stack), ("heads perm", "whole-head (KV-group) permutation"), _qk_feature(stack),
-                ("VO rot", "VO rotation (full Procrustes per head)"),
-                ("QK/VO scale", "QK and VO rescaling per head")]
+    qk = (_qk_feature(stack) if "qk.rot" not in always else ("no QK rot", "no QK rotation (see restrictions)"))
+    scale = [role for role in ("qk", "vo") if f"{role}.scale" not in always]
+    features = [_ffn_feature(stack), ("heads perm", "whole-head (KV-group) permutation"), qk,
+                ("VO rot", "VO rotation (full Procrustes per head)")]
+    if scale:
+        names = "/".join(role.upper() for role in scale)
+        features.append((f"{names} scale", f"{' and '.join(role.upper() for role in scale)} rescaling per head"))
     if stack.residual:
         norm = stack.residual.norm
         folds = any(rule.role == "norm" for rule in (*stack.residual.model, *stack.residual.layer))

@@ -47,6 +47,10 @@ CASES: dict[str, tuple[str, dict, str, set[str]]] = {
     "clip-text": ("clip-text", {}, "clip_text_model", set()),
     "clip-vision": ("clip-vision", {}, "clip_vision_model", set()),
     "bert-relative-key-query": ("bert", {"position_embedding_type": "relative_key_query"}, "bert", {"qk.rot", "qk.scale"}),
+    # decoder LLM families (issue 17; necessity in test_archs_llm_families.py)
+    "qwen3-gqa2": ("qwen3", {}, "qwen3", {"qk.rot", "qk.scale"}),
+    "qwen3-mha-biases-tied": ("qwen3", {"num_key_value_heads": 4, "attention_bias": True, "tie_word_embeddings": True},
+                              "qwen3", {"qk.rot", "qk.scale"}),
 }
 COVERED_ELSEWHERE = {"roberta", "vit"}  # tests/align/test_match.py
 

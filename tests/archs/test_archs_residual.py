@@ -112,6 +112,10 @@ CASES: dict[str, Case] = {
     "qwen2-tied-untie": Case("qwen2", orthogonal=True, allow_untie=True),
     "qwen2-untied": Case("qwen2", overrides={"tie_word_embeddings": False}, orthogonal=True),
     "qwen2-qa": Case("qwen2", "Qwen2ForQuestionAnswering", {"num_labels": 2}, orthogonal=True),
+    # decoder LLM families (issue 17)
+    "qwen3-untied": Case("qwen3", overrides={"attention_bias": True}, orthogonal=True),
+    "qwen3-seq-cls": Case("qwen3", "Qwen3ForSequenceClassification", orthogonal=True),
+    "qwen3-tied-permutation": Case("qwen3", overrides={"tie_word_embeddings": True}),
 }
 
 

@@ -130,3 +130,11 @@ def save_tiny(name: str, folder: Path, seed: int = 0, dtype: torch.dtype | None 
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(str(folder), **kwargs)
     return Path(folder)
+
+
+# ---- decoder LLM families (issue 17; tests/archs/test_archs_llm_families.py)
+TINY.update({
+    # head_dim 6 with hidden_size 20: per-head q_norm / k_norm of size 6
+    "qwen3": Tiny(_config("Qwen3Config", **_DECODER, num_attention_heads=4, num_key_value_heads=2, head_dim=6,
+                          tie_word_embeddings=False), "Qwen3ForCausalLM"),
+})

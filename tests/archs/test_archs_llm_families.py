@@ -1,0 +1,161 @@
+"""Decoder LLM families (issue 17): the exactness findings written in each spec's comments.
+
+Function preservation and recovery of the allowed group run through the parametrised cases in
+test_archs.py (per-layer maps) and test_archs_residual.py (the residual stream); this file shows
+that each family's restrictions are necessary -- the transform the spec must NOT allow changes
+the outputs -- and runs every family through the CLI once (scramble, match back, match, verify,
+merge, and the residual map).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from helpers.cli import run_here
+from helpers.functions import assert_same_function, max_relative_change, one_thread
+from helpers.tiny_models import save_tiny
+from safetensors.torch import load_file, save_file
+
+from rotfuse.symmetry.rotation import random_rotation
+
+BROKEN = 1e-3  # a relative output change this large is a different function, not rounding
+SAME = 2e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+def edit(folder: Path, out: Path, change: Callable[[dict[str, torch.Tensor], dict], None]) -> Path:
+    """Copy a single-file checkpoint, letting `change(tensors, config)` edit its tensors in place."""
+    shutil.copytree(folder, out)
+    config = json.loads((folder / "config.json").read_text())
+    tensors = load_file(str(out / "model.safetensors"))
+    change(tensors, config)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def per_head(weight: torch.Tensor, head_dim: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`fn` applied to each head's [head_dim, ...] block of a [heads * head_dim, ...] tensor."""
+    heads = weight.shape[0] // head_dim
+    blocks = weight.reshape(heads, head_dim, *weight.shape[1:])
+    return torch.stack([fn(b) for b in blocks]).reshape(weight.shape)
+
+
+def rope_rotation(head_dim: int, seed: int) -> torch.Tensor:
+    """A random member of the RoPE-commuting group: one 2-D rotation per rotate_half pair."""
+    return random_rotation(1, head_dim, head_dim, torch.Generator().manual_seed(seed))[0].float()
+
+
+# ---------------------------------------------------------------------- Qwen3: per-head q_norm / k_norm
+
+QWEN3_ATT = "model.layers.{i}.self_attn."
+
+
+def _qwen3_gains(uniform: bool) -> Callable[[dict[str, torch.Tensor], dict], None]:
+    """Set every q_norm / k_norm gain: all equal (a constant != 1), or random and unequal in pairs."""
+
+    def change(tensors: dict[str, torch.Tensor], config: dict) -> None:
+        gen = torch.Generator().manual_seed(5)
+        for name in tensors:
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                size = tensors[name].shape
+                tensors[name] = torch.full(size, 1.7) if uniform else 1 + 0.5 * torch.randn(size, generator=gen)
+
+    return change
+
+
+def _qwen3_qk(transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              q_scale: float = 1.0, k_scale: float = 1.0) -> Callable[[dict[str, torch.Tensor], dict], None]:
+    """Q and K rows of every head moved by `transform` (R^T applied to [dh, d] blocks) and scaled."""
+
+    def change(tensors: dict[str, torch.Tensor], config: dict) -> None:
+        dh = config["head_dim"]
+        for i in range(config["num_hidden_layers"]):
+            for role, scale in (("q", q_scale), ("k", k_scale)):
+                name = QWEN3_ATT.format(i=i) + f"{role}_proj.weight"
+                moved = per_head(tensors[name], dh, transform) if transform else tensors[name]
+                tensors[name] = moved * scale
+
+    return change
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("qwen3")
+    base = save_tiny("qwen3", root / "init", seed=0)
+    return {"init": base,
+            "uniform": edit(base, root / "uniform", _qwen3_gains(uniform=True)),
+            "trained": edit(base, root / "trained", _qwen3_gains(uniform=False))}
+
+
+def test_qwen3_rope_rotation_is_exact_only_where_it_commutes_with_the_qk_norm_gains(qwen3, tmp_path):
+    rotation = rope_rotation(6, seed=3)
+    rotate = _qwen3_qk(lambda block: rotation.T @ block)
+    # equal gains commute with every rotation: the RoPE-commuting group is exact
+    assert_same_function(qwen3["uniform"], edit(qwen3["uniform"], tmp_path / "u", rotate))
+    # unequal gains (any trained model): the same rotation breaks the function -> qk.rot off
+    change = max_relative_change(qwen3["trained"], edit(qwen3["trained"], tmp_path / "t", rotate))
+    assert change > BROKEN, change
+    # what is left with unequal gains: a sign flip of a whole rotate_half pair (angle pi)
+    flip = torch.ones(6)
+    flip[[1, 4]] = -1
+    assert_same_function(qwen3["trained"], edit(qwen3["trained"], tmp_path / "f", _qwen3_qk(lambda b: flip[:, None] * b)))
+
+
+def test_qwen3_qk_rescaling_is_not_exact(qwen3, tmp_path):
+    """The norm divides the scale out of q and of k: (a, 1/a) changes only the eps term, which shows
+    once a^2 * mean(q^2) is near eps -- not a symmetry of the projection weights."""
+    scaled = edit(qwen3["trained"], tmp_path / "s", _qwen3_qk(q_scale=1e-3, k_scale=1e3))
+    assert max_relative_change(qwen3["trained"], scaled) > BROKEN
+
+
+def test_qwen3_qk_norm_gain_rescaling_is_the_new_freedom(qwen3, tmp_path):
+    """The scale freedom the norm creates lives in its gains: q_norm * a with k_norm / a is exact
+    (rotfuse does not move norm gains, hence no qk.scale for Qwen3)."""
+
+    def change(tensors: dict[str, torch.Tensor], config: dict) -> None:
+        for name in tensors:
+            if name.endswith("q_norm.weight"):
+                tensors[name] = tensors[name] * 2.5
+            elif name.endswith("k_norm.weight"):
+                tensors[name] = tensors[name] / 2.5
+
+    assert_same_function(qwen3["trained"], edit(qwen3["trained"], tmp_path / "g", change))
+
+
+# ---------------------------------------------------------------------- every family through the CLI
+
+# family -> TINY entry; each spec's allowed maps (and the residual map) through the command line
+CLI_FAMILIES = {"qwen3": "qwen3"}
+
+
+@pytest.mark.parametrize("family", CLI_FAMILIES)
+def test_family_through_the_cli(tmp_path, family):
+    tiny = CLI_FAMILIES[family]
+    model = save_tiny(tiny, tmp_path / "model", seed=0)
+    anchor = save_tiny(tiny, tmp_path / "anchor", seed=1)
+    code, err = run_here("scramble", model, "-o", tmp_path / "scrambled", "--seed", "3", "-q")
+    assert code == 0, err
+    assert_same_function(model, tmp_path / "scrambled")
+    code, err = run_here("match", model, tmp_path / "scrambled", "-o", tmp_path / "back", "-q",
+                         "--report", tmp_path / "back.json")
+    assert code == 0, err
+    totals = json.loads((tmp_path / "back.json").read_text())["totals"]["matched"]
+    assert totals["after"] < 1e-5 * totals["before"]
+    for symmetries, out in (("default", "matched"), ("default,residual", "residual")):
+        code, err = run_here("match", anchor, model, "-s", symmetries, "-o", tmp_path / out, "-q")
+        assert code == 0, err
+        code, err = run_here("verify", model, tmp_path / out, "-q")
+        assert code == 0, err
+    code, err = run_here("merge", anchor, tmp_path / "residual", "-o", tmp_path / "merged", "-q")
+    assert code == 0, err
+    assert (tmp_path / "merged" / "model.safetensors").exists()
