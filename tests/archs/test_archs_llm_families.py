@@ -39,7 +39,8 @@ def edit(folder: Path, out: Path, change: Callable[[dict[str, torch.Tensor], dic
     config = json.loads((folder / "config.json").read_text())
     tensors = load_file(str(out / "model.safetensors"))
     change(tensors, config)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
     return out
 
 
@@ -108,7 +109,8 @@ def test_qwen3_rope_rotation_is_exact_only_where_it_commutes_with_the_qk_norm_ga
     # what is left with unequal gains: a sign flip of a whole rotate_half pair (angle pi)
     flip = torch.ones(6)
     flip[[1, 4]] = -1
-    assert_same_function(qwen3["trained"], edit(qwen3["trained"], tmp_path / "f", _qwen3_qk(lambda b: flip[:, None] * b)))
+    flipped = edit(qwen3["trained"], tmp_path / "f", _qwen3_qk(lambda b: flip[:, None] * b))
+    assert_same_function(qwen3["trained"], flipped)
 
 
 def test_qwen3_qk_rescaling_is_not_exact(qwen3, tmp_path):
