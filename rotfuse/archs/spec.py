@@ -42,16 +42,19 @@ class LinearRef:
     weight: str
     bias: str | None = None
     layout: str = "out_in"
+    parts: int = 1  # FFN inputs only: projections stacked along the output axis (Phi-3's gate_up_proj)
 
 
 @dataclass(frozen=True)
 class FusedRef:
-    """One tensor holding several projections stacked along its output axis (e.g. GPT-2 c_attn)."""
+    """One tensor holding several projections stacked along its output axis (e.g. GPT-2 c_attn);
+    `per_head`: stacked within each head instead ([heads, len(order), head_dim] rows, GPT-NeoX)."""
 
     weight: str
     order: tuple[str, ...]
     bias: str | None = None
     layout: str = "out_in"
+    per_head: bool = False
 
 
 @dataclass(frozen=True)
@@ -343,7 +346,7 @@ def _parse_stack(raw: dict[str, Any], name: str) -> StackSpec:
             k_like=tuple(_linear(r, layout) for r in attention.get("k_like") or ()),
         ),
         ffn=FfnSpec(
-            inputs=tuple(_linear(r, layout) for r in ffn["inputs"]),
+            inputs=tuple(_linear(r, layout, parts=True) for r in ffn["inputs"]),
             output=_linear(ffn["output"], layout),
         ),
         config_section=raw.get("config_section"),
@@ -387,20 +390,27 @@ def _parse_rope(raw: Any) -> RopeSpec | None:
     return rope
 
 
-def _linear(raw: Any, layout: str) -> LinearRef:
-    raw = _mapping(raw, {"weight", "bias", "layout"}, "a linear layer")
-    ref = LinearRef(weight=str(raw["weight"]), bias=raw.get("bias"), layout=raw.get("layout", layout))
+def _linear(raw: Any, layout: str, parts: bool = False) -> LinearRef:
+    """A tensor reference; `parts` (FFN inputs only): it may stack several projections."""
+    raw = _mapping(raw, {"weight", "bias", "layout"} | ({"parts"} if parts else set()), "a linear layer")
+    ref = LinearRef(weight=str(raw["weight"]), bias=raw.get("bias"), layout=raw.get("layout", layout),
+                    parts=raw.get("parts", 1))
     if ref.layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {ref.layout!r}")
+    if isinstance(ref.parts, bool) or not isinstance(ref.parts, int) or ref.parts < 1:
+        raise ValueError(f"parts must be a positive integer, got {ref.parts!r}")
     return ref
 
 
 def _fused(raw: Any, layout: str) -> FusedRef:
-    raw = _mapping(raw, {"weight", "order", "bias", "layout"}, "qkv")
+    raw = _mapping(raw, {"weight", "order", "bias", "layout", "per_head"}, "qkv")
     order = tuple(raw["order"])
     if sorted(order) != sorted(FUSABLE_ROLES):
         raise ValueError(f"qkv order must list q, k and v once each, got {list(order)}")
-    ref = FusedRef(weight=str(raw["weight"]), order=order, bias=raw.get("bias"), layout=raw.get("layout", layout))
+    if not isinstance(raw.get("per_head", False), bool):
+        raise ValueError(f"qkv per_head must be true or false, got {raw['per_head']!r}")
+    ref = FusedRef(weight=str(raw["weight"]), order=order, bias=raw.get("bias"), layout=raw.get("layout", layout),
+                   per_head=bool(raw.get("per_head", False)))
     if ref.layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {ref.layout!r}")
     return ref

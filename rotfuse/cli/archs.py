@@ -122,7 +122,8 @@ def stack_features(stack: StackSpec, always: frozenset[str] = frozenset()) -> li
         features.append(("GQA", "GQA: one QK and one VO transform per KV head, shared by its query heads"))
     if att.qkv is not None:
         order = "|".join(att.qkv.order).upper()
-        features.append((f"fused {order}", f"fused {order} split and re-fused"))
+        per_head = " per head" if att.qkv.per_head else ""
+        features.append((f"fused {order}{per_head}", f"fused {order}{per_head} split and re-fused"))
     if any(ref.layout == "in_out" for ref in (att.qkv or att.q, att.o, stack.ffn.output)):  # type: ignore[union-attr]
         features.append(("Conv1D", "Conv1D weights stored [in, out]"))
     return features
@@ -135,9 +136,9 @@ def _module(ref: Any) -> str:
 
 def _ffn_feature(stack: StackSpec) -> tuple[str, str]:
     inputs = stack.ffn.inputs
-    if len(inputs) == 1:
+    if len(inputs) == 1 and inputs[0].parts == 1:
         return "FFN perm", "FFN neuron permutation"
-    names = "+".join(_module(ref) for ref in inputs)
+    names = "+".join(_module(ref) + (f" (fused x{ref.parts})" if ref.parts > 1 else "") for ref in inputs)
     return f"FFN perm ({names})", f"FFN neuron permutation ({names} share one)"
 
 

@@ -51,6 +51,10 @@ CASES: dict[str, tuple[str, dict, str, set[str]]] = {
     "qwen3-gqa2": ("qwen3", {}, "qwen3", {"qk.rot", "qk.scale"}),
     "qwen3-mha-biases-tied": ("qwen3", {"num_key_value_heads": 4, "attention_bias": True, "tie_word_embeddings": True},
                               "qwen3", {"qk.rot", "qk.scale"}),
+    "phi3-gqa3-partial": ("phi3", {}, "phi3", set()),
+    "phi3-mha-full-rotary-tied": ("phi3", {"num_key_value_heads": 3, "tie_word_embeddings": True,
+                                           "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+                                  "phi3", set()),
 }
 COVERED_ELSEWHERE = {"roberta", "vit"}  # tests/align/test_match.py
 

@@ -21,6 +21,9 @@ from helpers.functions import assert_same_function, max_relative_change, one_thr
 from helpers.tiny_models import save_tiny
 from safetensors.torch import load_file, save_file
 
+from rotfuse.align.options import MatchOptions
+from rotfuse.align.scramble import scramble
+from rotfuse.symmetry.names import symmetry_set
 from rotfuse.symmetry.rotation import random_rotation
 
 BROKEN = 1e-3  # a relative output change this large is a different function, not rounding
@@ -134,10 +137,55 @@ def test_qwen3_qk_norm_gain_rescaling_is_the_new_freedom(qwen3, tmp_path):
     assert_same_function(qwen3["trained"], edit(qwen3["trained"], tmp_path / "g", change))
 
 
+# ---------------------------------------------------------------------- Phi-3: fused gate_up_proj, partial RoPE
+
+def _phi3_ffn(perm_rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[dict, dict], None]:
+    """Permute down_proj's columns by a random neuron permutation and gate_up_proj's rows by
+    `perm_rows(weight, perm)`."""
+
+    def change(tensors: dict[str, torch.Tensor], config: dict) -> None:
+        perm = torch.randperm(config["intermediate_size"], generator=torch.Generator().manual_seed(2))
+        for i in range(config["num_hidden_layers"]):
+            ffn = f"model.layers.{i}.mlp."
+            tensors[ffn + "down_proj.weight"] = tensors[ffn + "down_proj.weight"][:, perm]
+            tensors[ffn + "gate_up_proj.weight"] = perm_rows(tensors[ffn + "gate_up_proj.weight"], perm)
+
+    return change
+
+
+def _both_halves(weight: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    gate, up = weight.chunk(2)
+    return torch.cat([gate[perm], up[perm]])
+
+
+def _gate_half_only(weight: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    gate, up = weight.chunk(2)
+    return torch.cat([gate[perm], up])
+
+
+@pytest.mark.parametrize(("split", "keeps"), [(_both_halves, True), (_gate_half_only, False)])
+def test_phi3_gate_up_proj_is_two_projections_sharing_the_neuron_index(tmp_path, split, keeps):
+    model = save_tiny("phi3", tmp_path / "model", seed=0)
+    change = max_relative_change(model, edit(model, tmp_path / "moved", _phi3_ffn(split)))
+    assert (change < SAME) if keeps else (change > BROKEN), change
+
+
+def test_phi3_partial_rotary_factor_is_necessary(tmp_path):
+    """Read without its partial rotary factor, the spec would pair coordinates over the whole head."""
+    model = save_tiny("phi3", tmp_path / "model", seed=0)
+    spec = tmp_path / "variant.yaml"
+    spec.write_text("extends: phi3\nname: phi3\nrope: {style: rotate_half}\n")
+    qk = symmetry_set("qk.rot")
+    scramble(model, tmp_path / "safe", MatchOptions(symmetries=qk, device="cpu"), seed=2)
+    scramble(model, tmp_path / "unsafe", MatchOptions(symmetries=qk, device="cpu", arch_spec=spec), seed=2)
+    assert_same_function(model, tmp_path / "safe")
+    assert max_relative_change(model, tmp_path / "unsafe") > BROKEN
+
+
 # ---------------------------------------------------------------------- every family through the CLI
 
 # family -> TINY entry; each spec's allowed maps (and the residual map) through the command line
-CLI_FAMILIES = {"qwen3": "qwen3"}
+CLI_FAMILIES = {"qwen3": "qwen3", "phi3": "phi3"}
 
 
 @pytest.mark.parametrize("family", CLI_FAMILIES)

@@ -116,6 +116,9 @@ CASES: dict[str, Case] = {
     "qwen3-untied": Case("qwen3", overrides={"attention_bias": True}, orthogonal=True),
     "qwen3-seq-cls": Case("qwen3", "Qwen3ForSequenceClassification", orthogonal=True),
     "qwen3-tied-permutation": Case("qwen3", overrides={"tie_word_embeddings": True}),
+    "phi3-untied": Case("phi3", orthogonal=True),
+    "phi3-seq-cls": Case("phi3", "Phi3ForSequenceClassification", orthogonal=True),
+    "phi3-tied-untie": Case("phi3", overrides={"tie_word_embeddings": True}, orthogonal=True, allow_untie=True),
 }
 
 
