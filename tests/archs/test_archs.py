@@ -55,6 +55,9 @@ CASES: dict[str, tuple[str, dict, str, set[str]]] = {
     "phi3-mha-full-rotary-tied": ("phi3", {"num_key_value_heads": 3, "tie_word_embeddings": True,
                                            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
                                   "phi3", set()),
+    "gpt-neox-parallel": ("gpt-neox", {}, "gpt_neox", set()),
+    "gpt-neox-sequential-no-attention-bias": ("gpt-neox", {"use_parallel_residual": False, "attention_bias": False},
+                                              "gpt_neox", set()),
 }
 COVERED_ELSEWHERE = {"roberta", "vit"}  # tests/align/test_match.py
 

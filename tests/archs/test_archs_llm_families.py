@@ -182,10 +182,38 @@ def test_phi3_partial_rotary_factor_is_necessary(tmp_path):
     assert max_relative_change(model, tmp_path / "unsafe") > BROKEN
 
 
+# ---------------------------------------------------------------------- GPT-NeoX: per-head fused QKV, partial RoPE
+
+NEOX_STACKED_QKV = """extends: gpt_neox
+name: gpt_neox
+attention:
+  qkv: {weight: attention.query_key_value.weight, bias: attention.query_key_value.bias, order: [q, k, v]}
+  o: {weight: attention.dense.weight}
+"""
+# variant -> (symmetries scrambled, spec text that drops one safeguard)
+NEOX_SAFEGUARDS = {
+    "qkv-read-as-stacked": ("qk.rot,vo.rot", NEOX_STACKED_QKV),
+    "without-partial-rotary": ("qk.rot", "extends: gpt_neox\nname: gpt_neox\nrope: {style: rotate_half}\n"),
+}
+
+
+@pytest.mark.parametrize("variant", NEOX_SAFEGUARDS)
+def test_gpt_neox_safeguards_are_necessary(tmp_path, variant):
+    symmetries, text = NEOX_SAFEGUARDS[variant]
+    model = save_tiny("gpt-neox", tmp_path / "model", seed=0)
+    spec = tmp_path / "variant.yaml"
+    spec.write_text(text)
+    chosen = symmetry_set(symmetries)
+    scramble(model, tmp_path / "safe", MatchOptions(symmetries=chosen, device="cpu"), seed=2)
+    scramble(model, tmp_path / "unsafe", MatchOptions(symmetries=chosen, device="cpu", arch_spec=spec), seed=2)
+    assert_same_function(model, tmp_path / "safe")
+    assert max_relative_change(model, tmp_path / "unsafe") > BROKEN
+
+
 # ---------------------------------------------------------------------- every family through the CLI
 
 # family -> TINY entry; each spec's allowed maps (and the residual map) through the command line
-CLI_FAMILIES = {"qwen3": "qwen3", "phi3": "phi3"}
+CLI_FAMILIES = {"qwen3": "qwen3", "phi3": "phi3", "gpt_neox": "gpt-neox"}
 
 
 @pytest.mark.parametrize("family", CLI_FAMILIES)

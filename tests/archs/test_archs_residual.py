@@ -119,6 +119,12 @@ CASES: dict[str, Case] = {
     "phi3-untied": Case("phi3", orthogonal=True),
     "phi3-seq-cls": Case("phi3", "Phi3ForSequenceClassification", orthogonal=True),
     "phi3-tied-untie": Case("phi3", overrides={"tie_word_embeddings": True}, orthogonal=True, allow_untie=True),
+    "gpt-neox": Case("gpt-neox", orthogonal=True),
+    "gpt-neox-token-cls": Case("gpt-neox", "GPTNeoXForTokenClassification", orthogonal=True),
+    "gpt-neox-tied-permutation": Case("gpt-neox", overrides={"tie_word_embeddings": True}),
+    "gpt-neox-tied-untie": Case("gpt-neox", overrides={"tie_word_embeddings": True}, orthogonal=True,
+                                allow_untie=True),
+    "gpt-neox-bare": Case("gpt-neox", "GPTNeoXModel", moved={"last_hidden_state": ""}),
 }
 
 

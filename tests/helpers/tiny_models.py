@@ -142,4 +142,9 @@ TINY.update({
                          num_key_value_heads=1, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                                  "partial_rotary_factor": 0.75},
                          tie_word_embeddings=False), "Phi3ForCausalLM"),
+    # per-head fused query_key_value, partial rotary 0.5 of head_dim 8
+    "gpt-neox": Tiny(_config("GPTNeoXConfig", **{**_DECODER, "hidden_size": 24}, num_attention_heads=3,
+                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                              "partial_rotary_factor": 0.5}, tie_word_embeddings=False),
+                     "GPTNeoXForCausalLM"),
 })
