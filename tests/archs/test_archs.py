@@ -58,6 +58,9 @@ CASES: dict[str, tuple[str, dict, str, set[str]]] = {
     "gpt-neox-parallel": ("gpt-neox", {}, "gpt_neox", set()),
     "gpt-neox-sequential-no-attention-bias": ("gpt-neox", {"use_parallel_residual": False, "attention_bias": False},
                                               "gpt_neox", set()),
+    "gemma-gqa2-tied": ("gemma", {}, "gemma", set()),
+    "gemma-mha-untied-biases": ("gemma", {"num_key_value_heads": 4, "tie_word_embeddings": False,
+                                          "attention_bias": True}, "gemma", set()),
 }
 COVERED_ELSEWHERE = {"roberta", "vit"}  # tests/align/test_match.py
 

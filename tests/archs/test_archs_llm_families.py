@@ -21,6 +21,7 @@ from helpers.functions import assert_same_function, max_relative_change, one_thr
 from helpers.tiny_models import save_tiny
 from safetensors.torch import load_file, save_file
 
+from rotfuse.align.match import match
 from rotfuse.align.options import MatchOptions
 from rotfuse.align.scramble import scramble
 from rotfuse.symmetry.names import symmetry_set
@@ -210,10 +211,44 @@ def test_gpt_neox_safeguards_are_necessary(tmp_path, variant):
     assert max_relative_change(model, tmp_path / "unsafe") > BROKEN
 
 
+# ---------------------------------------------------------------------- Gemma: (1 + w) RMSNorm gains
+
+GEMMA_FOLDED = """extends: gemma
+name: gemma
+residual:
+  norm: rmsnorm
+  model:
+    - table: embed_tokens.weight
+    - {norm: norm.weight, readers: [/lm_head.weight, /score.weight]}
+    - reads: [/lm_head.weight, /score.weight]
+    - free: [/lm_head.bias, /score.bias]
+  layer:
+    - {norm: input_layernorm.weight,
+       readers: [self_attn.q_proj.weight, self_attn.k_proj.weight, self_attn.v_proj.weight]}
+    - {norm: post_attention_layernorm.weight, readers: [mlp.gate_proj.weight, mlp.up_proj.weight]}
+    - table: self_attn.o_proj.bias
+"""
+
+
+def test_gemma_residual_map_is_a_permutation_because_its_gains_are_one_plus_w(tmp_path):
+    """Folded like LLaMA's plain gains (for an orthogonal map), Gemma's (1 + w) gains break the
+    function; the spec's permutation-only section keeps it."""
+    model = save_tiny("gemma", tmp_path / "model", seed=0, tie_word_embeddings=False)
+    anchor = save_tiny("gemma", tmp_path / "anchor", seed=1, tie_word_embeddings=False)
+    spec = tmp_path / "folded.yaml"
+    spec.write_text(GEMMA_FOLDED)
+    residual = symmetry_set("residual")
+    report = match(anchor, model, tmp_path / "perm", MatchOptions(symmetries=residual, device="cpu"))
+    assert_same_function(model, tmp_path / "perm")
+    assert "permutation" in json.dumps(report["residual"])
+    match(anchor, model, tmp_path / "folded", MatchOptions(symmetries=residual, device="cpu", arch_spec=spec))
+    assert max_relative_change(model, tmp_path / "folded") > BROKEN
+
+
 # ---------------------------------------------------------------------- every family through the CLI
 
 # family -> TINY entry; each spec's allowed maps (and the residual map) through the command line
-CLI_FAMILIES = {"qwen3": "qwen3", "phi3": "phi3", "gpt_neox": "gpt-neox"}
+CLI_FAMILIES = {"qwen3": "qwen3", "phi3": "phi3", "gpt_neox": "gpt-neox", "gemma": "gemma"}
 
 
 @pytest.mark.parametrize("family", CLI_FAMILIES)

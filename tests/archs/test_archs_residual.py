@@ -125,6 +125,9 @@ CASES: dict[str, Case] = {
     "gpt-neox-tied-untie": Case("gpt-neox", overrides={"tie_word_embeddings": True}, orthogonal=True,
                                 allow_untie=True),
     "gpt-neox-bare": Case("gpt-neox", "GPTNeoXModel", moved={"last_hidden_state": ""}),
+    "gemma-tied-permutation": Case("gemma"),
+    "gemma-untied-biases-permutation": Case("gemma", overrides={"tie_word_embeddings": False, "attention_bias": True}),
+    "gemma-seq-cls-permutation": Case("gemma", "GemmaForSequenceClassification"),
 }
 
 

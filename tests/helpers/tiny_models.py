@@ -147,4 +147,7 @@ TINY.update({
                              rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                               "partial_rotary_factor": 0.5}, tie_word_embeddings=False),
                      "GPTNeoXForCausalLM"),
+    # head_dim 6 independent of hidden_size 20 / 4 heads; tied head (Gemma's default)
+    "gemma": Tiny(_config("GemmaConfig", **_DECODER, num_attention_heads=4, num_key_value_heads=2, head_dim=6),
+                  "GemmaForCausalLM"),
 })
