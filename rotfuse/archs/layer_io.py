@@ -110,10 +110,14 @@ def read_layer(checkpoint: Checkpoint, bound: BoundArch, layer: LayerId, device:
 
     if att.qkv is not None:
         sizes = [_rows(role, dims) for role in att.qkv.order]
+        if att.qkv.per_head and dims.num_kv_heads != dims.num_heads:
+            raise InputError(f"{checkpoint.folder}: a per-head fused qkv needs as many key/value heads as "
+                             f"query heads ({dims.num_kv_heads} != {dims.num_heads})")
         weight = reader.tensor(att.qkv.weight, att.qkv.layout, (sum(sizes), d))
         bias = reader.optional(att.qkv.bias, att.qkv.layout, (sum(sizes),))
-        weights = dict(zip(att.qkv.order, weight.split(sizes, dim=0)))
-        biases = dict(zip(att.qkv.order, bias.split(sizes) if bias is not None else [None] * 3))
+        weights = dict(zip(att.qkv.order, _split_qkv(weight, sizes, att.qkv.per_head, dims)))
+        biases = dict(zip(att.qkv.order, _split_qkv(bias, sizes, att.qkv.per_head, dims)
+                          if bias is not None else [None] * 3))
         q, k, v = (Linear(weights[r], biases[r]) for r in ("q", "k", "v"))
     else:
         q, k, v = (reader.linear(ref, _rows(role, dims), d)  # type: ignore[arg-type]
@@ -134,8 +138,14 @@ def read_layer(checkpoint: Checkpoint, bound: BoundArch, layer: LayerId, device:
     width = stored[1] if out_ref.layout == "out_in" else stored[0]
     ffn_reader = _LayerReader(checkpoint, bound, layer, device, view, stored_ffn)
     output = Linear(ffn_reader.tensor(out_ref.weight, out_ref.layout, (d, width)))
-    inputs = [ffn_reader.linear(ref, width, d) for ref in ffn_inputs(bound, layer.stack, ffn_spec)]
-    for ref in set(ffn_spec.inputs) - set(ffn_inputs(bound, layer.stack, ffn_spec)):
+    present = ffn_inputs(bound, layer.stack, ffn_spec)
+    inputs = []
+    for ref in present:  # a fused input (parts > 1) splits into its projections
+        fused = ffn_reader.linear(ref, ref.parts * width, d)
+        part_biases: list[torch.Tensor | None] = (list(fused.bias.chunk(ref.parts)) if fused.bias is not None
+                                                  else [None] * ref.parts)
+        inputs += [Linear(w, b) for w, b in zip(fused.weight.chunk(ref.parts), part_biases, strict=True)]
+    for ref in set(ffn_spec.inputs) - set(present):
         if bound.full_name(layer, ref.weight) in checkpoint:  # layer 0 decides; a stray is refused
             raise InputError(f"{checkpoint.folder}: tensor {bound.full_name(layer, ref.weight)!r} has no "
                              "counterpart in layer 0")
@@ -147,6 +157,23 @@ def ffn_inputs(bound: BoundArch, stack: str, spec: FfnSpec) -> list[LinearRef]:
     that layer 0 has (e.g. T5's `wi`, or `wi_0` and `wi_1` when the FFN is gated)."""
     present = set(bound.present(stack, spec.inputs))
     return [ref for ref in spec.inputs if not ref.optional or ref in present]
+
+
+def _split_qkv(tensor: torch.Tensor, sizes: list[int], per_head: bool, dims: Dims) -> list[torch.Tensor]:
+    """A fused QKV weight (or bias) split into its parts, in `order`: stacked as a whole
+    ([len(order), heads, head_dim] rows) or within each head ([heads, len(order), head_dim])."""
+    if not per_head:
+        return list(tensor.split(sizes, dim=0))
+    rows = tensor.reshape(dims.num_heads, len(sizes), dims.head_dim, *tensor.shape[1:])
+    return [rows[:, part].reshape(dims.num_heads * dims.head_dim, *tensor.shape[1:]) for part in range(len(sizes))]
+
+
+def _fuse_qkv(parts: list[torch.Tensor], per_head: bool, dims: Dims) -> torch.Tensor:
+    """The inverse of `_split_qkv`."""
+    if not per_head:
+        return torch.cat(parts)
+    rows = [p.reshape(dims.num_heads, dims.head_dim, *p.shape[1:]) for p in parts]
+    return torch.stack(rows, dim=1).reshape(-1, *parts[0].shape[1:])
 
 
 class _LayerWriter:
@@ -167,10 +194,13 @@ class _LayerWriter:
     def attention(self, spec: AttentionSpec, attention: Attention) -> None:
         if spec.qkv is not None:
             parts = {"q": attention.q, "k": attention.k, "v": attention.v}
-            self.put(spec.qkv.weight, torch.cat([parts[r].weight for r in spec.qkv.order]), spec.qkv.layout)
+            dims = self.bound.dims[self.layer.stack]
+            fused = _fuse_qkv([parts[r].weight for r in spec.qkv.order], spec.qkv.per_head, dims)
+            self.put(spec.qkv.weight, fused, spec.qkv.layout)
             if spec.qkv.bias and attention.q.bias is not None:
                 biases = [parts[r].bias for r in spec.qkv.order]
-                self.put(spec.qkv.bias, torch.cat(biases), spec.qkv.layout)  # type: ignore[arg-type]
+                self.put(spec.qkv.bias, _fuse_qkv(biases, spec.qkv.per_head, dims),  # type: ignore[arg-type]
+                         spec.qkv.layout)
         else:
             for ref, linear in ((spec.q, attention.q), (spec.k, attention.k), (spec.v, attention.v)):
                 self.linear(ref, linear)  # type: ignore[arg-type]
@@ -180,8 +210,12 @@ class _LayerWriter:
                 self.linear(ref, linear)
 
     def ffn(self, spec: FfnSpec, ffn: Ffn) -> None:
-        for ref, linear in zip(ffn_inputs(self.bound, self.layer.stack, spec), ffn.inputs, strict=True):
-            self.linear(ref, linear)
+        linears = iter(ffn.inputs)
+        for ref in ffn_inputs(self.bound, self.layer.stack, spec):  # a fused input takes its projections back
+            parts = [next(linears) for _ in range(ref.parts)]
+            biases = [p.bias for p in parts]
+            self.linear(ref, Linear(torch.cat([p.weight for p in parts]),
+                                    None if biases[0] is None else torch.cat(biases)))  # type: ignore[arg-type]
         self.put(spec.output.weight, ffn.output.weight, spec.output.layout)
 
 

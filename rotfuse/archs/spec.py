@@ -43,16 +43,19 @@ class LinearRef:
     bias: str | None = None
     layout: str = "out_in"
     optional: bool = False  # FFN inputs: used where layer 0 has it (e.g. T5's wi vs wi_0/wi_1)
+    parts: int = 1  # FFN inputs only: projections stacked along the output axis (Phi-3's gate_up_proj)
 
 
 @dataclass(frozen=True)
 class FusedRef:
-    """One tensor holding several projections stacked along its output axis (e.g. GPT-2 c_attn)."""
+    """One tensor holding several projections stacked along its output axis (e.g. GPT-2 c_attn);
+    `per_head`: stacked within each head instead ([heads, len(order), head_dim] rows, GPT-NeoX)."""
 
     weight: str
     order: tuple[str, ...]
     bias: str | None = None
     layout: str = "out_in"
+    per_head: bool = False
 
 
 @dataclass(frozen=True)
@@ -366,7 +369,7 @@ def _parse_stack(raw: dict[str, Any], name: str) -> StackSpec:
             k_like=tuple(_linear(r, layout) for r in attention.get("k_like") or ()),
         ),
         ffn=FfnSpec(
-            inputs=tuple(_linear(r, layout, may_be_optional=True) for r in ffn["inputs"]),
+            inputs=tuple(_linear(r, layout, ffn_input=True) for r in ffn["inputs"]),
             output=_linear(ffn["output"], layout),
         ) if ffn is not None else None,
         config_section=raw.get("config_section"),
@@ -411,22 +414,29 @@ def _parse_rope(raw: Any) -> RopeSpec | None:
     return rope
 
 
-def _linear(raw: Any, layout: str, may_be_optional: bool = False) -> LinearRef:
-    keys = {"weight", "bias", "layout"} | ({"optional"} if may_be_optional else set())
+def _linear(raw: Any, layout: str, ffn_input: bool = False) -> LinearRef:
+    """A tensor reference; FFN inputs may also be `optional` (used where layer 0 has it) and stack
+    several projections (`parts`)."""
+    keys = {"weight", "bias", "layout"} | ({"optional", "parts"} if ffn_input else set())
     raw = _mapping(raw, keys, "a linear layer")
     ref = LinearRef(weight=str(raw["weight"]), bias=raw.get("bias"), layout=raw.get("layout", layout),
-                    optional=bool(raw.get("optional", False)))
+                    optional=bool(raw.get("optional", False)), parts=raw.get("parts", 1))
     if ref.layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {ref.layout!r}")
+    if isinstance(ref.parts, bool) or not isinstance(ref.parts, int) or ref.parts < 1:
+        raise ValueError(f"parts must be a positive integer, got {ref.parts!r}")
     return ref
 
 
 def _fused(raw: Any, layout: str) -> FusedRef:
-    raw = _mapping(raw, {"weight", "order", "bias", "layout"}, "qkv")
+    raw = _mapping(raw, {"weight", "order", "bias", "layout", "per_head"}, "qkv")
     order = tuple(raw["order"])
     if sorted(order) != sorted(FUSABLE_ROLES):
         raise ValueError(f"qkv order must list q, k and v once each, got {list(order)}")
-    ref = FusedRef(weight=str(raw["weight"]), order=order, bias=raw.get("bias"), layout=raw.get("layout", layout))
+    if not isinstance(raw.get("per_head", False), bool):
+        raise ValueError(f"qkv per_head must be true or false, got {raw['per_head']!r}")
+    ref = FusedRef(weight=str(raw["weight"]), order=order, bias=raw.get("bias"), layout=raw.get("layout", layout),
+                   per_head=bool(raw.get("per_head", False)))
     if ref.layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {ref.layout!r}")
     return ref

@@ -60,10 +60,7 @@ def describe_spec(spec: ArchSpec) -> dict[str, Any]:
     """One architecture as plain data: its stacks' symmetry groups and its restrictions."""
     stacks = []
     for stack in spec.stacks:
-        always_off = {name for r in spec.restrictions if not r.when and (not r.stacks or stack.name in r.stacks)
-                      for name in r.disable}
-        features = [f for f in stack_features(stack) if not _FEATURE_SYMMETRIES.get(f[0].split(" (")[0], set())
-                    or not _FEATURE_SYMMETRIES[f[0].split(" (")[0]] <= always_off]
+        features = stack_features(stack, always_disabled(spec, stack.name))
         stacks.append({"name": stack.name, "layer": stack.layer, "optional": stack.optional,
                        "summary": ", ".join(short for short, _ in features),
                        "symmetries": [long for _, long in features]})
@@ -79,12 +76,6 @@ def describe_spec(spec: ArchSpec) -> dict[str, Any]:
     }
 
 
-# a feature's short phrase (up to " (") -> the symmetries it stands for: a restriction without
-# `when` switches them off for good, so the stack does not list them
-_FEATURE_SYMMETRIES = {"FFN perm": {"ffn.perm"}, "heads perm": {"heads.perm"}, "QK rot": {"qk.rot"},
-                       "VO rot": {"vo.rot"}, "QK/VO scale": {"qk.scale", "vo.scale"}}
-
-
 def _merge(stacks: list[dict[str, Any]], key: str) -> Any:
     """A field over all stacks; prefixed by the stack name only where the stacks differ."""
     if all(s[key] == stacks[0][key] for s in stacks):
@@ -94,12 +85,30 @@ def _merge(stacks: list[dict[str, Any]], key: str) -> Any:
     return [f"{s['name']}: {line}" for s in stacks for line in s[key]]
 
 
-def stack_features(stack: StackSpec) -> list[tuple[str, str]]:
-    """The symmetry group one stack gets, as (short, long) phrases derived from its spec."""
+def always_disabled(spec: ArchSpec, stack: str) -> frozenset[str]:
+    """Symmetries one stack never gets, whatever the config: restrictions without `when` (T5's
+    self-attention heads), and those that fire for every model_type of the spec (Qwen3's QK maps)."""
+    off: set[str] = set()
+    for restriction in spec.restrictions:
+        if restriction.stacks and stack not in restriction.stacks:
+            continue
+        if not restriction.when or set(spec.model_types) <= set(restriction.when.get("model_type", ())):
+            off |= restriction.disable
+    return frozenset(off)
+
+
+def stack_features(stack: StackSpec, always: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
+    """The symmetry group one stack gets, as (short, long) phrases derived from its spec (`always`:
+    symmetries that a restriction switches off for every config)."""
     att = stack.attention
-    features = [*_ffn_feature(stack), ("heads perm", "whole-head (KV-group) permutation"), _qk_feature(stack),
-                ("VO rot", "VO rotation (full Procrustes per head)"),
-                ("QK/VO scale", "QK and VO rescaling per head")]
+    qk = (_qk_feature(stack) if "qk.rot" not in always else ("no QK rot", "no QK rotation (see restrictions)"))
+    scale = [role for role in ("qk", "vo") if f"{role}.scale" not in always]
+    features = [*(_ffn_feature(stack) if "ffn.perm" not in always else []),
+                *([("heads perm", "whole-head (KV-group) permutation")] if "heads.perm" not in always else []), qk,
+                *([("VO rot", "VO rotation (full Procrustes per head)")] if "vo.rot" not in always else [])]
+    if scale:
+        names = "/".join(role.upper() for role in scale)
+        features.append((f"{names} scale", f"{' and '.join(role.upper() for role in scale)} rescaling per head"))
     if stack.residual:
         norm = stack.residual.norm
         folds = any(rule.role == "norm" for rule in (*stack.residual.model, *stack.residual.layer))
@@ -115,9 +124,10 @@ def stack_features(stack: StackSpec) -> list[tuple[str, str]]:
         features.append(("GQA", "GQA: one QK and one VO transform per KV head, shared by its query heads"))
     if att.qkv is not None:
         order = "|".join(att.qkv.order).upper()
-        features.append((f"fused {order}", f"fused {order} split and re-fused"))
+        per_head = " per head" if att.qkv.per_head else ""
+        features.append((f"fused {order}{per_head}", f"fused {order}{per_head} split and re-fused"))
     refs = (att.qkv or att.q, att.o, *((stack.ffn.output,) if stack.ffn else ()))
-    if any(ref.layout == "in_out" for ref in refs):
+    if any(ref is not None and ref.layout == "in_out" for ref in refs):
         features.append(("Conv1D", "Conv1D weights stored [in, out]"))
     return features
 
@@ -131,10 +141,12 @@ def _ffn_feature(stack: StackSpec) -> list[tuple[str, str]]:
     if stack.ffn is None:
         return []  # an attention-only stack
     inputs = stack.ffn.inputs
-    if len(inputs) == 1:
+    if len(inputs) == 1 and inputs[0].parts == 1:
         return [("FFN perm", "FFN neuron permutation")]
-    names = "+".join(_module(ref) + ("?" if ref.optional else "") for ref in inputs)
-    return [(f"FFN perm ({names})", f"FFN neuron permutation ({names} share one; ? = where present)")]
+    names = "+".join(_module(ref) + (f" (fused x{ref.parts})" if ref.parts > 1 else "") + ("?" if ref.optional else "")
+                     for ref in inputs)
+    optional = "; ? = where present" if any(ref.optional for ref in inputs) else ""
+    return [(f"FFN perm ({names})", f"FFN neuron permutation ({names} share one{optional})")]
 
 
 def _qk_feature(stack: StackSpec) -> tuple[str, str]:

@@ -47,6 +47,20 @@ CASES: dict[str, tuple[str, dict, str, set[str]]] = {
     "clip-text": ("clip-text", {}, "clip_text_model", set()),
     "clip-vision": ("clip-vision", {}, "clip_vision_model", set()),
     "bert-relative-key-query": ("bert", {"position_embedding_type": "relative_key_query"}, "bert", {"qk.rot", "qk.scale"}),
+    # decoder LLM families (issue 17; necessity in test_archs_llm_families.py)
+    "qwen3-gqa2": ("qwen3", {}, "qwen3", {"qk.rot", "qk.scale"}),
+    "qwen3-mha-biases-tied": ("qwen3", {"num_key_value_heads": 4, "attention_bias": True, "tie_word_embeddings": True},
+                              "qwen3", {"qk.rot", "qk.scale"}),
+    "phi3-gqa3-partial": ("phi3", {}, "phi3", set()),
+    "phi3-mha-full-rotary-tied": ("phi3", {"num_key_value_heads": 3, "tie_word_embeddings": True,
+                                           "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+                                  "phi3", set()),
+    "gpt-neox-parallel": ("gpt-neox", {}, "gpt_neox", set()),
+    "gpt-neox-sequential-no-attention-bias": ("gpt-neox", {"use_parallel_residual": False, "attention_bias": False},
+                                              "gpt_neox", set()),
+    "gemma-gqa2-tied": ("gemma", {}, "gemma", set()),
+    "gemma-mha-untied-biases": ("gemma", {"num_key_value_heads": 4, "tie_word_embeddings": False,
+                                          "attention_bias": True}, "gemma", set()),
 }
 COVERED_ELSEWHERE = {"roberta", "vit"}  # tests/align/test_match.py
 COVERED_ELSEWHERE |= {"t5", "bart", "mbart"}  # tests/archs/test_archs_encoder_decoder.py

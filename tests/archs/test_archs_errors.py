@@ -47,12 +47,12 @@ def set_config(folder: Path, **values) -> Path:
 # ---------------------------------------------------------------------- unknown / mismatched models
 
 def test_unknown_model_type_exits_2_naming_it_and_how_to_add_a_spec(cli, tmp_path):
-    model = set_config(save_tiny("llama", tmp_path / "m", seed=0), model_type="qwen3")
+    model = set_config(save_tiny("llama", tmp_path / "m", seed=0), model_type="mystery-llm")
     result = cli("match", model, model, "-o", tmp_path / "out")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert "'qwen3'" in lines[0] and "--arch-spec" in lines[0] and "configs/archs/README.md" in lines[0]
+    assert "'mystery-llm'" in lines[0] and "--arch-spec" in lines[0] and "configs/archs/README.md" in lines[0]
 
 
 # (anchor TINY, anchor overrides, model TINY, model overrides, words the one-line error must contain)

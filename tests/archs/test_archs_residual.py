@@ -112,6 +112,22 @@ CASES: dict[str, Case] = {
     "qwen2-tied-untie": Case("qwen2", orthogonal=True, allow_untie=True),
     "qwen2-untied": Case("qwen2", overrides={"tie_word_embeddings": False}, orthogonal=True),
     "qwen2-qa": Case("qwen2", "Qwen2ForQuestionAnswering", {"num_labels": 2}, orthogonal=True),
+    # decoder LLM families (issue 17)
+    "qwen3-untied": Case("qwen3", overrides={"attention_bias": True}, orthogonal=True),
+    "qwen3-seq-cls": Case("qwen3", "Qwen3ForSequenceClassification", orthogonal=True),
+    "qwen3-tied-permutation": Case("qwen3", overrides={"tie_word_embeddings": True}),
+    "phi3-untied": Case("phi3", orthogonal=True),
+    "phi3-seq-cls": Case("phi3", "Phi3ForSequenceClassification", orthogonal=True),
+    "phi3-tied-untie": Case("phi3", overrides={"tie_word_embeddings": True}, orthogonal=True, allow_untie=True),
+    "gpt-neox": Case("gpt-neox", orthogonal=True),
+    "gpt-neox-token-cls": Case("gpt-neox", "GPTNeoXForTokenClassification", orthogonal=True),
+    "gpt-neox-tied-permutation": Case("gpt-neox", overrides={"tie_word_embeddings": True}),
+    "gpt-neox-tied-untie": Case("gpt-neox", overrides={"tie_word_embeddings": True}, orthogonal=True,
+                                allow_untie=True),
+    "gpt-neox-bare": Case("gpt-neox", "GPTNeoXModel", moved={"last_hidden_state": ""}),
+    "gemma-tied-permutation": Case("gemma"),
+    "gemma-untied-biases-permutation": Case("gemma", overrides={"tie_word_embeddings": False, "attention_bias": True}),
+    "gemma-seq-cls-permutation": Case("gemma", "GemmaForSequenceClassification"),
 }
 
 

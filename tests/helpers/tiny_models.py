@@ -150,3 +150,23 @@ TINY.update({
     "bart": Tiny(_config("BartConfig", **_BART), "BartForConditionalGeneration"),
     "mbart": Tiny(_config("MBartConfig", **_BART), "MBartForConditionalGeneration"),
 })
+
+# ---- decoder LLM families (issue 17; tests/archs/test_archs_llm_families.py)
+TINY.update({
+    # head_dim 6 with hidden_size 20: per-head q_norm / k_norm of size 6
+    "qwen3": Tiny(_config("Qwen3Config", **_DECODER, num_attention_heads=4, num_key_value_heads=2, head_dim=6,
+                          tie_word_embeddings=False), "Qwen3ForCausalLM"),
+    # fused qkv_proj (GQA) and gate_up_proj; partial rotary 0.75 of head_dim 8
+    "phi3": Tiny(_config("Phi3Config", **{**_DECODER, "hidden_size": 24}, num_attention_heads=3,
+                         num_key_value_heads=1, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                                 "partial_rotary_factor": 0.75},
+                         tie_word_embeddings=False), "Phi3ForCausalLM"),
+    # per-head fused query_key_value, partial rotary 0.5 of head_dim 8
+    "gpt-neox": Tiny(_config("GPTNeoXConfig", **{**_DECODER, "hidden_size": 24}, num_attention_heads=3,
+                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                              "partial_rotary_factor": 0.5}, tie_word_embeddings=False),
+                     "GPTNeoXForCausalLM"),
+    # head_dim 6 independent of hidden_size 20 / 4 heads; tied head (Gemma's default)
+    "gemma": Tiny(_config("GemmaConfig", **_DECODER, num_attention_heads=4, num_key_value_heads=2, head_dim=6),
+                  "GemmaForCausalLM"),
+})

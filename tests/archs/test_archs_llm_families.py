@@ -1,0 +1,274 @@
+"""Decoder LLM families (issue 17): the exactness findings written in each spec's comments.
+
+Function preservation and recovery of the allowed group run through the parametrised cases in
+test_archs.py (per-layer maps) and test_archs_residual.py (the residual stream); this file shows
+that each family's restrictions are necessary -- the transform the spec must NOT allow changes
+the outputs -- and runs every family through the CLI once (scramble, match back, match, verify,
+merge, and the residual map).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from helpers.cli import run_here
+from helpers.functions import assert_same_function, max_relative_change, one_thread
+from helpers.tiny_models import save_tiny
+from safetensors.torch import load_file, save_file
+
+from rotfuse.align.match import match
+from rotfuse.align.options import MatchOptions
+from rotfuse.align.scramble import scramble
+from rotfuse.symmetry.names import symmetry_set
+from rotfuse.symmetry.rotation import random_rotation
+
+BROKEN = 1e-3  # a relative output change this large is a different function, not rounding
+SAME = 2e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+def edit(folder: Path, out: Path, change: Callable[[dict[str, torch.Tensor], dict], None]) -> Path:
+    """Copy a single-file checkpoint, letting `change(tensors, config)` edit its tensors in place."""
+    shutil.copytree(folder, out)
+    config = json.loads((folder / "config.json").read_text())
+    tensors = load_file(str(out / "model.safetensors"))
+    change(tensors, config)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    return out
+
+
+def per_head(weight: torch.Tensor, head_dim: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`fn` applied to each head's [head_dim, ...] block of a [heads * head_dim, ...] tensor."""
+    heads = weight.shape[0] // head_dim
+    blocks = weight.reshape(heads, head_dim, *weight.shape[1:])
+    return torch.stack([fn(b) for b in blocks]).reshape(weight.shape)
+
+
+def rope_rotation(head_dim: int, seed: int) -> torch.Tensor:
+    """A random member of the RoPE-commuting group: one 2-D rotation per rotate_half pair."""
+    return random_rotation(1, head_dim, head_dim, torch.Generator().manual_seed(seed))[0].float()
+
+
+# ---------------------------------------------------------------------- Qwen3: per-head q_norm / k_norm
+
+QWEN3_ATT = "model.layers.{i}.self_attn."
+
+
+def _qwen3_gains(uniform: bool) -> Callable[[dict[str, torch.Tensor], dict], None]:
+    """Set every q_norm / k_norm gain: all equal (a constant != 1), or random and unequal in pairs."""
+
+    def change(tensors: dict[str, torch.Tensor], config: dict) -> None:
+        gen = torch.Generator().manual_seed(5)
+        for name in tensors:
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                size = tensors[name].shape
+                tensors[name] = torch.full(size, 1.7) if uniform else 1 + 0.5 * torch.randn(size, generator=gen)
+
+    return change
+
+
+def _qwen3_qk(transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              q_scale: float = 1.0, k_scale: float = 1.0) -> Callable[[dict[str, torch.Tensor], dict], None]:
+    """Q and K rows of every head moved by `transform` (R^T applied to [dh, d] blocks) and scaled."""
+
+    def change(tensors: dict[str, torch.Tensor], config: dict) -> None:
+        dh = config["head_dim"]
+        for i in range(config["num_hidden_layers"]):
+            for role, scale in (("q", q_scale), ("k", k_scale)):
+                name = QWEN3_ATT.format(i=i) + f"{role}_proj.weight"
+                moved = per_head(tensors[name], dh, transform) if transform else tensors[name]
+                tensors[name] = moved * scale
+
+    return change
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("qwen3")
+    base = save_tiny("qwen3", root / "init", seed=0)
+    return {"init": base,
+            "uniform": edit(base, root / "uniform", _qwen3_gains(uniform=True)),
+            "trained": edit(base, root / "trained", _qwen3_gains(uniform=False))}
+
+
+def test_qwen3_rope_rotation_is_exact_only_where_it_commutes_with_the_qk_norm_gains(qwen3, tmp_path):
+    rotation = rope_rotation(6, seed=3)
+    rotate = _qwen3_qk(lambda block: rotation.T @ block)
+    # equal gains commute with every rotation: the RoPE-commuting group is exact
+    assert_same_function(qwen3["uniform"], edit(qwen3["uniform"], tmp_path / "u", rotate))
+    # unequal gains (any trained model): the same rotation breaks the function -> qk.rot off
+    change = max_relative_change(qwen3["trained"], edit(qwen3["trained"], tmp_path / "t", rotate))
+    assert change > BROKEN, change
+    # what is left with unequal gains: a sign flip of a whole rotate_half pair (angle pi)
+    flip = torch.ones(6)
+    flip[[1, 4]] = -1
+    flipped = edit(qwen3["trained"], tmp_path / "f", _qwen3_qk(lambda b: flip[:, None] * b))
+    assert_same_function(qwen3["trained"], flipped)
+
+
+def test_qwen3_qk_rescaling_is_not_exact(qwen3, tmp_path):
+    """The norm divides the scale out of q and of k: (a, 1/a) changes only the eps term, which shows
+    once a^2 * mean(q^2) is near eps -- not a symmetry of the projection weights."""
+    scaled = edit(qwen3["trained"], tmp_path / "s", _qwen3_qk(q_scale=1e-3, k_scale=1e3))
+    assert max_relative_change(qwen3["trained"], scaled) > BROKEN
+
+
+def test_qwen3_qk_norm_gain_rescaling_is_the_new_freedom(qwen3, tmp_path):
+    """The scale freedom the norm creates lives in its gains: q_norm * a with k_norm / a is exact
+    (rotfuse does not move norm gains, hence no qk.scale for Qwen3)."""
+
+    def change(tensors: dict[str, torch.Tensor], config: dict) -> None:
+        for name in tensors:
+            if name.endswith("q_norm.weight"):
+                tensors[name] = tensors[name] * 2.5
+            elif name.endswith("k_norm.weight"):
+                tensors[name] = tensors[name] / 2.5
+
+    assert_same_function(qwen3["trained"], edit(qwen3["trained"], tmp_path / "g", change))
+
+
+# ---------------------------------------------------------------------- Phi-3: fused gate_up_proj, partial RoPE
+
+def _phi3_ffn(perm_rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[dict, dict], None]:
+    """Permute down_proj's columns by a random neuron permutation and gate_up_proj's rows by
+    `perm_rows(weight, perm)`."""
+
+    def change(tensors: dict[str, torch.Tensor], config: dict) -> None:
+        perm = torch.randperm(config["intermediate_size"], generator=torch.Generator().manual_seed(2))
+        for i in range(config["num_hidden_layers"]):
+            ffn = f"model.layers.{i}.mlp."
+            tensors[ffn + "down_proj.weight"] = tensors[ffn + "down_proj.weight"][:, perm]
+            tensors[ffn + "gate_up_proj.weight"] = perm_rows(tensors[ffn + "gate_up_proj.weight"], perm)
+
+    return change
+
+
+def _both_halves(weight: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    gate, up = weight.chunk(2)
+    return torch.cat([gate[perm], up[perm]])
+
+
+def _gate_half_only(weight: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    gate, up = weight.chunk(2)
+    return torch.cat([gate[perm], up])
+
+
+@pytest.mark.parametrize(("split", "keeps"), [(_both_halves, True), (_gate_half_only, False)])
+def test_phi3_gate_up_proj_is_two_projections_sharing_the_neuron_index(tmp_path, split, keeps):
+    model = save_tiny("phi3", tmp_path / "model", seed=0)
+    change = max_relative_change(model, edit(model, tmp_path / "moved", _phi3_ffn(split)))
+    assert (change < SAME) if keeps else (change > BROKEN), change
+
+
+def test_phi3_partial_rotary_factor_is_necessary(tmp_path):
+    """Read without its partial rotary factor, the spec would pair coordinates over the whole head."""
+    model = save_tiny("phi3", tmp_path / "model", seed=0)
+    spec = tmp_path / "variant.yaml"
+    spec.write_text("extends: phi3\nname: phi3\nrope: {style: rotate_half}\n")
+    qk = symmetry_set("qk.rot")
+    scramble(model, tmp_path / "safe", MatchOptions(symmetries=qk, device="cpu"), seed=2)
+    scramble(model, tmp_path / "unsafe", MatchOptions(symmetries=qk, device="cpu", arch_spec=spec), seed=2)
+    assert_same_function(model, tmp_path / "safe")
+    assert max_relative_change(model, tmp_path / "unsafe") > BROKEN
+
+
+# ---------------------------------------------------------------------- GPT-NeoX: per-head fused QKV, partial RoPE
+
+NEOX_STACKED_QKV = """extends: gpt_neox
+name: gpt_neox
+attention:
+  qkv: {weight: attention.query_key_value.weight, bias: attention.query_key_value.bias, order: [q, k, v]}
+  o: {weight: attention.dense.weight}
+"""
+# variant -> (symmetries scrambled, spec text that drops one safeguard)
+NEOX_SAFEGUARDS = {
+    "qkv-read-as-stacked": ("qk.rot,vo.rot", NEOX_STACKED_QKV),
+    "without-partial-rotary": ("qk.rot", "extends: gpt_neox\nname: gpt_neox\nrope: {style: rotate_half}\n"),
+}
+
+
+@pytest.mark.parametrize("variant", NEOX_SAFEGUARDS)
+def test_gpt_neox_safeguards_are_necessary(tmp_path, variant):
+    symmetries, text = NEOX_SAFEGUARDS[variant]
+    model = save_tiny("gpt-neox", tmp_path / "model", seed=0)
+    spec = tmp_path / "variant.yaml"
+    spec.write_text(text)
+    chosen = symmetry_set(symmetries)
+    scramble(model, tmp_path / "safe", MatchOptions(symmetries=chosen, device="cpu"), seed=2)
+    scramble(model, tmp_path / "unsafe", MatchOptions(symmetries=chosen, device="cpu", arch_spec=spec), seed=2)
+    assert_same_function(model, tmp_path / "safe")
+    assert max_relative_change(model, tmp_path / "unsafe") > BROKEN
+
+
+# ---------------------------------------------------------------------- Gemma: (1 + w) RMSNorm gains
+
+GEMMA_FOLDED = """extends: gemma
+name: gemma
+residual:
+  norm: rmsnorm
+  model:
+    - table: embed_tokens.weight
+    - {norm: norm.weight, readers: [/lm_head.weight, /score.weight]}
+    - reads: [/lm_head.weight, /score.weight]
+    - free: [/lm_head.bias, /score.bias]
+  layer:
+    - {norm: input_layernorm.weight,
+       readers: [self_attn.q_proj.weight, self_attn.k_proj.weight, self_attn.v_proj.weight]}
+    - {norm: post_attention_layernorm.weight, readers: [mlp.gate_proj.weight, mlp.up_proj.weight]}
+    - table: self_attn.o_proj.bias
+"""
+
+
+def test_gemma_residual_map_is_a_permutation_because_its_gains_are_one_plus_w(tmp_path):
+    """Folded like LLaMA's plain gains (for an orthogonal map), Gemma's (1 + w) gains break the
+    function; the spec's permutation-only section keeps it."""
+    model = save_tiny("gemma", tmp_path / "model", seed=0, tie_word_embeddings=False)
+    anchor = save_tiny("gemma", tmp_path / "anchor", seed=1, tie_word_embeddings=False)
+    spec = tmp_path / "folded.yaml"
+    spec.write_text(GEMMA_FOLDED)
+    residual = symmetry_set("residual")
+    report = match(anchor, model, tmp_path / "perm", MatchOptions(symmetries=residual, device="cpu"))
+    assert_same_function(model, tmp_path / "perm")
+    assert "permutation" in json.dumps(report["residual"])
+    match(anchor, model, tmp_path / "folded", MatchOptions(symmetries=residual, device="cpu", arch_spec=spec))
+    assert max_relative_change(model, tmp_path / "folded") > BROKEN
+
+
+# ---------------------------------------------------------------------- every family through the CLI
+
+# family -> TINY entry; each spec's allowed maps (and the residual map) through the command line
+CLI_FAMILIES = {"qwen3": "qwen3", "phi3": "phi3", "gpt_neox": "gpt-neox", "gemma": "gemma"}
+
+
+@pytest.mark.parametrize("family", CLI_FAMILIES)
+def test_family_through_the_cli(tmp_path, family):
+    tiny = CLI_FAMILIES[family]
+    model = save_tiny(tiny, tmp_path / "model", seed=0)
+    anchor = save_tiny(tiny, tmp_path / "anchor", seed=1)
+    code, err = run_here("scramble", model, "-o", tmp_path / "scrambled", "--seed", "3", "-q")
+    assert code == 0, err
+    assert_same_function(model, tmp_path / "scrambled")
+    code, err = run_here("match", model, tmp_path / "scrambled", "-o", tmp_path / "back", "-q",
+                         "--report", tmp_path / "back.json")
+    assert code == 0, err
+    totals = json.loads((tmp_path / "back.json").read_text())["totals"]["matched"]
+    assert totals["after"] < 1e-5 * totals["before"]
+    for symmetries, out in (("default", "matched"), ("default,residual", "residual")):
+        code, err = run_here("match", anchor, model, "-s", symmetries, "-o", tmp_path / out, "-q")
+        assert code == 0, err
+        code, err = run_here("verify", model, tmp_path / out, "-q")
+        assert code == 0, err
+    code, err = run_here("merge", anchor, tmp_path / "residual", "-o", tmp_path / "merged", "-q")
+    assert code == 0, err
+    assert (tmp_path / "merged" / "model.safetensors").exists()
