@@ -17,7 +17,8 @@ DARE draws its masks from another RNG in each tool, so dare-* are compared at de
 drop): that checks their combination rules (linear; sign election without `normalize`). The drop
 itself is checked by statistics in tests/test_merge_mergekit.py.
 
-mergekit-yaml is found through $MERGEKIT_YAML, then PATH, then /work/mergekit-venv/bin; it is
+mergekit-yaml is found through $MERGEKIT_YAML, then PATH, then $MERGEKIT_VENV/bin (default
+/work/mergekit-venv/bin); it is
 never a rotfuse dependency (install it in its own environment).
 """
 
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-FALLBACK = Path("/work/mergekit-venv/bin/mergekit-yaml")
+FALLBACK = Path(os.environ.get("MERGEKIT_VENV", "/work/mergekit-venv")) / "bin" / "mergekit-yaml"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 WEIGHTS = (0.7, 0.5)
 
@@ -48,21 +49,26 @@ class Case:
     rotfuse: tuple[str, ...]  # `rotfuse merge` arguments after the models
     mergekit: str  # merge_method
     parameters: dict  # mergekit's global parameters
-    model_parameters: dict | None  # mergekit's per-model parameters (weights filled in); None: none
+    model_parameters: dict | None  # mergekit's per-model parameters besides the weight; None: no weights
     base: str  # "base", or "ft1" (slerp's base_model is its t = 0 end)
+    weights: tuple[float, float] = WEIGHTS  # per model, when the method takes weights
+
+    def rotfuse_args(self) -> tuple[str, ...]:
+        weights = ("--weights", ",".join(map(str, self.weights))) if self.model_parameters is not None else ()
+        return (*self.rotfuse, *weights)
 
 
 CASES = (
-    Case("task-arithmetic", ("--method", "task-arithmetic", "--weights", "0.7,0.5", "--scale", "0.8"),
+    Case("task-arithmetic", ("--method", "task-arithmetic", "--scale", "0.8"),
          "task_arithmetic", {"lambda": 0.8}, {}, "base"),
-    Case("ties", ("--method", "ties", "--weights", "0.7,0.5", "--density", "0.5"), "ties", {}, {"density": 0.5},
+    Case("ties", ("--method", "ties", "--density", "0.5"), "ties", {}, {"density": 0.5},
          "base"),
-    Case("ties no-normalize", ("--method", "ties", "--weights", "0.7,0.5", "--density", "0.3", "--no-normalize",
+    Case("ties no-normalize", ("--method", "ties", "--density", "0.3", "--no-normalize",
                                "--scale", "0.9"), "ties", {"normalize": False, "lambda": 0.9}, {"density": 0.3},
          "base"),
-    Case("dare-linear (density 1)", ("--method", "dare-linear", "--weights", "0.7,0.5", "--density", "1"),
+    Case("dare-linear (density 1)", ("--method", "dare-linear", "--density", "1"),
          "dare_linear", {}, {"density": 1.0}, "base"),
-    Case("dare-ties (density 1)", ("--method", "dare-ties", "--weights", "0.7,0.5", "--density", "1"),
+    Case("dare-ties (density 1)", ("--method", "dare-ties", "--density", "1"),
          "dare_ties", {}, {"density": 1.0}, "base"),
     Case("slerp t=0.3", ("--method", "slerp", "--t", "0.3"), "slerp", {"t": 0.3}, None, "ft1"),
     Case("model-stock", ("--method", "model-stock"), "model_stock", {}, None, "base"),
@@ -110,7 +116,7 @@ def mergekit_config(case: Case, folders: dict[str, Path], dtype: str | None, out
     for index, name in enumerate(("ft1", "ft2")):
         lines.append(f"  - model: {folders[name]}")
         if case.model_parameters is not None:
-            parameters = {"weight": WEIGHTS[index], **case.model_parameters}
+            parameters = {"weight": case.weights[index], **case.model_parameters}
             lines.append(f"    parameters: {json.dumps(parameters)}")
     if case.parameters:
         lines.append(f"parameters: {json.dumps(case.parameters)}")
@@ -137,7 +143,7 @@ def run_rotfuse(case: Case, folders: dict[str, Path], out: Path) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     base = ("--base", str(folders["base"])) if case.base == "base" else ()
     result = subprocess.run([sys.executable, "-m", "rotfuse", "merge", str(folders["ft1"]), str(folders["ft2"]),
-                             *case.rotfuse, *base, "-o", str(out), "-q", "--device", "cpu"],
+                             *case.rotfuse_args(), *base, "-o", str(out), "-q", "--device", "cpu"],
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"rotfuse merge failed on {case.label}:\n{result.stderr[-3000:]}")
