@@ -18,8 +18,7 @@ drop): that checks their combination rules (linear; sign election without `norma
 itself is checked by statistics in tests/test_merge_mergekit.py.
 
 mergekit-yaml is found through $MERGEKIT_YAML, then PATH, then $MERGEKIT_VENV/bin (default
-/work/mergekit-venv/bin); it is
-never a rotfuse dependency (install it in its own environment).
+/work/mergekit-venv/bin); it is never a rotfuse dependency (install it in its own environment).
 """
 
 from __future__ import annotations
