@@ -173,6 +173,9 @@ def test_ties_breaks_ties_at_the_threshold_as_torchs_argsort() -> None:
     expected = torch.zeros(values.numel(), dtype=torch.bool)
     expected[torch.argsort(values.abs().float(), descending=True)[:k]] = True
     assert torch.equal(magnitude_mask(values, 0.37), expected)
+    assert torch.equal(magnitude_mask(values, 0.37, ties_likely=True), expected)
+    distinct = _randn(3000, seed=10)  # both paths agree where the top k is unique
+    assert torch.equal(magnitude_mask(distinct, 0.3), magnitude_mask(distinct, 0.3, ties_likely=True))
 
 
 def test_ties_combine_elects_the_sign_of_the_weighted_sum() -> None:

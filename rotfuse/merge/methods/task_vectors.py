@@ -66,7 +66,7 @@ def deltas(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> tuple[torch.T
     return origin, [tensor.to(origin.device, work) - origin for tensor in tensors]
 
 
-def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+def magnitude_mask(delta: torch.Tensor, density: float, ties_likely: bool = False) -> torch.Tensor:
     """TIES trimming: True at the `k = int(density * numel)` largest-magnitude entries (at least one).
 
     As mergekit's `sparsify.magnitude` on the CPU, so that the outputs are equal: k is
@@ -74,8 +74,8 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     entries tied in magnitude straddle the k-th place -- common in 16-bit checkpoints -- the ones
     kept are those `torch.argsort(descending=True)` puts first (an arbitrary choice, but the same
     for one torch version whatever the thread count). A k-th-value threshold decides every other
-    tensor without the full sort. mergekit refuses a tensor where k would be 0; rotfuse keeps its
-    largest entry.
+    tensor without the full sort; with `ties_likely` (16-bit checkpoints, where it rarely can) the
+    sort comes first. mergekit refuses a tensor where k would be 0; rotfuse keeps its largest entry.
 
     The magnitudes are those of the task vector as computed (exact for 16-bit checkpoints, float32
     -rounded for float32 ones): mergekit's when it runs in float32, its default for float32
@@ -87,6 +87,10 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     if density >= 1.0 or k >= count:
         return torch.ones_like(delta, dtype=torch.bool)
     magnitudes = delta.abs().reshape(-1).to("cpu", torch.float32)
+    if ties_likely:
+        keep = torch.zeros(count, dtype=torch.bool)
+        keep[torch.argsort(magnitudes, descending=True)[:k]] = True
+        return keep.reshape(delta.shape).to(delta.device)
     threshold = torch.kthvalue(magnitudes, count - k + 1).values
     keep = magnitudes > threshold
     tied = magnitudes == threshold

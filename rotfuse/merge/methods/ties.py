@@ -54,7 +54,7 @@ class Ties(MergeMethod):
         assert base is not None
         origin, vectors = deltas(tensors, base)
         density = self.settings.density
-        trimmed = [vector * magnitude_mask(vector, density) if density < 1.0 else vector
-                   for vector in vectors]
+        half = base.dtype.itemsize <= 2  # 16-bit task vectors repeat magnitudes: sort at once
+        trimmed = [vector * magnitude_mask(vector, density, half) if density < 1.0 else vector for vector in vectors]
         mixed = ties_combine(trimmed, self.weights, self.settings.normalize)
         return add_back(origin, mixed, self.settings.scale)
