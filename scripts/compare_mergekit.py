@@ -206,8 +206,8 @@ def run_all(root: Path, dtypes: list[str], mergekit: str, cases: tuple[Case, ...
             slug = case.label.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "")
             ours = run_rotfuse(case, folders, root / f"{dtype_name}-{slug}-rotfuse")
             for label, dtype, out_dtype in runs:
-                theirs = run_mergekit(mergekit, case, folders, root / f"{dtype_name}-{slug}-mk-{label.replace(' ', '_')}",
-                                      dtype, out_dtype)
+                target = root / f"{dtype_name}-{slug}-mk-{label.replace(' ', '_')}"
+                theirs = run_mergekit(mergekit, case, folders, target, dtype, out_dtype)
                 rows.append({"checkpoints": dtype_name, "method": case.label, "mergekit": label,
                              **asdict(compare(ours, theirs))})
     return rows

@@ -86,8 +86,8 @@ def merge_command(
                             "(0 = first) or its folder  [default: 0]")] = None,
     match: Annotated[bool | None, typer.Option(
         "--match/--no-match", help="Align every model to the first one (as `rotfuse match`, in memory) before "
-                                   "merging (with --base, the base too). Not fisher/regmean: statistics must be computed on "
-                                   "aligned checkpoints, so for those run match, then stats, then merge.",
+                                   "merging (with --base, the base too). Not fisher/regmean: statistics must be "
+                                   "computed on aligned checkpoints, so for those run match, then stats, then merge.",
         show_default=False)] = None,
     symmetries: Annotated[str | None, typer.Option(
         "--symmetries", "-s", help="With --match: symmetries to use, as for `rotfuse match`  [default: that of `rotfuse match`]")] = None,

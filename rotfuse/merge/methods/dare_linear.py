@@ -21,7 +21,13 @@ import torch
 from rotfuse.core.errors import UsageError
 from rotfuse.merge.methods.base import MergeMethod
 from rotfuse.merge.methods.task_vectors import (
-    add_back, check_density, check_scale, dare, deltas, linear_combine, task_weights,
+    add_back,
+    check_density,
+    check_scale,
+    dare,
+    deltas,
+    linear_combine,
+    task_weights,
 )
 
 

@@ -20,7 +20,13 @@ import torch
 from rotfuse.merge.methods.base import MergeMethod
 from rotfuse.merge.methods.dare_linear import check_seed
 from rotfuse.merge.methods.task_vectors import (
-    add_back, check_density, check_scale, dare, deltas, task_weights, ties_combine,
+    add_back,
+    check_density,
+    check_scale,
+    dare,
+    deltas,
+    task_weights,
+    ties_combine,
 )
 
 

@@ -24,7 +24,13 @@ import torch
 
 from rotfuse.merge.methods.base import MergeMethod
 from rotfuse.merge.methods.task_vectors import (
-    add_back, check_density, check_scale, deltas, magnitude_mask, task_weights, ties_combine,
+    add_back,
+    check_density,
+    check_scale,
+    deltas,
+    magnitude_mask,
+    task_weights,
+    ties_combine,
 )
 
 
