@@ -13,6 +13,11 @@ in one run, each as its own process so peak RSS is per command:
   match-all          rotfuse match (FFN permutation too), with per-stage seconds from its report
   merge-simple       rotfuse merge --method simple (when the command exists)
   mergekit-linear    mergekit-yaml linear merge of the same pair (when mergekit is installed)
+  merge-ties         rotfuse merge --method ties --density 0.2: B and C (a second fine-tune, A plus
+                     other noise) with A as their base -- three checkpoints read, one written
+  merge-dare-ties    rotfuse merge --method dare-ties --density 0.1, the same three checkpoints
+  mergekit-ties      mergekit-yaml ties on them, density 0.2 (when mergekit is installed)
+  mergekit-dare-ties mergekit-yaml dare_ties on them, density 0.1 (when mergekit is installed)
   match-2x-deep      match-all on the same model made twice as deep: peak RSS must stay flat
   merge-2x-deep      merge-simple on the twice-as-deep pair: peak RSS must stay flat too
   io-floor-fsync     io-floor, each written file flushed to disk (os.fsync) before the end
@@ -53,8 +58,11 @@ SIZES = {  # hidden, layers, heads, kv heads, ffn width, vocab
                  intermediate_size=352, vocab_size=1000),
 }
 SHARD_BYTES = 500 * 1024 * 1024
-STAGES = ("startup", "io-floor", "match-attn", "match-all", "merge-simple", "mergekit-linear", "match-2x-deep",
-          "merge-2x-deep", "io-floor-fsync", "match-attn-fsync", "merge-simple-fsync")
+STAGES = ("startup", "io-floor", "match-attn", "match-all", "merge-simple", "mergekit-linear", "merge-ties",
+          "merge-dare-ties", "mergekit-ties", "mergekit-dare-ties", "match-2x-deep", "merge-2x-deep", "io-floor-fsync",
+          "match-attn-fsync", "merge-simple-fsync")
+TASK_VECTOR_STAGES = {"merge-ties": ("ties", "0.2"), "merge-dare-ties": ("dare-ties", "0.1"),
+                      "mergekit-ties": ("ties", "0.2"), "mergekit-dare-ties": ("dare_ties", "0.1")}
 FLUSHED = "-fsync"  # stages that flush their output: measured against io-floor-fsync
 
 
@@ -259,6 +267,23 @@ def bench_size(size: str, root: Path, keep: bool, repeat: int, stages: frozenset
         )
         stage("mergekit-linear", [mergekit, str(config), str(work), "--lazy-unpickle", "--out-shard-size", "500M"])
     folders = [a, b]
+    if stages & set(TASK_VECTOR_STAGES):  # A as the base of B and of C, a second fine-tune of it
+        c = generate(root / f"{size}-c", dims, base_seed=0, noise_seed=2)
+        folders.append(c)
+        for name in ("merge-ties", "merge-dare-ties"):
+            method, density = TASK_VECTOR_STAGES[name]
+            if has_command("merge"):
+                stage(name, rotfuse("merge", "--method", method, str(b), str(c), "--base", str(a), "--density", density,
+                                    "-o", str(work), "-q", *no_fsync))
+        for name in ("mergekit-ties", "mergekit-dare-ties"):
+            method, density = TASK_VECTOR_STAGES[name]
+            if mergekit and name in stages:
+                config = root / f"{size}-{name}.yaml"
+                config.write_text(
+                    f"merge_method: {method}\nbase_model: {a}\ndtype: bfloat16\nmodels:\n"
+                    + "".join(f"  - model: {m}\n    parameters: {{weight: 1.0, density: {density}}}\n" for m in (b, c))
+                )
+                stage(name, [mergekit, str(config), str(work), "--lazy-unpickle", "--out-shard-size", "500M"])
     if stages & {"match-2x-deep", "merge-2x-deep"}:
         deep_dims = {**dims, "num_hidden_layers": 2 * dims["num_hidden_layers"]}
         deep_a = generate(root / f"{size}-deep-a", deep_dims, base_seed=0, noise_seed=None)

@@ -17,12 +17,16 @@ if TYPE_CHECKING:
     from rotfuse.merge.engine import MergeOptions
 
 # flags that are settings of one method or another (the method's Settings dataclass validates them)
-METHOD_SETTINGS = ("alpha", "fisher_floor", "fisher_normalize")
+METHOD_SETTINGS = ("alpha", "fisher_floor", "fisher_normalize", "scale", "density", "seed", "normalize", "t",
+                   "filter_wise")
 
-# each job-file key with its flag's type and range (merge/config.Kind)
+# each job-file key with its flag's type and range (cli/jobfile.Kind); a method's own settings are
+# validated again by its Settings dataclass
 MERGE_SETTINGS: dict[str, Kind] = {
-    "models": LIST, "out": TEXT, "method": TEXT, "weights": LIST, "stats": LIST,
+    "models": LIST, "out": TEXT, "method": TEXT, "weights": LIST, "stats": LIST, "base": TEXT,
     "alpha": Kind("float", 0.0, 1.0), "fisher_floor": Kind("float", 0.0), "fisher_normalize": BOOL,
+    "scale": Kind("float"), "density": Kind("float", 0.0, 1.0), "seed": Kind("int"), "normalize": BOOL,
+    "t": Kind("float", 0.0, 1.0), "filter_wise": BOOL,
     "exclude": LIST, "head_from": TEXT, "match": BOOL, "symmetries": TEXT, "max_rounds": Kind("int", 1),
     "dtype": TEXT, "report": TEXT, "arch": TEXT, "arch_spec": TEXT, "device": TEXT,
     "allow_nonfinite": BOOL, "dry_run": BOOL, "overwrite": BOOL, "fsync": BOOL, "quiet": BOOL, "json": BOOL,
@@ -41,13 +45,38 @@ def merge_command(
              "config and tokenizer.", show_default=False)] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder for the merged checkpoint.")] = None,
     method: Annotated[str | None, typer.Option(
-        "--method", "-m", help=f"One of {', '.join(REGISTRY)}; fisher and regmean need --stats "
+        "--method", "-m", help=f"One of {', '.join(REGISTRY)}; fisher and regmean need --stats, task-arithmetic, "
+                               "ties, dare-linear, dare-ties and model-stock need --base "
                                "(`rotfuse merge` README section)  [default: simple]")] = None,
     weights: Annotated[str | None, typer.Option(
-        "--weights", "-w", help="Per-model weights, comma-separated, normalised to sum 1  [default: uniform]")] = None,
+        "--weights", "-w", help="Per-model weights, comma-separated: normalised to sum 1 for simple, fisher, regmean; "
+                                "task-vector weights as given (negatives allowed) for task-arithmetic, ties, dare-*; "
+                                "slerp and model-stock take none  [default: uniform; 1 each for task vectors]")] = None,
     stats: Annotated[list[Path] | None, typer.Option(
         "--stats", help="Statistics folders from `rotfuse stats`, one per model, in the models' order: "
                         "--stats A B, --stats A --stats B or --stats A,B.", show_default=False)] = None,
+    base: Annotated[Path | None, typer.Option(
+        "--base", help="The fine-tunes' common base model (task vectors are model minus base): task-arithmetic, "
+                       "ties, dare-linear, dare-ties, model-stock. With --match it is aligned like the models.",
+        show_default=False)] = None,
+    scale: Annotated[float | None, typer.Option(
+        "--scale", help="task-arithmetic, ties, dare-*: lambda, the factor on the combined task vector  "
+                        "[default: 1.0]")] = None,
+    density: Annotated[float | None, typer.Option(
+        "--density", help="ties: fraction of each task vector kept (largest magnitudes, per tensor); dare-*: "
+                          "probability of keeping each entry; in (0, 1]  [default: ties 0.2, dare-* 0.1]")] = None,
+    seed: Annotated[int | None, typer.Option(
+        "--seed", help="dare-*: seed of the drop masks (same seed, same checkpoint on any device)  "
+                       "[default: 0]")] = None,
+    normalize: Annotated[bool | None, typer.Option(
+        "--normalize/--no-normalize", help="ties, dare-ties: divide the agreeing entries' sum by their weights' sum "
+                                           "(the disjoint mean)  [default: ties on, dare-ties off, as mergekit]",
+        show_default=False)] = None,
+    t: Annotated[float | None, typer.Option(
+        "--t", help="slerp: position between the two models in [0, 1], 0 = the first  [default: 0.5]")] = None,
+    filter_wise: Annotated[bool | None, typer.Option(
+        "--filter-wise/--no-filter-wise", help="model-stock: one angle per row instead of per tensor  "
+                                               "[default: off]", show_default=False)] = None,
     alpha: Annotated[float | None, typer.Option(
         "--alpha", help="RegMean: scale of the Grams' off-diagonal entries (0 = diagonal only)  [default: 0.9]")] = None,
     fisher_floor: Annotated[float | None, typer.Option(
@@ -66,8 +95,8 @@ def merge_command(
                             "(0 = first) or its folder  [default: 0]")] = None,
     match: Annotated[bool | None, typer.Option(
         "--match/--no-match", help="Align every model to the first one (as `rotfuse match`, in memory) before "
-                                   "merging. simple only: statistics must be computed on aligned checkpoints, so "
-                                   "for fisher/regmean run match, then stats, then merge.",
+                                   "merging (with --base, the base too). Not fisher/regmean: statistics must be "
+                                   "computed on aligned checkpoints, so for those run match, then stats, then merge.",
         show_default=False)] = None,
     symmetries: Annotated[str | None, typer.Option(
         "--symmetries", "-s", help="With --match: symmetries to use, as for `rotfuse match`  [default: that of `rotfuse match`]")] = None,
@@ -100,6 +129,8 @@ def merge_command(
     rotfuse merge --method regmean a/ b_aligned/ --stats a_stats/ b_stats/ -o merged/
     rotfuse merge --method fisher a/ b_aligned/ --stats a_fisher/ b_fisher/ --exclude classifier -o merged/
     rotfuse merge --match a/ b/ -o merged/
+    rotfuse merge --method ties ft1/ ft2/ --base base/ --density 0.2 -o merged/
+    rotfuse merge --method slerp a/ b/ --t 0.3 -o merged/
     rotfuse merge --config job.yaml
     """
     from rotfuse.cli.jobfile import Settings, load_config
@@ -107,7 +138,8 @@ def merge_command(
     job = run_command(lambda: load_config(config, "merge", MERGE_SETTINGS), debug)
     settings = Settings({
         "models": models or None, "out": out, "method": method, "weights": weights, "stats": stats or None,
-        "alpha": alpha, "fisher_floor": fisher_floor, "fisher_normalize": fisher_normalize,
+        "base": base, "scale": scale, "density": density, "seed": seed, "normalize": normalize, "t": t,
+        "filter_wise": filter_wise, "alpha": alpha, "fisher_floor": fisher_floor, "fisher_normalize": fisher_normalize,
         "exclude": exclude or None, "head_from": head_from, "match": match, "symmetries": symmetries,
         "max_rounds": max_rounds, "dtype": dtype, "report": report, "arch": arch, "arch_spec": arch_spec,
         "device": device, "allow_nonfinite": allow_nonfinite or None, "dry_run": dry_run or None,
@@ -174,6 +206,7 @@ def _options(settings: Settings) -> tuple[list[Path], MergeOptions]:
             method=str(settings.get("method", "simple")),
             weights=None if weights is None else tuple(float(w) for w in as_list(weights)),
             stats=tuple(stats),
+            base=settings.path("base"),
             settings={key: settings.get(key) for key in METHOD_SETTINGS if settings.get(key) is not None},
             dtype=None if dtype is None else parse_dtype_flag(str(dtype)),
             exclude=tuple(as_list(settings.get("exclude"), split=False)),

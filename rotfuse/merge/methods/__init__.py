@@ -21,6 +21,12 @@ REGISTRY: dict[str, str] = {
     "simple": "rotfuse.merge.methods.simple:Simple",
     "fisher": "rotfuse.merge.methods.fisher:Fisher",
     "regmean": "rotfuse.merge.methods.regmean:RegMean",
+    "task-arithmetic": "rotfuse.merge.methods.task_arithmetic:TaskArithmetic",
+    "ties": "rotfuse.merge.methods.ties:Ties",
+    "dare-linear": "rotfuse.merge.methods.dare_linear:DareLinear",
+    "dare-ties": "rotfuse.merge.methods.dare_ties:DareTies",
+    "slerp": "rotfuse.merge.methods.slerp:Slerp",
+    "model-stock": "rotfuse.merge.methods.model_stock:ModelStock",
 }
 
 

@@ -1,0 +1,165 @@
+"""Task vectors, the pieces task arithmetic, TIES and DARE are made of (no method here).
+
+A task vector is a fine-tune minus its base, `delta_i = theta_i - base`; the methods trim or drop
+entries of each, optionally elect a sign per parameter, and add a weighted combination back:
+
+    theta = base + scale * combine_i(w_i * sparsify(delta_i))
+
+Arithmetic follows `simple.weighted_average`: float64 when an input is 32- or 64-bit, float32
+for half-precision checkpoints; the engine casts the result to the output dtype.
+
+Everything here is checked against mergekit's `generalized_task_arithmetic.py` and `sparsify.py`
+(tests/merge/methods/test_mergekit_conformance.py); where rotfuse differs the function says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+
+import torch
+
+from rotfuse.core.errors import UsageError
+
+
+def work_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    """float64 when any input is 32- or 64-bit, float32 for half-precision inputs."""
+    wide = any(t.dtype in (torch.float32, torch.float64) or not t.is_floating_point() for t in tensors)
+    return torch.float64 if wide else torch.float32
+
+
+def task_weights(weights: Sequence[float] | None, count: int) -> list[float]:
+    """Per-model task-vector weights as given: not normalised, negatives allowed (subtracting a
+    task), 1.0 each when none are given (mergekit requires them; the papers sum task vectors)."""
+    if weights is None:
+        return [1.0] * count
+    weights = [float(w) for w in weights]
+    if len(weights) != count:
+        raise UsageError(f"--weights has {len(weights)} values for {count} models")
+    if not all(math.isfinite(w) for w in weights):
+        raise UsageError(f"--weights {','.join(map(str, weights))}: every weight must be finite")
+    return weights
+
+
+def no_weights(method: str, weights: Sequence[float] | None, count: int, instead: str) -> list[float]:
+    """For methods whose per-model weights are not the user's to set: refuse --weights."""
+    if weights is not None:
+        raise UsageError(f"--method {method} takes no --weights ({instead})")
+    return [1.0 / count] * count
+
+
+def check_density(density: float) -> None:
+    if not (math.isfinite(density) and 0.0 < density <= 1.0):
+        raise UsageError(f"--density {density}: the fraction of each task vector kept must be in (0, 1]")
+
+
+def check_scale(scale: float) -> None:
+    if not math.isfinite(scale):
+        raise UsageError(f"--scale {scale}: must be a finite number")
+
+
+def deltas(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The base and every model's task vector, in the working dtype on the base's device."""
+    work = work_dtype([*tensors, base])
+    origin = base.to(dtype=work)
+    return origin, [tensor.to(origin.device, work) - origin for tensor in tensors]
+
+
+def magnitude_mask(delta: torch.Tensor, density: float, ties_likely: bool = False) -> torch.Tensor:
+    """TIES trimming: True at the `k = int(density * numel)` largest-magnitude entries (at least one).
+
+    As mergekit's `sparsify.magnitude` on the CPU, so that the outputs are equal: k is
+    `int(density * numel)` (0.29 of 100 keeps 28), magnitudes are ranked as float32, and where
+    entries tied in magnitude straddle the k-th place -- common in 16-bit checkpoints -- the ones
+    kept are those `torch.argsort(descending=True)` puts first (an arbitrary choice, but the same
+    for one torch version whatever the thread count). A k-th-value threshold decides every other
+    tensor without the full sort; with `ties_likely` (16-bit checkpoints, where it rarely can) the
+    sort comes first. mergekit refuses a tensor where k would be 0; rotfuse keeps its largest entry.
+
+    The magnitudes are those of the task vector as computed (exact for 16-bit checkpoints, float32
+    -rounded for float32 ones): mergekit's when it runs in float32, its default for float32
+    checkpoints and `dtype: float32` for 16-bit ones; its default 16-bit arithmetic rounds the task
+    vector first, which can change which tied entries straddle the threshold.
+    """
+    count = delta.numel()
+    k = max(1, int(density * count))
+    if density >= 1.0 or k >= count:
+        return torch.ones_like(delta, dtype=torch.bool)
+    magnitudes = delta.abs().reshape(-1).to("cpu", torch.float32)
+    if ties_likely:
+        keep = torch.zeros(count, dtype=torch.bool)
+        keep[torch.argsort(magnitudes, descending=True)[:k]] = True
+        return keep.reshape(delta.shape).to(delta.device)
+    threshold = torch.kthvalue(magnitudes, count - k + 1).values
+    keep = magnitudes > threshold
+    tied = magnitudes == threshold
+    if int(keep.sum()) + int(tied.sum()) == k:  # no choice among ties to make
+        keep |= tied
+    else:
+        keep = torch.zeros_like(keep)
+        keep[torch.argsort(magnitudes, descending=True)[:k]] = True
+    return keep.reshape(delta.shape).to(delta.device)
+
+
+def dare_generator(seed: int, name: str, index: int) -> torch.Generator:
+    """A CPU generator for model `index`'s mask of tensor `name`: one stream per (seed, tensor,
+    model), so a mask never depends on the order tensors are visited, the device or threads."""
+    digest = hashlib.blake2b(f"rotfuse-dare\0{seed}\0{name}\0{index}".encode(), digest_size=8).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+def dare_mask(shape: torch.Size, density: float, seed: int, name: str, index: int) -> torch.Tensor:
+    """DARE's drop mask on the CPU: each entry kept with probability `density` (a float32 uniform
+    draw below it), independently; True where kept."""
+    if density >= 1.0:
+        return torch.ones(shape, dtype=torch.bool)
+    return torch.rand(shape, generator=dare_generator(seed, name, index)) < density
+
+
+def dare(delta: torch.Tensor, density: float, seed: int, name: str, index: int) -> torch.Tensor:
+    """Drop and rescale (Yu et al. 2024): `delta * mask / density`.
+
+    mergekit rescales by the ratio of L1 norms before and after dropping instead (`rescale: true`),
+    which is 1/density only in expectation; the paper's 1/density keeps every kept entry's scale
+    independent of the others, and the expected task vector unbiased."""
+    if density >= 1.0:
+        return delta
+    mask = dare_mask(delta.shape, density, seed, name, index).to(delta.device)
+    return delta * mask / density
+
+
+def linear_combine(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """`sum_i w_i delta_i` (mergekit's task arithmetic with `normalize: false`)."""
+    mixed = torch.zeros_like(deltas[0])
+    for delta, weight in zip(deltas, weights, strict=True):
+        if weight:
+            mixed.add_(delta, alpha=weight)
+    return mixed
+
+
+def ties_combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
+    """TIES's elect-and-merge (Yadav et al. 2023), as mergekit's `get_mask(method="sum")`.
+
+    The weighted task vectors `w_i delta_i` vote: the elected sign of a parameter is that of their
+    sum (+ on a tie at zero). Entries whose weighted sign agrees are summed (zero entries never
+    agree); with `normalize` the sum is divided by the agreeing models' total weight -- the
+    disjoint mean for positive weights -- left as is where no model agrees.
+    """
+    weighted = [delta * weight for delta, weight in zip(deltas, weights, strict=True)]
+    positive = sum(weighted[1:], weighted[0].clone()) >= 0
+    mixed = torch.zeros_like(weighted[0])
+    divisor = torch.zeros_like(weighted[0])
+    for vector, weight in zip(weighted, weights, strict=True):
+        agree = torch.where(positive, vector > 0, vector < 0)
+        mixed.add_(vector * agree)
+        if normalize:
+            divisor.add_(agree, alpha=weight)
+    if normalize:
+        mixed /= divisor.masked_fill_(divisor == 0, 1.0)
+    return mixed
+
+
+def add_back(base: torch.Tensor, mixed: torch.Tensor, scale: float) -> torch.Tensor:
+    """`base + scale * mixed` (mergekit's `lambda`)."""
+    return torch.add(base, mixed, alpha=scale)
