@@ -24,10 +24,12 @@ from rotfuse.align.residual.search import search_stream_maps
 from rotfuse.align.residual.setup import gains_from
 from rotfuse.archs.bind import LayerId
 from rotfuse.archs.layer_io import layer_tensor_names, read_layer
+from rotfuse.core.distributed import launch_env
 from rotfuse.core.progress import Progress
 from rotfuse.core.report import SCHEMA_VERSION, Distance
 from rotfuse.io.checkpoint import Checkpoint
 from rotfuse.io.staging import StagedFolder, Target, check_outputs, write_json
+from rotfuse.symmetry.names import FFN_PERM
 from rotfuse.symmetry.weights import LayerWeights
 
 
@@ -66,7 +68,8 @@ def _match_into(plan: MatchPlan, folder: Path, progress: Progress | None) -> dic
     folder.mkdir(parents=True, exist_ok=True)
     rows, outside, skipped = write_copy(
         model, folder, plan.layers, device, options.workers, transform, side, stream, progress,
-        anchor, anchor_side, unmoved, stored_ffn, options.fsync, options.allow_nonfinite)
+        anchor, anchor_side, unmoved, stored_ffn, options.fsync, options.allow_nonfinite,
+        FFN_PERM in options.symmetries)
     matched = Distance(tensors=sum(1 for layer in plan.layers
                                    for _ in layer_tensor_names(model.bound, layer, model.checkpoint)))
     for row in rows:
@@ -106,7 +109,12 @@ def match(
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Align MODEL to ANCHOR and write it to OUT; returns the report."""
+    """Align MODEL to ANCHOR and write it to OUT; returns the report. Under torchrun or srun
+    with several processes, they share the work (align/scaleout.py)."""
+    if launch_env() is not None:
+        from rotfuse.align.scaleout import match_on_group
+
+        return match_on_group(anchor_path, model_path, out, options, report_path, overwrite, progress)
     plan = prepare_match(anchor_path, model_path, out, options, overwrite, report=report_path)
     with StagedFolder(out, overwrite, options.fsync) as staged:
         report = _match_into(plan, staged.path, progress)
