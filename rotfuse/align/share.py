@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from rotfuse.align.pair import OpenedModel
 from rotfuse.archs.bind import LayerId
 from rotfuse.archs.layer_io import layer_tensor_names
@@ -56,3 +58,26 @@ def merge_timings(group: Group, timings: Timings) -> None:
     for seconds in everyone:
         for stage, value in seconds.items():
             timings.add(stage, value)
+
+
+def summable_in_layer_order(group: Group, layers: Sequence[LayerId], mine: Sequence[LayerId],
+                            rows: Sequence[tuple[str, torch.Tensor, float]]) -> list[tuple[str, torch.Tensor, float]]:
+    """Every layer's (stack, score matrix, distance) on every rank, in the order of `layers`.
+
+    Each matrix is all-reduced from its owner's copy and zeros elsewhere: x + 0 is exact, so the
+    caller sums the very floats one process sums, in the same order (partial sums per rank would
+    round differently and change the residual map's bytes). One layer's matrix at a time travels.
+    """
+    import torch.distributed as dist
+
+    shapes = in_layer_order(group, layers, mine, [(stack, tuple(c.shape), str(c.dtype).removeprefix("torch."), after)
+                                                  for stack, c, after in rows])
+    own = {layer: row[1] for layer, row in zip(mine, rows)}
+    result = []
+    for layer, (stack, shape, dtype, after) in zip(layers, shapes):
+        where = own[layer].device if layer in own else torch.device("cpu")
+        buffer = (own[layer].to(group.device, copy=True) if layer in own
+                  else torch.zeros(shape, dtype=getattr(torch, dtype), device=group.device))
+        dist.all_reduce(buffer, group=group.tensors)
+        result.append((stack, buffer.to(where), after))
+    return result
