@@ -24,7 +24,6 @@ from rotfuse.align.residual.search import search_stream_maps
 from rotfuse.align.residual.setup import gains_from
 from rotfuse.archs.bind import LayerId
 from rotfuse.archs.layer_io import layer_tensor_names, read_layer
-from rotfuse.core.distributed import launch_env
 from rotfuse.core.progress import Progress
 from rotfuse.core.report import SCHEMA_VERSION, Distance
 from rotfuse.io.checkpoint import Checkpoint
@@ -109,12 +108,7 @@ def match(
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Align MODEL to ANCHOR and write it to OUT; returns the report. Under torchrun or srun
-    with several processes, they share the work (align/scaleout.py)."""
-    if launch_env() is not None:
-        from rotfuse.align.scaleout import match_on_group
-
-        return match_on_group(anchor_path, model_path, out, options, report_path, overwrite, progress)
+    """Align MODEL to ANCHOR and write it to OUT; returns the report."""
     plan = prepare_match(anchor_path, model_path, out, options, overwrite, report=report_path)
     with StagedFolder(out, overwrite, options.fsync) as staged:
         report = _match_into(plan, staged.path, progress)
