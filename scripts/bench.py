@@ -41,6 +41,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -60,7 +61,7 @@ SIZES = {  # hidden, layers, heads, kv heads, ffn width, vocab
 SHARD_BYTES = 500 * 1024 * 1024
 STAGES = ("startup", "io-floor", "match-attn", "match-all", "merge-simple", "mergekit-linear", "merge-ties",
           "merge-dare-ties", "mergekit-ties", "mergekit-dare-ties", "match-2x-deep", "merge-2x-deep", "io-floor-fsync",
-          "match-attn-fsync", "merge-simple-fsync")
+          "match-attn-fsync", "merge-simple-fsync", "match-all-ws2")
 TASK_VECTOR_STAGES = {"merge-ties": ("ties", "0.2"), "merge-dare-ties": ("dare-ties", "0.1"),
                       "mergekit-ties": ("ties", "0.2"), "mergekit-dare-ties": ("dare_ties", "0.1")}
 FLUSHED = "-fsync"  # stages that flush their output: measured against io-floor-fsync
@@ -198,6 +199,15 @@ def rotfuse(*args: str) -> list[str]:
     return [sys.executable, "-m", "rotfuse", *args]
 
 
+def torchrun(nproc: int, *args: str) -> list[str]:
+    """rotfuse launched as `nproc` processes on this machine (gloo), as on a cluster node."""
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(port),
+            "-m", "rotfuse", *args]
+
+
 def has_command(name: str) -> bool:
     return subprocess.run(rotfuse(name, "--help"), capture_output=True).returncode == 0
 
@@ -254,6 +264,10 @@ def bench_size(size: str, root: Path, keep: bool, repeat: int, stages: frozenset
     stage("match-attn-fsync", rotfuse(*attn), detail_from_json=True)
     stage("match-all", rotfuse("match", str(a), str(b), "-o", str(work), "--json", "-q", "--device", "cpu", *no_fsync),
           detail_from_json=True)
+    # world size 2 against world size 1 (match-all, the same run): speed-up, and the largest peak RSS
+    # of one process (the launcher's wait4 gives the biggest of the tree, the torchrun agent included)
+    stage("match-all-ws2", torchrun(2, "match", str(a), str(b), "-o", str(work), "--json", "-q", "--device", "cpu",
+                                    *no_fsync), detail_from_json=True)
     if stages & {"merge-simple", "merge-simple-fsync", "merge-2x-deep"} and has_command("merge"):
         simple = ("merge", "--method", "simple", str(a), str(b), "-o", str(work), "-q")
         stage("merge-simple", rotfuse(*simple, *no_fsync))
@@ -307,6 +321,11 @@ def bench_size(size: str, root: Path, keep: bool, repeat: int, stages: frozenset
             report = json.loads(done.out)
             detail = {"timings": report.get("timings"), "distance_reduction": report["totals"]["matched"]["reduction"]}
         rows.append(Row(size, done.name, round(done.seconds, 2), round(done.rss, 1), detail=detail))
+    single = next((r for r in rows if r.stage == "match-all"), None)
+    for row in rows:
+        if row.stage.endswith("-ws2") and single is not None:
+            row.detail["speedup_vs_ws1"] = round(single.seconds / row.seconds, 2)
+            row.detail["rss_vs_ws1"] = round(row.peak_rss_mib / single.peak_rss_mib, 2)
     floors = {kind: next((r for r in rows if r.stage == "io-floor" + kind), None) for kind in ("", FLUSHED)}
     for row in rows:
         floor = floors[FLUSHED if row.stage.endswith(FLUSHED) else ""]
@@ -337,6 +356,9 @@ def markdown(rows: list[Row]) -> str:
             sep = "; " if note else ""
             note += (f"{sep}RSS vs {shallow}: {r.peak_rss_mib / by_size[r.size][shallow].peak_rss_mib:.2f}x "
                      "(twice the floor's bytes)")
+        if "speedup_vs_ws1" in r.detail:
+            note += (f"; world size 2 vs match-all (world size 1): {r.detail['speedup_vs_ws1']:.2f}x faster, "
+                     f"peak RSS of one rank {r.detail['rss_vs_ws1']:.2f}x")
         ratio = "" if r.ratio_to_floor is None else f"{r.ratio_to_floor:.2f}"
         rss = "" if not r.peak_rss_mib else f"{r.peak_rss_mib:.0f}"
         lines.append(f"| {r.size} | {r.stage} | {r.seconds:.2f} | {ratio} | {rss} | {note} |")

@@ -28,6 +28,7 @@ from rotfuse.core.progress import Progress
 from rotfuse.core.report import SCHEMA_VERSION, Distance
 from rotfuse.io.checkpoint import Checkpoint
 from rotfuse.io.staging import StagedFolder, Target, check_outputs, write_json
+from rotfuse.symmetry.names import FFN_PERM
 from rotfuse.symmetry.weights import LayerWeights
 
 
@@ -66,7 +67,8 @@ def _match_into(plan: MatchPlan, folder: Path, progress: Progress | None) -> dic
     folder.mkdir(parents=True, exist_ok=True)
     rows, outside, skipped = write_copy(
         model, folder, plan.layers, device, options.workers, transform, side, stream, progress,
-        anchor, anchor_side, unmoved, stored_ffn, options.fsync, options.allow_nonfinite)
+        anchor, anchor_side, unmoved, stored_ffn, options.fsync, options.allow_nonfinite,
+        FFN_PERM in options.symmetries)
     matched = Distance(tensors=sum(1 for layer in plan.layers
                                    for _ in layer_tensor_names(model.bound, layer, model.checkpoint)))
     for row in rows:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 
 from rotfuse.core import signals
+from rotfuse.core.distributed import launched_rank
 from rotfuse.core.errors import RotfuseError, UsageError
 
 if TYPE_CHECKING:
@@ -53,6 +54,8 @@ class Ui:
     def __post_init__(self) -> None:
         from rich.console import Console
 
+        if launched_rank() > 0:  # several processes on one job: rank 0 speaks for it
+            self.quiet, self.json = True, False
         self.console = Console(stderr=True, quiet=self.quiet, highlight=False)
 
     def emit(self, result: dict[str, Any]) -> None:
@@ -123,6 +126,8 @@ def run_command(action: Callable[[], T], debug: bool) -> T:
 def _fail(exc: BaseException, debug: bool, line: str, code: int) -> None:
     if debug:
         traceback.print_exception(exc, file=sys.stderr)
+    elif launched_rank() > 0:
+        raise typer.Exit(code)  # every rank fails with the job's code; rank 0 prints its line
     sys.stderr.write(" ".join(line.split("\n")) + "\n")
     raise typer.Exit(code)
 

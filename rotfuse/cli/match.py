@@ -83,9 +83,9 @@ def match_command(
     ui = Ui(quiet, json_out)
 
     def body() -> dict:
-        from rotfuse.align.match import match, match_many
         from rotfuse.align.options import DEFAULT_WORKERS, MatchOptions
         from rotfuse.align.plan import prepare_match
+        from rotfuse.align.scaleout import match, match_many  # shared among torchrun / srun ranks
         from rotfuse.core.report import render_match_table, render_plan
         from rotfuse.symmetry.names import symmetry_set
 

@@ -69,10 +69,14 @@ class CheckpointWriter:
     With `fsync` (the default) every shard is on disk when `finish()` returns: writeback starts as
     each tensor lands and a shard is fsynced in the background once complete, so the flush overlaps
     the work. Without it the OS writes back when it likes (scratch outputs, temporary checkpoints).
+
+    Several processes may write one checkpoint: one creates the files (`create`, headers and
+    sizes), the others open them after it (`create=False`); each writes its own tensors at their
+    offsets (disjoint byte ranges) and hands the rest to the others with `leave_to_others`.
     """
 
     def __init__(self, folder: Path, plans: list[ShardPlan], template: Checkpoint | None = None, fsync: bool = True,
-                 allow_nonfinite: bool = False):
+                 allow_nonfinite: bool = False, create: bool = True):
         self.folder = folder
         self.template = template
         self.fsync = fsync
@@ -90,12 +94,13 @@ class CheckpointWriter:
             for plan in plans:
                 current = folder / plan.file_name
                 header, offsets = encode_header(plan.tensors, plan.metadata)
-                fd = os.open(current, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC if create else os.O_RDWR
+                fd = os.open(current, flags, 0o644)
                 self._fds.append(fd)
                 self._files[fd] = current
-                os.pwrite(fd, header, 0)
-                end = max((e for _, e in offsets.values()), default=len(header))
-                os.ftruncate(fd, end)
+                if create:
+                    os.pwrite(fd, header, 0)
+                    os.ftruncate(fd, max((e for _, e in offsets.values()), default=len(header)))
                 for name, dtype, shape in plan.tensors:
                     self._where[name] = (fd, dtype, shape, offsets[name][0])
                     self._pending.add(name)
@@ -156,18 +161,24 @@ class CheckpointWriter:
             if name in self._pending:
                 self.copy(name)
 
+    def leave_to_others(self, names: Iterable[str]) -> None:
+        """Tensors another process writes: neither written nor copied here, not waited for."""
+        for name in names:
+            self._done(name, self._slot(name)[0])
+
     @property
     def pending(self) -> set[str]:
         return set(self._pending)
 
-    def finish(self) -> None:
-        """Copy every tensor nobody wrote from the template, write the index, flush to disk."""
+    def finish(self, index: bool = True) -> None:
+        """Copy every tensor nobody wrote from the template, write the index (unless another
+        process does), flush to disk."""
         for name in sorted(self._pending, key=lambda n: self._where[n][3]):
             if self.template is None or name not in self.template:
                 raise OutputError(f"internal: tensor {name!r} was never written")
             self.copy(name)
         template_index = self.template.index if self.template is not None else None
-        if len(self._plans) > 1 or template_index is not None:
+        if index and (len(self._plans) > 1 or template_index is not None):
             self._write_index(dict((template_index or {}).get("metadata") or {}))
         try:
             for future in self._syncs:  # one per shard, each submitted when it was complete

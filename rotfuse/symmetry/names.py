@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from rotfuse.core.errors import UsageError
 
+FFN_PERM = "ffn.perm"  # FFN neuron permutation: the dearest per-layer solve
 RESIDUAL = "residual.map"  # one map of the whole residual stream (permutation, or orthogonal where exact)
 ALL_SYMMETRIES = frozenset({"qk.rot", "qk.scale", "vo.rot", "vo.scale", "ffn.perm", "heads.perm", RESIDUAL})
 DEFAULT_SYMMETRIES = "perm,heads,rot,scale"  # per-layer maps; the residual map is opt-in

@@ -11,10 +11,13 @@ from rotfuse.align.layer import match_layer
 from rotfuse.align.pair import counterpart, in_layers, layer_settings
 from rotfuse.align.plan import MatchPlan
 from rotfuse.align.pool import Stream, transform_layers
+from rotfuse.align.share import my_layers, summable_in_layer_order
 from rotfuse.archs.bind import LayerId
 from rotfuse.archs.layer_io import read_layer
+from rotfuse.core import distributed
 from rotfuse.core.errors import UsageError
 from rotfuse.core.tensors import sq_distance
+from rotfuse.symmetry.names import FFN_PERM
 from rotfuse.symmetry.residual import StreamMap
 from rotfuse.symmetry.weights import LayerWeights
 
@@ -80,8 +83,16 @@ def search_stream_maps(plan: MatchPlan, stream: Stream) -> tuple[dict[str, Strea
             return new, (layer.stack, layer_stream_scores(new, ref), sum(r.after ** 2 for r in results))
 
         pass_stream = Stream()
-        extras = transform_layers(plan.model, None, plan.layers, plan.device, transform, pass_stream, None,
-                                  options.workers, view=side.layer_view)
+        group = distributed.current()
+        mine = (plan.layers if group is None
+                else my_layers(group, plan.model, plan.layers, FFN_PERM in options.symmetries))
+
+        def run_pass() -> list[tuple[str, torch.Tensor, float]]:
+            return transform_layers(plan.model, None, mine, plan.device, transform, pass_stream, None,
+                                    options.workers, view=side.layer_view)
+
+        extras = run_pass() if group is None else summable_in_layer_order(
+            group, plan.layers, mine, group.agree("residual pass", run_pass))
         for stage, seconds in pass_stream.timings.seconds.items():
             stream.timings.add(stage, seconds)
         _, outside_distance = stream.timed("read", lambda: outside_pass(maps))

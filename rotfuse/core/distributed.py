@@ -1,0 +1,185 @@
+"""Several processes on one job: launch detection, the process group, agreement on failure.
+
+A command is distributed when it runs under `torchrun` (RANK / WORLD_SIZE / MASTER_ADDR /
+MASTER_PORT) or as the tasks of one SLURM `srun` step (SLURM_PROCID / SLURM_STEP_NUM_TASKS, with
+MASTER_ADDR exported by the job script) with more than one process. The default group is gloo
+(objects and status flags travel on the CPU); when every rank has a GPU, tensor reductions use an
+extra nccl group.
+
+Every rank runs the same sequence of steps. `Group.agree` runs one step and then gathers every
+rank's status: if any rank failed, every rank raises `JobFailed` with the first failure's message
+and exit code, so the job fails as one (rank 0 prints the one line; nothing is committed). A rank
+that fails outside a step calls `abandon`, whose gather pairs with the other ranks' next step.
+Collectives time out (ROTFUSE_DIST_TIMEOUT seconds, default 1800) rather than hang.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from rotfuse.core.errors import RotfuseError, UsageError
+
+T = TypeVar("T")
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+class JobFailed(RotfuseError):
+    """Another rank (or this one, in a step) failed: the whole job fails with its code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def launch_env() -> dict[str, str] | None:
+    """RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT of a multi-process launch, else None.
+    Reads the environment only (no torch): the CLI asks it before its imports."""
+    env = os.environ
+    if int(env.get("WORLD_SIZE", "1") or 1) > 1:
+        return {"RANK": env.get("RANK", "0"), "WORLD_SIZE": env["WORLD_SIZE"],
+                "LOCAL_RANK": env.get("LOCAL_RANK", "0"), "MASTER_ADDR": env.get("MASTER_ADDR", ""),
+                "MASTER_PORT": env.get("MASTER_PORT", "29500")}
+    if int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1 and "SLURM_PROCID" in env:
+        return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_STEP_NUM_TASKS"],
+                "LOCAL_RANK": env.get("SLURM_LOCALID", "0"), "MASTER_ADDR": env.get("MASTER_ADDR", ""),
+                "MASTER_PORT": env.get("MASTER_PORT", "29500")}
+    return None
+
+
+def launched_rank() -> int:
+    """This process's rank in a multi-process launch (0 when not launched so)."""
+    found = launch_env()
+    return int(found["RANK"]) if found else 0
+
+
+@dataclass
+class Group:
+    """The ranks of one job. `tensors` is the group tensor reductions use (nccl when every rank
+    has a GPU, else the default gloo group) and `device` where their buffers live."""
+
+    rank: int
+    world: int
+    tensors: Any = None
+    device: str = "cpu"
+    steps: list[str] = field(default_factory=list)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's `value`, in rank order (pickled over the default group)."""
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, value)
+        return out
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank."""
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def agree(self, step: str, fn: Callable[[], T]) -> T:
+        """Run `fn` here; if it failed on any rank, raise the first failure on every rank."""
+        try:
+            result, status = fn(), (step, 0, "")
+        except BaseException as exc:  # every failure must reach the other ranks
+            if isinstance(exc, JobFailed) or getattr(exc, "_rotfuse_settled", False):
+                raise  # settled in a step nested in this one
+            exc._rotfuse_settled = True  # type: ignore[attr-defined]
+            self._settle(step, _status(step, exc), exc)
+            raise
+        self._settle(step, status, None)
+        return result
+
+    def abandon(self, exc: BaseException) -> None:
+        """This rank failed outside a step: tell the others (their next step fails), once."""
+        if not isinstance(exc, JobFailed) and not getattr(exc, "_rotfuse_settled", False):
+            with suppress(JobFailed):
+                self._settle("abandon", _status("abandon", exc), exc)
+
+    def _settle(self, step: str, status: tuple[str, int, str], own: BaseException | None) -> None:
+        statuses = self.gather(status)
+        failed = [(rank, code, message) for rank, (_, code, message) in enumerate(statuses) if code]
+        if not failed:
+            if len({s for s, _, _ in statuses}) > 1:
+                raise RuntimeError(f"ranks out of step: {[s for s, _, _ in statuses]}")
+            return
+        rank, code, message = failed[0]
+        if own is not None and rank == self.rank:
+            return  # the caller re-raises its own exception
+        raise JobFailed(message if rank == 0 else f"rank {rank}: {message}", code)
+
+
+def _status(step: str, exc: BaseException) -> tuple[str, int, str]:
+    if isinstance(exc, KeyboardInterrupt):
+        return step, 130, "interrupted"
+    code = getattr(exc, "exit_code", None)
+    if isinstance(exc, RotfuseError) or isinstance(code, int):
+        return step, int(code or 1), " ".join(str(exc).split("\n"))
+    return step, 1, f"internal error: {type(exc).__name__}: {exc}"
+
+
+_current: Group | None = None
+
+
+def current() -> Group | None:
+    """The group of the running command, or None in a single process."""
+    return _current
+
+
+@contextmanager
+def job() -> Iterator[Group | None]:
+    """The process group for one command when launched with several processes, else None."""
+    global _current
+    found = launch_env()
+    if found is None or _current is not None:
+        yield _current
+        return
+    if not found["MASTER_ADDR"]:
+        raise UsageError("launched as several processes but MASTER_ADDR is not set (export it in the job script: "
+                         "the first host of the job, e.g. $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1))")
+    os.environ.update(found)
+    import torch
+    import torch.distributed as dist
+
+    timeout = timedelta(seconds=float(os.environ.get("ROTFUSE_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
+    dist.init_process_group("gloo", init_method="env://", timeout=timeout,
+                            rank=int(found["RANK"]), world_size=int(found["WORLD_SIZE"]))
+    group = Group(dist.get_rank(), dist.get_world_size())
+    has_gpu = torch.cuda.is_available()
+    if has_gpu:
+        torch.cuda.set_device(int(found["LOCAL_RANK"]) % torch.cuda.device_count())
+    if all(group.gather(has_gpu)):  # nccl only when every rank can use it (untested here: no GPU)
+        group.tensors, group.device = dist.new_group(backend="nccl", timeout=timeout), "cuda"
+    _current = group
+    try:
+        yield group
+    except BaseException as exc:
+        group.abandon(exc)
+        raise
+    finally:
+        _current = None
+        dist.destroy_process_group()
+
+
+def assign(costs: Sequence[float], world: int, start: Sequence[float] | None = None) -> list[int]:
+    """The rank of each item: greedy by cost (the dearest first, to the least loaded rank; ties to
+    the lower rank), so ranks finish together rather than hold the same count. `start` is each
+    rank's load before (rank 0 also handles the tensors outside the layers)."""
+    loads = list(start or [0.0] * world)
+    owner = [0] * len(costs)
+    for item in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        rank = min(range(world), key=lambda r: (loads[r], r))
+        owner[item] = rank
+        loads[rank] += costs[item]
+    return owner
