@@ -52,7 +52,13 @@ from rotfuse.symmetry.names import symmetry_set
 VARIANTS = [("none", "none", False), ("perm", "perm", False), ("rot", "rot", False), ("perm+rot", "perm,rot", False),
             ("perm+rot+scale", "perm,rot,scale", False), ("+heads", "perm,heads,rot,scale", False),
             ("+residual (weights)", "perm,heads,rot,scale,residual", False),
-            ("+residual (activations)", "perm,heads,rot,scale,residual", True)]
+            ("+residual (activations)", "perm,heads,rot,scale,residual", True),
+            ("+learned", "perm,heads,rot,scale,residual", True),
+            ("+learned (fixed l)", "perm,heads,rot,scale,residual", True)]
+# learned matching (issue 16): from the activation-matched solution, the same maps optimised for the loss of
+# the average on A's training images (l uniform in [0.3, 0.7] per step, or fixed at 0.5); the test set only
+# scores the result. Settings per run: LEARN_STEPS steps of batch 64, Adam at 1e-2.
+LEARN_STEPS = 300
 SETTINGS = ("independent", "shared-init")
 STATS_MERGES = ("fisher", "regmean")  # besides the simple average, which is l = 0.5 of the curve
 
@@ -80,12 +86,14 @@ class Config:
     regmean_samples: int = 128
     activation_samples: int = 600  # A's training images for the activation-matched residual map
     settings: tuple[str, ...] = SETTINGS
+    variants: tuple[str, ...] = tuple(v[0] for v in VARIANTS)
+    learn_steps: int = LEARN_STEPS
 
 
 FULL = Config()
 QUICK = Config(hidden=24, layers=2, heads=4, intermediate=48, patch=4, epochs=4, pretrain_epochs=2,
                finetune_epochs=3, train=300, test=100, seeds=(0,), steps=3, fisher_samples=4, regmean_samples=32,
-               activation_samples=64)
+               activation_samples=64, learn_steps=20)
 
 
 # ---------------------------------------------------------------------- data and training
@@ -198,6 +206,8 @@ class Row:
     regmean_acc: float
     regmean_loss: float
     curve: Curve = field(repr=False)
+    learn_seconds: float = 0.0
+    learned: dict[str, Any] | None = field(default=None, repr=False)
 
 
 def stats_merges(config: Config, a: EndModel, b: EndModel, work: Path, test: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -234,11 +244,18 @@ def run_pair(config: Config, digits: Digits, setting: str, seed: int, work: Path
     test = digits.inputs(digits.test)
     settings = InterpolationSettings(grid(config.steps), batch_size=256, device="cpu", work_dir=work)
     rows = []
+    save_file(test, str(work / "test.safetensors"))
     for name, symmetries, activations in VARIANTS:
-        matched = EndModel(work / f"b-{name.replace(' ', '_')}", b.data)
+        if name not in config.variants:
+            continue
+        matched = EndModel(work / f"b-{name.replace(' ', '_').replace('(', '').replace(')', '')}", b.data)
+        learn = name.startswith("+learned")
         options = MatchOptions(symmetries=symmetry_set(symmetries), device="cpu",
-                               data=a.data if activations else None, data_samples=config.activation_samples)
-        match(a.folder, b.folder, matched.folder, options)
+                               data=a.data if activations else None, data_samples=config.activation_samples,
+                               learn=learn, eval_data=work / "test.safetensors" if learn else None,
+                               learn_steps=config.learn_steps, data_batch_size=64 if learn else 16,
+                               lambda_schedule="fixed" if "fixed" in name else "uniform", seed=seed)
+        report = match(a.folder, b.folder, matched.folder, options)
         same = verify(b.folder, matched.folder, VerifyOptions(data=b.data, batch_size=256))
         curve = interpolate(a.folder, matched.folder, test, settings, label=name)
         middle = curve.at(0.5)
@@ -246,7 +263,8 @@ def run_pair(config: Config, digits: Digits, setting: str, seed: int, work: Path
         rows.append(Row(setting, seed, name, folded_distance(a.folder, matched.folder), same["max_abs_diff"],
                         accs[0], accs[-1],
                         float(middle["accuracy"] or 0.0), float(middle["loss"] or 0.0), curve.barrier,
-                        curve=curve, **stats_merges(config, a, matched, work, test)))
+                        curve=curve, **stats_merges(config, a, matched, work, test),
+                        learn_seconds=report.get("learned", {}).get("seconds", 0.0), learned=report.get("learned")))
     return rows
 
 
@@ -267,8 +285,8 @@ def summarize(rows: list[Row]) -> dict[str, dict[str, dict[str, Any]]]:
     summary: dict[str, dict[str, dict[str, Any]]] = {}
     for setting in dict.fromkeys(r.setting for r in rows):
         summary[setting] = {}
-        baseline = {r.seed: r.distance for r in rows if r.setting == setting and r.variant == "none"}
-        for variant, _, _ in VARIANTS:
+        baseline = {r.seed: r.distance or 1.0 for r in rows if r.setting == setting and r.variant == "none"}
+        for variant in dict.fromkeys(r.variant for r in rows):
             chosen = [r for r in rows if r.setting == setting and r.variant == variant]
             columns = {
                 "distance": [r.distance for r in chosen],
@@ -282,6 +300,7 @@ def summarize(rows: list[Row]) -> dict[str, dict[str, dict[str, Any]]]:
                 "fisher_loss": [r.fisher_loss for r in chosen],
                 "regmean_acc": [r.regmean_acc for r in chosen],
                 "regmean_loss": [r.regmean_loss for r in chosen],
+                "learn_seconds": [r.learn_seconds for r in chosen],
             }
             summary[setting][variant] = {key: dict(zip(("mean", "std"), mean_std(vals)), values=vals)
                                          for key, vals in columns.items()}
@@ -292,7 +311,7 @@ def mean_curves(rows: list[Row], setting: str) -> list[Curve]:
     """One curve per variant: the mean over seed pairs, with the std as its spread; the label
     carries the mean barrier of the runs (the table's number, not the mean curve's barrier)."""
     curves = []
-    for variant, _, _ in VARIANTS:
+    for variant in dict.fromkeys(r.variant for r in rows):
         chosen = [r for r in rows if r.setting == setting and r.variant == variant]
         losses = [mean_std(list(x)) for x in zip(*(r.curve.losses for r in chosen))]
         accs = [mean_std(list(x)) for x in zip(*(r.curve.accuracies or [] for r in chosen))]
@@ -334,12 +353,14 @@ def markdown(config: Config, rows: list[Row], summary: dict[str, Any], command: 
         endpoint = variants["none"]["endpoint_acc"]
         lines += [f"## {TITLES[setting]}", "",
                   f"End models' test accuracy: {fmt(endpoint['values'])}. Plot: [barrier_{setting}.png](barrier_{setting}.png)", "",
-                  "| matching | distance | relative distance | function change | simple: accuracy | simple: loss | loss barrier |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| matching | distance | relative distance | function change | simple: accuracy | simple: loss | loss barrier "
+                  "| learning s |",
+                  "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {variant} | {fmt(cell['distance']['values'], 2)} | {fmt(cell['relative_distance']['values'])} | "
                   f"{max(cell['function_change']['values']):.1e} | "
                   f"{fmt(cell['merged_acc']['values'])} | {fmt(cell['merged_loss']['values'])} | "
-                  f"{fmt(cell['barrier']['values'])} |" for variant, cell in variants.items()]
+                  f"{fmt(cell['barrier']['values'])} | {fmt(cell['learn_seconds']['values'], 0)} |"
+                  for variant, cell in variants.items()]
         lines += ["", "| matching | Fisher: accuracy | Fisher: loss | RegMean: accuracy | RegMean: loss |",
                   "|---|---|---|---|---|"]
         lines += [f"| {variant} | {fmt(cell['fisher_acc']['values'])} | {fmt(cell['fisher_loss']['values'])} | "
@@ -394,8 +415,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("results/digits"), help="results folder")
     parser.add_argument("--seeds", type=str, default=None, help="comma-separated seed pairs, e.g. 0,1,2")
     parser.add_argument("--work", type=Path, default=None, help="where temporary checkpoints go")
+    parser.add_argument("--settings", type=str, default=None, help="comma-separated: independent,shared-init")
+    parser.add_argument("--variants", type=str, default=None, help="comma-separated variant names (default: all)")
+    parser.add_argument("--learn-steps", type=int, default=None, help="steps of each learned matching")
     args = parser.parse_args(argv)
     config = QUICK if args.quick else FULL
+    if args.settings:
+        config = replace(config, settings=tuple(args.settings.split(",")))
+    if args.variants:
+        config = replace(config, variants=tuple(v.strip() for v in args.variants.split(",")))
+    if args.learn_steps is not None:
+        config = replace(config, learn_steps=args.learn_steps)
     if args.seeds:
         config = replace(config, seeds=tuple(int(s) for s in args.seeds.split(",")))
     command = "python scripts/experiment_digits.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -9,6 +9,7 @@ when complete (io/staging.py)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from rotfuse.align.residual.search import search_stream_maps
 from rotfuse.align.residual.setup import gains_from
 from rotfuse.archs.bind import LayerId
 from rotfuse.archs.layer_io import layer_tensor_names, read_layer
+from rotfuse.core.errors import UsageError
 from rotfuse.core.progress import Progress
 from rotfuse.core.report import SCHEMA_VERSION, Distance
 from rotfuse.io.checkpoint import Checkpoint
@@ -107,12 +109,36 @@ def match(
     report_path: Path | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Align MODEL to ANCHOR and write it to OUT; returns the report."""
+    """Align MODEL to ANCHOR and write it to OUT; returns the report. With `options.learn`, the
+    matched copy is then refined by learned matching (align/learned/); `log` gets its progress lines."""
     plan = prepare_match(anchor_path, model_path, out, options, overwrite, report=report_path)
     with StagedFolder(out, overwrite, options.fsync) as staged:
-        report = _match_into(plan, staged.path, progress)
+        if options.learn:
+            report = _learn_into(plan, staged.path, progress, log)
+        else:
+            report = _match_into(plan, staged.path, progress)
         _commit_with_report(staged, report, report_path)
+    return report
+
+
+def _learn_into(plan: MatchPlan, folder: Path, progress: Progress | None,
+                log: Callable[[str], None] | None) -> dict[str, Any]:
+    """Match into a scratch folder, then refine that copy by learned matching into `folder`."""
+    from rotfuse.align.learned.loop import LearnSettings, learn_into
+    from rotfuse.io.staging import temporary_folder
+
+    options = plan.options
+    assert options.data is not None
+    settings = LearnSettings(options.data, options.eval_data, options.learn_steps, options.learn_rate,
+                             options.lambda_schedule, options.seed, options.data_batch_size, device=plan.device)
+    with temporary_folder("matched", folder.parent) as tmp:
+        matched = Path(tmp) / "matched"
+        report = _match_into(plan, matched, progress)
+        symmetries = options.symmetries - plan.model.bound.disabled
+        report["learned"] = learn_into(plan.anchor, matched, folder, plan.layers, symmetries, settings, log)
+    report["output"]["fingerprint"] = Checkpoint.open(folder, True).fingerprint()
     return report
 
 
@@ -148,6 +174,8 @@ def match_many(
 ) -> dict[str, Any]:
     """Align several models to one anchor: OUT/<model name>/ each, one report. All are checked
     before anything is written, and OUT appears complete or not at all."""
+    if options.learn:
+        raise UsageError("--learn refines one model at a time: pass a single MODEL")
     plans = [prepare_match(anchor_path, path, out, options, check_output=False) for path in model_paths]
     names = output_names(model_paths)
     check_outputs([Target(out, "-o", report=None if report_path else REPORT_NAME, holds=tuple(names)),

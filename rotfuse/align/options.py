@@ -31,3 +31,10 @@ class MatchOptions:
     allow_untie: bool = False  # RMSNorm with tied embeddings: fold anyway, untying the head
     allow_stream_output: bool = False  # a headless model's outputs are the stream itself
     fsync: bool = True  # flush the output to disk before it is moved into place (io/staging.py)
+    # learned matching (align/learned/): refine the matched copy for the loss of its average with the anchor
+    learn: bool = False  # train on `data`
+    eval_data: Path | None = None  # held-out inputs: loss reported per logged step, never optimised
+    learn_steps: int = 300
+    learn_rate: float = 1e-2
+    lambda_schedule: str = "uniform"  # fixed (l = 0.5) or uniform (l in [0.3, 0.7] each step)
+    seed: int = 0

@@ -58,7 +58,7 @@ class MatchPlan:
 
 def match_inputs(anchor_path: Path, model_paths: list[Path], options: MatchOptions) -> list[Path | None]:
     """Every path `match` reads: no output may touch one (io/staging.check_outputs)."""
-    return [anchor_path, *model_paths, options.data, options.arch_spec]
+    return [anchor_path, *model_paths, options.data, options.eval_data, options.arch_spec]
 
 
 def prepare_match(anchor_path: Path, model_path: Path, out: Path, options: MatchOptions,
@@ -66,7 +66,11 @@ def prepare_match(anchor_path: Path, model_path: Path, out: Path, options: Match
     """Validate flags, output locations and both checkpoints (headers, config, shapes, side files)
     before anything is written."""
     device = resolve_device(options.device)
-    if options.data is not None and RESIDUAL not in options.symmetries:
+    if options.learn and options.data is None:
+        raise UsageError("--learn trains on data: pass the training inputs with --data")
+    if options.eval_data is not None and not options.learn:
+        raise UsageError("--eval-data is the held-out set of --learn: add --learn")
+    if options.data is not None and RESIDUAL not in options.symmetries and not options.learn:
         raise UsageError("--data drives the residual-stream map: add residual to --symmetries")
     anchor = open_model(anchor_path, options.arch, options.arch_spec, options.allow_nonfinite)
     model = open_model(model_path, options.arch, options.arch_spec, options.allow_nonfinite)
@@ -77,7 +81,7 @@ def prepare_match(anchor_path: Path, model_path: Path, out: Path, options: Match
                       match_inputs(anchor_path, [model_path], options), overwrite)
     side_files(model.checkpoint)
     unpaired = check_compatible(anchor, model)
-    if options.data is not None:  # the models will run: nothing of theirs may execute
+    if options.data is not None or options.learn:  # the models will run: nothing of theirs may execute
         from rotfuse.eval.runtime import refuse_remote_code
 
         for folder in (anchor_path, model_path):

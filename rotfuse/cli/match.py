@@ -60,6 +60,21 @@ def match_command(
                                          "and the per-layer maps.")] = 8,
     allow_untie: AllowUntie = False,
     allow_stream_output: AllowStreamOutput = False,
+    learn: Annotated[bool, typer.Option(
+        "--learn", help="Learned matching: then optimise the same exact symmetries for the loss of the "
+                        "average (1-l) ANCHOR + l MODEL on --data (GLMC); the output still computes MODEL's "
+                        "function.")] = False,
+    eval_data: Annotated[Path | None, typer.Option(
+        "--eval-data", help="With --learn: held-out inputs, scored at l = 0.5 at every logged step (never "
+                            "optimised).")] = None,
+    learn_steps: Annotated[int, typer.Option("--learn-steps", min=0, help="With --learn: optimiser steps.")] = 300,
+    learn_rate: Annotated[float, typer.Option("--learn-rate", min=0.0,
+                                              help="With --learn: Adam's learning rate.")] = 1e-2,
+    lambda_schedule: Annotated[str, typer.Option(
+        "--lambda-schedule",
+        help="With --learn: fixed (l = 0.5) or uniform (l drawn in [0.3, 0.7] each step).")] = "uniform",
+    seed: Annotated[int, typer.Option(
+        "--seed", help="With --learn: random seed (batches, l); same seed, same output.")] = 0,
     arch: Arch = None,
     arch_spec: ArchSpecFile = None,
     device: Device = "auto",
@@ -79,6 +94,7 @@ def match_command(
     rotfuse match anchor/ m1/ m2/ m3/ -o aligned/          # aligned/m1, aligned/m2, aligned/m3
     rotfuse match anchor/ model/ -o aligned/ -s default,residual                  # + the residual stream
     rotfuse match anchor/ model/ -o aligned/ -s default,residual --data inputs.jsonl
+    rotfuse match anchor/ model/ -o aligned/ -s default,residual --data train.jsonl --learn --eval-data held.jsonl
     """
     ui = Ui(quiet, json_out)
 
@@ -93,7 +109,11 @@ def match_command(
         options = MatchOptions(
             symmetry_set(symmetries), parse_layers(layers), device, max_rounds, arch, arch_spec, allow_nonfinite,
             workers or DEFAULT_WORKERS, data, residual_rounds, data_samples, batch_size, allow_untie,
-            allow_stream_output, fsync)
+            allow_stream_output, fsync, learn, eval_data, learn_steps, learn_rate, lambda_schedule, seed)
+        if lambda_schedule not in ("fixed", "uniform"):
+            from rotfuse.core.errors import UsageError
+
+            raise UsageError(f"--lambda-schedule {lambda_schedule!r}: use fixed or uniform")
         if dry_run:
             plans = [prepare_match(anchor, model, out, options, overwrite).describe() for model in models]
             for plan in plans if not json_out else ():
@@ -101,7 +121,8 @@ def match_command(
             return plans[0] if len(plans) == 1 else {"dry_run": True, "models": plans}
         with ui.progress("matching layers") as progress:
             if len(models) == 1:
-                result = match(anchor, models[0], out, options, report, overwrite, progress)
+                log = ui.console.print if ui.console.is_terminal else None
+                result = match(anchor, models[0], out, options, report, overwrite, progress, log)
             else:
                 result = match_many(anchor, models, out, options, report, overwrite, progress)
         if not json_out:

@@ -1,0 +1,189 @@
+"""The optimisation: Adam on the map parameters for the loss of (1 - l) ANCHOR + l g(COPY) on the
+training data, l = 0.5 ('fixed') or uniform in [0.3, 0.7] ('uniform') each step; then the exact
+maps (hard permutations, rotations recomputed in float64) are applied and written.
+
+The live model runs through `torch.func.functional_call` with the averaged tensors under its own
+names (names.py), so any architecture `match` supports and transformers loads works."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rotfuse.align.learned.build import Builder
+from rotfuse.align.learned.names import live_names
+from rotfuse.align.learned.objective import batch_loss
+from rotfuse.align.pair import OpenedModel, counterpart, open_model
+from rotfuse.archs.bind import LayerId
+from rotfuse.core.errors import UsageError
+from rotfuse.eval.score import LABELS_ENSEMBLE, LossSpec, ensemble_labels, located, loss_spec, probabilities, score
+from rotfuse.io.writer import CheckpointWriter, copy_side_files, plan_like
+
+SCHEDULES = ("fixed", "uniform")
+GIB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class LearnSettings:
+    data: Path
+    eval_data: Path | None = None
+    steps: int = 300
+    rate: float = 1e-2
+    schedule: str = "uniform"
+    seed: int = 0
+    batch_size: int = 64
+    log_every: int = 25
+    device: str = "cpu"
+    max_samples: int | None = None
+
+
+def memory_need(model: OpenedModel, inputs: dict[str, torch.Tensor], batch_size: int) -> int:
+    """Bytes: the copy folded in float64, anchor and averaged tensors, maps, gradients and Adam
+    (~ 20 bytes a parameter), and a batch's activations (Korthikanti et al.: s b h (34 + 5 a s / h)
+    per layer at 2 bytes, doubled for float32), with logits."""
+    params = sum(int(torch.Size(model.checkpoint.entry(n).shape).numel()) for n in model.checkpoint.names())
+    first = next(iter(inputs.values()))
+    seq = int(first.shape[1]) if first.dim() >= 2 and "input_ids" in inputs else 1
+    if "pixel_values" in inputs:
+        config = model.checkpoint.config.get("vision_config") or model.checkpoint.config
+        seq = (int(config.get("image_size", 1)) // int(config.get("patch_size", 1))) ** 2 + 1
+    acts = 0
+    for dims in model.bound.dims.values():
+        layers = len(model.bound.layers())
+        h, a = dims.hidden_size, dims.num_heads
+        acts += 4 * layers * seq * batch_size * (34 * h + 5 * a * seq) // max(1, len(model.bound.dims))
+    vocab = int(model.checkpoint.config.get("vocab_size") or 0)
+    return 40 * params + acts + 12 * batch_size * seq * vocab
+
+
+def available(device: str) -> int:
+    if device.startswith("cuda"):
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def check_memory(model: OpenedModel, inputs: dict[str, torch.Tensor], settings: LearnSettings) -> int:
+    need, free = memory_need(model, inputs, settings.batch_size), available(settings.device)
+    if need > 0.9 * free:
+        raise UsageError(f"--learn needs about {need / GIB:.1f} GiB on {settings.device} but {free / GIB:.1f} GiB are "
+                         "free: lower --batch-size, or use --device cuda with a larger GPU")
+    return need
+
+
+def _load(path: Path, tokenizer: Path, limit: int | None) -> dict[str, torch.Tensor]:
+    from rotfuse.eval.data import load_inputs
+
+    return load_inputs(path, tokenizer_folder=tokenizer, max_samples=limit)
+
+
+def learn_into(anchor: OpenedModel, copy_folder: Path, out: Path, layers: list[LayerId], symmetries: frozenset[str],
+               settings: LearnSettings, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Refine the matched copy in `copy_folder`, write g(copy) to `out`; returns the report section."""
+    from rotfuse.eval.runtime import accepted_inputs, load_model
+
+    started = time.perf_counter()
+    if settings.schedule not in SCHEDULES:
+        raise UsageError(f"--lambda-schedule {settings.schedule!r}: use {' or '.join(SCHEDULES)}")
+    torch.manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
+    device = settings.device
+    copy = open_model(copy_folder)
+    train = _load(settings.data, copy_folder, settings.max_samples)
+    held = _load(settings.eval_data, copy_folder, settings.max_samples) if settings.eval_data else None
+    need = check_memory(copy, train, settings)
+    spec = loss_spec(copy.checkpoint.config, train, where=str(settings.data))
+
+    builder = Builder.of(copy, layers, symmetries, device)
+    maps = builder.make_maps(symmetries)
+    names = live_names(copy.checkpoint)
+    anchor_values = {name: anchor.checkpoint.get(counterpart(name, copy, anchor)).float().to(device)
+                     for name in names}
+    model = load_model(copy_folder, device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    def reference(inputs: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
+        if inputs is None or spec.labels != LABELS_ENSEMBLE:
+            return None
+        probs = [probabilities(load_model(f, device), inputs, settings.batch_size)
+                 for f in (anchor.folder, copy_folder)]
+        return ensemble_labels(probs, inputs)
+
+    train_ref, held_ref = reference(train), reference(held)
+
+    def averaged(values: dict[str, torch.Tensor], lam: float | torch.Tensor) -> dict[str, torch.Tensor]:
+        return {live: (1 - lam) * anchor_values[name] + lam * values[name].float()
+                for name, lives in names.items() for live in lives}
+
+    def evaluate(inputs: dict[str, torch.Tensor], ref: torch.Tensor | None, exact: bool) -> float:
+        with torch.no_grad():
+            model.load_state_dict(averaged(builder.transformed(maps, torch.float32, exact), 0.5), strict=False)
+        with located(f"{anchor.folder} + {copy_folder}"):
+            return score(model, inputs, LossSpec(spec.labels, spec.shift), ref, settings.batch_size).loss
+
+    def measure(step: int, batch_loss_value: float | None) -> dict[str, Any]:
+        row: dict[str, Any] = {"step": step, "train_loss": evaluate(train, train_ref, True)}
+        if held is not None:
+            row["eval_loss"] = evaluate(held, held_ref, True)
+        if batch_loss_value is not None:
+            row["batch_loss"] = batch_loss_value
+        if log is not None:
+            log(f"learn step {step}/{settings.steps}: loss at l=0.5 train {row['train_loss']:.4f}"
+                + (f", held-out {row['eval_loss']:.4f}" if "eval_loss" in row else ""))
+        return row
+
+    history = [measure(0, None)]
+    optimiser = torch.optim.Adam(maps.parameters(), lr=settings.rate)
+    count = next(iter(train.values())).shape[0]
+    order = torch.randperm(count, generator=generator)
+    at = 0
+    for step in range(1, settings.steps + 1):
+        if at + settings.batch_size > count:
+            order, at = torch.randperm(count, generator=generator), 0
+        index = order[at:at + settings.batch_size]
+        at += settings.batch_size
+        batch = {k: v[index] for k, v in train.items()}
+        ref = train_ref[index] if train_ref is not None else None
+        lam = 0.5 if settings.schedule == "fixed" else 0.3 + 0.4 * float(torch.rand((), generator=generator))
+        features = accepted_inputs(model, {k: v.to(device) for k, v in batch.items() if k != "labels"})
+        outputs = torch.func.functional_call(model, averaged(builder.transformed(maps, torch.float32), lam),
+                                             args=(), kwargs=features)
+        loss = batch_loss(outputs, {k: v.to(device) for k, v in batch.items()}, spec,
+                          None if ref is None else ref.to(device))
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        if step % settings.log_every == 0 or step == settings.steps:
+            history.append(measure(step, float(loss.detach())))
+
+    with torch.no_grad():
+        final = builder.transformed(maps, torch.float64, exact=True)
+    writer = CheckpointWriter(out, plan_like(copy.checkpoint), copy.checkpoint)
+    try:
+        for name, value in final.items():
+            writer.write(name, value.cpu())
+        writer.finish()
+    finally:
+        writer.abort()
+    copy_side_files(copy.checkpoint, out)
+    return {
+        "data": str(settings.data), "eval_data": str(settings.eval_data) if settings.eval_data else None,
+        "steps": settings.steps, "rate": settings.rate, "lambda_schedule": settings.schedule, "seed": settings.seed,
+        "batch_size": settings.batch_size, "labels": spec.labels, "device": device,
+        "stream_maps": {stack or "stream": m.kind for stack, m in
+                        ((k[len("stream"):], maps[k]) for k in maps if k.startswith("stream"))},
+        "before": history[0], "after": history[-1], "log": history,
+        "memory_estimate_bytes": need, "seconds": time.perf_counter() - started,
+    }

@@ -1,0 +1,125 @@
+"""The learnable parameters of every enabled symmetry, and the exact maps they stand for.
+
+Every map starts at the identity: learning refines the matched copy, whose maps are already applied.
+- orthogonal maps: R = exp(S - S^T); the pre-LN stream keeps the all-ones direction as
+  H diag(1, R) H (`ones_frame`); RoPE QK maps are one angle per frequency pair (plus a full block on
+  non-rotary coordinates);
+- per-head scales: a = exp(log a);
+- permutations (FFN neurons, heads, the post-LN stream): straight-through estimator -- the forward
+  uses the hard permutation maximising <P, M> for a relaxed real matrix M, the gradient goes to M.
+
+A map Q acts on an axis as x_new = x @ Q (new index j = sum_i old i Q[i, j]); for a permutation
+Q[perm[j], j] = 1, so new slot j holds old index perm[j].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rotfuse.symmetry.permutation import best_assignment
+from rotfuse.symmetry.residual import ones_frame
+
+
+def orthogonal(param: torch.Tensor) -> torch.Tensor:
+    """exp of the skew part: an exact rotation (batched over leading axes)."""
+    return torch.matrix_exp(param - param.transpose(-1, -2))
+
+
+def rotary_rotation(angles: torch.Tensor, tail: torch.Tensor | None, head_dim: int) -> torch.Tensor:
+    """`[G, dh, dh]`: a 2-D rotation per rotate_half plane (i, i + half), `procrustes`'s convention
+    (R[i, i] = c, R[i, j] = -s, R[j, i] = s, R[j, j] = c), and a full block past the rotary dims."""
+    groups, half = angles.shape
+    r = angles.new_zeros(groups, head_dim, head_dim)
+    i = torch.arange(half, device=angles.device)
+    c, s = torch.cos(angles), torch.sin(angles)
+    r[:, i, i] = c
+    r[:, i, i + half] = -s
+    r[:, i + half, i] = s
+    r[:, i + half, i + half] = c
+    if tail is not None:
+        r[:, 2 * half:, 2 * half:] = orthogonal(tail)
+    return r
+
+
+def hard_permutation(relaxed: torch.Tensor) -> torch.Tensor:
+    """Q with Q[perm[j], j] = 1 maximising <Q, relaxed>, as a float matrix like `relaxed`."""
+    perm = best_assignment(relaxed.detach().double().cpu()).to(relaxed.device)
+    q = torch.zeros_like(relaxed)
+    q[perm, torch.arange(len(perm), device=relaxed.device)] = 1.0
+    return q
+
+
+def straight_through(relaxed: torch.Tensor) -> torch.Tensor:
+    """Forward: the hard permutation; backward: as if it were `relaxed` itself."""
+    return hard_permutation(relaxed) + relaxed - relaxed.detach()
+
+
+def along(tensor: torch.Tensor, q: torch.Tensor, axis: int) -> torch.Tensor:
+    """Multiply one axis of `tensor` by Q (x_new = x @ Q on that axis)."""
+    return (tensor.movedim(axis, -1) @ q.to(tensor.dtype)).movedim(-1, axis)
+
+
+class StreamMaps(torch.nn.Module):
+    """One residual map: 'orthogonal', 'keeps_ones' or 'permutation' (STE)."""
+
+    def __init__(self, d: int, kind: str):
+        super().__init__()
+        self.kind, self.d = kind, d
+        size = d - 1 if kind == "keeps_ones" else d
+        init = torch.eye(d) if kind == "permutation" else torch.zeros(size, size)
+        self.param = torch.nn.Parameter(init.double())
+        self.register_buffer("frame", ones_frame(d), persistent=False)
+
+    def matrix(self, exact: bool = False) -> torch.Tensor:
+        if self.kind == "permutation":
+            return hard_permutation(self.param) if exact else straight_through(self.param)
+        r = orthogonal(self.param)
+        if self.kind == "orthogonal":
+            return r
+        block = torch.block_diag(torch.ones(1, 1, dtype=r.dtype, device=r.device), r)
+        return self.frame @ block @ self.frame
+
+
+class LayerMaps(torch.nn.Module):
+    """The per-layer maps of one layer, for the symmetries `enabled` (names as in symmetry/names.py)."""
+
+    def __init__(self, enabled: frozenset[str], groups: int, head_dim: int, ffn_width: int, rotary_dim: int):
+        super().__init__()
+        self.enabled, self.head_dim, self.rotary_dim = enabled, head_dim, rotary_dim
+        double = torch.float64
+        self.qk_angles = torch.nn.Parameter(torch.zeros(groups, rotary_dim // 2, dtype=double)) if rotary_dim else None
+        tail = head_dim - (rotary_dim // 2) * 2 if rotary_dim else head_dim
+        self.qk_rot = torch.nn.Parameter(torch.zeros(groups, tail, tail, dtype=double)) if tail else None
+        self.vo_rot = torch.nn.Parameter(torch.zeros(groups, head_dim, head_dim, dtype=double))
+        self.qk_log_scale = torch.nn.Parameter(torch.zeros(groups, dtype=double))
+        self.vo_log_scale = torch.nn.Parameter(torch.zeros(groups, dtype=double))
+        self.heads = torch.nn.Parameter(torch.eye(groups, dtype=double)) if groups > 1 else None
+        self.ffn = torch.nn.Parameter(torch.eye(ffn_width, dtype=double))
+
+    def on(self, name: str) -> bool:
+        return name in self.enabled
+
+    def rotation(self, circuit: str) -> torch.Tensor | None:
+        if not self.on(f"{circuit}.rot"):
+            return None
+        if circuit == "vo":
+            return orthogonal(self.vo_rot)
+        if self.qk_angles is not None:
+            return rotary_rotation(self.qk_angles, self.qk_rot, self.head_dim)
+        assert self.qk_rot is not None
+        return orthogonal(self.qk_rot)
+
+    def scale(self, circuit: str) -> torch.Tensor | None:
+        if not self.on(f"{circuit}.scale"):
+            return None
+        return torch.exp(self.qk_log_scale if circuit == "qk" else self.vo_log_scale)
+
+    def head_permutation(self, exact: bool) -> torch.Tensor | None:
+        if self.heads is None or not self.on("heads.perm"):
+            return None
+        return hard_permutation(self.heads) if exact else straight_through(self.heads)
+
+    def ffn_permutation(self, exact: bool) -> torch.Tensor | None:
+        if not self.on("ffn.perm"):
+            return None
+        return hard_permutation(self.ffn) if exact else straight_through(self.ffn)

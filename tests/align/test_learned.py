@@ -1,0 +1,92 @@
+"""Learned matching (align/learned/): the written copy computes MODEL's function exactly, its average
+with the anchor is the merge whose loss was optimised, the run is deterministic, bad input is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers.functions import assert_same_function, one_thread, save_pair
+from safetensors.torch import load_file, save_file
+
+from rotfuse.align.learned import loop
+from rotfuse.align.learned.maps import StreamMaps, straight_through
+from rotfuse.align.match import match
+from rotfuse.align.options import MatchOptions
+from rotfuse.core.errors import UsageError
+from rotfuse.eval.interpolate import InterpolationSettings, interpolate
+from rotfuse.symmetry.names import symmetry_set
+
+
+def _data(kind: str, path: Path, seed: int = 0) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "vit":
+        data = {"pixel_values": torch.randn(48, 3, 12, 12, generator=g),
+                "labels": torch.randint(0, 5, (48,), generator=g)}
+    else:
+        data = {"input_ids": torch.randint(3, 61, (24, 10), generator=g),
+                "attention_mask": torch.ones(24, 10, dtype=torch.long)}
+    save_file(data, str(path))
+    return path
+
+
+def _learn(tmp_path: Path, kind: str, out: str = "out", steps: int = 12) -> tuple[Path, Path, Path, dict]:
+    model, anchor = save_pair(kind, tmp_path)
+    train = _data(kind, tmp_path / "train.safetensors")
+    held = _data(kind, tmp_path / "held.safetensors", seed=1)
+    options = MatchOptions(symmetries=symmetry_set("default,residual"), device="cpu", data=train, learn=True,
+                           eval_data=held, learn_steps=steps, data_batch_size=16)
+    with one_thread():
+        report = match(anchor, model, tmp_path / out, options, overwrite=True)
+    return model, anchor, train, report
+
+
+@pytest.mark.parametrize("kind", ["vit", "llama"])
+def test_learned_copy_keeps_the_function_and_is_the_merge_optimised(tmp_path: Path, kind: str) -> None:
+    model, anchor, train, report = _learn(tmp_path, kind)
+    learned = report["learned"]
+    assert_same_function(model, tmp_path / "out")
+    # the loss the loop reports at l = 0.5 is interpolate's on the written copy, averaged with the anchor
+    inputs = load_file(str(train))
+    with one_thread():
+        curve = interpolate(anchor, tmp_path / "out", inputs, InterpolationSettings([0.0, 0.5, 1.0], batch_size=16))
+    assert curve.losses[1] == pytest.approx(learned["after"]["train_loss"], rel=1e-4)
+    assert learned["after"]["train_loss"] < learned["before"]["train_loss"]  # it learned something
+    assert {"step", "train_loss", "eval_loss"} <= set(learned["log"][0])
+
+
+def test_same_seed_same_output(tmp_path: Path) -> None:
+    _learn(tmp_path, "vit", "one", steps=5)
+    _learn(tmp_path, "vit", "two", steps=5)
+    one = load_file(str(tmp_path / "one" / "model.safetensors"))
+    two = load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert all(torch.equal(one[name], two[name]) for name in one)
+
+
+def test_learn_needs_data(tmp_path: Path) -> None:
+    model, anchor = save_pair("vit", tmp_path)
+    with pytest.raises(UsageError, match="--data"):
+        match(anchor, model, tmp_path / "out", MatchOptions(learn=True, device="cpu"))
+
+
+def test_memory_is_checked_before_learning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loop, "available", lambda device: 1024)
+    with pytest.raises(UsageError, match=r"--learn needs about .* GiB .*--batch-size"):
+        _learn(tmp_path, "vit", steps=1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_stream_map_keeps_the_ones_and_the_permutation_is_exact() -> None:
+    maps = StreamMaps(7, "keeps_ones")
+    with torch.no_grad():
+        maps.param.normal_()
+    q = maps.matrix()
+    assert torch.allclose(q @ q.T, torch.eye(7, dtype=q.dtype), atol=1e-12)
+    assert torch.allclose(q.sum(1), torch.ones(7, dtype=q.dtype), atol=1e-12)
+    relaxed = torch.randn(5, 5, dtype=torch.float64, requires_grad=True)
+    p = straight_through(relaxed)
+    assert torch.equal(p.detach().sum(0), torch.ones(5, dtype=torch.float64))
+    assert set(p.detach().unique().tolist()) == {0.0, 1.0}
+    (p * torch.arange(25.0, dtype=torch.float64).reshape(5, 5)).sum().backward()
+    assert relaxed.grad is not None and bool(relaxed.grad.abs().sum() > 0)
