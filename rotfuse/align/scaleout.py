@@ -7,6 +7,7 @@ process."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,13 @@ from rotfuse.io.staging import StagedFolder
 
 
 def match(anchor_path: Path, model_path: Path, out: Path, options: MatchOptions, report_path: Path | None = None,
-          overwrite: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+          overwrite: bool = False, progress: Progress | None = None,
+          log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """`match.match`, shared among the processes of a torchrun / srun launch when there is one."""
     if launch_env() is None:
-        return single.match(anchor_path, model_path, out, options, report_path, overwrite, progress)
+        return single.match(anchor_path, model_path, out, options, report_path, overwrite, progress, log)
+    if options.learn:
+        raise UsageError("--learn runs in one process: launch it without torchrun / srun tasks")
     return match_on_group(anchor_path, model_path, out, options, report_path, overwrite, progress)
 
 

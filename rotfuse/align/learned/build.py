@@ -21,7 +21,7 @@ from rotfuse.archs.bind import LayerId
 from rotfuse.archs.layer_io import read_layer, write_layer
 from rotfuse.archs.residual import ResidualPlan, residual_plans
 from rotfuse.io.safetensors_file import FLOAT_DTYPES
-from rotfuse.symmetry.names import RESIDUAL
+from rotfuse.symmetry.names import FFN_PERM, RESIDUAL
 from rotfuse.symmetry.residual import StreamMap
 from rotfuse.symmetry.weights import Circuit, Ffn, LayerWeights, Linear, qk_circuit, vo_circuit, with_qk, with_vo
 
@@ -80,7 +80,7 @@ def apply_layer(maps: LayerMaps, weights: LayerWeights, exact: bool) -> LayerWei
     att = with_vo(att, _circuit(vo_circuit(att), heads, maps.rotation("vo"), maps.scale("vo")))
     ffn = weights.ffn
     q = maps.ffn_permutation(exact)
-    if q is not None:
+    if q is not None and ffn is not None:  # (an attention-only stack has no FFN)
         inputs = [Linear(along(x.weight, q, 0), None if x.bias is None else along(x.bias, q, 0)) for x in ffn.inputs]
         ffn = Ffn(inputs, Linear(along(ffn.output.weight, q, 1)))
     return LayerWeights(att, ffn)
@@ -129,7 +129,8 @@ class Builder:
             weights = read_layer(cast(Any, view), self.model.bound, layer, self.device)
             att = weights.attention
             maps[f"layer{layer.stack}_{layer.index}"] = LayerMaps(
-                settings.symmetries - {RESIDUAL}, att.num_kv_heads, att.head_dim, weights.ffn.width,
+                settings.symmetries - {RESIDUAL} - ({FFN_PERM} if weights.ffn is None else set()),
+                att.num_kv_heads, att.head_dim, weights.ffn.width if weights.ffn is not None else 0,
                 settings.rotary_dim)
         return maps.to(self.device)
 
