@@ -100,7 +100,11 @@ def stack_features(stack: StackSpec) -> list[tuple[str, str]]:
     features = [*_ffn_feature(stack), ("heads perm", "whole-head (KV-group) permutation"), _qk_feature(stack),
                 ("VO rot", "VO rotation (full Procrustes per head)"),
                 ("QK/VO scale", "QK and VO rescaling per head")]
-    if stack.residual:
+    if stack.residual and stack.residual.stream:  # a stack on other stacks' streams (cross-attention)
+        others = sorted({stack.residual.stream, *stack.residual.role_streams.values()})
+        features.append((f"residual: moves with {'/'.join(others)}",
+                         f"residual stream: its tensors sit on the streams of {', '.join(others)} and move with them"))
+    elif stack.residual:
         norm = stack.residual.norm
         folds = any(rule.role == "norm" for rule in (*stack.residual.model, *stack.residual.layer))
         features.append(("residual: permutation", "residual stream: one permutation (the norms act on the stream)")

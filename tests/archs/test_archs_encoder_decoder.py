@@ -248,6 +248,8 @@ RESIDUAL_CASES: dict[str, tuple[Callable[[Path], Path], str, bool]] = {
     "t5-v1.1-tied": (lambda folder: save_tiny("t5-gated", folder), "permutation", False),
     "t5-v1.0-tied": (lambda folder: save_tiny("t5-v1.0", folder), "permutation", False),
     "t5-v1.0-untie": (lambda folder: save_tiny("t5-v1.0", folder), "orthogonal", True),
+    "bart": (lambda folder: save_tiny("bart", folder), "permutation", False),
+    "mbart": (lambda folder: save_tiny("mbart", folder), "permutation", False),
 }
 
 

@@ -129,6 +129,11 @@ CASES: dict[str, Case] = {
     "t5-v1.0-untie-4.x-config": Case("t5-v1.0", orthogonal=True, allow_untie=True, keys=("logits",),
                                      config_edits={"scale_decoder_outputs": None}),
     "t5-encoder": Case("t5-encoder", moved={"last_hidden_state": "encoder"}),
+    # post-LN BART, and mBART whose layernorm_embedding normalises the stream: permutations only
+    "bart": Case("bart", moved={"encoder_last_hidden_state": "encoder+decoder"}),
+    "mbart": Case("mbart", moved={"encoder_last_hidden_state": "encoder+decoder"}),
+    "bart-qa": Case("bart", "BartForQuestionAnswering", {"num_labels": 2},
+                    moved={"encoder_last_hidden_state": "encoder+decoder"}),
 }
 
 
@@ -355,9 +360,11 @@ def test_conv1d_layouts(saved):
 # ---------------------------------------------------------------------- necessity
 
 
-def test_an_orthogonal_map_breaks_a_layernorm_model(saved, tmp_path):
-    case = CASES["bert-mlm"]
-    folder, before = saved("bert-mlm")
+@pytest.mark.parametrize("name", ["bert-mlm", "bart", "mbart"])
+def test_an_orthogonal_map_breaks_a_layernorm_model(saved, tmp_path, name):
+    """Post-LN (BERT, BART) and mBART's layernorm_embedding normalise the stream itself."""
+    case = CASES[name]
+    folder, before = saved(name)
     plans = {stack: dataclasses.replace(plan, orthogonal=True) for stack, plan in plans_for(folder).items()}
     maps = random_maps(plans, orthogonal=True)
     assert output_change(before, run(write_moved(folder, tmp_path / "moved", plans, maps), case), case, maps) > CHANGED
@@ -426,7 +433,7 @@ def test_post_ln_and_headless_models_get_permutations_only(saved):
 # old basis changes the outputs
 NECESSITY = ["bert-mlm", "bert-decoder-cross-attention", "roberta-seq-cls", "vit", "gpt2-cross-attention",
              "deberta-v2-mlm-shared-conv", "phi", "distilbert-mlm", "clip", "llama-tied-untie", "llama-biases",
-             "t5-v1.1-untied"]
+             "t5-v1.1-untied", "mbart"]
 
 
 @pytest.mark.parametrize("name", NECESSITY)
