@@ -61,23 +61,30 @@ def merge_timings(group: Group, timings: Timings) -> None:
 
 
 def summable_in_layer_order(group: Group, layers: Sequence[LayerId], mine: Sequence[LayerId],
-                            rows: Sequence[tuple[str, torch.Tensor, float]]) -> list[tuple[str, torch.Tensor, float]]:
-    """Every layer's (stack, score matrix, distance) on every rank, in the order of `layers`.
+                            rows: Sequence[tuple[dict[str, torch.Tensor], float]]
+                            ) -> list[tuple[dict[str, torch.Tensor], float]]:
+    """Every layer's (score matrix per stream, distance) on every rank, in the order of `layers`.
 
     Each matrix is all-reduced from its owner's copy and zeros elsewhere: x + 0 is exact, so the
     caller sums the very floats one process sums, in the same order (partial sums per rank would
-    round differently and change the residual map's bytes). One layer's matrix at a time travels.
+    round differently and change the residual map's bytes). One matrix at a time travels.
     """
     import torch.distributed as dist
 
-    shapes = in_layer_order(group, layers, mine, [(stack, tuple(c.shape), str(c.dtype).removeprefix("torch."), after)
-                                                  for stack, c, after in rows])
-    own = {layer: row[1] for layer, row in zip(mine, rows)}
+    shapes = in_layer_order(group, layers, mine, [
+        ({stream: (tuple(c.shape), str(c.dtype).removeprefix("torch.")) for stream, c in parts.items()}, after)
+        for parts, after in rows])
+    own = {layer: row[0] for layer, row in zip(mine, rows)}
     result = []
-    for layer, (stack, shape, dtype, after) in zip(layers, shapes):
-        where = own[layer].device if layer in own else torch.device("cpu")
-        buffer = (own[layer].to(group.device, copy=True) if layer in own
-                  else torch.zeros(shape, dtype=getattr(torch, dtype), device=group.device))
-        dist.all_reduce(buffer, group=group.tensors)
-        result.append((stack, buffer.to(where), after))
+    for layer, (described, after) in zip(layers, shapes):
+        parts = {}
+        for stream in sorted(described):
+            shape, dtype = described[stream]
+            mine_part = own[layer][stream] if layer in own else None
+            where = mine_part.device if mine_part is not None else torch.device("cpu")
+            buffer = (mine_part.to(group.device, copy=True) if mine_part is not None
+                      else torch.zeros(shape, dtype=getattr(torch, dtype), device=group.device))
+            dist.all_reduce(buffer, group=group.tensors)
+            parts[stream] = buffer.to(where)
+        result.append((parts, after))
     return result

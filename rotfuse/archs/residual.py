@@ -19,19 +19,20 @@ LayerNorm (rotfuse.symmetry.residual).
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rotfuse.archs.spec import ResidualRule, ResidualSection, TieRule, config_value
+from rotfuse.archs.spec import ResidualRule, ResidualSection, StackSpec, TieRule, config_value
 from rotfuse.core.errors import InputError
 from rotfuse.symmetry.residual import StreamMap, scale_axis, work_dtype
 
 if TYPE_CHECKING:
     from rotfuse.archs.bind import BoundArch
-    from rotfuse.archs.spec import ArchSpec, StackSpec
+    from rotfuse.archs.spec import ArchSpec
     from rotfuse.io.checkpoint import Checkpoint
 
 def _axes(role: str, layout: str, ndim: int) -> tuple[int, ...]:
@@ -81,7 +82,7 @@ class ResidualPlan:
     every tensor of `added` (new name -> the tensor whose value it starts from, to be passed
     through `transform` under the new name)."""
 
-    stack: str
+    stack: str  # the stream's name: its stack, or the coupled stacks joined with "+"
     norm: str  # "layernorm" or "rmsnorm"
     hidden_size: int
     tensors: dict[str, StreamTensor]  # EVERY tensor touching this stream
@@ -91,6 +92,7 @@ class ResidualPlan:
     added: dict[str, str] = field(default_factory=dict)
     config_updates: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # why orthogonal maps are off, when they are
+    streams: tuple[str, ...] = ()  # the stacks whose streams this plan moves (default: `stack`)
 
     def __post_init__(self) -> None:
         self._gains = {fold.gain for fold in self.folds}
@@ -154,11 +156,12 @@ class ResidualPlan:
 
 @dataclass(frozen=True)
 class _Found:
-    """A tensor's classification: the stack whose stream it touches, its role and layout, and for
-    a norm gain the full names of the weights that read its output and of its bias (a LayerNorm's
-    bias is itself a norm tensor, with `gain_of` naming its gain)."""
+    """A tensor's classification: the stacks whose streams it touches (several: it couples them;
+    none: stream-free), its layer, role and layout, and for a norm gain the full names (or globs)
+    of the weights that read its output and of its bias (a LayerNorm's bias is itself a norm
+    tensor, with `gain_of` naming its gain)."""
 
-    stack: str
+    streams: tuple[str, ...]
     layer: int | None
     role: str
     layout: str = "out_in"
@@ -167,29 +170,76 @@ class _Found:
     gain_of: str = ""
 
     @classmethod
-    def of(cls, rule: ResidualRule, name: str, stack: str, layer: int | None, full: Callable[[str], str]) -> _Found:
+    def of(cls, rule: ResidualRule, name: str, streams: tuple[str, ...], layer: int | None,
+           full: Callable[[str], str]) -> _Found:
         """`name`'s classification by the rule that matched it."""
+        streams = () if rule.role == "free" else (rule.streams or streams)
         if rule.role != "norm":
-            return cls(stack, layer, rule.role, rule.layout)
+            return cls(streams, layer, rule.role, rule.layout)
         gain = full(rule.names[0])
         if rule.bias and name == full(rule.bias):
-            return cls(stack, layer, "norm", gain_of=gain)
-        return cls(stack, layer, "norm", readers=tuple(full(r) for r in rule.readers),
+            return cls(streams, layer, "norm", gain_of=gain)
+        return cls(streams, layer, "norm", readers=tuple(full(r) for r in rule.readers),
                    bias=full(rule.bias) if rule.bias else "")
 
 
+def own_stream(stack: StackSpec) -> str:
+    """The stack whose stream a stack's tensors sit on (its own unless its section says `stream`)."""
+    return (stack.residual.stream if stack.residual is not None else "") or stack.name
+
+
+def role_stream(stack: StackSpec, role: str) -> str:
+    """The stack whose stream a layer-spec role (q, k, v, qkv, o, ffn_inputs, ffn_output) reads or
+    writes: e.g. cross-attention K and V read the encoder's."""
+    overrides = stack.residual.role_streams if stack.residual is not None else {}
+    return overrides.get(role) or own_stream(stack)
+
+
 def residual_plans(bound: BoundArch, checkpoint: Checkpoint, allow_untie: bool = False) -> dict[str, ResidualPlan]:
-    """One plan per stack present in the checkpoint. Refuses (InputError) a tensor that the spec
-    does not classify, a stream axis whose size is not the hidden size, and a spec without a
-    `residual:` section. `allow_untie`: with tied embeddings, fold anyway (see ResidualPlan)."""
+    """One plan per residual stream of the checkpoint, keyed by its name. A stream is a stack's
+    (tensors may sit on another stack's stream: cross-attention K/V read the encoder's); streams
+    that share a tensor (an embedding shared by encoder and decoder) can only move together, so
+    they form one plan, named by their stacks joined with "+". Refuses (InputError) a tensor that
+    the spec does not classify, a stream axis whose size is not the hidden size, and a spec
+    without a `residual:` section. `allow_untie`: with tied embeddings, fold anyway (see
+    ResidualPlan)."""
     stacks = [s for s in bound.spec.stacks if s.name not in bound.absent]
     classifier = _Classifier(bound, stacks, checkpoint.config, str(checkpoint.folder))
     found = {name: classifier.classify(name) for name in checkpoint.names()}
-    return {
-        stack.name: _plan(bound, stack, classifier.sections[stack.name], checkpoint,
-                          {n: f for n, f in found.items() if f.stack == stack.name}, allow_untie)
-        for stack in stacks
-    }
+    present = {s.name for s in stacks}
+    for name, item in found.items():
+        missing = set(item.streams) - present
+        if missing:
+            raise InputError(f"{checkpoint.folder}: tensor {name!r} sits on the residual stream of stack "
+                             f"{sorted(missing)[0]!r}, which this checkpoint does not have")
+    groups = _coupled(stacks, found.values())
+    plans = {}
+    for group in groups:
+        key = "+".join(group)
+        members = {n: f for n, f in found.items() if f.streams and f.streams[0] in group}
+        plans[key] = _plan(bound, key, [s for s in stacks if s.name in group], checkpoint, members, allow_untie)
+    return plans
+
+
+def _coupled(stacks: list[StackSpec], found: Any) -> list[list[str]]:
+    """The streams in use, grouped where a tensor sits on several (in the spec's stack order)."""
+    parent = {s.name: s.name for s in stacks}
+
+    def root(name: str) -> str:
+        while parent[name] != name:
+            name = parent[name]
+        return name
+
+    used: set[str] = set()
+    for item in found:
+        used.update(item.streams)
+        for other in item.streams[1:]:
+            parent[root(other)] = root(item.streams[0])
+    groups: dict[str, list[str]] = {}
+    for stack in stacks:
+        if stack.name in used:
+            groups.setdefault(root(stack.name), []).append(stack.name)
+    return list(groups.values())
 
 
 def _full(bound: BoundArch, name: str) -> str:
@@ -208,7 +258,9 @@ def _first(rules: tuple[ResidualRule, ...], name: str, config: dict[str, Any],
 
 class _Classifier:
     """Classifies tensor names against the spec: layer tensors by the layer spec's roles, then the
-    section's `layer` entries; other tensors by the `model` entries of every stack present."""
+    section's `layer` entries, of every stack whose layer prefix matches (encoder-decoders: the
+    decoder and its cross-attention share one); other tensors by the `model` entries of every
+    stack present (several may claim one tensor: it then sits on each of their streams)."""
 
     def __init__(self, bound: BoundArch, stacks: list[StackSpec], config: dict[str, Any], where: str):
         self.bound, self.stacks, self.config, self.where = bound, stacks, config, where
@@ -217,34 +269,51 @@ class _Classifier:
         self.derived = {s.name: _derived(s) for s in stacks}
 
     def classify(self, name: str) -> _Found:
-        for stack in self.stacks:
-            match = self.layer_patterns[stack.name].fullmatch(name)
-            if match is not None:
-                return self._in_layer(stack.name, name, int(match.group(1)), match.group(2))
+        matches = [(stack, m) for stack in self.stacks
+                   if (m := self.layer_patterns[stack.name].fullmatch(name)) is not None]
+        if matches:
+            return self._in_layer(name, matches)
         claims, free = [], False
         for stack in self.stacks:
             rule = _first(self.sections[stack.name].model, name, self.config, lambda g: _full(self.bound, g))
             if rule is not None and rule.role == "free":
                 free = True
             elif rule is not None:
-                claims.append(_Found.of(rule, name, stack.name, None, lambda g: _full(self.bound, g)))
-        if len(claims) > 1:
-            raise InputError(f"{self.where}: tensor {name!r} is placed on the residual stream of several stacks "
-                             f"({', '.join(c.stack for c in claims)}) by the {self.bound.spec.name} spec")
+                claims.append(_Found.of(rule, name, (own_stream(stack),), None, lambda g: _full(self.bound, g)))
         if claims:
-            return claims[0]
+            return self._merge(name, claims)
         if free:
-            return _Found("", None, "free")
+            return _Found((), None, "free")
         raise _unclassified(name, self.bound, self.config, self.where)
 
-    def _in_layer(self, stack: str, name: str, index: int, relative: str) -> _Found:
-        if relative in self.derived[stack]:
-            return _Found(stack, index, *self.derived[stack][relative])
-        rule = _first(self.sections[stack].layer, relative, self.config, lambda glob: glob)
-        if rule is None:
-            raise _unclassified(name, self.bound, self.config, self.where)
-        layer_prefix = name[: len(name) - len(relative)]
-        return _Found.of(rule, name, stack, index, lambda glob: layer_prefix + glob)
+    def _merge(self, name: str, claims: list[_Found]) -> _Found:
+        """One tensor claimed by several stacks: the same role everywhere, on each of their streams."""
+        first = claims[0]
+        for other in claims[1:]:
+            if replace(other, streams=first.streams) != first:
+                raise InputError(f"{self.where}: tensor {name!r} is placed on the residual streams of several "
+                                 f"stacks in different roles by the {self.bound.spec.name} spec")
+        streams = tuple(dict.fromkeys(s for claim in claims for s in claim.streams))
+        return replace(first, streams=streams)
+
+    def _in_layer(self, name: str, matches: list[tuple[StackSpec, re.Match[str]]]) -> _Found:
+        for stack, match in matches:
+            derived = self.derived[stack.name].get(match.group(2))
+            if derived is not None:
+                role, layout, spec_role = derived
+                streams = () if role == "free" else (role_stream(stack, spec_role),)
+                return _Found(streams, int(match.group(1)), role, layout)
+        for stack, match in matches:
+            relative = match.group(2)
+            rule = _first(self.sections[stack.name].layer, relative, self.config, lambda glob: glob)
+            if rule is not None:
+                layer_prefix = name[: len(name) - len(relative)]
+
+                def in_layer(glob: str, prefix: str = layer_prefix) -> str:
+                    return prefix + glob
+
+                return _Found.of(rule, name, (own_stream(stack),), int(match.group(1)), in_layer)
+        raise _unclassified(name, self.bound, self.config, self.where)
 
 
 def _section(spec: ArchSpec, stack: StackSpec) -> ResidualSection:
@@ -255,18 +324,20 @@ def _section(spec: ArchSpec, stack: StackSpec) -> ResidualSection:
     return stack.residual
 
 
-def _derived(stack: StackSpec) -> dict[str, tuple[str, str]]:
-    """Roles the layer spec implies: relative name -> (role, layout)."""
+def _derived(stack: StackSpec) -> dict[str, tuple[str, str, str]]:
+    """Roles the layer spec implies: relative name -> (role, layout, layer-spec role)."""
     att, ffn = stack.attention, stack.ffn
-    roles: dict[str, tuple[str, str]] = {}
-    inputs = [att.qkv] if att.qkv else [att.q, att.k, att.v]
-    for ref in [*inputs, *(ffn.inputs if ffn else ())]:
-        roles[ref.weight] = ("reads", ref.layout)
+    roles: dict[str, tuple[str, str, str]] = {}
+    inputs: list[tuple[str, Any]] = [("qkv", att.qkv)] if att.qkv else [("q", att.q), ("k", att.k), ("v", att.v)]
+    inputs += [("ffn_inputs", ref) for ref in (ffn.inputs if ffn else ())]
+    for spec_role, ref in inputs:
+        assert ref is not None
+        roles[ref.weight] = ("reads", ref.layout, spec_role)
         if ref.bias:
-            roles[ref.bias] = ("free", ref.layout)  # head / neuron space
-    roles[att.o.weight] = ("writes", att.o.layout)
+            roles[ref.bias] = ("free", ref.layout, spec_role)  # head / neuron space
+    roles[att.o.weight] = ("writes", att.o.layout, "o")
     if ffn is not None:
-        roles[ffn.output.weight] = ("writes", ffn.output.layout)
+        roles[ffn.output.weight] = ("writes", ffn.output.layout, "ffn_output")
     return roles
 
 
@@ -280,39 +351,46 @@ def _unclassified(name: str, bound: BoundArch, config: dict[str, Any], where: st
     )
 
 
-def _plan(bound: BoundArch, stack: StackSpec, section: ResidualSection, checkpoint: Checkpoint,
+def _plan(bound: BoundArch, key: str, streams: list[StackSpec], checkpoint: Checkpoint,
           found: dict[str, _Found], allow_untie: bool) -> ResidualPlan:
     where = str(checkpoint.folder)
-    d = bound.dims[stack.name].hidden_size
-    tensors = {name: _stream_tensor(name, tuple(checkpoint.entry(name).shape), item, d, where)
-               for name, item in found.items() if item.role != "free"}
+    sizes = {bound.dims[s.name].hidden_size for s in streams}
+    norms_types = {_section(bound.spec, s).norm for s in streams}
+    if len(sizes) != 1 or len(norms_types) != 1:
+        raise InputError(f"{where}: the residual streams {key!r} share a tensor but differ in width or norm type "
+                         f"({sorted(sizes)}, {sorted(norms_types)}), so they cannot move together")
+    d, norm = sizes.pop(), norms_types.pop()
+    tensors = {name: _stream_tensor(name, tuple(checkpoint.entry(name).shape), item, d, key, where)
+               for name, item in found.items()}
     norms = {name: item for name, item in found.items() if item.role == "norm" and not item.gain_of}
+    ties = [tie for s in streams if (tie := _section(bound.spec, s).tie) is not None]
     if norms:
-        folding = _folding(bound, section.tie, norms, tensors, checkpoint, allow_untie)
+        folding = _folding(bound, ties, norms, tensors, checkpoint, allow_untie)
     else:  # post-LN (BERT and family): the norms act on the stream itself
         folding = _Folding(note="the spec names no norm whose gain folds into the weights reading it (post-LN "
                            "models normalise the stream itself), so only permutations of the stream are exact")
     if not folding.note and outputs_the_stream(bound, checkpoint.config):
         folding = _Folding(note="the model has no head: its outputs are the final norm's, which cannot be folded, "
                            "so only permutations are exact")
+    names = tuple(s.name for s in streams)
     if folding.note:
-        return ResidualPlan(stack.name, section.norm, d, tensors, [], orthogonal=False, untie=False,
-                            notes=[folding.note])
+        return ResidualPlan(key, norm, d, tensors, [], orthogonal=False, untie=False, notes=[folding.note],
+                            streams=names)
     for name in folding.added:
-        tensors[name] = StreamTensor(name, (1,), stack.name, None, "reads")  # a Linear head [vocab, d]
-    return ResidualPlan(stack.name, section.norm, d, tensors, folding.folds, orthogonal=True,
+        tensors[name] = StreamTensor(name, (1,), key, None, "reads")  # a Linear head [vocab, d]
+    return ResidualPlan(key, norm, d, tensors, folding.folds, orthogonal=True,
                         untie=bool(folding.config_updates), added=folding.added,
-                        config_updates=folding.config_updates)
+                        config_updates=folding.config_updates, streams=names)
 
 
-def _stream_tensor(name: str, shape: tuple[int, ...], item: _Found, d: int, where: str) -> StreamTensor:
+def _stream_tensor(name: str, shape: tuple[int, ...], item: _Found, d: int, key: str, where: str) -> StreamTensor:
     if item.layout == "in_out" and item.role in ("reads", "writes") and len(shape) != 2:
         raise InputError(f"{where}: tensor {name!r} of shape {list(shape)} cannot have the in_out layout")
     axes = _axes(item.role, item.layout, len(shape))
     if len(shape) == 0 or max(axes) >= len(shape) or any(shape[a] != d for a in axes):
         raise InputError(f"{where}: tensor {name!r} has shape {list(shape)}, but as a residual-stream "
                          f"{item.role} tensor it needs size {d} (the hidden size) on axes {list(axes)}")
-    return StreamTensor(name, axes, item.stack, item.layer, item.role)
+    return StreamTensor(name, axes, key, item.layer, item.role)
 
 
 def outputs_the_stream(bound: BoundArch, config: dict[str, Any]) -> bool:
@@ -331,19 +409,25 @@ class _Folding:
     note: str = ""
 
 
-def _folding(bound: BoundArch, tie: TieRule | None, norms: dict[str, _Found],
+def _folding(bound: BoundArch, ties: list[TieRule], norms: dict[str, _Found],
              tensors: dict[str, StreamTensor], checkpoint: Checkpoint, allow_untie: bool) -> _Folding:
     """Whether every norm gain can be folded into its readers, which makes orthogonal maps exact,
-    and if so the folds and the untying they need."""
+    and if so the folds and the untying they need. Readers may be globs (T5's encoder output is
+    read by the cross-attention K/V of every decoder layer)."""
     where = str(checkpoint.folder)
-    head = _tied_head(bound, tie, checkpoint.config)
     folding = _Folding()
-    if head is not None and tie is not None:
+    for tie in ties:
+        head = _tied_head(bound, tie, checkpoint.config)
+        if head is None:
+            continue
         if not allow_untie:
             return _Folding(note=f"{tie.config_key} is set: folding the final norm into {head!r} would untie it "
                             "from the input embedding, so only permutations are exact (allow untying for any "
                             "orthogonal map)")
         folding.config_updates[tie.config_key] = False
+        for key, default in tie.pin.items():
+            value = config_value(checkpoint.config, key)
+            folding.config_updates[key] = default if value is None else value
         if head not in tensors:  # stored once, as the embedding: the head must be added
             embedding = _full(bound, tie.embedding)
             if embedding not in tensors:
@@ -351,10 +435,11 @@ def _folding(bound: BoundArch, tie: TieRule | None, norms: dict[str, _Found],
             folding.added[head] = embedding
     readable = {name for name, t in tensors.items() if t.role == "reads"} | set(folding.added)
     for gain, item in norms.items():
-        readers = tuple(name for name in item.readers if name in readable or name in checkpoint)
+        readers = tuple(dict.fromkeys(name for glob in item.readers for name in _expand(glob, readable, checkpoint)))
         for reader in readers:
             if reader not in readable:
-                raise InputError(f"{where}: {reader!r} is listed as a reader of {gain!r} but is not a reads tensor")
+                raise InputError(f"{where}: {reader!r} is listed as a reader of {gain!r} but is not a reads tensor "
+                                 "of the same stream")
         if not readers:
             return _Folding(note=f"{gain!r} feeds no weight of this checkpoint (its output is the stream or the "
                             "model's output), so its gain cannot be folded: only permutations are exact")
@@ -368,6 +453,13 @@ def _folding(bound: BoundArch, tie: TieRule | None, norms: dict[str, _Found],
         raise InputError(f"{where}: {sorted(unfolded)[0]!r} reads the residual stream but the spec lists it as the "
                          "reader of no norm, so an orthogonal map could not be made exact")
     return folding
+
+
+def _expand(glob: str, readable: set[str], checkpoint: Checkpoint) -> list[str]:
+    """The names a reader entry stands for: itself, or every match of a glob, in checkpoint order."""
+    if not any(c in glob for c in "*?["):
+        return [glob] if glob in readable or glob in checkpoint else []
+    return [n for n in (*checkpoint.names(), *sorted(readable)) if fnmatch.fnmatchcase(n, glob)]
 
 
 def _tied_head(bound: BoundArch, tie: TieRule | None, config: dict[str, Any]) -> str | None:

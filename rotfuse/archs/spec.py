@@ -113,6 +113,7 @@ class ResidualRule:
     bias: str = ""  # role norm: the LayerNorm's bias (it rides along as bias / gain when folded)
     when: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # config values under which it applies
     classes: tuple[str, ...] = ()  # globs on config.json `architectures` under which it applies
+    streams: tuple[str, ...] = ()  # the stacks whose streams it sits on (default: the section's `stream`)
 
     def applies(self, config: dict[str, Any]) -> bool:
         if self.classes:
@@ -131,6 +132,13 @@ class TieRule:
     config_key: str = "tie_word_embeddings"
     default: bool = False  # when config.json lacks the key (the config class's default)
     classes: tuple[str, ...] = ()  # globs on `architectures`: the model classes that have the head
+    # config keys written with their current value (the given default when config.json lacks them)
+    # when untying: flags the model code derives from the tie flag (T5's scale_decoder_outputs)
+    pin: dict[str, Any] = field(default_factory=dict)
+
+
+# Layer-spec roles whose stream a section may place on another stack (`role_streams`)
+STREAM_ROLES = ("q", "k", "v", "qkv", "o", "ffn_inputs", "ffn_output")
 
 
 @dataclass(frozen=True)
@@ -139,6 +147,8 @@ class ResidualSection:
     model: tuple[ResidualRule, ...]
     layer: tuple[ResidualRule, ...]
     tie: TieRule | None = None
+    stream: str = ""  # the stack whose stream this stack's tensors sit on ("": its own)
+    role_streams: dict[str, str] = field(default_factory=dict)  # layer-spec role -> stack (cross-attention K/V)
 
 
 @dataclass(frozen=True)
@@ -293,6 +303,7 @@ def _parse_spec(raw: dict[str, Any], source: str) -> ArchSpec:
         stacks = (_parse_stack(raw, ""),)
     if len({s.name for s in stacks}) != len(stacks):
         raise ValueError("stack names must be distinct")
+    _check_streams(stacks)
     restrictions = tuple(_parse_restriction(r) for r in raw.get("restrictions") or ())
     for restriction in restrictions:
         unknown_stacks = set(restriction.stacks) - {s.name for s in stacks}
@@ -454,9 +465,24 @@ def _parse_restriction(raw: Any) -> Restriction:
                        reason=" ".join(str(raw.get("reason", "")).split()), stacks=_names(raw.get("stacks")))
 
 
+def _check_streams(stacks: tuple[StackSpec, ...]) -> None:
+    """Every stream a residual section names is a stack of the spec."""
+    names = {s.name for s in stacks}
+    for stack in stacks:
+        section = stack.residual
+        if section is None:
+            continue
+        named = {section.stream, *section.role_streams.values()} - {""}
+        named |= {name for rule in (*section.model, *section.layer) for name in rule.streams}
+        unknown = sorted(named - names)
+        if unknown:
+            raise ValueError(f"residual section of stack {stack.name!r} names unknown streams {unknown} "
+                             f"(streams are named by their stack: {sorted(names)})")
+
+
 def _parse_residual(raw: Any) -> ResidualSection:
     """The `residual:` section of one stack, checked (ValueError on a mistake)."""
-    raw = _mapping(raw, {"norm", "model", "layer", "tie"}, "residual")
+    raw = _mapping(raw, {"norm", "model", "layer", "tie", "stream", "role_streams"}, "residual")
     norm = raw.get("norm")
     if norm not in NORM_TYPES:
         raise ValueError(f"residual norm must be one of {NORM_TYPES}, got {norm!r}")
@@ -464,11 +490,14 @@ def _parse_residual(raw: Any) -> ResidualSection:
     layer = tuple(_parse_rule(r, norm) for r in raw.get("layer") or ())
     tie = None
     if raw.get("tie") is not None:
-        entry = _mapping(raw["tie"], {"embedding", "head", "config", "default", "classes"}, "residual tie")
+        entry = _mapping(raw["tie"], {"embedding", "head", "config", "default", "classes", "pin"}, "residual tie")
         tie = TieRule(embedding=str(entry["embedding"]), head=str(entry["head"]),
                       config_key=str(entry.get("config", "tie_word_embeddings")),
-                      default=bool(entry.get("default", False)), classes=_names(entry.get("classes")))
-    return ResidualSection(norm, model, layer, tie)
+                      default=bool(entry.get("default", False)), classes=_names(entry.get("classes")),
+                      pin=dict(_mapping(entry.get("pin") or {}, set(map(str, entry.get("pin") or {})), "tie pin")))
+    role_streams = {str(k): str(v) for k, v in _mapping(raw.get("role_streams") or {}, set(STREAM_ROLES),
+                                                           "residual role_streams").items()}
+    return ResidualSection(norm, model, layer, tie, stream=str(raw.get("stream") or ""), role_streams=role_streams)
 
 
 def _parse_rule(raw: Any, norm: str) -> ResidualRule:
@@ -478,7 +507,7 @@ def _parse_rule(raw: Any, norm: str) -> ResidualRule:
     if len(roles) != 1:
         raise ValueError(f"each entry needs exactly one of {', '.join(ROLES)}: {raw!r}")
     role = roles[0]
-    _mapping(raw, {role, "layout", "readers", "bias", "when", "classes"}, f"residual entry {raw!r}")
+    _mapping(raw, {role, "layout", "readers", "bias", "when", "classes", "stream"}, f"residual entry {raw!r}")
     if (role == "norm") != ("readers" in raw):
         raise ValueError(f"readers go with norm entries, and every norm entry needs them: {raw!r}")
     if "bias" in raw and (role != "norm" or norm != "layernorm" or len(_names(raw[role])) != 1):
@@ -491,7 +520,10 @@ def _parse_rule(raw: Any, norm: str) -> ResidualRule:
         bias=str(raw.get("bias", "")),
         when=_when(raw.get("when") or {}),
         classes=_names(raw.get("classes")),
+        streams=_names(raw.get("stream")),
     )
+    if rule.role == "free" and rule.streams:
+        raise ValueError(f"a free tensor sits on no stream: {raw!r}")
     if rule.layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {rule.layout!r}")
     if not rule.names:

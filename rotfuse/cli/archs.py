@@ -109,7 +109,11 @@ def stack_features(stack: StackSpec, always: frozenset[str] = frozenset()) -> li
     if scale:
         names = "/".join(role.upper() for role in scale)
         features.append((f"{names} scale", f"{' and '.join(role.upper() for role in scale)} rescaling per head"))
-    if stack.residual:
+    if stack.residual and stack.residual.stream:  # a stack on other stacks' streams (cross-attention)
+        others = sorted({stack.residual.stream, *stack.residual.role_streams.values()})
+        features.append((f"residual: moves with {'/'.join(others)}",
+                         f"residual stream: its tensors sit on the streams of {', '.join(others)} and move with them"))
+    elif stack.residual:
         norm = stack.residual.norm
         folds = any(rule.role == "norm" for rule in (*stack.residual.model, *stack.residual.layer))
         features.append(("residual: permutation", "residual stream: one permutation (the norms act on the stream)")

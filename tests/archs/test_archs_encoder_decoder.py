@@ -217,3 +217,77 @@ def test_a_checkpoint_without_any_ffn_input_is_refused(tmp_path):
               metadata={"format": "pt"})
     with pytest.raises(InputError, match="none of the FFN inputs"):
         scramble(model, tmp_path / "out", MatchOptions(device="cpu"), seed=0)
+
+
+# ---------------------------------------------------------------------- residual stream
+
+WITH_RESIDUAL = symmetry_set("default,residual")
+
+
+def save_t5_untied(folder: Path, seed: int = 0) -> Path:
+    """T5 v1.1 as transformers 4 saved it: lm_head stored apart from shared.weight, config untied
+    (no scale_decoder_outputs). transformers 5 keeps a head whose values differ from the embedding."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    save_tiny("t5-gated", folder, seed=seed)
+    tensors = load_file(str(folder / "model.safetensors"))
+    generator = torch.Generator().manual_seed(100 + seed)
+    tensors["lm_head.weight"] = torch.randn(tensors["shared.weight"].shape, generator=generator)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["tie_word_embeddings"] = False
+    config.pop("scale_decoder_outputs", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+# case -> (builder, the map the coupled encoder+decoder stream gets, allow_untie)
+RESIDUAL_CASES: dict[str, tuple[Callable[[Path], Path], str, bool]] = {
+    "t5-v1.1-untied": (save_t5_untied, "orthogonal", False),
+    "t5-v1.1-tied": (lambda folder: save_tiny("t5-gated", folder), "permutation", False),
+    "t5-v1.0-tied": (lambda folder: save_tiny("t5-v1.0", folder), "permutation", False),
+    "t5-v1.0-untie": (lambda folder: save_tiny("t5-v1.0", folder), "orthogonal", True),
+    "bart": (lambda folder: save_tiny("bart", folder), "permutation", False),
+    "mbart": (lambda folder: save_tiny("mbart", folder), "permutation", False),
+}
+
+
+@pytest.mark.parametrize("case", RESIDUAL_CASES)
+def test_scrambled_stream_and_layers_are_recovered(tmp_path, case):
+    """A random residual map (one for the coupled encoder+decoder stream) plus random per-layer maps
+    keep the function, and matching finds both back (optimality)."""
+    build, kind, allow_untie = RESIDUAL_CASES[case]
+    model = build(tmp_path / "model")
+    options = MatchOptions(symmetries=WITH_RESIDUAL, device="cpu", workers=1, allow_untie=allow_untie)
+    scrambled = scramble(model, tmp_path / "scrambled", options, seed=4)
+    assert scrambled["residual"]["maps"] == {"encoder+decoder": kind}
+    assert_same_function(model, tmp_path / "scrambled", main_only=True)
+    # an untied copy is matched as the anchor: an anchor whose head is still the embedding has no
+    # head tensor to compare with (as for GPT-2 in tests/align/test_residual_search.py)
+    anchor, moving = (tmp_path / "scrambled", model) if allow_untie else (model, tmp_path / "scrambled")
+    report = match(anchor, moving, tmp_path / "back", options)
+    totals = report["totals"]["model"]
+    assert totals["before"] > 1.0
+    assert totals["after"] / totals["before"] < 1e-5, (case, report["residual"])
+    assert_same_function(model, tmp_path / "back", main_only=True)
+
+
+def test_residual_matching_of_unrelated_t5s_keeps_the_function(tmp_path):
+    model, anchor = save_t5_untied(tmp_path / "model", seed=0), save_t5_untied(tmp_path / "anchor", seed=1)
+    report = match(anchor, model, tmp_path / "aligned", MatchOptions(symmetries=WITH_RESIDUAL, device="cpu"))
+    assert report["residual"]["maps"] == {"encoder+decoder": "orthogonal"}
+    rounds = report["residual"]["rounds"]
+    assert report["totals"]["model"]["after"] <= rounds[0]["distance"] * (1 + 1e-9)
+    assert_same_function(model, tmp_path / "aligned", main_only=True)
+
+
+@pytest.mark.slow
+def test_cli_match_residual_and_verify(cli, tmp_path):
+    model, anchor = save_t5_untied(tmp_path / "model", seed=0), save_t5_untied(tmp_path / "anchor", seed=1)
+    aligned = tmp_path / "aligned"
+    result = cli("match", anchor, model, "-o", aligned, "-s", "default,residual", "--json", "-q")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["residual"]["maps"] == {"encoder+decoder": "orthogonal"}
+    result = cli("verify", model, aligned)
+    assert result.returncode == 0, result.stderr + result.stdout

@@ -28,7 +28,7 @@ from helpers.tiny_models import TINY
 from safetensors.torch import save_file
 
 from rotfuse.archs.bind import bind, select_spec
-from rotfuse.archs.residual import ResidualPlan, residual_plans
+from rotfuse.archs.residual import ResidualPlan, StreamTensor, residual_plans
 from rotfuse.archs.spec import builtin_specs, load_spec_file
 from rotfuse.core.errors import InputError
 from rotfuse.eval.runtime import example_inputs, forward, load_model
@@ -49,6 +49,9 @@ class Case:
     moved: dict[str, str] = field(default_factory=dict)  # output key -> stack whose stream it is in
     encoder_states: bool = False  # cross-attention: pass encoder_hidden_states
     choices: bool = False  # *ForMultipleChoice: the batch becomes the choices of one example
+    head_apart: bool = False  # store lm_head apart from the embedding, config untied (T5 v1.1 as 4.x saved it)
+    config_edits: dict[str, Any] = field(default_factory=dict)  # written into config.json (None: key removed)
+    keys: tuple[str, ...] = ()  # the outputs compared (default: all); a folded final norm changes its outputs
 
 
 CASES: dict[str, Case] = {
@@ -128,6 +131,25 @@ CASES: dict[str, Case] = {
     "gemma-tied-permutation": Case("gemma"),
     "gemma-untied-biases-permutation": Case("gemma", overrides={"tie_word_embeddings": False, "attention_bias": True}),
     "gemma-seq-cls-permutation": Case("gemma", "GemmaForSequenceClassification"),
+    # encoder-decoders: the embedding shared by encoder and decoder couples their streams into one
+    # plan "encoder+decoder"; cross-attention K/V read the encoder's output (its final norm folds
+    # into them). transformers 5 ties T5's lm_head to it unless stored apart with other values.
+    "t5-v1.1-untied": Case("t5-gated", head_apart=True, config_edits={"tie_word_embeddings": False,
+                                                                      "scale_decoder_outputs": None},
+                           orthogonal=True, keys=("logits",)),
+    "t5-v1.1-tied-permutation": Case("t5-gated", moved={"encoder_last_hidden_state": "encoder+decoder"}),
+    "t5-v1.1-tied-untie": Case("t5-gated", orthogonal=True, allow_untie=True, keys=("logits",)),
+    "t5-v1.0-tied-permutation": Case("t5-v1.0", moved={"encoder_last_hidden_state": "encoder+decoder"}),
+    "t5-v1.0-untie": Case("t5-v1.0", orthogonal=True, allow_untie=True, keys=("logits",)),
+    # a config.json as transformers 4 wrote it: no scale_decoder_outputs, derived from the tie flag
+    "t5-v1.0-untie-4.x-config": Case("t5-v1.0", orthogonal=True, allow_untie=True, keys=("logits",),
+                                     config_edits={"scale_decoder_outputs": None}),
+    "t5-encoder": Case("t5-encoder", moved={"last_hidden_state": "encoder"}),
+    # post-LN BART, and mBART whose layernorm_embedding normalises the stream: permutations only
+    "bart": Case("bart", moved={"encoder_last_hidden_state": "encoder+decoder"}),
+    "mbart": Case("mbart", moved={"encoder_last_hidden_state": "encoder+decoder"}),
+    "bart-qa": Case("bart", "BartForQuestionAnswering", {"num_labels": 2},
+                    moved={"encoder_last_hidden_state": "encoder+decoder"}),
 }
 
 
@@ -153,7 +175,25 @@ def save_case(case: Case, folder: Path, seed: int = 0) -> Path:
             if param.is_floating_point() and bool((param == param.flatten()[0]).all()):
                 param.add_(0.3 * torch.randn_like(param))
     model.save_pretrained(str(folder))
+    if case.head_apart:
+        _store_apart(folder, "lm_head.weight", 0.3 * torch.randn(model.get_input_embeddings().weight.shape))
+    if case.config_edits:
+        config = json.loads((folder / "config.json").read_text())
+        for key, value in case.config_edits.items():
+            if value is None:
+                config.pop(key, None)
+            else:
+                config[key] = value
+        (folder / "config.json").write_text(json.dumps(config))
     return folder
+
+
+def _store_apart(folder: Path, name: str, value: torch.Tensor) -> None:
+    """Add a tensor to a saved single-file checkpoint (a head stored apart from the embedding)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    save_file({**tensors, name: value.contiguous()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def plans_for(folder: Path, allow_untie: bool = False) -> dict[str, ResidualPlan]:
@@ -226,6 +266,8 @@ def output_change(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor
     assert before.keys() == after.keys() and before
     worst = 0.0
     for key, old in before.items():
+        if case.keys and key not in case.keys:
+            continue
         expected = maps[case.moved[key]].apply(old, (-1,)) if key in case.moved else old
         worst = max(worst, (after[key] - expected).abs().max().item() / max(expected.abs().max().item(), 1.0))
     return worst
@@ -334,9 +376,11 @@ def test_conv1d_layouts(saved):
 # ---------------------------------------------------------------------- necessity
 
 
-def test_an_orthogonal_map_breaks_a_layernorm_model(saved, tmp_path):
-    case = CASES["bert-mlm"]
-    folder, before = saved("bert-mlm")
+@pytest.mark.parametrize("name", ["bert-mlm", "bart", "mbart"])
+def test_an_orthogonal_map_breaks_a_layernorm_model(saved, tmp_path, name):
+    """Post-LN (BERT, BART) and mBART's layernorm_embedding normalise the stream itself."""
+    case = CASES[name]
+    folder, before = saved(name)
     plans = {stack: dataclasses.replace(plan, orthogonal=True) for stack, plan in plans_for(folder).items()}
     maps = random_maps(plans, orthogonal=True)
     assert output_change(before, run(write_moved(folder, tmp_path / "moved", plans, maps), case), case, maps) > CHANGED
@@ -404,7 +448,8 @@ def test_post_ln_and_headless_models_get_permutations_only(saved):
 # every stream tensor outside the layers and in the last layer: leaving any one of them in the
 # old basis changes the outputs
 NECESSITY = ["bert-mlm", "bert-decoder-cross-attention", "roberta-seq-cls", "vit", "gpt2-cross-attention",
-             "deberta-v2-mlm-shared-conv", "phi", "distilbert-mlm", "clip", "llama-tied-untie", "llama-biases"]
+             "deberta-v2-mlm-shared-conv", "phi", "distilbert-mlm", "clip", "llama-tied-untie", "llama-biases",
+             "t5-v1.1-untied", "mbart"]
 
 
 @pytest.mark.parametrize("name", NECESSITY)
@@ -426,6 +471,108 @@ def test_leaving_out_any_tensor_changes_the_function(saved, tmp_path, name):
             assert change > CHANGED, f"leaving {left_out!r} out changed the outputs by only {change:.3g}"
             checked += 1
     assert checked >= 3
+
+
+# ---------------------------------------------------------------------- encoder-decoders: coupled streams
+
+
+def test_t5_plans_couple_encoder_and_decoder(saved):
+    """One plan for both streams (shared.weight sits on each); the encoder's final norm folds into
+    the cross-attention K/V of every decoder layer, the cross-attention norm into Q only."""
+    plans = plans_for(saved("t5-v1.1-untied")[0])
+    assert set(plans) == {"encoder+decoder"}
+    plan = plans["encoder+decoder"]
+    assert plan.streams == ("encoder", "decoder") and plan.orthogonal and not plan.untie
+    folds = {fold.gain: fold.readers for fold in plan.folds}
+    cross = "decoder.block.{}.layer.1.EncDecAttention.{}.weight"
+    assert folds["encoder.final_layer_norm.weight"] == tuple(cross.format(i, p) for p in "kv" for i in range(3))
+    assert folds["decoder.block.1.layer.1.layer_norm.weight"] == (cross.format(1, "q"),)
+    assert folds["decoder.final_layer_norm.weight"] == ("lm_head.weight",)
+    assert "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight" not in plan.tensors
+    assert set(plans_for(saved("t5-encoder")[0])) == {"encoder"}
+
+
+def _t5_variant(tmp_path: Path, edit: Any) -> Path:
+    """The built-in T5 spec with `edit(stacks)` applied to its parsed stacks."""
+    raw = yaml.safe_load(Path(builtin_specs()["t5"].source).read_text())
+    edit({stack["name"]: stack for stack in raw["stacks"]})
+    spec = tmp_path / "t5-variant.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    return spec
+
+
+def _plans_with(folder: Path, spec: Path, allow_untie: bool = False) -> dict[str, ResidualPlan]:
+    checkpoint = Checkpoint.open(folder)
+    return residual_plans(bind(load_spec_file(spec), checkpoint.config, checkpoint, str(folder)), checkpoint,
+                          allow_untie)
+
+
+def _decoupled(stacks: dict[str, Any]) -> None:
+    """shared.weight on no stream: the encoder's and the decoder's streams get a plan each."""
+    for name in ("encoder", "decoder"):
+        model = stacks[name]["residual"]["model"]
+        model[0]["table"] = [t for t in model[0]["table"] if t != "shared.weight"]
+    stacks["encoder"]["residual"]["model"].append({"free": "shared.weight"})
+
+
+def test_the_shared_embedding_couples_the_streams(saved, tmp_path):
+    """Moving the encoder's and the decoder's streams by different maps (a spec that leaves the
+    shared embedding out of the coupling) changes the function."""
+    case = CASES["t5-v1.1-untied"]
+    folder, before = saved("t5-v1.1-untied")
+    plans = _plans_with(folder, _t5_variant(tmp_path, _decoupled))
+    assert set(plans) == {"encoder", "decoder"}
+    plans = {k: dataclasses.replace(p, tensors={**p.tensors, "shared.weight": StreamTensor(
+        "shared.weight", (1,), k, None)}) for k, p in plans.items()}  # moved by each map in turn: the last wins
+    maps = random_maps(plans, orthogonal=True)
+    change = output_change(before, run(write_moved(folder, tmp_path / "moved", plans, maps), case), case, maps)
+    assert change > CHANGED
+
+
+def test_separate_embeddings_give_two_streams(saved, tmp_path):
+    """Encoder and decoder embeddings stored apart (transformers 5 keeps them apart when their
+    values differ) and a spec that declares the unused shared.weight free: two plans, two
+    independent maps, the function kept -- and cross-attention K/V must move with the ENCODER's
+    map (`role_streams`): on the decoder's, the function changes."""
+    case = CASES["t5-v1.1-untied"]
+    folder, _ = saved("t5-v1.1-untied")
+    split = tmp_path / "split"
+    shutil.copytree(folder, split)
+    embedding = Checkpoint.open(folder).get("shared.weight")
+    _store_apart(split, "encoder.embed_tokens.weight", embedding + 0.3 * torch.randn_like(embedding))
+    _store_apart(split, "decoder.embed_tokens.weight", embedding - 0.3 * torch.randn_like(embedding))
+    before = run(split, case)
+    plans = _plans_with(split, _t5_variant(tmp_path, _decoupled))
+    assert set(plans) == {"encoder", "decoder"} and all(p.orthogonal for p in plans.values())
+    assert plans["encoder"].tensors["decoder.block.2.layer.1.EncDecAttention.v.weight"].role == "reads"
+    maps = random_maps(plans, orthogonal=True)
+    moved = write_moved(split, tmp_path / "moved", plans, maps)
+    assert output_change(before, run(moved, case), case, maps) <= REL
+
+    def on_the_decoders(stacks: dict[str, Any]) -> None:
+        _decoupled(stacks)
+        del stacks["cross"]["residual"]["role_streams"]
+        final = stacks["encoder"]["residual"]["model"][1]  # its readers are now on the decoder's stream
+        stacks["decoder"]["residual"]["model"].append(stacks["encoder"]["residual"]["model"].pop(1))
+        assert final["norm"] == "encoder.final_layer_norm.weight"
+
+    wrong = _plans_with(split, _t5_variant(tmp_path, on_the_decoders))
+    assert set(wrong) == {"encoder", "decoder"}
+    moved = write_moved(split, tmp_path / "wrong", wrong, maps)
+    assert output_change(before, run(moved, case), case, maps) > CHANGED
+
+
+def test_untying_t5_v1_0_pins_its_output_scale(saved, tmp_path):
+    """v1.0 scales the decoder output by d_model^-0.5; transformers 5 derives that from the tie flag
+    when config.json does not say: untying without pinning scale_decoder_outputs changes it."""
+    case = CASES["t5-v1.0-untie-4.x-config"]
+    folder, before = saved("t5-v1.0-untie-4.x-config")
+    plan = plans_for(folder, allow_untie=True)["encoder+decoder"]
+    assert plan.config_updates == {"tie_word_embeddings": False, "scale_decoder_outputs": True}
+    unpinned = {"encoder+decoder": dataclasses.replace(plan, config_updates={"tie_word_embeddings": False})}
+    maps = random_maps(unpinned, orthogonal=True)
+    moved = write_moved(folder, tmp_path / "moved", unpinned, maps)
+    assert output_change(before, run(moved, case), case, maps) > CHANGED
 
 
 # ---------------------------------------------------------------------- refusals

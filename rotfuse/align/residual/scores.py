@@ -106,14 +106,20 @@ def stream_scores(src: torch.Tensor, anchor: torch.Tensor, axes: tuple[int, ...]
 def layer_stream_scores(src: LayerWeights, anchor: LayerWeights) -> torch.Tensor:
     """The layer's contribution to C from its projections into the stream (Q, K, V, FFN inputs:
     `[out, d]`) and out of it (O, FFN output: `[d, in]`), in canonical layout."""
-    readers = [(src.attention.q, anchor.attention.q), (src.attention.k, anchor.attention.k),
-               (src.attention.v, anchor.attention.v)]
-    writers = [(src.attention.o, anchor.attention.o)]
+    return cast(torch.Tensor, sum(layer_stream_parts(src, anchor).values()))
+
+
+def layer_stream_parts(src: LayerWeights, anchor: LayerWeights) -> dict[str, torch.Tensor]:
+    """`layer_stream_scores` by layer-spec role (q, k, v, o, ffn_inputs, ffn_output): the roles
+    may sit on different streams (cross-attention K/V read the encoder's)."""
+    parts = {role: stream_scores(getattr(src.attention, role).weight, getattr(anchor.attention, role).weight, (1,))
+             for role in ("q", "k", "v")}
+    parts["o"] = stream_scores(src.attention.o.weight, anchor.attention.o.weight, (0,))
     if src.ffn is not None and anchor.ffn is not None:
-        readers += list(zip(src.ffn.inputs, anchor.ffn.inputs))
-        writers.append((src.ffn.output, anchor.ffn.output))
-    total = sum(stream_scores(s.weight, a.weight, (1,)) for s, a in readers)
-    return cast(torch.Tensor, total + sum(stream_scores(s.weight, a.weight, (0,)) for s, a in writers))
+        parts["ffn_inputs"] = cast(torch.Tensor, sum(stream_scores(s.weight, a.weight, (1,))
+                                                     for s, a in zip(src.ffn.inputs, anchor.ffn.inputs)))
+        parts["ffn_output"] = stream_scores(src.ffn.output.weight, anchor.ffn.output.weight, (0,))
+    return parts
 
 
 def to_unmoved_basis(scores: torch.Tensor, stream_map: StreamMap) -> torch.Tensor:

@@ -14,6 +14,7 @@ from rotfuse.align.pool import Stream, transform_layers
 from rotfuse.align.share import my_layers, summable_in_layer_order
 from rotfuse.archs.bind import LayerId
 from rotfuse.archs.layer_io import read_layer
+from rotfuse.archs.residual import role_stream
 from rotfuse.core import distributed
 from rotfuse.core.errors import UsageError
 from rotfuse.core.tensors import sq_distance
@@ -21,11 +22,13 @@ from rotfuse.symmetry.names import FFN_PERM
 from rotfuse.symmetry.residual import StreamMap
 from rotfuse.symmetry.weights import LayerWeights
 
+Scores = dict[str, torch.Tensor]  # stream -> its [d, d] score matrix
+
 
 def search_stream_maps(plan: MatchPlan, stream: Stream) -> tuple[dict[str, StreamMap], dict[str, Any]]:
     """The residual map of every stack: from activations with --data, else by weight matching."""
     from rotfuse.align.residual.scores import (
-        layer_stream_scores,
+        layer_stream_parts,
         stream_agreement,
         stream_scores,
         to_unmoved_basis,
@@ -48,6 +51,18 @@ def search_stream_maps(plan: MatchPlan, stream: Stream) -> tuple[dict[str, Strea
         per_unit = stream_agreement(scores, maps[stack]) / setup.model.plans[stack].hidden_size
         return maps, {"method": "activations", "data": str(options.data),
                       "rounds": [{"round": 1, "mean_matched_score": per_unit}]}
+
+    group_of = {stream: key for key, p in setup.model.plans.items() for stream in p.streams or (key,)}
+
+    def by_stream(layer: LayerId, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A layer's scores by role, summed per stream (the plan each role's tensors move with)."""
+        spec = plan.model.bound.stack(layer.stack)
+        fused = spec.attention.qkv is not None
+        out: dict[str, torch.Tensor] = {}
+        for role, part in parts.items():
+            key = group_of[role_stream(spec, "qkv" if fused and role in ("q", "k", "v") else role)]
+            out[key] = out[key] + part if key in out else part
+        return out
 
     layer_names = in_layers(plan.model, plan.layers)
     folded = {fold.gain for p in setup.model.plans.values() for fold in p.folds}  # all ones on both sides
@@ -75,19 +90,19 @@ def search_stream_maps(plan: MatchPlan, stream: Stream) -> tuple[dict[str, Strea
         """Per-layer matching given the stream maps: the total distance, and C for the next maps."""
         side = setup.model.moved(maps)
 
-        def transform(layer: LayerId, weights: LayerWeights) -> tuple[LayerWeights, tuple[str, torch.Tensor, float]]:
+        def transform(layer: LayerId, weights: LayerWeights) -> tuple[LayerWeights, tuple[Scores, float]]:
             ref = read_layer(plan.anchor.checkpoint, plan.anchor.bound, layer, plan.device, setup.anchor.view)
             settings = layer_settings(plan.model.bound, layer, options.symmetries, options.max_rounds,
                                       options.allow_nonfinite)
             new, results = match_layer(weights, ref, settings)
-            return new, (layer.stack, layer_stream_scores(new, ref), sum(r.after ** 2 for r in results))
+            return new, (by_stream(layer, layer_stream_parts(new, ref)), sum(r.after ** 2 for r in results))
 
         pass_stream = Stream()
         group = distributed.current()
         mine = (plan.layers if group is None
                 else my_layers(group, plan.model, plan.layers, FFN_PERM in options.symmetries))
 
-        def run_pass() -> list[tuple[str, torch.Tensor, float]]:
+        def run_pass() -> list[tuple[Scores, float]]:
             return transform_layers(plan.model, None, mine, plan.device, transform, pass_stream, None,
                                     options.workers, view=side.layer_view)
 
@@ -97,8 +112,8 @@ def search_stream_maps(plan: MatchPlan, stream: Stream) -> tuple[dict[str, Strea
             stream.timings.add(stage, seconds)
         _, outside_distance = stream.timed("read", lambda: outside_pass(maps))
         scores = {s: outside_scores.get(s, 0) + to_unmoved_basis(
-            cast(torch.Tensor, sum(c for stack, c, _ in extras if stack == s)), maps[s]) for s in stacks}
-        return outside_distance + sum(after for _, _, after in extras), scores
+            cast(torch.Tensor, sum(parts[s] for parts, _ in extras if s in parts)), maps[s]) for s in stacks}
+        return outside_distance + sum(after for _, after in extras), scores
 
     def record(number: int, total: float, maps: dict[str, StreamMap], scores: dict[str, torch.Tensor]) -> None:
         agreement = sum(stream_agreement(scores[s], maps[s]) for s in stacks)
