@@ -30,7 +30,7 @@ Symmetries = Annotated[str, typer.Option(
     help="Comma-separated symmetries: perm (FFN neurons), heads (whole-head permutation), rot (per-head QK/VO "
          "rotation), scale (per-head QK/VO rescaling), residual (the residual stream; opt-in), default "
          "(perm,heads,rot,scale), module names (qk.rot, vo.scale, ...), all, none.")]
-Layers = Annotated[str | None, typer.Option("--layers", help="Only these layers, e.g. 0-5,8 (default: all).")]
+Layers = Annotated[str | None, typer.Option("--layers", help="Only these layers, e.g. 0-5,8  [default: all]")]
 
 
 AllowUntie = Annotated[bool, typer.Option(
@@ -46,7 +46,7 @@ def match_command(
     models: Annotated[list[Path], typer.Argument(
         help="Checkpoint folder(s) to align. With several, OUT gets one sub-folder per model and one report.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the aligned checkpoint(s).")],
-    report: Annotated[Path | None, typer.Option("--report", help="Where to write the JSON report [default: OUT/rotfuse_report.json].")] = None,
+    report: Annotated[Path | None, typer.Option("--report", help="Where to write the JSON report  [default: OUT/rotfuse_report.json]")] = None,
     symmetries: Symmetries = DEFAULT_SYMMETRIES,
     layers: Layers = None,
     max_rounds: Annotated[int, typer.Option("--max-rounds", min=1, help="Most rotation/scale alternation rounds per circuit.")] = 20,
@@ -63,7 +63,7 @@ def match_command(
     arch: Arch = None,
     arch_spec: ArchSpecFile = None,
     device: Device = "auto",
-    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Layers read and solved concurrently [default: min(4, CPUs)].")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Layers read and solved concurrently  [default: min(4, CPUs)]")] = None,
     overwrite: Overwrite = False,
     fsync: Fsync = True,
     allow_nonfinite: AllowNonfinite = False,

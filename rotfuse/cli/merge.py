@@ -29,10 +29,14 @@ MERGE_SETTINGS: dict[str, Kind] = {
     "debug": BOOL,
 }
 
-JobFile = Annotated[Path | None, typer.Option(
-    "--config", "-c", dir_okay=False,
-    help="YAML job file: keys are this command's flags (models: [...], method: regmean, ...); flags given "
-         "on the command line win.")]
+def job_file_option(example: str) -> Any:
+    """The --config flag of a command that takes a YAML job file; `example` shows two of its keys."""
+    return typer.Option("--config", "-c", dir_okay=False,
+                        help=f"YAML job file: keys are this command's flags ({example}, ...); flags given on the "
+                             "command line win.")
+
+
+JobFile = Annotated[Path | None, job_file_option("models: [...], method: regmean")]
 
 
 def merge_command(

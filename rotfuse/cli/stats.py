@@ -9,7 +9,7 @@ import typer
 
 from rotfuse.cli.common import Debug, JsonOut, Overwrite, Quiet, Ui, imports_done, run_command
 from rotfuse.cli.jobfile import BOOL, TEXT, Kind
-from rotfuse.cli.merge import JobFile
+from rotfuse.cli.merge import job_file_option
 from rotfuse.core.errors import UsageError
 
 # each job-file key with its flag's type and range (merge/config.Kind)
@@ -49,7 +49,7 @@ def stats_command(
                               "[default: auto]")] = None,
     device: Annotated[str | None, typer.Option(
         "--device", help="Where to run: auto (CUDA when available), cpu or cuda  [default: auto]")] = None,
-    config: JobFile = None,
+    config: Annotated[Path | None, job_file_option("model: a/, kind: regmean")] = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     json_out: JsonOut = False,
