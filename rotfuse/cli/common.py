@@ -127,6 +127,19 @@ def _fail(exc: BaseException, debug: bool, line: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+def require(module: str, what: str) -> None:
+    """Bad input (exit 2, before any work), not an internal error, when `what` needs an optional
+    dependency that is not installed: name the package and the command that installs it. It is
+    imported here, so a broken install is caught too (the command imports it next anyway)."""
+    from importlib import import_module
+
+    try:
+        import_module(module)
+    except ImportError as exc:
+        raise UsageError(f"{what} needs the Python package {module}, which cannot be imported "
+                         f"({type(exc).__name__}: {exc}); install it with: pip install 'rotfuse[models]'") from None
+
+
 def parse_layers(text: str | None) -> LayerRanges | None:
     """'0-5,8' -> those ranges (checked against the model's layer count later, never expanded);
     None -> None (every layer)."""

@@ -20,6 +20,7 @@ from rotfuse.cli.common import (
     Quiet,
     Ui,
     imports_done,
+    require,
     parse_layers,
     run_command,
 )
@@ -83,6 +84,8 @@ def match_command(
     ui = Ui(quiet, json_out)
 
     def body() -> dict:
+        if data is not None:
+            require("transformers", "match --data")
         from rotfuse.align.match import match, match_many
         from rotfuse.align.options import DEFAULT_WORKERS, MatchOptions
         from rotfuse.align.plan import prepare_match

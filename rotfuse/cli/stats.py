@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from rotfuse.cli.common import Debug, JsonOut, Overwrite, Quiet, Ui, imports_done, run_command
+from rotfuse.cli.common import Debug, JsonOut, Overwrite, Quiet, Ui, imports_done, require, run_command
 from rotfuse.cli.jobfile import BOOL, TEXT, Kind
 from rotfuse.cli.merge import job_file_option
 from rotfuse.core.errors import UsageError
@@ -76,6 +76,7 @@ def stats_command(
     ui = Ui(bool(settings.get("quiet", False)), bool(settings.get("json", False)))
 
     def body() -> dict[str, Any]:
+        require("transformers", "rotfuse stats")
         from rotfuse.merge.stats.collect import StatsOptions, compute_stats
 
         imports_done()
