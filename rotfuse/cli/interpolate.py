@@ -72,7 +72,7 @@ def interpolate_command(
         settings = InterpolationSettings(grid(steps), batch_size, resolve_device(device))
         curves = []
         for number, end in enumerate(ends):
-            with ui.progress(f"curve {number + 1}/{len(ends)}: λ grid") as progress:
+            with ui.progress(f"curve {number + 1}/{len(ends)} ({end})", "lambda") as progress:
                 curves.append(interpolate(a, end, inputs, settings, names[number] if names else None, progress))
         result: dict[str, Any] = {
             "tool": "rotfuse", "command": "interpolate", "data": str(data),

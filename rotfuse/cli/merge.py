@@ -7,7 +7,18 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from rotfuse.cli.common import FSYNC_HELP, Debug, DryRun, JsonOut, Overwrite, Quiet, Ui, imports_done, run_command
+from rotfuse.cli.common import (
+    FSYNC_HELP,
+    Debug,
+    DryRun,
+    JsonOut,
+    Overwrite,
+    Quiet,
+    Ui,
+    imports_done,
+    job_file_option,
+    run_command,
+)
 from rotfuse.cli.jobfile import BOOL, LIST, TEXT, Kind
 from rotfuse.core.errors import UsageError
 from rotfuse.merge.methods import REGISTRY
@@ -28,13 +39,6 @@ MERGE_SETTINGS: dict[str, Kind] = {
     "allow_nonfinite": BOOL, "dry_run": BOOL, "overwrite": BOOL, "fsync": BOOL, "quiet": BOOL, "json": BOOL,
     "debug": BOOL,
 }
-
-def job_file_option(example: str) -> Any:
-    """The --config flag of a command that takes a YAML job file; `example` shows two of its keys."""
-    return typer.Option("--config", "-c", dir_okay=False,
-                        help=f"YAML job file: keys are this command's flags ({example}, ...); flags given on the "
-                             "command line win.")
-
 
 JobFile = Annotated[Path | None, job_file_option("models: [...], method: regmean")]
 
@@ -132,7 +136,7 @@ def merge_command(
             return {"tool": "rotfuse", "command": "merge", "dry_run": True, "method": options.method,
                     "models": [str(p) for p in paths], "output": str(target), "weights": plan.weights,
                     "tensors": {"count": counts, "rules": plan.rules}, "ignored_tensors": plan.ignored}
-        with ui.progress("merging tensors") as progress:
+        with ui.progress("merging tensors", "tensor") as progress:
             result = run_merge(plan, replace, settings.path("report"), progress)
         ui.console.print(f"merged {len(paths)} models with {options.method} ({_counts(plan.rules)}) -> {target}")
         return result

@@ -7,9 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from rotfuse.cli.common import Debug, JsonOut, Overwrite, Quiet, Ui, imports_done, require, run_command
+from rotfuse.cli.common import Debug, JsonOut, Overwrite, Quiet, Ui, imports_done, job_file_option, require, run_command
 from rotfuse.cli.jobfile import BOOL, TEXT, Kind
-from rotfuse.cli.merge import job_file_option
 from rotfuse.core.errors import UsageError
 
 # each job-file key with its flag's type and range (merge/config.Kind)
@@ -99,7 +98,8 @@ def stats_command(
         except (TypeError, ValueError) as exc:
             raise UsageError(f"{config}: a setting has the wrong type ({exc})") from None
         target = settings.path("out")
-        with ui.progress(f"{options.kind} statistics") as progress:
+        unit = "batch" if options.kind == "regmean" else "sample"  # fisher backpropagates one at a time
+        with ui.progress(f"{options.kind} statistics of {settings.get('model')}", unit) as progress:
             manifest = compute_stats(settings.path("model"), settings.path("data"), target, options,  # type: ignore[arg-type]
                                      bool(settings.get("overwrite", False)), progress, [config] if config else [])
         count = len(manifest.get("inputs") or manifest.get("parameters") or ())
