@@ -180,12 +180,12 @@ def match_command(
 def _resolver(ctx: typer.Context, given: dict[str, Any], job: dict[str, Any]) -> Callable[[str], Any]:
     """The value of a setting by its job-file key: the command line's when the flag was given
     there, else the job file's, else the flag's default."""
-    from click.core import ParameterSource
 
     def value(key: str) -> Any:
         name = PARAMETER_OF.get(key, key)
-        source = ctx.get_parameter_source(name)
-        if source not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP) or key not in job:
+        source = ctx.get_parameter_source(name)  # by name: typer may ship its own copy of click
+        typed = getattr(source, "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP") and given[name] not in ([], ())
+        if typed or key not in job:
             return given[name]
         return job[key]
 

@@ -57,3 +57,48 @@ def test_version_short_flag_and_completion():
     result = CliRunner().invoke(app, ["-V"])
     assert result.exit_code == 0 and result.stdout.startswith("rotfuse ")
     assert "--install-completion" in _help()
+
+
+# ---------------------------------------------------------------------- logs of batch jobs (item 2)
+
+STAMP = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d rotfuse: "
+
+
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory):
+    from helpers.tiny_models import save_tiny
+
+    root = tmp_path_factory.mktemp("trio")
+    return [save_tiny("bert", root / name, seed=seed) for seed, name in enumerate(["a", "b", "c"])]
+
+
+def test_match_in_a_log_prints_timestamped_lines_and_whole_tables(trio, tmp_path):
+    import re
+
+    from helpers.cli import run_here
+
+    a, b, c = trio
+    code, err = run_here("match", a, b, c, "-o", tmp_path / "out", "--device", "cpu")
+    assert code == 0, err
+    assert "\r" not in err and "━" * 3 in err  # no progress bar; tables still drawn
+    progress = [line for line in err.splitlines() if re.match(STAMP, line)]
+    assert any("model 1/2 (b): started" in line for line in progress)
+    assert any(re.search(r"model 2/2 \(c\): matching layers: layer 2/2, elapsed \d+s", line) for line in progress)
+    titles = [line for line in err.splitlines() if "rotfuse match:" in line]
+    assert [str(b) in titles[0], str(c) in titles[1]] == [True, True]  # the model named in each table
+    header = next(line for line in err.splitlines() if "attn.qk before" in line)
+    assert "ffn after" in header  # one table row on one line: not wrapped at 80 columns
+    assert re.search(r"timings of .*: .*total \d+\.\d\ds", err)
+
+
+def test_interpolate_in_a_log_prints_lambda_lines(trio, tmp_path):
+    import re
+
+    from helpers.cli import run_here
+    from helpers.merge_data import save_inputs, token_inputs
+
+    a, b, _ = trio
+    data = save_inputs(tmp_path / "in.safetensors", token_inputs(4, 8, 61, seed=0, labels=2))
+    code, err = run_here("interpolate", a, b, "--data", data, "--steps", "3", "--device", "cpu")
+    assert code == 0, err
+    assert any(re.match(STAMP + r"curve 1/1 .*: lambda 3/3", line) for line in err.splitlines()), err
