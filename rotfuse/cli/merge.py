@@ -124,6 +124,9 @@ def merge_command(
     ui = Ui(bool(settings.get("quiet", False)), bool(settings.get("json", False)))
 
     def body() -> dict[str, Any]:
+        from rotfuse.merge.methods import check_statistics
+
+        check_statistics(str(settings.get("method", "simple")), len(_models_and_stats(settings)[1]))
         from rotfuse.merge.engine import prepare_merge, run_merge
 
         imports_done()

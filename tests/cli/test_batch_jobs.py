@@ -130,7 +130,7 @@ def test_models_from_and_shards(models, tmp_path):
 @pytest.mark.parametrize("shard", ["2/2", "1", "a/b", "-1/3"])
 def test_bad_shard_is_exit_2(models, tmp_path, shard):
     assert_one_line(*run_here("match", models["a"], models["b"], models["c"], "-o", tmp_path / "o", "--shard", shard),
-                    "--shard")
+                    "--shard", "I/N")
 
 
 def test_empty_models_list_is_exit_2(models, tmp_path):
