@@ -165,3 +165,17 @@ def test_a_killed_batch_keeps_finished_models_and_resumes(models, tmp_path):
     assert code2 == 0, err
     assert folder_digest(out / "b") == kept and (out / "c" / "model.safetensors").is_file()
     assert torch.isfinite(load_file(str(out / "c" / "model.safetensors"))["classifier.weight"]).all()
+
+
+def test_example_match_job_file_runs(models, tmp_path):
+    """configs/examples/match.yaml is a real match job: run it with its folders swapped in."""
+    example = Path(__file__).resolve().parents[2] / "configs" / "examples" / "match.yaml"
+    import yaml
+
+    job = yaml.safe_load(example.read_text())
+    assert set(job) >= {"anchor", "models", "out"}
+    job.update(anchor=str(models["a"]), models=[str(models["b"]), str(models["c"])], out=str(tmp_path / "aligned"))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    code, err = run_here("match", "--config", tmp_path / "job.yaml", "--device", "cpu", "-q")
+    assert code == 0, err
+    assert (tmp_path / "aligned" / "b" / REPORT_NAME).is_file() and (tmp_path / "aligned" / REPORT_NAME).is_file()
