@@ -37,7 +37,8 @@ def test_help_shows_every_default(command):
             shown = written[written.index("[default:"):]
             assert shown[: shown.index("]") + 1] in text, (option.name, shown)
         elif option.is_flag and option.secondary_opts:  # --fsync/--no-fsync
-            assert f"[default: {option.opts[0].lstrip('-') if option.default else option.secondary_opts[0].lstrip('-')}]" in text
+            chosen = option.opts[0] if option.default else option.secondary_opts[0]
+            assert f"[default: {chosen.lstrip('-')}]" in text
         elif option.default not in (None, False, ()) and not option.is_flag:
             assert f"[default: {option.default}" in text, (command, option.name, option.default)
 
