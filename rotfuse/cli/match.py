@@ -65,7 +65,8 @@ def match_command(
     models: Annotated[list[Path] | None, typer.Argument(
         help="Checkpoint folder(s) to align. With several, OUT gets one sub-folder per model (each with its "
              "report) and a combined report.", show_default=False)] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder for the aligned checkpoint(s).")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Output folder for the aligned checkpoint(s).")] = None,
     report: Annotated[Path | None, typer.Option(
         "--report", help="Where to write the JSON report  [default: OUT/rotfuse_report.json]")] = None,
     config: Annotated[Path | None, job_file_option("anchor: a/, models: [b/, c/], out: aligned/")] = None,
@@ -155,7 +156,8 @@ def match_command(
         batch = Batch(bool(value("overwrite")), bool(value("skip_existing")), _parse_shard(value("shard")),
                       ui.model_started)
         if value("dry_run"):
-            plans = [prepare_match(anchor_path, model, out_path, options, batch.overwrite).describe() for model in paths]
+            plans = [prepare_match(anchor_path, model, out_path, options, batch.overwrite).describe()
+                     for model in paths]
             for plan in plans if not ui.json else ():
                 render_plan(plan, ui.console)
             return plans[0] if len(plans) == 1 else {"dry_run": True, "models": plans}
