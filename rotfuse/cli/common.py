@@ -43,7 +43,7 @@ Arch = Annotated[str | None, typer.Option("--arch", help="Architecture spec to u
 ArchSpecFile = Annotated[Path | None, typer.Option("--arch-spec", help="Load your own architecture spec (YAML) instead of a built-in one.", dir_okay=False)]
 
 
-LOG_INTERVAL_S = 10.0  # seconds between two progress lines in a log (the first and last always print)
+LOG_INTERVAL_S = 10.0  # seconds between two progress lines in a log; ROTFUSE_LOG_INTERVAL overrides
 LOG_WIDTH = 240  # columns of tables written to a log or pipe: never wrapped at 80
 
 
@@ -66,29 +66,35 @@ def _clock(seconds: float) -> str:
 
 @dataclass
 class LogLines:
-    """Progress for a log file or a pipe: one timestamped line per step at most every
-    LOG_INTERVAL_S seconds (and the first and last step), with the model k/M when there is one,
-    and the time left extrapolated from the steps so far. A progress bar would fill a log with
-    carriage returns."""
+    """Progress for a log file or a pipe: a timestamped line once per interval (10 s, or
+    ROTFUSE_LOG_INTERVAL seconds) with the model k/M when there is one and the time left
+    extrapolated from the steps so far, and the last step if any line came before it. A step
+    that ends within the interval logs nothing: a short command's error stays its only line. A
+    progress bar would fill a log with carriage returns."""
 
     write: Callable[[str], None]
     description: str
     unit: str
     context: str = ""
-    interval: float = LOG_INTERVAL_S
 
     def __post_init__(self) -> None:
+        import os
         import time
 
         self._now = time.monotonic
-        self._started = self._now()
-        self._last: float | None = None
+        self._started = self._last = self._now()
+        self._printed = False
+        try:
+            self.interval = max(0.0, float(os.environ.get("ROTFUSE_LOG_INTERVAL", LOG_INTERVAL_S)))
+        except ValueError:
+            self.interval = LOG_INTERVAL_S
 
     def __call__(self, done: int, total: int) -> None:
         now = self._now()
         final = total > 0 and done >= total
-        if self._last is not None and not final and now - self._last < self.interval:
+        if not (final and self._printed) and now - self._last < self.interval:
             return
+        self._printed = True
         self._last = now
         spent = now - self._started
         left = f", ETA {_clock(spent / done * (total - done))}" if 0 < done < total else ""

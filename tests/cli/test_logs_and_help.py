@@ -73,8 +73,10 @@ def trio(tmp_path_factory):
     return [save_tiny("bert", root / name, seed=seed) for seed, name in enumerate(["a", "b", "c"])]
 
 
-def test_match_in_a_log_prints_timestamped_lines_and_whole_tables(trio, tmp_path):
+def test_match_in_a_log_prints_timestamped_lines_and_whole_tables(trio, tmp_path, monkeypatch):
     import re
+
+    monkeypatch.setenv("ROTFUSE_LOG_INTERVAL", "0")  # every step: tiny models finish within 10 s
 
     from helpers.cli import run_here
 
@@ -92,8 +94,10 @@ def test_match_in_a_log_prints_timestamped_lines_and_whole_tables(trio, tmp_path
     assert re.search(r"timings of .*: .*total \d+\.\d\ds", err)
 
 
-def test_interpolate_in_a_log_prints_lambda_lines(trio, tmp_path):
+def test_interpolate_in_a_log_prints_lambda_lines(trio, tmp_path, monkeypatch):
     import re
+
+    monkeypatch.setenv("ROTFUSE_LOG_INTERVAL", "0")
 
     from helpers.cli import run_here
     from helpers.merge_data import save_inputs, token_inputs
@@ -103,3 +107,13 @@ def test_interpolate_in_a_log_prints_lambda_lines(trio, tmp_path):
     code, err = run_here("interpolate", a, b, "--data", data, "--steps", "3", "--device", "cpu")
     assert code == 0, err
     assert any(re.match(STAMP + r"curve 1/1 .*: lambda 3/3", line) for line in err.splitlines()), err
+
+
+def test_a_short_step_logs_no_progress_line(trio, tmp_path):
+    """Within the interval nothing is logged: a short command's output is its result alone."""
+    from helpers.cli import run_here
+
+    a, b, _ = trio
+    code, err = run_here("match", a, b, "-o", tmp_path / "out", "--device", "cpu")
+    assert code == 0, err
+    assert "matching layers" not in err
