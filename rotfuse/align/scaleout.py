@@ -22,22 +22,26 @@ from rotfuse.io.staging import StagedFolder
 
 def match(anchor_path: Path, model_path: Path, out: Path, options: MatchOptions, report_path: Path | None = None,
           overwrite: bool = False, progress: Progress | None = None,
-          log: Callable[[str], None] | None = None) -> dict[str, Any]:
+          log: Callable[[str], None] | None = None, skip_existing: bool = False) -> dict[str, Any]:
     """`match.match`, shared among the processes of a torchrun / srun launch when there is one."""
     if launch_env() is None:
-        return single.match(anchor_path, model_path, out, options, report_path, overwrite, progress, log)
+        return single.match(anchor_path, model_path, out, options, report_path, overwrite, progress, log,
+                            skip_existing)
     if options.learn:
         raise UsageError("--learn runs in one process: launch it without torchrun / srun tasks")
+    if skip_existing:
+        raise UsageError("--skip-existing runs in one process: launch it without torchrun / srun tasks")
     return match_on_group(anchor_path, model_path, out, options, report_path, overwrite, progress)
 
 
 def match_many(anchor_path: Path, model_paths: list[Path], out: Path, options: MatchOptions,
-               report_path: Path | None = None, overwrite: bool = False,
+               report_path: Path | None = None, batch: single.Batch | None = None,
                progress: Progress | None = None) -> dict[str, Any]:
-    """`match.match_many`; not shared among processes yet (one model per launch)."""
+    """`match.match_many`; not shared among processes (one model per launch: array jobs use --shard)."""
     if launch_env() is not None:
-        raise UsageError("several MODELs in one multi-process launch are not supported: launch once per model")
-    return single.match_many(anchor_path, model_paths, out, options, report_path, overwrite, progress)
+        raise UsageError("several MODELs in one multi-process launch are not supported: launch once per model, "
+                         "or run one process per task with --shard I/N")
+    return single.match_many(anchor_path, model_paths, out, options, report_path, batch or single.Batch(), progress)
 
 
 def match_on_group(anchor_path: Path, model_path: Path, out: Path, options: MatchOptions,

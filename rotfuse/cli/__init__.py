@@ -21,7 +21,9 @@ app = typer.Typer(
     name="rotfuse",
     help="Align and merge transformer checkpoints using their exact parameter symmetries.",
     no_args_is_help=True,
-    add_completion=False,
+    # plain click help: every "[default: ...]" in a help string is printed as written (rich markup
+    # would swallow it as a tag) and on/off flags show no "<bool>" metavar
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -42,7 +44,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    version: Annotated[bool, typer.Option("--version", "-V", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     """rotfuse: align and merge transformer checkpoints using their exact parameter symmetries."""
 

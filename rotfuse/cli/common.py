@@ -44,9 +44,69 @@ Arch = Annotated[str | None, typer.Option("--arch", help="Architecture spec to u
 ArchSpecFile = Annotated[Path | None, typer.Option("--arch-spec", help="Load your own architecture spec (YAML) instead of a built-in one.", dir_okay=False)]
 
 
+LOG_INTERVAL_S = 10.0  # seconds between two progress lines in a log; ROTFUSE_LOG_INTERVAL overrides
+LOG_WIDTH = 240  # columns of tables written to a log or pipe: never wrapped at 80
+
+
+def job_file_option(example: str) -> Any:
+    """The --config flag of a command that takes a YAML job file; `example` shows a few of its keys."""
+    return typer.Option("--config", "-c", dir_okay=False,
+                        help=f"YAML job file: keys are this command's flags ({example}, ...); flags given on the "
+                             "command line win.")
+
+
+def _clock(seconds: float) -> str:
+    """12s, 3m05s, 2h07m: a duration a person reads at a glance."""
+    whole = int(round(seconds))
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
+@dataclass
+class LogLines:
+    """Progress for a log file or a pipe: a timestamped line once per interval (10 s, or
+    ROTFUSE_LOG_INTERVAL seconds) with the model k/M when there is one and the time left
+    extrapolated from the steps so far, and the last step if any line came before it. A step
+    that ends within the interval logs nothing: a short command's error stays its only line. A
+    progress bar would fill a log with carriage returns."""
+
+    write: Callable[[str], None]
+    description: str
+    unit: str
+    context: str = ""
+
+    def __post_init__(self) -> None:
+        import os
+        import time
+
+        self._now = time.monotonic
+        self._started = self._last = self._now()
+        self._printed = False
+        try:
+            self.interval = max(0.0, float(os.environ.get("ROTFUSE_LOG_INTERVAL", LOG_INTERVAL_S)))
+        except ValueError:
+            self.interval = LOG_INTERVAL_S
+
+    def __call__(self, done: int, total: int) -> None:
+        now = self._now()
+        final = total > 0 and done >= total
+        if not (final and self._printed) and now - self._last < self.interval:
+            return
+        self._printed = True
+        self._last = now
+        spent = now - self._started
+        left = f", ETA {_clock(spent / done * (total - done))}" if 0 < done < total else ""
+        where = f"{self.context}: " if self.context else ""
+        self.write(f"{where}{self.description}: {self.unit} {done}/{total}, elapsed {_clock(spent)}{left}")
+
+
 @dataclass
 class Ui:
-    """Where human output goes, given --quiet / --json."""
+    """Where human output goes, given --quiet / --json, and in which form: a progress bar on a
+    terminal; timestamped lines and unwrapped tables in a log or a pipe (batch jobs)."""
 
     quiet: bool = False
     json: bool = False
@@ -57,6 +117,9 @@ class Ui:
         if launched_rank() > 0:  # several processes on one job: rank 0 speaks for it
             self.quiet, self.json = True, False
         self.console = Console(stderr=True, quiet=self.quiet, highlight=False)
+        if not self.console.is_terminal:
+            self.console = Console(stderr=True, quiet=self.quiet, highlight=False, width=LOG_WIDTH)
+        self.context = ""  # "model 2/5 (m2)" while a batch runs
 
     def emit(self, result: dict[str, Any]) -> None:
         if self.json:
@@ -65,11 +128,32 @@ class Ui:
             sys.stdout.write(dumps_strict(result) + "\n")
             sys.stdout.flush()
 
+    def log(self, message: str) -> None:
+        """One line on stderr, timestamped in a log (not on a terminal); nothing with --quiet."""
+        if self.quiet:
+            return
+        if self.console.is_terminal:
+            self.console.print(message, markup=False)
+            return
+        import time
+
+        sys.stderr.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} rotfuse: {message}\n")
+        sys.stderr.flush()
+
+    def model_started(self, number: int, count: int, name: str) -> None:
+        """A batch moves on to model `number` of `count`: said once, and named in progress lines."""
+        self.context = f"model {number}/{count} ({name})"
+        self.log(f"{self.context}: started")
+
     @contextmanager
-    def progress(self, description: str) -> Iterator[Callable[[int, int], None] | None]:
-        """A progress bar over layers on a terminal; None (no bar) in pipes, logs and --quiet."""
-        if self.quiet or not self.console.is_terminal:
+    def progress(self, description: str, unit: str = "layer") -> Iterator[Callable[[int, int], None] | None]:
+        """A progress bar over `unit`s on a terminal; plain timestamped lines in logs and pipes;
+        None with --quiet."""
+        if self.quiet:
             yield None
+            return
+        if not self.console.is_terminal:
+            yield _ContextLines(self, description, unit)
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -81,6 +165,19 @@ class Ui:
                 bar.update(task, completed=done, total=total)
 
             yield update
+
+
+class _ContextLines:
+    """Log lines that follow the Ui's current model: a new LogLines (clock restarted) per model."""
+
+    def __init__(self, ui: Ui, description: str, unit: str) -> None:
+        self.ui, self.description, self.unit = ui, description, unit
+        self.lines: LogLines | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.lines is None or self.lines.context != self.ui.context:
+            self.lines = LogLines(self.ui.log, self.description, self.unit, self.ui.context)
+        self.lines(done, total)
 
 
 def imports_done() -> None:
@@ -108,9 +205,9 @@ def run_command(action: Callable[[], T], debug: bool) -> T:
         where = f"{exc.filename}: " if exc.filename else ""
         _fail(exc, debug, f"rotfuse: error: {where}{exc.strerror or exc}", 2)
     except KeyboardInterrupt as exc:
-        _fail(exc, debug, "rotfuse: interrupted; no output was written", 130)
+        _fail(exc, debug, f"rotfuse: interrupted; {_what_was_written()}", 130)
     except signals.Interrupted as exc:
-        _fail(exc, debug, f"rotfuse: {exc.verb}; no output was written", exc.exit_code)
+        _fail(exc, debug, f"rotfuse: {exc.verb}; {_what_was_written()}", exc.exit_code)
     except Exception as exc:  # a bug in rotfuse
         _fail(exc, debug, f"rotfuse: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1)
     finally:
@@ -123,6 +220,15 @@ def run_command(action: Callable[[], T], debug: bool) -> T:
     return result
 
 
+def _what_was_written() -> str:
+    """After a signal: nothing, or (a batch) the outputs finished before it, which are whole."""
+    done = signals.finished_outputs()
+    if not done:
+        return "no output was written"
+    return (f"{len(done)} finished output(s) are whole ({', '.join(str(p) for p in done)}); the one in progress "
+            "was not written; rerun with --skip-existing to do the rest")
+
+
 def _fail(exc: BaseException, debug: bool, line: str, code: int) -> None:
     if debug:
         traceback.print_exception(exc, file=sys.stderr)
@@ -130,6 +236,19 @@ def _fail(exc: BaseException, debug: bool, line: str, code: int) -> None:
         raise typer.Exit(code)  # every rank fails with the job's code; rank 0 prints its line
     sys.stderr.write(" ".join(line.split("\n")) + "\n")
     raise typer.Exit(code)
+
+
+def require(module: str, what: str) -> None:
+    """Bad input (exit 2, before any work), not an internal error, when `what` needs an optional
+    dependency that is not installed: name the package and the command that installs it. It is
+    imported here, so a broken install is caught too (the command imports it next anyway)."""
+    from importlib import import_module
+
+    try:
+        import_module(module)
+    except ImportError as exc:
+        raise UsageError(f"{what} needs the Python package {module}, which cannot be imported "
+                         f"({type(exc).__name__}: {exc}); install it with: pip install 'rotfuse[models]'") from None
 
 
 def parse_layers(text: str | None) -> LayerRanges | None:

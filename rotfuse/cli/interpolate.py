@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from rotfuse.cli.common import Debug, Device, JsonOut, Overwrite, Quiet, Ui, imports_done, run_command
+from rotfuse.cli.common import Debug, Device, JsonOut, Overwrite, Quiet, Ui, imports_done, require, run_command
 from rotfuse.cli.verify import BatchSize
 
 
@@ -48,6 +48,9 @@ def interpolate_command(
     ui = Ui(quiet, json_out)
 
     def body() -> dict[str, Any]:
+        require("transformers", "rotfuse interpolate")
+        if plot is not None:  # checked now, not after minutes of computing
+            require("matplotlib", "interpolate --plot")
         from rotfuse.core.device import resolve_device
         from rotfuse.core.errors import UsageError
         from rotfuse.eval.data import load_inputs
@@ -69,19 +72,19 @@ def interpolate_command(
         settings = InterpolationSettings(grid(steps), batch_size, resolve_device(device))
         curves = []
         for number, end in enumerate(ends):
-            with ui.progress(f"curve {number + 1}/{len(ends)}: λ grid") as progress:
+            with ui.progress(f"curve {number + 1}/{len(ends)} ({end})", "lambda") as progress:
                 curves.append(interpolate(a, end, inputs, settings, names[number] if names else None, progress))
         result: dict[str, Any] = {
             "tool": "rotfuse", "command": "interpolate", "data": str(data),
             "samples": next(iter(inputs.values())).shape[0], "curves": [curve.as_dict() for curve in curves],
             "plot": str(plot) if plot else None,
         }
+        if out is not None:  # before the plot: a failing plot never costs the numbers
+            write_json(out, result, output=True)
         if plot is not None:
             from rotfuse.eval.plot import plot_curves
 
             plot_curves(earlier + curves, plot, title, output=True)
-        if out is not None:
-            write_json(out, result, output=True)
         if not json_out:
             _render(curves, ui)
         if plot or out:

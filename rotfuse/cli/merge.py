@@ -7,7 +7,18 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from rotfuse.cli.common import FSYNC_HELP, Debug, DryRun, JsonOut, Overwrite, Quiet, Ui, imports_done, run_command
+from rotfuse.cli.common import (
+    FSYNC_HELP,
+    Debug,
+    DryRun,
+    JsonOut,
+    Overwrite,
+    Quiet,
+    Ui,
+    imports_done,
+    job_file_option,
+    run_command,
+)
 from rotfuse.cli.jobfile import BOOL, LIST, TEXT, Kind
 from rotfuse.core.errors import UsageError
 from rotfuse.merge.methods import REGISTRY
@@ -33,10 +44,7 @@ MERGE_SETTINGS: dict[str, Kind] = {
     "debug": BOOL,
 }
 
-JobFile = Annotated[Path | None, typer.Option(
-    "--config", "-c", dir_okay=False,
-    help="YAML job file: keys are this command's flags (models: [...], method: regmean, ...); flags given "
-         "on the command line win.")]
+JobFile = Annotated[Path | None, job_file_option("models: [...], method: regmean")]
 
 
 def merge_command(
@@ -148,6 +156,9 @@ def merge_command(
     ui = Ui(bool(settings.get("quiet", False)), bool(settings.get("json", False)))
 
     def body() -> dict[str, Any]:
+        from rotfuse.merge.methods import check_statistics
+
+        check_statistics(str(settings.get("method", "simple")), len(_models_and_stats(settings)[1]))
         from rotfuse.merge.engine import prepare_merge, run_merge
 
         imports_done()
@@ -160,7 +171,7 @@ def merge_command(
             return {"tool": "rotfuse", "command": "merge", "dry_run": True, "method": options.method,
                     "models": [str(p) for p in paths], "output": str(target), "weights": plan.weights,
                     "tensors": {"count": counts, "rules": plan.rules}, "ignored_tensors": plan.ignored}
-        with ui.progress("merging tensors") as progress:
+        with ui.progress("merging tensors", "tensor") as progress:
             result = run_merge(plan, replace, settings.path("report"), progress)
         ui.console.print(f"merged {len(paths)} models with {options.method} ({_counts(plan.rules)}) -> {target}")
         return result

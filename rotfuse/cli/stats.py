@@ -7,9 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from rotfuse.cli.common import Debug, JsonOut, Overwrite, Quiet, Ui, imports_done, run_command
+from rotfuse.cli.common import Debug, JsonOut, Overwrite, Quiet, Ui, imports_done, job_file_option, require, run_command
 from rotfuse.cli.jobfile import BOOL, TEXT, Kind
-from rotfuse.cli.merge import JobFile
 from rotfuse.core.errors import UsageError
 
 # each job-file key with its flag's type and range (merge/config.Kind)
@@ -49,7 +48,7 @@ def stats_command(
                               "[default: auto]")] = None,
     device: Annotated[str | None, typer.Option(
         "--device", help="Where to run: auto (CUDA when available), cpu or cuda  [default: auto]")] = None,
-    config: JobFile = None,
+    config: Annotated[Path | None, job_file_option("model: a/, kind: regmean")] = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     json_out: JsonOut = False,
@@ -76,6 +75,7 @@ def stats_command(
     ui = Ui(bool(settings.get("quiet", False)), bool(settings.get("json", False)))
 
     def body() -> dict[str, Any]:
+        require("transformers", "rotfuse stats")
         from rotfuse.merge.stats.collect import StatsOptions, compute_stats
 
         imports_done()
@@ -98,7 +98,8 @@ def stats_command(
         except (TypeError, ValueError) as exc:
             raise UsageError(f"{config}: a setting has the wrong type ({exc})") from None
         target = settings.path("out")
-        with ui.progress(f"{options.kind} statistics") as progress:
+        unit = "batch" if options.kind == "regmean" else "sample"  # fisher backpropagates one at a time
+        with ui.progress(f"{options.kind} statistics of {settings.get('model')}", unit) as progress:
             manifest = compute_stats(settings.path("model"), settings.path("data"), target, options,  # type: ignore[arg-type]
                                      bool(settings.get("overwrite", False)), progress, [config] if config else [])
         count = len(manifest.get("inputs") or manifest.get("parameters") or ())

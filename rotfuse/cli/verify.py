@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from rotfuse.cli.common import AllowNonfinite, Debug, Device, JsonOut, Quiet, Ui, imports_done, run_command
+from rotfuse.cli.common import AllowNonfinite, Debug, Device, JsonOut, Quiet, Ui, imports_done, require, run_command
 
 DIFFERENT = 3  # exit status when the check ran and the outputs disagree (1 stays "internal error")
 
@@ -47,6 +47,7 @@ def verify_command(
     ui = Ui(quiet, json_out)
 
     def body() -> dict[str, Any]:
+        require("transformers", "rotfuse verify")
         from rotfuse.core.device import resolve_device
         from rotfuse.eval.verify import VerifyOptions, verify
 

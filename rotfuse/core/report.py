@@ -74,7 +74,9 @@ def render_match_table(report: dict[str, Any], console: Any) -> None:
     """Per-layer before/after distances as a rich table (stderr)."""
     from rich.table import Table
 
-    table = Table(title=f"rotfuse match: {report['arch']} ({', '.join(report['symmetries']) or 'no symmetries'})")
+    model = report.get("model", {}).get("path", "?")
+    table = Table(title=f"rotfuse match: {model} -> {report.get('output', {}).get('path', '?')}: {report['arch']} "
+                        f"({', '.join(report['symmetries']) or 'no symmetries'})")
     table.add_column("layer", justify="right")
     modules = ("attn.qk", "attn.vo", "ffn")
     for module in modules:
@@ -99,7 +101,7 @@ def render_match_table(report: dict[str, Any], console: Any) -> None:
         )
     for note in report.get("restrictions", []):
         console.print(f"[yellow]note:[/yellow] {note}")
-    console.print(f"timings (s): {report['timings']}")
+    console.print(f"timings of {model}: " + ", ".join(f"{stage} {seconds:.2f}s" for stage, seconds in report["timings"].items()))
 
 
 

@@ -43,6 +43,7 @@ class _State:
     def __init__(self) -> None:
         self.complete: list[Path] = []
         self.pending: int | None = None
+        self.finished: list[Path] = []  # whole outputs of a batch that goes on (match_many)
 
 
 _state = _State()
@@ -75,6 +76,7 @@ def reset() -> None:
     """Forget earlier outputs and signals (a new command in the same process)."""
     _state.complete = []
     _state.pending = None
+    _state.finished = []
 
 
 def output_complete(path: Path) -> None:
@@ -86,6 +88,21 @@ def output_incomplete(path: Path) -> None:
     """Moving it into place failed after all: signals end the command again."""
     if Path(path) in _state.complete:
         _state.complete.remove(Path(path))
+
+
+def output_finished(path: Path) -> None:
+    """One output of a batch is in place and the batch goes on: signals end the command again
+    (a signal held while it moved into place ends it now), and the exit line names the outputs
+    finished so far, which a rerun with --skip-existing keeps."""
+    output_incomplete(path)
+    _state.finished.append(Path(path))
+    if _state.pending is not None and not _state.complete:
+        signum, _state.pending = _state.pending, None
+        raise Interrupted(signum)
+
+
+def finished_outputs() -> list[Path]:
+    return list(_state.finished)
 
 
 def pending() -> Interrupted | None:

@@ -91,6 +91,27 @@ def remove_stale(parent: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux says it (/proc), else by setting
+    and restoring it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_mode(folder: bool) -> int:
+    """The permissions `cp` or `save_pretrained` would give a new folder or file: 0777 or 0666
+    less the umask. mkdtemp and mkstemp make 0700 / 0600, which teammates on a shared cluster
+    could not read once the staging folder or temp file is renamed into place."""
+    return (0o777 if folder else 0o666) & ~current_umask()
+
+
 def make_owned_folder(parent: Path, prefix: str, label: str) -> Path:
     """A new folder `<prefix><pid>-<host>-<label>-<random>` in `parent`, after removing the
     stale ones of dead runs there."""
@@ -225,6 +246,7 @@ class StagedFolder:
         try:
             parent.mkdir(parents=True, exist_ok=True)
             self.path = make_owned_folder(parent, STAGING_PREFIX, self.target.name)
+            os.chmod(self.path, plain_mode(folder=True))  # what the output folder ends up with
         except OSError as exc:
             self._remove_created()
             raise OutputError(f"{self.target}: cannot create output folder ({exc.strerror or exc})") from exc
@@ -289,6 +311,7 @@ def write_file_atomically(path: Path, write: Callable[[BinaryIO], object], what:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f"{STAGING_PREFIX}{owner_tag()}", dir=path.parent)
+        os.chmod(tmp, plain_mode(folder=False))
         with os.fdopen(fd, "wb") as handle:
             write(handle)
         if output:

@@ -24,6 +24,7 @@ from rotfuse.io.checkpoint import INDEX_FILE, Checkpoint
 from rotfuse.io.dtypes import torch_dtype
 from rotfuse.io.pickled import safetensors_name
 from rotfuse.io.safetensors_file import FLOAT_DTYPES, FLOATING_DTYPES, copy_byte_range, encode_header, start_writeback
+from rotfuse.io.staging import plain_mode
 
 if TYPE_CHECKING:
     import torch
@@ -95,7 +96,7 @@ class CheckpointWriter:
                 current = folder / plan.file_name
                 header, offsets = encode_header(plan.tensors, plan.metadata)
                 flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC if create else os.O_RDWR
-                fd = os.open(current, flags, 0o644)
+                fd = os.open(current, flags, 0o666)  # less the umask, as cp
                 self._fds.append(fd)
                 self._files[fd] = current
                 if create:
@@ -307,6 +308,7 @@ def copy_side_files(source: Checkpoint, dest: Path) -> list[str]:
                 shutil.copytree(item, target, symlinks=False)
             else:
                 shutil.copy2(item, target)
+                os.chmod(target, stat.S_IMODE(item.stat().st_mode) & plain_mode(folder=False))  # as cp: less the umask
         except (OSError, shutil.Error) as exc:
             raise OutputError(f"{target}: cannot copy {item} ({getattr(exc, 'strerror', None) or exc})") from exc
     return list(plan.skipped)

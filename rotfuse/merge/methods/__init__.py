@@ -30,6 +30,27 @@ REGISTRY: dict[str, str] = {
 }
 
 
+# name -> the kind of statistics (`rotfuse stats --kind`) each model needs, or None: what the CLI
+# checks before it imports torch; tests/cli/test_merge_early.py checks it against each class's `stats`
+STATS: dict[str, str | None] = {
+    "simple": None,
+    "fisher": "fisher",
+    "regmean": "regmean",
+}
+
+
+def check_statistics(name: str, given: int) -> None:
+    """A usage error, before any import of torch or of the method, for an unknown method or a
+    statistics method without --stats (saying how to compute them)."""
+    if name not in REGISTRY:
+        raise UsageError(f"unknown merge method {name!r} (use one of {', '.join(REGISTRY)})")
+    kind = STATS.get(name)
+    if kind is not None and given == 0:
+        raise UsageError(f"--method {name} needs statistics of every model: compute them with `rotfuse stats MODEL "
+                         f"--data FILE --kind {kind} -o MODEL_STATS/` for each, then pass --stats A_STATS/ B_STATS/ "
+                         "... in the models' order")
+
+
 def method_names() -> list[str]:
     return list(REGISTRY)
 

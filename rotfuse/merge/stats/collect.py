@@ -333,8 +333,9 @@ def collect_fisher(model: torch.nn.Module, names: dict[int, list[str]], inputs: 
         outputs = model(**_model_inputs(model, example, device))
         logits = getattr(outputs, "logits", None)
         if logits is None:
-            raise InputError(f"{type(model).__name__} returns no logits: Fisher statistics need a model with a "
-                             "prediction head (use --kind regmean for a bare encoder)")
+            folder = getattr(model, "name_or_path", "") or "the checkpoint"
+            raise InputError(f"{folder}: {type(model).__name__} returns no logits: Fisher statistics need a model "
+                             "with a prediction head (use --kind regmean for a bare encoder)")
         labels = example.get("labels") if use_labels else None
         if labels is not None and tuple(labels.shape) != tuple(logits.shape[:labels.dim()]):
             raise InputError(f"{data}: labels of shape {list(labels.shape[1:])} per example do not fit the "
