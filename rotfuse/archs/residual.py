@@ -214,7 +214,7 @@ class _Classifier:
         self.bound, self.stacks, self.config, self.where = bound, stacks, config, where
         self.sections = {s.name: _section(bound.spec, s) for s in stacks}
         self.layer_patterns = {stack.name: stack.layer_pattern(bound.prefix) for stack in stacks}
-        self.derived = {s.name: _derived(s) for s in stacks}
+        self.derived = {s.name: _derived(s, bound.dims[s.name].num_experts) for s in stacks}
 
     def classify(self, name: str) -> _Found:
         for stack in self.stacks:
@@ -255,17 +255,23 @@ def _section(spec: ArchSpec, stack: StackSpec) -> ResidualSection:
     return stack.residual
 
 
-def _derived(stack: StackSpec) -> dict[str, tuple[str, str]]:
-    """Roles the layer spec implies: relative name -> (role, layout)."""
-    att, ffn = stack.attention, stack.ffn
+def _derived(stack: StackSpec, num_experts: int = 0) -> dict[str, tuple[str, str]]:
+    """Roles the layer spec implies: relative name -> (role, layout). The routed experts are FFNs
+    like the layer's own, and their router reads the stream (its bias is in expert space)."""
+    att = stack.attention
+    ffns = [stack.ffn] if stack.ffn else []
+    routers = []
+    if stack.experts is not None:
+        ffns += [stack.experts.expert(e) for e in range(num_experts)]
+        routers.append(stack.experts.router)
     roles: dict[str, tuple[str, str]] = {}
     inputs = [att.qkv] if att.qkv else [att.q, att.k, att.v]
-    for ref in [*inputs, *(ffn.inputs if ffn else ())]:
+    for ref in [*inputs, *(ref for ffn in ffns for ref in ffn.inputs), *routers]:
         roles[ref.weight] = ("reads", ref.layout)
         if ref.bias:
-            roles[ref.bias] = ("free", ref.layout)  # head / neuron space
+            roles[ref.bias] = ("free", ref.layout)  # head / neuron / expert space
     roles[att.o.weight] = ("writes", att.o.layout)
-    if ffn is not None:
+    for ffn in ffns:
         roles[ffn.output.weight] = ("writes", ffn.output.layout)
     return roles
 
@@ -351,7 +357,7 @@ def _folding(bound: BoundArch, tie: TieRule | None, norms: dict[str, _Found],
             folding.added[head] = embedding
     readable = {name for name, t in tensors.items() if t.role == "reads"} | set(folding.added)
     for gain, item in norms.items():
-        readers = tuple(name for name in item.readers if name in readable or name in checkpoint)
+        readers = tuple(name for pattern in item.readers for name in _readers(pattern, readable, checkpoint))
         for reader in readers:
             if reader not in readable:
                 raise InputError(f"{where}: {reader!r} is listed as a reader of {gain!r} but is not a reads tensor")
@@ -368,6 +374,14 @@ def _folding(bound: BoundArch, tie: TieRule | None, norms: dict[str, _Found],
         raise InputError(f"{where}: {sorted(unfolded)[0]!r} reads the residual stream but the spec lists it as the "
                          "reader of no norm, so an orthogonal map could not be made exact")
     return folding
+
+
+def _readers(pattern: str, readable: set[str], checkpoint: Checkpoint) -> list[str]:
+    """The tensors a `readers` entry names: itself where present, or every reads tensor its glob
+    matches (e.g. one gain read by every expert of a MoE layer: `experts.*.w1.weight`)."""
+    if not any(char in pattern for char in "*?["):
+        return [pattern] if pattern in readable or pattern in checkpoint else []
+    return sorted(name for name in readable if fnmatch.fnmatchcase(name, pattern))
 
 
 def _tied_head(bound: BoundArch, tie: TieRule | None, config: dict[str, Any]) -> str | None:

@@ -47,6 +47,8 @@ CASES: dict[str, tuple[str, dict, str, set[str]]] = {
     "clip-text": ("clip-text", {}, "clip_text_model", set()),
     "clip-vision": ("clip-vision", {}, "clip_vision_model", set()),
     "bert-relative-key-query": ("bert", {"position_embedding_type": "relative_key_query"}, "bert", {"qk.rot", "qk.scale"}),
+    # mixtures of experts: whole experts with the router's rows, each expert's neurons, attention as dense
+    "mixtral-gqa2": ("mixtral", {}, "mixtral", set()),
 }
 COVERED_ELSEWHERE = {"roberta", "vit"}  # tests/align/test_match.py
 COVERED_ELSEWHERE |= {"t5", "bart", "mbart"}  # tests/archs/test_archs_encoder_decoder.py

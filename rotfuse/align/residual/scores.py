@@ -104,14 +104,19 @@ def stream_scores(src: torch.Tensor, anchor: torch.Tensor, axes: tuple[int, ...]
 
 
 def layer_stream_scores(src: LayerWeights, anchor: LayerWeights) -> torch.Tensor:
-    """The layer's contribution to C from its projections into the stream (Q, K, V, FFN inputs:
-    `[out, d]`) and out of it (O, FFN output: `[d, in]`), in canonical layout."""
+    """The layer's contribution to C from its projections into the stream (Q, K, V, FFN inputs,
+    router and expert inputs: `[out, d]`) and out of it (O, FFN and expert outputs: `[d, in]`), in
+    canonical layout."""
     readers = [(src.attention.q, anchor.attention.q), (src.attention.k, anchor.attention.k),
                (src.attention.v, anchor.attention.v)]
     writers = [(src.attention.o, anchor.attention.o)]
-    if src.ffn is not None and anchor.ffn is not None:
-        readers += list(zip(src.ffn.inputs, anchor.ffn.inputs))
-        writers.append((src.ffn.output, anchor.ffn.output))
+    ffns = [(src.ffn, anchor.ffn)] if src.ffn is not None and anchor.ffn is not None else []
+    if src.experts is not None and anchor.experts is not None:  # routed experts, in the anchor's expert order
+        readers.append((src.experts.router, anchor.experts.router))
+        ffns += list(zip(src.experts.ffns, anchor.experts.ffns, strict=True))
+    for s_ffn, a_ffn in ffns:
+        readers += list(zip(s_ffn.inputs, a_ffn.inputs))
+        writers.append((s_ffn.output, a_ffn.output))
     total = sum(stream_scores(s.weight, a.weight, (1,)) for s, a in readers)
     return cast(torch.Tensor, total + sum(stream_scores(s.weight, a.weight, (0,)) for s, a in writers))
 
