@@ -112,6 +112,10 @@ CASES: dict[str, Case] = {
     "qwen2-tied-untie": Case("qwen2", orthogonal=True, allow_untie=True),
     "qwen2-untied": Case("qwen2", overrides={"tie_word_embeddings": False}, orthogonal=True),
     "qwen2-qa": Case("qwen2", "Qwen2ForQuestionAnswering", {"num_labels": 2}, orthogonal=True),
+    # mixtures of experts: the router and every expert read the folded post-attention norm
+    "mixtral-untied": Case("mixtral", orthogonal=True),
+    "qwen2-moe-untied": Case("qwen2-moe", orthogonal=True),  # + shared expert and its gate
+    "qwen3-moe-untied": Case("qwen3-moe", orthogonal=True),
 }
 
 
@@ -326,7 +330,7 @@ def test_an_orthogonal_map_breaks_a_layernorm_model(saved, tmp_path):
     assert output_change(before, run(write_moved(folder, tmp_path / "moved", plans, maps), case), case, maps) > CHANGED
 
 
-@pytest.mark.parametrize("name", ["llama-untied", "vit", "gpt2-seq-cls"])
+@pytest.mark.parametrize("name", ["llama-untied", "vit", "gpt2-seq-cls", "mixtral-untied"])
 def test_an_orthogonal_map_needs_the_folds(saved, tmp_path, name):
     case = CASES[name]
     folder, before = saved(name)
@@ -388,7 +392,8 @@ def test_post_ln_and_headless_models_get_permutations_only(saved):
 # every stream tensor outside the layers and in the last layer: leaving any one of them in the
 # old basis changes the outputs
 NECESSITY = ["bert-mlm", "bert-decoder-cross-attention", "roberta-seq-cls", "vit", "gpt2-cross-attention",
-             "deberta-v2-mlm-shared-conv", "phi", "distilbert-mlm", "clip", "llama-tied-untie", "llama-biases"]
+             "deberta-v2-mlm-shared-conv", "phi", "distilbert-mlm", "clip", "llama-tied-untie", "llama-biases",
+             "mixtral-untied", "qwen2-moe-untied"]
 
 
 @pytest.mark.parametrize("name", NECESSITY)
