@@ -80,7 +80,7 @@ class ModuleResult:
 def match_layer(src: LayerWeights, anchor: LayerWeights, settings: LayerSettings) -> tuple[LayerWeights, list[ModuleResult]]:
     attention, results = _match_attention(src.attention, anchor.attention, settings)
     ffn = None
-    if src.ffn is not None and anchor.ffn is not None:  # (None: an attention-only stack, or MoE without a shared expert)
+    if src.ffn is not None and anchor.ffn is not None:  # None: attention only, or experts without a shared one
         ffn, ffn_result = _match_ffn(src.ffn, anchor.ffn, settings)
         results.append(ffn_result)
     experts = None

@@ -306,7 +306,8 @@ def _parse_yaml(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
 
 
 TOP_KEYS = ['description', 'extends', 'model_types', 'name', 'prefixes', 'restrictions', 'stacks', 'stream_output_classes']
-STACK_KEYS = ['attention', 'config_section', 'dims', 'experts', 'ffn', 'layer', 'layout', 'name', 'optional', 'passive', 'residual', 'rope']
+STACK_KEYS = ['attention', 'config_section', 'dims', 'experts', 'ffn', 'layer', 'layout', 'name', 'optional', 'passive',
+              'residual', 'rope']
 
 
 def _parse_spec(raw: dict[str, Any], source: str) -> ArchSpec:

@@ -81,7 +81,8 @@ def describe_spec(spec: ArchSpec) -> dict[str, Any]:
 
 # a feature's short phrase (up to " (") -> the symmetries it stands for: a restriction without
 # `when` switches them off for good, so the stack does not list them
-_FEATURE_SYMMETRIES = {"FFN perm": {"ffn.perm"}, "experts perm": {"experts.perm"}, "heads perm": {"heads.perm"}, "QK rot": {"qk.rot"},
+_FEATURE_SYMMETRIES = {"FFN perm": {"ffn.perm"}, "experts perm": {"experts.perm"}, "heads perm": {"heads.perm"},
+                       "QK rot": {"qk.rot"},
                        "VO rot": {"vo.rot"}, "QK/VO scale": {"qk.scale", "vo.scale"}}
 
 
@@ -132,7 +133,8 @@ def _ffn_feature(stack: StackSpec) -> list[tuple[str, str]]:
     if stack.experts is not None:
         names = "+".join(_module(ref) for ref in stack.experts.ffn.inputs)
         features = [("experts perm (with router rows)", "MoE: whole routed experts permute with the router's rows"),
-                    (f"FFN perm per expert ({names})", f"each routed expert's own neuron permutation ({names} share one)")]
+                    (f"FFN perm per expert ({names})",
+                     f"each routed expert's own neuron permutation ({names} share one)")]
     if stack.ffn is None:
         return features  # an attention-only stack, or routed experts only
     if stack.experts is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -54,11 +55,12 @@ def saved(tmp_path_factory):
     return get
 
 
-def _edited(folder: Path, out: Path, edit) -> Path:  # noqa: ANN001 - edit: dict -> None, in place
+def _edited(folder: Path, out: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> Path:
     shutil.copytree(folder, out)
     tensors = load_file(str(folder / "model.safetensors"))
     edit(tensors)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
     return out
 
 
@@ -135,3 +137,36 @@ def test_match_verify_merge_on_the_command_line(cli, saved, tmp_path):
     merged = cli("merge", anchor, tmp_path / "aligned", "-o", tmp_path / "merged", "-q")
     assert merged.returncode == 0, merged.stderr
     assert (tmp_path / "merged" / "config.json").exists()
+
+
+QWEN3_MOE_UNRESTRICTED = "extends: qwen3_moe\nname: qwen3_moe\nrestrictions: []\n"
+
+
+def test_qwen3_moe_qk_norm_restriction_is_necessary(saved, tmp_path):
+    """q_norm/k_norm gains are 1 at init, where any QK rotation commutes with them; with trained
+    (here random) gains the RoPE-commuting rotation changes the function, so it stays off."""
+    def random_gains(tensors: dict[str, torch.Tensor]) -> None:
+        generator = torch.Generator().manual_seed(3)
+        for name in [n for n in tensors if n.endswith(("q_norm.weight", "k_norm.weight"))]:
+            tensors[name] = 1 + 0.5 * torch.randn(tensors[name].shape, generator=generator)
+
+    model = _edited(saved("qwen3-moe"), tmp_path / "model", random_gains)
+    spec = tmp_path / "unrestricted.yaml"
+    spec.write_text(QWEN3_MOE_UNRESTRICTED)
+    qk = symmetry_set("qk.rot,heads")
+    scramble(model, tmp_path / "safe", MatchOptions(symmetries=qk, device="cpu"), seed=2)
+    scramble(model, tmp_path / "unsafe", MatchOptions(symmetries=qk, device="cpu", arch_spec=spec), seed=2)
+    assert_same_function(model, tmp_path / "safe")  # heads still permute: the gains are shared by all heads
+    assert max_relative_change(model, tmp_path / "unsafe") > BROKEN
+
+
+def test_archs_lists_the_moe_specs():
+    from rotfuse.archs.spec import builtin_specs
+    from rotfuse.cli.archs import describe_spec
+
+    specs = builtin_specs()
+    rows = {name: describe_spec(specs[name]) for name in ("mixtral", "qwen2_moe", "qwen3_moe")}
+    for row in rows.values():
+        assert "experts perm (with router rows)" in row["summary"] and "FFN perm per expert" in row["summary"]
+    assert "shared expert" in rows["qwen2_moe"]["summary"] and "shared expert" not in rows["mixtral"]["summary"]
+    assert "QK rot" not in rows["qwen3_moe"]["summary"] and "QK rot" in rows["mixtral"]["summary"]

@@ -4,7 +4,7 @@ changes the model's outputs, while the allowed one keeps them.
 - RoPE: a QK rotation must be one 2-D rotation per rotate_half frequency pair (i, i + rotary/2);
   a full rotation, a reflection inside a pair, or GPT-J style (2i, 2i+1) pairs change the logits.
   With partial rotary (Phi), the pass-through coordinates take any rotation, the rotary ones not.
-- Spec safeguards: dropping Phi's qk_layernorm or Qwen3-MoE's q_norm/k_norm restriction, LLaMA's rope entry, or DeBERTa's
+- Spec safeguards: dropping Phi's qk_layernorm restriction, LLaMA's rope entry, or DeBERTa's
   position projections from the QK circuit breaks the function.
 """
 
@@ -146,7 +146,6 @@ passive: ["attention.output.*", "output.*", "attention.self.pos_*"]
 SAFEGUARDS = {
     "phi-qk-layernorm-unrestricted": ("phi", {"qk_layernorm": True}, "extends: phi\nname: phi\nrestrictions: []\n"),
     "llama-without-rope": ("llama", {}, "extends: llama\nname: llama\nrope: null\n"),
-    "qwen3-moe-qk-norm-unrestricted": ("qwen3-moe", {}, "extends: qwen3_moe\nname: qwen3_moe\nrestrictions: []\n"),
     "deberta-position-projections-left-out": ("deberta-v2", {}, DEBERTA_WITHOUT_POSITION_PROJECTIONS),
 }
 

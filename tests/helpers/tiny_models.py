@@ -118,7 +118,8 @@ TINY.update({
 _MOE = dict(_DECODER, num_attention_heads=4, num_key_value_heads=2, head_dim=6, num_experts_per_tok=2,
             tie_word_embeddings=False)
 TINY.update({
-    "mixtral": Tiny(_config("MixtralConfig", **{**_MOE, "intermediate_size": 12}, num_local_experts=4), "MixtralForCausalLM"),
+    "mixtral": Tiny(_config("MixtralConfig", **{**_MOE, "intermediate_size": 12}, num_local_experts=4),
+                    "MixtralForCausalLM"),
     "qwen2-moe": Tiny(_config("Qwen2MoeConfig", **_MOE, num_experts=4, moe_intermediate_size=12,
                               shared_expert_intermediate_size=11), "Qwen2MoeForCausalLM"),
     "qwen3-moe": Tiny(_config("Qwen3MoeConfig", **_MOE, num_experts=4, moe_intermediate_size=12),
