@@ -170,3 +170,17 @@ def test_archs_lists_the_moe_specs():
         assert "experts perm (with router rows)" in row["summary"] and "FFN perm per expert" in row["summary"]
     assert "shared expert" in rows["qwen2_moe"]["summary"] and "shared expert" not in rows["mixtral"]["summary"]
     assert "QK rot" not in rows["qwen3_moe"]["summary"] and "QK rot" in rows["mixtral"]["summary"]
+
+
+@pytest.mark.parametrize("tiny", ["mixtral", "qwen2-moe"])
+def test_every_symmetry_with_the_residual_map_is_recovered(saved, tmp_path, tiny):
+    """A random member of every symmetry at once (residual map included: the router and the experts
+    move with the stream) keeps the function, and matching finds it back."""
+    model = saved(tiny)
+    options = MatchOptions(symmetries=symmetry_set("all"), device="cpu")
+    scramble(model, tmp_path / "s", options, seed=7)
+    assert_same_function(model, tmp_path / "s")
+    report = match(model, tmp_path / "s", tmp_path / "back", options)
+    totals = report["totals"]["matched"]
+    assert totals["before"] > 1.0 and totals["after"] < 1e-5 * totals["before"]
+    assert_same_function(model, tmp_path / "back")
