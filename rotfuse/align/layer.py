@@ -17,7 +17,15 @@ import torch
 
 from rotfuse.core.tensors import all_finite, sq_distance
 from rotfuse.symmetry.circuit import CircuitTransform, solve_circuit
+from rotfuse.symmetry.experts import (
+    expert_pair_scores,
+    neuron_permutation,
+    permute_expert_neurons,
+    permute_experts,
+    random_experts,
+)
 from rotfuse.symmetry.heads import pair_scores, permute_groups
+from rotfuse.symmetry.names import EXPERTS
 from rotfuse.symmetry.permutation import (
     best_assignment,
     permute_ffn,
@@ -29,6 +37,7 @@ from rotfuse.symmetry.scaling import random_scale
 from rotfuse.symmetry.weights import (
     Attention,
     Circuit,
+    Experts,
     Ffn,
     LayerWeights,
     circuit_sq_distance,
@@ -54,7 +63,7 @@ class LayerSettings:
 
 @dataclass
 class ModuleResult:
-    module: str  # attn.qk, attn.vo or ffn
+    module: str  # attn.qk, attn.vo, ffn or moe.experts
     before: float  # Frobenius distance to the anchor over the tensors this module's symmetries touch
     after: float
     applied: list[str] = field(default_factory=list)
@@ -70,10 +79,15 @@ class ModuleResult:
 
 def match_layer(src: LayerWeights, anchor: LayerWeights, settings: LayerSettings) -> tuple[LayerWeights, list[ModuleResult]]:
     attention, results = _match_attention(src.attention, anchor.attention, settings)
-    if src.ffn is None or anchor.ffn is None:  # an attention-only stack
-        return LayerWeights(attention, None), results
-    ffn, ffn_result = _match_ffn(src.ffn, anchor.ffn, settings)
-    return LayerWeights(attention, ffn), results + [ffn_result]
+    ffn = None
+    if src.ffn is not None and anchor.ffn is not None:  # None: attention only, or experts without a shared one
+        ffn, ffn_result = _match_ffn(src.ffn, anchor.ffn, settings)
+        results.append(ffn_result)
+    experts = None
+    if src.experts is not None and anchor.experts is not None:
+        experts, experts_result = _match_experts(src.experts, anchor.experts, settings)
+        results.append(experts_result)
+    return LayerWeights(attention, ffn, experts), results
 
 
 def _match_attention(src: Attention, anchor: Attention, settings: LayerSettings) -> tuple[Attention, list[ModuleResult]]:
@@ -154,6 +168,47 @@ def _match_ffn(src: Ffn, anchor: Ffn, settings: LayerSettings) -> tuple[Ffn, Mod
     return moved, result
 
 
+def _experts_pairs(src: Experts, anchor: Experts) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The tensors the MoE symmetries move (router and every expert's FFN), paired with the anchor's."""
+    pairs = [(src.router.weight, anchor.router.weight)]
+    if src.router.bias is not None and anchor.router.bias is not None:
+        pairs.append((src.router.bias, anchor.router.bias))
+    return pairs + [pair for s, a in zip(src.ffns, anchor.ffns, strict=True) for pair in _ffn_pairs(s, a)]
+
+
+def _match_experts(src: Experts, anchor: Experts, settings: LayerSettings) -> tuple[Experts, ModuleResult]:
+    """Whole experts with their router rows (`experts.perm`), then each expert's neurons
+    (`ffn.perm`) against the anchor expert it was paired with: one assignment over the E x E pair
+    scores, each the best neuron-permutation score of the pair (rotfuse.symmetry.experts)."""
+    pairs = _experts_pairs(src, anchor)
+    before = sum(sq_distance(s, a) for s, a in pairs)
+    result = ModuleResult("moe.experts", math.sqrt(before), math.sqrt(before))
+    if settings.may_be_nonfinite and not _finite(*(t for pair in pairs for t in pair)):
+        result.skipped = NONFINITE
+        return src, result
+    whole, neurons = EXPERTS in settings.symmetries, "ffn.perm" in settings.symmetries
+    if not whole and not neurons:
+        return src, result
+    count = len(src.ffns)
+    if whole:
+        scores, perms = expert_pair_scores(src, anchor, neurons)
+        perm = best_assignment(scores)
+        neuron_perms = [perms[int(perm[j])][j] for j in range(count)]
+    else:
+        perm = torch.arange(count)
+        neuron_perms = [neuron_permutation(s, a)[0] for s, a in zip(src.ffns, anchor.ffns, strict=True)]
+    moved = permute_expert_neurons(permute_experts(src, perm), neuron_perms)
+    after = sum(sq_distance(s, a) for s, a in _experts_pairs(moved, anchor))
+    result.applied = (["experts"] if whole else []) + (["perm"] if neurons else [])
+    if whole:
+        result.extra["expert_permutation"] = perm.tolist()
+    if after > before:
+        result.reverted = True
+        return src, result
+    result.after = math.sqrt(after)
+    return moved, result
+
+
 def scramble_layer(src: LayerWeights, settings: LayerSettings, generator: torch.Generator) -> LayerWeights:
     """Apply a random member of the enabled symmetry group: the function is unchanged."""
     attention = src.attention
@@ -173,7 +228,10 @@ def scramble_layer(src: LayerWeights, settings: LayerSettings, generator: torch.
     ffn = src.ffn
     if ffn is not None and "ffn.perm" in settings.symmetries:
         ffn = permute_ffn(ffn, random_permutation(ffn.width, generator))
-    return LayerWeights(attention, ffn)
+    experts = src.experts
+    if experts is not None:
+        experts = random_experts(experts, generator, EXPERTS in settings.symmetries, "ffn.perm" in settings.symmetries)
+    return LayerWeights(attention, ffn, experts)
 
 
 def _finite(*tensors: torch.Tensor) -> bool:

@@ -35,6 +35,7 @@ class Dims:
     head_dim: int
     hidden_size: int
     rotary_dim: int = 0  # leading head dims under RoPE (0: none)
+    num_experts: int = 0  # routed experts per layer (0: no mixture of experts)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,10 @@ class BoundArch:
 
     def full_name(self, layer: LayerId, relative: str) -> str:
         return self.prefix + self.stack(layer.stack).layer.format(i=layer.index) + relative
+
+    def touched(self, stack: str) -> list[str]:
+        """Relative names of every tensor the symmetries of one stack's layers may move."""
+        return self.stack(stack).touched(self.dims[stack].num_experts)
 
     def present(self, stack: str, refs: tuple[LinearRef, ...]) -> tuple[LinearRef, ...]:
         """The extra projections among `refs` that this checkpoint has (decided on layer 0)."""
@@ -176,7 +181,7 @@ def _check_coverage(spec: ArchSpec, stack: StackSpec, prefix: str, dims: Dims, n
     """Refuse layer tensors the spec does not describe: one might read Q or K (a QK-norm, a LoRA
     adapter, a relative-position table), and a symmetry that ignores it could change the function."""
     pattern = stack.layer_pattern(prefix)
-    touched = set(stack.touched())
+    touched = set(stack.touched(dims.num_experts))
     for name in sorted(names):
         found = pattern.fullmatch(name)
         if found is None:
@@ -224,7 +229,8 @@ def _read_dims(stack: StackSpec, config: dict[str, Any], where: str) -> Dims:
     if num_heads % num_kv:
         raise InputError(f"{where}: {num_heads} query heads are not divisible into {num_kv} key/value heads")
     rotary_dim = _rotary_dim(stack.rope, section, head_dim, where) if stack.rope else 0
-    return Dims(num_layers, num_heads, num_kv, head_dim, hidden, rotary_dim)
+    num_experts = get(stack.experts.count, "the number of experts") if stack.experts else 0
+    return Dims(num_layers, num_heads, num_kv, head_dim, hidden, rotary_dim, num_experts or 0)
 
 
 def _rotary_dim(rope: RopeSpec, section: dict[str, Any], head_dim: int, where: str) -> int:

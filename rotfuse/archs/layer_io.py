@@ -16,7 +16,7 @@ import torch
 from rotfuse.archs.bind import BoundArch, Dims, LayerId
 from rotfuse.archs.spec import AttentionSpec, FfnSpec, LinearRef
 from rotfuse.core.errors import InputError
-from rotfuse.symmetry.weights import Attention, Ffn, LayerWeights, Linear
+from rotfuse.symmetry.weights import Attention, Experts, Ffn, LayerWeights, Linear
 
 if TYPE_CHECKING:
     from rotfuse.io.checkpoint import Checkpoint
@@ -29,7 +29,7 @@ def _rows(role: str, dims: Dims) -> int:
 
 def layer_tensor_names(bound: BoundArch, layer: LayerId, checkpoint: Checkpoint) -> list[str]:
     """Full names of every tensor the layer's symmetries read and write (biases, extras when present)."""
-    names = [bound.full_name(layer, relative) for relative in bound.stack(layer.stack).touched()]
+    names = [bound.full_name(layer, relative) for relative in bound.touched(layer.stack)]
     return [name for name in names if name in checkpoint]
 
 
@@ -37,7 +37,7 @@ def check_layer_pair(model: Checkpoint, model_bound: BoundArch, anchor: Checkpoi
                      layer: LayerId) -> None:
     """Both checkpoints must hold the same optional tensors (biases, extras) in a layer, or the
     packed circuits would not line up; name the first one that only one of them has."""
-    for relative in model_bound.stack(layer.stack).touched():
+    for relative in model_bound.touched(layer.stack):
         mine, theirs = model_bound.full_name(layer, relative), anchor_bound.full_name(layer, relative)
         if (mine in model) != (theirs in anchor):
             holder, name, other = (model, mine, anchor) if mine in model else (anchor, theirs, model)
@@ -127,29 +127,38 @@ def read_layer(checkpoint: Checkpoint, bound: BoundArch, layer: LayerId, device:
                           q_like=reader.extras(att.q_like, _rows("q", dims), d),
                           k_like=reader.extras(att.k_like, _rows("k", dims), d))
 
-    ffn_spec = stack.ffn
-    if ffn_spec is None:  # an attention-only stack (cross-attention blocks)
-        return LayerWeights(attention, None)
-    out_ref = ffn_spec.output
-    out_name = bound.full_name(layer, out_ref.weight)
-    stored = checkpoint.entry(out_name).shape
-    if len(stored) != 2:
-        raise InputError(f"{checkpoint.folder}: tensor {out_name!r} is not a matrix (shape {list(stored)})")
-    width = stored[1] if out_ref.layout == "out_in" else stored[0]
     ffn_reader = _LayerReader(checkpoint, bound, layer, device, view, stored_ffn)
-    output = Linear(ffn_reader.tensor(out_ref.weight, out_ref.layout, (d, width)))
-    present = ffn_inputs(bound, layer.stack, ffn_spec)
-    inputs = []
-    for ref in present:  # a fused input (parts > 1) splits into its projections
-        fused = ffn_reader.linear(ref, ref.parts * width, d)
-        part_biases: list[torch.Tensor | None] = (list(fused.bias.chunk(ref.parts)) if fused.bias is not None
-                                                  else [None] * ref.parts)
-        inputs += [Linear(w, b) for w, b in zip(fused.weight.chunk(ref.parts), part_biases, strict=True)]
-    for ref in set(ffn_spec.inputs) - set(present):
-        if bound.full_name(layer, ref.weight) in checkpoint:  # layer 0 decides; a stray is refused
-            raise InputError(f"{checkpoint.folder}: tensor {bound.full_name(layer, ref.weight)!r} has no "
-                             "counterpart in layer 0")
-    return LayerWeights(attention, Ffn(inputs, output))
+    ffn = _read_ffn(ffn_reader, stack.ffn, ffn_inputs(bound, layer.stack, stack.ffn), d) if stack.ffn else None
+    if stack.ffn is not None:
+        for ref in set(stack.ffn.inputs) - set(ffn_inputs(bound, layer.stack, stack.ffn)):
+            if bound.full_name(layer, ref.weight) in checkpoint:  # layer 0 decides; a stray is refused
+                raise InputError(f"{checkpoint.folder}: tensor {bound.full_name(layer, ref.weight)!r} has no "
+                                 "counterpart in layer 0")
+    experts = None
+    if stack.experts is not None:
+        count = dims.num_experts
+        router = ffn_reader.linear(stack.experts.router, count, d)
+        ffns = [_read_ffn(ffn_reader, spec, list(spec.inputs), d)
+                for spec in (stack.experts.expert(e) for e in range(count))]
+        experts = Experts(router, ffns)
+    return LayerWeights(attention, ffn, experts)
+
+
+def _read_ffn(reader: _LayerReader, spec: FfnSpec, inputs: list[LinearRef], d: int) -> Ffn:
+    """An FFN whose width is read off its output weight (checked against every input)."""
+    out_name = reader.bound.full_name(reader.layer, spec.output.weight)
+    stored = reader.checkpoint.entry(out_name).shape
+    if len(stored) != 2:
+        raise InputError(f"{reader.checkpoint.folder}: tensor {out_name!r} is not a matrix (shape {list(stored)})")
+    width = stored[1] if spec.output.layout == "out_in" else stored[0]
+    output = Linear(reader.tensor(spec.output.weight, spec.output.layout, (d, width)))
+    linears = []
+    for ref in inputs:  # a fused input (parts > 1) splits into its projections
+        fused = reader.linear(ref, ref.parts * width, d)
+        biases: list[torch.Tensor | None] = (list(fused.bias.chunk(ref.parts)) if fused.bias is not None
+                                             else [None] * ref.parts)
+        linears += [Linear(w, b) for w, b in zip(fused.weight.chunk(ref.parts), biases, strict=True)]
+    return Ffn(linears, output)
 
 
 def ffn_inputs(bound: BoundArch, stack: str, spec: FfnSpec) -> list[LinearRef]:
@@ -209,9 +218,10 @@ class _LayerWriter:
             for ref, linear in zip(self.bound.present(self.layer.stack, refs), linears, strict=True):
                 self.linear(ref, linear)
 
-    def ffn(self, spec: FfnSpec, ffn: Ffn) -> None:
+    def ffn(self, spec: FfnSpec, ffn: Ffn, inputs: list[LinearRef] | None = None) -> None:
         linears = iter(ffn.inputs)
-        for ref in ffn_inputs(self.bound, self.layer.stack, spec):  # a fused input takes its projections back
+        refs = ffn_inputs(self.bound, self.layer.stack, spec) if inputs is None else inputs
+        for ref in refs:  # a fused input (parts > 1) takes its projections back in order
             parts = [next(linears) for _ in range(ref.parts)]
             biases = [p.bias for p in parts]
             self.linear(ref, Linear(torch.cat([p.weight for p in parts]),
@@ -230,3 +240,9 @@ def write_layer(writer: CheckpointWriter, bound: BoundArch, layer: LayerId, weig
         out.attention(stack.attention, weights.attention)
     if weights.ffn is not None and stack.ffn is not None and (as_read is None or weights.ffn is not as_read.ffn):
         out.ffn(stack.ffn, weights.ffn)
+    experts = weights.experts
+    if experts is not None and stack.experts is not None and (as_read is None or experts is not as_read.experts):
+        out.linear(stack.experts.router, experts.router)
+        for index, ffn in enumerate(experts.ffns):
+            spec = stack.experts.expert(index)
+            out.ffn(spec, ffn, list(spec.inputs))

@@ -266,7 +266,7 @@ class _Classifier:
         self.bound, self.stacks, self.config, self.where = bound, stacks, config, where
         self.sections = {s.name: _section(bound.spec, s) for s in stacks}
         self.layer_patterns = {stack.name: stack.layer_pattern(bound.prefix) for stack in stacks}
-        self.derived = {s.name: _derived(s) for s in stacks}
+        self.derived = {s.name: _derived(s, bound.dims[s.name].num_experts) for s in stacks}
 
     def classify(self, name: str) -> _Found:
         matches = [(stack, m) for stack in self.stacks
@@ -324,19 +324,27 @@ def _section(spec: ArchSpec, stack: StackSpec) -> ResidualSection:
     return stack.residual
 
 
-def _derived(stack: StackSpec) -> dict[str, tuple[str, str, str]]:
-    """Roles the layer spec implies: relative name -> (role, layout, layer-spec role)."""
-    att, ffn = stack.attention, stack.ffn
+def _derived(stack: StackSpec, num_experts: int = 0) -> dict[str, tuple[str, str, str]]:
+    """Roles the layer spec implies: relative name -> (role, layout, layer-spec role). The routed
+    experts are FFNs like the layer's own, and their router reads the stream (its bias is in expert
+    space); they count as the layer's FFN inputs and outputs."""
+    att = stack.attention
+    ffns = [stack.ffn] if stack.ffn else []
+    routers = []
+    if stack.experts is not None:
+        ffns += [stack.experts.expert(e) for e in range(num_experts)]
+        routers.append(stack.experts.router)
     roles: dict[str, tuple[str, str, str]] = {}
     inputs: list[tuple[str, Any]] = [("qkv", att.qkv)] if att.qkv else [("q", att.q), ("k", att.k), ("v", att.v)]
-    inputs += [("ffn_inputs", ref) for ref in (ffn.inputs if ffn else ())]
+    inputs += [("ffn_inputs", ref) for ffn in ffns for ref in ffn.inputs]
+    inputs += [("ffn_inputs", ref) for ref in routers]
     for spec_role, ref in inputs:
         assert ref is not None
         roles[ref.weight] = ("reads", ref.layout, spec_role)
         if ref.bias:
-            roles[ref.bias] = ("free", ref.layout, spec_role)  # head / neuron space
+            roles[ref.bias] = ("free", ref.layout, spec_role)  # head / neuron / expert space
     roles[att.o.weight] = ("writes", att.o.layout, "o")
-    if ffn is not None:
+    for ffn in ffns:
         roles[ffn.output.weight] = ("writes", ffn.output.layout, "ffn_output")
     return roles
 

@@ -80,6 +80,33 @@ class FfnSpec:
 
 
 @dataclass(frozen=True)
+class ExpertsSpec:
+    """The routed experts of a mixture-of-experts layer (Mixtral, Qwen2-MoE, ...): `count` (config
+    keys) FFNs whose tensor names hold `{e}`, the expert index, each with a neuron index of its own,
+    and a router whose output row e scores expert e. Whole experts permute with the router's rows."""
+
+    count: tuple[str, ...]
+    router: LinearRef
+    ffn: FfnSpec  # names with {e}
+
+    def expert(self, index: int) -> FfnSpec:
+        """Expert `index`'s FFN, names filled in."""
+        def fill(ref: LinearRef) -> LinearRef:
+            return LinearRef(ref.weight.replace("{e}", str(index)),
+                             ref.bias.replace("{e}", str(index)) if ref.bias else None, ref.layout)
+        return FfnSpec(tuple(fill(ref) for ref in self.ffn.inputs), fill(self.ffn.output))
+
+    def touched(self, num_experts: int) -> list[str]:
+        """Relative names of the router's and every expert's tensors (the experts' output biases
+        never move: they are passive)."""
+        names = [name for name in (self.router.weight, self.router.bias) if name]
+        for index in range(num_experts):
+            ffn = self.expert(index)
+            names += [ffn.output.weight] + [n for ref in ffn.inputs for n in (ref.weight, ref.bias) if n]
+        return names
+
+
+@dataclass(frozen=True)
 class RopeSpec:
     """Rotary embeddings on Q and K: restricts the QK rotation to maps that commute with them.
 
@@ -165,6 +192,7 @@ class StackSpec:
     passive: tuple[str, ...] = ()  # globs: layer tensors no symmetry touches (norms, output biases)
     optional: bool = False  # a checkpoint may lack this stack (e.g. CLIP's text tower)
     residual: ResidualSection | None = None  # which tensors touch the stream (rotfuse.archs.residual)
+    experts: ExpertsSpec | None = None  # routed experts of a mixture-of-experts layer
 
     def layer_pattern(self, prefix: str) -> re.Pattern[str]:
         """The regex of this stack's layer tensors under `prefix`: group 1 the layer index, group 2
@@ -175,14 +203,16 @@ class StackSpec:
         """The tensor whose presence in layer 0 identifies the stack (and the key prefix)."""
         return (self.attention.qkv or self.attention.q).weight  # type: ignore[union-attr]
 
-    def touched(self) -> list[str]:
-        """Relative names of every tensor the symmetries may read or write (biases included)."""
+    def touched(self, num_experts: int = 0) -> list[str]:
+        """Relative names of every tensor the symmetries may read or write (biases included);
+        `num_experts`: the routed experts' (BoundArch.touched passes the config's count)."""
         att, ffn = self.attention, self.ffn
         refs = [*(ffn.inputs if ffn else ()), *att.q_like, *att.k_like]
         refs += [att.qkv] if att.qkv else [att.q, att.k, att.v]  # type: ignore[list-item]
         with_bias = [name for ref in refs for name in (ref.weight, ref.bias) if name]
         outputs = [att.o.weight] + ([ffn.output.weight] if ffn else [])
-        return [*outputs, *with_bias]  # O's and the FFN output's biases never move
+        experts = self.experts.touched(num_experts) if self.experts else []
+        return [*outputs, *with_bias, *experts]  # O's and the FFN output's biases never move
 
     def optional_refs(self) -> tuple[LinearRef, ...]:
         """Projections used where layer 0 has them: q_like/k_like and optional FFN inputs."""
@@ -289,7 +319,8 @@ def _parse_yaml(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
 
 
 TOP_KEYS = ['description', 'extends', 'model_types', 'name', 'prefixes', 'restrictions', 'stacks', 'stream_output_classes']
-STACK_KEYS = ['attention', 'config_section', 'dims', 'ffn', 'layer', 'layout', 'name', 'optional', 'passive', 'residual', 'rope']
+STACK_KEYS = ['attention', 'config_section', 'dims', 'experts', 'ffn', 'layer', 'layout', 'name', 'optional', 'passive',
+              'residual', 'rope']
 
 
 def _parse_spec(raw: dict[str, Any], source: str) -> ArchSpec:
@@ -388,6 +419,7 @@ def _parse_stack(raw: dict[str, Any], name: str) -> StackSpec:
         passive=_names(raw.get("passive")),
         optional=bool(raw.get("optional", False)),
         residual=_parse_residual(raw["residual"]) if raw.get("residual") is not None else None,
+        experts=_parse_experts(raw["experts"], layout) if raw.get("experts") is not None else None,
     )
     _check_stack(stack)
     return stack
@@ -405,6 +437,23 @@ def _check_stack(stack: StackSpec) -> None:
             raise ValueError(f"{what} has a bias, which no symmetry touches: list it under passive instead")
     if "{i}" not in stack.layer:
         raise ValueError(f"layer pattern {stack.layer!r} must contain {{i}}")
+
+
+def _parse_experts(raw: Any, layout: str) -> ExpertsSpec:
+    raw = _mapping(raw, {"count", "router", "inputs", "output"}, "experts")
+    experts = ExpertsSpec(
+        count=_names(raw["count"]),
+        router=_linear(raw["router"], layout),
+        ffn=FfnSpec(inputs=tuple(_linear(r, layout) for r in raw["inputs"]), output=_linear(raw["output"], layout)),
+    )
+    if not experts.count or not experts.ffn.inputs:
+        raise ValueError("experts need a count (config keys) and at least one input")
+    for ref in (*experts.ffn.inputs, experts.ffn.output):
+        if "{e}" not in ref.weight:
+            raise ValueError(f"expert tensor {ref.weight!r} must contain {{e}} (the expert index)")
+    if experts.ffn.output.bias:
+        raise ValueError("the experts' output has a bias, which no symmetry touches: list it under passive instead")
+    return experts
 
 
 def _parse_rope(raw: Any) -> RopeSpec | None:

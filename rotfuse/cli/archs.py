@@ -142,8 +142,17 @@ def _module(ref: Any) -> str:
 
 
 def _ffn_feature(stack: StackSpec) -> list[tuple[str, str]]:
+    features = []
+    if stack.experts is not None:
+        names = "+".join(_module(ref) for ref in stack.experts.ffn.inputs)
+        features = [("experts perm (with router rows)", "MoE: whole routed experts permute with the router's rows"),
+                    (f"FFN perm per expert ({names})",
+                     f"each routed expert's own neuron permutation ({names} share one)")]
     if stack.ffn is None:
-        return []  # an attention-only stack
+        return features  # an attention-only stack, or routed experts only
+    if stack.experts is not None:
+        names = "+".join(_module(ref) for ref in stack.ffn.inputs)
+        return [*features, (f"FFN perm shared expert ({names})", f"the shared expert's neuron permutation ({names})")]
     inputs = stack.ffn.inputs
     if len(inputs) == 1 and inputs[0].parts == 1:
         return [("FFN perm", "FFN neuron permutation")]

@@ -32,9 +32,10 @@ from rotfuse.symmetry.names import DEFAULT_SYMMETRIES
 
 Symmetries = Annotated[str, typer.Option(
     "--symmetries", "-s",
-    help="Comma-separated symmetries: perm (FFN neurons), heads (whole-head permutation), rot (per-head QK/VO "
+    help="Comma-separated symmetries: perm (FFN neurons, each expert's own in MoE layers), heads (whole-head "
+         "permutation), experts (whole MoE experts with their router rows), rot (per-head QK/VO "
          "rotation), scale (per-head QK/VO rescaling), residual (the residual stream; opt-in), default "
-         "(perm,heads,rot,scale), module names (qk.rot, vo.scale, ...), all, none.")]
+         "(perm,heads,experts,rot,scale), module names (qk.rot, vo.scale, ...), all, none.")]
 Layers = Annotated[str | None, typer.Option("--layers", help="Only these layers, e.g. 0-5,8  [default: all]")]
 
 

@@ -78,7 +78,9 @@ def render_match_table(report: dict[str, Any], console: Any) -> None:
     table = Table(title=f"rotfuse match: {model} -> {report.get('output', {}).get('path', '?')}: {report['arch']} "
                         f"({', '.join(report['symmetries']) or 'no symmetries'})")
     table.add_column("layer", justify="right")
-    modules = ("attn.qk", "attn.vo", "ffn")
+    modules: tuple[str, ...] = ("attn.qk", "attn.vo", "ffn")
+    if any("moe.experts" in row["modules"] for row in report["layers"]):
+        modules += ("moe.experts",)
     for module in modules:
         table.add_column(f"{module} before", justify="right")
         table.add_column(f"{module} after", justify="right")

@@ -2,7 +2,9 @@
 
 Module-qualified names say what moves: `ffn.perm` (FFN neurons), `heads.perm` (whole heads, or
 KV groups with their query heads), `qk.rot` / `vo.rot` (per-head rotations), `qk.scale` /
-`vo.scale` (per-head rescaling), `residual.map` (the residual stream, opt-in). The CLI also takes
+`vo.scale` (per-head rescaling), `experts.perm` (whole experts of a mixture-of-experts layer, with their
+router rows; each expert's own neurons move under `ffn.perm`), `residual.map` (the residual
+stream, opt-in). The CLI also takes
 the short family names below.
 """
 
@@ -11,14 +13,17 @@ from __future__ import annotations
 from rotfuse.core.errors import UsageError
 
 FFN_PERM = "ffn.perm"  # FFN neuron permutation: the dearest per-layer solve
+EXPERTS = "experts.perm"  # whole experts with their router rows (mixture-of-experts layers)
 RESIDUAL = "residual.map"  # one map of the whole residual stream (permutation, or orthogonal where exact)
-ALL_SYMMETRIES = frozenset({"qk.rot", "qk.scale", "vo.rot", "vo.scale", "ffn.perm", "heads.perm", RESIDUAL})
-DEFAULT_SYMMETRIES = "perm,heads,rot,scale"  # per-layer maps; the residual map is opt-in
+ALL_SYMMETRIES = frozenset({"qk.rot", "qk.scale", "vo.rot", "vo.scale", "ffn.perm", "heads.perm", EXPERTS,
+                           RESIDUAL})
+DEFAULT_SYMMETRIES = "perm,heads,experts,rot,scale"  # per-layer maps; the residual map is opt-in
 CLI_SYMMETRIES = {
-    "default": frozenset({"ffn.perm", "heads.perm", "qk.rot", "qk.scale", "vo.rot", "vo.scale"}),
+    "default": frozenset({"ffn.perm", "heads.perm", EXPERTS, "qk.rot", "qk.scale", "vo.rot", "vo.scale"}),
     "residual": frozenset({RESIDUAL}),
     "perm": frozenset({"ffn.perm"}),
     "heads": frozenset({"heads.perm"}),
+    "experts": frozenset({EXPERTS}),
     "rot": frozenset({"qk.rot", "vo.rot"}),
     "scale": frozenset({"qk.scale", "vo.scale"}),
 }

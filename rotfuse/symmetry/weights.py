@@ -65,6 +65,15 @@ class Ffn:
         return self.output.weight.shape[1]
 
 
+@dataclass
+class Experts:
+    """The routed experts of a mixture-of-experts layer: expert e is `ffns[e]`, with a neuron index
+    of its own, and the router's output row e (and bias entry e) scores it."""
+
+    router: Linear
+    ffns: list[Ffn]
+
+
 Blocks = tuple[torch.Tensor, ...]
 
 
@@ -164,4 +173,5 @@ class LayerWeights:
     """What the symmetries of one transformer layer act on."""
 
     attention: Attention
-    ffn: Ffn | None  # None in an attention-only stack (cross-attention blocks)
+    ffn: Ffn | None  # None in an attention-only stack (cross-attention blocks) and MoE layers without a shared expert
+    experts: Experts | None = None  # routed experts (mixture-of-experts layers)

@@ -61,6 +61,13 @@ CASES: dict[str, tuple[str, dict, str, set[str]]] = {
     "gemma-gqa2-tied": ("gemma", {}, "gemma", set()),
     "gemma-mha-untied-biases": ("gemma", {"num_key_value_heads": 4, "tie_word_embeddings": False,
                                           "attention_bias": True}, "gemma", set()),
+    # mixtures of experts: whole experts with the router's rows, each expert's neurons, attention as dense
+    "mixtral-gqa2": ("mixtral", {}, "mixtral", set()),
+    "mixtral-gqa4-top1": ("mixtral", {"num_key_value_heads": 1, "num_experts_per_tok": 1}, "mixtral", set()),
+    "qwen2-moe-shared-expert": ("qwen2-moe", {}, "qwen2_moe", set()),
+    "qwen2-moe-norm-topk": ("qwen2-moe", {"norm_topk_prob": True, "qkv_bias": False}, "qwen2_moe", set()),
+    # q_norm / k_norm: QK rotation and scale are off (configs/archs/qwen3_moe.yaml)
+    "qwen3-moe-qk-norm": ("qwen3-moe", {}, "qwen3_moe", {"qk.rot", "qk.scale"}),
 }
 COVERED_ELSEWHERE = {"roberta", "vit"}  # tests/align/test_match.py
 COVERED_ELSEWHERE |= {"t5", "bart", "mbart"}  # tests/archs/test_archs_encoder_decoder.py

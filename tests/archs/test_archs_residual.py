@@ -150,6 +150,10 @@ CASES: dict[str, Case] = {
     "mbart": Case("mbart", moved={"encoder_last_hidden_state": "encoder+decoder"}),
     "bart-qa": Case("bart", "BartForQuestionAnswering", {"num_labels": 2},
                     moved={"encoder_last_hidden_state": "encoder+decoder"}),
+    # mixtures of experts: the router and every expert read the folded post-attention norm
+    "mixtral-untied": Case("mixtral", orthogonal=True),
+    "qwen2-moe-untied": Case("qwen2-moe", orthogonal=True),  # + shared expert and its gate
+    "qwen3-moe-untied": Case("qwen3-moe", orthogonal=True),
 }
 
 
@@ -386,7 +390,7 @@ def test_an_orthogonal_map_breaks_a_layernorm_model(saved, tmp_path, name):
     assert output_change(before, run(write_moved(folder, tmp_path / "moved", plans, maps), case), case, maps) > CHANGED
 
 
-@pytest.mark.parametrize("name", ["llama-untied", "vit", "gpt2-seq-cls"])
+@pytest.mark.parametrize("name", ["llama-untied", "vit", "gpt2-seq-cls", "mixtral-untied"])
 def test_an_orthogonal_map_needs_the_folds(saved, tmp_path, name):
     case = CASES[name]
     folder, before = saved(name)
@@ -449,7 +453,7 @@ def test_post_ln_and_headless_models_get_permutations_only(saved):
 # old basis changes the outputs
 NECESSITY = ["bert-mlm", "bert-decoder-cross-attention", "roberta-seq-cls", "vit", "gpt2-cross-attention",
              "deberta-v2-mlm-shared-conv", "phi", "distilbert-mlm", "clip", "llama-tied-untie", "llama-biases",
-             "t5-v1.1-untied", "mbart"]
+             "t5-v1.1-untied", "mbart", "mixtral-untied", "qwen2-moe-untied"]
 
 
 @pytest.mark.parametrize("name", NECESSITY)

@@ -29,7 +29,8 @@ def test_match_writes_checkpoint_and_report(cli, pair, tmp_path):
     report = json.loads((tmp_path / "out" / REPORT_NAME).read_text())
     assert report["tool"] == "rotfuse" and report["command"] == "match" and report["schema"] == 1
     assert report["arch"] == "bert" and report["device"] == "cpu"
-    assert report["symmetries"] == ["ffn.perm", "heads.perm", "qk.rot", "qk.scale", "vo.rot", "vo.scale"]
+    assert report["symmetries"] == ["experts.perm", "ffn.perm", "heads.perm", "qk.rot", "qk.scale", "vo.rot",
+                                    "vo.scale"]
     assert {"read", "solve", "write", "total"} <= set(report["timings"])
     assert len(report["layers"]) == 2
     for row in report["layers"]:

@@ -113,6 +113,20 @@ TINY.update({
 })
 
 
+# ---- mixtures of experts (tests/archs/test_archs.py, test_archs_moe.py): 4 routed experts, top 2; expert
+# widths a multiple of 4 (transformers 5 runs experts through torch._grouped_mm: 16-byte strides)
+_MOE = dict(_DECODER, num_attention_heads=4, num_key_value_heads=2, head_dim=6, num_experts_per_tok=2,
+            tie_word_embeddings=False)
+TINY.update({
+    "mixtral": Tiny(_config("MixtralConfig", **{**_MOE, "intermediate_size": 12}, num_local_experts=4),
+                    "MixtralForCausalLM"),
+    "qwen2-moe": Tiny(_config("Qwen2MoeConfig", **_MOE, num_experts=4, moe_intermediate_size=12,
+                              shared_expert_intermediate_size=11), "Qwen2MoeForCausalLM"),
+    "qwen3-moe": Tiny(_config("Qwen3MoeConfig", **_MOE, num_experts=4, moe_intermediate_size=12),
+                      "Qwen3MoeForCausalLM"),
+})
+
+
 def build(name: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
     import transformers
 

@@ -31,7 +31,7 @@ from rotfuse.io.checkpoint import Checkpoint
 from rotfuse.symmetry.permutation import best_assignment
 from rotfuse.symmetry.residual import StreamMap, keeping_ones, ones_frame
 from rotfuse.symmetry.rotation import procrustes
-from rotfuse.symmetry.weights import LayerWeights
+from rotfuse.symmetry.weights import LayerWeights, Linear
 
 
 @dataclass
@@ -104,21 +104,32 @@ def stream_scores(src: torch.Tensor, anchor: torch.Tensor, axes: tuple[int, ...]
 
 
 def layer_stream_scores(src: LayerWeights, anchor: LayerWeights) -> torch.Tensor:
-    """The layer's contribution to C from its projections into the stream (Q, K, V, FFN inputs:
-    `[out, d]`) and out of it (O, FFN output: `[d, in]`), in canonical layout."""
+    """The layer's contribution to C from its projections into the stream (Q, K, V, FFN inputs,
+    router and expert inputs: `[out, d]`) and out of it (O, FFN and expert outputs: `[d, in]`), in
+    canonical layout."""
     return cast(torch.Tensor, sum(layer_stream_parts(src, anchor).values()))
 
 
 def layer_stream_parts(src: LayerWeights, anchor: LayerWeights) -> dict[str, torch.Tensor]:
     """`layer_stream_scores` by layer-spec role (q, k, v, o, ffn_inputs, ffn_output): the roles
-    may sit on different streams (cross-attention K/V read the encoder's)."""
+    may sit on different streams (cross-attention K/V read the encoder's). A MoE layer's router and
+    routed experts (in the anchor's expert order) count as FFN inputs and outputs."""
     parts = {role: stream_scores(getattr(src.attention, role).weight, getattr(anchor.attention, role).weight, (1,))
              for role in ("q", "k", "v")}
     parts["o"] = stream_scores(src.attention.o.weight, anchor.attention.o.weight, (0,))
-    if src.ffn is not None and anchor.ffn is not None:
-        parts["ffn_inputs"] = cast(torch.Tensor, sum(stream_scores(s.weight, a.weight, (1,))
-                                                     for s, a in zip(src.ffn.inputs, anchor.ffn.inputs)))
-        parts["ffn_output"] = stream_scores(src.ffn.output.weight, anchor.ffn.output.weight, (0,))
+    readers: list[tuple[Linear, Linear]] = []
+    writers: list[tuple[Linear, Linear]] = []
+    ffns = [(src.ffn, anchor.ffn)] if src.ffn is not None and anchor.ffn is not None else []
+    if src.experts is not None and anchor.experts is not None:
+        readers.append((src.experts.router, anchor.experts.router))
+        ffns += list(zip(src.experts.ffns, anchor.experts.ffns, strict=True))
+    for s_ffn, a_ffn in ffns:
+        readers += list(zip(s_ffn.inputs, a_ffn.inputs))
+        writers.append((s_ffn.output, a_ffn.output))
+    if readers:
+        parts["ffn_inputs"] = cast(torch.Tensor, sum(stream_scores(s.weight, a.weight, (1,)) for s, a in readers))
+    if writers:
+        parts["ffn_output"] = cast(torch.Tensor, sum(stream_scores(s.weight, a.weight, (0,)) for s, a in writers))
     return parts
 
 
