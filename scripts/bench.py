@@ -51,19 +51,56 @@ from pathlib import Path
 import torch
 
 SIZES = {  # hidden, layers, heads, kv heads, ffn width, vocab
-    "150m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
-                 intermediate_size=2048, vocab_size=32000),
-    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-               intermediate_size=5632, vocab_size=32000),
-    "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=352, vocab_size=1000),
+    "150m": dict(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        intermediate_size=2048,
+        vocab_size=32000,
+    ),
+    "1b": dict(
+        hidden_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=5632,
+        vocab_size=32000,
+    ),
+    "tiny": dict(
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=352,
+        vocab_size=1000,
+    ),
 }
 SHARD_BYTES = 500 * 1024 * 1024
-STAGES = ("startup", "io-floor", "match-attn", "match-all", "merge-simple", "mergekit-linear", "merge-ties",
-          "merge-dare-ties", "mergekit-ties", "mergekit-dare-ties", "match-2x-deep", "merge-2x-deep", "io-floor-fsync",
-          "match-attn-fsync", "merge-simple-fsync", "match-all-ws2")
-TASK_VECTOR_STAGES = {"merge-ties": ("ties", "0.2"), "merge-dare-ties": ("dare-ties", "0.1"),
-                      "mergekit-ties": ("ties", "0.2"), "mergekit-dare-ties": ("dare_ties", "0.1")}
+STAGES = (
+    "startup",
+    "io-floor",
+    "match-attn",
+    "match-all",
+    "merge-simple",
+    "mergekit-linear",
+    "merge-ties",
+    "merge-dare-ties",
+    "mergekit-ties",
+    "mergekit-dare-ties",
+    "match-2x-deep",
+    "merge-2x-deep",
+    "io-floor-fsync",
+    "match-attn-fsync",
+    "merge-simple-fsync",
+    "match-all-ws2",
+)
+TASK_VECTOR_STAGES = {
+    "merge-ties": ("ties", "0.2"),
+    "merge-dare-ties": ("dare-ties", "0.1"),
+    "mergekit-ties": ("ties", "0.2"),
+    "mergekit-dare-ties": ("dare_ties", "0.1"),
+}
 FLUSHED = "-fsync"  # stages that flush their output: measured against io-floor-fsync
 
 
@@ -85,10 +122,15 @@ def llama_tensors(dims: dict) -> list[tuple[str, tuple[int, ...]]]:
     for i in range(dims["num_hidden_layers"]):
         p = f"model.layers.{i}."
         names += [
-            (p + "input_layernorm.weight", (d,)), (p + "self_attn.q_proj.weight", (d, d)),
-            (p + "self_attn.k_proj.weight", (kv, d)), (p + "self_attn.v_proj.weight", (kv, d)),
-            (p + "self_attn.o_proj.weight", (d, d)), (p + "post_attention_layernorm.weight", (d,)),
-            (p + "mlp.gate_proj.weight", (f, d)), (p + "mlp.up_proj.weight", (f, d)), (p + "mlp.down_proj.weight", (d, f)),
+            (p + "input_layernorm.weight", (d,)),
+            (p + "self_attn.q_proj.weight", (d, d)),
+            (p + "self_attn.k_proj.weight", (kv, d)),
+            (p + "self_attn.v_proj.weight", (kv, d)),
+            (p + "self_attn.o_proj.weight", (d, d)),
+            (p + "post_attention_layernorm.weight", (d,)),
+            (p + "mlp.gate_proj.weight", (f, d)),
+            (p + "mlp.up_proj.weight", (f, d)),
+            (p + "mlp.down_proj.weight", (d, f)),
         ]
     return names + [("model.norm.weight", (d,)), ("lm_head.weight", (v, d))]
 
@@ -112,8 +154,11 @@ def generate(folder: Path, dims: dict, base_seed: int, noise_seed: int | None) -
         current.append((name, "BF16", shape))
         size += nbytes
     plans.append(current)
-    names = ["model.safetensors"] if len(plans) == 1 else [
-        f"model-{i + 1:05d}-of-{len(plans):05d}.safetensors" for i in range(len(plans))]
+    names = (
+        ["model.safetensors"]
+        if len(plans) == 1
+        else [f"model-{i + 1:05d}-of-{len(plans):05d}.safetensors" for i in range(len(plans))]
+    )
     shard_plans = [ShardPlan(name, plan, {"format": "pt"}) for name, plan in zip(names, plans)]
     writer = CheckpointWriter(tmp, shard_plans)
 
@@ -130,8 +175,15 @@ def generate(folder: Path, dims: dict, base_seed: int, noise_seed: int | None) -
             value += 0.5 * draw(name, shape, noise_seed)
         writer.write(name, value)
     writer.finish()
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "bfloat16",
-              "rms_norm_eps": 1e-5, "max_position_embeddings": 2048, "tie_word_embeddings": False, **dims}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "torch_dtype": "bfloat16",
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+        **dims,
+    }
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     os.rename(tmp, folder)
     return folder
@@ -204,8 +256,18 @@ def torchrun(nproc: int, *args: str) -> list[str]:
     with socket.socket() as sock:  # a free port for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(port),
-            "-m", "rotfuse", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(port),
+        "-m",
+        "rotfuse",
+        *args,
+    ]
 
 
 def has_command(name: str) -> bool:
@@ -262,12 +324,18 @@ def bench_size(size: str, root: Path, keep: bool, repeat: int, stages: frozenset
     attn = ("match", str(a), str(b), "-o", str(work), "--symmetries", "rot,scale", "--json", "-q", "--device", "cpu")
     stage("match-attn", rotfuse(*attn, *no_fsync), detail_from_json=True)
     stage("match-attn-fsync", rotfuse(*attn), detail_from_json=True)
-    stage("match-all", rotfuse("match", str(a), str(b), "-o", str(work), "--json", "-q", "--device", "cpu", *no_fsync),
-          detail_from_json=True)
+    stage(
+        "match-all",
+        rotfuse("match", str(a), str(b), "-o", str(work), "--json", "-q", "--device", "cpu", *no_fsync),
+        detail_from_json=True,
+    )
     # world size 2 against world size 1 (match-all, the same run): speed-up, and the largest peak RSS
     # of one process (the launcher's wait4 gives the biggest of the tree, the torchrun agent included)
-    stage("match-all-ws2", torchrun(2, "match", str(a), str(b), "-o", str(work), "--json", "-q", "--device", "cpu",
-                                    *no_fsync), detail_from_json=True)
+    stage(
+        "match-all-ws2",
+        torchrun(2, "match", str(a), str(b), "-o", str(work), "--json", "-q", "--device", "cpu", *no_fsync),
+        detail_from_json=True,
+    )
     if stages & {"merge-simple", "merge-simple-fsync", "merge-2x-deep"} and has_command("merge"):
         simple = ("merge", "--method", "simple", str(a), str(b), "-o", str(work), "-q")
         stage("merge-simple", rotfuse(*simple, *no_fsync))
@@ -287,8 +355,24 @@ def bench_size(size: str, root: Path, keep: bool, repeat: int, stages: frozenset
         for name in ("merge-ties", "merge-dare-ties"):
             method, density = TASK_VECTOR_STAGES[name]
             if has_command("merge"):
-                stage(name, rotfuse("merge", "--method", method, str(b), str(c), "--base", str(a), "--density", density,
-                                    "-o", str(work), "-q", *no_fsync))
+                stage(
+                    name,
+                    rotfuse(
+                        "merge",
+                        "--method",
+                        method,
+                        str(b),
+                        str(c),
+                        "--base",
+                        str(a),
+                        "--density",
+                        density,
+                        "-o",
+                        str(work),
+                        "-q",
+                        *no_fsync,
+                    ),
+                )
         for name in ("mergekit-ties", "mergekit-dare-ties"):
             method, density = TASK_VECTOR_STAGES[name]
             if mergekit and name in stages:
@@ -303,11 +387,16 @@ def bench_size(size: str, root: Path, keep: bool, repeat: int, stages: frozenset
         deep_a = generate(root / f"{size}-deep-a", deep_dims, base_seed=0, noise_seed=None)
         deep_b = generate(root / f"{size}-deep-b", deep_dims, base_seed=0, noise_seed=1)
         folders += [deep_a, deep_b]
-        stage("match-2x-deep", rotfuse("match", str(deep_a), str(deep_b), "-o", str(work), "--json", "-q", "--device",
-                                       "cpu", *no_fsync), detail_from_json=True)
+        stage(
+            "match-2x-deep",
+            rotfuse("match", str(deep_a), str(deep_b), "-o", str(work), "--json", "-q", "--device", "cpu", *no_fsync),
+            detail_from_json=True,
+        )
         if has_command("merge"):
-            stage("merge-2x-deep", rotfuse("merge", "--method", "simple", str(deep_a), str(deep_b), "-o", str(work), "-q",
-                                           *no_fsync))
+            stage(
+                "merge-2x-deep",
+                rotfuse("merge", "--method", "simple", str(deep_a), str(deep_b), "-o", str(work), "-q", *no_fsync),
+            )
     warm(*folders)  # every stage, the floor included, reads from a warm page cache: comparable ratios
     timed_rounds(planned, repeat, work)
     if not keep:
@@ -343,8 +432,10 @@ def startup_rows() -> list[Row]:
 
 
 def markdown(rows: list[Row]) -> str:
-    lines = ["| size | stage | seconds | x I/O floor (-fsync: x io-floor-fsync) | peak RSS (MiB) | notes |",
-             "|---|---|---:|---:|---:|---|"]
+    lines = [
+        "| size | stage | seconds | x I/O floor (-fsync: x io-floor-fsync) | peak RSS (MiB) | notes |",
+        "|---|---|---:|---:|---:|---|",
+    ]
     by_size = {r.size: {x.stage: x for x in rows if x.size == r.size} for r in rows}
     for r in rows:
         note = ""
@@ -354,11 +445,15 @@ def markdown(rows: list[Row]) -> str:
         shallow = {"match-2x-deep": "match-all", "merge-2x-deep": "merge-simple"}.get(r.stage)
         if shallow in by_size[r.size]:
             sep = "; " if note else ""
-            note += (f"{sep}RSS vs {shallow}: {r.peak_rss_mib / by_size[r.size][shallow].peak_rss_mib:.2f}x "
-                     "(twice the floor's bytes)")
+            note += (
+                f"{sep}RSS vs {shallow}: {r.peak_rss_mib / by_size[r.size][shallow].peak_rss_mib:.2f}x "
+                "(twice the floor's bytes)"
+            )
         if "speedup_vs_ws1" in r.detail:
-            note += (f"; world size 2 vs match-all (world size 1): {r.detail['speedup_vs_ws1']:.2f}x faster, "
-                     f"peak RSS of one rank {r.detail['rss_vs_ws1']:.2f}x")
+            note += (
+                f"; world size 2 vs match-all (world size 1): {r.detail['speedup_vs_ws1']:.2f}x faster, "
+                f"peak RSS of one rank {r.detail['rss_vs_ws1']:.2f}x"
+            )
         ratio = "" if r.ratio_to_floor is None else f"{r.ratio_to_floor:.2f}"
         rss = "" if not r.peak_rss_mib else f"{r.peak_rss_mib:.0f}"
         lines.append(f"| {r.size} | {r.stage} | {r.seconds:.2f} | {ratio} | {rss} | {note} |")
@@ -371,7 +466,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="where checkpoints go (default: a temp folder)")
     parser.add_argument("--keep", action="store_true", help="keep generated checkpoints for the next run")
     parser.add_argument("--json", action="store_true", help="print rows as JSON instead of Markdown")
-    parser.add_argument("--repeat", type=int, default=3, help=f"runs of each stage under {REPEAT_UNDER_S:.0f} s; the fastest counts")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help=f"runs of each stage under {REPEAT_UNDER_S:.0f} s; the fastest counts"
+    )
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, from {', '.join(STAGES)}")
     args = parser.parse_args()
     stages = frozenset(name.strip() for name in args.stages.split(",") if name.strip())

@@ -41,17 +41,19 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # one per worker thread, as rotfuse splits them
     g = torch.Generator().manual_seed(0)
-    anchor = torch.randn(args.neurons, args.width, generator=g) / args.width ** 0.5
+    anchor = torch.randn(args.neurons, args.width, generator=g) / args.width**0.5
 
     def relative(noise: float | None) -> torch.Tensor:
-        fresh = torch.randn(args.neurons, args.width, generator=g) / args.width ** 0.5
+        fresh = torch.randn(args.neurons, args.width, generator=g) / args.width**0.5
         src = fresh if noise is None else anchor + noise * fresh
         return src[torch.randperm(args.neurons, generator=g)]
 
     cases = {"fine-tune (+5 %)": 0.05, "far relative (+50 %)": 0.5, "unrelated": None}
     gemm = per_solve_seconds(lambda src, a: src @ a.T, [relative(0.05)] * (WORKERS * args.repeat), anchor)
-    print(f"{args.neurons} neurons x {args.width}, {WORKERS} worker threads, bf16 filter: "
-          f"{'on' if fast_bfloat16_gemm(anchor.device) else 'off (no AMX / AVX512-BF16)'}")
+    print(
+        f"{args.neurons} neurons x {args.width}, {WORKERS} worker threads, bf16 filter: "
+        f"{'on' if fast_bfloat16_gemm(anchor.device) else 'off (no AMX / AVX512-BF16)'}"
+    )
     print("| case | path | s per solve | x float32 GEMM |\n|---|---|---:|---:|")
     print(f"| - | float32 score GEMM alone (baseline) | {gemm:.2f} | 1.00 |")
     for name, noise in cases.items():

@@ -58,21 +58,44 @@ class Case:
 
 
 CASES = (
-    Case("task-arithmetic", ("--method", "task-arithmetic", "--scale", "0.8"),
-         "task_arithmetic", {"lambda": 0.8}, {}, "base"),
-    Case("ties", ("--method", "ties", "--density", "0.5"), "ties", {}, {"density": 0.5},
-         "base"),
-    Case("ties no-normalize", ("--method", "ties", "--density", "0.3", "--no-normalize",
-                               "--scale", "0.9"), "ties", {"normalize": False, "lambda": 0.9}, {"density": 0.3},
-         "base"),
-    Case("dare-linear (density 1)", ("--method", "dare-linear", "--density", "1"),
-         "dare_linear", {}, {"density": 1.0}, "base"),
-    Case("dare-ties (density 1)", ("--method", "dare-ties", "--density", "1"),
-         "dare_ties", {}, {"density": 1.0}, "base"),
+    Case(
+        "task-arithmetic",
+        ("--method", "task-arithmetic", "--scale", "0.8"),
+        "task_arithmetic",
+        {"lambda": 0.8},
+        {},
+        "base",
+    ),
+    Case("ties", ("--method", "ties", "--density", "0.5"), "ties", {}, {"density": 0.5}, "base"),
+    Case(
+        "ties no-normalize",
+        ("--method", "ties", "--density", "0.3", "--no-normalize", "--scale", "0.9"),
+        "ties",
+        {"normalize": False, "lambda": 0.9},
+        {"density": 0.3},
+        "base",
+    ),
+    Case(
+        "dare-linear (density 1)",
+        ("--method", "dare-linear", "--density", "1"),
+        "dare_linear",
+        {},
+        {"density": 1.0},
+        "base",
+    ),
+    Case(
+        "dare-ties (density 1)", ("--method", "dare-ties", "--density", "1"), "dare_ties", {}, {"density": 1.0}, "base"
+    ),
     Case("slerp t=0.3", ("--method", "slerp", "--t", "0.3"), "slerp", {"t": 0.3}, None, "ft1"),
     Case("model-stock", ("--method", "model-stock"), "model_stock", {}, None, "base"),
-    Case("model-stock filter-wise", ("--method", "model-stock", "--filter-wise"), "model_stock",
-         {"filter_wise": True}, None, "base"),
+    Case(
+        "model-stock filter-wise",
+        ("--method", "model-stock", "--filter-wise"),
+        "model_stock",
+        {"filter_wise": True},
+        None,
+        "base",
+    ),
 )
 
 
@@ -103,8 +126,10 @@ def make_family(root: Path, dtype: torch.dtype, shared: float = 0.02, own: float
     for index in (1, 2):
         folder = root / f"ft{index}"
         shutil.copytree(base, folder)
-        tuned = {name: (t.float() + common[name] + torch.randn(t.shape, generator=generator) * own).to(t.dtype)
-                 for name, t in weights.items()}
+        tuned = {
+            name: (t.float() + common[name] + torch.randn(t.shape, generator=generator) * own).to(t.dtype)
+            for name, t in weights.items()
+        }
         save_file(tuned, str(folder / "model.safetensors"), metadata={"format": "pt"})
         folders[f"ft{index}"] = folder
     return folders
@@ -126,13 +151,22 @@ def mergekit_config(case: Case, folders: dict[str, Path], dtype: str | None, out
     return "\n".join(lines) + "\n"
 
 
-def run_mergekit(mergekit: str, case: Case, folders: dict[str, Path], out: Path, dtype: str | None = None,
-                 out_dtype: str | None = None) -> Path:
+def run_mergekit(
+    mergekit: str,
+    case: Case,
+    folders: dict[str, Path],
+    out: Path,
+    dtype: str | None = None,
+    out_dtype: str | None = None,
+) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     config = out.with_suffix(".yaml")
     config.write_text(mergekit_config(case, folders, dtype, out_dtype), encoding="utf-8")
-    result = subprocess.run([mergekit, str(config), str(out), "--no-copy-tokenizer", "--no-write-model-card",
-                             "--quiet", "--device", "cpu"], capture_output=True, text=True)
+    result = subprocess.run(
+        [mergekit, str(config), str(out), "--no-copy-tokenizer", "--no-write-model-card", "--quiet", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+    )
     if result.returncode != 0:
         raise RuntimeError(f"mergekit-yaml failed on {case.label}:\n{result.stderr[-3000:]}")
     return out
@@ -141,9 +175,25 @@ def run_mergekit(mergekit: str, case: Case, folders: dict[str, Path], out: Path,
 def run_rotfuse(case: Case, folders: dict[str, Path], out: Path) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     base = ("--base", str(folders["base"])) if case.base == "base" else ()
-    result = subprocess.run([sys.executable, "-m", "rotfuse", "merge", str(folders["ft1"]), str(folders["ft2"]),
-                             *case.rotfuse_args(), *base, "-o", str(out), "-q", "--device", "cpu"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rotfuse",
+            "merge",
+            str(folders["ft1"]),
+            str(folders["ft2"]),
+            *case.rotfuse_args(),
+            *base,
+            "-o",
+            str(out),
+            "-q",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if result.returncode != 0:
         raise RuntimeError(f"rotfuse merge failed on {case.label}:\n{result.stderr[-3000:]}")
     return out
@@ -177,8 +227,9 @@ def compare(ours: Path, theirs: Path) -> Difference:
     for name, expected in reference.items():
         got = mine[name]
         if got.dtype != expected.dtype or got.shape != expected.shape:
-            raise AssertionError(f"{name}: {got.dtype} {list(got.shape)} vs mergekit's {expected.dtype} "
-                                 f"{list(expected.shape)}")
+            raise AssertionError(
+                f"{name}: {got.dtype} {list(got.shape)} vs mergekit's {expected.dtype} {list(expected.shape)}"
+            )
         dtype = str(expected.dtype).removeprefix("torch.")
         difference = (got.double() - expected.double()).abs()
         scale = float(expected.double().abs().max()) or 1.0
@@ -208,17 +259,27 @@ def run_all(root: Path, dtypes: list[str], mergekit: str, cases: tuple[Case, ...
             for label, dtype, out_dtype in runs:
                 target = root / f"{dtype_name}-{slug}-mk-{label.replace(' ', '_')}"
                 theirs = run_mergekit(mergekit, case, folders, target, dtype, out_dtype)
-                rows.append({"checkpoints": dtype_name, "method": case.label, "mergekit": label,
-                             **asdict(compare(ours, theirs))})
+                rows.append(
+                    {
+                        "checkpoints": dtype_name,
+                        "method": case.label,
+                        "mergekit": label,
+                        **asdict(compare(ours, theirs)),
+                    }
+                )
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| checkpoints | method | mergekit run | max abs diff | max rel diff | max diff in bf16 steps |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| checkpoints | method | mergekit run | max abs diff | max rel diff | max diff in bf16 steps |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for row in rows:
-        lines.append(f"| {row['checkpoints']} | {row['method']} | {row['mergekit']} | {row['max_abs']:.3g} | "
-                     f"{row['max_rel']:.3g} | {'-' if row['max_ulps'] is None else row['max_ulps']} |")
+        lines.append(
+            f"| {row['checkpoints']} | {row['method']} | {row['mergekit']} | {row['max_abs']:.3g} | "
+            f"{row['max_rel']:.3g} | {'-' if row['max_ulps'] is None else row['max_ulps']} |"
+        )
     return "\n".join(lines)
 
 
@@ -231,8 +292,9 @@ def main() -> None:
     args = parser.parse_args()
     mergekit = find_mergekit()
     if mergekit is None:
-        parser.exit(2, "compare_mergekit.py: mergekit-yaml not found (set MERGEKIT_YAML, or install mergekit "
-                       "in its own venv)\n")
+        parser.exit(
+            2, "compare_mergekit.py: mergekit-yaml not found (set MERGEKIT_YAML, or install mergekit in its own venv)\n"
+        )
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if set(dtypes) - set(DTYPES):
         parser.error(f"--dtypes: use {', '.join(DTYPES)}")

@@ -22,8 +22,15 @@ def build(folder: Path, samples: int = 64) -> list[Path]:
     from safetensors.torch import save_file
     from transformers import BertConfig, BertForSequenceClassification
 
-    config = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    config = BertConfig(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for name, seed in (("a", 0), ("b", 1)):

@@ -8,7 +8,8 @@ Two settings, several seed pairs each:
 
 For each pair and each symmetry subset (none, perm, rot, perm+rot, perm+rot+scale; then past the
 paper: + head permutation, + a residual-stream map from weights or from activations on A's
-training images) B is matched to A with `rotfuse.align.match.match`, then the path (1-l)*A + l*B is scored on held-out data with
+training images) B is matched to A with `rotfuse.align.match.match`, then the path (1-l)*A + l*B
+is scored on held-out data with
 `rotfuse.eval.interpolate`: l = 0.5 is the simple-averaged merge, the curve gives the loss barrier.
 Fisher and RegMean merges (`rotfuse.merge`) use statistics computed on each model's own training
 data with `rotfuse.merge.stats.collect`, on the matched B (statistics belong to the checkpoint being merged).
@@ -49,12 +50,18 @@ from rotfuse.symmetry.names import symmetry_set
 # (name in tables, --symmetries value, residual map from activations on A's training images)
 # The first five are the paper's symmetries; the last three go past it (issue 8): whole-head
 # permutation, then one map of the residual stream, found from weights or from activations.
-VARIANTS = [("none", "none", False), ("perm", "perm", False), ("rot", "rot", False), ("perm+rot", "perm,rot", False),
-            ("perm+rot+scale", "perm,rot,scale", False), ("+heads", "perm,heads,rot,scale", False),
-            ("+residual (weights)", "perm,heads,rot,scale,residual", False),
-            ("+residual (activations)", "perm,heads,rot,scale,residual", True),
-            ("+learned", "perm,heads,rot,scale,residual", True),
-            ("+learned (fixed l)", "perm,heads,rot,scale,residual", True)]
+VARIANTS = [
+    ("none", "none", False),
+    ("perm", "perm", False),
+    ("rot", "rot", False),
+    ("perm+rot", "perm,rot", False),
+    ("perm+rot+scale", "perm,rot,scale", False),
+    ("+heads", "perm,heads,rot,scale", False),
+    ("+residual (weights)", "perm,heads,rot,scale,residual", False),
+    ("+residual (activations)", "perm,heads,rot,scale,residual", True),
+    ("+learned", "perm,heads,rot,scale,residual", True),
+    ("+learned (fixed l)", "perm,heads,rot,scale,residual", True),
+]
 # learned matching (issue 16): from the activation-matched solution, the same maps optimised for the loss of
 # the average on A's training images (l uniform in [0.3, 0.7] per step, or fixed at 0.5); the test set only
 # scores the result. Settings per run: LEARN_STEPS steps of batch 64, Adam at 1e-2.
@@ -91,9 +98,24 @@ class Config:
 
 
 FULL = Config()
-QUICK = Config(hidden=24, layers=2, heads=4, intermediate=48, patch=4, epochs=4, pretrain_epochs=2,
-               finetune_epochs=3, train=300, test=100, seeds=(0,), steps=3, fisher_samples=4, regmean_samples=32,
-               activation_samples=64, learn_steps=20)
+QUICK = Config(
+    hidden=24,
+    layers=2,
+    heads=4,
+    intermediate=48,
+    patch=4,
+    epochs=4,
+    pretrain_epochs=2,
+    finetune_epochs=3,
+    train=300,
+    test=100,
+    seeds=(0,),
+    steps=3,
+    fisher_samples=4,
+    regmean_samples=32,
+    activation_samples=64,
+    learn_steps=20,
+)
 
 
 # ---------------------------------------------------------------------- data and training
@@ -118,26 +140,48 @@ def load_digits(config: Config, seed: int = 1234) -> Digits:
     images = torch.tensor(raw.images, dtype=torch.float32).unsqueeze(1) / 16.0
     images = (images - images.mean()) / images.std()
     order = torch.randperm(len(raw.target), generator=torch.Generator().manual_seed(seed))
-    return Digits(images, torch.tensor(raw.target), order[:config.train], order[config.train:config.train + config.test])
+    return Digits(
+        images, torch.tensor(raw.target), order[: config.train], order[config.train : config.train + config.test]
+    )
 
 
 def vit_config(config: Config) -> Any:
     from transformers import ViTConfig
 
-    return ViTConfig(image_size=8, patch_size=config.patch, num_channels=1, hidden_size=config.hidden,
-                     num_hidden_layers=config.layers, num_attention_heads=config.heads,
-                     intermediate_size=config.intermediate, num_labels=10,
-                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return ViTConfig(
+        image_size=8,
+        patch_size=config.patch,
+        num_channels=1,
+        hidden_size=config.hidden,
+        num_hidden_layers=config.layers,
+        num_attention_heads=config.heads,
+        intermediate_size=config.intermediate,
+        num_labels=10,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
 
 
-def train(config: Config, digits: Digits, indices: torch.Tensor, folder: Path, init_seed: int, order_seed: int,
-          epochs: int, lr: float, start: Path | None = None) -> Path:
+def train(
+    config: Config,
+    digits: Digits,
+    indices: torch.Tensor,
+    folder: Path,
+    init_seed: int,
+    order_seed: int,
+    epochs: int,
+    lr: float,
+    start: Path | None = None,
+) -> Path:
     """Train a ViT (from `start`, or from scratch with `init_seed`) and save it as a checkpoint folder."""
     from transformers import ViTForImageClassification
 
     torch.manual_seed(init_seed)
-    model = (ViTForImageClassification.from_pretrained(str(start), local_files_only=True) if start
-             else ViTForImageClassification(vit_config(config)))
+    model = (
+        ViTForImageClassification.from_pretrained(str(start), local_files_only=True)
+        if start
+        else ViTForImageClassification(vit_config(config))
+    )
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     per_epoch = math.ceil(len(indices) / config.batch)
@@ -146,7 +190,7 @@ def train(config: Config, digits: Digits, indices: torch.Tensor, folder: Path, i
     for _ in range(epochs):
         shuffled = indices[torch.randperm(len(indices), generator=order)]
         for first in range(0, len(shuffled), config.batch):
-            batch = shuffled[first:first + config.batch]
+            batch = shuffled[first : first + config.batch]
             loss = model(pixel_values=digits.images[batch], labels=digits.labels[batch]).loss
             optimizer.zero_grad()
             loss.backward()
@@ -170,15 +214,32 @@ def train_pair(config: Config, digits: Digits, setting: str, seed: int, work: Pa
         starts: list[Path | None] = [None, None]
         init_seeds, epochs, lr = [2 * seed, 2 * seed + 1], config.epochs, config.lr
     else:
-        base = train(config, digits, digits.train, work / "pretrained", 1000 + seed, 1000 + seed,
-                     config.pretrain_epochs, config.lr)
+        base = train(
+            config,
+            digits,
+            digits.train,
+            work / "pretrained",
+            1000 + seed,
+            1000 + seed,
+            config.pretrain_epochs,
+            config.lr,
+        )
         halves = digits.train[torch.randperm(len(digits.train), generator=torch.Generator().manual_seed(seed))]
-        parts = [halves[:len(halves) // 2], halves[len(halves) // 2:]]
+        parts = [halves[: len(halves) // 2], halves[len(halves) // 2 :]]
         starts, init_seeds, epochs, lr = [base, base], [0, 0], config.finetune_epochs, config.finetune_lr
     ends = []
     for number, name in enumerate("ab"):
-        folder = train(config, digits, parts[number], work / name, init_seeds[number], 2 * seed + number, epochs, lr,
-                       starts[number])
+        folder = train(
+            config,
+            digits,
+            parts[number],
+            work / name,
+            init_seeds[number],
+            2 * seed + number,
+            epochs,
+            lr,
+            starts[number],
+        )
         save_file(digits.inputs(parts[number]), str(work / f"data-{name}.safetensors"))
         ends.append(EndModel(folder, work / f"data-{name}.safetensors"))
     return ends[0], ends[1]
@@ -210,7 +271,9 @@ class Row:
     learned: dict[str, Any] | None = field(default=None, repr=False)
 
 
-def stats_merges(config: Config, a: EndModel, b: EndModel, work: Path, test: dict[str, torch.Tensor]) -> dict[str, float]:
+def stats_merges(
+    config: Config, a: EndModel, b: EndModel, work: Path, test: dict[str, torch.Tensor]
+) -> dict[str, float]:
     """Fisher and RegMean merges of A and (matched) B, scored on the test set."""
     scores: dict[str, float] = {}
     samples = {"fisher": config.fisher_samples, "regmean": config.regmean_samples}
@@ -235,8 +298,9 @@ def folded_distance(a: Path, b: Path) -> float:
     between a norm and its readers -- the space the residual search works in, and the same for
     every variant (the copies with a residual map take the anchor's gains, the others keep B's)."""
     mine, theirs = folded_view(b), folded_view(a)
-    return math.sqrt(sum(float((mine.read(n).double() - theirs.read(n).double()).pow(2).sum())
-                         for n in mine.checkpoint.names()))
+    return math.sqrt(
+        sum(float((mine.read(n).double() - theirs.read(n).double()).pow(2).sum()) for n in mine.checkpoint.names())
+    )
 
 
 def run_pair(config: Config, digits: Digits, setting: str, seed: int, work: Path) -> list[Row]:
@@ -250,21 +314,41 @@ def run_pair(config: Config, digits: Digits, setting: str, seed: int, work: Path
             continue
         matched = EndModel(work / f"b-{name.replace(' ', '_').replace('(', '').replace(')', '')}", b.data)
         learn = name.startswith("+learned")
-        options = MatchOptions(symmetries=symmetry_set(symmetries), device="cpu",
-                               data=a.data if activations else None, data_samples=config.activation_samples,
-                               learn=learn, eval_data=work / "test.safetensors" if learn else None,
-                               learn_steps=config.learn_steps, data_batch_size=64 if learn else 16,
-                               lambda_schedule="fixed" if "fixed" in name else "uniform", seed=seed)
+        options = MatchOptions(
+            symmetries=symmetry_set(symmetries),
+            device="cpu",
+            data=a.data if activations else None,
+            data_samples=config.activation_samples,
+            learn=learn,
+            eval_data=work / "test.safetensors" if learn else None,
+            learn_steps=config.learn_steps,
+            data_batch_size=64 if learn else 16,
+            lambda_schedule="fixed" if "fixed" in name else "uniform",
+            seed=seed,
+        )
         report = match(a.folder, b.folder, matched.folder, options)
         same = verify(b.folder, matched.folder, VerifyOptions(data=b.data, batch_size=256))
         curve = interpolate(a.folder, matched.folder, test, settings, label=name)
         middle = curve.at(0.5)
         accs = curve.accuracies or []
-        rows.append(Row(setting, seed, name, folded_distance(a.folder, matched.folder), same["max_abs_diff"],
-                        accs[0], accs[-1],
-                        float(middle["accuracy"] or 0.0), float(middle["loss"] or 0.0), curve.barrier,
-                        curve=curve, **stats_merges(config, a, matched, work, test),
-                        learn_seconds=report.get("learned", {}).get("seconds", 0.0), learned=report.get("learned")))
+        rows.append(
+            Row(
+                setting,
+                seed,
+                name,
+                folded_distance(a.folder, matched.folder),
+                same["max_abs_diff"],
+                accs[0],
+                accs[-1],
+                float(middle["accuracy"] or 0.0),
+                float(middle["loss"] or 0.0),
+                curve.barrier,
+                curve=curve,
+                **stats_merges(config, a, matched, work, test),
+                learn_seconds=report.get("learned", {}).get("seconds", 0.0),
+                learned=report.get("learned"),
+            )
+        )
     return rows
 
 
@@ -302,8 +386,9 @@ def summarize(rows: list[Row]) -> dict[str, dict[str, dict[str, Any]]]:
                 "regmean_loss": [r.regmean_loss for r in chosen],
                 "learn_seconds": [r.learn_seconds for r in chosen],
             }
-            summary[setting][variant] = {key: dict(zip(("mean", "std"), mean_std(vals)), values=vals)
-                                         for key, vals in columns.items()}
+            summary[setting][variant] = {
+                key: dict(zip(("mean", "std"), mean_std(vals)), values=vals) for key, vals in columns.items()
+            }
     return summary
 
 
@@ -316,8 +401,16 @@ def mean_curves(rows: list[Row], setting: str) -> list[Curve]:
         losses = [mean_std(list(x)) for x in zip(*(r.curve.losses for r in chosen))]
         accs = [mean_std(list(x)) for x in zip(*(r.curve.accuracies or [] for r in chosen))]
         label = f"{variant} (barrier {fmt([r.barrier for r in chosen], 2)})"
-        curves.append(Curve(label, chosen[0].curve.lambdas, [m for m, _ in losses], [m for m, _ in accs],
-                            loss_spread=[s for _, s in losses], accuracy_spread=[s for _, s in accs]))
+        curves.append(
+            Curve(
+                label,
+                chosen[0].curve.lambdas,
+                [m for m, _ in losses],
+                [m for m, _ in accs],
+                loss_spread=[s for _, s in losses],
+                accuracy_spread=[s for _, s in accs],
+            )
+        )
     return curves
 
 
@@ -342,8 +435,7 @@ def markdown(config: Config, rows: list[Row], summary: dict[str, Any], command: 
         "- function change: largest `|logits(B_matched) - logits(B)|` on B's training images (`rotfuse verify`); "
         "matching must leave B's function unchanged",
         "- simple: the plain average `(A + B_matched) / 2`, i.e. l = 0.5 on the interpolation path",
-        "- barrier: `max_l L(l) - ((1-l) L(A) + l L(B))` of the test cross-entropy, "
-        f"{config.steps}-point grid",
+        f"- barrier: `max_l L(l) - ((1-l) L(A) + l L(B))` of the test cross-entropy, {config.steps}-point grid",
         f"- Fisher: diagonal Fisher from {config.fisher_samples} training examples per model (labels sampled from "
         f"the model); RegMean: input Gram matrices from {config.regmean_samples} training examples, alpha 0.9 -- "
         "both computed on the matched B",
@@ -351,27 +443,46 @@ def markdown(config: Config, rows: list[Row], summary: dict[str, Any], command: 
     ]
     for setting, variants in summary.items():
         endpoint = variants["none"]["endpoint_acc"]
-        lines += [f"## {TITLES[setting]}", "",
-                  f"End models' test accuracy: {fmt(endpoint['values'])}. Plot: [barrier_{setting}.png](barrier_{setting}.png)", "",
-                  "| matching | distance | relative distance | function change | simple: accuracy | simple: loss | loss barrier "
-                  "| learning s |",
-                  "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {variant} | {fmt(cell['distance']['values'], 2)} | {fmt(cell['relative_distance']['values'])} | "
-                  f"{max(cell['function_change']['values']):.1e} | "
-                  f"{fmt(cell['merged_acc']['values'])} | {fmt(cell['merged_loss']['values'])} | "
-                  f"{fmt(cell['barrier']['values'])} | {fmt(cell['learn_seconds']['values'], 0)} |"
-                  for variant, cell in variants.items()]
-        lines += ["", "| matching | Fisher: accuracy | Fisher: loss | RegMean: accuracy | RegMean: loss |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {variant} | {fmt(cell['fisher_acc']['values'])} | {fmt(cell['fisher_loss']['values'])} | "
-                  f"{fmt(cell['regmean_acc']['values'])} | {fmt(cell['regmean_loss']['values'])} |"
-                  for variant, cell in variants.items()]
+        lines += [
+            f"## {TITLES[setting]}",
+            "",
+            f"End models' test accuracy: {fmt(endpoint['values'])}. "
+            f"Plot: [barrier_{setting}.png](barrier_{setting}.png)",
+            "",
+            "| matching | distance | relative distance | function change | simple: accuracy | simple: loss "
+            "| loss barrier "
+            "| learning s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {variant} | {fmt(cell['distance']['values'], 2)} | {fmt(cell['relative_distance']['values'])} | "
+            f"{max(cell['function_change']['values']):.1e} | "
+            f"{fmt(cell['merged_acc']['values'])} | {fmt(cell['merged_loss']['values'])} | "
+            f"{fmt(cell['barrier']['values'])} | {fmt(cell['learn_seconds']['values'], 0)} |"
+            for variant, cell in variants.items()
+        ]
+        lines += [
+            "",
+            "| matching | Fisher: accuracy | Fisher: loss | RegMean: accuracy | RegMean: loss |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {variant} | {fmt(cell['fisher_acc']['values'])} | {fmt(cell['fisher_loss']['values'])} | "
+            f"{fmt(cell['regmean_acc']['values'])} | {fmt(cell['regmean_loss']['values'])} |"
+            for variant, cell in variants.items()
+        ]
         lines.append("")
-    lines += ["## Per seed pair", "",
-              "| setting | seed | matching | distance | acc A | acc B | simple acc | barrier | Fisher acc | RegMean acc |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r.setting} | {r.seed} | {r.variant} | {r.distance:.2f} | {r.acc_a:.3f} | {r.acc_b:.3f} | "
-              f"{r.merged_acc:.3f} | {r.barrier:.3f} | {r.fisher_acc:.3f} | {r.regmean_acc:.3f} |" for r in rows]
+    lines += [
+        "## Per seed pair",
+        "",
+        "| setting | seed | matching | distance | acc A | acc B | simple acc | barrier | Fisher acc | RegMean acc |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r.setting} | {r.seed} | {r.variant} | {r.distance:.2f} | {r.acc_a:.3f} | {r.acc_b:.3f} | "
+        f"{r.merged_acc:.3f} | {r.barrier:.3f} | {r.fisher_acc:.3f} | {r.regmean_acc:.3f} |"
+        for r in rows
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -394,17 +505,27 @@ def run(config: Config, out: Path, command: str, work_root: Path | None = None, 
                 work.mkdir()
                 pair = run_pair(config, digits, setting, seed, work)
                 rows += pair
-                log(f"{setting} seed {seed}: " + ", ".join(f"{r.variant} dist {r.distance:.1f} merged {r.merged_acc:.3f}"
-                                                           for r in pair) + f" ({time.perf_counter() - started:.0f}s)")
+                log(
+                    f"{setting} seed {seed}: "
+                    + ", ".join(f"{r.variant} dist {r.distance:.1f} merged {r.merged_acc:.3f}" for r in pair)
+                    + f" ({time.perf_counter() - started:.0f}s)"
+                )
     summary = summarize(rows)
     out.mkdir(parents=True, exist_ok=True)
     for setting in summary:
-        plot_curves(mean_curves(rows, setting), out / f"barrier_{setting}.png",
-                    f"{TITLES[setting]}\nmean ± std over {len(config.seeds)} seed pair(s), held-out test set",
-                    barrier_in_legend=False)
+        plot_curves(
+            mean_curves(rows, setting),
+            out / f"barrier_{setting}.png",
+            f"{TITLES[setting]}\nmean ± std over {len(config.seeds)} seed pair(s), held-out test set",
+            barrier_in_legend=False,
+        )
     (out / "results.md").write_text(markdown(config, rows, summary, command), encoding="utf-8")
-    result = {"command": command, "config": asdict(config), "summary": summary,
-              "runs": [{**{k: v for k, v in asdict(r).items() if k != "curve"}, "curve": r.curve.as_dict()} for r in rows]}
+    result = {
+        "command": command,
+        "config": asdict(config),
+        "summary": summary,
+        "runs": [{**{k: v for k, v in asdict(r).items() if k != "curve"}, "curve": r.curve.as_dict()} for r in rows],
+    }
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
 
@@ -431,7 +552,9 @@ def main(argv: list[str] | None = None) -> int:
     command = "python scripts/experiment_digits.py " + " ".join(argv if argv is not None else sys.argv[1:])
     started = time.perf_counter()
     run(config, args.out, command.strip(), args.work, log=lambda line: print(line, file=sys.stderr))
-    print(f"wrote {args.out}/results.md, results.json and plots in {time.perf_counter() - started:.0f}s", file=sys.stderr)
+    print(
+        f"wrote {args.out}/results.md, results.json and plots in {time.perf_counter() - started:.0f}s", file=sys.stderr
+    )
     return 0
 
 

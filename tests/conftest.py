@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers.cli import run_cli  # noqa: E402 - needs the path above
+from helpers.cli import run_cli
 
 
 @pytest.fixture(scope="session")

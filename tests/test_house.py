@@ -63,7 +63,7 @@ def test_no_module_imports_itself_back() -> None:
             if target not in graph:
                 continue
             if state.get(target) == 1:
-                cycle = [*path[path.index(target):], target] if target in path else [module, target]
+                cycle = [*path[path.index(target) :], target] if target in path else [module, target]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if target not in state:
                 visit(target, [*path, target])

@@ -46,9 +46,11 @@ class _Expressing:
         return getattr(self._writer, attribute)
 
 
-def _open_writer(folder: Path, plans: list[ShardPlan], template: OpenedModel, fsync: bool, allow_nonfinite: bool,
-                 group: Group | None) -> CheckpointWriter:
+def _open_writer(
+    folder: Path, plans: list[ShardPlan], template: OpenedModel, fsync: bool, allow_nonfinite: bool, group: Group | None
+) -> CheckpointWriter:
     """The writer; in a distributed job rank 0 creates the files, then the other ranks open them."""
+
     def open_here(create: bool) -> CheckpointWriter:
         return CheckpointWriter(folder, plans, template.checkpoint, fsync, allow_nonfinite, create)
 
@@ -59,12 +61,24 @@ def _open_writer(folder: Path, plans: list[ShardPlan], template: OpenedModel, fs
     return created or joined  # type: ignore[return-value]
 
 
-def write_copy(model: OpenedModel, folder: Path, layers: list[LayerId], device: str, workers: int,
-                transform: Any, side: StreamSide, stream: Stream, progress: Progress | None,
-                anchor: OpenedModel | None = None, anchor_side: StreamSide | None = None,
-                unmoved: StreamSide | None = None, stored_ffn: bool = False,
-                fsync: bool = True, allow_nonfinite: bool = False,
-                ffn_perm: bool = False) -> tuple[list[Any], Distance, list[str]]:
+def write_copy(
+    model: OpenedModel,
+    folder: Path,
+    layers: list[LayerId],
+    device: str,
+    workers: int,
+    transform: Any,
+    side: StreamSide,
+    stream: Stream,
+    progress: Progress | None,
+    anchor: OpenedModel | None = None,
+    anchor_side: StreamSide | None = None,
+    unmoved: StreamSide | None = None,
+    stored_ffn: bool = False,
+    fsync: bool = True,
+    allow_nonfinite: bool = False,
+    ffn_perm: bool = False,
+) -> tuple[list[Any], Distance, list[str]]:
     """Write MODEL into `folder`: layers through `transform` (read through `side.view`, FFN
     tensors in their stored dtype with `stored_ffn`), every other tensor moved with the stream or
     copied byte for byte. With an anchor, also returns the distance over the tensors outside the
@@ -109,9 +123,19 @@ def write_copy(model: OpenedModel, folder: Path, layers: list[LayerId], device: 
     def write_all() -> list[Any]:
         if main:
             stream.timed("copy", lambda: writer.copy_unwritten(fixed))  # first: their shards are flushed early
-        rows = transform_layers(model, writer, mine, device, transform, stream, progress, workers,
-                                view=side.layer_view, stored_ffn=stored_ffn,
-                                alongside=measure_fixed if against and main else None)
+        rows = transform_layers(
+            model,
+            writer,
+            mine,
+            device,
+            transform,
+            stream,
+            progress,
+            workers,
+            view=side.layer_view,
+            stored_ffn=stored_ffn,
+            alongside=measure_fixed if against and main else None,
+        )
         for name in moving if main else ():
             raw = stream.timed("read", partial(model.checkpoint.get, name))
             moved = side.view(name, raw)
@@ -134,8 +158,14 @@ def write_copy(model: OpenedModel, folder: Path, layers: list[LayerId], device: 
         rows = in_layer_order(group, layers, mine, rows)
         outside = group.broadcast(outside)
         merge_timings(group, stream.timings)
-        return rows, outside, group.agree("side files", lambda: _side_files(model, side, folder) if main
-                                          else list(side_files(model.checkpoint).skipped))
+        return (
+            rows,
+            outside,
+            group.agree(
+                "side files",
+                lambda: _side_files(model, side, folder) if main else list(side_files(model.checkpoint).skipped),
+            ),
+        )
     return rows, outside, _side_files(model, side, folder)
 
 

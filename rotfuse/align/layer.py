@@ -77,7 +77,9 @@ class ModuleResult:
         return 0.0 if self.before == 0 else 1.0 - self.after / self.before
 
 
-def match_layer(src: LayerWeights, anchor: LayerWeights, settings: LayerSettings) -> tuple[LayerWeights, list[ModuleResult]]:
+def match_layer(
+    src: LayerWeights, anchor: LayerWeights, settings: LayerSettings
+) -> tuple[LayerWeights, list[ModuleResult]]:
     attention, results = _match_attention(src.attention, anchor.attention, settings)
     ffn = None
     if src.ffn is not None and anchor.ffn is not None:  # None: attention only, or experts without a shared one
@@ -90,7 +92,9 @@ def match_layer(src: LayerWeights, anchor: LayerWeights, settings: LayerSettings
     return LayerWeights(attention, ffn, experts), results
 
 
-def _match_attention(src: Attention, anchor: Attention, settings: LayerSettings) -> tuple[Attention, list[ModuleResult]]:
+def _match_attention(
+    src: Attention, anchor: Attention, settings: LayerSettings
+) -> tuple[Attention, list[ModuleResult]]:
     """Head permutation (when on), then per-group rotation and scale of the QK and VO circuits.
 
     The permutation is kept only if neither circuit ends up farther from the anchor than it
@@ -99,30 +103,42 @@ def _match_attention(src: Attention, anchor: Attention, settings: LayerSettings)
     circuits = {key: (pack(src), pack(anchor)) for key, (pack, _) in CIRCUITS.items()}
     before = {key: circuit_sq_distance(s, a) for key, (s, a) in circuits.items()}
     if settings.may_be_nonfinite and not _finite(*(t for pair in circuits.values() for c in pair for t in c.tensors())):
-        return src, [ModuleResult(f"attn.{key}", math.sqrt(d), math.sqrt(d), skipped=NONFINITE) for key, d in before.items()]
+        return src, [
+            ModuleResult(f"attn.{key}", math.sqrt(d), math.sqrt(d), skipped=NONFINITE) for key, d in before.items()
+        ]
 
     def rotary(key: str) -> int:
         return settings.rotary_dim if key == "qk" else 0
 
     perm = None
     if "heads.perm" in settings.symmetries and src.num_kv_heads > 1:
-        scores = sum(pair_scores(s, a, f"{key}.rot" in settings.symmetries, rotary(key))
-                     for key, (s, a) in circuits.items())
+        scores = sum(
+            pair_scores(s, a, f"{key}.rot" in settings.symmetries, rotary(key)) for key, (s, a) in circuits.items()
+        )
         perm = best_assignment(scores)  # type: ignore[arg-type]
         if torch.equal(perm, torch.arange(len(perm))):
             perm = None
 
-    for candidate in ([perm, None] if perm is not None else [None]):
+    for candidate in [perm, None] if perm is not None else [None]:
         moved: dict[str, Circuit] = {}
         results: list[ModuleResult] = []
         for key, (s, a) in circuits.items():
             rotate, scale = f"{key}.rot" in settings.symmetries, f"{key}.scale" in settings.symmetries
             start = s if candidate is None else permute_groups(s, candidate)
-            solution = solve_circuit(start, a, rotate, scale, rotary_dim=rotary(key),
-                                     tie_groups=settings.tie_qk_groups and key == "qk", max_rounds=settings.max_rounds)
+            solution = solve_circuit(
+                start,
+                a,
+                rotate,
+                scale,
+                rotary_dim=rotary(key),
+                tie_groups=settings.tie_qk_groups and key == "qk",
+                max_rounds=settings.max_rounds,
+            )
             moved[key] = solution.transform.apply(start)
             after = circuit_sq_distance(moved[key], a)
-            applied = (["heads"] if candidate is not None else []) + [n for n, on in (("rot", rotate), ("scale", scale)) if on]
+            applied = (["heads"] if candidate is not None else []) + [
+                n for n, on in (("rot", rotate), ("scale", scale)) if on
+            ]
             result = ModuleResult(f"attn.{key}", math.sqrt(before[key]), math.sqrt(after), applied, solution.rounds)
             if candidate is not None:
                 result.extra["head_permutation"] = candidate.tolist()
@@ -220,7 +236,8 @@ def scramble_layer(src: LayerWeights, settings: LayerSettings, generator: torch.
         count = 1 if tied else groups
         transform = CircuitTransform(
             random_rotation(count, dh, rotary_dim, generator).expand(groups, dh, dh)
-            if f"{key}.rot" in settings.symmetries else None,
+            if f"{key}.rot" in settings.symmetries
+            else None,
             random_scale(count, generator).expand(groups) if f"{key}.scale" in settings.symmetries else None,
         )
         circuit = pack(attention) if head_perm is None else permute_groups(pack(attention), head_perm)

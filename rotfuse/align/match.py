@@ -58,32 +58,57 @@ def _match_into(plan: MatchPlan, folder: Path, progress: Progress | None) -> dic
     stored_ffn = plan.residual is None
 
     def transform(layer: LayerId, weights: LayerWeights) -> tuple[LayerWeights, dict[str, Any]]:
-        ref = stream.timed("read", lambda: read_layer(anchor.checkpoint, anchor.bound, layer, device,
-                                                      anchor_side.layer_view, stored_ffn))
+        ref = stream.timed(
+            "read",
+            lambda: read_layer(anchor.checkpoint, anchor.bound, layer, device, anchor_side.layer_view, stored_ffn),
+        )
         settings = layer_settings(model.bound, layer, options.symmetries, options.max_rounds, options.allow_nonfinite)
         new, results = stream.timed("solve", lambda: match_layer(weights, ref, settings))
         modules = {}
         for result in results:
             modules[result.module] = {
-                "before": result.before, "after": result.after, "reduction": result.reduction,
-                "applied": result.applied, "rounds": result.rounds, "reverted": result.reverted,
-                **({"skipped": result.skipped} if result.skipped else {}), **result.extra,
+                "before": result.before,
+                "after": result.after,
+                "reduction": result.reduction,
+                "applied": result.applied,
+                "rounds": result.rounds,
+                "reverted": result.reverted,
+                **({"skipped": result.skipped} if result.skipped else {}),
+                **result.extra,
             }
         return new, {"layer": str(layer), "modules": modules}
 
     folder.mkdir(parents=True, exist_ok=True)
     rows, outside, skipped = write_copy(
-        model, folder, plan.layers, device, options.workers, transform, side, stream, progress,
-        anchor, anchor_side, unmoved, stored_ffn, options.fsync, options.allow_nonfinite,
-        FFN_PERM in options.symmetries)
-    matched = Distance(tensors=sum(1 for layer in plan.layers
-                                   for _ in layer_tensor_names(model.bound, layer, model.checkpoint)))
+        model,
+        folder,
+        plan.layers,
+        device,
+        options.workers,
+        transform,
+        side,
+        stream,
+        progress,
+        anchor,
+        anchor_side,
+        unmoved,
+        stored_ffn,
+        options.fsync,
+        options.allow_nonfinite,
+        FFN_PERM in options.symmetries,
+    )
+    matched = Distance(
+        tensors=sum(1 for layer in plan.layers for _ in layer_tensor_names(model.bound, layer, model.checkpoint))
+    )
     for row in rows:
         for module in row["modules"].values():
             matched.add(module["before"] ** 2, module["after"] ** 2, 0)
     whole = Distance(matched.before + outside.before, matched.after + outside.after, matched.tensors + outside.tensors)
     report: dict[str, Any] = {
-        "tool": "rotfuse", "version": __version__, "schema": SCHEMA_VERSION, "command": "match",
+        "tool": "rotfuse",
+        "version": __version__,
+        "schema": SCHEMA_VERSION,
+        "command": "match",
         "anchor": {"path": str(anchor.folder), "fingerprint": anchor.checkpoint.fingerprint()},
         "model": {"path": str(model.folder), "fingerprint": model.checkpoint.fingerprint()},
         "output": {"path": str(plan.out), "fingerprint": Checkpoint.open(folder, True).fingerprint()},
@@ -96,12 +121,14 @@ def _match_into(plan: MatchPlan, folder: Path, progress: Progress | None) -> dic
     }
     if residual_report is not None:
         report["residual"] = residual_report
-    report.update({
-        "layers": rows,
-        "totals": {"matched": matched.as_dict(), "model": whole.as_dict()},
-        "unpaired_tensors": plan.unpaired,
-        "not_copied": skipped,
-    })
+    report.update(
+        {
+            "layers": rows,
+            "totals": {"matched": matched.as_dict(), "model": whole.as_dict()},
+            "unpaired_tensors": plan.unpaired,
+            "not_copied": skipped,
+        }
+    )
     stream.timings.add("total", time.perf_counter() - started)
     report["timings"] = stream.timings.as_dict()
     return report
@@ -110,15 +137,23 @@ def _match_into(plan: MatchPlan, folder: Path, progress: Progress | None) -> dic
 def settings_fingerprint(options: MatchOptions) -> str:
     """A hash of every setting that changes what `match` writes (not where or how fast): a
     finished output is reused by --skip-existing only if it was made with the same ones."""
+
     def content(path: Path | None) -> str | None:
         return None if path is None else hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
     settings = {
-        "symmetries": sorted(options.symmetries), "layers": str(options.layers), "max_rounds": options.max_rounds,
-        "arch": options.arch, "arch_spec": content(options.arch_spec), "allow_nonfinite": options.allow_nonfinite,
-        "data": content(options.data), "residual_rounds": options.residual_rounds,
-        "data_samples": options.data_samples, "data_batch_size": options.data_batch_size,
-        "allow_untie": options.allow_untie, "allow_stream_output": options.allow_stream_output,
+        "symmetries": sorted(options.symmetries),
+        "layers": str(options.layers),
+        "max_rounds": options.max_rounds,
+        "arch": options.arch,
+        "arch_spec": content(options.arch_spec),
+        "allow_nonfinite": options.allow_nonfinite,
+        "data": content(options.data),
+        "residual_rounds": options.residual_rounds,
+        "data_samples": options.data_samples,
+        "data_batch_size": options.data_batch_size,
+        "allow_untie": options.allow_untie,
+        "allow_stream_output": options.allow_stream_output,
     }
     return hashlib.sha256(dumps_strict(settings).encode()).hexdigest()
 
@@ -134,11 +169,13 @@ def finished_report(plan: MatchPlan, folder: Path, report_path: Path | None = No
         return None
     try:
         report = read_json(where, "report")
-        same = (isinstance(report, dict)
-                and report.get("anchor", {}).get("fingerprint") == plan.anchor.checkpoint.fingerprint()
-                and report.get("model", {}).get("fingerprint") == plan.model.checkpoint.fingerprint()
-                and report.get("settings_fingerprint") == settings_fingerprint(plan.options)
-                and report.get("output", {}).get("fingerprint") == Checkpoint.open(folder, True).fingerprint())
+        same = (
+            isinstance(report, dict)
+            and report.get("anchor", {}).get("fingerprint") == plan.anchor.checkpoint.fingerprint()
+            and report.get("model", {}).get("fingerprint") == plan.model.checkpoint.fingerprint()
+            and report.get("settings_fingerprint") == settings_fingerprint(plan.options)
+            and report.get("output", {}).get("fingerprint") == Checkpoint.open(folder, True).fingerprint()
+        )
     except (RotfuseError, OSError, AttributeError):
         return None
     return report if same else None
@@ -171,16 +208,25 @@ def match(
     return report
 
 
-def _learn_into(plan: MatchPlan, folder: Path, progress: Progress | None,
-                log: Callable[[str], None] | None) -> dict[str, Any]:
+def _learn_into(
+    plan: MatchPlan, folder: Path, progress: Progress | None, log: Callable[[str], None] | None
+) -> dict[str, Any]:
     """Match into a scratch folder, then refine that copy by learned matching into `folder`."""
     from rotfuse.align.learned.loop import LearnSettings, learn_into
     from rotfuse.io.staging import temporary_folder
 
     options = plan.options
     assert options.data is not None
-    settings = LearnSettings(options.data, options.eval_data, options.learn_steps, options.learn_rate,
-                             options.lambda_schedule, options.seed, options.data_batch_size, device=plan.device)
+    settings = LearnSettings(
+        options.data,
+        options.eval_data,
+        options.learn_steps,
+        options.learn_rate,
+        options.lambda_schedule,
+        options.seed,
+        options.data_batch_size,
+        device=plan.device,
+    )
     with temporary_folder("matched", folder.parent) as tmp:
         matched = Path(tmp) / "matched"
         report = _match_into(plan, matched, progress)
@@ -247,16 +293,25 @@ def match_many(
     names = output_names(model_paths)  # from the full list: every shard names a model alike
     chosen = list(range(len(model_paths)))
     if batch.shard is not None:
-        chosen = chosen[batch.shard[0]::batch.shard[1]]
-    plans = [prepare_match(anchor_path, model_paths[i], Path(out) / names[i], options, check_output=False)
-             for i in chosen]
+        chosen = chosen[batch.shard[0] :: batch.shard[1]]
+    plans = [
+        prepare_match(anchor_path, model_paths[i], Path(out) / names[i], options, check_output=False) for i in chosen
+    ]
     container = batch.overwrite or batch.skip_existing or batch.shard is not None  # OUT may exist already
-    check_outputs([Target(out, "-o", report=None if report_path else batch.report_name(), holds=tuple(names)),
-                   Target(report_path, "--report", folder=False, what="report") if report_path else None],
-                  match_inputs(anchor_path, model_paths, options), container)
+    check_outputs(
+        [
+            Target(out, "-o", report=None if report_path else batch.report_name(), holds=tuple(names)),
+            Target(report_path, "--report", folder=False, what="report") if report_path else None,
+        ],
+        match_inputs(anchor_path, model_paths, options),
+        container,
+    )
     for plan in plans:
-        check_outputs([Target(plan.out, "-o", report=REPORT_NAME, holds=output_file_names(plan.model.checkpoint))],
-                      match_inputs(anchor_path, model_paths, options), batch.overwrite or batch.skip_existing)
+        check_outputs(
+            [Target(plan.out, "-o", report=REPORT_NAME, holds=output_file_names(plan.model.checkpoint))],
+            match_inputs(anchor_path, model_paths, options),
+            batch.overwrite or batch.skip_existing,
+        )
     Path(out).mkdir(parents=True, exist_ok=True)
     reports = []
     for number, plan in enumerate(plans):
@@ -269,8 +324,15 @@ def match_many(
             reports.append(_match_into(plan, staged.path, progress))
             _commit_with_report(staged, reports[-1], None)
         signals.output_finished(plan.out)
-    report = {"tool": "rotfuse", "version": __version__, "schema": SCHEMA_VERSION, "command": "match",
-              "anchor": {"path": str(anchor_path)}, "outputs": {p.out.name: str(p.out) for p in plans},
-              "shard": list(batch.shard) if batch.shard else None, "models": reports}
+    report = {
+        "tool": "rotfuse",
+        "version": __version__,
+        "schema": SCHEMA_VERSION,
+        "command": "match",
+        "anchor": {"path": str(anchor_path)},
+        "outputs": {p.out.name: str(p.out) for p in plans},
+        "shard": list(batch.shard) if batch.shard else None,
+        "models": reports,
+    }
     write_json(report_path or Path(out) / batch.report_name(), report, output=True)
     return report

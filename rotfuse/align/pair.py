@@ -27,8 +27,9 @@ class OpenedModel:
         return self.checkpoint.folder
 
 
-def open_model(path: Path, arch: str | None = None, arch_spec: Path | None = None,
-               allow_nonfinite: bool = False) -> OpenedModel:
+def open_model(
+    path: Path, arch: str | None = None, arch_spec: Path | None = None, allow_nonfinite: bool = False
+) -> OpenedModel:
     checkpoint = Checkpoint.open(path, allow_nonfinite=allow_nonfinite)
     where = str(Path(path) / "config.json")
     spec = select_spec(checkpoint.config, arch, arch_spec, where=where)
@@ -45,13 +46,11 @@ def folded_view(path: Path) -> StreamSide:
     return StreamSide.unmoved(model.checkpoint, residual_plans(model.bound, model.checkpoint))
 
 
-
-
 def counterpart(name: str, model: OpenedModel, anchor: OpenedModel) -> str:
     """The anchor's name for a model tensor (their key prefixes may differ, e.g. bert. vs none)."""
     prefix = model.bound.prefix
     if prefix and name.startswith(prefix):
-        return anchor.bound.prefix + name[len(prefix):]
+        return anchor.bound.prefix + name[len(prefix) :]
     if not prefix and anchor.bound.prefix and not name.startswith(anchor.bound.prefix):
         candidate = anchor.bound.prefix + name
         if candidate in anchor.checkpoint:
@@ -73,8 +72,10 @@ def check_compatible(anchor: OpenedModel, model: OpenedModel) -> list[str]:
         for key, value in vars(dims).items():
             if value != getattr(theirs, key):
                 where = f"{stack} " if stack else ""
-                raise InputError(f"{model.folder / 'config.json'}: {where}{key} is {value} but the anchor's is "
-                                 f"{getattr(theirs, key)}")
+                raise InputError(
+                    f"{model.folder / 'config.json'}: {where}{key} is {value} but the anchor's is "
+                    f"{getattr(theirs, key)}"
+                )
     for layer in model.bound.layers():
         check_layer_pair(model.checkpoint, model.bound, anchor.checkpoint, anchor.bound, layer)
     return unpaired
@@ -101,8 +102,9 @@ def select_layers(bound: BoundArch, wanted: LayerRanges | frozenset[int] | None)
     return [layer for layer in layers if layer.index in wanted]
 
 
-def layer_settings(bound: BoundArch, layer: LayerId, symmetries: frozenset[str], max_rounds: int,
-                   allow_nonfinite: bool = True) -> LayerSettings:
+def layer_settings(
+    bound: BoundArch, layer: LayerId, symmetries: frozenset[str], max_rounds: int, allow_nonfinite: bool = True
+) -> LayerSettings:
     return LayerSettings(
         symmetries=symmetries - bound.disabled_in(layer.stack),
         rotary_dim=bound.dims[layer.stack].rotary_dim,

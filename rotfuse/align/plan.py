@@ -40,14 +40,23 @@ class MatchPlan:
     def describe(self) -> dict[str, Any]:
         touched = in_layers(self.model, self.layers)
         described = {
-            "tool": "rotfuse", "version": __version__, "command": "match", "dry_run": True,
-            "anchor": str(self.anchor.folder), "model": str(self.model.folder), "output": str(self.out),
-            "arch": self.model.bound.spec.name, "device": self.device,
+            "tool": "rotfuse",
+            "version": __version__,
+            "command": "match",
+            "dry_run": True,
+            "anchor": str(self.anchor.folder),
+            "model": str(self.model.folder),
+            "output": str(self.out),
+            "arch": self.model.bound.spec.name,
+            "device": self.device,
             "symmetries": sorted(self.options.symmetries - self.model.bound.disabled),
             "restrictions": self.model.bound.notes,
             "layers": [str(layer) for layer in self.layers],
-            "tensors": {"transformed": len(touched), "copied": len(self.model.checkpoint.names()) - len(touched),
-                        "unpaired": self.unpaired},
+            "tensors": {
+                "transformed": len(touched),
+                "copied": len(self.model.checkpoint.names()) - len(touched),
+                "unpaired": self.unpaired,
+            },
             "bytes_to_write": sum(self.model.checkpoint.entry(n).nbytes for n in self.model.checkpoint.names()),
         }
         if self.residual is not None:
@@ -55,14 +64,20 @@ class MatchPlan:
         return described
 
 
-
 def match_inputs(anchor_path: Path, model_paths: list[Path], options: MatchOptions) -> list[Path | None]:
     """Every path `match` reads: no output may touch one (io/staging.check_outputs)."""
     return [anchor_path, *model_paths, options.data, options.eval_data, options.arch_spec]
 
 
-def prepare_match(anchor_path: Path, model_path: Path, out: Path, options: MatchOptions,
-                  overwrite: bool = False, check_output: bool = True, report: Path | None = None) -> MatchPlan:
+def prepare_match(
+    anchor_path: Path,
+    model_path: Path,
+    out: Path,
+    options: MatchOptions,
+    overwrite: bool = False,
+    check_output: bool = True,
+    report: Path | None = None,
+) -> MatchPlan:
     """Validate flags, output locations and both checkpoints (headers, config, shapes, side files)
     before anything is written."""
     device = resolve_device(options.device)
@@ -75,10 +90,14 @@ def prepare_match(anchor_path: Path, model_path: Path, out: Path, options: Match
     anchor = open_model(anchor_path, options.arch, options.arch_spec, options.allow_nonfinite)
     model = open_model(model_path, options.arch, options.arch_spec, options.allow_nonfinite)
     if check_output:
-        check_outputs([Target(out, "-o", report=None if report else REPORT_NAME,
-                              holds=output_file_names(model.checkpoint)),
-                       Target(report, "--report", folder=False, what="report") if report else None],
-                      match_inputs(anchor_path, [model_path], options), overwrite)
+        check_outputs(
+            [
+                Target(out, "-o", report=None if report else REPORT_NAME, holds=output_file_names(model.checkpoint)),
+                Target(report, "--report", folder=False, what="report") if report else None,
+            ],
+            match_inputs(anchor_path, [model_path], options),
+            overwrite,
+        )
     side_files(model.checkpoint)
     unpaired = check_compatible(anchor, model)
     if options.data is not None or options.learn:  # the models will run: nothing of theirs may execute

@@ -95,8 +95,9 @@ def transform_layers(
     """
 
     def job(layer: LayerId) -> tuple[LayerWeights, LayerWeights, T]:
-        weights = stream.timed("read", lambda: read_layer(model.checkpoint, model.bound, layer, device, view,
-                                                          stored_ffn))
+        weights = stream.timed(
+            "read", lambda: read_layer(model.checkpoint, model.bound, layer, device, view, stored_ffn)
+        )
         return (weights, *transform(layer, weights))
 
     extras: list[T] = []

@@ -48,22 +48,43 @@ def scramble(
 
     side = StreamSide(model.checkpoint, {}, {})
     if residual is not None:
-        side = residual.model.moved({  # a copy in the model's own gains, as a differently trained model has
-            stack: random_stream_map(p.hidden_size, p.orthogonal, generator(f"residual:{stack}"), p.keeps_ones)
-            for stack, p in residual.model.plans.items()}, gains_from(model, model, residual.model)[0])
+        side = residual.model.moved(
+            {  # a copy in the model's own gains, as a differently trained model has
+                stack: random_stream_map(p.hidden_size, p.orthogonal, generator(f"residual:{stack}"), p.keeps_ones)
+                for stack, p in residual.model.plans.items()
+            },
+            gains_from(model, model, residual.model)[0],
+        )
 
     def transform(layer: LayerId, weights: LayerWeights) -> tuple[LayerWeights, None]:
         settings = layer_settings(model.bound, layer, options.symmetries, options.max_rounds, options.allow_nonfinite)
         return scramble_layer(weights, settings, generator(str(layer))), None
 
     with StagedFolder(out, overwrite, options.fsync) as staged:
-        write_copy(model, staged.path, layers, device, options.workers, transform, side, Stream(), progress,
-                    fsync=options.fsync, allow_nonfinite=options.allow_nonfinite)
+        write_copy(
+            model,
+            staged.path,
+            layers,
+            device,
+            options.workers,
+            transform,
+            side,
+            Stream(),
+            progress,
+            fsync=options.fsync,
+            allow_nonfinite=options.allow_nonfinite,
+        )
         staged.commit()
     return {
-        "tool": "rotfuse", "version": __version__, "command": "scramble", "model": str(model_path),
-        "output": str(out), "arch": model.bound.spec.name, "seed": seed,
+        "tool": "rotfuse",
+        "version": __version__,
+        "command": "scramble",
+        "model": str(model_path),
+        "output": str(out),
+        "arch": model.bound.spec.name,
+        "seed": seed,
         "symmetries": sorted(options.symmetries - model.bound.disabled),
-        "layers": [str(layer) for layer in layers], "restrictions": model.bound.notes,
+        "layers": [str(layer) for layer in layers],
+        "restrictions": model.bound.notes,
         **({"residual": residual.describe(options)} if residual is not None else {}),
     }

@@ -31,8 +31,9 @@ def layer_cost(model: OpenedModel, layer: LayerId, ffn_perm: bool) -> float:
     return seconds
 
 
-def my_layers(group: Group, model: OpenedModel, layers: Sequence[LayerId], ffn_perm: bool,
-              outside_bytes: int = 0) -> list[LayerId]:
+def my_layers(
+    group: Group, model: OpenedModel, layers: Sequence[LayerId], ffn_perm: bool, outside_bytes: int = 0
+) -> list[LayerId]:
     """This rank's layers, in layer order: balanced by estimated cost, rank 0 starting with the
     tensors outside the layers (it copies or moves them)."""
     costs = [layer_cost(model, layer, ffn_perm) for layer in layers]
@@ -60,9 +61,12 @@ def merge_timings(group: Group, timings: Timings) -> None:
             timings.add(stage, value)
 
 
-def summable_in_layer_order(group: Group, layers: Sequence[LayerId], mine: Sequence[LayerId],
-                            rows: Sequence[tuple[dict[str, torch.Tensor], float]]
-                            ) -> list[tuple[dict[str, torch.Tensor], float]]:
+def summable_in_layer_order(
+    group: Group,
+    layers: Sequence[LayerId],
+    mine: Sequence[LayerId],
+    rows: Sequence[tuple[dict[str, torch.Tensor], float]],
+) -> list[tuple[dict[str, torch.Tensor], float]]:
     """Every layer's (score matrix per stream, distance) on every rank, in the order of `layers`.
 
     Each matrix is all-reduced from its owner's copy and zeros elsewhere: x + 0 is exact, so the
@@ -71,9 +75,15 @@ def summable_in_layer_order(group: Group, layers: Sequence[LayerId], mine: Seque
     """
     import torch.distributed as dist
 
-    shapes = in_layer_order(group, layers, mine, [
-        ({stream: (tuple(c.shape), str(c.dtype).removeprefix("torch.")) for stream, c in parts.items()}, after)
-        for parts, after in rows])
+    shapes = in_layer_order(
+        group,
+        layers,
+        mine,
+        [
+            ({stream: (tuple(c.shape), str(c.dtype).removeprefix("torch.")) for stream, c in parts.items()}, after)
+            for parts, after in rows
+        ],
+    )
     own = {layer: row[0] for layer, row in zip(mine, rows)}
     result = []
     for layer, (described, after) in zip(layers, shapes):
@@ -82,8 +92,11 @@ def summable_in_layer_order(group: Group, layers: Sequence[LayerId], mine: Seque
             shape, dtype = described[stream]
             mine_part = own[layer][stream] if layer in own else None
             where = mine_part.device if mine_part is not None else torch.device("cpu")
-            buffer = (mine_part.to(group.device, copy=True) if mine_part is not None
-                      else torch.zeros(shape, dtype=getattr(torch, dtype), device=group.device))
+            buffer = (
+                mine_part.to(group.device, copy=True)
+                if mine_part is not None
+                else torch.zeros(shape, dtype=getattr(torch, dtype), device=group.device)
+            )
             dist.all_reduce(buffer, group=group.tensors)
             parts[stream] = buffer.to(where)
         result.append((parts, after))

@@ -65,8 +65,12 @@ class BoundArch:
         return self.disabled | self.stack_disabled.get(stack, frozenset())
 
     def layers(self) -> list[LayerId]:
-        return [LayerId(s.name, i) for s in self.spec.stacks if s.name not in self.absent
-                for i in range(self.dims[s.name].num_layers)]
+        return [
+            LayerId(s.name, i)
+            for s in self.spec.stacks
+            if s.name not in self.absent
+            for i in range(self.dims[s.name].num_layers)
+        ]
 
     def stack(self, name: str) -> StackSpec:
         return next(s for s in self.spec.stacks if s.name == name)
@@ -83,8 +87,9 @@ class BoundArch:
         return tuple(ref for ref in refs if f"{stack}/{ref.weight}" in self.extras)
 
 
-def select_spec(config: dict[str, Any], arch: str | None = None, spec_file: Path | None = None,
-                where: str = "config.json") -> ArchSpec:
+def select_spec(
+    config: dict[str, Any], arch: str | None = None, spec_file: Path | None = None, where: str = "config.json"
+) -> ArchSpec:
     """The spec for a checkpoint: a user's file, a named built-in, or detected from model_type."""
     if spec_file is not None:
         return load_spec_file(spec_file)
@@ -116,28 +121,44 @@ def bind(spec: ArchSpec, config: dict[str, Any], names: Iterable[str] | Checkpoi
         if stack.name not in absent:
             last = prefix + stack.layer.format(i=dims[stack.name].num_layers - 1) + stack.probe()
             if last not in all_names:  # (also keeps a corrupt layer count from being enumerated)
-                raise InputError(f"{where}: the config gives {dims[stack.name].num_layers} layers, but tensor "
-                                 f"{last!r} of the last one is not in the checkpoint")
+                raise InputError(
+                    f"{where}: the config gives {dims[stack.name].num_layers} layers, but tensor "
+                    f"{last!r} of the last one is not in the checkpoint"
+                )
             _check_coverage(spec, stack, prefix, dims[stack.name], all_names, where)
     disabled, stack_disabled, notes = _restrictions(spec, config)
     notes += [f"{spec.name}: no {name!r} stack in this checkpoint (left as is)" for name in sorted(absent)]
     extras = _present_extras(spec, prefix, all_names)
     for stack in spec.stacks:
-        if stack.name not in absent and stack.ffn is not None and not any(
-                not ref.optional or f"{stack.name}/{ref.weight}" in extras for ref in stack.ffn.inputs):
+        if (
+            stack.name not in absent
+            and stack.ffn is not None
+            and not any(not ref.optional or f"{stack.name}/{ref.weight}" in extras for ref in stack.ffn.inputs)
+        ):
             first = prefix + stack.layer.format(i=0)
-            raise InputError(f"{where}: none of the FFN inputs of the {spec.name} spec "
-                             f"({', '.join(first + ref.weight for ref in stack.ffn.inputs)}) is in the checkpoint")
-    return BoundArch(spec, prefix, dims, frozenset(disabled), notes, frozenset(absent), extras,
-                     {name: frozenset(off) for name, off in stack_disabled.items()})
+            raise InputError(
+                f"{where}: none of the FFN inputs of the {spec.name} spec "
+                f"({', '.join(first + ref.weight for ref in stack.ffn.inputs)}) is in the checkpoint"
+            )
+    return BoundArch(
+        spec,
+        prefix,
+        dims,
+        frozenset(disabled),
+        notes,
+        frozenset(absent),
+        extras,
+        {name: frozenset(off) for name, off in stack_disabled.items()},
+    )
 
 
 def _present_extras(spec: ArchSpec, prefix: str, names: set[str]) -> frozenset[str]:
-    """"stack/weight" of every optional projection (q_like/k_like, optional FFN inputs) that
+    """ "stack/weight" of every optional projection (q_like/k_like, optional FFN inputs) that
     layer 0 has (they depend on config)."""
     return frozenset(
         f"{stack.name}/{ref.weight}"
-        for stack in spec.stacks for ref in stack.optional_refs()
+        for stack in spec.stacks
+        for ref in stack.optional_refs()
         if prefix + stack.layer.format(i=0) + ref.weight in names
     )
 
@@ -188,8 +209,9 @@ def _check_coverage(spec: ArchSpec, stack: StackSpec, prefix: str, dims: Dims, n
             continue
         index, relative = int(found.group(1)), found.group(2)
         if index >= dims.num_layers:
-            raise InputError(f"{where}: tensor {name!r} belongs to layer {index}, but the config has "
-                             f"{dims.num_layers} layers")
+            raise InputError(
+                f"{where}: tensor {name!r} belongs to layer {index}, but the config has {dims.num_layers} layers"
+            )
         if relative not in touched and not any(fnmatch.fnmatchcase(relative, glob) for glob in stack.passive):
             raise InputError(
                 f"{where}: tensor {name!r} is not described by the {spec.name} spec, so rotfuse cannot "
@@ -245,6 +267,7 @@ def _rotary_dim(rope: RopeSpec, section: dict[str, Any], head_dim: int, where: s
         raise InputError(f"{where}: partial rotary factor {factor!r} is not a number in (0, 1]")
     rotary_dim = int(head_dim * float(factor))
     if rotary_dim % 2 or rotary_dim == 0:
-        raise InputError(f"{where}: rotary dimension {rotary_dim} (head_dim {head_dim} x {factor}) is not a "
-                         "positive even number")
+        raise InputError(
+            f"{where}: rotary dimension {rotary_dim} (head_dim {head_dim} x {factor}) is not a positive even number"
+        )
     return rotary_dim

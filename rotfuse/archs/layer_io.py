@@ -33,8 +33,9 @@ def layer_tensor_names(bound: BoundArch, layer: LayerId, checkpoint: Checkpoint)
     return [name for name in names if name in checkpoint]
 
 
-def check_layer_pair(model: Checkpoint, model_bound: BoundArch, anchor: Checkpoint, anchor_bound: BoundArch,
-                     layer: LayerId) -> None:
+def check_layer_pair(
+    model: Checkpoint, model_bound: BoundArch, anchor: Checkpoint, anchor_bound: BoundArch, layer: LayerId
+) -> None:
     """Both checkpoints must hold the same optional tensors (biases, extras) in a layer, or the
     packed circuits would not line up; name the first one that only one of them has."""
     for relative in model_bound.touched(layer.stack):
@@ -48,8 +49,15 @@ TensorView = Callable[[str, torch.Tensor], torch.Tensor]  # (full name, stored-l
 
 
 class _LayerReader:
-    def __init__(self, checkpoint: Checkpoint, bound: BoundArch, layer: LayerId, device: str,
-                 view: TensorView | None = None, stored: bool = False):
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        bound: BoundArch,
+        layer: LayerId,
+        device: str,
+        view: TensorView | None = None,
+        stored: bool = False,
+    ):
         self.checkpoint, self.bound, self.layer, self.device = checkpoint, bound, layer, device
         self.view, self.stored = view, stored  # stored: values kept in their stored dtype
 
@@ -94,8 +102,14 @@ class _LayerReader:
         return [self.linear(ref, out_dim, in_dim) for ref in present]
 
 
-def read_layer(checkpoint: Checkpoint, bound: BoundArch, layer: LayerId, device: str = "cpu",
-               view: TensorView | None = None, stored_ffn: bool = False) -> LayerWeights:
+def read_layer(
+    checkpoint: Checkpoint,
+    bound: BoundArch,
+    layer: LayerId,
+    device: str = "cpu",
+    view: TensorView | None = None,
+    stored_ffn: bool = False,
+) -> LayerWeights:
     """One layer's tensors as canonical float32 `LayerWeights`. `view`, when given, sees every
     tensor right after it is read (in float32, in its stored layout) and may replace it: the
     residual-stream map and RMSNorm folding come in this way. `stored_ffn` (without a view) keeps
@@ -111,35 +125,51 @@ def read_layer(checkpoint: Checkpoint, bound: BoundArch, layer: LayerId, device:
     if att.qkv is not None:
         sizes = [_rows(role, dims) for role in att.qkv.order]
         if att.qkv.per_head and dims.num_kv_heads != dims.num_heads:
-            raise InputError(f"{checkpoint.folder}: a per-head fused qkv needs as many key/value heads as "
-                             f"query heads ({dims.num_kv_heads} != {dims.num_heads})")
+            raise InputError(
+                f"{checkpoint.folder}: a per-head fused qkv needs as many key/value heads as "
+                f"query heads ({dims.num_kv_heads} != {dims.num_heads})"
+            )
         weight = reader.tensor(att.qkv.weight, att.qkv.layout, (sum(sizes), d))
         bias = reader.optional(att.qkv.bias, att.qkv.layout, (sum(sizes),))
         weights = dict(zip(att.qkv.order, _split_qkv(weight, sizes, att.qkv.per_head, dims)))
-        biases = dict(zip(att.qkv.order, _split_qkv(bias, sizes, att.qkv.per_head, dims)
-                          if bias is not None else [None] * 3))
+        biases = dict(
+            zip(att.qkv.order, _split_qkv(bias, sizes, att.qkv.per_head, dims) if bias is not None else [None] * 3)
+        )
         q, k, v = (Linear(weights[r], biases[r]) for r in ("q", "k", "v"))
     else:
-        q, k, v = (reader.linear(ref, _rows(role, dims), d)  # type: ignore[arg-type]
-                   for role, ref in (("q", att.q), ("k", att.k), ("v", att.v)))
+        q, k, v = (
+            reader.linear(ref, _rows(role, dims), d)  # type: ignore[arg-type]
+            for role, ref in (("q", att.q), ("k", att.k), ("v", att.v))
+        )
     o = Linear(reader.tensor(att.o.weight, att.o.layout, (d, dims.num_heads * dims.head_dim)))
-    attention = Attention(q, k, v, o, dims.num_heads, dims.num_kv_heads, dims.head_dim,
-                          q_like=reader.extras(att.q_like, _rows("q", dims), d),
-                          k_like=reader.extras(att.k_like, _rows("k", dims), d))
+    attention = Attention(
+        q,
+        k,
+        v,
+        o,
+        dims.num_heads,
+        dims.num_kv_heads,
+        dims.head_dim,
+        q_like=reader.extras(att.q_like, _rows("q", dims), d),
+        k_like=reader.extras(att.k_like, _rows("k", dims), d),
+    )
 
     ffn_reader = _LayerReader(checkpoint, bound, layer, device, view, stored_ffn)
     ffn = _read_ffn(ffn_reader, stack.ffn, ffn_inputs(bound, layer.stack, stack.ffn), d) if stack.ffn else None
     if stack.ffn is not None:
         for ref in set(stack.ffn.inputs) - set(ffn_inputs(bound, layer.stack, stack.ffn)):
             if bound.full_name(layer, ref.weight) in checkpoint:  # layer 0 decides; a stray is refused
-                raise InputError(f"{checkpoint.folder}: tensor {bound.full_name(layer, ref.weight)!r} has no "
-                                 "counterpart in layer 0")
+                raise InputError(
+                    f"{checkpoint.folder}: tensor {bound.full_name(layer, ref.weight)!r} has no counterpart in layer 0"
+                )
     experts = None
     if stack.experts is not None:
         count = dims.num_experts
         router = ffn_reader.linear(stack.experts.router, count, d)
-        ffns = [_read_ffn(ffn_reader, spec, list(spec.inputs), d)
-                for spec in (stack.experts.expert(e) for e in range(count))]
+        ffns = [
+            _read_ffn(ffn_reader, spec, list(spec.inputs), d)
+            for spec in (stack.experts.expert(e) for e in range(count))
+        ]
         experts = Experts(router, ffns)
     return LayerWeights(attention, ffn, experts)
 
@@ -155,8 +185,9 @@ def _read_ffn(reader: _LayerReader, spec: FfnSpec, inputs: list[LinearRef], d: i
     linears = []
     for ref in inputs:  # a fused input (parts > 1) splits into its projections
         fused = reader.linear(ref, ref.parts * width, d)
-        biases: list[torch.Tensor | None] = (list(fused.bias.chunk(ref.parts)) if fused.bias is not None
-                                             else [None] * ref.parts)
+        biases: list[torch.Tensor | None] = (
+            list(fused.bias.chunk(ref.parts)) if fused.bias is not None else [None] * ref.parts
+        )
         linears += [Linear(w, b) for w, b in zip(fused.weight.chunk(ref.parts), biases, strict=True)]
     return Ffn(linears, output)
 
@@ -208,8 +239,11 @@ class _LayerWriter:
             self.put(spec.qkv.weight, fused, spec.qkv.layout)
             if spec.qkv.bias and attention.q.bias is not None:
                 biases = [parts[r].bias for r in spec.qkv.order]
-                self.put(spec.qkv.bias, _fuse_qkv(biases, spec.qkv.per_head, dims),  # type: ignore[arg-type]
-                         spec.qkv.layout)
+                self.put(
+                    spec.qkv.bias,
+                    _fuse_qkv(biases, spec.qkv.per_head, dims),  # type: ignore[arg-type]
+                    spec.qkv.layout,
+                )
         else:
             for ref, linear in ((spec.q, attention.q), (spec.k, attention.k), (spec.v, attention.v)):
                 self.linear(ref, linear)  # type: ignore[arg-type]
@@ -223,14 +257,18 @@ class _LayerWriter:
         refs = ffn_inputs(self.bound, self.layer.stack, spec) if inputs is None else inputs
         for ref in refs:  # a fused input (parts > 1) takes its projections back in order
             parts = [next(linears) for _ in range(ref.parts)]
-            biases = [p.bias for p in parts]
-            self.linear(ref, Linear(torch.cat([p.weight for p in parts]),
-                                    None if biases[0] is None else torch.cat(biases)))  # type: ignore[arg-type]
+            biases = [p.bias for p in parts if p.bias is not None]
+            self.linear(ref, Linear(torch.cat([p.weight for p in parts]), torch.cat(biases) if biases else None))
         self.put(spec.output.weight, ffn.output.weight, spec.output.layout)
 
 
-def write_layer(writer: CheckpointWriter, bound: BoundArch, layer: LayerId, weights: LayerWeights,
-                as_read: LayerWeights | None = None) -> None:
+def write_layer(
+    writer: CheckpointWriter,
+    bound: BoundArch,
+    layer: LayerId,
+    weights: LayerWeights,
+    as_read: LayerWeights | None = None,
+) -> None:
     """Write a layer's tensors back in the checkpoint's layout. With `as_read` (the weights as they
     were read, no view applied), a part the symmetries left as it was -- the very same object --
     is not rewritten: the writer copies its bytes unchanged instead of a float round trip."""

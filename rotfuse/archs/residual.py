@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from rotfuse.archs.spec import ArchSpec
     from rotfuse.io.checkpoint import Checkpoint
 
+
 def _axes(role: str, layout: str, ndim: int) -> tuple[int, ...]:
     """The stream axes of a tensor with `ndim` axes, in its stored layout."""
     if role == "both":
@@ -107,8 +108,9 @@ class ResidualPlan:
         """Orthogonal maps must keep the all-ones direction (LayerNorm centers the stream)."""
         return self.norm == "layernorm"
 
-    def transform(self, name: str, tensor: torch.Tensor, stream_map: StreamMap,
-                  read: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    def transform(
+        self, name: str, tensor: torch.Tensor, stream_map: StreamMap, read: Callable[[str], torch.Tensor]
+    ) -> torch.Tensor:
         """The new value of one tensor: fold (gains become 1, a LayerNorm bias b becomes b / g,
         readers get the gain; gains read through `read`, by full name), then multiply every
         stream axis by Q. Tensors outside the plan come back unchanged. Same dtype as `tensor`."""
@@ -118,11 +120,15 @@ class ResidualPlan:
         if stream_map.d != self.hidden_size:
             raise ValueError(f"stream map of width {stream_map.d} for a stream of width {self.hidden_size}")
         if not (stream_map.is_permutation or self.orthogonal):
-            raise ValueError(f"only a permutation of the {self.stack or 'residual'} stream is exact here "
-                             f"({'; '.join(self.notes) or self.norm})")
+            raise ValueError(
+                f"only a permutation of the {self.stack or 'residual'} stream is exact here "
+                f"({'; '.join(self.notes) or self.norm})"
+            )
         if self.keeps_ones and not stream_map.keeps_ones:
-            raise ValueError(f"the {self.stack or 'residual'} stream goes through LayerNorm: an orthogonal map "
-                             "must keep the all-ones direction (Q 1 = 1)")
+            raise ValueError(
+                f"the {self.stack or 'residual'} stream goes through LayerNorm: an orthogonal map "
+                "must keep the all-ones direction (Q 1 = 1)"
+            )
         if name in self._gains:
             return torch.ones_like(tensor)
         work = tensor.to(work_dtype(tensor.dtype))  # one rounding to the stored dtype, at the end
@@ -170,8 +176,9 @@ class _Found:
     gain_of: str = ""
 
     @classmethod
-    def of(cls, rule: ResidualRule, name: str, streams: tuple[str, ...], layer: int | None,
-           full: Callable[[str], str]) -> _Found:
+    def of(
+        cls, rule: ResidualRule, name: str, streams: tuple[str, ...], layer: int | None, full: Callable[[str], str]
+    ) -> _Found:
         """`name`'s classification by the rule that matched it."""
         streams = () if rule.role == "free" else (rule.streams or streams)
         if rule.role != "norm":
@@ -179,8 +186,13 @@ class _Found:
         gain = full(rule.names[0])
         if rule.bias and name == full(rule.bias):
             return cls(streams, layer, "norm", gain_of=gain)
-        return cls(streams, layer, "norm", readers=tuple(full(r) for r in rule.readers),
-                   bias=full(rule.bias) if rule.bias else "")
+        return cls(
+            streams,
+            layer,
+            "norm",
+            readers=tuple(full(r) for r in rule.readers),
+            bias=full(rule.bias) if rule.bias else "",
+        )
 
 
 def own_stream(stack: StackSpec) -> str:
@@ -210,8 +222,10 @@ def residual_plans(bound: BoundArch, checkpoint: Checkpoint, allow_untie: bool =
     for name, item in found.items():
         missing = set(item.streams) - present
         if missing:
-            raise InputError(f"{checkpoint.folder}: tensor {name!r} sits on the residual stream of stack "
-                             f"{sorted(missing)[0]!r}, which this checkpoint does not have")
+            raise InputError(
+                f"{checkpoint.folder}: tensor {name!r} sits on the residual stream of stack "
+                f"{sorted(missing)[0]!r}, which this checkpoint does not have"
+            )
     groups = _coupled(stacks, found.values())
     plans = {}
     for group in groups:
@@ -247,8 +261,9 @@ def _full(bound: BoundArch, name: str) -> str:
     return name[1:] if name.startswith("/") else bound.prefix + name
 
 
-def _first(rules: tuple[ResidualRule, ...], name: str, config: dict[str, Any],
-           full: Callable[[str], str]) -> ResidualRule | None:
+def _first(
+    rules: tuple[ResidualRule, ...], name: str, config: dict[str, Any], full: Callable[[str], str]
+) -> ResidualRule | None:
     for rule in rules:
         globs = (*rule.names, rule.bias) if rule.bias else rule.names
         if any(fnmatch.fnmatchcase(name, full(glob)) for glob in globs) and rule.applies(config):
@@ -269,8 +284,9 @@ class _Classifier:
         self.derived = {s.name: _derived(s, bound.dims[s.name].num_experts) for s in stacks}
 
     def classify(self, name: str) -> _Found:
-        matches = [(stack, m) for stack in self.stacks
-                   if (m := self.layer_patterns[stack.name].fullmatch(name)) is not None]
+        matches = [
+            (stack, m) for stack in self.stacks if (m := self.layer_patterns[stack.name].fullmatch(name)) is not None
+        ]
         if matches:
             return self._in_layer(name, matches)
         claims, free = [], False
@@ -291,8 +307,10 @@ class _Classifier:
         first = claims[0]
         for other in claims[1:]:
             if replace(other, streams=first.streams) != first:
-                raise InputError(f"{self.where}: tensor {name!r} is placed on the residual streams of several "
-                                 f"stacks in different roles by the {self.bound.spec.name} spec")
+                raise InputError(
+                    f"{self.where}: tensor {name!r} is placed on the residual streams of several "
+                    f"stacks in different roles by the {self.bound.spec.name} spec"
+                )
         streams = tuple(dict.fromkeys(s for claim in claims for s in claim.streams))
         return replace(first, streams=streams)
 
@@ -319,8 +337,10 @@ class _Classifier:
 def _section(spec: ArchSpec, stack: StackSpec) -> ResidualSection:
     what = f"{spec.source or spec.name}" + (f" (stack {stack.name})" if stack.name else "")
     if stack.residual is None:
-        raise InputError(f"{what}: the {spec.name} spec has no residual: section, so rotfuse does not know "
-                         "which tensors touch the residual stream (see configs/archs/README.md)")
+        raise InputError(
+            f"{what}: the {spec.name} spec has no residual: section, so rotfuse does not know "
+            "which tensors touch the residual stream (see configs/archs/README.md)"
+        )
     return stack.residual
 
 
@@ -359,36 +379,60 @@ def _unclassified(name: str, bound: BoundArch, config: dict[str, Any], where: st
     )
 
 
-def _plan(bound: BoundArch, key: str, streams: list[StackSpec], checkpoint: Checkpoint,
-          found: dict[str, _Found], allow_untie: bool) -> ResidualPlan:
+def _plan(
+    bound: BoundArch,
+    key: str,
+    streams: list[StackSpec],
+    checkpoint: Checkpoint,
+    found: dict[str, _Found],
+    allow_untie: bool,
+) -> ResidualPlan:
     where = str(checkpoint.folder)
     sizes = {bound.dims[s.name].hidden_size for s in streams}
     norms_types = {_section(bound.spec, s).norm for s in streams}
     if len(sizes) != 1 or len(norms_types) != 1:
-        raise InputError(f"{where}: the residual streams {key!r} share a tensor but differ in width or norm type "
-                         f"({sorted(sizes)}, {sorted(norms_types)}), so they cannot move together")
+        raise InputError(
+            f"{where}: the residual streams {key!r} share a tensor but differ in width or norm type "
+            f"({sorted(sizes)}, {sorted(norms_types)}), so they cannot move together"
+        )
     d, norm = sizes.pop(), norms_types.pop()
-    tensors = {name: _stream_tensor(name, tuple(checkpoint.entry(name).shape), item, d, key, where)
-               for name, item in found.items()}
+    tensors = {
+        name: _stream_tensor(name, tuple(checkpoint.entry(name).shape), item, d, key, where)
+        for name, item in found.items()
+    }
     norms = {name: item for name, item in found.items() if item.role == "norm" and not item.gain_of}
     ties = [tie for s in streams if (tie := _section(bound.spec, s).tie) is not None]
     if norms:
         folding = _folding(bound, ties, norms, tensors, checkpoint, allow_untie)
     else:  # post-LN (BERT and family): the norms act on the stream itself
-        folding = _Folding(note="the spec names no norm whose gain folds into the weights reading it (post-LN "
-                           "models normalise the stream itself), so only permutations of the stream are exact")
+        folding = _Folding(
+            note="the spec names no norm whose gain folds into the weights reading it (post-LN "
+            "models normalise the stream itself), so only permutations of the stream are exact"
+        )
     if not folding.note and outputs_the_stream(bound, checkpoint.config):
-        folding = _Folding(note="the model has no head: its outputs are the final norm's, which cannot be folded, "
-                           "so only permutations are exact")
+        folding = _Folding(
+            note="the model has no head: its outputs are the final norm's, which cannot be folded, "
+            "so only permutations are exact"
+        )
     names = tuple(s.name for s in streams)
     if folding.note:
-        return ResidualPlan(key, norm, d, tensors, [], orthogonal=False, untie=False, notes=[folding.note],
-                            streams=names)
+        return ResidualPlan(
+            key, norm, d, tensors, [], orthogonal=False, untie=False, notes=[folding.note], streams=names
+        )
     for name in folding.added:
         tensors[name] = StreamTensor(name, (1,), key, None, "reads")  # a Linear head [vocab, d]
-    return ResidualPlan(key, norm, d, tensors, folding.folds, orthogonal=True,
-                        untie=bool(folding.config_updates), added=folding.added,
-                        config_updates=folding.config_updates, streams=names)
+    return ResidualPlan(
+        key,
+        norm,
+        d,
+        tensors,
+        folding.folds,
+        orthogonal=True,
+        untie=bool(folding.config_updates),
+        added=folding.added,
+        config_updates=folding.config_updates,
+        streams=names,
+    )
 
 
 def _stream_tensor(name: str, shape: tuple[int, ...], item: _Found, d: int, key: str, where: str) -> StreamTensor:
@@ -396,8 +440,10 @@ def _stream_tensor(name: str, shape: tuple[int, ...], item: _Found, d: int, key:
         raise InputError(f"{where}: tensor {name!r} of shape {list(shape)} cannot have the in_out layout")
     axes = _axes(item.role, item.layout, len(shape))
     if len(shape) == 0 or max(axes) >= len(shape) or any(shape[a] != d for a in axes):
-        raise InputError(f"{where}: tensor {name!r} has shape {list(shape)}, but as a residual-stream "
-                         f"{item.role} tensor it needs size {d} (the hidden size) on axes {list(axes)}")
+        raise InputError(
+            f"{where}: tensor {name!r} has shape {list(shape)}, but as a residual-stream "
+            f"{item.role} tensor it needs size {d} (the hidden size) on axes {list(axes)}"
+        )
     return StreamTensor(name, axes, key, item.layer, item.role)
 
 
@@ -417,8 +463,14 @@ class _Folding:
     note: str = ""
 
 
-def _folding(bound: BoundArch, ties: list[TieRule], norms: dict[str, _Found],
-             tensors: dict[str, StreamTensor], checkpoint: Checkpoint, allow_untie: bool) -> _Folding:
+def _folding(
+    bound: BoundArch,
+    ties: list[TieRule],
+    norms: dict[str, _Found],
+    tensors: dict[str, StreamTensor],
+    checkpoint: Checkpoint,
+    allow_untie: bool,
+) -> _Folding:
     """Whether every norm gain can be folded into its readers, which makes orthogonal maps exact,
     and if so the folds and the untying they need. Readers may be globs (T5's encoder output is
     read by the cross-attention K/V of every decoder layer)."""
@@ -429,9 +481,11 @@ def _folding(bound: BoundArch, ties: list[TieRule], norms: dict[str, _Found],
         if head is None:
             continue
         if not allow_untie:
-            return _Folding(note=f"{tie.config_key} is set: folding the final norm into {head!r} would untie it "
-                            "from the input embedding, so only permutations are exact (allow untying for any "
-                            "orthogonal map)")
+            return _Folding(
+                note=f"{tie.config_key} is set: folding the final norm into {head!r} would untie it "
+                "from the input embedding, so only permutations are exact (allow untying for any "
+                "orthogonal map)"
+            )
         folding.config_updates[tie.config_key] = False
         for key, default in tie.pin.items():
             value = config_value(checkpoint.config, key)
@@ -446,20 +500,28 @@ def _folding(bound: BoundArch, ties: list[TieRule], norms: dict[str, _Found],
         readers = tuple(dict.fromkeys(name for glob in item.readers for name in _expand(glob, readable, checkpoint)))
         for reader in readers:
             if reader not in readable:
-                raise InputError(f"{where}: {reader!r} is listed as a reader of {gain!r} but is not a reads tensor "
-                                 "of the same stream")
+                raise InputError(
+                    f"{where}: {reader!r} is listed as a reader of {gain!r} but is not a reads tensor "
+                    "of the same stream"
+                )
         if not readers:
-            return _Folding(note=f"{gain!r} feeds no weight of this checkpoint (its output is the stream or the "
-                            "model's output), so its gain cannot be folded: only permutations are exact")
+            return _Folding(
+                note=f"{gain!r} feeds no weight of this checkpoint (its output is the stream or the "
+                "model's output), so its gain cannot be folded: only permutations are exact"
+            )
         bias = item.bias if item.bias in checkpoint else None
         if bias is not None and bool((checkpoint.get(gain) == 0).any()):
-            return _Folding(note=f"{gain!r} has zero entries, so its bias cannot ride along as bias / gain: "
-                            "only permutations are exact")
+            return _Folding(
+                note=f"{gain!r} has zero entries, so its bias cannot ride along as bias / gain: "
+                "only permutations are exact"
+            )
         folding.folds.append(NormFold(gain, readers, bias))
     unfolded = readable - {reader for fold in folding.folds for reader in fold.readers}
     if unfolded:
-        raise InputError(f"{where}: {sorted(unfolded)[0]!r} reads the residual stream but the spec lists it as the "
-                         "reader of no norm, so an orthogonal map could not be made exact")
+        raise InputError(
+            f"{where}: {sorted(unfolded)[0]!r} reads the residual stream but the spec lists it as the "
+            "reader of no norm, so an orthogonal map could not be made exact"
+        )
     return folding
 
 

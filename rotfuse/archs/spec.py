@@ -91,9 +91,14 @@ class ExpertsSpec:
 
     def expert(self, index: int) -> FfnSpec:
         """Expert `index`'s FFN, names filled in."""
+
         def fill(ref: LinearRef) -> LinearRef:
-            return LinearRef(ref.weight.replace("{e}", str(index)),
-                             ref.bias.replace("{e}", str(index)) if ref.bias else None, ref.layout)
+            return LinearRef(
+                ref.weight.replace("{e}", str(index)),
+                ref.bias.replace("{e}", str(index)) if ref.bias else None,
+                ref.layout,
+            )
+
         return FfnSpec(tuple(fill(ref) for ref in self.ffn.inputs), fill(self.ffn.output))
 
     def touched(self, num_experts: int) -> list[str]:
@@ -318,9 +323,30 @@ def _parse_yaml(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
     return raw
 
 
-TOP_KEYS = ['description', 'extends', 'model_types', 'name', 'prefixes', 'restrictions', 'stacks', 'stream_output_classes']
-STACK_KEYS = ['attention', 'config_section', 'dims', 'experts', 'ffn', 'layer', 'layout', 'name', 'optional', 'passive',
-              'residual', 'rope']
+TOP_KEYS = [
+    "description",
+    "extends",
+    "model_types",
+    "name",
+    "prefixes",
+    "restrictions",
+    "stacks",
+    "stream_output_classes",
+]
+STACK_KEYS = [
+    "attention",
+    "config_section",
+    "dims",
+    "experts",
+    "ffn",
+    "layer",
+    "layout",
+    "name",
+    "optional",
+    "passive",
+    "residual",
+    "rope",
+]
 
 
 def _parse_spec(raw: dict[str, Any], source: str) -> ArchSpec:
@@ -328,7 +354,9 @@ def _parse_spec(raw: dict[str, Any], source: str) -> ArchSpec:
         _mapping(raw, set(TOP_KEYS), "the spec")
         if not isinstance(raw["stacks"], list):
             raise ValueError("stacks must be a list")
-        stacks = tuple(_parse_stack(s, str(_mapping(s, set(STACK_KEYS), "a stack").get("name", ""))) for s in raw["stacks"])
+        stacks = tuple(
+            _parse_stack(s, str(_mapping(s, set(STACK_KEYS), "a stack").get("name", ""))) for s in raw["stacks"]
+        )
     else:
         _mapping(raw, set(TOP_KEYS) | set(STACK_KEYS), "the spec")
         stacks = (_parse_stack(raw, ""),)
@@ -413,7 +441,9 @@ def _parse_stack(raw: dict[str, Any], name: str) -> StackSpec:
         ffn=FfnSpec(
             inputs=tuple(_linear(r, layout, ffn_input=True) for r in ffn["inputs"]),
             output=_linear(ffn["output"], layout),
-        ) if ffn is not None else None,
+        )
+        if ffn is not None
+        else None,
         config_section=raw.get("config_section"),
         rope=_parse_rope(raw.get("rope")),
         passive=_names(raw.get("passive")),
@@ -479,8 +509,13 @@ def _linear(raw: Any, layout: str, ffn_input: bool = False) -> LinearRef:
     several projections (`parts`)."""
     keys = {"weight", "bias", "layout"} | ({"optional", "parts"} if ffn_input else set())
     raw = _mapping(raw, keys, "a linear layer")
-    ref = LinearRef(weight=str(raw["weight"]), bias=raw.get("bias"), layout=raw.get("layout", layout),
-                    optional=bool(raw.get("optional", False)), parts=raw.get("parts", 1))
+    ref = LinearRef(
+        weight=str(raw["weight"]),
+        bias=raw.get("bias"),
+        layout=raw.get("layout", layout),
+        optional=bool(raw.get("optional", False)),
+        parts=raw.get("parts", 1),
+    )
     if ref.layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {ref.layout!r}")
     if isinstance(ref.parts, bool) or not isinstance(ref.parts, int) or ref.parts < 1:
@@ -495,8 +530,13 @@ def _fused(raw: Any, layout: str) -> FusedRef:
         raise ValueError(f"qkv order must list q, k and v once each, got {list(order)}")
     if not isinstance(raw.get("per_head", False), bool):
         raise ValueError(f"qkv per_head must be true or false, got {raw['per_head']!r}")
-    ref = FusedRef(weight=str(raw["weight"]), order=order, bias=raw.get("bias"), layout=raw.get("layout", layout),
-                   per_head=bool(raw.get("per_head", False)))
+    ref = FusedRef(
+        weight=str(raw["weight"]),
+        order=order,
+        bias=raw.get("bias"),
+        layout=raw.get("layout", layout),
+        per_head=bool(raw.get("per_head", False)),
+    )
     if ref.layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {ref.layout!r}")
     return ref
@@ -510,8 +550,12 @@ def _parse_restriction(raw: Any) -> Restriction:
         raise ValueError(f"restriction disables unknown symmetries {sorted(unknown)}")
     if not raw.get("when") and not str(raw.get("reason", "")).strip():
         raise ValueError("a restriction without `when` (always on) needs a reason")
-    return Restriction(when=_when(raw.get("when") or {}), disable=disable,
-                       reason=" ".join(str(raw.get("reason", "")).split()), stacks=_names(raw.get("stacks")))
+    return Restriction(
+        when=_when(raw.get("when") or {}),
+        disable=disable,
+        reason=" ".join(str(raw.get("reason", "")).split()),
+        stacks=_names(raw.get("stacks")),
+    )
 
 
 def _check_streams(stacks: tuple[StackSpec, ...]) -> None:
@@ -525,8 +569,10 @@ def _check_streams(stacks: tuple[StackSpec, ...]) -> None:
         named |= {name for rule in (*section.model, *section.layer) for name in rule.streams}
         unknown = sorted(named - names)
         if unknown:
-            raise ValueError(f"residual section of stack {stack.name!r} names unknown streams {unknown} "
-                             f"(streams are named by their stack: {sorted(names)})")
+            raise ValueError(
+                f"residual section of stack {stack.name!r} names unknown streams {unknown} "
+                f"(streams are named by their stack: {sorted(names)})"
+            )
 
 
 def _parse_residual(raw: Any) -> ResidualSection:
@@ -540,12 +586,18 @@ def _parse_residual(raw: Any) -> ResidualSection:
     tie = None
     if raw.get("tie") is not None:
         entry = _mapping(raw["tie"], {"embedding", "head", "config", "default", "classes", "pin"}, "residual tie")
-        tie = TieRule(embedding=str(entry["embedding"]), head=str(entry["head"]),
-                      config_key=str(entry.get("config", "tie_word_embeddings")),
-                      default=bool(entry.get("default", False)), classes=_names(entry.get("classes")),
-                      pin=dict(_mapping(entry.get("pin") or {}, set(map(str, entry.get("pin") or {})), "tie pin")))
-    role_streams = {str(k): str(v) for k, v in _mapping(raw.get("role_streams") or {}, set(STREAM_ROLES),
-                                                           "residual role_streams").items()}
+        tie = TieRule(
+            embedding=str(entry["embedding"]),
+            head=str(entry["head"]),
+            config_key=str(entry.get("config", "tie_word_embeddings")),
+            default=bool(entry.get("default", False)),
+            classes=_names(entry.get("classes")),
+            pin=dict(_mapping(entry.get("pin") or {}, set(map(str, entry.get("pin") or {})), "tie pin")),
+        )
+    role_streams = {
+        str(k): str(v)
+        for k, v in _mapping(raw.get("role_streams") or {}, set(STREAM_ROLES), "residual role_streams").items()
+    }
     return ResidualSection(norm, model, layer, tie, stream=str(raw.get("stream") or ""), role_streams=role_streams)
 
 

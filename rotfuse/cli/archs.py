@@ -21,7 +21,9 @@ def archs_command(
     quiet: Quiet = False,
     json_out: JsonOut = False,
     debug: Debug = False,
-    spec_dir: Annotated[bool, typer.Option("--spec-dir", help="Print the folder holding the built-in specs and exit.")] = False,
+    spec_dir: Annotated[
+        bool, typer.Option("--spec-dir", help="Print the folder holding the built-in specs and exit.")
+    ] = False,
 ) -> None:
     """List the supported architectures (one YAML spec each) and the symmetries they get."""
     ui = Ui(quiet, json_out)
@@ -61,9 +63,15 @@ def describe_spec(spec: ArchSpec) -> dict[str, Any]:
     stacks = []
     for stack in spec.stacks:
         features = stack_features(stack, always_disabled(spec, stack.name))
-        stacks.append({"name": stack.name, "layer": stack.layer, "optional": stack.optional,
-                       "summary": ", ".join(short for short, _ in features),
-                       "symmetries": [long for _, long in features]})
+        stacks.append(
+            {
+                "name": stack.name,
+                "layer": stack.layer,
+                "optional": stack.optional,
+                "summary": ", ".join(short for short, _ in features),
+                "symmetries": [long for _, long in features],
+            }
+        )
     return {
         "name": spec.name,
         "model_types": list(spec.model_types),
@@ -101,29 +109,44 @@ def stack_features(stack: StackSpec, always: frozenset[str] = frozenset()) -> li
     """The symmetry group one stack gets, as (short, long) phrases derived from its spec (`always`:
     symmetries that a restriction switches off for every config)."""
     att = stack.attention
-    qk = (_qk_feature(stack) if "qk.rot" not in always else ("no QK rot", "no QK rotation (see restrictions)"))
+    qk = _qk_feature(stack) if "qk.rot" not in always else ("no QK rot", "no QK rotation (see restrictions)")
     scale = [role for role in ("qk", "vo") if f"{role}.scale" not in always]
-    features = [*(_ffn_feature(stack) if "ffn.perm" not in always else []),
-                *([("heads perm", "whole-head (KV-group) permutation")] if "heads.perm" not in always else []), qk,
-                *([("VO rot", "VO rotation (full Procrustes per head)")] if "vo.rot" not in always else [])]
+    features = [
+        *(_ffn_feature(stack) if "ffn.perm" not in always else []),
+        *([("heads perm", "whole-head (KV-group) permutation")] if "heads.perm" not in always else []),
+        qk,
+        *([("VO rot", "VO rotation (full Procrustes per head)")] if "vo.rot" not in always else []),
+    ]
     if scale:
         names = "/".join(role.upper() for role in scale)
         features.append((f"{names} scale", f"{' and '.join(role.upper() for role in scale)} rescaling per head"))
     if stack.residual and stack.residual.stream:  # a stack on other stacks' streams (cross-attention)
         others = sorted({stack.residual.stream, *stack.residual.role_streams.values()})
-        features.append((f"residual: moves with {'/'.join(others)}",
-                         f"residual stream: its tensors sit on the streams of {', '.join(others)} and move with them"))
+        features.append(
+            (
+                f"residual: moves with {'/'.join(others)}",
+                f"residual stream: its tensors sit on the streams of {', '.join(others)} and move with them",
+            )
+        )
     elif stack.residual:
         norm = stack.residual.norm
         folds = any(rule.role == "norm" for rule in (*stack.residual.model, *stack.residual.layer))
-        features.append(("residual: permutation", "residual stream: one permutation (the norms act on the stream)")
-                        if not folds else
-                        ("residual: orthogonal (RMSNorm, gains folded)", "residual stream: any orthogonal map, "
-                         "after folding RMSNorm gains into their readers (a permutation with tied embeddings)")
-                        if norm == "rmsnorm" else
-                        ("residual: orthogonal (pre-LN, norms folded)", "residual stream: "
-                         "orthogonal maps with Q 1 = 1, after folding LayerNorm gains into their readers "
-                         "(a permutation with tied embeddings, a head-less class or a norm on the stream)"))
+        features.append(
+            ("residual: permutation", "residual stream: one permutation (the norms act on the stream)")
+            if not folds
+            else (
+                "residual: orthogonal (RMSNorm, gains folded)",
+                "residual stream: any orthogonal map, "
+                "after folding RMSNorm gains into their readers (a permutation with tied embeddings)",
+            )
+            if norm == "rmsnorm"
+            else (
+                "residual: orthogonal (pre-LN, norms folded)",
+                "residual stream: "
+                "orthogonal maps with Q 1 = 1, after folding LayerNorm gains into their readers "
+                "(a permutation with tied embeddings, a head-less class or a norm on the stream)",
+            )
+        )
     if stack.dims.num_kv_heads:
         features.append(("GQA", "GQA: one QK and one VO transform per KV head, shared by its query heads"))
     if att.qkv is not None:
@@ -137,7 +160,7 @@ def stack_features(stack: StackSpec, always: frozenset[str] = frozenset()) -> li
 
 
 def _module(ref: Any) -> str:
-    """"attention.self.pos_key_proj.weight" -> "pos_key_proj"."""
+    """ "attention.self.pos_key_proj.weight" -> "pos_key_proj"."""
     return ref.weight.rsplit(".", 2)[-2] if ref.weight.count(".") else ref.weight
 
 
@@ -145,9 +168,10 @@ def _ffn_feature(stack: StackSpec) -> list[tuple[str, str]]:
     features = []
     if stack.experts is not None:
         names = "+".join(_module(ref) for ref in stack.experts.ffn.inputs)
-        features = [("experts perm (with router rows)", "MoE: whole routed experts permute with the router's rows"),
-                    (f"FFN perm per expert ({names})",
-                     f"each routed expert's own neuron permutation ({names} share one)")]
+        features = [
+            ("experts perm (with router rows)", "MoE: whole routed experts permute with the router's rows"),
+            (f"FFN perm per expert ({names})", f"each routed expert's own neuron permutation ({names} share one)"),
+        ]
     if stack.ffn is None:
         return features  # an attention-only stack, or routed experts only
     if stack.experts is not None:
@@ -156,8 +180,10 @@ def _ffn_feature(stack: StackSpec) -> list[tuple[str, str]]:
     inputs = stack.ffn.inputs
     if len(inputs) == 1 and inputs[0].parts == 1:
         return [("FFN perm", "FFN neuron permutation")]
-    names = "+".join(_module(ref) + (f" (fused x{ref.parts})" if ref.parts > 1 else "") + ("?" if ref.optional else "")
-                     for ref in inputs)
+    names = "+".join(
+        _module(ref) + (f" (fused x{ref.parts})" if ref.parts > 1 else "") + ("?" if ref.optional else "")
+        for ref in inputs
+    )
     optional = "; ? = where present" if any(ref.optional for ref in inputs) else ""
     return [(f"FFN perm ({names})", f"FFN neuron permutation ({names} share one{optional})")]
 
@@ -168,8 +194,9 @@ def _qk_feature(stack: StackSpec) -> tuple[str, str]:
     if rope is not None:
         partial = bool(rope.partial_factor_key) or rope.partial_factor_default < 1.0
         short = "QK rot (RoPE-commuting" + (", partial rotary)" if partial else ")")
-        long = (f"QK rotation (RoPE-commuting: one 2-D rotation per {rope.style} frequency pair"
-                + (", full Procrustes past the partial rotary dims)" if partial else ")"))
+        long = f"QK rotation (RoPE-commuting: one 2-D rotation per {rope.style} frequency pair" + (
+            ", full Procrustes past the partial rotary dims)" if partial else ")"
+        )
     extras = [_module(ref) for ref in (*stack.attention.q_like, *stack.attention.k_like)]
     if extras:
         short += f" + {', '.join(extras)}"
@@ -182,8 +209,13 @@ def describe_restriction(restriction: Restriction) -> dict[str, Any]:
     text = " or ".join(f"{key} = {' | '.join(_value(v) for v in values)}" for key, values in when.items()) or "always"
     if restriction.stacks:
         text += f" (in {', '.join(restriction.stacks)})"
-    return {"when": when, "when_text": text, "disable": sorted(restriction.disable), "reason": restriction.reason,
-            "stacks": list(restriction.stacks)}
+    return {
+        "when": when,
+        "when_text": text,
+        "disable": sorted(restriction.disable),
+        "reason": restriction.reason,
+        "stacks": list(restriction.stacks),
+    }
 
 
 def _value(value: Any) -> str:

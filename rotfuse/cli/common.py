@@ -30,18 +30,40 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on stderr except errors.")]
-JsonOut = Annotated[bool, typer.Option("--json", help="Print the machine-readable result on stdout (and nothing else there).")]
+JsonOut = Annotated[
+    bool, typer.Option("--json", help="Print the machine-readable result on stdout (and nothing else there).")
+]
 Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback when something fails.")]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output (only once the new one is complete).")]
-AllowNonfinite = Annotated[bool, typer.Option("--allow-nonfinite", help="Accept tensors holding NaN or Inf (they are left as they are) instead of refusing the checkpoint.")]
-FSYNC_HELP = ("Flush the output to disk before moving it into place, so that not even a crash or power loss leaves a "
-              "complete-looking output with empty files. --no-fsync leaves that to the OS (as cp and save_pretrained "
-              "do): faster on scratch disks.")
+Overwrite = Annotated[
+    bool, typer.Option("--overwrite", help="Replace an existing output (only once the new one is complete).")
+]
+AllowNonfinite = Annotated[
+    bool,
+    typer.Option(
+        "--allow-nonfinite",
+        help="Accept tensors holding NaN or Inf (they are left as they are) instead of refusing the checkpoint.",
+    ),
+]
+FSYNC_HELP = (
+    "Flush the output to disk before moving it into place, so that not even a crash or power loss leaves a "
+    "complete-looking output with empty files. --no-fsync leaves that to the OS (as cp and save_pretrained "
+    "do): faster on scratch disks."
+)
 Fsync = Annotated[bool, typer.Option("--fsync/--no-fsync", help=FSYNC_HELP)]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Validate the inputs and print the plan; write nothing.")]
 Device = Annotated[str, typer.Option("--device", help="Where to compute: auto (CUDA when available), cpu or cuda.")]
-Arch = Annotated[str | None, typer.Option("--arch", help="Architecture spec to use instead of detecting it from config.json (see `rotfuse archs`).")]
-ArchSpecFile = Annotated[Path | None, typer.Option("--arch-spec", help="Load your own architecture spec (YAML) instead of a built-in one.", dir_okay=False)]
+Arch = Annotated[
+    str | None,
+    typer.Option(
+        "--arch", help="Architecture spec to use instead of detecting it from config.json (see `rotfuse archs`)."
+    ),
+]
+ArchSpecFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--arch-spec", help="Load your own architecture spec (YAML) instead of a built-in one.", dir_okay=False
+    ),
+]
 
 
 LOG_INTERVAL_S = 10.0  # seconds between two progress lines in a log; ROTFUSE_LOG_INTERVAL overrides
@@ -50,9 +72,12 @@ LOG_WIDTH = 240  # columns of tables written to a log or pipe: never wrapped at 
 
 def job_file_option(example: str) -> Any:
     """The --config flag of a command that takes a YAML job file; `example` shows a few of its keys."""
-    return typer.Option("--config", "-c", dir_okay=False,
-                        help=f"YAML job file: keys are this command's flags ({example}, ...); flags given on the "
-                             "command line win.")
+    return typer.Option(
+        "--config",
+        "-c",
+        dir_okay=False,
+        help=f"YAML job file: keys are this command's flags ({example}, ...); flags given on the command line win.",
+    )
 
 
 def _clock(seconds: float) -> str:
@@ -157,8 +182,14 @@ class Ui:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        with Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=self.console, transient=True) as bar:
+        with Progress(
+            TextColumn(description),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,
+        ) as bar:
             task = bar.add_task(description, total=None)
 
             def update(done: int, total: int) -> None:
@@ -209,7 +240,12 @@ def run_command(action: Callable[[], T], debug: bool) -> T:
     except signals.Interrupted as exc:
         _fail(exc, debug, f"rotfuse: {exc.verb}; {_what_was_written()}", exc.exit_code)
     except Exception as exc:  # a bug in rotfuse
-        _fail(exc, debug, f"rotfuse: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1)
+        _fail(
+            exc,
+            debug,
+            f"rotfuse: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+            1,
+        )
     finally:
         signals.restore(previous)
     late = signals.pending()
@@ -225,8 +261,10 @@ def _what_was_written() -> str:
     done = signals.finished_outputs()
     if not done:
         return "no output was written"
-    return (f"{len(done)} finished output(s) are whole ({', '.join(str(p) for p in done)}); the one in progress "
-            "was not written; rerun with --skip-existing to do the rest")
+    return (
+        f"{len(done)} finished output(s) are whole ({', '.join(str(p) for p in done)}); the one in progress "
+        "was not written; rerun with --skip-existing to do the rest"
+    )
 
 
 def _fail(exc: BaseException, debug: bool, line: str, code: int) -> None:
@@ -247,8 +285,10 @@ def require(module: str, what: str) -> None:
     try:
         import_module(module)
     except ImportError as exc:
-        raise UsageError(f"{what} needs the Python package {module}, which cannot be imported "
-                         f"({type(exc).__name__}: {exc}); install it with: pip install 'rotfuse[models]'") from None
+        raise UsageError(
+            f"{what} needs the Python package {module}, which cannot be imported "
+            f"({type(exc).__name__}: {exc}); install it with: pip install 'rotfuse[models]'"
+        ) from None
 
 
 def parse_layers(text: str | None) -> LayerRanges | None:

@@ -13,21 +13,46 @@ from rotfuse.cli.verify import BatchSize
 
 def interpolate_command(
     a: Annotated[Path, typer.Argument(help="Checkpoint at λ = 0 (e.g. the anchor).")],
-    ends: Annotated[list[Path], typer.Argument(
-        help="Checkpoint(s) at λ = 1: one curve from A to each, e.g. B and B matched to A.", show_default=False)],
-    data: Annotated[Path, typer.Option(
-        "--data", dir_okay=False, show_default=False,
-        help="Inputs with labels (.jsonl with a label field, or .safetensors/.npz with a labels tensor); "
-             "unlabelled data works for causal LMs and classifiers (see below).")],
+    ends: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Checkpoint(s) at λ = 1: one curve from A to each, e.g. B and B matched to A.", show_default=False
+        ),
+    ],
+    data: Annotated[
+        Path,
+        typer.Option(
+            "--data",
+            dir_okay=False,
+            show_default=False,
+            help="Inputs with labels (.jsonl with a label field, or .safetensors/.npz with a labels tensor); "
+            "unlabelled data works for causal LMs and classifiers (see below).",
+        ),
+    ],
     steps: Annotated[int, typer.Option("--steps", min=2, help="Grid points from λ = 0 to 1, both included.")] = 11,
     plot: Annotated[Path | None, typer.Option("--plot", dir_okay=False, help="Write a PNG of the curves here.")] = None,
-    label: Annotated[list[str] | None, typer.Option(
-        "--label", help="Name of a curve in the table and legend; repeat once per end, in order [default: folder names].")] = None,
-    overlay: Annotated[list[Path] | None, typer.Option(
-        "--overlay", dir_okay=False, help="Also plot the curves saved by an earlier run (its --out or --json file); repeatable.")] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", dir_okay=False, help="Also write the JSON result to this file.")] = None,
+    label: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--label",
+            help="Name of a curve in the table and legend; repeat once per end, in order [default: folder names].",
+        ),
+    ] = None,
+    overlay: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--overlay",
+            dir_okay=False,
+            help="Also plot the curves saved by an earlier run (its --out or --json file); repeatable.",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", dir_okay=False, help="Also write the JSON result to this file.")
+    ] = None,
     title: Annotated[str | None, typer.Option("--title", help="Title of the plot.")] = None,
-    samples: Annotated[int | None, typer.Option("--samples", min=1, help="Use only the first N samples of --data.")] = None,
+    samples: Annotated[
+        int | None, typer.Option("--samples", min=1, help="Use only the first N samples of --data.")
+    ] = None,
     batch_size: BatchSize = 32,
     device: Device = "auto",
     overwrite: Overwrite = False,
@@ -64,9 +89,14 @@ def interpolate_command(
             raise UsageError(f"--label given {len(names)} times for {len(ends)} curve(s): give one per end checkpoint")
         if overlay and plot is None:
             raise UsageError("--overlay adds curves to the plot: give --plot FILE.png too")
-        check_outputs([Target(plot, "--plot", folder=False, what="plot") if plot else None,
-                       Target(out, "--out", folder=False, what="result") if out else None],
-                      [a, *ends, data, *(overlay or [])], overwrite)
+        check_outputs(
+            [
+                Target(plot, "--plot", folder=False, what="plot") if plot else None,
+                Target(out, "--out", folder=False, what="result") if out else None,
+            ],
+            [a, *ends, data, *(overlay or [])],
+            overwrite,
+        )
         earlier = [curve for path in overlay or [] for curve in _read_curves(path)]
         inputs = load_inputs(data, a, samples)
         settings = InterpolationSettings(grid(steps), batch_size, resolve_device(device))
@@ -75,8 +105,11 @@ def interpolate_command(
             with ui.progress(f"curve {number + 1}/{len(ends)} ({end})", "lambda") as progress:
                 curves.append(interpolate(a, end, inputs, settings, names[number] if names else None, progress))
         result: dict[str, Any] = {
-            "tool": "rotfuse", "command": "interpolate", "data": str(data),
-            "samples": next(iter(inputs.values())).shape[0], "curves": [curve.as_dict() for curve in curves],
+            "tool": "rotfuse",
+            "command": "interpolate",
+            "data": str(data),
+            "samples": next(iter(inputs.values())).shape[0],
+            "curves": [curve.as_dict() for curve in curves],
             "plot": str(plot) if plot else None,
         }
         if out is not None:  # before the plot: a failing plot never costs the numbers
@@ -117,6 +150,9 @@ def _render(curves: list[Any], ui: Ui) -> None:
         table.add_column(column, justify="left" if column == "curve" else "right")
     for curve in curves:
         accs = curve.accuracies or [None] * len(curve.lambdas)
-        table.add_row(curve.label, *(f"{x:.4f}" for x in (curve.losses[0], curve.losses[middle], curve.losses[-1], curve.barrier)),
-                      *("-" if x is None else f"{x:.3f}" for x in (accs[0], accs[middle], accs[-1])))
+        table.add_row(
+            curve.label,
+            *(f"{x:.4f}" for x in (curve.losses[0], curve.losses[middle], curve.losses[-1], curve.barrier)),
+            *("-" if x is None else f"{x:.3f}" for x in (accs[0], accs[middle], accs[-1])),
+        )
     ui.console.print(table)

@@ -58,8 +58,10 @@ class Kind:
             raise UsageError(f"{where}: {key}: must be a single value, got {value!r}")
         if self.type == "list":
             items = value if isinstance(value, list) else [value]
-            if not all(isinstance(item, str) or (isinstance(item, (int, float)) and not isinstance(item, bool))
-                       for item in items):
+            if not all(
+                isinstance(item, str) or (isinstance(item, (int, float)) and not isinstance(item, bool))
+                for item in items
+            ):
                 raise UsageError(f"{where}: {key}: must be a value or a list of values, got {value!r}")
         if numeric and self.type in ("int", "float"):
             if self.minimum is not None and value < self.minimum:
@@ -94,8 +96,9 @@ def load_config(path: Path | None, command: str, known: Mapping[str, Kind]) -> d
     settings = {str(key).replace("-", "_"): value for key, value in raw.items()}
     for key, value in settings.items():
         if key not in known:
-            raise UsageError(f"{path}: unknown setting {key!r} for rotfuse {command} "
-                             f"(known: {', '.join(sorted(known))})")
+            raise UsageError(
+                f"{path}: unknown setting {key!r} for rotfuse {command} (known: {', '.join(sorted(known))})"
+            )
         known[key].check(value, key, Path(path))
     return settings
 

@@ -19,6 +19,8 @@ def resolve_device(name: str) -> str:
     if not torch.cuda.is_available():
         raise UsageError(f"--device {name}: no CUDA device is available (use --device cpu or auto)")
     if number and int(number) >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: there is no such CUDA device (this machine has "
-                         f"{torch.cuda.device_count()}: cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+        raise UsageError(
+            f"--device {name}: there is no such CUDA device (this machine has "
+            f"{torch.cuda.device_count()}: cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+        )
     return name

@@ -41,13 +41,21 @@ def launch_env() -> dict[str, str] | None:
     Reads the environment only (no torch): the CLI asks it before its imports."""
     env = os.environ
     if int(env.get("WORLD_SIZE", "1") or 1) > 1:
-        return {"RANK": env.get("RANK", "0"), "WORLD_SIZE": env["WORLD_SIZE"],
-                "LOCAL_RANK": env.get("LOCAL_RANK", "0"), "MASTER_ADDR": env.get("MASTER_ADDR", ""),
-                "MASTER_PORT": env.get("MASTER_PORT", "29500")}
+        return {
+            "RANK": env.get("RANK", "0"),
+            "WORLD_SIZE": env["WORLD_SIZE"],
+            "LOCAL_RANK": env.get("LOCAL_RANK", "0"),
+            "MASTER_ADDR": env.get("MASTER_ADDR", ""),
+            "MASTER_PORT": env.get("MASTER_PORT", "29500"),
+        }
     if int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1 and "SLURM_PROCID" in env:
-        return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_STEP_NUM_TASKS"],
-                "LOCAL_RANK": env.get("SLURM_LOCALID", "0"), "MASTER_ADDR": env.get("MASTER_ADDR", ""),
-                "MASTER_PORT": env.get("MASTER_PORT", "29500")}
+        return {
+            "RANK": env["SLURM_PROCID"],
+            "WORLD_SIZE": env["SLURM_STEP_NUM_TASKS"],
+            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "MASTER_ADDR": env.get("MASTER_ADDR", ""),
+            "MASTER_PORT": env.get("MASTER_PORT", "29500"),
+        }
     return None
 
 
@@ -146,15 +154,18 @@ def job() -> Iterator[Group | None]:
         yield _current
         return
     if not found["MASTER_ADDR"]:
-        raise UsageError("launched as several processes but MASTER_ADDR is not set (export it in the job script: "
-                         "the first host of the job, e.g. $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1))")
+        raise UsageError(
+            "launched as several processes but MASTER_ADDR is not set (export it in the job script: "
+            "the first host of the job, e.g. $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1))"
+        )
     os.environ.update(found)
     import torch
     import torch.distributed as dist
 
     timeout = timedelta(seconds=float(os.environ.get("ROTFUSE_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
-    dist.init_process_group("gloo", init_method="env://", timeout=timeout,
-                            rank=int(found["RANK"]), world_size=int(found["WORLD_SIZE"]))
+    dist.init_process_group(
+        "gloo", init_method="env://", timeout=timeout, rank=int(found["RANK"]), world_size=int(found["WORLD_SIZE"])
+    )
     group = Group(dist.get_rank(), dist.get_world_size())
     has_gpu = torch.cuda.is_available()
     if has_gpu:

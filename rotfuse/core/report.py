@@ -75,8 +75,10 @@ def render_match_table(report: dict[str, Any], console: Any) -> None:
     from rich.table import Table
 
     model = report.get("model", {}).get("path", "?")
-    table = Table(title=f"rotfuse match: {model} -> {report.get('output', {}).get('path', '?')}: {report['arch']} "
-                        f"({', '.join(report['symmetries']) or 'no symmetries'})")
+    table = Table(
+        title=f"rotfuse match: {model} -> {report.get('output', {}).get('path', '?')}: {report['arch']} "
+        f"({', '.join(report['symmetries']) or 'no symmetries'})"
+    )
     table.add_column("layer", justify="right")
     modules: tuple[str, ...] = ("attn.qk", "attn.vo", "ffn")
     if any("moe.experts" in row["modules"] for row in report["layers"]):
@@ -103,8 +105,9 @@ def render_match_table(report: dict[str, Any], console: Any) -> None:
         )
     for note in report.get("restrictions", []):
         console.print(f"[yellow]note:[/yellow] {note}")
-    console.print(f"timings of {model}: " + ", ".join(f"{stage} {seconds:.2f}s" for stage, seconds in report["timings"].items()))
-
+    console.print(
+        f"timings of {model}: " + ", ".join(f"{stage} {seconds:.2f}s" for stage, seconds in report["timings"].items())
+    )
 
 
 def render_plan(plan: dict[str, Any], console: Any) -> None:

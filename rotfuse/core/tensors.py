@@ -22,7 +22,7 @@ def all_finite(tensor: torch.Tensor) -> bool:
     if tensor.element_size() == 1:  # float8: torch implements no reduction for it; check in float32 chunks
         flat = tensor.reshape(-1)
         step = 1 << 20
-        return all(bool(torch.isfinite(flat[i:i + step].float()).all()) for i in range(0, flat.numel(), step))
+        return all(bool(torch.isfinite(flat[i : i + step].float()).all()) for i in range(0, flat.numel(), step))
     if bool(torch.isfinite(tensor.sum())):
         return True
     return bool(torch.isfinite(tensor).all())
@@ -37,7 +37,7 @@ def sq_distance(a: torch.Tensor, b: torch.Tensor, chunk_elements: int = 1 << 18)
     rows = max(1, chunk_elements // max(1, row))
     if a.dim() == 0 or a.shape[0] <= rows:
         return float(_diff(a, b).square_().sum())
-    return sum(float(_diff(a[i:i + rows], b[i:i + rows]).square_().sum()) for i in range(0, a.shape[0], rows))
+    return sum(float(_diff(a[i : i + rows], b[i : i + rows]).square_().sum()) for i in range(0, a.shape[0], rows))
 
 
 def _diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -23,11 +23,12 @@ from rotfuse.io.untrusted import parse_json
 
 TEXT_KEYS = ("text", "sentence", "input", "content")
 IGNORE_LABEL = -100  # transformers' "no target here"
-INT64 = (-(2 ** 63), 2 ** 63 - 1)
+INT64 = (-(2**63), 2**63 - 1)
 
 
-def load_inputs(path: Path, tokenizer_folder: Path | None = None, max_samples: int | None = None,
-                max_length: int = 128) -> dict[str, torch.Tensor]:
+def load_inputs(
+    path: Path, tokenizer_folder: Path | None = None, max_samples: int | None = None, max_length: int = 128
+) -> dict[str, torch.Tensor]:
     """All samples of a data file as a dict of tensors with a common leading axis."""
     path = Path(path)
     if not path.exists():
@@ -118,7 +119,7 @@ def _label_count(config: dict[str, Any]) -> int | None:
 def batches(inputs: dict[str, torch.Tensor], batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
     count = next(iter(inputs.values())).shape[0]
     for start in range(0, count, batch_size):
-        yield {name: t[start:start + batch_size] for name, t in inputs.items()}
+        yield {name: t[start : start + batch_size] for name, t in inputs.items()}
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -93,9 +93,16 @@ class Curve:
     def as_dict(self) -> dict[str, Any]:
         height, at = barrier(self.lambdas, self.losses)
         result: dict[str, Any] = {
-            "label": self.label, "a": self.endpoints[0], "b": self.endpoints[1], "labels": self.labels,
-            "lambdas": self.lambdas, "loss": self.losses, "accuracy": self.accuracies,
-            "barrier": height, "barrier_lambda": at, "accuracy_drop": self.accuracy_drop,
+            "label": self.label,
+            "a": self.endpoints[0],
+            "b": self.endpoints[1],
+            "labels": self.labels,
+            "lambdas": self.lambdas,
+            "loss": self.losses,
+            "accuracy": self.accuracies,
+            "barrier": height,
+            "barrier_lambda": at,
+            "accuracy_drop": self.accuracy_drop,
         }
         if 0.5 in self.lambdas:
             result["midpoint"] = self.at(0.5)
@@ -108,10 +115,16 @@ class Curve:
     def from_dict(cls, data: dict[str, Any], where: str) -> Curve:
         """Read a curve back from `interpolate --json` output (for plotting earlier runs)."""
         try:
-            return cls(str(data["label"]), [float(x) for x in data["lambdas"]], [float(x) for x in data["loss"]],
-                       None if data.get("accuracy") is None else [float(x) for x in data["accuracy"]],
-                       str(data.get("labels", "data")), (str(data.get("a", "")), str(data.get("b", ""))),
-                       data.get("loss_spread"), data.get("accuracy_spread"))
+            return cls(
+                str(data["label"]),
+                [float(x) for x in data["lambdas"]],
+                [float(x) for x in data["loss"]],
+                None if data.get("accuracy") is None else [float(x) for x in data["accuracy"]],
+                str(data.get("labels", "data")),
+                (str(data.get("a", "")), str(data.get("b", ""))),
+                data.get("loss_spread"),
+                data.get("accuracy_spread"),
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"{where}: not an interpolation curve ({type(exc).__name__}: {exc})") from exc
 
@@ -151,8 +164,14 @@ class InterpolationSettings:
     work_dir: Path | None = None  # where the temporary checkpoints go (default: the system's)
 
 
-def interpolate(a_path: Path, b_path: Path, inputs: dict[str, torch.Tensor], settings: InterpolationSettings,
-                label: str | None = None, progress: Progress | None = None) -> Curve:
+def interpolate(
+    a_path: Path,
+    b_path: Path,
+    inputs: dict[str, torch.Tensor],
+    settings: InterpolationSettings,
+    label: str | None = None,
+    progress: Progress | None = None,
+) -> Curve:
     """Score `(1-l)*A + l*B` on `inputs` for every `l` in `settings.lambdas`."""
     a, b = Checkpoint.open(a_path), Checkpoint.open(b_path)
     check_pair(a, b)
@@ -180,8 +199,9 @@ def interpolate(a_path: Path, b_path: Path, inputs: dict[str, torch.Tensor], set
     return Curve(name, list(settings.lambdas), losses, accs, spec.labels, (str(a_path), str(b_path)))
 
 
-def _reference_labels(a_path: Path, b_path: Path, inputs: dict[str, torch.Tensor], spec: LossSpec,
-                      settings: InterpolationSettings) -> torch.Tensor | None:
+def _reference_labels(
+    a_path: Path, b_path: Path, inputs: dict[str, torch.Tensor], spec: LossSpec, settings: InterpolationSettings
+) -> torch.Tensor | None:
     """Labels for unlabelled classifier data: the endpoint ensemble's predictions."""
     if spec.labels != LABELS_ENSEMBLE:
         return None

@@ -13,8 +13,9 @@ from rotfuse.eval.interpolate import Curve
 from rotfuse.io.staging import write_file_atomically
 
 
-def plot_curves(curves: Sequence[Curve], path: Path, title: str | None = None, barrier_in_legend: bool = True,
-                output: bool = False) -> Path:
+def plot_curves(
+    curves: Sequence[Curve], path: Path, title: str | None = None, barrier_in_legend: bool = True, output: bool = False
+) -> Path:
     """Write a PNG with loss (and, when every curve has it, accuracy) against lambda.
 
     The legend gives each curve's barrier unless `barrier_in_legend` is off (e.g. for averaged
@@ -51,8 +52,9 @@ def plot_curves(curves: Sequence[Curve], path: Path, title: str | None = None, b
     return path
 
 
-def _draw(axis, xs: list[float], ys: list[float], spread: list[float] | None, label: str,
-          color: str | None = None):  # matplotlib objects are untyped
+def _draw(
+    axis, xs: list[float], ys: list[float], spread: list[float] | None, label: str, color: str | None = None
+):  # matplotlib objects are untyped
     (line,) = axis.plot(xs, ys, marker="o", markersize=3, label=label, color=color)
     if spread is not None:
         low = [y - s for y, s in zip(ys, spread)]

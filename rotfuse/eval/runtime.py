@@ -20,8 +20,12 @@ from rotfuse.core.errors import InputError
 
 # model classes by the head their name says they have (transformers' naming)
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
-CLASSIFIER_SUFFIXES = ("ForSequenceClassification", "ForImageClassification", "ForTokenClassification",
-                       "ForAudioClassification")
+CLASSIFIER_SUFFIXES = (
+    "ForSequenceClassification",
+    "ForImageClassification",
+    "ForTokenClassification",
+    "ForAudioClassification",
+)
 
 
 def offline() -> None:
@@ -100,8 +104,9 @@ def example_inputs(config: dict[str, Any], batch: int = 2, seq_len: int = 16, se
         inputs["attention_mask"] = torch.ones(batch, length, dtype=torch.long)
         if text.get("is_encoder_decoder"):  # T5 needs decoder inputs (BART would shift input_ids)
             decoder_length = max(1, length - 3)  # another length than the encoder's
-            inputs["decoder_input_ids"] = torch.randint(0, int(text["vocab_size"]), (batch, decoder_length),
-                                                        generator=generator)
+            inputs["decoder_input_ids"] = torch.randint(
+                0, int(text["vocab_size"]), (batch, decoder_length), generator=generator
+            )
     if "image_size" in vision:
         size = int(vision["image_size"])
         channels = int(vision.get("num_channels", 3))

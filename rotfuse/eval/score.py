@@ -53,14 +53,18 @@ def loss_spec(config: dict[str, Any], inputs: dict[str, torch.Tensor], where: st
     if any(name.endswith(CAUSAL_SUFFIXES) for name in architectures):
         return LossSpec(LABELS_FROM_DATA if "labels" in inputs else LABELS_NEXT_TOKEN, shift=True)
     if not any("For" in name for name in architectures):  # BertModel, ViTModel: hidden states only
-        raise InputError(f"{where}: {kind} has no classification or language-model head, so no loss is "
-                         "defined; use a checkpoint with a task head")
+        raise InputError(
+            f"{where}: {kind} has no classification or language-model head, so no loss is "
+            "defined; use a checkpoint with a task head"
+        )
     if "labels" in inputs:
         return LossSpec(LABELS_FROM_DATA)
     if any(name.endswith(CLASSIFIER_SUFFIXES) for name in architectures):
         return LossSpec(LABELS_ENSEMBLE)
-    raise InputError(f"{where}: {kind} needs labels in the data to define a loss (only classifiers can be "
-                     "scored against their own ensemble, and causal LMs against the next token)")
+    raise InputError(
+        f"{where}: {kind} needs labels in the data to define a loss (only classifiers can be "
+        "scored against their own ensemble, and causal LMs against the next token)"
+    )
 
 
 @dataclass
@@ -110,8 +114,9 @@ def _add_batch(totals: _Totals, logits: torch.Tensor, labels: torch.Tensor, shif
         logits, labels = logits[:, :-1], labels[:, 1:]
     if labels.is_floating_point() or logits.shape[-1] == 1:  # regression (transformers: num_labels == 1)
         if logits.numel() != labels.numel():
-            raise InputError(f"regression labels of shape {list(labels.shape)} do not fit outputs of shape "
-                             f"{list(logits.shape)}")
+            raise InputError(
+                f"regression labels of shape {list(labels.shape)} do not fit outputs of shape {list(logits.shape)}"
+            )
         totals.classes = False
         predictions = logits.reshape(labels.shape)
         totals.loss += float(torch.nn.functional.mse_loss(predictions, labels.float(), reduction="sum"))
@@ -123,27 +128,35 @@ def _add_batch(totals: _Totals, logits: torch.Tensor, labels: torch.Tensor, shif
     keep = flat_labels != IGNORE
     if bool(((flat_labels[keep] < 0) | (flat_labels[keep] >= logits.shape[-1])).any()):
         raise InputError(f"labels must lie in 0..{logits.shape[-1] - 1} (the model's number of classes)")
-    totals.loss += float(torch.nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE, reduction="sum"))
+    totals.loss += float(
+        torch.nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE, reduction="sum")
+    )
     totals.correct += int((flat_logits.argmax(-1)[keep] == flat_labels[keep]).sum())
     totals.count += int(keep.sum())
 
 
-def score(model: torch.nn.Module, inputs: dict[str, torch.Tensor], spec: LossSpec,
-          reference: torch.Tensor | None = None, batch_size: int = 32) -> Score:
+def score(
+    model: torch.nn.Module,
+    inputs: dict[str, torch.Tensor],
+    spec: LossSpec,
+    reference: torch.Tensor | None = None,
+    batch_size: int = 32,
+) -> Score:
     """Mean loss and accuracy of `model` on `inputs`; `reference` holds the labels for LABELS_ENSEMBLE."""
     device = next(model.parameters()).device
     totals = _Totals()
     start = 0
     for batch, outputs in run_batches(model, inputs, batch_size):
         size = next(iter(batch.values())).shape[0]
-        ref = reference[start:start + size] if reference is not None else None
+        ref = reference[start : start + size] if reference is not None else None
         start += size
         _add_batch(totals, logits_of(outputs), _targets(batch, spec.labels, ref).to(device), spec.shift)
     return totals.score()
 
 
-def run_batches(model: torch.nn.Module, inputs: dict[str, torch.Tensor],
-                batch_size: int) -> Iterator[tuple[dict[str, torch.Tensor], Any]]:
+def run_batches(
+    model: torch.nn.Module, inputs: dict[str, torch.Tensor], batch_size: int
+) -> Iterator[tuple[dict[str, torch.Tensor], Any]]:
     """Each batch with the model's outputs. Labels are not passed (the model computes no loss of its
     own); inputs the model cannot take are the data's fault, so they raise InputError (exit 2)."""
     device = next(model.parameters()).device

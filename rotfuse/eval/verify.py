@@ -79,9 +79,14 @@ class OutputDiff:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "agree": self.agree, "max_abs_diff": self.max_abs, "max_rel_diff": self.max_rel,
-            "output_scale": self.max_ref, "worst_ratio_to_tolerance": self.worst,
-            "elements": self.elements, "atol": self.tolerance.atol, "rtol": self.tolerance.rtol,
+            "agree": self.agree,
+            "max_abs_diff": self.max_abs,
+            "max_rel_diff": self.max_rel,
+            "output_scale": self.max_ref,
+            "worst_ratio_to_tolerance": self.worst,
+            "elements": self.elements,
+            "atol": self.tolerance.atol,
+            "rtol": self.tolerance.rtol,
         }
 
 
@@ -116,11 +121,14 @@ def verify(original: Path, aligned: Path, options: VerifyOptions) -> dict[str, A
         checkpoint.check_values()
     for key in ("model_type", "architectures"):
         if first.config.get(key) != second.config.get(key):
-            raise InputError(f"{aligned}: {key} {second.config.get(key)!r} differs from {first.config.get(key)!r} "
-                             f"in {original}: not the same architecture")
+            raise InputError(
+                f"{aligned}: {key} {second.config.get(key)!r} differs from {first.config.get(key)!r} "
+                f"in {original}: not the same architecture"
+            )
     base = default_tolerance({ckpt.entry(name).dtype for ckpt in (first, second) for name in ckpt.names()})
-    tolerance = Tolerance(base.atol if options.atol is None else options.atol,
-                          base.rtol if options.rtol is None else options.rtol)
+    tolerance = Tolerance(
+        base.atol if options.atol is None else options.atol, base.rtol if options.rtol is None else options.rtol
+    )
     if options.data is not None:
         inputs = load_inputs(options.data, original, options.samples)
         source = str(options.data)
@@ -134,5 +142,11 @@ def verify(original: Path, aligned: Path, options: VerifyOptions) -> dict[str, A
     diff = OutputDiff(tolerance)
     for ref, cand in zip(*outputs):
         diff.add(ref, cand)
-    return {"tool": "rotfuse", "command": "verify", "original": str(original), "aligned": str(aligned),
-            "inputs": {"source": source, "samples": next(iter(inputs.values())).shape[0]}, **diff.as_dict()}
+    return {
+        "tool": "rotfuse",
+        "command": "verify",
+        "original": str(original),
+        "aligned": str(aligned),
+        "inputs": {"source": source, "samples": next(iter(inputs.values())).shape[0]},
+        **diff.as_dict(),
+    }

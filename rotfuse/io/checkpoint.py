@@ -60,7 +60,9 @@ class Checkpoint:
         elif (folder / SINGLE_FILE).exists():
             index, shards = None, [read_header(folder / SINGLE_FILE)]
         elif (folder / BIN_INDEX_FILE).exists() or (folder / BIN_FILE).exists():
-            index = _read_json(folder / BIN_INDEX_FILE, what="shard index") if (folder / BIN_INDEX_FILE).exists() else None
+            index = (
+                _read_json(folder / BIN_INDEX_FILE, what="shard index") if (folder / BIN_INDEX_FILE).exists() else None
+            )
             shards = []
             for name in _shard_files_from_index(folder, index, BIN_INDEX_FILE) if index else [BIN_FILE]:
                 shard, tensors = read_bin_shard(folder / name)
@@ -119,8 +121,10 @@ class Checkpoint:
         interpolated: a float8 weight usually comes with scales that would have to be reconciled."""
         dtype = self.entry(name).dtype
         if dtype in FLOAT8_DTYPES:
-            raise InputError(f"{self.shard_of(name).path}: tensor {name!r} is float8 ({dtype}); rotfuse does not "
-                             f"{doing} quantized tensors (their scales would have to be reconciled): dequantize first")
+            raise InputError(
+                f"{self.shard_of(name).path}: tensor {name!r} is float8 ({dtype}); rotfuse does not "
+                f"{doing} quantized tensors (their scales would have to be reconciled): dequantize first"
+            )
 
     def check_values(self) -> None:
         """Read every tensor once, refusing NaN/Inf (unless allowed) with the tensor's name."""

@@ -66,8 +66,10 @@ def compare_tensors(reference: Checkpoint, other: Checkpoint, rule: PairRule = P
         mine, theirs = other.entry(name).shape, reference.entry(twin).shape
         if mine != theirs:
             named = repr(name) if twin == name else f"{name!r} ({twin!r} there)"
-            raise InputError(f"{other.folder}: tensor {named} has shape {list(mine)} but {list(theirs)} in "
-                             f"{reference.folder}{rule.hint}")
+            raise InputError(
+                f"{other.folder}: tensor {named} has shape {list(mine)} but {list(theirs)} in "
+                f"{reference.folder}{rule.hint}"
+            )
     for name in reference.names():
         if name not in twins and not rule.skip(name):
             if not rule.missing_ok:

@@ -11,10 +11,18 @@ if TYPE_CHECKING:
 
 # user-facing spellings accepted by --dtype flags
 DTYPE_ALIASES = {
-    "fp32": "F32", "float32": "F32", "f32": "F32",
-    "fp16": "F16", "float16": "F16", "f16": "F16", "half": "F16",
-    "bf16": "BF16", "bfloat16": "BF16",
-    "fp64": "F64", "float64": "F64", "f64": "F64",
+    "fp32": "F32",
+    "float32": "F32",
+    "f32": "F32",
+    "fp16": "F16",
+    "float16": "F16",
+    "f16": "F16",
+    "half": "F16",
+    "bf16": "BF16",
+    "bfloat16": "BF16",
+    "fp64": "F64",
+    "float64": "F64",
+    "f64": "F64",
 }
 
 
@@ -22,11 +30,21 @@ def torch_dtype(name: str) -> torch.dtype:
     import torch
 
     table = {
-        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-        "U8": torch.uint8, "BOOL": torch.bool,
-        "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-        "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+        "F8_E4M3": torch.float8_e4m3fn,
+        "F8_E5M2": torch.float8_e5m2,
+        "U16": torch.uint16,
+        "U32": torch.uint32,
+        "U64": torch.uint64,
     }
     return table[name]
 

@@ -23,9 +23,21 @@ from rotfuse.io.untrusted import parse_json, require_int
 
 # safetensors dtype name -> bytes per element
 DTYPE_SIZES: dict[str, int] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1,
-    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
 }
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})  # what rotfuse computes with
 FLOAT8_DTYPES = frozenset({"F8_E4M3", "F8_E5M2"})  # quantized: checked through float32, never merged
@@ -74,8 +86,7 @@ def read_header(path: Path) -> ShardHeader:
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
                 raise InputError(
-                    f"{path}: corrupt or truncated safetensors file "
-                    f"(header says {header_len} bytes, file has {size})"
+                    f"{path}: corrupt or truncated safetensors file (header says {header_len} bytes, file has {size})"
                 )
             raw = handle.read(header_len)
     except OSError as exc:
@@ -94,8 +105,9 @@ def read_header(path: Path) -> ShardHeader:
     entries.sort(key=lambda e: (e.begin, e.end))
     for before, after in zip(entries, entries[1:]):
         if after.begin < before.end:
-            raise InputError(f"{path}: corrupt safetensors header (tensors {before.name!r} and {after.name!r} "
-                             "share bytes)")
+            raise InputError(
+                f"{path}: corrupt safetensors header (tensors {before.name!r} and {after.name!r} share bytes)"
+            )
     return ShardHeader(path, data_start, {e.name: e for e in entries}, dict(metadata))
 
 
@@ -110,17 +122,15 @@ def _parse_entry(path: Path, name: str, info: object, data_start: int, size: int
         raise InputError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
     shape, offsets = info.get("shape"), info.get("data_offsets")
     if not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
-        raise InputError(f"{path}: corrupt safetensors header entry for tensor {name!r} (shape and data_offsets "
-                         "must be lists)")
+        raise InputError(
+            f"{path}: corrupt safetensors header entry for tensor {name!r} (shape and data_offsets must be lists)"
+        )
     dims = tuple(require_int(d, where, "shape") for d in shape)
     begin, end = (require_int(o, where, "data_offsets") for o in offsets)
     if end - begin != math.prod(dims) * DTYPE_SIZES[dtype]:
         raise InputError(f"{path}: tensor {name!r}: byte range does not match shape {list(dims)}")
     if data_start + end > size:
-        raise InputError(
-            f"{path}: truncated file: tensor {name!r} ends at byte {data_start + end}, "
-            f"file has {size}"
-        )
+        raise InputError(f"{path}: truncated file: tensor {name!r} ends at byte {data_start + end}, file has {size}")
     return TensorEntry(name, dtype, dims, data_start + begin, data_start + end)
 
 
@@ -172,7 +182,7 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         _sync_file_range(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE; a failure is left to fsync
 
 
-def _load_sync_file_range():  # noqa: ANN202 - a ctypes function or None
+def _load_sync_file_range():
     if not sys.platform.startswith("linux"):
         return None
     try:

@@ -3,7 +3,8 @@
 Every command writes into a hidden sibling of its output folder and renames it into place only
 when everything is written and flushed: every file and folder is fsynced before the rename and the
 parent after it, so not even a crash or power loss can leave a complete-looking output with empty
-files (`--no-fsync` skips the flushes, for scratch disks: then only errors and signals are covered). An existing output is replaced only with `--overwrite`,
+files (`--no-fsync` skips the flushes, for scratch disks: then only errors and signals are
+covered). An existing output is replaced only with `--overwrite`,
 and only after the new one is complete; an error, Ctrl-C or SIGTERM removes the staging folder and
 leaves whatever was there before untouched, and so are the parent folders a failed run created.
 
@@ -211,12 +212,15 @@ def check_outputs(targets: Sequence[Target | None], inputs: Sequence[Path | None
         if (where.exists() or Path(target.path).is_symlink()) and not overwrite:
             raise OutputError(f"{shown}: already exists (pass --overwrite to replace it)")
         if target.folder and target.report is not None and target.report in target.holds:
-            raise OutputError(f"{shown}: the output holds a weight file named {target.report}, which its report "
-                              "would replace; write the report elsewhere with --report FILE")
+            raise OutputError(
+                f"{shown}: the output holds a weight file named {target.report}, which its report "
+                "would replace; write the report elsewhere with --report FILE"
+            )
         for earlier, other in seen:
             if where == earlier or _inside(where, earlier) or _inside(earlier, where):
-                raise OutputError(f"{shown}: {target.flag} overlaps {other.flag} {other.path}; give them "
-                                  "separate places")
+                raise OutputError(
+                    f"{shown}: {target.flag} overlaps {other.flag} {other.path}; give them separate places"
+                )
         seen.append((where, target))
 
 
@@ -281,9 +285,7 @@ class StagedFolder:
     def __enter__(self) -> StagedFolder:
         return self
 
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self.committed:
             return
         shutil.rmtree(self.path, ignore_errors=True)

@@ -48,8 +48,7 @@ def plan_like(template: Checkpoint, dtype: str | None = None) -> list[ShardPlan]
     plans = []
     for shard in template.shards:
         tensors = [
-            (e.name, dtype if dtype and e.dtype in FLOAT_DTYPES else e.dtype, e.shape)
-            for e in shard.entries.values()
+            (e.name, dtype if dtype and e.dtype in FLOAT_DTYPES else e.dtype, e.shape) for e in shard.entries.values()
         ]
         metadata = {"format": "pt"} if shard.path.suffix == ".bin" else dict(shard.metadata)
         plans.append(ShardPlan(safetensors_name(shard.path.name), tensors, metadata))
@@ -76,8 +75,15 @@ class CheckpointWriter:
     offsets (disjoint byte ranges) and hands the rest to the others with `leave_to_others`.
     """
 
-    def __init__(self, folder: Path, plans: list[ShardPlan], template: Checkpoint | None = None, fsync: bool = True,
-                 allow_nonfinite: bool = False, create: bool = True):
+    def __init__(
+        self,
+        folder: Path,
+        plans: list[ShardPlan],
+        template: Checkpoint | None = None,
+        fsync: bool = True,
+        allow_nonfinite: bool = False,
+        create: bool = True,
+    ):
         self.folder = folder
         self.template = template
         self.fsync = fsync
@@ -125,8 +131,10 @@ class CheckpointWriter:
             raise InputError(f"tensor {name!r}: shape {list(tensor.shape)} does not fit the output's {list(shape)}")
         data = tensor.detach().to(device="cpu", dtype=torch_dtype(dtype)).contiguous().reshape(-1)
         if not self.allow_nonfinite and not all_finite(data):
-            raise InputError(f"tensor {name!r}: the result holds NaN or Inf values (in its output dtype {dtype}); "
-                             "nothing was written")
+            raise InputError(
+                f"tensor {name!r}: the result holds NaN or Inf values (in its output dtype {dtype}); "
+                "nothing was written"
+            )
         raw = data.view(torch.uint8).numpy()
         self._pwrite(fd, raw.data, begin, name)
         self._start_writeback(fd, begin, raw.nbytes)
@@ -282,15 +290,19 @@ def _check_copyable(path: Path) -> None:
     try:
         status = path.stat()
     except FileNotFoundError:
-        raise InputError(f"{path}: a symbolic link to nothing ({os.readlink(path) if path.is_symlink() else '?'}); "
-                         "remove it or point it at a file") from None
+        raise InputError(
+            f"{path}: a symbolic link to nothing ({os.readlink(path) if path.is_symlink() else '?'}); "
+            "remove it or point it at a file"
+        ) from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     if stat.S_ISDIR(status.st_mode):
         for child in sorted(path.iterdir()):
             _check_copyable(child)
     elif not stat.S_ISREG(status.st_mode):
-        raise InputError(f"{path}: not a regular file (a FIFO, socket or device); rotfuse copies only files and folders")
+        raise InputError(
+            f"{path}: not a regular file (a FIFO, socket or device); rotfuse copies only files and folders"
+        )
     elif not os.access(path, os.R_OK):
         raise InputError(f"{path}: cannot read (permission denied)")
 

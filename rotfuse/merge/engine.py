@@ -119,8 +119,9 @@ class MergePlan:
 # ---------------------------------------------------------------------- checking
 
 
-def _validate(models: Sequence[Path], options: MergeOptions) -> tuple[type[MergeMethod], Any, list[float],
-                                                                  list[re.Pattern[str]]]:
+def _validate(
+    models: Sequence[Path], options: MergeOptions
+) -> tuple[type[MergeMethod], Any, list[float], list[re.Pattern[str]]]:
     """The method's class, settings and weights, and the --exclude patterns, or a usage error."""
     method = method_class(options.method)
     if len(models) < method.min_models:
@@ -145,8 +146,9 @@ def _validate(models: Sequence[Path], options: MergeOptions) -> tuple[type[Merge
                 "checkpoints"
             )
         if len(options.stats) != len(models):
-            raise UsageError(f"--method {method.name} needs one --stats folder per model "
-                             f"({len(models)}), got {len(options.stats)}")
+            raise UsageError(
+                f"--method {method.name} needs one --stats folder per model ({len(models)}), got {len(options.stats)}"
+            )
     if options.match and RESIDUAL in options.symmetries:
         raise UsageError(
             "--match aligns layer by layer and cannot move the residual stream, which couples every layer: "
@@ -172,8 +174,10 @@ def _open_models(paths: Sequence[Path], options: MergeOptions) -> list[_Model]:
     first = opened[0]
     for other in opened[1:]:
         if other.bound.spec.name != first.bound.spec.name or other.bound.dims != first.bound.dims:
-            raise InputError(f"{other.folder}: architecture {other.bound.spec.name} {other.bound.dims} differs "
-                             f"from the first model's {first.bound.spec.name} {first.bound.dims}")
+            raise InputError(
+                f"{other.folder}: architecture {other.bound.spec.name} {other.bound.dims} differs "
+                f"from the first model's {first.bound.spec.name} {first.bound.dims}"
+            )
     return [_Model(Path(p), o.checkpoint, o.bound) for p, o in zip(paths, opened)]
 
 
@@ -185,16 +189,22 @@ def _check_layout(models: list[_Model], excluded: Callable[[str], bool], head_fr
     for model in models[1:]:
         theirs = model.checkpoint.config.get("model_type")
         if theirs != model_type:
-            raise InputError(f"{model.path}: model_type {theirs!r} differs from the first model's {model_type!r} "
-                             f"({models[0].path})")
+            raise InputError(
+                f"{model.path}: model_type {theirs!r} differs from the first model's {model_type!r} ({models[0].path})"
+            )
     for name in filter(excluded, first.names()):
         head = models[head_from].checkpoint
         if name not in head:
             raise InputError(f"{head.folder}: tensor {name!r} (excluded, to be copied with --head-from) not found")
-    rule = PairRule(skip=excluded, extra_ok=True, hint=(
-        "; if it is a task head with its own label space, keep it out with --exclude REGEX "
-        "(and choose its source with --head-from N)"), missing_hint=(
-        " (merge needs checkpoints with the same tensors; --exclude REGEX leaves some out)"))
+    rule = PairRule(
+        skip=excluded,
+        extra_ok=True,
+        hint=(
+            "; if it is a task head with its own label space, keep it out with --exclude REGEX "
+            "(and choose its source with --head-from N)"
+        ),
+        missing_hint=(" (merge needs checkpoints with the same tensors; --exclude REGEX leaves some out)"),
+    )
     ignored = {name for model in models[1:] for name in compare_tensors(first, model.checkpoint, rule).extra}
     return sorted(ignored)
 
@@ -203,8 +213,10 @@ def _open_stats(models: list[_Model], options: MergeOptions, kind: str) -> list[
     for model, folder in zip(models, options.stats, strict=True):
         stats = StatsFolder.open(folder)
         if stats.kind != kind:
-            raise InputError(f"{folder}: holds {stats.kind} statistics; --method {options.method} needs {kind} "
-                             f"(rotfuse stats --kind {kind})")
+            raise InputError(
+                f"{folder}: holds {stats.kind} statistics; --method {options.method} needs {kind} "
+                f"(rotfuse stats --kind {kind})"
+            )
         fingerprint = model.fingerprint
         if stats.fingerprint != fingerprint:
             raise InputError(
@@ -228,8 +240,14 @@ def _rule(name: str, sources: Sequence[_Model], method: MergeMethod, excluded: C
     return method.name if method.covers(name) else "simple"
 
 
-def prepare_merge(models: Sequence[Path], out: Path, options: MergeOptions, overwrite: bool = False,
-                  report: Path | None = None, inputs: Sequence[Path] = ()) -> MergePlan:
+def prepare_merge(
+    models: Sequence[Path],
+    out: Path,
+    options: MergeOptions,
+    overwrite: bool = False,
+    report: Path | None = None,
+    inputs: Sequence[Path] = (),
+) -> MergePlan:
     """Validate flags, output locations, checkpoints and statistics; decide every tensor's rule.
     `inputs`: other files the command read (its job file), which no output may replace."""
     from rotfuse.core.device import resolve_device
@@ -238,9 +256,14 @@ def prepare_merge(models: Sequence[Path], out: Path, options: MergeOptions, over
     device = resolve_device(options.device)
     opened = _open_models([*models, *([options.base] if options.base else [])], options)
     base = opened.pop() if options.base else None
-    check_outputs([Target(Path(out), "-o", report=REPORT_NAME, holds=output_file_names(opened[0].checkpoint)),
-                   Target(report, "--report", folder=False, what="report") if report is not None else None],
-                  [*map(Path, models), *options.stats, options.arch_spec, options.base, *inputs], overwrite)
+    check_outputs(
+        [
+            Target(Path(out), "-o", report=REPORT_NAME, holds=output_file_names(opened[0].checkpoint)),
+            Target(report, "--report", folder=False, what="report") if report is not None else None,
+        ],
+        [*map(Path, models), *options.stats, options.arch_spec, options.base, *inputs],
+        overwrite,
+    )
     side_files(opened[0].checkpoint)
 
     def excluded(name: str) -> bool:
@@ -313,8 +336,11 @@ class _Merger:
         if not all_finite(merged) and not self.plan.options.allow_nonfinite:
             self.sources.blame_nonfinite(name)  # NaN/Inf in an input reach the average: name it
             rule = self.plan.rules[name]
-            raise InputError(f"tensor {name!r}: the {rule} merge gives NaN or Inf values from finite inputs"
-                             + (" (is --fisher-floor too large?)" if rule == "fisher" else "") + "; nothing was written")
+            raise InputError(
+                f"tensor {name!r}: the {rule} merge gives NaN or Inf values from finite inputs"
+                + (" (is --fisher-floor too large?)" if rule == "fisher" else "")
+                + "; nothing was written"
+            )
         return merged
 
     def _merge(self, name: str) -> torch.Tensor:
@@ -361,12 +387,13 @@ def _aligned_layers(plan: MergePlan, sources: _Sources, distances: list[Distance
         anchor_weights = read_layer(anchor.checkpoint, anchor.bound, layer, plan.device)
         for index, model in enumerate(plan.sources[1:], start=1):
             assert model.bound is not None
-            settings = layer_settings(model.bound, layer, plan.options.symmetries, plan.options.max_rounds,
-                                      plan.options.allow_nonfinite)
+            settings = layer_settings(
+                model.bound, layer, plan.options.symmetries, plan.options.max_rounds, plan.options.allow_nonfinite
+            )
             weights = read_layer(model.checkpoint, model.bound, layer, plan.device)
             aligned, results = match_layer(weights, anchor_weights, settings)
             for result in results:
-                distances[index - 1].add(result.before ** 2, result.after ** 2, 0)
+                distances[index - 1].add(result.before**2, result.after**2, 0)
             capture = _Capture()
             write_layer(capture, model.bound, layer, aligned)  # type: ignore[arg-type]
             sources.aligned[index] = capture.tensors
@@ -379,8 +406,10 @@ def _plans(plan: MergePlan) -> list[ShardPlan]:
     plans = plan_like(plan.first.checkpoint, plan.options.dtype)
     head = plan.models[plan.options.head_from].checkpoint
     for shard in plans:
-        shard.tensors = [(name, dtype, head.entry(name).shape if plan.rules[name] == "head" else shape)
-                         for name, dtype, shape in shard.tensors]
+        shard.tensors = [
+            (name, dtype, head.entry(name).shape if plan.rules[name] == "head" else shape)
+            for name, dtype, shape in shard.tensors
+        ]
     return plans
 
 
@@ -404,8 +433,9 @@ def _write_side_files(plan: MergePlan, folder: Path) -> list[str]:
     return skipped
 
 
-def run_merge(plan: MergePlan, overwrite: bool = False, report_path: Path | None = None,
-              progress: Progress | None = None) -> dict[str, Any]:
+def run_merge(
+    plan: MergePlan, overwrite: bool = False, report_path: Path | None = None, progress: Progress | None = None
+) -> dict[str, Any]:
     """Write the merged checkpoint described by `plan`; returns the report (written as
     OUT/rotfuse_merge.json, and also to `report_path` when given)."""
     started = time.perf_counter()
@@ -433,8 +463,9 @@ def run_merge(plan: MergePlan, overwrite: bool = False, report_path: Path | None
             progress(done, total)
 
     with StagedFolder(plan.out, overwrite, plan.options.fsync) as staged:
-        writer = CheckpointWriter(staged.path, _plans(plan), plan.first.checkpoint, plan.options.fsync,
-                                  plan.options.allow_nonfinite)
+        writer = CheckpointWriter(
+            staged.path, _plans(plan), plan.first.checkpoint, plan.options.fsync, plan.options.allow_nonfinite
+        )
         try:
             handled: set[str] = set()
             if plan.options.match:
@@ -481,13 +512,20 @@ def _report(plan: MergePlan, distances: list[Distance], skipped: list[str]) -> d
         base = {"path": str(plan.base.path), "fingerprint": plan.base.fingerprint}
         if distances:
             base["alignment"] = {k: v for k, v in distances[-1].as_dict().items() if k != "tensors"}
-    settings: dict[str, Any] = {"dtype": options.dtype, "exclude": list(options.exclude), "head_from": options.head_from,
-                                "match": options.match}
+    settings: dict[str, Any] = {
+        "dtype": options.dtype,
+        "exclude": list(options.exclude),
+        "head_from": options.head_from,
+        "match": options.match,
+    }
     settings |= plan.method.describe()
     if options.match:
         settings |= {"symmetries": sorted(options.symmetries), "max_rounds": options.max_rounds}
     return {
-        "tool": "rotfuse", "version": __version__, "schema": SCHEMA_VERSION, "command": "merge",
+        "tool": "rotfuse",
+        "version": __version__,
+        "schema": SCHEMA_VERSION,
+        "command": "merge",
         "method": options.method,
         "models": models,
         **({"base": base} if base is not None else {}),
@@ -500,8 +538,14 @@ def _report(plan: MergePlan, distances: list[Distance], skipped: list[str]) -> d
     }
 
 
-def merge(models: Sequence[Path], out: Path, options: MergeOptions, report_path: Path | None = None,
-          overwrite: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+def merge(
+    models: Sequence[Path],
+    out: Path,
+    options: MergeOptions,
+    report_path: Path | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """Merge MODELS into OUT; returns the report (see `run_merge`)."""
     plan = prepare_merge(models, out, options, overwrite, report_path)
     return run_merge(plan, overwrite, report_path, progress)

@@ -38,8 +38,9 @@ class CircuitTransform:
             rt = self.rotation.transpose(1, 2)
             a = self.scale[:, None, None] if self.scale is not None else torch.ones_like(rt[:, :1, :1])
             as_left, as_right = rt * a, rt / a
-        return Circuit(tuple(_mapped(as_left, b) for b in circuit.left),
-                       tuple(_mapped(as_right, b) for b in circuit.right))
+        return Circuit(
+            tuple(_mapped(as_left, b) for b in circuit.left), tuple(_mapped(as_right, b) for b in circuit.right)
+        )
 
 
 def _mapped(maps: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
@@ -113,9 +114,7 @@ def solve_circuit(
     if tie_groups:
         full = src.left[0].shape[0]
         rotation, a = rotation.expand(full, dh, dh).clone(), a.expand(full).clone()
-    return CircuitSolution(
-        CircuitTransform(rotation if rotate else None, a if scale else None), rounds, history
-    )
+    return CircuitSolution(CircuitTransform(rotation if rotate else None, a if scale else None), rounds, history)
 
 
 def _products(x: Blocks, y: Blocks, columns: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -133,7 +132,7 @@ def _products(x: Blocks, y: Blocks, columns: int = 256) -> tuple[torch.Tensor, t
         heads, n = x_block.shape[1], x_block.shape[3]
         xs, ys = batched(x_block), batched(y_block)
         for start in range(0, n, columns):
-            xb, yb = xs[:, :, start:start + columns], ys[:, :, start:start + columns]
+            xb, yb = xs[:, :, start : start + columns], ys[:, :, start : start + columns]
             cross += torch.bmm(xb, yb.transpose(1, 2)).view(groups, heads, dh, dh).sum(1).double()
             x_norm += xb.square().sum((1, 2)).view(groups, heads).sum(1).double()
             y_norm += yb.square().sum((1, 2)).view(groups, heads).sum(1).double()

@@ -38,8 +38,9 @@ def neuron_permutation(src: Ffn, anchor: Ffn) -> tuple[torch.Tensor, float]:
     return perm, float(score)
 
 
-def expert_pair_scores(src: Experts, anchor: Experts, permute_neurons: bool
-                       ) -> tuple[torch.Tensor, list[list[torch.Tensor | None]]]:
+def expert_pair_scores(
+    src: Experts, anchor: Experts, permute_neurons: bool
+) -> tuple[torch.Tensor, list[list[torch.Tensor | None]]]:
     """`[E, E]` float64 scores of source expert i at anchor slot j, and the neuron permutation each
     pair would use (None without `permute_neurons`: the identity)."""
     count = len(src.ffns)
@@ -64,8 +65,9 @@ def permute_experts(experts: Experts, perm: torch.Tensor) -> Experts:
 
 def permute_expert_neurons(experts: Experts, perms: list[torch.Tensor | None]) -> Experts:
     """Each expert's neurons permuted by its own permutation (None: left as it is)."""
-    return Experts(experts.router, [ffn if p is None else permute_ffn(ffn, p) for ffn, p in zip(experts.ffns, perms,
-                                                                                                   strict=True)])
+    return Experts(
+        experts.router, [ffn if p is None else permute_ffn(ffn, p) for ffn, p in zip(experts.ffns, perms, strict=True)]
+    )
 
 
 def random_experts(experts: Experts, generator: torch.Generator, whole: bool, neurons: bool) -> Experts:

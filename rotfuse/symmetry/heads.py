@@ -40,5 +40,6 @@ def pair_scores(src: Circuit, anchor: Circuit, rotate: bool, rotary_dim: int = 0
 
 def permute_groups(circuit: Circuit, perm: torch.Tensor) -> Circuit:
     index = perm.to(circuit.left[0].device)
-    return Circuit(tuple(b.index_select(0, index) for b in circuit.left),
-                   tuple(b.index_select(0, index) for b in circuit.right))
+    return Circuit(
+        tuple(b.index_select(0, index) for b in circuit.left), tuple(b.index_select(0, index) for b in circuit.right)
+    )

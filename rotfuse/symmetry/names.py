@@ -15,8 +15,7 @@ from rotfuse.core.errors import UsageError
 FFN_PERM = "ffn.perm"  # FFN neuron permutation: the dearest per-layer solve
 EXPERTS = "experts.perm"  # whole experts with their router rows (mixture-of-experts layers)
 RESIDUAL = "residual.map"  # one map of the whole residual stream (permutation, or orthogonal where exact)
-ALL_SYMMETRIES = frozenset({"qk.rot", "qk.scale", "vo.rot", "vo.scale", "ffn.perm", "heads.perm", EXPERTS,
-                           RESIDUAL})
+ALL_SYMMETRIES = frozenset({"qk.rot", "qk.scale", "vo.rot", "vo.scale", "ffn.perm", "heads.perm", EXPERTS, RESIDUAL})
 DEFAULT_SYMMETRIES = "perm,heads,experts,rot,scale"  # per-layer maps; the residual map is opt-in
 CLI_SYMMETRIES = {
     "default": frozenset({"ffn.perm", "heads.perm", EXPERTS, "qk.rot", "qk.scale", "vo.rot", "vo.scale"}),

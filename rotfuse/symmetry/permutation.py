@@ -18,11 +18,11 @@ import torch
 from rotfuse.symmetry.weights import Ffn, Linear
 
 PREFIXES = (8, 4, 2)  # bounded scores over the first 1/8, 1/4, then 1/2 of the columns
-SLACK = 2.0 ** -12  # of |x| |y|: far above float32 GEMM rounding, far below a real margin
+SLACK = 2.0**-12  # of |x| |y|: far above float32 GEMM rounding, far below a real margin
 MIN_SETTLED = 1 / 8  # a prefix that settles fewer of the open rows gives up on the bounds
 ROW_BLOCK = 512  # rows per block of bounds: temporaries of a few MiB, not of the whole score matrix
-BF16_UNIT = 2.0 ** -8  # unit roundoff of bfloat16 (8 significant bits)
-FP32_UNIT = 2.0 ** -24
+BF16_UNIT = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
+FP32_UNIT = 2.0**-24
 MAX_CANDIDATES = 4  # per row on average; more means near-ties everywhere (unrelated models)
 PAIR_CHUNK = 1024  # candidate pairs scored at once in float64: a few tens of MiB
 
@@ -80,7 +80,7 @@ def filtered_row_bests(src: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor 
         candidates = upper >= reached[:, None]
         candidates[torch.arange(len(pick), device=pick.device), pick] = True
         single = candidates.sum(dim=1) == 1
-        best[start:start + len(pick)][single] = pick[single]
+        best[start : start + len(pick)][single] = pick[single]
         rows, cols = candidates[~single].nonzero(as_tuple=True)
         open_rows.append(torch.arange(start, start + len(pick), device=src.device)[~single][rows])
         open_cols.append(cols)
@@ -136,7 +136,7 @@ def bounded_row_bests(src: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor |
         settled, candidate = [], []
         for start in range(0, len(open_rows), ROW_BLOCK):
             block = slice(start, start + ROW_BLOCK)
-            upper = torch.addr(scores[block], src_rest_norm[block], anchor_rest_norm, out=bound[:len(scores[block])])
+            upper = torch.addr(scores[block], src_rest_norm[block], anchor_rest_norm, out=bound[: len(scores[block])])
             upper.addr_(src_norm[open_rows[block]], anchor_norm, alpha=SLACK)
             top, pick = upper.topk(2, dim=1)
             # over every column: this prefix's GEMM scores (their rounding is inside SLACK) plus the rest

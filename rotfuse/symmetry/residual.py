@@ -107,8 +107,9 @@ class StreamMap:
         result = tensor
         for axis in axes:
             if result.shape[axis] != self.d:
-                raise ValueError(f"axis {axis} of a tensor of shape {list(tensor.shape)} is not the stream "
-                                 f"(d={self.d})")
+                raise ValueError(
+                    f"axis {axis} of a tensor of shape {list(tensor.shape)} is not the stream (d={self.d})"
+                )
             if self.perm is not None:
                 result = result.index_select(axis, self.perm.to(result.device))
             else:
@@ -122,7 +123,7 @@ def ones_frame(d: int) -> torch.Tensor:
     """A symmetric orthogonal H [d, d] (a Householder reflection) whose first column is 1/sqrt(d):
     its other columns are an orthonormal basis of the directions orthogonal to all-ones, so
     H diag(1, R) H keeps the ones for every orthogonal R [d-1, d-1]."""
-    unit = torch.full((d,), d ** -0.5, dtype=torch.float64)
+    unit = torch.full((d,), d**-0.5, dtype=torch.float64)
     v = -unit
     v[0] += 1.0
     if float(v.norm()) < 1e-12:  # d == 1: the ones are the first axis already

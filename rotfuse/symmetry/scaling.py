@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 
-def scale_objective(a, c4, c3, c1, c0):  # noqa: ANN001 - floats or tensors alike
+def scale_objective(a, c4, c3, c1, c0):
     """f(a) up to a constant; works on Python floats and on tensors."""
     return c4 * a * a - 2 * c3 * a + c0 / (a * a) - 2 * c1 / a
 

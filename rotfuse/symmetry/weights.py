@@ -30,7 +30,7 @@ class Linear:
     weight: torch.Tensor
     bias: torch.Tensor | None = None
 
-    def map(self, fn) -> Linear:  # noqa: ANN001 - fn: Tensor -> Tensor
+    def map(self, fn) -> Linear:
         return Linear(fn(self.weight), None if self.bias is None else fn(self.bias))
 
 

@@ -27,8 +27,18 @@ def free_port() -> int:
 
 def torchrun(nproc: int, *args: object) -> subprocess.CompletedProcess:
     """`python -m torch.distributed.run --nproc-per-node N -m rotfuse ARGS`, as a user launches it."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(free_port()), "-m", "rotfuse", *map(str, args)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "rotfuse",
+        *map(str, args),
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT)
 
 
@@ -37,11 +47,24 @@ def srun_like(nproc: int, *args: object) -> list[subprocess.CompletedProcess]:
     port = free_port()
     procs = []
     for rank in range(nproc):
-        env = {**os.environ, "SLURM_PROCID": str(rank), "SLURM_STEP_NUM_TASKS": str(nproc),
-               "SLURM_LOCALID": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        env = {
+            **os.environ,
+            "SLURM_PROCID": str(rank),
+            "SLURM_STEP_NUM_TASKS": str(nproc),
+            "SLURM_LOCALID": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
         env.pop("WORLD_SIZE", None)
-        procs.append(subprocess.Popen([sys.executable, "-m", "rotfuse", *map(str, args)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "rotfuse", *map(str, args)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     results = []
     for proc in procs:
         out, err = proc.communicate(timeout=TIMEOUT)
@@ -103,19 +126,25 @@ def _isolate_rank1_layers(model: Path, dest: Path) -> tuple[Path, str]:
     for item in model.iterdir():
         if not item.name.endswith((".safetensors", ".json")) or item.name == "config.json":
             (dest / item.name).write_bytes(item.read_bytes())
-    save_file({n: t for n, t in tensors.items() if n not in theirs}, str(dest / "model-00001-of-00002.safetensors"),
-              metadata={"format": "pt"})
-    save_file({n: t for n, t in tensors.items() if n in theirs}, str(dest / "model-00002-of-00002.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {n: t for n, t in tensors.items() if n not in theirs},
+        str(dest / "model-00001-of-00002.safetensors"),
+        metadata={"format": "pt"},
+    )
+    save_file(
+        {n: t for n, t in tensors.items() if n in theirs},
+        str(dest / "model-00002-of-00002.safetensors"),
+        metadata={"format": "pt"},
+    )
     weight_map = {n: f"model-0000{2 if n in theirs else 1}-of-00002.safetensors" for n in tensors}
     (dest / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     victim = sorted(theirs)[0]
     shard = dest / "model-00002-of-00002.safetensors"
     assert victim in load_file(str(shard))
     header = int.from_bytes(shard.read_bytes()[:8], "little")
-    begin, end = json.loads(shard.read_bytes()[8:8 + header])[victim]["data_offsets"]
+    begin, end = json.loads(shard.read_bytes()[8 : 8 + header])[victim]["data_offsets"]
     data = bytearray(shard.read_bytes())
-    data[8 + header + begin:8 + header + end] = b"\xff" * (end - begin)
+    data[8 + header + begin : 8 + header + end] = b"\xff" * (end - begin)
     shard.write_bytes(bytes(data))
     return dest, victim
 

@@ -22,11 +22,15 @@ from rotfuse.symmetry.names import symmetry_set
 def _data(kind: str, path: Path, seed: int = 0) -> Path:
     g = torch.Generator().manual_seed(seed)
     if kind == "vit":
-        data = {"pixel_values": torch.randn(48, 3, 12, 12, generator=g),
-                "labels": torch.randint(0, 5, (48,), generator=g)}
+        data = {
+            "pixel_values": torch.randn(48, 3, 12, 12, generator=g),
+            "labels": torch.randint(0, 5, (48,), generator=g),
+        }
     else:
-        data = {"input_ids": torch.randint(3, 61, (24, 10), generator=g),
-                "attention_mask": torch.ones(24, 10, dtype=torch.long)}
+        data = {
+            "input_ids": torch.randint(3, 61, (24, 10), generator=g),
+            "attention_mask": torch.ones(24, 10, dtype=torch.long),
+        }
     save_file(data, str(path))
     return path
 
@@ -35,8 +39,15 @@ def _learn(tmp_path: Path, kind: str, out: str = "out", steps: int = 12) -> tupl
     model, anchor = save_pair(kind, tmp_path)
     train = _data(kind, tmp_path / "train.safetensors")
     held = _data(kind, tmp_path / "held.safetensors", seed=1)
-    options = MatchOptions(symmetries=symmetry_set("default,residual"), device="cpu", data=train, learn=True,
-                           eval_data=held, learn_steps=steps, data_batch_size=16)
+    options = MatchOptions(
+        symmetries=symmetry_set("default,residual"),
+        device="cpu",
+        data=train,
+        learn=True,
+        eval_data=held,
+        learn_steps=steps,
+        data_batch_size=16,
+    )
     with one_thread():
         report = match(anchor, model, tmp_path / out, options, overwrite=True)
     return model, anchor, train, report

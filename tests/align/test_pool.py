@@ -62,7 +62,9 @@ def test_scramble_is_deterministic_across_worker_counts(tmp_path):
     model = save_tiny("bert", tmp_path / "model", seed=0, num_hidden_layers=4)
     scramble(model, tmp_path / "one", MatchOptions(device="cpu", workers=1), seed=9)
     scramble(model, tmp_path / "three", MatchOptions(device="cpu", workers=3), seed=9)
-    assert (tmp_path / "one" / "model.safetensors").read_bytes() == (tmp_path / "three" / "model.safetensors").read_bytes()
+    assert (tmp_path / "one" / "model.safetensors").read_bytes() == (
+        tmp_path / "three" / "model.safetensors"
+    ).read_bytes()
 
 
 def test_threads_per_op_are_shared_among_workers_and_restored(tmp_path, monkeypatch):

@@ -25,9 +25,18 @@ WITH_RESIDUAL = symmetry_set("default,residual")
 KEEPING_ONES = "orthogonal, keeping the ones"  # pre-LN LayerNorm models, norms folded
 # (TINY name, the map the stream gets)
 CASES = {
-    "bert": "permutation", "roberta": "permutation", "bert-mlm": "permutation", "vit": KEEPING_ONES,
-    "gpt2": "permutation", "deberta-v2": "permutation", "distilbert-mlm": "permutation", "phi": KEEPING_ONES,
-    "clip": "permutation", "llama": "orthogonal", "mistral": "orthogonal", "llama-tied": "permutation",
+    "bert": "permutation",
+    "roberta": "permutation",
+    "bert-mlm": "permutation",
+    "vit": KEEPING_ONES,
+    "gpt2": "permutation",
+    "deberta-v2": "permutation",
+    "distilbert-mlm": "permutation",
+    "phi": KEEPING_ONES,
+    "clip": "permutation",
+    "llama": "orthogonal",
+    "mistral": "orthogonal",
+    "llama-tied": "permutation",
     "qwen2": "permutation",
 }
 
@@ -91,6 +100,7 @@ def test_a_copy_in_the_anchors_gains_averages_like_the_folded_pair(tmp_path):
     merge([anchor, tmp_path / "copy"], tmp_path / "merged", MergeOptions(method="simple", device="cpu"))
     inputs = example_inputs(json.loads((model / "config.json").read_text()), batch=2, seq_len=8, seed=0)
     merged = forward(load_model(tmp_path / "merged"), inputs).logits
+
     # the same average taken with every norm folded on both sides (gain 1, bias / gain)
     def folded(folder):
         side = folded_view(folder)
@@ -112,8 +122,14 @@ def test_activation_matching_recovers_the_stream(tmp_path, minilm_dir, arch, dat
     generator = torch.Generator().manual_seed(0)
     if data == "pixels":
         path = tmp_path / "inputs.safetensors"
-        save_file({"pixel_values": torch.randn(40, config["num_channels"], config["image_size"], config["image_size"],
-                                               generator=generator)}, str(path))
+        save_file(
+            {
+                "pixel_values": torch.randn(
+                    40, config["num_channels"], config["image_size"], config["image_size"], generator=generator
+                )
+            },
+            str(path),
+        )
     elif data == "tokens":
         path = tmp_path / "inputs.npz"
         import numpy as np
@@ -166,10 +182,23 @@ def test_untie_on_a_pre_ln_model_recovers_a_rotated_stream(tmp_path):
 def test_headless_model_needs_consent(tmp_path, cli):
     model = save_tiny("bert-bare", tmp_path / "model", seed=0)
     anchor = save_tiny("bert-bare", tmp_path / "anchor", seed=1)
-    assert_one_line_error(cli("match", anchor, model, "-o", tmp_path / "out", "-s", "default,residual"),
-                          "BertModel has no head", "--allow-stream-output")
-    result = cli("match", anchor, model, "-o", tmp_path / "out", "-s", "default,residual", "--allow-stream-output",
-                 "--json", "-q")
+    assert_one_line_error(
+        cli("match", anchor, model, "-o", tmp_path / "out", "-s", "default,residual"),
+        "BertModel has no head",
+        "--allow-stream-output",
+    )
+    result = cli(
+        "match",
+        anchor,
+        model,
+        "-o",
+        tmp_path / "out",
+        "-s",
+        "default,residual",
+        "--allow-stream-output",
+        "--json",
+        "-q",
+    )
     assert result.returncode == 0, result.stderr
     # the hidden states come out permuted by the stream map: same values, other order
     before, after = outputs(model), outputs(tmp_path / "out")
@@ -194,12 +223,14 @@ def test_several_models_in_one_call(tmp_path, cli):
 
 def test_data_needs_the_residual_symmetry(tmp_path, cli):
     model = save_tiny("vit", tmp_path / "model", seed=0)
-    assert_one_line_error(cli("match", model, model, "-o", tmp_path / "out", "--data", tmp_path / "x.npz"),
-                          "--data", "residual")
+    assert_one_line_error(
+        cli("match", model, model, "-o", tmp_path / "out", "--data", tmp_path / "x.npz"), "--data", "residual"
+    )
 
 
 def test_merge_match_refuses_the_residual_stream(tmp_path, cli):
     model = save_tiny("vit", tmp_path / "model", seed=0)
     other = save_tiny("vit", tmp_path / "other", seed=1)
-    assert_one_line_error(cli("merge", "--match", "-s", "default,residual", model, other, "-o", tmp_path / "out"),
-                          "--match", "residual")
+    assert_one_line_error(
+        cli("merge", "--match", "-s", "default,residual", model, other, "-o", tmp_path / "out"), "--match", "residual"
+    )

@@ -74,10 +74,16 @@ def _check_rows(report: dict, case: str) -> None:
                 if heads_off and stack in SELF_ATTENTION:
                     assert "heads" not in module["applied"], (row["layer"], name)
     notes = [note for note in report["restrictions"] if " off" in note]
-    assert notes == (["heads.perm off in encoder, decoder: the relative attention bias of block 0 (one column per "
-                      "head) is added to the scores of every layer of the stack, so a layer's heads cannot be "
-                      "permuted on their own (per-head rotation and rescaling are unaffected; cross-attention has "
-                      "no position bias and keeps head permutation)"] if heads_off else [])
+    assert notes == (
+        [
+            "heads.perm off in encoder, decoder: the relative attention bias of block 0 (one column per "
+            "head) is added to the scores of every layer of the stack, so a layer's heads cannot be "
+            "permuted on their own (per-head rotation and rescaling are unaffected; cross-attention has "
+            "no position bias and keeps head permutation)"
+        ]
+        if heads_off
+        else []
+    )
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -147,10 +153,16 @@ stacks:
 """
 # variant -> (TINY entry, spec text dropping one safeguard, symmetries the unsafe copy is scrambled with)
 SAFEGUARDS = {
-    "t5-self-attention-heads-permuted-per-layer": ("t5-gated", "extends: t5\nname: t5\nrestrictions: []\n",
-                                                   "heads.perm"),
-    "t5-v1.0-self-attention-heads-permuted-per-layer": ("t5-v1.0", "extends: t5\nname: t5\nrestrictions: []\n",
-                                                        "heads.perm"),
+    "t5-self-attention-heads-permuted-per-layer": (
+        "t5-gated",
+        "extends: t5\nname: t5\nrestrictions: []\n",
+        "heads.perm",
+    ),
+    "t5-v1.0-self-attention-heads-permuted-per-layer": (
+        "t5-v1.0",
+        "extends: t5\nname: t5\nrestrictions: []\n",
+        "heads.perm",
+    ),
     "t5-gated-ffn-wi_1-left-out": ("t5-encoder", T5_WI1_LEFT_OUT, "ffn.perm"),
 }
 
@@ -169,6 +181,7 @@ def test_dropping_a_spec_safeguard_breaks_the_function(tmp_path, variant):
 
 
 # ---------------------------------------------------------------------- CLI
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tiny", ["t5-gated", "bart"])
@@ -189,10 +202,14 @@ def test_cli_match_verify_merge(cli, tmp_path, tiny):
 
 # ---------------------------------------------------------------------- schema
 
-@pytest.mark.parametrize(("text", "fragment"), [
-    ("restrictions: [{disable: [heads.perm], stacks: [nowhere], reason: r}]", "unknown stacks"),
-    ("restrictions: [{disable: [heads.perm]}]", "needs a reason"),
-])
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("restrictions: [{disable: [heads.perm], stacks: [nowhere], reason: r}]", "unknown stacks"),
+        ("restrictions: [{disable: [heads.perm]}]", "needs a reason"),
+    ],
+)
 def test_bad_restrictions_are_refused(tmp_path, text, fragment):
     spec = tmp_path / "bad.yaml"
     spec.write_text(f"extends: t5\nname: t5\n{text}\n")
@@ -202,8 +219,10 @@ def test_bad_restrictions_are_refused(tmp_path, text, fragment):
 
 def test_an_optional_input_is_refused_outside_an_ffn(tmp_path):
     spec = tmp_path / "bad.yaml"
-    spec.write_text("extends: llama\nname: llama\nattention:\n  q: {weight: a, optional: true}\n"
-                    "  k: {weight: b}\n  v: {weight: c}\n  o: {weight: d}\n")
+    spec.write_text(
+        "extends: llama\nname: llama\nattention:\n  q: {weight: a, optional: true}\n"
+        "  k: {weight: b}\n  v: {weight: c}\n  o: {weight: d}\n"
+    )
     with pytest.raises(InputError, match="unknown key 'optional'"):
         load_spec_file(spec)
 
@@ -213,8 +232,11 @@ def test_a_checkpoint_without_any_ffn_input_is_refused(tmp_path):
 
     model = save_tiny("t5-encoder", tmp_path / "model")
     tensors = load_file(str(model / "model.safetensors"))
-    save_file({k: v for k, v in tensors.items() if ".wi_" not in k}, str(model / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in tensors.items() if ".wi_" not in k},
+        str(model / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     with pytest.raises(InputError, match="none of the FFN inputs"):
         scramble(model, tmp_path / "out", MatchOptions(device="cpu"), seed=0)
 

@@ -43,8 +43,9 @@ def edit(folder: Path, out: Path, change: Callable[[dict[str, torch.Tensor], dic
     config = json.loads((folder / "config.json").read_text())
     tensors = load_file(str(out / "model.safetensors"))
     change(tensors, config)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"), metadata={"format": "pt"}
+    )
     return out
 
 
@@ -78,8 +79,9 @@ def _qwen3_gains(uniform: bool) -> Callable[[dict[str, torch.Tensor], dict], Non
     return change
 
 
-def _qwen3_qk(transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-              q_scale: float = 1.0, k_scale: float = 1.0) -> Callable[[dict[str, torch.Tensor], dict], None]:
+def _qwen3_qk(
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None, q_scale: float = 1.0, k_scale: float = 1.0
+) -> Callable[[dict[str, torch.Tensor], dict], None]:
     """Q and K rows of every head moved by `transform` (R^T applied to [dh, d] blocks) and scaled."""
 
     def change(tensors: dict[str, torch.Tensor], config: dict) -> None:
@@ -97,9 +99,11 @@ def _qwen3_qk(transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 def qwen3(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("qwen3")
     base = save_tiny("qwen3", root / "init", seed=0)
-    return {"init": base,
-            "uniform": edit(base, root / "uniform", _qwen3_gains(uniform=True)),
-            "trained": edit(base, root / "trained", _qwen3_gains(uniform=False))}
+    return {
+        "init": base,
+        "uniform": edit(base, root / "uniform", _qwen3_gains(uniform=True)),
+        "trained": edit(base, root / "trained", _qwen3_gains(uniform=False)),
+    }
 
 
 def test_qwen3_rope_rotation_is_exact_only_where_it_commutes_with_the_qk_norm_gains(qwen3, tmp_path):
@@ -139,6 +143,7 @@ def test_qwen3_qk_norm_gain_rescaling_is_the_new_freedom(qwen3, tmp_path):
 
 
 # ---------------------------------------------------------------------- Phi-3: fused gate_up_proj, partial RoPE
+
 
 def _phi3_ffn(perm_rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[dict, dict], None]:
     """Permute down_proj's columns by a random neuron permutation and gate_up_proj's rows by
@@ -259,8 +264,9 @@ def test_family_through_the_cli(tmp_path, family):
     code, err = run_here("scramble", model, "-o", tmp_path / "scrambled", "--seed", "3", "-q")
     assert code == 0, err
     assert_same_function(model, tmp_path / "scrambled")
-    code, err = run_here("match", model, tmp_path / "scrambled", "-o", tmp_path / "back", "-q",
-                         "--report", tmp_path / "back.json")
+    code, err = run_here(
+        "match", model, tmp_path / "scrambled", "-o", tmp_path / "back", "-q", "--report", tmp_path / "back.json"
+    )
     assert code == 0, err
     totals = json.loads((tmp_path / "back.json").read_text())["totals"]["matched"]
     assert totals["after"] < 1e-5 * totals["before"]

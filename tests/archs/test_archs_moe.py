@@ -26,12 +26,21 @@ from rotfuse.symmetry.names import symmetry_set
 BROKEN = 1e-3  # a relative output change this large is a different function, not rounding
 # TINY entry -> (router, one expert's tensor pattern with {e} and {w}, its (gate, up, down) names)
 MOE = {
-    "mixtral": ("model.layers.{i}.block_sparse_moe.gate.weight",
-                "model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight", ("w1", "w3", "w2")),
-    "qwen2-moe": ("model.layers.{i}.mlp.gate.weight", "model.layers.{i}.mlp.experts.{e}.{w}.weight",
-                  ("gate_proj", "up_proj", "down_proj")),
-    "qwen3-moe": ("model.layers.{i}.mlp.gate.weight", "model.layers.{i}.mlp.experts.{e}.{w}.weight",
-                  ("gate_proj", "up_proj", "down_proj")),
+    "mixtral": (
+        "model.layers.{i}.block_sparse_moe.gate.weight",
+        "model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight",
+        ("w1", "w3", "w2"),
+    ),
+    "qwen2-moe": (
+        "model.layers.{i}.mlp.gate.weight",
+        "model.layers.{i}.mlp.experts.{e}.{w}.weight",
+        ("gate_proj", "up_proj", "down_proj"),
+    ),
+    "qwen3-moe": (
+        "model.layers.{i}.mlp.gate.weight",
+        "model.layers.{i}.mlp.experts.{e}.{w}.weight",
+        ("gate_proj", "up_proj", "down_proj"),
+    ),
 }
 EXPERTS = 4
 
@@ -59,8 +68,9 @@ def _edited(folder: Path, out: Path, edit: Callable[[dict[str, torch.Tensor]], N
     shutil.copytree(folder, out)
     tensors = load_file(str(folder / "model.safetensors"))
     edit(tensors)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"), metadata={"format": "pt"}
+    )
     return out
 
 
@@ -145,6 +155,7 @@ QWEN3_MOE_UNRESTRICTED = "extends: qwen3_moe\nname: qwen3_moe\nrestrictions: []\
 def test_qwen3_moe_qk_norm_restriction_is_necessary(saved, tmp_path):
     """q_norm/k_norm gains are 1 at init, where any QK rotation commutes with them; with trained
     (here random) gains the RoPE-commuting rotation changes the function, so it stays off."""
+
     def random_gains(tensors: dict[str, torch.Tensor]) -> None:
         generator = torch.Generator().manual_seed(3)
         for name in [n for n in tensors if n.endswith(("q_norm.weight", "k_norm.weight"))]:

@@ -40,8 +40,10 @@ def _one_thread():
 
 # ---------------------------------------------------------------------- QK rotations vs RoPE
 
-def _pair_blocks(dh: int, pairs: list[tuple[int, int]], groups: int, gen: torch.Generator,
-                 reflect: bool = False) -> torch.Tensor:
+
+def _pair_blocks(
+    dh: int, pairs: list[tuple[int, int]], groups: int, gen: torch.Generator, reflect: bool = False
+) -> torch.Tensor:
     """Identity except, on each listed coordinate pair, a random 2-D rotation [[c, -s], [s, c]]
     or reflection [[c, s], [s, -c]]."""
     r = torch.eye(dh, dtype=torch.float64).repeat(groups, 1, 1)
@@ -64,8 +66,10 @@ ROTATIONS: dict[str, tuple[Callable[..., torch.Tensor], bool]] = {
     "rope-commuting": (lambda g, dh, rot, gen: random_rotation(g, dh, rot, gen), True),
     "full-orthogonal": (lambda g, dh, rot, gen: random_rotation(g, dh, 0, gen), False),
     "reflection-in-a-pair": (lambda g, dh, rot, gen: _pair_blocks(dh, [(0, rot // 2)], g, gen, reflect=True), False),
-    "interleaved-pairs": (lambda g, dh, rot, gen: _pair_blocks(dh, [(2 * i, 2 * i + 1) for i in range(rot // 2)],
-                                                             g, gen), False),
+    "interleaved-pairs": (
+        lambda g, dh, rot, gen: _pair_blocks(dh, [(2 * i, 2 * i + 1) for i in range(rot // 2)], g, gen),
+        False,
+    ),
     "pairs-over-the-whole-head": (lambda g, dh, rot, gen: random_rotation(g, dh, dh, gen), False),
     "pass-through-dims-only": (lambda g, dh, rot, gen: _pass_through_only(dh, rot, g, gen), True),
 }

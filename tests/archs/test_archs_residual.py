@@ -62,8 +62,9 @@ CASES: dict[str, Case] = {
     "bert-token-cls": Case("bert", "BertForTokenClassification"),
     "bert-qa": Case("bert", "BertForQuestionAnswering", {"num_labels": 2}),
     "bert-pretraining": Case("bert", "BertForPreTraining"),
-    "bert-decoder-cross-attention": Case("bert", "BertLMHeadModel", {"is_decoder": True, "add_cross_attention": True},
-                                         encoder_states=True),
+    "bert-decoder-cross-attention": Case(
+        "bert", "BertLMHeadModel", {"is_decoder": True, "add_cross_attention": True}, encoder_states=True
+    ),
     "roberta-seq-cls": Case("roberta"),  # RobertaClassificationHead reads hidden[:, 0]
     "roberta-mlm": Case("roberta-mlm"),
     "roberta-multiple-choice": Case("roberta", "RobertaForMultipleChoice", choices=True),
@@ -76,14 +77,17 @@ CASES: dict[str, Case] = {
     "gpt2-bare": Case("gpt2", "GPT2Model", moved={"last_hidden_state": ""}),
     "gpt2-double-heads": Case("gpt2", "GPT2DoubleHeadsModel"),
     "gpt2-cross-attention": Case("gpt2", overrides={"add_cross_attention": True}, encoder_states=True),
-    "gpt2-cross-attention-untie": Case("gpt2", overrides={"add_cross_attention": True}, encoder_states=True,
-                                       orthogonal=True, allow_untie=True),
+    "gpt2-cross-attention-untie": Case(
+        "gpt2", overrides={"add_cross_attention": True}, encoder_states=True, orthogonal=True, allow_untie=True
+    ),
     "deberta-v2-token-cls": Case("deberta-v2"),
     "deberta-v2-seq-cls": Case("deberta-v2", "DebertaV2ForSequenceClassification", {"type_vocab_size": 2}),
     "deberta-v2-mlm": Case("deberta-v2-mlm"),
     # rel_embeddings read by query_proj/key_proj, their LayerNorm, the ConvLayer, the new MLM head
-    "deberta-v2-mlm-shared-conv": Case("deberta-v2-mlm", overrides={
-        "legacy": False, "share_att_key": True, "conv_kernel_size": 3, "norm_rel_ebd": "layer_norm"}),
+    "deberta-v2-mlm-shared-conv": Case(
+        "deberta-v2-mlm",
+        overrides={"legacy": False, "share_att_key": True, "conv_kernel_size": 3, "norm_rel_ebd": "layer_norm"},
+    ),
     "phi": Case("phi", orthogonal=True),
     "phi-seq-cls": Case("phi", "PhiForSequenceClassification", orthogonal=True),
     "phi-tied-permutation": Case("phi", overrides={"tie_word_embeddings": True}),
@@ -91,16 +95,19 @@ CASES: dict[str, Case] = {
     "distilbert-token-cls": Case("distilbert"),
     "distilbert-mlm": Case("distilbert-mlm"),
     "distilbert-seq-cls": Case("distilbert", "DistilBertForSequenceClassification"),
-    "distilbert-sinusoidal": Case("distilbert", "DistilBertForQuestionAnswering",
-                                  {"sinusoidal_pos_embds": True, "num_labels": 2}),
+    "distilbert-sinusoidal": Case(
+        "distilbert", "DistilBertForQuestionAnswering", {"sinusoidal_pos_embds": True, "num_labels": 2}
+    ),
     # (transformers 5 puts the projected embeddings, which do not move, in the towers' pooler_output)
-    "clip": Case("clip", moved={"text_model_output.last_hidden_state": "text",
-                                "vision_model_output.last_hidden_state": "vision"}),
+    "clip": Case(
+        "clip", moved={"text_model_output.last_hidden_state": "text", "vision_model_output.last_hidden_state": "vision"}
+    ),
     "clip-vision-classifier": Case("clip-vision-classifier"),
     "clip-text": Case("clip-text", moved={"last_hidden_state": ""}),  # text_embeds do not move
     "clip-vision": Case("clip-vision", moved={"last_hidden_state": "", "pooler_output": ""}),
-    "clip-vision-projection": Case("clip-vision", "CLIPVisionModelWithProjection", {"projection_dim": 16},
-                                   moved={"last_hidden_state": ""}),
+    "clip-vision-projection": Case(
+        "clip-vision", "CLIPVisionModelWithProjection", {"projection_dim": 16}, moved={"last_hidden_state": ""}
+    ),
     # RMSNorm models: orthogonal maps after folding the gains
     "llama-untied": Case("llama", orthogonal=True),
     "llama-biases": Case("llama", overrides={"attention_bias": True, "mlp_bias": True}, orthogonal=True),
@@ -125,8 +132,7 @@ CASES: dict[str, Case] = {
     "gpt-neox": Case("gpt-neox", orthogonal=True),
     "gpt-neox-token-cls": Case("gpt-neox", "GPTNeoXForTokenClassification", orthogonal=True),
     "gpt-neox-tied-permutation": Case("gpt-neox", overrides={"tie_word_embeddings": True}),
-    "gpt-neox-tied-untie": Case("gpt-neox", overrides={"tie_word_embeddings": True}, orthogonal=True,
-                                allow_untie=True),
+    "gpt-neox-tied-untie": Case("gpt-neox", overrides={"tie_word_embeddings": True}, orthogonal=True, allow_untie=True),
     "gpt-neox-bare": Case("gpt-neox", "GPTNeoXModel", moved={"last_hidden_state": ""}),
     "gemma-tied-permutation": Case("gemma"),
     "gemma-untied-biases-permutation": Case("gemma", overrides={"tie_word_embeddings": False, "attention_bias": True}),
@@ -134,22 +140,28 @@ CASES: dict[str, Case] = {
     # encoder-decoders: the embedding shared by encoder and decoder couples their streams into one
     # plan "encoder+decoder"; cross-attention K/V read the encoder's output (its final norm folds
     # into them). transformers 5 ties T5's lm_head to it unless stored apart with other values.
-    "t5-v1.1-untied": Case("t5-gated", head_apart=True, config_edits={"tie_word_embeddings": False,
-                                                                      "scale_decoder_outputs": None},
-                           orthogonal=True, keys=("logits",)),
+    "t5-v1.1-untied": Case(
+        "t5-gated",
+        head_apart=True,
+        config_edits={"tie_word_embeddings": False, "scale_decoder_outputs": None},
+        orthogonal=True,
+        keys=("logits",),
+    ),
     "t5-v1.1-tied-permutation": Case("t5-gated", moved={"encoder_last_hidden_state": "encoder+decoder"}),
     "t5-v1.1-tied-untie": Case("t5-gated", orthogonal=True, allow_untie=True, keys=("logits",)),
     "t5-v1.0-tied-permutation": Case("t5-v1.0", moved={"encoder_last_hidden_state": "encoder+decoder"}),
     "t5-v1.0-untie": Case("t5-v1.0", orthogonal=True, allow_untie=True, keys=("logits",)),
     # a config.json as transformers 4 wrote it: no scale_decoder_outputs, derived from the tie flag
-    "t5-v1.0-untie-4.x-config": Case("t5-v1.0", orthogonal=True, allow_untie=True, keys=("logits",),
-                                     config_edits={"scale_decoder_outputs": None}),
+    "t5-v1.0-untie-4.x-config": Case(
+        "t5-v1.0", orthogonal=True, allow_untie=True, keys=("logits",), config_edits={"scale_decoder_outputs": None}
+    ),
     "t5-encoder": Case("t5-encoder", moved={"last_hidden_state": "encoder"}),
     # post-LN BART, and mBART whose layernorm_embedding normalises the stream: permutations only
     "bart": Case("bart", moved={"encoder_last_hidden_state": "encoder+decoder"}),
     "mbart": Case("mbart", moved={"encoder_last_hidden_state": "encoder+decoder"}),
-    "bart-qa": Case("bart", "BartForQuestionAnswering", {"num_labels": 2},
-                    moved={"encoder_last_hidden_state": "encoder+decoder"}),
+    "bart-qa": Case(
+        "bart", "BartForQuestionAnswering", {"num_labels": 2}, moved={"encoder_last_hidden_state": "encoder+decoder"}
+    ),
     # mixtures of experts: the router and every expert read the folded post-attention norm
     "mixtral-untied": Case("mixtral", orthogonal=True),
     "qwen2-moe-untied": Case("qwen2-moe", orthogonal=True),  # + shared expert and its gate
@@ -208,8 +220,10 @@ def plans_for(folder: Path, allow_untie: bool = False) -> dict[str, ResidualPlan
 
 def random_maps(plans: dict[str, ResidualPlan], orthogonal: bool, seed: int = 0) -> dict[str, StreamMap]:
     generator = torch.Generator().manual_seed(seed)
-    return {stack: random_stream_map(plan.hidden_size, orthogonal, generator, plan.keeps_ones)
-            for stack, plan in plans.items()}
+    return {
+        stack: random_stream_map(plan.hidden_size, orthogonal, generator, plan.keeps_ones)
+        for stack, plan in plans.items()
+    }
 
 
 def write_moved(src: Path, dst: Path, plans: dict[str, ResidualPlan], maps: dict[str, StreamMap]) -> Path:
@@ -253,8 +267,9 @@ def run(folder: Path, case: Case) -> dict[str, torch.Tensor]:
     inputs = example_inputs(config, batch=2, seq_len=12, seed=0)
     generator = torch.Generator().manual_seed(1)
     if "input_ids" in inputs and (config.get("type_vocab_size") or 0) > 1:
-        inputs["token_type_ids"] = torch.randint(0, config["type_vocab_size"], inputs["input_ids"].shape,
-                                                 generator=generator)
+        inputs["token_type_ids"] = torch.randint(
+            0, config["type_vocab_size"], inputs["input_ids"].shape, generator=generator
+        )
     if case.encoder_states:
         width = config.get("hidden_size") or config["n_embd"]
         inputs["encoder_hidden_states"] = torch.randn(2, 5, width, generator=generator)
@@ -263,8 +278,9 @@ def run(folder: Path, case: Case) -> dict[str, torch.Tensor]:
     return flat_outputs(forward(load_model(folder), inputs))
 
 
-def output_change(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], case: Case,
-                  maps: dict[str, StreamMap]) -> float:
+def output_change(
+    before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], case: Case, maps: dict[str, StreamMap]
+) -> float:
     """Largest difference between the outputs after and the outputs before (moved by the map where
     they are stream vectors), relative to each output's scale."""
     assert before.keys() == after.keys() and before
@@ -319,8 +335,12 @@ def test_tied_embeddings_need_allow_untie(saved):
     assert not kept.orthogonal and not kept.untie and not kept.folds and not kept.added
     assert kept.tensors["model.norm.weight"].role == "norm"  # permuted like any gain
     with pytest.raises(ValueError, match="only a permutation"):
-        kept.transform("model.embed_tokens.weight", torch.zeros(61, 24),
-                       random_stream_map(24, True, torch.Generator().manual_seed(0)), lambda name: torch.ones(24))
+        kept.transform(
+            "model.embed_tokens.weight",
+            torch.zeros(61, 24),
+            random_stream_map(24, True, torch.Generator().manual_seed(0)),
+            lambda name: torch.ones(24),
+        )
     untied = plans_for(folder, allow_untie=True)[""]
     assert untied.orthogonal and untied.untie
     assert untied.added == {"lm_head.weight": "model.embed_tokens.weight"}
@@ -348,9 +368,12 @@ def test_rmsnorm_plan_folds_every_gain(saved):
     plan = plans_for(folder)[""]
     folds = {fold.gain: fold.readers for fold in plan.folds}
     assert folds["model.layers.1.input_layernorm.weight"] == tuple(
-        f"model.layers.1.self_attn.{p}_proj.weight" for p in "qkv")
+        f"model.layers.1.self_attn.{p}_proj.weight" for p in "qkv"
+    )
     assert folds["model.layers.0.post_attention_layernorm.weight"] == (
-        "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight")
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.layers.0.mlp.up_proj.weight",
+    )
     assert folds["model.norm.weight"] == ("lm_head.weight",)
     assert len(folds) == 2 * 2 + 1 and not plan.untie and not plan.added
     gain = Checkpoint.open(folder).get("model.norm.weight")
@@ -422,7 +445,10 @@ def test_a_pre_ln_plan_folds_every_layernorm(saved):
     plan = plans_for(folder, allow_untie=True)[""]
     assert plan.orthogonal and plan.keeps_ones and plan.untie
     folds = {fold.gain: (fold.readers, fold.bias) for fold in plan.folds}
-    assert folds["transformer.h.1.ln_1.weight"] == (("transformer.h.1.attn.c_attn.weight",), "transformer.h.1.ln_1.bias")
+    assert folds["transformer.h.1.ln_1.weight"] == (
+        ("transformer.h.1.attn.c_attn.weight",),
+        "transformer.h.1.ln_1.bias",
+    )
     assert folds["transformer.h.0.ln_cross_attn.weight"][0] == ("transformer.h.0.crossattention.q_attn.weight",)
     assert folds["transformer.ln_f.weight"] == (("lm_head.weight",), "transformer.ln_f.bias")
     assert len(folds) == 2 * 3 + 1
@@ -451,9 +477,23 @@ def test_post_ln_and_headless_models_get_permutations_only(saved):
 
 # every stream tensor outside the layers and in the last layer: leaving any one of them in the
 # old basis changes the outputs
-NECESSITY = ["bert-mlm", "bert-decoder-cross-attention", "roberta-seq-cls", "vit", "gpt2-cross-attention",
-             "deberta-v2-mlm-shared-conv", "phi", "distilbert-mlm", "clip", "llama-tied-untie", "llama-biases",
-             "t5-v1.1-untied", "mbart", "mixtral-untied", "qwen2-moe-untied"]
+NECESSITY = [
+    "bert-mlm",
+    "bert-decoder-cross-attention",
+    "roberta-seq-cls",
+    "vit",
+    "gpt2-cross-attention",
+    "deberta-v2-mlm-shared-conv",
+    "phi",
+    "distilbert-mlm",
+    "clip",
+    "llama-tied-untie",
+    "llama-biases",
+    "t5-v1.1-untied",
+    "mbart",
+    "mixtral-untied",
+    "qwen2-moe-untied",
+]
 
 
 @pytest.mark.parametrize("name", NECESSITY)
@@ -507,8 +547,9 @@ def _t5_variant(tmp_path: Path, edit: Any) -> Path:
 
 def _plans_with(folder: Path, spec: Path, allow_untie: bool = False) -> dict[str, ResidualPlan]:
     checkpoint = Checkpoint.open(folder)
-    return residual_plans(bind(load_spec_file(spec), checkpoint.config, checkpoint, str(folder)), checkpoint,
-                          allow_untie)
+    return residual_plans(
+        bind(load_spec_file(spec), checkpoint.config, checkpoint, str(folder)), checkpoint, allow_untie
+    )
 
 
 def _decoupled(stacks: dict[str, Any]) -> None:
@@ -526,8 +567,10 @@ def test_the_shared_embedding_couples_the_streams(saved, tmp_path):
     folder, before = saved("t5-v1.1-untied")
     plans = _plans_with(folder, _t5_variant(tmp_path, _decoupled))
     assert set(plans) == {"encoder", "decoder"}
-    plans = {k: dataclasses.replace(p, tensors={**p.tensors, "shared.weight": StreamTensor(
-        "shared.weight", (1,), k, None)}) for k, p in plans.items()}  # moved by each map in turn: the last wins
+    plans = {
+        k: dataclasses.replace(p, tensors={**p.tensors, "shared.weight": StreamTensor("shared.weight", (1,), k, None)})
+        for k, p in plans.items()
+    }  # moved by each map in turn: the last wins
     maps = random_maps(plans, orthogonal=True)
     change = output_change(before, run(write_moved(folder, tmp_path / "moved", plans, maps), case), case, maps)
     assert change > CHANGED
@@ -631,19 +674,25 @@ def test_a_bare_rmsnorm_model_gets_permutations_only(saved):
     assert any("'norm.weight' feeds no weight" in note for note in plan.notes)
 
 
-@pytest.mark.parametrize("raw, message", [
-    ({"norm": "batchnorm"}, "norm must be one of"),
-    ({"norm": "layernorm", "model": [{"reads": "a", "table": "b"}]}, "exactly one of"),
-    ({"norm": "rmsnorm", "model": [{"norm": "g", "bias": "b", "readers": ["w"]}]}, "bias goes with"),
-    ({"norm": "layernorm", "model": [{"table": "g", "bias": "b"}]}, "bias goes with"),
-    ({"norm": "layernorm", "model": [{"norm": ["g", "h"], "bias": "b", "readers": ["w"]}]}, "bias goes with"),
-    ({"norm": "rmsnorm", "model": [{"norm": "g"}]}, "readers go with norm"),
-    ({"norm": "layernorm", "model": [{"reads": "a", "layout": "sideways"}]}, "layout must be"),
-    ({"norm": "layernorm", "heads": []}, "unknown key 'heads' in residual"),
-    ({"norm": "layernorm", "layer": [{"table": "a", "colour": 1}]}, "unknown key 'colour'"),
-    ({"norm": "layernorm", "layer": ["table: a"]}, "must be a mapping"),
-    ({"norm": "rmsnorm", "tie": {"embedding": "e", "head": "h", "untie": True}}, "unknown key 'untie' in residual tie"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"norm": "batchnorm"}, "norm must be one of"),
+        ({"norm": "layernorm", "model": [{"reads": "a", "table": "b"}]}, "exactly one of"),
+        ({"norm": "rmsnorm", "model": [{"norm": "g", "bias": "b", "readers": ["w"]}]}, "bias goes with"),
+        ({"norm": "layernorm", "model": [{"table": "g", "bias": "b"}]}, "bias goes with"),
+        ({"norm": "layernorm", "model": [{"norm": ["g", "h"], "bias": "b", "readers": ["w"]}]}, "bias goes with"),
+        ({"norm": "rmsnorm", "model": [{"norm": "g"}]}, "readers go with norm"),
+        ({"norm": "layernorm", "model": [{"reads": "a", "layout": "sideways"}]}, "layout must be"),
+        ({"norm": "layernorm", "heads": []}, "unknown key 'heads' in residual"),
+        ({"norm": "layernorm", "layer": [{"table": "a", "colour": 1}]}, "unknown key 'colour'"),
+        ({"norm": "layernorm", "layer": ["table: a"]}, "must be a mapping"),
+        (
+            {"norm": "rmsnorm", "tie": {"embedding": "e", "head": "h", "untie": True}},
+            "unknown key 'untie' in residual tie",
+        ),
+    ],
+)
 def test_invalid_residual_sections_are_refused_when_the_spec_loads(tmp_path, raw, message):
     spec = tmp_path / "mine.yaml"
     spec.write_text(yaml.safe_dump({"extends": "llama", "name": "mine", "residual": raw}))

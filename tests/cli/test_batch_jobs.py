@@ -33,14 +33,18 @@ def _json(code_err_out: tuple[int, str], path: Path) -> dict:
 
 def test_config_job_file_with_flags_winning(models, tmp_path):
     job = tmp_path / "job.yaml"
-    job.write_text(f"anchor: {models['a']}\nmodels: [{models['b']}, {models['c']}]\nout: {tmp_path / 'out'}\n"
-                   "max-rounds: 3\ndevice: cpu\nsymmetries: rot,scale\n")
+    job.write_text(
+        f"anchor: {models['a']}\nmodels: [{models['b']}, {models['c']}]\nout: {tmp_path / 'out'}\n"
+        "max-rounds: 3\ndevice: cpu\nsymmetries: rot,scale\n"
+    )
     report = _json(run_here("match", "--config", job, "-q"), tmp_path / "out" / REPORT_NAME)
     assert [m["settings"]["max_rounds"] for m in report["models"]] == [3, 3]
     assert report["models"][0]["symmetries"] == ["qk.rot", "qk.scale", "vo.rot", "vo.scale"]
     assert (tmp_path / "out" / "b" / REPORT_NAME).is_file() and (tmp_path / "out" / "c" / "model.safetensors").is_file()
-    report = _json(run_here("match", "--config", job, "-q", "--max-rounds", "5", "-o", tmp_path / "out2"),
-                   tmp_path / "out2" / REPORT_NAME)
+    report = _json(
+        run_here("match", "--config", job, "-q", "--max-rounds", "5", "-o", tmp_path / "out2"),
+        tmp_path / "out2" / REPORT_NAME,
+    )
     assert [m["settings"]["max_rounds"] for m in report["models"]] == [5, 5]
 
 
@@ -104,8 +108,7 @@ def test_a_later_model_failing_keeps_the_finished_ones_and_a_rerun_resumes(model
     kept = folder_digest(out / "b")
     shutil_copy = __import__("shutil").copyfile
     shutil_copy(models["c"] / "model.safetensors", bad / "model.safetensors")  # fixed
-    code, err = run_here("match", models["a"], models["b"], bad, "-o", out, "--device", "cpu", "-q",
-                         "--skip-existing")
+    code, err = run_here("match", models["a"], models["b"], bad, "-o", out, "--device", "cpu", "-q", "--skip-existing")
     assert code == 0, err
     assert folder_digest(out / "b") == kept
     report = json.loads((out / REPORT_NAME).read_text())
@@ -117,8 +120,9 @@ def test_models_from_and_shards(models, tmp_path):
     listing.write_text(f"# three models\n{models['b']}\n\n{models['c']}\n{models['d']}\n")
     out = tmp_path / "out"
     for shard in ("0/2", "1/2"):
-        code, err = run_here("match", models["a"], "--models-from", listing, "-o", out, "--shard", shard,
-                             "--device", "cpu", "-q")
+        code, err = run_here(
+            "match", models["a"], "--models-from", listing, "-o", out, "--shard", shard, "--device", "cpu", "-q"
+        )
         assert code == 0, err
     first = json.loads((out / "rotfuse_report.shard-0-of-2.json").read_text())
     second = json.loads((out / "rotfuse_report.shard-1-of-2.json").read_text())
@@ -129,14 +133,18 @@ def test_models_from_and_shards(models, tmp_path):
 
 @pytest.mark.parametrize("shard", ["2/2", "1", "a/b", "-1/3"])
 def test_bad_shard_is_exit_2(models, tmp_path, shard):
-    assert_one_line(*run_here("match", models["a"], models["b"], models["c"], "-o", tmp_path / "o", "--shard", shard),
-                    "--shard", "I/N")
+    assert_one_line(
+        *run_here("match", models["a"], models["b"], models["c"], "-o", tmp_path / "o", "--shard", shard),
+        "--shard",
+        "I/N",
+    )
 
 
 def test_empty_models_list_is_exit_2(models, tmp_path):
     (tmp_path / "none.txt").write_text("# nothing\n")
-    assert_one_line(*run_here("match", models["a"], "--models-from", tmp_path / "none.txt", "-o", tmp_path / "o"),
-                    "none.txt")
+    assert_one_line(
+        *run_here("match", models["a"], "--models-from", tmp_path / "none.txt", "-o", tmp_path / "o"), "none.txt"
+    )
 
 
 def test_a_killed_batch_keeps_finished_models_and_resumes(models, tmp_path):

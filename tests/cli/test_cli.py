@@ -29,8 +29,15 @@ def test_match_writes_checkpoint_and_report(cli, pair, tmp_path):
     report = json.loads((tmp_path / "out" / REPORT_NAME).read_text())
     assert report["tool"] == "rotfuse" and report["command"] == "match" and report["schema"] == 1
     assert report["arch"] == "bert" and report["device"] == "cpu"
-    assert report["symmetries"] == ["experts.perm", "ffn.perm", "heads.perm", "qk.rot", "qk.scale", "vo.rot",
-                                    "vo.scale"]
+    assert report["symmetries"] == [
+        "experts.perm",
+        "ffn.perm",
+        "heads.perm",
+        "qk.rot",
+        "qk.scale",
+        "vo.rot",
+        "vo.scale",
+    ]
     assert {"read", "solve", "write", "total"} <= set(report["timings"])
     assert len(report["layers"]) == 2
     for row in report["layers"]:
@@ -46,8 +53,19 @@ def test_match_writes_checkpoint_and_report(cli, pair, tmp_path):
 
 def test_json_goes_to_stdout_alone_and_quiet_is_silent(cli, pair, tmp_path):
     anchor, model = pair
-    result = cli("match", anchor, model, "-o", tmp_path / "out", "--json", "--quiet",
-                 "--report", tmp_path / "r.json", "--symmetries", "rot")
+    result = cli(
+        "match",
+        anchor,
+        model,
+        "-o",
+        tmp_path / "out",
+        "--json",
+        "--quiet",
+        "--report",
+        tmp_path / "r.json",
+        "--symmetries",
+        "rot",
+    )
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     report = json.loads(result.stdout)
@@ -80,7 +98,9 @@ def test_bad_flags_exit_2_with_one_line(cli, pair, tmp_path, args, fragments):
 
 def test_missing_input_folder(cli, pair, tmp_path):
     anchor, _ = pair
-    assert_one_line_error(cli("match", anchor, tmp_path / "nope", "-o", tmp_path / "out"), "nope", "no such checkpoint folder")
+    assert_one_line_error(
+        cli("match", anchor, tmp_path / "nope", "-o", tmp_path / "out"), "nope", "no such checkpoint folder"
+    )
 
 
 def test_existing_output_needs_overwrite(cli, pair, tmp_path):
@@ -104,8 +124,11 @@ def test_output_inside_an_input_is_refused(cli, pair):
 def test_report_inside_an_input_is_refused(cli, pair, tmp_path, command):
     anchor, model = pair
     report = model / "report.json"
-    args = {"match": ["match", anchor, model], "match-many": ["match", anchor, model, model],
-            "merge": ["merge", anchor, model]}[command]
+    args = {
+        "match": ["match", anchor, model],
+        "match-many": ["match", anchor, model, model],
+        "merge": ["merge", anchor, model],
+    }[command]
     assert_one_line_error(cli(*args, "-o", tmp_path / "out", "--report", report), "report must not be written inside")
     assert not report.exists() and not (tmp_path / "out").exists()
 
@@ -128,7 +151,9 @@ def test_unknown_model_type_names_it(cli, pair, tmp_path):
     config = json.loads((odd / "config.json").read_text())
     config["model_type"] = "mystery-net"
     (odd / "config.json").write_text(json.dumps(config))
-    assert_one_line_error(cli("match", odd, odd, "-o", tmp_path / "out"), "'mystery-net' is not supported", "--arch-spec")
+    assert_one_line_error(
+        cli("match", odd, odd, "-o", tmp_path / "out"), "'mystery-net' is not supported", "--arch-spec"
+    )
 
 
 def test_debug_shows_the_traceback(cli, pair, tmp_path):
@@ -163,7 +188,8 @@ def test_match_path_does_not_import_transformers(pair, tmp_path):
     code = (
         "import sys; from pathlib import Path\n"
         "from rotfuse.align.match import match\nfrom rotfuse.align.options import MatchOptions\n"
-        f"match(Path({str(anchor)!r}), Path({str(model)!r}), Path({str(tmp_path / 'out')!r}), MatchOptions(device='cpu'))\n"
+        f"match(Path({str(anchor)!r}), Path({str(model)!r}), Path({str(tmp_path / 'out')!r}),"
+        " MatchOptions(device='cpu'))\n"
         "assert 'transformers' not in sys.modules, 'transformers was imported'\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -171,7 +197,10 @@ def test_match_path_does_not_import_transformers(pair, tmp_path):
 
 
 def test_cli_startup_does_not_import_torch():
-    code = "import sys; import rotfuse.cli; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:3]"
+    code = (
+        "import sys; import rotfuse.cli; "
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:3]"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
@@ -181,9 +210,11 @@ def test_commands_collect_garbage_again_once_their_imports_are_in(pair, tmp_path
     """`main` switches the cyclic collector off for the imports; every command must switch it
     back on (with the import-time objects frozen), or a long run would never free a cycle."""
     anchor, model = pair
-    argv = {"archs": ["archs", "--json"],
-            "match": ["match", str(anchor), str(model), "-o", str(tmp_path / "m"), "-q", "--device", "cpu"],
-            "merge": ["merge", str(anchor), str(model), "-o", str(tmp_path / "g"), "-q"]}[command]
+    argv = {
+        "archs": ["archs", "--json"],
+        "match": ["match", str(anchor), str(model), "-o", str(tmp_path / "m"), "-q", "--device", "cpu"],
+        "merge": ["merge", str(anchor), str(model), "-o", str(tmp_path / "g"), "-q"],
+    }[command]
     code = (
         "import atexit, gc, sys\n"
         "atexit.register(lambda: print('collector', gc.isenabled(), gc.get_freeze_count() > 1000, file=sys.stderr))\n"

@@ -34,7 +34,7 @@ def test_help_shows_every_default(command):
             continue
         written = " ".join((option.help or "").split())
         if "[default:" in written:
-            shown = written[written.index("[default:"):]
+            shown = written[written.index("[default:") :]
             assert shown[: shown.index("]") + 1] in text, (option.name, shown)
         elif option.is_flag and option.secondary_opts:  # --fsync/--no-fsync
             chosen = option.opts[0] if option.default else option.secondary_opts[0]
@@ -43,9 +43,18 @@ def test_help_shows_every_default(command):
             assert f"[default: {option.default}" in text, (command, option.name, option.default)
 
 
-@pytest.mark.parametrize("command, value", [("merge", "simple"), ("merge", "0.9"), ("merge", "1e-6"),
-                                            ("stats", "256"), ("stats", "128"),
-                                            ("match", "OUT/rotfuse_report.json"), ("match", "min(4, CPUs)")])
+@pytest.mark.parametrize(
+    "command, value",
+    [
+        ("merge", "simple"),
+        ("merge", "0.9"),
+        ("merge", "1e-6"),
+        ("stats", "256"),
+        ("stats", "128"),
+        ("match", "OUT/rotfuse_report.json"),
+        ("match", "min(4, CPUs)"),
+    ],
+)
 def test_help_shows_defaults_of_settings_a_job_file_may_give(command, value):
     assert f"[default: {value}]" in _help(command)
 

@@ -36,7 +36,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _one_error_line(result) -> str:  # noqa: ANN001 - subprocess.CompletedProcess
+def _one_error_line(result) -> str:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
     lines = result.stderr.strip().splitlines()
@@ -46,8 +46,19 @@ def _one_error_line(result) -> str:  # noqa: ANN001 - subprocess.CompletedProces
 
 def test_documented_regmean_command_line(work: Path, cli, run) -> None:
     # `--stats a_stats/ b_stats/`: b_stats/ reaches the parser as a positional argument
-    result = cli("merge", "--method", "regmean", work / "a", work / "b", "--stats", work / "a_stats", work / "b_stats",
-                 "-o", work / "merged", "--json")
+    result = cli(
+        "merge",
+        "--method",
+        "regmean",
+        work / "a",
+        work / "b",
+        "--stats",
+        work / "a_stats",
+        work / "b_stats",
+        "-o",
+        work / "merged",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)  # nothing but JSON on stdout
     assert report["method"] == "regmean" and [m["path"] for m in report["models"]] == [str(work / "a"), str(work / "b")]
@@ -57,9 +68,18 @@ def test_documented_regmean_command_line(work: Path, cli, run) -> None:
 
     # the same job as a YAML file gives the same checkpoint
     job = work / "job.yaml"
-    job.write_text(yaml.safe_dump({"method": "regmean", "models": [str(work / "a"), str(work / "b")],
-                                   "stats": [str(work / "a_stats"), str(work / "b_stats")],
-                                   "out": str(work / "from_job"), "alpha": 0.9}), encoding="utf-8")
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "method": "regmean",
+                "models": [str(work / "a"), str(work / "b")],
+                "stats": [str(work / "a_stats"), str(work / "b_stats")],
+                "out": str(work / "from_job"),
+                "alpha": 0.9,
+            }
+        ),
+        encoding="utf-8",
+    )
     assert run("merge", "--config", job, "-q").returncode == 0
     first, second = tensors(work / "merged"), tensors(work / "from_job")
     assert all(torch.equal(first[name], second[name]) for name in first)
@@ -69,12 +89,25 @@ def test_documented_regmean_command_line(work: Path, cli, run) -> None:
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["method"] == "regmean" and report["settings"]["alpha"] == 0.5
-    assert [m["weight"] for m in report["models"]] == [0.25, 0.75] and report["output"]["path"] == str(work / "override")
+    assert [m["weight"] for m in report["models"]] == [0.25, 0.75] and report["output"]["path"] == str(
+        work / "override"
+    )
 
 
 def test_simple_command_line_quiet_and_dry_run(work: Path, cli, run) -> None:
-    result = cli("merge", "--method", "simple", work / "a", work / "b", work / "a", "--weights", "0.5,0.3,0.2",
-                 "-o", work / "three", "-q")
+    result = cli(
+        "merge",
+        "--method",
+        "simple",
+        work / "a",
+        work / "b",
+        work / "a",
+        "--weights",
+        "0.5,0.3,0.2",
+        "-o",
+        work / "three",
+        "-q",
+    )
     assert result.returncode == 0 and result.stderr == "" and result.stdout == ""
     a, b, out = tensors(work / "a"), tensors(work / "b"), tensors(work / "three")
     name = "bert.encoder.layer.1.output.dense.weight"
@@ -88,26 +121,39 @@ def test_simple_command_line_quiet_and_dry_run(work: Path, cli, run) -> None:
     assert "already exists" in line and "--overwrite" in line
 
 
-@pytest.mark.parametrize(("args", "says"), [
-    (["{a}", "-o", "{tmp}/x"], "at least two"),
-    (["{a}", "{b}", "--weights", "1,x", "-o", "{tmp}/x"], "--weights"),
-    (["{a}", "{b}", "--head-from", "{tmp}", "-o", "{tmp}/x"], "--head-from"),
-    (["-m", "fisher", "{a}", "{b}", "--stats", "{a_stats}", "{b_stats}", "-o", "{tmp}/x"], "needs fisher"),
-    (["{a}", "{b}", "--match", "-m", "regmean", "--stats", "{a_stats},{b_stats}", "-o", "{tmp}/x"], "aligned checkpoints"),
-    (["{a}", "{tmp}/missing", "-o", "{tmp}/x"], "missing"),
-    (["{a}", "{b}", "--exclude", "([", "-o", "{tmp}/x"], "not a regular expression"),
-    (["--config", "{tmp}/bad.yaml"], "unknown setting 'modles'"),
-])
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["{a}", "-o", "{tmp}/x"], "at least two"),
+        (["{a}", "{b}", "--weights", "1,x", "-o", "{tmp}/x"], "--weights"),
+        (["{a}", "{b}", "--head-from", "{tmp}", "-o", "{tmp}/x"], "--head-from"),
+        (["-m", "fisher", "{a}", "{b}", "--stats", "{a_stats}", "{b_stats}", "-o", "{tmp}/x"], "needs fisher"),
+        (
+            ["{a}", "{b}", "--match", "-m", "regmean", "--stats", "{a_stats},{b_stats}", "-o", "{tmp}/x"],
+            "aligned checkpoints",
+        ),
+        (["{a}", "{tmp}/missing", "-o", "{tmp}/x"], "missing"),
+        (["{a}", "{b}", "--exclude", "([", "-o", "{tmp}/x"], "not a regular expression"),
+        (["--config", "{tmp}/bad.yaml"], "unknown setting 'modles'"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(work: Path, tmp_path: Path, run, args: list[str], says: str) -> None:
     (tmp_path / "bad.yaml").write_text("modles: [a/, b/]\nout: x/\n", encoding="utf-8")
-    paths = {"a": work / "a", "b": work / "b", "a_stats": work / "a_stats", "b_stats": work / "b_stats", "tmp": tmp_path}
+    paths = {
+        "a": work / "a",
+        "b": work / "b",
+        "a_stats": work / "a_stats",
+        "b_stats": work / "b_stats",
+        "tmp": tmp_path,
+    }
     line = _one_error_line(run("merge", *(arg.format(**paths) for arg in args)))
     assert says in line
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("example", sorted(p for p in EXAMPLES.glob("*.yaml") if not p.name.startswith("match")),
-                         ids=lambda p: p.name)  # match jobs: tests/cli/test_batch_jobs.py
+@pytest.mark.parametrize(
+    "example", sorted(p for p in EXAMPLES.glob("*.yaml") if not p.name.startswith("match")), ids=lambda p: p.name
+)  # match jobs: tests/cli/test_batch_jobs.py
 def test_example_job_files_are_valid(example: Path) -> None:
     known = STATS_SETTINGS if example.name.startswith("stats") else MERGE_SETTINGS
     settings = load_config(example, example.stem, known)

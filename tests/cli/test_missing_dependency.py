@@ -58,8 +58,9 @@ def test_missing_transformers_is_bad_input_naming_the_install(pair, tmp_path, co
 
 def test_interpolate_plot_without_matplotlib_answers_before_computing(pair, tmp_path):
     a, b, data = pair
-    result = run_without("matplotlib", "interpolate", a, b, "--data", data, "--plot", tmp_path / "p.png",
-                         "-o", tmp_path / "r.json")
+    result = run_without(
+        "matplotlib", "interpolate", a, b, "--data", data, "--plot", tmp_path / "p.png", "-o", tmp_path / "r.json"
+    )
     assert_one_line_error(result, "matplotlib", "pip install 'rotfuse[models]'")
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "p.png").exists()
 
@@ -67,7 +68,21 @@ def test_interpolate_plot_without_matplotlib_answers_before_computing(pair, tmp_
 def test_interpolate_writes_out_before_plotting(pair, tmp_path):
     """The plot fails at its very end (matplotlib's drawing backend missing): the numbers are kept."""
     a, b, data = pair
-    result = run_without("matplotlib.backends.backend_agg", "interpolate", a, b, "--data", data, "--steps", "2",
-                         "--plot", tmp_path / "p.png", "-o", tmp_path / "r.json", "--device", "cpu")
+    result = run_without(
+        "matplotlib.backends.backend_agg",
+        "interpolate",
+        a,
+        b,
+        "--data",
+        data,
+        "--steps",
+        "2",
+        "--plot",
+        tmp_path / "p.png",
+        "-o",
+        tmp_path / "r.json",
+        "--device",
+        "cpu",
+    )
     assert result.returncode != 0
     assert (tmp_path / "r.json").exists() and not (tmp_path / "p.png").exists()

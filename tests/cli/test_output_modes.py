@@ -63,11 +63,13 @@ def test_merge_stats_and_interpolate_outputs_follow_the_umask(pair, tmp_path, um
     code, err = run_here("merge", a, b, "-o", tmp_path / "merged", "-q")
     assert code == 0, err
     _assert_plain(tmp_path / "merged", umask)
-    code, err = run_here("stats", a, "--data", data, "--kind", "regmean", "-o", tmp_path / "stats", "-q",
-                         "--device", "cpu")
+    code, err = run_here(
+        "stats", a, "--data", data, "--kind", "regmean", "-o", tmp_path / "stats", "-q", "--device", "cpu"
+    )
     assert code == 0, err
     _assert_plain(tmp_path / "stats", umask)
-    code, err = run_here("interpolate", a, b, "--data", data, "--steps", "2", "-o", tmp_path / "curve.json", "-q",
-                         "--device", "cpu")
+    code, err = run_here(
+        "interpolate", a, b, "--data", data, "--steps", "2", "-o", tmp_path / "curve.json", "-q", "--device", "cpu"
+    )
     assert code == 0, err
     assert _mode(tmp_path / "curve.json") == 0o666 & ~umask

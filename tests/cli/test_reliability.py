@@ -96,7 +96,9 @@ def test_dry_run_writes_nothing(cli, tmp_path):
     assert plan["dry_run"] is True and plan["layers"] == ["0", "1"]
     assert plan["tensors"]["transformed"] > 0 and plan["tensors"]["copied"] > 0
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
-    assert_one_line_error(cli("match", anchor, tmp_path / "none", "-o", tmp_path / "out", "--dry-run"), "no such checkpoint")
+    assert_one_line_error(
+        cli("match", anchor, tmp_path / "none", "-o", tmp_path / "out", "--dry-run"), "no such checkpoint"
+    )
 
 
 # ---------------------------------------------------------------------- interrupted or failing writes
@@ -106,8 +108,14 @@ def test_dry_run_writes_nothing(cli, tmp_path):
 def big_pair(tmp_path_factory) -> tuple[Path, Path]:
     """Large enough that matching takes a few seconds: time to interrupt it mid-write."""
     root = tmp_path_factory.mktemp("big")
-    sizes = dict(hidden_size=256, num_attention_heads=8, intermediate_size=1400, num_hidden_layers=10,
-                 vocab_size=3000, max_position_embeddings=64)
+    sizes = dict(
+        hidden_size=256,
+        num_attention_heads=8,
+        intermediate_size=1400,
+        num_hidden_layers=10,
+        vocab_size=3000,
+        max_position_embeddings=64,
+    )
     return save_tiny("bert", root / "anchor", seed=1, **sizes), save_tiny("bert", root / "model", seed=0, **sizes)
 
 
@@ -117,10 +125,28 @@ def test_signal_mid_write_keeps_the_old_output(big_pair, tmp_path, sig, code):
     out = tmp_path / "out"
     out.mkdir()
     (out / "previous.txt").write_text("the old output")
-    process = subprocess.Popen([sys.executable, "-m", "rotfuse", "match", str(anchor), str(model), "-o", str(out),
-                                "--overwrite", "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rotfuse",
+            "match",
+            str(anchor),
+            str(model),
+            "-o",
+            str(out),
+            "--overwrite",
+            "--device",
+            "cpu",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 60
-    while time.time() < deadline and not any((p / "model.safetensors").exists() for p in tmp_path.glob(".rotfuse-tmp-*")):
+    while time.time() < deadline and not any(
+        (p / "model.safetensors").exists() for p in tmp_path.glob(".rotfuse-tmp-*")
+    ):
         time.sleep(0.02)
     assert process.poll() is None, "finished before it could be interrupted"
     process.send_signal(sig)
@@ -138,9 +164,23 @@ def test_disk_full_gives_a_clear_error_and_no_output(big_pair, tmp_path):
     def small_disk() -> None:  # writes past 256 KiB fail with EFBIG, as on a full disk
         resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
 
-    result = subprocess.run([sys.executable, "-m", "rotfuse", "match", str(anchor), str(model), "-o",
-                             str(tmp_path / "out"), "--device", "cpu"], capture_output=True, text=True,
-                            preexec_fn=small_disk)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rotfuse",
+            "match",
+            str(anchor),
+            str(model),
+            "-o",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        preexec_fn=small_disk,
+    )
     assert_one_line_error(result, "File too large")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
@@ -172,7 +212,7 @@ def test_same_command_twice_gives_identical_bytes(cli, tmp_path):
             assert (tmp_path / "one" / relative).read_bytes() == (tmp_path / "two" / relative).read_bytes(), relative
 
 
-# ---------------------------------------------------------------------- every bad input, through the CLI, for match and merge
+# ------------------------------------------------------- every bad input, through the CLI, for match and merge
 
 
 def _break(kind: str, folder: Path) -> str:
@@ -215,8 +255,10 @@ def _break(kind: str, folder: Path) -> str:
 
 
 @pytest.mark.parametrize("command", ["match", "merge"])
-@pytest.mark.parametrize("kind", ["no-config", "no-weights", "truncated", "corrupt-header", "missing-shard",
-                                  "unknown-type", "other-shapes", "nan"])
+@pytest.mark.parametrize(
+    "kind",
+    ["no-config", "no-weights", "truncated", "corrupt-header", "missing-shard", "unknown-type", "other-shapes", "nan"],
+)
 def test_bad_checkpoint_is_one_line_and_exit_2(cli, tmp_path, command, kind):
     good = save_tiny("bert", tmp_path / "good", seed=1)
     bad = save_tiny("bert", tmp_path / "bad", seed=0)
@@ -238,11 +280,33 @@ def test_merge_with_statistics_of_another_checkpoint_is_refused(cli, tmp_path):
     b = save_tiny("bert", tmp_path / "b", seed=1)
     np.savez(tmp_path / "inputs.npz", input_ids=np.random.default_rng(0).integers(0, 60, (8, 6)))
     for name in ("a", "b"):
-        result = cli("stats", tmp_path / name, "--data", tmp_path / "inputs.npz", "--kind", "regmean",
-                     "-o", tmp_path / f"{name}_stats", "-q")
+        result = cli(
+            "stats",
+            tmp_path / name,
+            "--data",
+            tmp_path / "inputs.npz",
+            "--kind",
+            "regmean",
+            "-o",
+            tmp_path / f"{name}_stats",
+            "-q",
+        )
         assert result.returncode == 0, result.stderr
     assert cli("match", a, b, "-o", tmp_path / "b_aligned", "-q").returncode == 0
-    assert_one_line_error(cli("merge", "--method", "regmean", a, tmp_path / "b_aligned", "--stats",
-                              tmp_path / "a_stats", tmp_path / "b_stats", "-o", tmp_path / "merged"),
-                          "b_stats", "another checkpoint")
+    assert_one_line_error(
+        cli(
+            "merge",
+            "--method",
+            "regmean",
+            a,
+            tmp_path / "b_aligned",
+            "--stats",
+            tmp_path / "a_stats",
+            tmp_path / "b_stats",
+            "-o",
+            tmp_path / "merged",
+        ),
+        "b_stats",
+        "another checkpoint",
+    )
     assert not (tmp_path / "merged").exists()

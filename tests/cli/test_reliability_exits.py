@@ -56,8 +56,12 @@ def test_signal_just_after_the_output_is_in_place_says_it_is_complete(pair, tmp_
 
 def test_ctrl_c_during_start_up_is_one_line_not_a_traceback():
     for delay in (0.1, 0.2, 0.3, 0.4, 0.6):
-        process = subprocess.Popen([sys.executable, "-m", "rotfuse", "archs", "--json"], stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "rotfuse", "archs", "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         time.sleep(delay)
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=60)
@@ -67,11 +71,14 @@ def test_ctrl_c_during_start_up_is_one_line_not_a_traceback():
             assert stderr.strip().splitlines() == ["rotfuse: interrupted; no output was written"], stderr
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--workers", "0"], "--workers"),
-    (["--no-such-flag"], "--no-such-flag"),
-    (None, "--out"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--workers", "0"], "--workers"),
+        (["--no-such-flag"], "--no-such-flag"),
+        (None, "--out"),
+    ],
+)
 def test_flag_errors_are_one_line_and_exit_2(pair, tmp_path, args, fragment):
     a, b = pair
     full = ["match", a, b] + (["-o", tmp_path / "out", *args] if args is not None else [])
@@ -104,8 +111,19 @@ def test_full_disk_during_stats_is_exit_2_naming_the_file(pair, tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (4 * 1024, 4 * 1024))
 
     out = tmp_path / "stats"
-    result = run_cli("stats", a, "--data", tmp_path / "inputs.npz", "--kind", "regmean", "-o", out,
-                     "--device", "cpu", preexec_fn=small_disk)
+    result = run_cli(
+        "stats",
+        a,
+        "--data",
+        tmp_path / "inputs.npz",
+        "--kind",
+        "regmean",
+        "-o",
+        out,
+        "--device",
+        "cpu",
+        preexec_fn=small_disk,
+    )
     line = assert_one_line(result.returncode, result.stderr, "stats.safetensors")
     assert ".rotfuse-tmp" not in line
     assert not out.exists() and leftovers(tmp_path) == []

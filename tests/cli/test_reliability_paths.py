@@ -47,8 +47,11 @@ def test_interpolate_never_writes_into_an_input(models, tmp_path, flag, victim):
     a, b = _copy(a, tmp_path / "a"), _copy(b, tmp_path / "b")
     target = (a if flag == "--out" else b) / victim
     before = snapshot(a) | {f"b/{k}": v for k, v in snapshot(b).items()}
-    _one(run_cli("interpolate", a, b, "--data", data, "--steps", "2", flag, target, "--device", "cpu"),
-         str(target), "inside the input")
+    _one(
+        run_cli("interpolate", a, b, "--data", data, "--steps", "2", flag, target, "--device", "cpu"),
+        str(target),
+        "inside the input",
+    )
     assert snapshot(a) | {f"b/{k}": v for k, v in snapshot(b).items()} == before
 
 
@@ -56,11 +59,15 @@ def test_interpolate_replaces_an_existing_file_only_with_overwrite(models, tmp_p
     a, b, data = models
     existing = tmp_path / "curves.json"
     existing.write_text("keep me")
-    _one(run_cli("interpolate", a, b, "--data", data, "--steps", "2", "--out", existing, "--device", "cpu"),
-         "already exists", "--overwrite")
+    _one(
+        run_cli("interpolate", a, b, "--data", data, "--steps", "2", "--out", existing, "--device", "cpu"),
+        "already exists",
+        "--overwrite",
+    )
     assert existing.read_text() == "keep me"
-    result = run_cli("interpolate", a, b, "--data", data, "--steps", "2", "--out", existing, "--device", "cpu",
-                     "--overwrite", "-q")
+    result = run_cli(
+        "interpolate", a, b, "--data", data, "--steps", "2", "--out", existing, "--device", "cpu", "--overwrite", "-q"
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(existing.read_text())["command"] == "interpolate"
 
@@ -72,8 +79,10 @@ def test_report_onto_the_data_file_is_refused(models, tmp_path):
     a, b, data = models
     data = _copy(data.parent, tmp_path / "dd") / "data.npz"
     before = data.read_bytes()
-    _one(run_cli("match", a, b, "-s", "default,residual", "--data", data, "--report", data, "-o", tmp_path / "out"),
-         "would replace the input")
+    _one(
+        run_cli("match", a, b, "-s", "default,residual", "--data", data, "--report", data, "-o", tmp_path / "out"),
+        "would replace the input",
+    )
     assert data.read_bytes() == before and not (tmp_path / "out").exists()
 
 
@@ -82,8 +91,10 @@ def test_output_folder_holding_the_data_file_is_refused(models, tmp_path):
     folder = tmp_path / "dd"
     folder.mkdir()
     (folder / "data.npz").write_bytes(data.read_bytes())
-    _one(run_cli("match", a, b, "-s", "default,residual", "--data", folder / "data.npz", "-o", folder, "--overwrite"),
-         "must not contain the input")
+    _one(
+        run_cli("match", a, b, "-s", "default,residual", "--data", folder / "data.npz", "-o", folder, "--overwrite"),
+        "must not contain the input",
+    )
     assert (folder / "data.npz").read_bytes() == data.read_bytes()
 
 
@@ -181,8 +192,19 @@ def test_stale_interpolate_folder_in_the_temp_folder_is_removed(models, tmp_path
     temp.mkdir()
     stale = temp / f"rotfuse-interpolate-{_dead_pid()}-{owner_tag().split('-')[1]}-a-xyz"
     (stale / "lambda-1").mkdir(parents=True)
-    result = run_cli("interpolate", a, b, "--data", data, "--steps", "2", "--device", "cpu", "-q",
-                     env={**os.environ, "TMPDIR": str(temp)})
+    result = run_cli(
+        "interpolate",
+        a,
+        b,
+        "--data",
+        data,
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "-q",
+        env={**os.environ, "TMPDIR": str(temp)},
+    )
     assert result.returncode == 0, result.stderr
     assert list(temp.iterdir()) == []
 

@@ -57,11 +57,34 @@ def test_fisher_floor_inf_is_refused(pair, tmp_path):
     a, b = pair
     np.savez(tmp_path / "inputs.npz", input_ids=np.random.default_rng(0).integers(0, 61, (4, 6)))
     for name, model in (("a", a), ("b", b)):
-        result = run_cli("stats", model, "--data", tmp_path / "inputs.npz", "--kind", "fisher", "-o",
-                         tmp_path / f"{name}_f", "--device", "cpu", "-q")
+        result = run_cli(
+            "stats",
+            model,
+            "--data",
+            tmp_path / "inputs.npz",
+            "--kind",
+            "fisher",
+            "-o",
+            tmp_path / f"{name}_f",
+            "--device",
+            "cpu",
+            "-q",
+        )
         assert result.returncode == 0, result.stderr
-    result = run_cli("merge", "-m", "fisher", a, b, "--stats", tmp_path / "a_f", tmp_path / "b_f",
-                     "--fisher-floor", "inf", "-o", tmp_path / "out")
+    result = run_cli(
+        "merge",
+        "-m",
+        "fisher",
+        a,
+        b,
+        "--stats",
+        tmp_path / "a_f",
+        tmp_path / "b_f",
+        "--fisher-floor",
+        "inf",
+        "-o",
+        tmp_path / "out",
+    )
     assert_one_line(result.returncode, result.stderr, "--fisher-floor")
     assert not (tmp_path / "out").exists()
 
@@ -82,18 +105,33 @@ def test_negative_label_is_refused_not_class_0(pair, tmp_path):
     a, _ = pair
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "inputs.npz", input_ids=rng.integers(0, 61, (4, 6)), labels=np.array([0, 1, -5, 2]))
-    result = run_cli("stats", a, "--data", tmp_path / "inputs.npz", "--kind", "fisher", "--labels", "data",
-                     "-o", tmp_path / "out", "--device", "cpu")
+    result = run_cli(
+        "stats",
+        a,
+        "--data",
+        tmp_path / "inputs.npz",
+        "--kind",
+        "fisher",
+        "--labels",
+        "data",
+        "-o",
+        tmp_path / "out",
+        "--device",
+        "cpu",
+    )
     assert_one_line(result.returncode, result.stderr, "inputs.npz", "labels", "-5")
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("line, fragment", [
-    ("fsync: 'no'", "fsync"),
-    ("max_rounds: -3", "max_rounds"),
-    ("alpha: .nan", "alpha"),
-    ("overwrite: 1", "overwrite"),
-])
+@pytest.mark.parametrize(
+    "line, fragment",
+    [
+        ("fsync: 'no'", "fsync"),
+        ("max_rounds: -3", "max_rounds"),
+        ("alpha: .nan", "alpha"),
+        ("overwrite: 1", "overwrite"),
+    ],
+)
 def test_job_file_values_are_checked_like_flags(pair, tmp_path, line, fragment):
     a, b = pair
     job = tmp_path / "job.yaml"

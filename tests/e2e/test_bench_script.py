@@ -34,12 +34,27 @@ def test_peak_rss_is_the_commands_own_not_the_benchmarks(tmp_path: Path) -> None
 
 
 def test_bench_tiny_reports_every_stage(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, str(SCRIPT), "--sizes", "tiny", "--repeat", "1", "--json",
-                             "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--sizes", "tiny", "--repeat", "1", "--json", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     rows = {row["stage"]: row for row in json.loads(result.stdout)["rows"]}
-    expected = {"startup --help", "startup archs", "io-floor", "match-attn", "match-all", "merge-simple",
-                "match-2x-deep", "merge-2x-deep", "io-floor-fsync", "match-attn-fsync", "merge-simple-fsync"}
+    expected = {
+        "startup --help",
+        "startup archs",
+        "io-floor",
+        "match-attn",
+        "match-all",
+        "merge-simple",
+        "match-2x-deep",
+        "merge-2x-deep",
+        "io-floor-fsync",
+        "match-attn-fsync",
+        "merge-simple-fsync",
+    }
     assert expected <= set(rows)
     assert rows["io-floor"]["ratio_to_floor"] == 1.0
     assert rows["io-floor-fsync"]["ratio_to_floor"] == 1.0  # the flushed stages have their own floor
@@ -56,23 +71,46 @@ def test_bench_tiny_reports_every_stage(tmp_path: Path) -> None:
 
 
 def test_bench_runs_only_the_stages_asked_for(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, str(SCRIPT), "--sizes", "tiny", "--repeat", "1", "--json",
-                             "--workdir", str(tmp_path), "--stages", "io-floor,match-attn"],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--sizes",
+            "tiny",
+            "--repeat",
+            "1",
+            "--json",
+            "--workdir",
+            str(tmp_path),
+            "--stages",
+            "io-floor,match-attn",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     rows = {row["stage"]: row for row in json.loads(result.stdout)["rows"]}
     assert set(rows) == {"io-floor", "match-attn"}
     assert rows["match-attn"]["ratio_to_floor"] > 0
     assert not any(tmp_path.glob("tiny-deep-*")), "no twice-as-deep pair without a stage that needs it"
-    unknown = subprocess.run([sys.executable, str(SCRIPT), "--stages", "io-floor,match-everything"],
-                             capture_output=True, text=True, timeout=60)
+    unknown = subprocess.run(
+        [sys.executable, str(SCRIPT), "--stages", "io-floor,match-everything"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert unknown.returncode == 2 and "match-everything" in unknown.stderr
 
 
 def test_ffn_solve_benchmark_names_the_path_of_every_case() -> None:
     script = SCRIPT.parent / "bench_ffn_solve.py"
-    result = subprocess.run([sys.executable, str(script), "--neurons", "256", "--width", "384", "--repeat", "1"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(script), "--neurons", "256", "--width", "384", "--repeat", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     cases = {row[0].strip(): row[1].strip() for row in rows[1:]}

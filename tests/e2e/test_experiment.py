@@ -15,8 +15,11 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def test_quick_experiment_shows_the_distance_ordering(tmp_path):
     out = tmp_path / "results"
-    run = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out), "--work", str(tmp_path)],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--out", str(out), "--work", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     results = json.loads((out / "results.json").read_text())
     independent = results["summary"]["independent"]
@@ -31,8 +34,11 @@ def test_quick_experiment_shows_the_distance_ordering(tmp_path):
     # models fine-tuned from one init: weight matching may find little to do, but never moves B away
     # (activation matching fits hidden states, not weights: its map may move them)
     shared = results["summary"]["shared-init"]
-    assert all(cell["distance"]["mean"] <= shared["none"]["distance"]["mean"] * (1 + 1e-6)
-               for variant, cell in shared.items() if variant != "+residual (activations)")
+    assert all(
+        cell["distance"]["mean"] <= shared["none"]["distance"]["mean"] * (1 + 1e-6)
+        for variant, cell in shared.items()
+        if variant != "+residual (activations)"
+    )
     for run_row in results["runs"]:
         assert run_row["function_change"] < 1e-4  # every matched B is still B
         curve = run_row["curve"]

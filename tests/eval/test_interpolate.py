@@ -65,7 +65,10 @@ def test_interpolated_checkpoint_is_exact(pair, tmp_path):
         (tmp_path / name).mkdir()
         write_interpolated(ca, cb, lam, tmp_path / name)
     ta, tb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
-    t0, t1 = load_file(str(tmp_path / "l0" / "model.safetensors")), load_file(str(tmp_path / "l1" / "model.safetensors"))
+    t0, t1 = (
+        load_file(str(tmp_path / "l0" / "model.safetensors")),
+        load_file(str(tmp_path / "l1" / "model.safetensors")),
+    )
     tm = load_file(str(tmp_path / "mid" / "model.safetensors"))
     assert ta.keys() == t0.keys() == tm.keys()
     for name in ta:
@@ -74,11 +77,15 @@ def test_interpolated_checkpoint_is_exact(pair, tmp_path):
             assert torch.allclose(tm[name], (ta[name] + tb[name]) / 2, atol=1e-6)
     # the midpoint, loaded from files, computes what averaging the two live models computes
     live_a, live_b = load_model(a), load_model(b)
-    averaged = {k: (v + live_b.state_dict()[k]) / 2 if v.is_floating_point() else v for k, v in live_a.state_dict().items()}
+    averaged = {
+        k: (v + live_b.state_dict()[k]) / 2 if v.is_floating_point() else v for k, v in live_a.state_dict().items()
+    }
     live_a.load_state_dict(averaged)
     x = vit_data(4, labels=False)["pixel_values"]
     with torch.no_grad():
-        assert torch.allclose(load_model(tmp_path / "mid")(pixel_values=x).logits, live_a(pixel_values=x).logits, atol=1e-5)
+        assert torch.allclose(
+            load_model(tmp_path / "mid")(pixel_values=x).logits, live_a(pixel_values=x).logits, atol=1e-5
+        )
 
 
 def test_barrier_of_a_model_with_itself_is_zero(pair):
@@ -120,7 +127,9 @@ def test_causal_lm_next_token_loss_matches_transformers(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32)).save_pretrained(tmp_path / "lm")
+    GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32)).save_pretrained(
+        tmp_path / "lm"
+    )
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 50, (4, 10), generator=g)
     mask = torch.ones(4, 10, dtype=torch.long)
@@ -155,8 +164,25 @@ def test_cli_several_curves_json_and_png(pair, tmp_path, cli):
     inputs = vit_data(16)
     save_file(inputs, str(data))
     plot, saved = tmp_path / "curves.png", tmp_path / "curves.json"
-    result = cli("interpolate", a, b, tmp_path / "b_aligned", "--data", data, "--steps", "3", "--plot", plot,
-                 "--label", "before", "--label", "after", "--out", saved, "--json")
+    result = cli(
+        "interpolate",
+        a,
+        b,
+        tmp_path / "b_aligned",
+        "--data",
+        data,
+        "--steps",
+        "3",
+        "--plot",
+        plot,
+        "--label",
+        "before",
+        "--label",
+        "after",
+        "--out",
+        saved,
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report == json.loads(saved.read_text())
@@ -194,4 +220,3 @@ def test_cli_bad_input(pair, tmp_path, cli):
     assert result.stderr.strip().count("\n") == 0 and str(bert) in result.stderr
     result = cli("interpolate", a, a, "--data", tmp_path / "nothing.npz")
     assert result.returncode == 2 and "nothing.npz" in result.stderr
-

@@ -25,15 +25,23 @@ def poison(folder: Path, marker: Path, where: str = "config.json") -> None:
     (folder / "evil.py").write_text(EVIL.format(marker=str(marker)))
     path = folder / where
     config = json.loads(path.read_text()) if path.exists() else {}
-    config["auto_map"] = {"AutoModel": "evil.EvilModel", "AutoConfig": "evil.EvilConfig",
-                          "AutoTokenizer": ["evil.EvilModel", None]}
+    config["auto_map"] = {
+        "AutoModel": "evil.EvilModel",
+        "AutoConfig": "evil.EvilConfig",
+        "AutoTokenizer": ["evil.EvilModel", None],
+    }
     config.pop("architectures", None)  # make transformers fall back to the Auto classes
     path.write_text(json.dumps(config))
 
 
 def run(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rotfuse", *map(str, args)], input="y\ny\ny\n",
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "rotfuse", *map(str, args)],
+        input="y\ny\ny\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.parametrize("command", ["verify", "stats", "interpolate", "match-data"])
@@ -51,8 +59,7 @@ def test_checkpoint_code_never_runs(tmp_path, command):
         "verify": ["verify", "--json", good, evil],
         "stats": ["stats", evil, "--data", data, "--kind", "fisher", "-o", tmp_path / "st"],
         "interpolate": ["interpolate", good, evil, "--data", data, "--steps", "3", "--json"],
-        "match-data": ["match", good, evil, "-o", tmp_path / "out", "-s", "default,residual", "--data", data,
-                       "--json"],
+        "match-data": ["match", good, evil, "-o", tmp_path / "out", "-s", "default,residual", "--data", data, "--json"],
     }[command]
     result = run(*args)
     assert not marker.exists(), "the checkpoint's code ran"

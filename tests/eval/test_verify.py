@@ -88,8 +88,13 @@ def test_half_precision_pair_agrees_with_its_default_tolerance(tmp_path, dtype):
 def test_real_minilm_on_text_data(tmp_path, cli, minilm_dir):
     scramble(minilm_dir, tmp_path / "scrambled", MatchOptions(device="cpu"), seed=3)
     data = tmp_path / "sentences.jsonl"
-    data.write_text("\n".join(json.dumps({"text": t}) for t in
-                              ["A man is eating food.", "The cat sleeps on the sofa all afternoon.", "Hello"]) + "\n")
+    data.write_text(
+        "\n".join(
+            json.dumps({"text": t})
+            for t in ["A man is eating food.", "The cat sleeps on the sofa all afternoon.", "Hello"]
+        )
+        + "\n"
+    )
     result = cli("verify", minilm_dir, tmp_path / "scrambled", "--data", data, "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)

@@ -11,11 +11,18 @@ from pathlib import Path
 from typing import Any
 
 
-def run_cli(*args: object, check: bool = False, cwd: Path | None = None, timeout: float = 600,
-            **kwargs: Any) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: object, check: bool = False, cwd: Path | None = None, timeout: float = 600, **kwargs: Any
+) -> subprocess.CompletedProcess:
     """Run `python -m rotfuse` in a separate process, as a user would."""
-    result = subprocess.run([sys.executable, "-m", "rotfuse", *map(str, args)], capture_output=True, text=True,
-                            cwd=cwd, timeout=timeout, **kwargs)
+    result = subprocess.run(
+        [sys.executable, "-m", "rotfuse", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        **kwargs,
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"rotfuse {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr}")
     return result

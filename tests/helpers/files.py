@@ -19,7 +19,8 @@ def folder_digest(folder: Path) -> dict[str, str]:
     """sha256 of every file below `folder`, by relative path."""
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*")) if p.is_file()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
     }
 
 
@@ -41,7 +42,7 @@ def header_of(path: Path) -> tuple[str, bytes]:
     """A safetensors file's header text and its data buffer."""
     raw = path.read_bytes()
     (length,) = struct.unpack("<Q", raw[:8])
-    return raw[8:8 + length].decode("utf-8"), raw[8 + length:]
+    return raw[8 : 8 + length].decode("utf-8"), raw[8 + length :]
 
 
 def write_header(path: Path, text: str | bytes, data: bytes) -> None:

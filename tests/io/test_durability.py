@@ -112,8 +112,9 @@ def test_no_fsync_from_the_command_line_and_the_job_file(pair, tmp_path, monkeyp
     anchor, model = pair
     log = SyncLog(monkeypatch)
     runner = CliRunner()
-    result = runner.invoke(app, ["match", str(anchor), str(model), "-o", str(tmp_path / "m"), "--no-fsync", "-q",
-                                 "--device", "cpu"])
+    result = runner.invoke(
+        app, ["match", str(anchor), str(model), "-o", str(tmp_path / "m"), "--no-fsync", "-q", "--device", "cpu"]
+    )
     assert result.exit_code == 0, result.output
     job = tmp_path / "job.yaml"
     job.write_text(f"models: [{anchor}, {model}]\nout: {tmp_path / 'j'}\nfsync: false\n")

@@ -43,8 +43,9 @@ def test_sharded_in_sharded_out_with_the_same_index(tmp_path):
     assert [s.path.name for s in out.shards] == [s.path.name for s in src.shards]
     assert json.loads((tmp_path / "out" / INDEX_FILE).read_text())["weight_map"] == src.index["weight_map"]
     for a, b in zip(src.shards, out.shards):
-        assert [(e.name, e.dtype, e.shape) for e in a.entries.values()] == \
-               [(e.name, e.dtype, e.shape) for e in b.entries.values()]
+        assert [(e.name, e.dtype, e.shape) for e in a.entries.values()] == [
+            (e.name, e.dtype, e.shape) for e in b.entries.values()
+        ]
     assert_same_function(model, tmp_path / "out")
 
 
@@ -70,15 +71,17 @@ def test_untouched_tensors_are_byte_identical_and_extras_copied(tmp_path):
     src, out = Checkpoint.open(model), Checkpoint.open(tmp_path / "out")
     assert "my_adapter.extra_buffer" in report["unpaired_tensors"]
     opened = open_model(model)
-    touched = {name for layer in opened.bound.layers()
-               for name in layer_tensor_names(opened.bound, layer, opened.checkpoint)}
+    touched = {
+        name for layer in opened.bound.layers() for name in layer_tensor_names(opened.bound, layer, opened.checkpoint)
+    }
     untouched = [name for name in src.names() if name not in touched]
     assert "bert.embeddings.word_embeddings.weight" in untouched and "my_adapter.extra_buffer" in untouched
     assert "bert.encoder.layer.0.attention.output.dense.bias" in untouched  # b_O never moves
     for name in untouched:
         assert raw_bytes(src, name) == raw_bytes(out, name), name
-    assert raw_bytes(src, "bert.encoder.layer.0.attention.self.query.weight") != \
-           raw_bytes(out, "bert.encoder.layer.0.attention.self.query.weight")
+    assert raw_bytes(src, "bert.encoder.layer.0.attention.self.query.weight") != raw_bytes(
+        out, "bert.encoder.layer.0.attention.self.query.weight"
+    )
     assert out.shards[0].metadata == {"format": "pt", "note": "kept"}
 
 
@@ -149,12 +152,16 @@ def test_attention_only_match_copies_the_ffn_and_measures_it_in_its_stored_dtype
     """Without FFN permutation the FFN is only measured: read in bf16, never rewritten."""
     model = save_tiny("llama", tmp_path / "model", seed=0, dtype=torch.bfloat16, max_shard_size="40KB")
     anchor = save_tiny("llama", tmp_path / "anchor", seed=1, dtype=torch.bfloat16)
-    report = match(anchor, model, tmp_path / "out", MatchOptions(device="cpu", symmetries=frozenset({"qk.rot", "vo.rot"})))
+    report = match(
+        anchor, model, tmp_path / "out", MatchOptions(device="cpu", symmetries=frozenset({"qk.rot", "vo.rot"}))
+    )
     src, ref, out = Checkpoint.open(model), Checkpoint.open(anchor), Checkpoint.open(tmp_path / "out")
     ffn = [n for n in src.names() if ".mlp." in n]
     for name in ffn:
         assert raw_bytes(src, name) == raw_bytes(out, name), name
-    assert raw_bytes(src, "model.layers.0.self_attn.q_proj.weight") != raw_bytes(out, "model.layers.0.self_attn.q_proj.weight")
+    assert raw_bytes(src, "model.layers.0.self_attn.q_proj.weight") != raw_bytes(
+        out, "model.layers.0.self_attn.q_proj.weight"
+    )
     for row in report["layers"]:
         names = [n for n in ffn if n.startswith(f"model.layers.{row['layer']}.")]
         expected = sum(float((src.get(n).double() - ref.get(n).double()).square().sum()) for n in names) ** 0.5

@@ -81,8 +81,24 @@ def test_merge_works_without_transformers(pair: dict[str, Path], tmp_path: Path)
     (blocker / "__init__.py").write_text("raise ImportError('transformers is blocked in this test')\n")
     env = {**os.environ, "PYTHONPATH": str(blocker.parent)}
     for method, extra in (("simple", []), ("regmean", ["--stats", pair["a_grams"], pair["b_grams"]])):
-        result = subprocess.run([sys.executable, "-m", "rotfuse", "merge", "-m", method, pair["a"], pair["b"], *extra,
-                                 "-o", tmp_path / method], capture_output=True, text=True, env=env)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "rotfuse",
+                "merge",
+                "-m",
+                method,
+                pair["a"],
+                pair["b"],
+                *extra,
+                "-o",
+                tmp_path / method,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         assert result.returncode == 0, result.stderr
         assert (tmp_path / method / "model.safetensors").exists()
 
@@ -108,11 +124,17 @@ def assert_least_squares_fit(merged: torch.Tensor, rows: list[torch.Tensor], wei
 
 
 def test_regmean_merge_is_the_least_squares_solution_of_each_layer(pair: dict[str, Path], tmp_path: Path) -> None:
-    report = merge([pair["a"], pair["b"]], tmp_path / "out",
-                   MergeOptions(method="regmean", stats=(pair["a_grams"], pair["b_grams"]), settings={"alpha": 1.0}, device="cpu"))
+    report = merge(
+        [pair["a"], pair["b"]],
+        tmp_path / "out",
+        MergeOptions(method="regmean", stats=(pair["a_grams"], pair["b_grams"]), settings={"alpha": 1.0}, device="cpu"),
+    )
     a, b, out = tensors(pair["a"]), tensors(pair["b"]), tensors(tmp_path / "out")
-    live = {"bert.encoder.layer.0.intermediate.dense": True, "bert.encoder.layer.1.attention.self.value": True,
-            "classifier": False}
+    live = {
+        "bert.encoder.layer.0.intermediate.dense": True,
+        "bert.encoder.layer.1.attention.self.value": True,
+        "classifier": False,
+    }
     rows = [hooked_rows(load_model(pair[m]), _inputs(pair[f"{m}_data"]), list(live), live) for m in ("a", "b")]
     for module in live:
         weight = module + ".weight"
@@ -130,8 +152,11 @@ def _inputs(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_regmean_of_a_model_with_itself_is_the_model(pair: dict[str, Path], tmp_path: Path) -> None:
-    merge([pair["a"], pair["a"]], tmp_path / "out",
-          MergeOptions(method="regmean", stats=(pair["a_grams"], pair["a_grams"]), device="cpu"))
+    merge(
+        [pair["a"], pair["a"]],
+        tmp_path / "out",
+        MergeOptions(method="regmean", stats=(pair["a_grams"], pair["a_grams"]), device="cpu"),
+    )
     a, out = tensors(pair["a"]), tensors(tmp_path / "out")
     for name, value in a.items():
         torch.testing.assert_close(out[name], value, rtol=1e-5, atol=1e-5, msg=name)
@@ -147,8 +172,13 @@ def test_regmean_gpt2_conv1d_merges_in_its_own_layout(tmp_path: Path) -> None:
         compute_stats(model, data, tmp_path / f"grams_{seed}", StatsOptions(kind="regmean", device="cpu"))
         models.append(model)
         rows.append(hooked_rows(load_model(model), inputs, list(live), live))
-    report = merge(models, tmp_path / "out", MergeOptions(method="regmean", settings={"alpha": 1.0}, device="cpu",
-                                                          stats=(tmp_path / "grams_4", tmp_path / "grams_5")))
+    report = merge(
+        models,
+        tmp_path / "out",
+        MergeOptions(
+            method="regmean", settings={"alpha": 1.0}, device="cpu", stats=(tmp_path / "grams_4", tmp_path / "grams_5")
+        ),
+    )
     merged = tensors(tmp_path / "out")
     for module in live:  # Conv1D stores [in, out]: a transposition mix-up would go unnoticed on c_proj's shape
         weights = [tensors(m)[module + ".weight"] for m in models]
@@ -175,11 +205,20 @@ def fisher_stats(pair: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.mark.parametrize("normalize", [False, True])
-def test_fisher_merge_applies_the_formula_to_the_statistics(pair: dict[str, Path], fisher_stats: tuple[Path, Path],
-                                                            tmp_path: Path, normalize: bool) -> None:
+def test_fisher_merge_applies_the_formula_to_the_statistics(
+    pair: dict[str, Path], fisher_stats: tuple[Path, Path], tmp_path: Path, normalize: bool
+) -> None:
     floor = 1e-8
-    merge([pair["a"], pair["b"]], tmp_path / "out",
-          MergeOptions(method="fisher", stats=fisher_stats, weights=(1.0, 2.0), settings={"fisher_floor": floor, "fisher_normalize": normalize}))
+    merge(
+        [pair["a"], pair["b"]],
+        tmp_path / "out",
+        MergeOptions(
+            method="fisher",
+            stats=fisher_stats,
+            weights=(1.0, 2.0),
+            settings={"fisher_floor": floor, "fisher_normalize": normalize},
+        ),
+    )
     fishers = [tensors_of_stats(s) for s in fisher_stats]
     norms = [sum(float(f.double().pow(2).sum()) for f in fs.values()) ** 0.5 if normalize else 1.0 for fs in fishers]
     a, b, out = tensors(pair["a"]), tensors(pair["b"]), tensors(tmp_path / "out")
@@ -202,11 +241,17 @@ def test_statistics_of_another_checkpoint_are_refused(pair: dict[str, Path], tmp
     aligned = tmp_path / "b_aligned"
     match_checkpoints(pair["a"], pair["b"], aligned, MatchOptions(device="cpu"))
     with pytest.raises(InputError, match=r"b_grams: statistics belong to another checkpoint .*compute them on"):
-        merge([pair["a"], aligned], tmp_path / "out",
-              MergeOptions(method="regmean", stats=(pair["a_grams"], pair["b_grams"])))
+        merge(
+            [pair["a"], aligned],
+            tmp_path / "out",
+            MergeOptions(method="regmean", stats=(pair["a_grams"], pair["b_grams"])),
+        )
     with pytest.raises(UsageError, match="--match cannot be combined with --method regmean"):
-        merge([pair["a"], pair["b"]], tmp_path / "out",
-              MergeOptions(method="regmean", stats=(pair["a_grams"], pair["b_grams"]), match=True))
+        merge(
+            [pair["a"], pair["b"]],
+            tmp_path / "out",
+            MergeOptions(method="regmean", stats=(pair["a_grams"], pair["b_grams"]), match=True),
+        )
     with pytest.raises(UsageError, match="one --stats folder per model"):
         merge([pair["a"], pair["b"]], tmp_path / "out", MergeOptions(method="regmean", stats=(pair["a_grams"],)))
     assert not (tmp_path / "out").exists()

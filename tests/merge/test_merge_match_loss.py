@@ -23,8 +23,13 @@ from rotfuse.align.options import MatchOptions
 from rotfuse.eval.runtime import load_model
 from rotfuse.merge.engine import MergeOptions, merge
 
-SIZES = dict(num_hidden_layers=1, intermediate_size=96, initializer_range=0.02, hidden_dropout_prob=0.0,
-             attention_probs_dropout_prob=0.0)
+SIZES = dict(
+    num_hidden_layers=1,
+    intermediate_size=96,
+    initializer_range=0.02,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
 LAYER_SEEDS = (3, 4)
 STEPS = 120
 

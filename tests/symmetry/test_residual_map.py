@@ -97,8 +97,10 @@ def test_embeddings_and_patch_convolution():
     image = torch.randn(2, 3, 4, 4, generator=g)
     for stream_map in _maps():
         assert _close(F.embedding(ids, stream_map.apply(table, (1,))), stream_map.apply(F.embedding(ids, table), (2,)))
-        assert _close(stream_map.apply(cls_token, (2,)) + stream_map.apply(positions, (2,))[:, :1],
-                      stream_map.apply(cls_token + positions[:, :1], (2,)))
+        assert _close(
+            stream_map.apply(cls_token, (2,)) + stream_map.apply(positions, (2,))[:, :1],
+            stream_map.apply(cls_token + positions[:, :1], (2,)),
+        )
         patches = F.conv2d(image, kernel, kernel_bias, stride=2).flatten(2).transpose(1, 2)  # [B, N, d]
         moved = F.conv2d(image, stream_map.apply(kernel, (0,)), stream_map.apply(kernel_bias, (0,)), stride=2)
         assert _close(moved.flatten(2).transpose(1, 2), stream_map.apply(patches, (2,)))
@@ -131,15 +133,18 @@ def test_a_layernorm_feeding_a_reader_admits_orthogonal_maps_that_keep_the_ones(
     moving = random_stream_map(D, orthogonal=True, generator=_gen(3))
     assert not moving.keeps_ones
     folded_reader = moving.apply(scale_axis(reader, gain, 1), (1,))
-    new = F.linear(F.layer_norm(moving.apply(x, (1,)), (D,), torch.ones(D), moving.apply(bias / gain, (0,))),
-                   folded_reader, reader_bias)
+    new = F.linear(
+        F.layer_norm(moving.apply(x, (1,)), (D,), torch.ones(D), moving.apply(bias / gain, (0,))),
+        folded_reader,
+        reader_bias,
+    )
     assert not _close(new, expected)
 
 
 def test_maps_that_keep_the_ones():
     frame = ones_frame(D)
     assert _close(frame @ frame.T, torch.eye(D, dtype=torch.float64)) and _close(frame, frame.T)
-    assert _close(frame[:, 0], torch.full((D,), D ** -0.5, dtype=torch.float64))
+    assert _close(frame[:, 0], torch.full((D,), D**-0.5, dtype=torch.float64))
     rotation = random_stream_map(D - 1, orthogonal=True, generator=_gen(4)).as_matrix()
     kept = keeping_ones(rotation)
     assert kept.keeps_ones and _close(kept.as_matrix() @ torch.ones(D, dtype=torch.float64), torch.ones(D))
@@ -191,12 +196,15 @@ def test_random_maps_are_orthogonal_and_seeded():
     assert b.is_permutation and sorted(b.perm.tolist()) == list(range(D))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({}, "exactly one"),
-    ({"perm": torch.tensor([0, 0, 1])}, "exactly once"),
-    ({"matrix": torch.ones(3, 3)}, "not orthogonal"),
-    ({"matrix": torch.eye(3)[:2]}, "square"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({}, "exactly one"),
+        ({"perm": torch.tensor([0, 0, 1])}, "exactly once"),
+        ({"matrix": torch.ones(3, 3)}, "not orthogonal"),
+        ({"matrix": torch.eye(3)[:2]}, "square"),
+    ],
+)
 def test_invalid_maps_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         StreamMap(**kwargs)

@@ -38,17 +38,29 @@ from rotfuse.symmetry.weights import (
 ALL = frozenset({"qk.rot", "qk.scale", "vo.rot", "vo.scale", "ffn.perm", "heads.perm"})
 
 
-def random_layer(seed: int, d: int = 12, heads: int = 4, kv_heads: int = 2, head_dim: int = 6,
-                 dff: int = 17, biases: bool = True, gated: bool = False) -> LayerWeights:
+def random_layer(
+    seed: int,
+    d: int = 12,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int = 6,
+    dff: int = 17,
+    biases: bool = True,
+    gated: bool = False,
+) -> LayerWeights:
     g = torch.Generator().manual_seed(seed)
 
     def lin(out: int, inp: int, bias: bool = biases) -> Linear:
         return Linear(torch.randn(out, inp, generator=g), torch.randn(out, generator=g) if bias else None)
 
     attention = Attention(
-        q=lin(heads * head_dim, d), k=lin(kv_heads * head_dim, d), v=lin(kv_heads * head_dim, d),
+        q=lin(heads * head_dim, d),
+        k=lin(kv_heads * head_dim, d),
+        v=lin(kv_heads * head_dim, d),
         o=Linear(torch.randn(d, heads * head_dim, generator=g)),
-        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
     )
     inputs = [lin(dff, d), lin(dff, d, bias=False)] if gated else [lin(dff, d)]
     return LayerWeights(attention, Ffn(inputs, Linear(torch.randn(d, dff, generator=g))))
@@ -147,7 +159,10 @@ def test_procrustes_result_is_orthogonal_and_in_group(rotary_dim):
 def test_best_scale_matches_a_dense_grid_search():
     g = torch.Generator().manual_seed(2)
     c4, c0 = torch.rand(50, generator=g, dtype=torch.float64) * 5, torch.rand(50, generator=g, dtype=torch.float64) * 5
-    c3, c1 = torch.randn(50, generator=g, dtype=torch.float64) * 3, torch.randn(50, generator=g, dtype=torch.float64) * 3
+    c3, c1 = (
+        torch.randn(50, generator=g, dtype=torch.float64) * 3,
+        torch.randn(50, generator=g, dtype=torch.float64) * 3,
+    )
     a = best_scale(c4, c3, c1, c0)
     grid = torch.cat([torch.linspace(-10, -0.05, 20000), torch.linspace(0.05, 10, 20000)]).double()
     for i in range(50):
@@ -168,7 +183,7 @@ def test_best_scale_keeps_one_when_nothing_is_better():
 
 def test_alternation_is_never_worse_than_the_single_paper_pass():
     g = torch.Generator().manual_seed(3)
-    for trial in range(20):
+    for _ in range(20):
         src = Circuit(torch.randn(3, 4, 9, generator=g), torch.randn(3, 4, 7, generator=g) * 3)
         anc = Circuit(torch.randn(3, 4, 9, generator=g) * 2, torch.randn(3, 4, 7, generator=g))
         one_pass = solve_circuit(src, anc, True, True, max_rounds=1)
@@ -275,7 +290,9 @@ def test_bfloat16_filtered_row_bests_settle_near_ties_in_float64():
     the rounded GEMM."""
     g = torch.Generator().manual_seed(13)
     first = torch.randn(150, 256, generator=g, dtype=torch.float64)
-    second = first + 0.02 * first.norm(dim=1, keepdim=True) * torch.randn(150, 256, generator=g, dtype=torch.float64) / 16
+    second = (
+        first + 0.02 * first.norm(dim=1, keepdim=True) * torch.randn(150, 256, generator=g, dtype=torch.float64) / 16
+    )
     second *= first.norm(dim=1, keepdim=True) / second.norm(dim=1, keepdim=True)
     anchor = torch.cat([first, second])
     # each row leans towards its own member of the pair: <x, own> - <x, twin> ~ 2e-4 |x| |y|
@@ -357,7 +374,9 @@ def test_scrambled_attention_computes_the_same_output():
     """Multi-head attention (softmax included, GQA, biases) gives the same output after a random
     head permutation, rotation and rescaling: the function-level reason they are exact."""
     att = random_layer(14, heads=4, kv_heads=2).attention
-    moved = scramble_layer(LayerWeights(att, random_layer(14).ffn), LayerSettings(ALL), torch.Generator().manual_seed(1)).attention
+    moved = scramble_layer(
+        LayerWeights(att, random_layer(14).ffn), LayerSettings(ALL), torch.Generator().manual_seed(1)
+    ).attention
     x = torch.randn(5, 12, dtype=torch.float64)
 
     def attend(a: Attention) -> torch.Tensor:
@@ -378,7 +397,6 @@ def test_identity_transform_is_a_no_op():
     assert all(torch.equal(x, y) for x, y in zip(same.tensors(), circuit.tensors(), strict=True))
 
 
-
 # ---------------------------------------------------------------------- head permutation
 
 
@@ -392,8 +410,8 @@ def test_head_pair_scores_are_the_best_rotation_objective(rotary_dim):
     scores = pair_scores(src, anc, rotate=True, rotary_dim=rotary_dim)
     for i in range(3):
         for j in range(3):
-            single_src = Circuit(src.left[0][i:i + 1], src.right[0][i:i + 1])
-            single_anc = Circuit(anc.left[0][j:j + 1], anc.right[0][j:j + 1])
+            single_src = Circuit(src.left[0][i : i + 1], src.right[0][i : i + 1])
+            single_anc = Circuit(anc.left[0][j : j + 1], anc.right[0][j : j + 1])
             solution = solve_circuit(single_src, single_anc, True, False, rotary_dim=rotary_dim)
             norms = sum(float(t.double().pow(2).sum()) for c in (single_src, single_anc) for t in c.tensors())
             best = (norms - solution.objective[-1]) / 2  # |s - R a|^2 = |s|^2 + |a|^2 - 2 <R, M>

@@ -55,9 +55,11 @@ class _Collect:
         self.values[name] = tensor
 
 
-def _circuit(circuit: Circuit, heads: torch.Tensor | None, rotation: torch.Tensor | None,
-             scale: torch.Tensor | None) -> Circuit:
+def _circuit(
+    circuit: Circuit, heads: torch.Tensor | None, rotation: torch.Tensor | None, scale: torch.Tensor | None
+) -> Circuit:
     """Head permutation (groups axis), then `left <- a R^T left`, `right <- R^T right / a`."""
+
     def side(blocks: tuple[torch.Tensor, ...], power: int) -> tuple[torch.Tensor, ...]:
         out = []
         for block in blocks:
@@ -130,12 +132,16 @@ class Builder:
             att = weights.attention
             maps[f"layer{layer.stack}_{layer.index}"] = LayerMaps(
                 settings.symmetries - {RESIDUAL} - ({FFN_PERM} if weights.ffn is None else set()),
-                att.num_kv_heads, att.head_dim, weights.ffn.width if weights.ffn is not None else 0,
-                settings.rotary_dim)
+                att.num_kv_heads,
+                att.head_dim,
+                weights.ffn.width if weights.ffn is not None else 0,
+                settings.rotary_dim,
+            )
         return maps.to(self.device)
 
-    def transformed(self, maps: torch.nn.ModuleDict, dtype: torch.dtype,
-                    exact: bool = False) -> dict[str, torch.Tensor]:
+    def transformed(
+        self, maps: torch.nn.ModuleDict, dtype: torch.dtype, exact: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Every floating tensor of g(copy), in `dtype` (gradients flow to `maps` unless `exact`)."""
         values = {name: value.to(dtype) for name, value in self.base.items()}
         for stack, plan in self.plans.items():

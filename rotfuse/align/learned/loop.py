@@ -26,7 +26,7 @@ from rotfuse.eval.score import LABELS_ENSEMBLE, LossSpec, ensemble_labels, locat
 from rotfuse.io.writer import CheckpointWriter, copy_side_files, plan_like
 
 SCHEDULES = ("fixed", "uniform")
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,10 @@ def available(device: str) -> int:
 def check_memory(model: OpenedModel, inputs: dict[str, torch.Tensor], settings: LearnSettings) -> int:
     need, free = memory_need(model, inputs, settings.batch_size), available(settings.device)
     if need > 0.9 * free:
-        raise UsageError(f"--learn needs about {need / GIB:.1f} GiB on {settings.device} but {free / GIB:.1f} GiB are "
-                         "free: lower --batch-size, or use --device cuda with a larger GPU")
+        raise UsageError(
+            f"--learn needs about {need / GIB:.1f} GiB on {settings.device} but {free / GIB:.1f} GiB are "
+            "free: lower --batch-size, or use --device cuda with a larger GPU"
+        )
     return need
 
 
@@ -88,8 +90,15 @@ def _load(path: Path, tokenizer: Path, limit: int | None) -> dict[str, torch.Ten
     return load_inputs(path, tokenizer_folder=tokenizer, max_samples=limit)
 
 
-def learn_into(anchor: OpenedModel, copy_folder: Path, out: Path, layers: list[LayerId], symmetries: frozenset[str],
-               settings: LearnSettings, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def learn_into(
+    anchor: OpenedModel,
+    copy_folder: Path,
+    out: Path,
+    layers: list[LayerId],
+    symmetries: frozenset[str],
+    settings: LearnSettings,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Refine the matched copy in `copy_folder`, write g(copy) to `out`; returns the report section."""
     from rotfuse.eval.runtime import accepted_inputs, load_model
 
@@ -108,8 +117,7 @@ def learn_into(anchor: OpenedModel, copy_folder: Path, out: Path, layers: list[L
     builder = Builder.of(copy, layers, symmetries, device)
     maps = builder.make_maps(symmetries)
     names = live_names(copy.checkpoint)
-    anchor_values = {name: anchor.checkpoint.get(counterpart(name, copy, anchor)).float().to(device)
-                     for name in names}
+    anchor_values = {name: anchor.checkpoint.get(counterpart(name, copy, anchor)).float().to(device) for name in names}
     model = load_model(copy_folder, device)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -117,15 +125,19 @@ def learn_into(anchor: OpenedModel, copy_folder: Path, out: Path, layers: list[L
     def reference(inputs: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
         if inputs is None or spec.labels != LABELS_ENSEMBLE:
             return None
-        probs = [probabilities(load_model(f, device), inputs, settings.batch_size)
-                 for f in (anchor.folder, copy_folder)]
+        probs = [
+            probabilities(load_model(f, device), inputs, settings.batch_size) for f in (anchor.folder, copy_folder)
+        ]
         return ensemble_labels(probs, inputs)
 
     train_ref, held_ref = reference(train), reference(held)
 
     def averaged(values: dict[str, torch.Tensor], lam: float | torch.Tensor) -> dict[str, torch.Tensor]:
-        return {live: (1 - lam) * anchor_values[name] + lam * values[name].float()
-                for name, lives in names.items() for live in lives}
+        return {
+            live: (1 - lam) * anchor_values[name] + lam * values[name].float()
+            for name, lives in names.items()
+            for live in lives
+        }
 
     def evaluate(inputs: dict[str, torch.Tensor], ref: torch.Tensor | None, exact: bool) -> float:
         with torch.no_grad():
@@ -140,8 +152,10 @@ def learn_into(anchor: OpenedModel, copy_folder: Path, out: Path, layers: list[L
         if batch_loss_value is not None:
             row["batch_loss"] = batch_loss_value
         if log is not None:
-            log(f"learn step {step}/{settings.steps}: loss at l=0.5 train {row['train_loss']:.4f}"
-                + (f", held-out {row['eval_loss']:.4f}" if "eval_loss" in row else ""))
+            log(
+                f"learn step {step}/{settings.steps}: loss at l=0.5 train {row['train_loss']:.4f}"
+                + (f", held-out {row['eval_loss']:.4f}" if "eval_loss" in row else "")
+            )
         return row
 
     history = [measure(0, None)]
@@ -152,16 +166,18 @@ def learn_into(anchor: OpenedModel, copy_folder: Path, out: Path, layers: list[L
     for step in range(1, settings.steps + 1):
         if at + settings.batch_size > count:
             order, at = torch.randperm(count, generator=generator), 0
-        index = order[at:at + settings.batch_size]
+        index = order[at : at + settings.batch_size]
         at += settings.batch_size
         batch = {k: v[index] for k, v in train.items()}
         ref = train_ref[index] if train_ref is not None else None
         lam = 0.5 if settings.schedule == "fixed" else 0.3 + 0.4 * float(torch.rand((), generator=generator))
         features = accepted_inputs(model, {k: v.to(device) for k, v in batch.items() if k != "labels"})
-        outputs = torch.func.functional_call(model, averaged(builder.transformed(maps, torch.float32), lam),
-                                             args=(), kwargs=features)
-        loss = batch_loss(outputs, {k: v.to(device) for k, v in batch.items()}, spec,
-                          None if ref is None else ref.to(device))
+        outputs = torch.func.functional_call(
+            model, averaged(builder.transformed(maps, torch.float32), lam), args=(), kwargs=features
+        )
+        loss = batch_loss(
+            outputs, {k: v.to(device) for k, v in batch.items()}, spec, None if ref is None else ref.to(device)
+        )
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -179,11 +195,22 @@ def learn_into(anchor: OpenedModel, copy_folder: Path, out: Path, layers: list[L
         writer.abort()
     copy_side_files(copy.checkpoint, out)
     return {
-        "data": str(settings.data), "eval_data": str(settings.eval_data) if settings.eval_data else None,
-        "steps": settings.steps, "rate": settings.rate, "lambda_schedule": settings.schedule, "seed": settings.seed,
-        "batch_size": settings.batch_size, "labels": spec.labels, "device": device,
-        "stream_maps": {stack or "stream": m.kind for stack, m in
-                        ((k[len("stream"):], maps[k]) for k in maps if k.startswith("stream"))},
-        "before": history[0], "after": history[-1], "log": history,
-        "memory_estimate_bytes": need, "seconds": time.perf_counter() - started,
+        "data": str(settings.data),
+        "eval_data": str(settings.eval_data) if settings.eval_data else None,
+        "steps": settings.steps,
+        "rate": settings.rate,
+        "lambda_schedule": settings.schedule,
+        "seed": settings.seed,
+        "batch_size": settings.batch_size,
+        "labels": spec.labels,
+        "device": device,
+        "stream_maps": {
+            stack or "stream": m.kind
+            for stack, m in ((k[len("stream") :], maps[k]) for k in maps if k.startswith("stream"))
+        },
+        "before": history[0],
+        "after": history[-1],
+        "log": history,
+        "memory_estimate_bytes": need,
+        "seconds": time.perf_counter() - started,
     }

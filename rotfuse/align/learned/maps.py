@@ -37,7 +37,7 @@ def rotary_rotation(angles: torch.Tensor, tail: torch.Tensor | None, head_dim: i
     r[:, i + half, i] = s
     r[:, i + half, i + half] = c
     if tail is not None:
-        r[:, 2 * half:, 2 * half:] = orthogonal(tail)
+        r[:, 2 * half :, 2 * half :] = orthogonal(tail)
     return r
 
 

@@ -41,13 +41,17 @@ def live_names(checkpoint: Checkpoint, work_dir: Path | None = None) -> dict[str
             continue
         codes = torch.unique(value)
         if len(codes) != 1:
-            raise InputError(f"{checkpoint.folder}: transformers builds {live!r} from several checkpoint tensors "
-                             "(fused on load), so learned matching cannot feed it by name")
+            raise InputError(
+                f"{checkpoint.folder}: transformers builds {live!r} from several checkpoint tensors "
+                "(fused on load), so learned matching cannot feed it by name"
+            )
         code = int(codes[0])
         if float(code) == float(codes[0]) and 1 <= code <= len(floats):
             name = floats[code - 1]
             if tuple(value.shape) != tuple(checkpoint.entry(name).shape):
-                raise InputError(f"{checkpoint.folder}: {name!r} is reshaped on load into {live!r}; learned "
-                                 "matching cannot feed it by name")
+                raise InputError(
+                    f"{checkpoint.folder}: {name!r} is reshaped on load into {live!r}; learned "
+                    "matching cannot feed it by name"
+                )
             found.setdefault(name, []).append(live)
     return found

@@ -17,8 +17,15 @@ import torch
 from rotfuse.core.errors import InputError
 
 
-def activation_scores(model_dir: Path, anchor_dir: Path, data: Path, orthogonal: bool,
-                      max_samples: int = 256, batch_size: int = 16, device: str = "cpu") -> torch.Tensor:
+def activation_scores(
+    model_dir: Path,
+    anchor_dir: Path,
+    data: Path,
+    orthogonal: bool,
+    max_samples: int = 256,
+    batch_size: int = 16,
+    device: str = "cpu",
+) -> torch.Tensor:
     from rotfuse.eval.data import batches, load_inputs
     from rotfuse.eval.runtime import forward, load_model
 

@@ -5,7 +5,8 @@ T couples every layer, so it cannot be solved layer by layer. Two ways:
 - weights (data-free): C = sum over every tensor on the stream of S A^T, with S and A the
   model's and the anchor's values laid out stream-axis-first; T = argmax <T, C> over
   permutations (Hungarian) or, where the norms fold, orthogonal maps (Procrustes; for LayerNorm
-  restricted to the maps that keep the all-ones direction). The per-layer maps (heads, rotations, FFN neurons) act on other axes and commute
+  restricted to the maps that keep the all-ones direction). The per-layer maps (heads,
+  rotations, FFN neurons) act on other axes and commute
   with T, so the two are alternated: T from the tensors outside the layers first (embeddings,
   heads), then per-layer maps given T, then T from everything, ... until the distance stops
   falling (the GLMC weight-matching scheme, made exact for standard checkpoints).
@@ -114,8 +115,10 @@ def layer_stream_parts(src: LayerWeights, anchor: LayerWeights) -> dict[str, tor
     """`layer_stream_scores` by layer-spec role (q, k, v, o, ffn_inputs, ffn_output): the roles
     may sit on different streams (cross-attention K/V read the encoder's). A MoE layer's router and
     routed experts (in the anchor's expert order) count as FFN inputs and outputs."""
-    parts = {role: stream_scores(getattr(src.attention, role).weight, getattr(anchor.attention, role).weight, (1,))
-             for role in ("q", "k", "v")}
+    parts = {
+        role: stream_scores(getattr(src.attention, role).weight, getattr(anchor.attention, role).weight, (1,))
+        for role in ("q", "k", "v")
+    }
     parts["o"] = stream_scores(src.attention.o.weight, anchor.attention.o.weight, (0,))
     readers: list[tuple[Linear, Linear]] = []
     writers: list[tuple[Linear, Linear]] = []

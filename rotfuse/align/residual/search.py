@@ -39,18 +39,32 @@ def search_stream_maps(plan: MatchPlan, stream: Stream) -> tuple[dict[str, Strea
     stacks = list(setup.model.plans)
     if options.data is not None:
         if len(stacks) != 1:
-            raise UsageError(f"{plan.model.folder}: --data (activation matching) needs a model with one residual "
-                             f"stream; this one has {len(stacks)} (match it by weights: drop --data)")
+            raise UsageError(
+                f"{plan.model.folder}: --data (activation matching) needs a model with one residual "
+                f"stream; this one has {len(stacks)} (match it by weights: drop --data)"
+            )
         from rotfuse.align.residual.activations import activation_scores
 
-        stack = stacks[0]
-        scores = stream.timed("activations", lambda: activation_scores(
-            plan.model.folder, plan.anchor.folder, options.data, setup.orthogonal(stack),  # type: ignore[arg-type]
-            options.data_samples, options.data_batch_size, plan.device))
+        stack, data = stacks[0], options.data
+        scores = stream.timed(
+            "activations",
+            lambda: activation_scores(
+                plan.model.folder,
+                plan.anchor.folder,
+                data,
+                setup.orthogonal(stack),
+                options.data_samples,
+                options.data_batch_size,
+                plan.device,
+            ),
+        )
         maps = {stack: setup.solve(stack, scores)}
         per_unit = stream_agreement(scores, maps[stack]) / setup.model.plans[stack].hidden_size
-        return maps, {"method": "activations", "data": str(options.data),
-                      "rounds": [{"round": 1, "mean_matched_score": per_unit}]}
+        return maps, {
+            "method": "activations",
+            "data": str(options.data),
+            "rounds": [{"round": 1, "mean_matched_score": per_unit}],
+        }
 
     group_of = {stream: key for key, p in setup.model.plans.items() for stream in p.streams or (key,)}
 
@@ -66,8 +80,11 @@ def search_stream_maps(plan: MatchPlan, stream: Stream) -> tuple[dict[str, Strea
 
     layer_names = in_layers(plan.model, plan.layers)
     folded = {fold.gain for p in setup.model.plans.values() for fold in p.folds}  # all ones on both sides
-    outside = [n for n in plan.model.checkpoint.names()
-               if setup.model.on_stream(n) and n not in layer_names and n not in folded]
+    outside = [
+        n
+        for n in plan.model.checkpoint.names()
+        if setup.model.on_stream(n) and n not in layer_names and n not in folded
+    ]
 
     def outside_pass(maps: dict[str, StreamMap] | None) -> tuple[dict[str, torch.Tensor], float]:
         """Scores of the tensors outside the matched layers (maps None), or their distance under maps."""
@@ -92,33 +109,47 @@ def search_stream_maps(plan: MatchPlan, stream: Stream) -> tuple[dict[str, Strea
 
         def transform(layer: LayerId, weights: LayerWeights) -> tuple[LayerWeights, tuple[Scores, float]]:
             ref = read_layer(plan.anchor.checkpoint, plan.anchor.bound, layer, plan.device, setup.anchor.view)
-            settings = layer_settings(plan.model.bound, layer, options.symmetries, options.max_rounds,
-                                      options.allow_nonfinite)
+            settings = layer_settings(
+                plan.model.bound, layer, options.symmetries, options.max_rounds, options.allow_nonfinite
+            )
             new, results = match_layer(weights, ref, settings)
-            return new, (by_stream(layer, layer_stream_parts(new, ref)), sum(r.after ** 2 for r in results))
+            return new, (by_stream(layer, layer_stream_parts(new, ref)), sum(r.after**2 for r in results))
 
         pass_stream = Stream()
         group = distributed.current()
-        mine = (plan.layers if group is None
-                else my_layers(group, plan.model, plan.layers, FFN_PERM in options.symmetries))
+        mine = (
+            plan.layers if group is None else my_layers(group, plan.model, plan.layers, FFN_PERM in options.symmetries)
+        )
 
         def run_pass() -> list[tuple[Scores, float]]:
-            return transform_layers(plan.model, None, mine, plan.device, transform, pass_stream, None,
-                                    options.workers, view=side.layer_view)
+            return transform_layers(
+                plan.model, None, mine, plan.device, transform, pass_stream, None, options.workers, view=side.layer_view
+            )
 
-        extras = run_pass() if group is None else summable_in_layer_order(
-            group, plan.layers, mine, group.agree("residual pass", run_pass))
+        extras = (
+            run_pass()
+            if group is None
+            else summable_in_layer_order(group, plan.layers, mine, group.agree("residual pass", run_pass))
+        )
         for stage, seconds in pass_stream.timings.seconds.items():
             stream.timings.add(stage, seconds)
         _, outside_distance = stream.timed("read", lambda: outside_pass(maps))
-        scores = {s: outside_scores.get(s, 0) + to_unmoved_basis(
-            cast(torch.Tensor, sum(parts[s] for parts, _ in extras if s in parts)), maps[s]) for s in stacks}
+        scores = {
+            s: outside_scores.get(s, 0)
+            + to_unmoved_basis(cast(torch.Tensor, sum(parts[s] for parts, _ in extras if s in parts)), maps[s])
+            for s in stacks
+        }
         return outside_distance + sum(after for _, after in extras), scores
 
     def record(number: int, total: float, maps: dict[str, StreamMap], scores: dict[str, torch.Tensor]) -> None:
         agreement = sum(stream_agreement(scores[s], maps[s]) for s in stacks)
-        rounds.append({"round": number, "distance": total ** 0.5,
-                       "mean_matched_score": agreement / sum(setup.model.plans[s].hidden_size for s in stacks)})
+        rounds.append(
+            {
+                "round": number,
+                "distance": total**0.5,
+                "mean_matched_score": agreement / sum(setup.model.plans[s].hidden_size for s in stacks),
+            }
+        )
 
     # round 0: the identity, so adding the residual symmetry never ends farther than leaving it out
     identity = {s: StreamMap.identity(setup.model.plans[s].hidden_size) for s in stacks}
@@ -142,8 +173,13 @@ def search_stream_maps(plan: MatchPlan, stream: Stream) -> tuple[dict[str, Strea
         if all(_same_map(new_maps[s], maps[s]) for s in stacks):
             break
         maps = new_maps
-    return best[1], {"method": "weights", "rounds": rounds, "chosen_round": next(
-        r["round"] for r in rounds if abs(r["distance"] - best[0] ** 0.5) <= 1e-12 * max(1.0, best[0] ** 0.5))}
+    return best[1], {
+        "method": "weights",
+        "rounds": rounds,
+        "chosen_round": next(
+            r["round"] for r in rounds if abs(r["distance"] - best[0] ** 0.5) <= 1e-12 * max(1.0, best[0] ** 0.5)
+        ),
+    }
 
 
 def _same_map(a: StreamMap, b: StreamMap) -> bool:

@@ -37,15 +37,21 @@ class ResidualSetup:
 
     def describe(self, options: MatchOptions) -> dict[str, Any]:
         plans = self.model.plans
-        kinds = {stack or "stream": ("permutation" if not p.orthogonal else
-                                     "orthogonal, keeping the ones" if p.keeps_ones else "orthogonal")
-                 for stack, p in plans.items()}
+        kinds = {
+            stack or "stream": (
+                "permutation" if not p.orthogonal else "orthogonal, keeping the ones" if p.keeps_ones else "orthogonal"
+            )
+            for stack, p in plans.items()
+        }
         return {
             "method": "activations" if options.data else "weights",
             "maps": kinds,
             "gains_folded": any(p.orthogonal for p in plans.values()),
-            "distances": ("norm gains folded into their readers, on both sides" if any(p.folds for p in plans.values())
-                          else "as stored"),
+            "distances": (
+                "norm gains folded into their readers, on both sides"
+                if any(p.folds for p in plans.values())
+                else "as stored"
+            ),
             "output_gains": "the anchor's" if any(p.folds for p in plans.values()) else "unchanged",
             "untied": [name for p in plans.values() for name in p.added],
             "notes": self.notes,
@@ -64,8 +70,10 @@ def gains_from(model: OpenedModel, source: OpenedModel, sides: StreamSide) -> tu
         usable = bool((value != 0).all()) and bool(torch.isfinite(value).all())
         gains[fold.gain] = value if usable else None
         if not usable:
-            notes.append(f"{source.folder}: {other!r} has zero entries, so the output keeps that norm folded "
-                         "(gain 1) instead of taking its gains")
+            notes.append(
+                f"{source.folder}: {other!r} has zero entries, so the output keeps that norm folded "
+                "(gain 1) instead of taking its gains"
+            )
     return gains.get, notes
 
 
@@ -92,4 +100,6 @@ def prepare_residual(anchor: OpenedModel, model: OpenedModel, options: MatchOpti
                 f"({why or 'tied embeddings on one side only?'}); with tied embeddings pass --allow-untie"
             )
     notes = [note for plan in mine.values() for note in plan.notes]
-    return ResidualSetup(StreamSide.unmoved(model.checkpoint, mine), StreamSide.unmoved(anchor.checkpoint, theirs), notes)
+    return ResidualSetup(
+        StreamSide.unmoved(model.checkpoint, mine), StreamSide.unmoved(anchor.checkpoint, theirs), notes
+    )

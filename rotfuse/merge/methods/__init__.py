@@ -46,9 +46,11 @@ def check_statistics(name: str, given: int) -> None:
         raise UsageError(f"unknown merge method {name!r} (use one of {', '.join(REGISTRY)})")
     kind = STATS.get(name)
     if kind is not None and given == 0:
-        raise UsageError(f"--method {name} needs statistics of every model: compute them with `rotfuse stats MODEL "
-                         f"--data FILE --kind {kind} -o MODEL_STATS/` for each, then pass --stats A_STATS/ B_STATS/ "
-                         "... in the models' order")
+        raise UsageError(
+            f"--method {name} needs statistics of every model: compute them with `rotfuse stats MODEL "
+            f"--data FILE --kind {kind} -o MODEL_STATS/` for each, then pass --stats A_STATS/ B_STATS/ "
+            "... in the models' order"
+        )
 
 
 def method_names() -> list[str]:

@@ -64,8 +64,9 @@ class MergeMethod(ABC):
     max_models: ClassVar[int | None] = None
     Settings: ClassVar[type[Any]] = NoSettings
 
-    def __init__(self, settings: Any, weights: Sequence[float], stats: Sequence[StatsFolder] = (),
-                 device: str = "cpu") -> None:
+    def __init__(
+        self, settings: Any, weights: Sequence[float], stats: Sequence[StatsFolder] = (), device: str = "cpu"
+    ) -> None:
         self.settings = settings
         self.weights = list(weights)
         self.folders = list(stats)  # one statistics folder per model (statistics methods)
@@ -127,8 +128,10 @@ class StatsMethod(MergeMethod):
             return True
         if any(covered):
             missing, holder = self.folders[covered.index(False)], self.folders[covered.index(True)]
-            raise InputError(f"{missing.folder}: no {self.name} statistics for tensor {name!r}, "
-                             f"but {holder.folder} has them; were they computed on different architectures?")
+            raise InputError(
+                f"{missing.folder}: no {self.name} statistics for tensor {name!r}, "
+                f"but {holder.folder} has them; were they computed on different architectures?"
+            )
         return False
 
 

@@ -39,8 +39,9 @@ if TYPE_CHECKING:
     from rotfuse.merge.stats.folder import StatsFolder
 
 
-def fisher_average(tensors: Sequence[torch.Tensor], fishers: Sequence[torch.Tensor],
-                   weights: Sequence[float], floor: float) -> torch.Tensor:
+def fisher_average(
+    tensors: Sequence[torch.Tensor], fishers: Sequence[torch.Tensor], weights: Sequence[float], floor: float
+) -> torch.Tensor:
     """Fisher-weighted average of one parameter, in float64.
 
     Elements where every model's (floored) Fisher is zero -- possible only with `floor` 0 --
@@ -75,16 +76,19 @@ class Fisher(StatsMethod):
     stats = "fisher"
     Settings = FisherSettings
 
-    def __init__(self, settings: FisherSettings, weights: Sequence[float], stats: Sequence[StatsFolder] = (),
-                 device: str = "cpu") -> None:
+    def __init__(
+        self, settings: FisherSettings, weights: Sequence[float], stats: Sequence[StatsFolder] = (), device: str = "cpu"
+    ) -> None:
         super().__init__(settings, weights, stats, device)
         self.scales = [1.0] * len(self.folders)
         if settings.fisher_normalize:
             for index, folder in enumerate(self.folders):
                 squares = folder.squared_norm()
                 if squares <= 0:
-                    raise InputError(f"{folder.folder}: the Fisher is zero everywhere; --fisher-normalize cannot scale it")
-                self.scales[index] = 1.0 / squares ** 0.5
+                    raise InputError(
+                        f"{folder.folder}: the Fisher is zero everywhere; --fisher-normalize cannot scale it"
+                    )
+                self.scales[index] = 1.0 / squares**0.5
 
     def has(self, stats: StatsFolder, name: str) -> bool:
         return stats.has(name)
@@ -93,6 +97,8 @@ class Fisher(StatsMethod):
         fishers = [folder.get(name) * scale for folder, scale in zip(self.folders, self.scales, strict=True)]
         for folder, fisher in zip(self.folders, fishers, strict=True):
             if fisher.shape != tensors[0].shape:
-                raise InputError(f"{folder.folder}: Fisher {name!r} has shape {list(fisher.shape)}, "
-                                 f"the tensor {list(tensors[0].shape)}")
+                raise InputError(
+                    f"{folder.folder}: Fisher {name!r} has shape {list(fisher.shape)}, "
+                    f"the tensor {list(tensors[0].shape)}"
+                )
         return fisher_average(tensors, fishers, self.weights, self.settings.fisher_floor)

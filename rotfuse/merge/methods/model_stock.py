@@ -37,8 +37,11 @@ def model_stock(tensors: Sequence[torch.Tensor], base: torch.Tensor, filter_wise
     w0 = rows(origin)
     offsets = [model - w0 for model in models]
     norms = [torch.linalg.vector_norm(offset, dim=-1) for offset in offsets]
-    cosines = [((offsets[i] * offsets[j]).sum(dim=-1) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
-               for i in range(len(offsets)) for j in range(i + 1, len(offsets))]
+    cosines = [
+        ((offsets[i] * offsets[j]).sum(dim=-1) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
+        for i in range(len(offsets))
+        for j in range(i + 1, len(offsets))
+    ]
     cos = (sum(cosines[1:], cosines[0].clone()) / len(cosines)).unsqueeze(-1)
     count = len(models)
     t = count * cos / (1 + (count - 1) * cos)
@@ -63,8 +66,9 @@ class ModelStock(MergeMethod):
 
     @classmethod
     def normalise(cls, weights: Sequence[float] | None, count: int) -> list[float]:
-        return no_weights(cls.name, weights, count, "the fine-tunes are averaged, the base's share comes from "
-                                                    "their angle")
+        return no_weights(
+            cls.name, weights, count, "the fine-tunes are averaged, the base's share comes from their angle"
+        )
 
     def merge(self, name: str, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None) -> torch.Tensor:
         assert base is not None

@@ -73,8 +73,9 @@ class GramSystem:
         return solution if layout == "in_out" else solution.T
 
 
-def prepare(grams: Sequence[torch.Tensor], weights: Sequence[float], alpha: float, name: str,
-            device: str | torch.device = "cpu") -> GramSystem:
+def prepare(
+    grams: Sequence[torch.Tensor], weights: Sequence[float], alpha: float, name: str, device: str | torch.device = "cpu"
+) -> GramSystem:
     """Shrink, weight, sum and factorise the models' Gram matrices of one layer input.
 
     `name` (the layer's weight) is only used in error messages.
@@ -99,8 +100,14 @@ def prepare(grams: Sequence[torch.Tensor], weights: Sequence[float], alpha: floa
     return GramSystem(list(grams), list(weights), alpha, ridge, factor)
 
 
-def regmean_merge(tensors: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], weights: Sequence[float],
-                  alpha: float = 0.9, layout: str = "out_in", name: str = "weight") -> torch.Tensor:
+def regmean_merge(
+    tensors: Sequence[torch.Tensor],
+    grams: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    alpha: float = 0.9,
+    layout: str = "out_in",
+    name: str = "weight",
+) -> torch.Tensor:
     """Merge one linear weight (all models' tensors, same layout) from its input Gram matrices."""
     return prepare(grams, weights, alpha, name, tensors[0].device).solve(tensors, layout)
 
@@ -119,13 +126,20 @@ class RegMean(StatsMethod):
     factorised system of one input is kept while the weights reading it (q, k, v) are merged."""
 
     name = "regmean"
-    summary = ("closed-form least-squares merge of every linear layer from its input Gram matrices; "
-               "simple average for everything else")
+    summary = (
+        "closed-form least-squares merge of every linear layer from its input Gram matrices; "
+        "simple average for everything else"
+    )
     stats = "regmean"
     Settings = RegMeanSettings
 
-    def __init__(self, settings: RegMeanSettings, weights: Sequence[float], stats: Sequence[StatsFolder] = (),
-                 device: str = "cpu") -> None:
+    def __init__(
+        self,
+        settings: RegMeanSettings,
+        weights: Sequence[float],
+        stats: Sequence[StatsFolder] = (),
+        device: str = "cpu",
+    ) -> None:
         super().__init__(settings, weights, stats, device)
         self._system_key: tuple[str, ...] | None = None
         self._system: GramSystem | None = None
@@ -144,8 +158,10 @@ class RegMean(StatsMethod):
         inputs = self._inputs(name)
         layout = inputs[0].layout
         if any(i.layout != layout for i in inputs) or tensors[0].dim() != 2:
-            raise InputError(f"RegMean: the statistics disagree on how {name!r} is stored (layouts "
-                             f"{sorted({i.layout for i in inputs})}) or it is not a matrix")
+            raise InputError(
+                f"RegMean: the statistics disagree on how {name!r} is stored (layouts "
+                f"{sorted({i.layout for i in inputs})}) or it is not a matrix"
+            )
         key = tuple(i.gram for i in inputs)
         if key != self._system_key:
             self._system = None  # free the previous input's Grams before reading the next
@@ -154,8 +170,10 @@ class RegMean(StatsMethod):
             for folder, gram_name in zip(self.folders, key, strict=True):
                 gram = folder.get(gram_name)
                 if tuple(gram.shape) != (dim, dim):
-                    raise InputError(f"{folder.folder}: Gram {gram_name!r} is {list(gram.shape)}, but "
-                                     f"{name!r} ({layout}) reads {dim} inputs")
+                    raise InputError(
+                        f"{folder.folder}: Gram {gram_name!r} is {list(gram.shape)}, but "
+                        f"{name!r} ({layout}) reads {dim} inputs"
+                    )
                 grams.append(gram)
             self._system = prepare(grams, self.weights, self.settings.alpha, name, self.device)
             self._system_key = key

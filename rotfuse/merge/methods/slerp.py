@@ -62,8 +62,9 @@ class Slerp(MergeMethod):
     max_models = 2
     Settings = SlerpSettings
 
-    def __init__(self, settings: SlerpSettings, weights: Sequence[float], stats: Sequence[StatsFolder] = (),
-                 device: str = "cpu") -> None:
+    def __init__(
+        self, settings: SlerpSettings, weights: Sequence[float], stats: Sequence[StatsFolder] = (), device: str = "cpu"
+    ) -> None:
         super().__init__(settings, weights, stats, device)
         self.weights = [1.0 - settings.t, settings.t]  # the report's per-model weights: the position
 

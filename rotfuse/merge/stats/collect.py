@@ -113,8 +113,12 @@ def checkpoint_names(model: torch.nn.Module, checkpoint: Checkpoint) -> tuple[di
     names: dict[int, list[str]] = {}
     for disk_name, tensor in saved.items():
         parameter = by_id.get(id(tensor))
-        if parameter is not None and parameter is tensor and disk_name in checkpoint \
-                and _same_values(parameter, checkpoint, disk_name):
+        if (
+            parameter is not None
+            and parameter is tensor
+            and disk_name in checkpoint
+            and _same_values(parameter, checkpoint, disk_name)
+        ):
             names.setdefault(id(parameter), []).append(disk_name)
     return names, sorted(n for n, p in model.named_parameters() if id(p) not in names)
 
@@ -138,7 +142,7 @@ def _model_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor], device
 
 def _example(inputs: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
     """One example; right padding cut off (tokens beyond the mask change nothing but the cost)."""
-    row = {k: v[index:index + 1] for k, v in inputs.items()}
+    row = {k: v[index : index + 1] for k, v in inputs.items()}
     mask = row.get("attention_mask")
     if mask is not None and mask.dim() == 2:
         length, width = int(mask.sum()), mask.shape[1]
@@ -237,8 +241,14 @@ def _linear_modules(model: torch.nn.Module, names: dict[int, list[str]]) -> tupl
     return linears, skipped
 
 
-def collect_grams(model: torch.nn.Module, names: dict[int, list[str]], inputs: dict[str, torch.Tensor],
-                  options: StatsOptions, device: str, progress: Progress | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def collect_grams(
+    model: torch.nn.Module,
+    names: dict[int, list[str]],
+    inputs: dict[str, torch.Tensor],
+    options: StatsOptions,
+    device: str,
+    progress: Progress | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The normalised Gram matrices (float32) and the manifest entries that say who reads which."""
     linears, skipped = _linear_modules(model, names)
     collector = GramCollector()
@@ -280,8 +290,13 @@ def collect_grams(model: torch.nn.Module, names: dict[int, list[str]], inputs: d
 # ---------------------------------------------------------------------- Fisher
 
 
-def log_likelihood(logits: torch.Tensor, labels: torch.Tensor | None, mask: torch.Tensor | None,
-                   problem_type: str | None, generator: torch.Generator) -> torch.Tensor:
+def log_likelihood(
+    logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    problem_type: str | None,
+    generator: torch.Generator,
+) -> torch.Tensor:
     """`sum log p(y|x)` over the examples (and valid tokens) of `logits`; `y` sampled from the
     model when `labels` is None. Padding tokens and labels of -100 do not count."""
     logits = logits.float()
@@ -317,9 +332,15 @@ def _labels_for(inputs: dict[str, torch.Tensor], mode: str, data: Path) -> bool:
     return mode == "data" or (mode == "auto" and "labels" in inputs)
 
 
-def collect_fisher(model: torch.nn.Module, names: dict[int, list[str]], inputs: dict[str, torch.Tensor],
-                   options: StatsOptions, device: str, data: Path,
-                   progress: Progress | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def collect_fisher(
+    model: torch.nn.Module,
+    names: dict[int, list[str]],
+    inputs: dict[str, torch.Tensor],
+    options: StatsOptions,
+    device: str,
+    data: Path,
+    progress: Progress | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The diagonal Fisher of every mapped parameter (float32), one backward pass per example."""
     use_labels = _labels_for(inputs, options.labels, data)
     problem_type = getattr(model.config, "problem_type", None)
@@ -334,15 +355,20 @@ def collect_fisher(model: torch.nn.Module, names: dict[int, list[str]], inputs: 
         logits = getattr(outputs, "logits", None)
         if logits is None:
             folder = getattr(model, "name_or_path", "") or "the checkpoint"
-            raise InputError(f"{folder}: {type(model).__name__} returns no logits: Fisher statistics need a model "
-                             "with a prediction head (use --kind regmean for a bare encoder)")
+            raise InputError(
+                f"{folder}: {type(model).__name__} returns no logits: Fisher statistics need a model "
+                "with a prediction head (use --kind regmean for a bare encoder)"
+            )
         labels = example.get("labels") if use_labels else None
-        if labels is not None and tuple(labels.shape) != tuple(logits.shape[:labels.dim()]):
-            raise InputError(f"{data}: labels of shape {list(labels.shape[1:])} per example do not fit the "
-                             f"model's predictions {list(logits.shape[1:])}; use --labels sampled")
+        if labels is not None and tuple(labels.shape) != tuple(logits.shape[: labels.dim()]):
+            raise InputError(
+                f"{data}: labels of shape {list(labels.shape[1:])} per example do not fit the "
+                f"model's predictions {list(logits.shape[1:])}; use --labels sampled"
+            )
         mask = example.get("attention_mask")
-        log_likelihood(logits, labels, mask.to(device) if mask is not None else None, problem_type,
-                       generator).backward()
+        log_likelihood(
+            logits, labels, mask.to(device) if mask is not None else None, problem_type, generator
+        ).backward()
         for parameter in parameters:
             if parameter.grad is not None:
                 sums[id(parameter)].add_(parameter.grad.detach().float().pow(2))
@@ -354,8 +380,11 @@ def collect_fisher(model: torch.nn.Module, names: dict[int, list[str]], inputs: 
         fisher = (sums[id(parameter)] / count).cpu()
         for name in names[id(parameter)]:
             tensors[name] = fisher.clone()  # safetensors refuses shared storage
-    return tensors, {"estimator": FISHER_ESTIMATOR, "labels": "data" if use_labels else "sampled",
-                     "parameters": sorted(tensors)}
+    return tensors, {
+        "estimator": FISHER_ESTIMATOR,
+        "labels": "data" if use_labels else "sampled",
+        "parameters": sorted(tensors),
+    }
 
 
 # ---------------------------------------------------------------------- the command
@@ -368,12 +397,20 @@ def fitting(data: Path, model: Path) -> Iterator[None]:
     try:
         yield
     except (ValueError, TypeError, IndexError, RuntimeError) as exc:
-        raise InputError(f"{data}: the inputs do not fit {model} ({type(exc).__name__}: "
-                         f"{' '.join(str(exc).split())[:300]})") from exc
+        raise InputError(
+            f"{data}: the inputs do not fit {model} ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})"
+        ) from exc
 
 
-def compute_stats(model_path: Path, data_path: Path, out: Path, options: StatsOptions, overwrite: bool = False,
-                  progress: Progress | None = None, inputs_read: Sequence[Path] = ()) -> dict[str, Any]:
+def compute_stats(
+    model_path: Path,
+    data_path: Path,
+    out: Path,
+    options: StatsOptions,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    inputs_read: Sequence[Path] = (),
+) -> dict[str, Any]:
     """Run MODEL on DATA and write its statistics to OUT; returns the manifest. `inputs_read`:
     other files the command read (its job file), which the output must not replace."""
     from rotfuse.core.device import resolve_device
@@ -397,14 +434,23 @@ def compute_stats(model_path: Path, data_path: Path, out: Path, options: StatsOp
     mask = inputs.get("attention_mask")
     samples = len(next(iter(inputs.values())))
     manifest: dict[str, Any] = {
-        "tool": "rotfuse", "version": __version__, "schema": SCHEMA, "command": "stats", "kind": options.kind,
+        "tool": "rotfuse",
+        "version": __version__,
+        "schema": SCHEMA,
+        "command": "stats",
+        "kind": options.kind,
         "created_by": sys.argv,
         "checkpoint": {"path": str(model_path), "fingerprint": checkpoint.fingerprint()},
-        "data": {"path": str(data_path), "samples": samples,
-                 "tokens": int(mask.sum()) if mask is not None else None},
-        "settings": {"max_samples": options.max_samples, "batch_size": options.batch_size,
-                     "max_length": options.max_length, "labels": options.labels, "seed": options.seed,
-                     "device": device, "model_dtype": str(next(model.parameters()).dtype).replace("torch.", "")},
+        "data": {"path": str(data_path), "samples": samples, "tokens": int(mask.sum()) if mask is not None else None},
+        "settings": {
+            "max_samples": options.max_samples,
+            "batch_size": options.batch_size,
+            "max_length": options.max_length,
+            "labels": options.labels,
+            "seed": options.seed,
+            "device": device,
+            "model_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        },
         **details,
         "unmapped_parameters": unmapped,
         "seconds": round(time.perf_counter() - started, 3),

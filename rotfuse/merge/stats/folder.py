@@ -60,7 +60,11 @@ class StatsFolder:
         if not folder.is_dir():
             raise InputError(f"{folder}: no such statistics folder")
         if not manifest_path.exists():
-            hint = " (it looks like a checkpoint; statistics come from `rotfuse stats`)" if (folder / "config.json").exists() else ""
+            hint = (
+                " (it looks like a checkpoint; statistics come from `rotfuse stats`)"
+                if (folder / "config.json").exists()
+                else ""
+            )
             raise InputError(f"{folder}: not a statistics folder, {MANIFEST_FILE} is missing{hint}")
         manifest = read_json_object(manifest_path, "statistics manifest")
         _check_manifest(manifest, manifest_path)
@@ -74,8 +78,10 @@ class StatsFolder:
             raise InputError(f"{folder / STATS_FILE}: cannot open ({exc})") from exc
         for name, dtype in sorted(dtypes.items()):
             if dtype not in FLOAT_DTYPES:
-                raise InputError(f"{folder / STATS_FILE}: tensor {name!r} is {dtype}; statistics are floating point "
-                                 "(F32, F16, BF16 or F64)")
+                raise InputError(
+                    f"{folder / STATS_FILE}: tensor {name!r} is {dtype}; statistics are floating point "
+                    "(F32, F16, BF16 or F64)"
+                )
         stats = cls(folder, manifest, names, handle)
         missing = sorted(stats._referenced() - names)
         if missing:
@@ -144,7 +150,9 @@ def _check_manifest(manifest: dict[str, Any], where: Path) -> None:
         require_object(entry, where, field)
         require_text(entry.get("gram"), where, f"{field}.gram")
         if entry.get("layout") not in LAYOUTS:
-            raise InputError(f"{where}: {field}.layout must be one of {', '.join(LAYOUTS)}, got {entry.get('layout')!r}")
+            raise InputError(
+                f"{where}: {field}.layout must be one of {', '.join(LAYOUTS)}, got {entry.get('layout')!r}"
+            )
 
 
 def _check_gram(gram: torch.Tensor, where: str) -> None:
@@ -159,14 +167,19 @@ def _check_gram(gram: torch.Tensor, where: str) -> None:
     if scale == 0.0:
         raise InputError(f"{where} is all zero: the layer saw no nonzero input, so RegMean has nothing to weigh")
     if scale > MAX_GRAM:
-        raise InputError(f"{where} has entries up to {scale:.3g} (inputs of size {scale ** 0.5:.3g}): corrupt statistics")
+        raise InputError(f"{where} has entries up to {scale:.3g} (inputs of size {scale**0.5:.3g}): corrupt statistics")
     diagonal = g.diagonal()
     tolerance = 1e-3 * scale
     bound = (diagonal.clamp_min(0).unsqueeze(0) * diagonal.clamp_min(0).unsqueeze(1)).sqrt()
-    if bool((diagonal < -tolerance).any()) or bool(((g - g.T).abs() > tolerance).any()) \
-            or bool((g.abs() > bound * (1 + 1e-3) + tolerance).any()):
-        raise InputError(f"{where} is not a Gram matrix (not symmetric, a negative diagonal, or entries "
-                         "beyond their diagonal's bound): corrupt statistics")
+    if (
+        bool((diagonal < -tolerance).any())
+        or bool(((g - g.T).abs() > tolerance).any())
+        or bool((g.abs() > bound * (1 + 1e-3) + tolerance).any())
+    ):
+        raise InputError(
+            f"{where} is not a Gram matrix (not symmetric, a negative diagonal, or entries "
+            "beyond their diagonal's bound): corrupt statistics"
+        )
 
 
 def write_stats(folder: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
@@ -177,8 +190,11 @@ def write_stats(folder: Path, tensors: dict[str, torch.Tensor], manifest: dict[s
     from rotfuse.io.staging import write_json
     from rotfuse.io.writer import CheckpointWriter, ShardPlan
 
-    plan = ShardPlan(STATS_FILE, [(name, dtype_name(t.dtype), tuple(t.shape)) for name, t in tensors.items()],
-                     {"format": "pt", "rotfuse_kind": str(manifest["kind"])})
+    plan = ShardPlan(
+        STATS_FILE,
+        [(name, dtype_name(t.dtype), tuple(t.shape)) for name, t in tensors.items()],
+        {"format": "pt", "rotfuse_kind": str(manifest["kind"])},
+    )
     writer = CheckpointWriter(folder, [plan])
     try:
         for name, tensor in tensors.items():

@@ -53,7 +53,10 @@ def test_weights_are_normalised_and_validated() -> None:
 def test_registry_names_the_statistics_each_method_needs() -> None:
     stats = {name: method_class(name).stats for name in REGISTRY}
     assert {name: stats[name] for name in ("simple", "fisher", "regmean")} == {
-        "simple": None, "fisher": "fisher", "regmean": "regmean"}
+        "simple": None,
+        "fisher": "fisher",
+        "regmean": "regmean",
+    }
     assert all(method_class(name).name == name for name in REGISTRY)
     with pytest.raises(UsageError, match="unknown merge method"):
         method_class("no-such-method")
@@ -102,8 +105,9 @@ def test_fisher_floor() -> None:
     torch.testing.assert_close(merged, average)
     # a floor far above the Fishers drowns them: back to the simple average
     strong = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    torch.testing.assert_close(fisher_average([a, b], [strong, zero], [0.25, 0.75], floor=1e9), average,
-                               rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(
+        fisher_average([a, b], [strong, zero], [0.25, 0.75], floor=1e9), average, rtol=1e-7, atol=1e-7
+    )
     # a floor below the Fishers leaves them alone
     assert not torch.allclose(fisher_average([a, b], [strong, 2 * strong.flip(0)], [0.25, 0.75], floor=1e-6), average)
 
@@ -113,8 +117,8 @@ def test_fisher_floor() -> None:
 
 def _least_squares(xs: list[torch.Tensor], ws: list[torch.Tensor], model_weights: list[float]) -> torch.Tensor:
     """argmin_W sum_i c_i ||X_i W^T - X_i W_i^T||^2, solved by lstsq on the stacked system."""
-    lhs = torch.cat([c ** 0.5 * x.double() for x, c in zip(xs, model_weights)])
-    rhs = torch.cat([c ** 0.5 * x.double() @ w.double().T for x, w, c in zip(xs, ws, model_weights)])
+    lhs = torch.cat([c**0.5 * x.double() for x, c in zip(xs, model_weights)])
+    rhs = torch.cat([c**0.5 * x.double() @ w.double().T for x, w, c in zip(xs, ws, model_weights)])
     return torch.linalg.lstsq(lhs, rhs).solution.T
 
 
@@ -129,10 +133,13 @@ def test_regmean_is_the_least_squares_solution(seed: int, count: int) -> None:
     merged = regmean_merge(ws, grams, weights, alpha=1.0, layout="out_in")
     expected = _least_squares(xs, ws, weights)
     torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-5)
+
     # it is a better fit than the simple average, which it only equals by accident
     def loss(w: torch.Tensor) -> float:
-        return sum(c * float((x.double() @ (w.double() - wi.double()).T).pow(2).sum())
-                   for x, wi, c in zip(xs, ws, weights))
+        return sum(
+            c * float((x.double() @ (w.double() - wi.double()).T).pow(2).sum()) for x, wi, c in zip(xs, ws, weights)
+        )
+
     assert loss(merged) <= loss(weighted_average(ws, weights)) + 1e-9
 
 

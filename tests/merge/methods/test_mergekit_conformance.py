@@ -36,8 +36,9 @@ def _load_script():
 
 compare = _load_script()
 MERGEKIT = compare.find_mergekit()
-needs_mergekit = pytest.mark.skipif(MERGEKIT is None, reason="mergekit-yaml not found ($MERGEKIT_YAML, PATH, "
-                                                             "/work/mergekit-venv/bin)")
+needs_mergekit = pytest.mark.skipif(
+    MERGEKIT is None, reason="mergekit-yaml not found ($MERGEKIT_YAML, PATH, /work/mergekit-venv/bin)"
+)
 CASES = {case.label: case for case in compare.CASES}
 
 
@@ -49,8 +50,19 @@ def families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Pa
 
 @needs_mergekit
 @pytest.mark.slow
-@pytest.mark.parametrize("label", ["task-arithmetic", "ties", "ties no-normalize", "dare-linear (density 1)",
-                                   "dare-ties (density 1)", "slerp t=0.3", "model-stock", "model-stock filter-wise"])
+@pytest.mark.parametrize(
+    "label",
+    [
+        "task-arithmetic",
+        "ties",
+        "ties no-normalize",
+        "dare-linear (density 1)",
+        "dare-ties (density 1)",
+        "slerp t=0.3",
+        "model-stock",
+        "model-stock filter-wise",
+    ],
+)
 def test_float32_checkpoints_equal_mergekits(families: dict, tmp_path: Path, label: str) -> None:
     """float32 checkpoints: mergekit computes in float32, rotfuse in float64 -- within 1e-6 relative."""
     case, folders = CASES[label], families["fp32"]
@@ -88,8 +100,15 @@ def test_dare_drop_statistics_match_mergekits(families: dict, tmp_path: Path) ->
     expectation) and leave the task vector's mean unbiased."""
     folders = families["fp32"]
     density = 0.3
-    case = compare.Case("dare-linear", ("--method", "dare-linear", "--density", str(density), "--seed", "11"),
-                        "dare_linear", {}, {"density": density}, "base", weights=(1.0, 0.0))
+    case = compare.Case(
+        "dare-linear",
+        ("--method", "dare-linear", "--density", str(density), "--seed", "11"),
+        "dare_linear",
+        {},
+        {"density": density},
+        "base",
+        weights=(1.0, 0.0),
+    )
     ours = compare.run_rotfuse(case, folders, tmp_path / "ours")
     theirs = compare.run_mergekit(MERGEKIT, case, folders, tmp_path / "theirs")
     original = _task_vectors(folders["ft1"], folders["base"])
@@ -119,8 +138,9 @@ def test_dare_drop_statistics_match_mergekits(families: dict, tmp_path: Path) ->
 @pytest.mark.parametrize("method", ["dare-linear", "dare-ties"])
 def test_dare_same_seed_same_bytes_whatever_the_thread_count(families: dict, tmp_path: Path, method: str) -> None:
     folders = families["bf16"]
-    options = MergeOptions(method=method, base=folders["base"], settings={"density": 0.4, "seed": 123},
-                           device="cpu", fsync=False)
+    options = MergeOptions(
+        method=method, base=folders["base"], settings={"density": 0.4, "seed": 123}, device="cpu", fsync=False
+    )
     threads = torch.get_num_threads()
     merge([folders["ft1"], folders["ft2"]], tmp_path / "default", options)
     try:
@@ -129,10 +149,13 @@ def test_dare_same_seed_same_bytes_whatever_the_thread_count(families: dict, tmp
     finally:
         torch.set_num_threads(threads)
     merge([folders["ft1"], folders["ft2"]], tmp_path / "again", options)
-    other = MergeOptions(method=method, base=folders["base"], settings={"density": 0.4, "seed": 124}, device="cpu",
-                         fsync=False)
+    other = MergeOptions(
+        method=method, base=folders["base"], settings={"density": 0.4, "seed": 124}, device="cpu", fsync=False
+    )
     merge([folders["ft1"], folders["ft2"]], tmp_path / "other_seed", other)
-    data = {name: (tmp_path / name / "model.safetensors").read_bytes()
-            for name in ("default", "one_thread", "again", "other_seed")}
+    data = {
+        name: (tmp_path / name / "model.safetensors").read_bytes()
+        for name in ("default", "one_thread", "again", "other_seed")
+    }
     assert data["default"] == data["one_thread"] == data["again"]
     assert data["default"] != data["other_seed"]

@@ -49,8 +49,14 @@ def _family(count: int = 2, shape: tuple[int, ...] = (6, 9), seed: int = 0) -> t
 def test_registry_declares_the_new_methods() -> None:
     assert set(NEW) <= set(REGISTRY)
     needs_base = {name: method_class(name).needs_base for name in NEW}
-    assert needs_base == {"task-arithmetic": True, "ties": True, "dare-linear": True, "dare-ties": True,
-                          "slerp": False, "model-stock": True}
+    assert needs_base == {
+        "task-arithmetic": True,
+        "ties": True,
+        "dare-linear": True,
+        "dare-ties": True,
+        "slerp": False,
+        "model-stock": True,
+    }
     assert (method_class("slerp").min_models, method_class("slerp").max_models) == (2, 2)
     assert all(method_class(name).name == name and method_class(name).stats is None for name in NEW)
 
@@ -64,18 +70,21 @@ def test_defaults_recorded_in_the_report() -> None:
     assert _method("model-stock").describe() == {"filter_wise": False}
 
 
-@pytest.mark.parametrize(("name", "settings", "says"), [
-    ("ties", {"density": 0.0}, "--density 0.0"),
-    ("ties", {"density": 1.5}, "(0, 1]"),
-    ("dare-linear", {"density": -0.1}, "(0, 1]"),
-    ("dare-ties", {"density": float("nan")}, "(0, 1]"),
-    ("dare-ties", {"seed": -1}, "--seed -1"),
-    ("slerp", {"t": 1.5}, "--t 1.5: must be in [0, 1]"),
-    ("slerp", {"t": -0.01}, "[0, 1]"),
-    ("task-arithmetic", {"scale": float("inf")}, "--scale"),
-    ("task-arithmetic", {"density": 0.5}, "--density is not a setting of --method task-arithmetic"),
-    ("slerp", {"seed": 3}, "--seed is not a setting of --method slerp"),
-])
+@pytest.mark.parametrize(
+    ("name", "settings", "says"),
+    [
+        ("ties", {"density": 0.0}, "--density 0.0"),
+        ("ties", {"density": 1.5}, "(0, 1]"),
+        ("dare-linear", {"density": -0.1}, "(0, 1]"),
+        ("dare-ties", {"density": float("nan")}, "(0, 1]"),
+        ("dare-ties", {"seed": -1}, "--seed -1"),
+        ("slerp", {"t": 1.5}, "--t 1.5: must be in [0, 1]"),
+        ("slerp", {"t": -0.01}, "[0, 1]"),
+        ("task-arithmetic", {"scale": float("inf")}, "--scale"),
+        ("task-arithmetic", {"density": 0.5}, "--density is not a setting of --method task-arithmetic"),
+        ("slerp", {"seed": 3}, "--seed is not a setting of --method slerp"),
+    ],
+)
 def test_bad_settings_are_usage_errors(name: str, settings: dict, says: str) -> None:
     with pytest.raises(UsageError) as error:
         method_class(name).make_settings(settings)
@@ -118,8 +127,9 @@ def test_fine_tunes_equal_to_the_base_give_the_base(name: str, dtype: torch.dtyp
 # ---------------------------------------------------------------------- TIES
 
 
-def _ties_by_hand(base: torch.Tensor, models: list[torch.Tensor], weights: list[float], density: float,
-                  scale: float, normalize: bool) -> torch.Tensor:
+def _ties_by_hand(
+    base: torch.Tensor, models: list[torch.Tensor], weights: list[float], density: float, scale: float, normalize: bool
+) -> torch.Tensor:
     """Yadav et al. 2023, entry by entry (inputs without ties in magnitude)."""
     flat_base = base.double().reshape(-1).tolist()
     vectors = [(m.double().reshape(-1) - base.double().reshape(-1)).tolist() for m in models]
@@ -142,15 +152,17 @@ def _ties_by_hand(base: torch.Tensor, models: list[torch.Tensor], weights: list[
     return torch.tensor(out, dtype=torch.float64).reshape(base.shape)
 
 
-@pytest.mark.parametrize(("weights", "density", "scale", "normalize"), [
-    ([1.0, 1.0, 1.0], 0.2, 1.0, True),
-    ([0.7, 0.5, 0.2], 0.5, 0.8, True),
-    ([0.7, 0.5, 0.2], 0.29, 1.0, False),
-    ([1.0, -0.5, 0.4], 0.6, 1.2, True),
-    ([1.0, 1.0, 1.0], 1.0, 1.0, True),
-])
-def test_ties_is_trim_elect_disjoint_merge(weights: list[float], density: float, scale: float,
-                                          normalize: bool) -> None:
+@pytest.mark.parametrize(
+    ("weights", "density", "scale", "normalize"),
+    [
+        ([1.0, 1.0, 1.0], 0.2, 1.0, True),
+        ([0.7, 0.5, 0.2], 0.5, 0.8, True),
+        ([0.7, 0.5, 0.2], 0.29, 1.0, False),
+        ([1.0, -0.5, 0.4], 0.6, 1.2, True),
+        ([1.0, 1.0, 1.0], 1.0, 1.0, True),
+    ],
+)
+def test_ties_is_trim_elect_disjoint_merge(weights: list[float], density: float, scale: float, normalize: bool) -> None:
     base, models = _family(3, (10, 10), seed=11)
     merged = _method("ties", weights, 3, density=density, scale=scale, normalize=normalize).merge("w", models, base)
     expected = _ties_by_hand(base, models, weights, density, scale, normalize)
@@ -231,8 +243,10 @@ def test_dare_methods_are_their_formulas(name: str) -> None:
     base, models = _family(3, (20, 30), seed=31)
     weights, density, scale = [0.7, 0.5, -0.2], 0.4, 0.9
     merged = _method(name, weights, 3, density=density, scale=scale, seed=4).merge("mlp.w", models, base)
-    dropped = [(m.double() - base.double()) * dare_mask(base.shape, density, 4, "mlp.w", i) / density
-               for i, m in enumerate(models)]
+    dropped = [
+        (m.double() - base.double()) * dare_mask(base.shape, density, 4, "mlp.w", i) / density
+        for i, m in enumerate(models)
+    ]
     if name == "dare-linear":
         expected = base.double() + scale * sum(w * d for w, d in zip(weights, dropped))
     else:  # sign election, no division (mergekit's dare_ties default)
@@ -248,8 +262,12 @@ def test_dare_methods_are_their_formulas(name: str) -> None:
 def test_slerp_of_orthogonal_unit_vectors_stays_on_the_circle() -> None:
     a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
     for t in (0.0, 0.25, 0.5, 0.8, 1.0):
-        torch.testing.assert_close(slerp(t, a, b), torch.tensor([math.cos(t * math.pi / 2), math.sin(t * math.pi / 2)],
-                                                                dtype=torch.float64), rtol=0, atol=1e-15)
+        torch.testing.assert_close(
+            slerp(t, a, b),
+            torch.tensor([math.cos(t * math.pi / 2), math.sin(t * math.pi / 2)], dtype=torch.float64),
+            rtol=0,
+            atol=1e-15,
+        )
 
 
 @pytest.mark.parametrize("t", [0.0, 0.3, 0.5, 1.0])
@@ -378,8 +396,21 @@ ARGS = {
 @pytest.mark.parametrize("method", NEW)
 def test_each_method_on_tiny_llamas(family: dict[str, Path], tmp_path: Path, run, method: str) -> None:
     base = [] if method == "slerp" else ["--base", family["base"]]
-    result = run("merge", "--method", method, family["ft1"], family["ft2"], *base, *ARGS[method],
-                 "-o", tmp_path / "out", "--json", "-q", "--device", "cpu")
+    result = run(
+        "merge",
+        "--method",
+        method,
+        family["ft1"],
+        family["ft2"],
+        *base,
+        *ARGS[method],
+        "-o",
+        tmp_path / "out",
+        "--json",
+        "-q",
+        "--device",
+        "cpu",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["method"] == method
@@ -409,19 +440,51 @@ def test_dare_same_seed_same_bytes_other_seed_other_bytes(family: dict[str, Path
 
 
 def test_job_file_equals_flags_and_excluded_heads_are_copied(family: dict[str, Path], tmp_path: Path, run) -> None:
-    flags = ["--method", "ties", "--base", family["base"], "--weights", "1,0.5", "--density", "0.4", "--scale", "0.9",
-             "--no-normalize", "--exclude", "lm_head"]
+    flags = [
+        "--method",
+        "ties",
+        "--base",
+        family["base"],
+        "--weights",
+        "1,0.5",
+        "--density",
+        "0.4",
+        "--scale",
+        "0.9",
+        "--no-normalize",
+        "--exclude",
+        "lm_head",
+    ]
     assert run("merge", family["ft1"], family["ft2"], *flags, "-o", tmp_path / "flags", "-q").returncode == 0
     job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump({
-        "method": "ties", "models": [str(family["ft1"]), str(family["ft2"])], "base": str(family["base"]),
-        "weights": [1, 0.5], "density": 0.4, "scale": 0.9, "normalize": False, "exclude": ["lm_head"],
-        "out": str(tmp_path / "job")}), encoding="utf-8")
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "method": "ties",
+                "models": [str(family["ft1"]), str(family["ft2"])],
+                "base": str(family["base"]),
+                "weights": [1, 0.5],
+                "density": 0.4,
+                "scale": 0.9,
+                "normalize": False,
+                "exclude": ["lm_head"],
+                "out": str(tmp_path / "job"),
+            }
+        ),
+        encoding="utf-8",
+    )
     result = run("merge", "--config", job, "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["settings"] | {"exclude": None} == {"dtype": None, "exclude": None, "head_from": 0, "match": False,
-                                                       "density": 0.4, "scale": 0.9, "normalize": False}
+    assert report["settings"] | {"exclude": None} == {
+        "dtype": None,
+        "exclude": None,
+        "head_from": 0,
+        "match": False,
+        "density": 0.4,
+        "scale": 0.9,
+        "normalize": False,
+    }
     assert report["tensors"]["rules"]["lm_head.weight"] == "head"
     from_flags, from_job, first = tensors(tmp_path / "flags"), tensors(tmp_path / "job"), tensors(family["ft1"])
     assert all(torch.equal(from_flags[n], from_job[n]) for n in from_flags)
@@ -438,10 +501,31 @@ def test_match_aligns_the_models_and_the_base(family: dict[str, Path], tmp_path:
         result = run("match", family["ft1"], tmp_path / source, "-o", tmp_path / aligned, "-q", "--device", "cpu")
         assert result.returncode == 0, result.stderr
     common = ["--method", "task-arithmetic", "--weights", "0.5,0.5", "--device", "cpu", "-q"]
-    assert run("merge", family["ft1"], tmp_path / "ft2a", "--base", tmp_path / "basea", *common,
-               "-o", tmp_path / "two_steps").returncode == 0
-    result = run("merge", family["ft1"], tmp_path / "ft2s", "--base", tmp_path / "bases", *common, "--match",
-                 "--json", "-o", tmp_path / "one_step")
+    assert (
+        run(
+            "merge",
+            family["ft1"],
+            tmp_path / "ft2a",
+            "--base",
+            tmp_path / "basea",
+            *common,
+            "-o",
+            tmp_path / "two_steps",
+        ).returncode
+        == 0
+    )
+    result = run(
+        "merge",
+        family["ft1"],
+        tmp_path / "ft2s",
+        "--base",
+        tmp_path / "bases",
+        *common,
+        "--match",
+        "--json",
+        "-o",
+        tmp_path / "one_step",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["base"]["alignment"]["after"] < report["base"]["alignment"]["before"]
@@ -451,31 +535,48 @@ def test_match_aligns_the_models_and_the_base(family: dict[str, Path], tmp_path:
         torch.testing.assert_close(one[name], two[name], rtol=0, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize(("args", "says"), [
-    (["-m", "ties", "{ft1}", "{ft2}"], "--method ties needs the models' common base: pass --base BASE"),
-    (["-m", "model-stock", "{ft1}", "{ft2}"], "needs the models' common base"),
-    (["-m", "ties", "{ft1}", "{ft2}", "--base", "{base}", "--density", "0"], "--density 0.0"),
-    (["-m", "dare-linear", "{ft1}", "{ft2}", "--base", "{base}", "--density", "1.2"], "(0, 1]"),
-    (["-m", "slerp", "{ft1}", "{ft2}", "--t", "1.5"], "--t 1.5: must be in [0, 1]"),
-    (["-m", "slerp", "{ft1}", "{ft2}", "{base}"], "--method slerp merges at most 2 checkpoints, got 3"),
-    (["-m", "slerp", "{ft1}"], "needs at least two checkpoints, got 1 (--method slerp)"),
-    (["-m", "slerp", "{ft1}", "{ft2}", "--base", "{base}"], "--method slerp takes no base model"),
-    (["-m", "slerp", "{ft1}", "{ft2}", "--weights", "1,2"], "--method slerp takes no --weights"),
-    (["-m", "task-arithmetic", "{ft1}", "{ft2}", "--base", "{base}", "--weights", "1,2,3"],
-     "--weights has 3 values for 2 models"),
-    (["-m", "simple", "{ft1}", "{ft2}", "--density", "0.5"], "--density is not a setting of --method simple"),
-    (["-m", "model-stock", "{ft1}", "--base", "{base}"], "needs at least two checkpoints"),
-])
-def test_bad_input_is_one_line_and_exit_2(family: dict[str, Path], tmp_path: Path, run, args: list[str],
-                                          says: str) -> None:
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["-m", "ties", "{ft1}", "{ft2}"], "--method ties needs the models' common base: pass --base BASE"),
+        (["-m", "model-stock", "{ft1}", "{ft2}"], "needs the models' common base"),
+        (["-m", "ties", "{ft1}", "{ft2}", "--base", "{base}", "--density", "0"], "--density 0.0"),
+        (["-m", "dare-linear", "{ft1}", "{ft2}", "--base", "{base}", "--density", "1.2"], "(0, 1]"),
+        (["-m", "slerp", "{ft1}", "{ft2}", "--t", "1.5"], "--t 1.5: must be in [0, 1]"),
+        (["-m", "slerp", "{ft1}", "{ft2}", "{base}"], "--method slerp merges at most 2 checkpoints, got 3"),
+        (["-m", "slerp", "{ft1}"], "needs at least two checkpoints, got 1 (--method slerp)"),
+        (["-m", "slerp", "{ft1}", "{ft2}", "--base", "{base}"], "--method slerp takes no base model"),
+        (["-m", "slerp", "{ft1}", "{ft2}", "--weights", "1,2"], "--method slerp takes no --weights"),
+        (
+            ["-m", "task-arithmetic", "{ft1}", "{ft2}", "--base", "{base}", "--weights", "1,2,3"],
+            "--weights has 3 values for 2 models",
+        ),
+        (["-m", "simple", "{ft1}", "{ft2}", "--density", "0.5"], "--density is not a setting of --method simple"),
+        (["-m", "model-stock", "{ft1}", "--base", "{base}"], "needs at least two checkpoints"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(
+    family: dict[str, Path], tmp_path: Path, run, args: list[str], says: str
+) -> None:
     line = _one_error_line(run("merge", *(arg.format(**family) for arg in args), "-o", tmp_path / "x"))
     assert says in line
     assert not (tmp_path / "x").exists()
 
 
 def test_task_arithmetic_of_one_fine_tune_scales_its_task_vector(family: dict[str, Path], tmp_path: Path, run) -> None:
-    result = run("merge", "-m", "task-arithmetic", family["ft1"], "--base", family["base"], "--weights", "-1",
-                 "-o", tmp_path / "negated", "-q")
+    result = run(
+        "merge",
+        "-m",
+        "task-arithmetic",
+        family["ft1"],
+        "--base",
+        family["base"],
+        "--weights",
+        "-1",
+        "-o",
+        tmp_path / "negated",
+        "-q",
+    )
     assert result.returncode == 0, result.stderr
     base, tuned, out = tensors(family["base"]), tensors(family["ft1"]), tensors(tmp_path / "negated")
     torch.testing.assert_close(out[NAME].double(), 2 * base[NAME].double() - tuned[NAME].double(), rtol=1e-6, atol=1e-7)

@@ -39,8 +39,12 @@ def test_grams_are_the_gram_matrices_of_hooked_inputs_without_padding(bert: Path
     compute_stats(bert, data, tmp_path / "stats", StatsOptions(kind="regmean", batch_size=4, device="cpu"))
     stats = StatsFolder.open(tmp_path / "stats")
 
-    live = {"bert.encoder.layer.1.attention.self.query": True, "bert.encoder.layer.0.output.dense": True,
-            "bert.pooler.dense": False, "classifier": False}
+    live = {
+        "bert.encoder.layer.1.attention.self.query": True,
+        "bert.encoder.layer.0.output.dense": True,
+        "bert.pooler.dense": False,
+        "classifier": False,
+    }
     expected = hooked_grams(load_model(bert), inputs, list(live), live)  # one batch of 10, not 4+4+2
     for module in live:
         torch.testing.assert_close(_gram(stats, module + ".weight"), expected[module], rtol=1e-5, atol=1e-6)
@@ -63,8 +67,12 @@ def test_padding_changes_no_gram(bert: Path, tmp_path: Path) -> None:
     padded = {k: torch.cat([v, torch.zeros_like(v)], dim=1) for k, v in inputs.items()}
     padded["input_ids"][:, 7:] = torch.randint(3, 61, (8, 7), generator=torch.Generator().manual_seed(9))
     for name, data in (("plain", inputs), ("padded", padded)):
-        compute_stats(bert, save_inputs(tmp_path / f"{name}.safetensors", data), tmp_path / name,
-                      StatsOptions(kind="regmean", batch_size=3, device="cpu"))
+        compute_stats(
+            bert,
+            save_inputs(tmp_path / f"{name}.safetensors", data),
+            tmp_path / name,
+            StatsOptions(kind="regmean", batch_size=3, device="cpu"),
+        )
     plain, padded_stats = StatsFolder.open(tmp_path / "plain"), StatsFolder.open(tmp_path / "padded")
     assert plain.manifest["inputs"].keys() == padded_stats.manifest["inputs"].keys()
     for gram, entry in plain.manifest["inputs"].items():
@@ -74,8 +82,10 @@ def test_padding_changes_no_gram(bert: Path, tmp_path: Path) -> None:
 
 def test_vit_stats_use_the_checkpoint_names_not_the_renamed_modules(tmp_path: Path) -> None:
     model = save_tiny("vit", tmp_path / "vit", seed=2)
-    pixels = {"pixel_values": torch.randn(6, 3, 12, 12, generator=torch.Generator().manual_seed(0)),
-              "labels": torch.tensor([0, 1, 2, 3, 4, 0])}
+    pixels = {
+        "pixel_values": torch.randn(6, 3, 12, 12, generator=torch.Generator().manual_seed(0)),
+        "labels": torch.tensor([0, 1, 2, 3, 4, 0]),
+    }
     data = save_inputs(tmp_path / "images.npz", pixels)
     compute_stats(model, data, tmp_path / "grams", StatsOptions(kind="regmean", device="cpu"))
     compute_stats(model, data, tmp_path / "fisher", StatsOptions(kind="fisher", device="cpu"))
@@ -85,11 +95,21 @@ def test_vit_stats_use_the_checkpoint_names_not_the_renamed_modules(tmp_path: Pa
     # transformers 5 calls it vit.layers.0.attention.q_proj in memory
     live = {"vit.layers.0.attention.q_proj": True, "vit.layers.1.mlp.fc2": True}
     expected = hooked_grams(load_model(model), pixels, list(live), live)
-    torch.testing.assert_close(_gram(stats, "vit.encoder.layer.0.attention.attention.query.weight"),
-                               expected["vit.layers.0.attention.q_proj"], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(_gram(stats, "vit.encoder.layer.1.output.dense.weight"),
-                               expected["vit.layers.1.mlp.fc2"], rtol=1e-5, atol=1e-6)
-    assert stats.manifest["inputs"][stats.linear_input("vit.encoder.layer.0.attention.attention.query.weight").gram]["rows"] == 6 * 10
+    torch.testing.assert_close(
+        _gram(stats, "vit.encoder.layer.0.attention.attention.query.weight"),
+        expected["vit.layers.0.attention.q_proj"],
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    torch.testing.assert_close(
+        _gram(stats, "vit.encoder.layer.1.output.dense.weight"), expected["vit.layers.1.mlp.fc2"], rtol=1e-5, atol=1e-6
+    )
+    assert (
+        stats.manifest["inputs"][stats.linear_input("vit.encoder.layer.0.attention.attention.query.weight").gram][
+            "rows"
+        ]
+        == 6 * 10
+    )
     fisher = StatsFolder.open(tmp_path / "fisher")
     assert fisher.names == {n for n in on_disk if Checkpoint.open(model).entry(n).dtype == "F32"}
     assert fisher.manifest["labels"] == "data"
@@ -106,9 +126,12 @@ def test_gpt2_conv1d_layout_and_tied_lm_head(tmp_path: Path) -> None:
     assert stats.get(entry.gram).shape == (24, 24)  # d_in of c_attn's [24, 72] weight
     assert stats.linear_input("transformer.h.0.mlp.c_proj.weight").layout == "in_out"
     live = {"transformer.h.1.mlp.c_proj": True}
-    torch.testing.assert_close(_gram(stats, "transformer.h.1.mlp.c_proj.weight"),
-                               hooked_grams(load_model(model), inputs, list(live), live)["transformer.h.1.mlp.c_proj"],
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        _gram(stats, "transformer.h.1.mlp.c_proj.weight"),
+        hooked_grams(load_model(model), inputs, list(live), live)["transformer.h.1.mlp.c_proj"],
+        rtol=1e-5,
+        atol=1e-6,
+    )
     # lm_head is the token embedding (one tensor on disk): no Gram, so one rule (simple average)
     assert stats.linear_input("transformer.wte.weight") is None
     assert "transformer.wte.weight" in stats.manifest["skipped"]
@@ -123,8 +146,12 @@ def test_gpt2_conv1d_layout_and_tied_lm_head(tmp_path: Path) -> None:
 def test_fp16_model_grams_are_accumulated_in_float32(tmp_path: Path) -> None:
     model = save_tiny("bert", tmp_path / "half", seed=5, dtype=torch.float16)
     inputs = token_inputs(6, 9, vocab=61, seed=6)
-    compute_stats(model, save_inputs(tmp_path / "in.safetensors", inputs), tmp_path / "grams",
-                  StatsOptions(kind="regmean", device="cpu", model_dtype="fp16"))
+    compute_stats(
+        model,
+        save_inputs(tmp_path / "in.safetensors", inputs),
+        tmp_path / "grams",
+        StatsOptions(kind="regmean", device="cpu", model_dtype="fp16"),
+    )
     stats = StatsFolder.open(tmp_path / "grams")
     assert stats.manifest["settings"]["model_dtype"] == "float16"
     live = {"bert.encoder.layer.1.intermediate.dense": True}
@@ -132,7 +159,9 @@ def test_fp16_model_grams_are_accumulated_in_float32(tmp_path: Path) -> None:
     gram = stats.get(stats.linear_input("bert.encoder.layer.1.intermediate.dense.weight").gram)
     assert gram.dtype == torch.float32
     # float16 products would be ~1e-3 off; float32 products summed in float64 are not
-    torch.testing.assert_close(gram.double(), reference["bert.encoder.layer.1.intermediate.dense"], rtol=2e-5, atol=1e-5)
+    torch.testing.assert_close(
+        gram.double(), reference["bert.encoder.layer.1.intermediate.dense"], rtol=2e-5, atol=1e-5
+    )
 
 
 def test_fisher_is_the_mean_of_per_example_squared_gradients(bert: Path, tmp_path: Path) -> None:
@@ -146,7 +175,7 @@ def test_fisher_is_the_mean_of_per_example_squared_gradients(bert: Path, tmp_pat
     expected = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
     for row in range(5):  # transformers' own cross-entropy, one padded example at a time
         model.zero_grad()
-        example = {k: v[row:row + 1] for k, v in inputs.items()}
+        example = {k: v[row : row + 1] for k, v in inputs.items()}
         model(**example).loss.backward()
         for name, p in model.named_parameters():
             expected[name] += p.grad.pow(2) / 5
@@ -170,11 +199,26 @@ def test_sampled_labels_are_seeded(bert: Path, tmp_path: Path) -> None:
 
 
 def test_text_data_is_tokenised_with_the_checkpoints_tokenizer(minilm_dir: Path, tmp_path: Path, run) -> None:
-    texts = ["a short one", "a considerably longer sentence that needs many more tokens than the first", "mid length text"]
+    texts = [
+        "a short one",
+        "a considerably longer sentence that needs many more tokens than the first",
+        "mid length text",
+    ]
     data = tmp_path / "texts.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
-    result = run("stats", minilm_dir, "--data", data, "--kind", "regmean", "-o", tmp_path / "stats",
-                 "--batch-size", "2", "--json")
+    result = run(
+        "stats",
+        minilm_dir,
+        "--data",
+        data,
+        "--kind",
+        "regmean",
+        "-o",
+        tmp_path / "stats",
+        "--batch-size",
+        "2",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     manifest = json.loads(result.stdout)
     from transformers import AutoTokenizer
