@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from rotfuse.core.errors import InputError, UsageError
+from rotfuse.merge.methods.task_vectors import add_back, deltas, task_weights
 
 if TYPE_CHECKING:
     import torch
@@ -161,3 +162,25 @@ def _typed(key: str, value: Any, kind: str) -> Any:
     if kind == "str":
         return str(value)
     return value
+
+
+class TaskVectorMethod(MergeMethod):
+    """A method on task vectors (fine-tune minus base): the weights are used as given (negatives
+    negate a task), and the merged tensor is `base + scale * combine(task vectors)`, computed in
+    float32 (16-bit checkpoints) or float64 and cast by the engine."""
+
+    needs_base = True
+    min_models = 1
+
+    @classmethod
+    def normalise(cls, weights: Sequence[float] | None, count: int) -> list[float]:
+        return task_weights(weights, count)
+
+    def merge(self, name: str, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None) -> torch.Tensor:
+        assert base is not None  # needs_base: the engine passes it
+        origin, vectors = deltas(tensors, base)
+        return add_back(origin, self.combine(name, vectors, base), self.settings.scale)
+
+    @abstractmethod
+    def combine(self, name: str, vectors: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+        """The merged task vector of tensor `name` from one task vector per model."""

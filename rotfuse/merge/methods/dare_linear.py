@@ -13,27 +13,12 @@ mergekit's `dare_linear` draws from the global RNG (no seed) and rescales by the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from rotfuse.core.errors import UsageError
-from rotfuse.merge.methods.base import MergeMethod
-from rotfuse.merge.methods.task_vectors import (
-    add_back,
-    check_density,
-    check_scale,
-    dare,
-    deltas,
-    linear_combine,
-    task_weights,
-)
-
-
-def check_seed(seed: int) -> None:
-    if seed < 0:
-        raise UsageError(f"--seed {seed}: must be >= 0")
+from rotfuse.merge.methods.base import TaskVectorMethod
+from rotfuse.merge.methods.task_vectors import check_density, check_scale, check_seed, dropped, linear_combine
 
 
 @dataclass(frozen=True)
@@ -48,20 +33,10 @@ class DareLinearSettings:
         check_seed(self.seed)
 
 
-class DareLinear(MergeMethod):
+class DareLinear(TaskVectorMethod):
     name = "dare-linear"
     summary = "DARE: drop task-vector entries at random, rescale by 1/density, add the weighted sum"
-    needs_base = True
-    min_models = 1
     Settings = DareLinearSettings
 
-    @classmethod
-    def normalise(cls, weights: Sequence[float] | None, count: int) -> list[float]:
-        return task_weights(weights, count)
-
-    def merge(self, name: str, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None) -> torch.Tensor:
-        assert base is not None
-        origin, vectors = deltas(tensors, base)
-        settings = self.settings
-        dropped = [dare(vector, settings.density, settings.seed, name, index) for index, vector in enumerate(vectors)]
-        return add_back(origin, linear_combine(dropped, self.weights), settings.scale)
+    def combine(self, name: str, vectors: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+        return linear_combine(dropped(vectors, self.settings.density, self.settings.seed, name), self.weights)

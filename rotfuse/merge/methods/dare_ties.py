@@ -12,22 +12,12 @@ matches L1 norms); the default density 0.1 (the DARE paper's drop rate 0.9; merg
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from rotfuse.merge.methods.base import MergeMethod
-from rotfuse.merge.methods.dare_linear import check_seed
-from rotfuse.merge.methods.task_vectors import (
-    add_back,
-    check_density,
-    check_scale,
-    dare,
-    deltas,
-    task_weights,
-    ties_combine,
-)
+from rotfuse.merge.methods.base import TaskVectorMethod
+from rotfuse.merge.methods.task_vectors import check_density, check_scale, check_seed, dropped, ties_combine
 
 
 @dataclass(frozen=True)
@@ -43,20 +33,11 @@ class DareTiesSettings:
         check_seed(self.seed)
 
 
-class DareTies(MergeMethod):
+class DareTies(TaskVectorMethod):
     name = "dare-ties"
     summary = "DARE drop and rescale, then TIES sign election over the task vectors"
-    needs_base = True
-    min_models = 1
     Settings = DareTiesSettings
 
-    @classmethod
-    def normalise(cls, weights: Sequence[float] | None, count: int) -> list[float]:
-        return task_weights(weights, count)
-
-    def merge(self, name: str, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None) -> torch.Tensor:
-        assert base is not None
-        origin, vectors = deltas(tensors, base)
-        settings = self.settings
-        dropped = [dare(vector, settings.density, settings.seed, name, index) for index, vector in enumerate(vectors)]
-        return add_back(origin, ties_combine(dropped, self.weights, settings.normalize), settings.scale)
+    def combine(self, name: str, vectors: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+        kept = dropped(vectors, self.settings.density, self.settings.seed, name)
+        return ties_combine(kept, self.weights, self.settings.normalize)

@@ -9,13 +9,12 @@ a task), 1.0 each by default -- and `scale` is the paper's lambda (`--scale`). T
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from rotfuse.merge.methods.base import MergeMethod
-from rotfuse.merge.methods.task_vectors import add_back, check_scale, deltas, linear_combine, task_weights
+from rotfuse.merge.methods.base import TaskVectorMethod
+from rotfuse.merge.methods.task_vectors import check_scale, linear_combine
 
 
 @dataclass(frozen=True)
@@ -26,18 +25,10 @@ class TaskArithmeticSettings:
         check_scale(self.scale)
 
 
-class TaskArithmetic(MergeMethod):
+class TaskArithmetic(TaskVectorMethod):
     name = "task-arithmetic"
     summary = "base + scale * sum of weighted task vectors (fine-tune minus base)"
-    needs_base = True
-    min_models = 1
     Settings = TaskArithmeticSettings
 
-    @classmethod
-    def normalise(cls, weights: Sequence[float] | None, count: int) -> list[float]:
-        return task_weights(weights, count)
-
-    def merge(self, name: str, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None) -> torch.Tensor:
-        assert base is not None
-        origin, vectors = deltas(tensors, base)
-        return add_back(origin, linear_combine(vectors, self.weights), self.settings.scale)
+    def combine(self, name: str, vectors: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+        return linear_combine(vectors, self.weights)

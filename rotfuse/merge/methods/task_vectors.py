@@ -59,6 +59,11 @@ def check_scale(scale: float) -> None:
         raise UsageError(f"--scale {scale}: must be a finite number")
 
 
+def check_seed(seed: int) -> None:
+    if seed < 0:
+        raise UsageError(f"--seed {seed}: must be >= 0")
+
+
 def deltas(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The base and every model's task vector, in the working dtype on the base's device."""
     work = work_dtype([*tensors, base])
@@ -127,6 +132,11 @@ def dare(delta: torch.Tensor, density: float, seed: int, name: str, index: int) 
         return delta
     mask = dare_mask(delta.shape, density, seed, name, index).to(delta.device)
     return delta * mask / density
+
+
+def dropped(vectors: Sequence[torch.Tensor], density: float, seed: int, name: str) -> list[torch.Tensor]:
+    """Every model's task vector through `dare`, each with its own (seed, tensor, model) mask."""
+    return [dare(vector, density, seed, name, index) for index, vector in enumerate(vectors)]
 
 
 def linear_combine(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:

@@ -17,21 +17,12 @@ not the result, so it has no flag.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from rotfuse.merge.methods.base import MergeMethod
-from rotfuse.merge.methods.task_vectors import (
-    add_back,
-    check_density,
-    check_scale,
-    deltas,
-    magnitude_mask,
-    task_weights,
-    ties_combine,
-)
+from rotfuse.merge.methods.base import TaskVectorMethod
+from rotfuse.merge.methods.task_vectors import check_density, check_scale, magnitude_mask, ties_combine
 
 
 @dataclass(frozen=True)
@@ -45,22 +36,13 @@ class TiesSettings:
         check_scale(self.scale)
 
 
-class Ties(MergeMethod):
+class Ties(TaskVectorMethod):
     name = "ties"
     summary = "TIES: trim task vectors to their largest entries, elect signs, average the agreeing ones"
-    needs_base = True
-    min_models = 1
     Settings = TiesSettings
 
-    @classmethod
-    def normalise(cls, weights: Sequence[float] | None, count: int) -> list[float]:
-        return task_weights(weights, count)
-
-    def merge(self, name: str, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None) -> torch.Tensor:
-        assert base is not None
-        origin, vectors = deltas(tensors, base)
+    def combine(self, name: str, vectors: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
         density = self.settings.density
         half = base.dtype.itemsize <= 2  # 16-bit task vectors repeat magnitudes: sort at once
         trimmed = [vector * magnitude_mask(vector, density, half) if density < 1.0 else vector for vector in vectors]
-        mixed = ties_combine(trimmed, self.weights, self.settings.normalize)
-        return add_back(origin, mixed, self.settings.scale)
+        return ties_combine(trimmed, self.weights, self.settings.normalize)
