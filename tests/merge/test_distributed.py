@@ -117,3 +117,12 @@ def test_merge_match_is_refused_on_several_processes(tmp_path, models):
     assert_one_line_error(results[0], "--match runs in one process")
     assert results[1].returncode == 2 and results[1].stderr == ""
     assert not list(tmp_path.iterdir())
+
+
+def test_stats_refuses_several_processes(tmp_path, models):
+    data = save_inputs(tmp_path / "data.safetensors", token_inputs(4, 9, vocab=61, seed=0))
+    out = tmp_path / "grams"
+    results = srun_like(2, "stats", models["a"], "--data", data, "--kind", "regmean", "-o", out)
+    assert_one_line_error(results[0], "stats runs in one process")
+    assert results[1].returncode == 2 and results[1].stderr == ""
+    assert not out.exists()
