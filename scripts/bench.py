@@ -413,8 +413,8 @@ def bench_size(size: str, root: Path, keep: bool, repeat: int, stages: frozenset
             report = json.loads(done.out)
             detail = {"timings": report.get("timings"), "distance_reduction": report["totals"]["matched"]["reduction"]}
         rows.append(Row(size, done.name, round(done.seconds, 2), round(done.rss, 1), detail=detail))
-    single = next((r for r in rows if r.stage == "match-all"), None)
-    for row in rows:
+    for row in rows:  # against world size 1 of the same command (match-all, merge-simple), same run
+        single = next((r for r in rows if r.stage == row.stage.removesuffix("-ws2")), None)
         if row.stage.endswith("-ws2") and single is not None:
             row.detail["speedup_vs_ws1"] = round(single.seconds / row.seconds, 2)
             row.detail["rss_vs_ws1"] = round(row.peak_rss_mib / single.peak_rss_mib, 2)
@@ -454,7 +454,8 @@ def markdown(rows: list[Row]) -> str:
             )
         if "speedup_vs_ws1" in r.detail:
             note += (
-                f"; world size 2 vs match-all (world size 1): {r.detail['speedup_vs_ws1']:.2f}x faster, "
+                f"{'; ' if note else ''}world size 2 vs {r.stage.removesuffix('-ws2')} (world size 1): "
+                f"{r.detail['speedup_vs_ws1']:.2f}x faster, "
                 f"peak RSS of one rank {r.detail['rss_vs_ws1']:.2f}x"
             )
         ratio = "" if r.ratio_to_floor is None else f"{r.ratio_to_floor:.2f}"
