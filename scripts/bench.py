@@ -23,6 +23,7 @@ in one run, each as its own process so peak RSS is per command:
   io-floor-fsync     io-floor, each written file flushed to disk (os.fsync) before the end
   match-attn-fsync   match-attn as rotfuse runs by default: output flushed before it is moved into place
   merge-simple-fsync merge-simple likewise
+  merge-simple-ws2   merge-simple as two processes (torchrun, gloo): each merges half the bytes
 and `rotfuse --help` / `rotfuse archs` start-up. The floor, mergekit and the plain rotfuse stages
 leave writeback to the OS (rotfuse with --no-fsync); the -fsync stages wait for the disk, and
 their ratios are to io-floor-fsync. Every other ratio is to io-floor of the same size. Before each
@@ -94,6 +95,7 @@ STAGES = (
     "match-attn-fsync",
     "merge-simple-fsync",
     "match-all-ws2",
+    "merge-simple-ws2",
 )
 TASK_VECTOR_STAGES = {
     "merge-ties": ("ties", "0.2"),
@@ -336,10 +338,11 @@ def bench_size(size: str, root: Path, keep: bool, repeat: int, stages: frozenset
         torchrun(2, "match", str(a), str(b), "-o", str(work), "--json", "-q", "--device", "cpu", *no_fsync),
         detail_from_json=True,
     )
-    if stages & {"merge-simple", "merge-simple-fsync", "merge-2x-deep"} and has_command("merge"):
+    if stages & {"merge-simple", "merge-simple-fsync", "merge-2x-deep", "merge-simple-ws2"} and has_command("merge"):
         simple = ("merge", "--method", "simple", str(a), str(b), "-o", str(work), "-q")
         stage("merge-simple", rotfuse(*simple, *no_fsync))
         stage("merge-simple-fsync", rotfuse(*simple))
+        stage("merge-simple-ws2", torchrun(2, *simple, *no_fsync))  # against merge-simple, the same run
     mergekit = shutil.which("mergekit-yaml") or os.environ.get("MERGEKIT_YAML")
     if mergekit and "mergekit-linear" in stages:
         config = root / f"{size}-mergekit.yaml"
@@ -410,8 +413,8 @@ def bench_size(size: str, root: Path, keep: bool, repeat: int, stages: frozenset
             report = json.loads(done.out)
             detail = {"timings": report.get("timings"), "distance_reduction": report["totals"]["matched"]["reduction"]}
         rows.append(Row(size, done.name, round(done.seconds, 2), round(done.rss, 1), detail=detail))
-    single = next((r for r in rows if r.stage == "match-all"), None)
-    for row in rows:
+    for row in rows:  # against world size 1 of the same command (match-all, merge-simple), same run
+        single = next((r for r in rows if r.stage == row.stage.removesuffix("-ws2")), None)
         if row.stage.endswith("-ws2") and single is not None:
             row.detail["speedup_vs_ws1"] = round(single.seconds / row.seconds, 2)
             row.detail["rss_vs_ws1"] = round(row.peak_rss_mib / single.peak_rss_mib, 2)
@@ -451,7 +454,8 @@ def markdown(rows: list[Row]) -> str:
             )
         if "speedup_vs_ws1" in r.detail:
             note += (
-                f"; world size 2 vs match-all (world size 1): {r.detail['speedup_vs_ws1']:.2f}x faster, "
+                f"{'; ' if note else ''}world size 2 vs {r.stage.removesuffix('-ws2')} (world size 1): "
+                f"{r.detail['speedup_vs_ws1']:.2f}x faster, "
                 f"peak RSS of one rank {r.detail['rss_vs_ws1']:.2f}x"
             )
         ratio = "" if r.ratio_to_floor is None else f"{r.ratio_to_floor:.2f}"

@@ -15,11 +15,10 @@ from rotfuse.align.pool import Stream, transform_layers
 from rotfuse.align.residual.scores import StreamSide
 from rotfuse.archs.bind import LayerId
 from rotfuse.core import distributed
-from rotfuse.core.distributed import Group
 from rotfuse.core.progress import Progress
 from rotfuse.core.report import Distance
 from rotfuse.core.tensors import sq_distance
-from rotfuse.io.writer import CheckpointWriter, ShardPlan, copy_side_files, plan_like, side_files
+from rotfuse.io.writer import CheckpointWriter, ShardPlan, copy_side_files, open_writer, plan_like, side_files
 
 
 def _layout(model: OpenedModel, side: StreamSide) -> list[ShardPlan]:
@@ -44,21 +43,6 @@ class _Expressing:
 
     def __getattr__(self, attribute: str) -> Any:  # finish, abort, copy: as they are
         return getattr(self._writer, attribute)
-
-
-def _open_writer(
-    folder: Path, plans: list[ShardPlan], template: OpenedModel, fsync: bool, allow_nonfinite: bool, group: Group | None
-) -> CheckpointWriter:
-    """The writer; in a distributed job rank 0 creates the files, then the other ranks open them."""
-
-    def open_here(create: bool) -> CheckpointWriter:
-        return CheckpointWriter(folder, plans, template.checkpoint, fsync, allow_nonfinite, create)
-
-    if group is None:
-        return open_here(True)
-    created = group.agree("create output", lambda: open_here(True) if group.is_main else None)
-    joined = group.agree("open output", lambda: None if group.is_main else open_here(False))
-    return created or joined  # type: ignore[return-value]
 
 
 def write_copy(
@@ -91,7 +75,7 @@ def write_copy(
     returns the rows of all layers, in layer order."""
     group = distributed.current()
     main = group is None or group.is_main
-    writer: Any = _open_writer(folder, _layout(model, side), model, fsync, allow_nonfinite, group)
+    writer: Any = open_writer(folder, _layout(model, side), model.checkpoint, fsync, allow_nonfinite, group)
     if side.into is not None:
         writer = _Expressing(writer, side)
     outside = Distance()

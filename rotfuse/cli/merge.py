@@ -330,13 +330,15 @@ def merge_command(
         from rotfuse.merge.methods import check_statistics
 
         check_statistics(str(settings.get("method", "simple")), len(_models_and_stats(settings)[1]))
-        from rotfuse.merge.engine import prepare_merge, run_merge
+        from rotfuse.merge.engine import prepare_merge
+        from rotfuse.merge.scaleout import merge as shared_merge  # shared among torchrun / srun ranks
 
         imports_done()
         paths, options = _options(settings)
         target, replace = Path(settings.get("out")), bool(settings.get("overwrite", False))
-        plan = prepare_merge(paths, target, options, replace, settings.path("report"), [config] if config else [])
+        inputs = [config] if config else []
         if settings.get("dry_run", False):
+            plan = prepare_merge(paths, target, options, replace, settings.path("report"), inputs)
             counts = _counts(plan.rules)
             ui.console.print(f"would merge {len(paths)} models with {options.method} into {target}: {counts}")
             return {
@@ -351,8 +353,9 @@ def merge_command(
                 "ignored_tensors": plan.ignored,
             }
         with ui.progress("merging tensors", "tensor") as progress:
-            result = run_merge(plan, replace, settings.path("report"), progress)
-        ui.console.print(f"merged {len(paths)} models with {options.method} ({_counts(plan.rules)}) -> {target}")
+            result = shared_merge(paths, target, options, settings.path("report"), replace, progress, inputs)
+        rules = result["tensors"]["rules"]
+        ui.console.print(f"merged {len(paths)} models with {options.method} ({_counts(rules)}) -> {target}")
         return result
 
     ui.emit(run_command(body, bool(settings.get("debug", False))))

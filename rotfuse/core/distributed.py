@@ -194,3 +194,15 @@ def assign(costs: Sequence[float], world: int, start: Sequence[float] | None = N
         owner[item] = rank
         loads[rank] += costs[item]
     return owner
+
+
+def split_in_order(costs: Sequence[float], world: int) -> list[int]:
+    """The rank of each item when the items, kept in order, are cut into `world` consecutive
+    ranges of about equal cost: an item goes to the rank whose share holds its midpoint (so each
+    rank reads and writes one stretch of the files)."""
+    total = float(sum(costs))
+    owner, before = [], 0.0
+    for cost in costs:
+        owner.append(min(world - 1, int(world * (before + cost / 2) / total)) if total > 0 else 0)
+        before += cost
+    return owner

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rotfuse.core.distributed import Group
 from rotfuse.core.errors import InputError, OutputError
 from rotfuse.core.tensors import all_finite
 from rotfuse.io.checkpoint import INDEX_FILE, Checkpoint
@@ -256,6 +257,27 @@ class CheckpointWriter:
             except OSError:
                 pass
         self._fds = []
+
+
+def open_writer(
+    folder: Path,
+    plans: list[ShardPlan],
+    template: Checkpoint | None,
+    fsync: bool,
+    allow_nonfinite: bool,
+    group: Group | None,
+) -> CheckpointWriter:
+    """The writer; in a distributed job rank 0 creates the files (one step), then the other ranks
+    open them (the next step)."""
+
+    def open_here(create: bool) -> CheckpointWriter:
+        return CheckpointWriter(folder, plans, template, fsync, allow_nonfinite, create)
+
+    if group is None:
+        return open_here(True)
+    created = group.agree("create output", lambda: open_here(True) if group.is_main else None)
+    joined = group.agree("open output", lambda: None if group.is_main else open_here(False))
+    return created or joined  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

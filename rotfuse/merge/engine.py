@@ -29,6 +29,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -38,6 +39,8 @@ import torch
 
 from rotfuse import __version__
 from rotfuse.archs.bind import BoundArch
+from rotfuse.core import distributed
+from rotfuse.core.distributed import Group, split_in_order
 from rotfuse.core.errors import InputError, OutputError, UsageError
 from rotfuse.core.progress import Progress
 from rotfuse.core.report import SCHEMA_VERSION, Distance, Timings
@@ -46,7 +49,15 @@ from rotfuse.io.checkpoint import CONFIG_FILE, Checkpoint
 from rotfuse.io.compat import PairRule, compare_tensors
 from rotfuse.io.safetensors_file import FLOAT_DTYPES
 from rotfuse.io.staging import StagedFolder, Target, check_outputs, write_json
-from rotfuse.io.writer import CheckpointWriter, ShardPlan, copy_side_files, output_file_names, plan_like, side_files
+from rotfuse.io.writer import (
+    CheckpointWriter,
+    ShardPlan,
+    copy_side_files,
+    open_writer,
+    output_file_names,
+    plan_like,
+    side_files,
+)
 from rotfuse.merge.methods import method_class
 from rotfuse.merge.methods.base import MergeMethod
 from rotfuse.merge.stats.folder import StatsFolder
@@ -433,21 +444,45 @@ def _write_side_files(plan: MergePlan, folder: Path) -> list[str]:
     return skipped
 
 
+def _my_names(plan: MergePlan, order: list[str], group: Group | None) -> list[str]:
+    """This rank's tensors, in merge order: the method groups (RegMean: the q k v of one Gram)
+    cut into consecutive ranges of about equal bytes read and written, one range per rank."""
+    if group is None:
+        return order
+    groups: dict[str, list[str]] = {}
+    for name in order:
+        key = plan.method.group(name) if plan.rules[name] == plan.method.name else name
+        groups.setdefault(key, []).append(name)
+
+    def cost(name: str) -> float:
+        reads = 1 if plan.rules[name] in ("copy", "head") else len(plan.sources)
+        return float((reads + 1) * plan.first.checkpoint.entry(name).nbytes)
+
+    members = list(groups.values())
+    owner = split_in_order([sum(map(cost, names)) for names in members], group.world)
+    return [name for names, rank in zip(members, owner) if rank == group.rank for name in names]
+
+
 def run_merge(
     plan: MergePlan, overwrite: bool = False, report_path: Path | None = None, progress: Progress | None = None
 ) -> dict[str, Any]:
     """Write the merged checkpoint described by `plan`; returns the report (written as
-    OUT/rotfuse_merge.json, and also to `report_path` when given)."""
+    OUT/rotfuse_merge.json, and also to `report_path` when given).
+
+    In a distributed job (core/distributed.py; merge/scaleout.py) every rank merges its range of
+    the tensors into the files rank 0 staged (`open_writer`); rank 0 writes the index, the side
+    files and the report, and commits once every rank has agreed its part is written."""
     started = time.perf_counter()
+    group = distributed.current()
+    main = group is None or group.is_main
     timings = Timings()
     sources = _Sources(plan.sources)
     merger = _Merger(plan, sources)
     distances: list[Distance] = []
     head_from = plan.options.head_from
-    total = len(plan.rules)
     done = 0
 
-    def handle(name: str, writer: CheckpointWriter) -> None:
+    def handle(name: str, writer: CheckpointWriter, total: int) -> None:
         nonlocal done
         rule = plan.rules[name]
         begin = time.perf_counter()
@@ -462,34 +497,54 @@ def run_merge(
         if progress:
             progress(done, total)
 
-    with StagedFolder(plan.out, overwrite, plan.options.fsync) as staged:
-        writer = CheckpointWriter(
-            staged.path, _plans(plan), plan.first.checkpoint, plan.options.fsync, plan.options.allow_nonfinite
+    def write_all(folder: Path) -> None:
+        writer = open_writer(
+            folder, _plans(plan), plan.first.checkpoint, plan.options.fsync, plan.options.allow_nonfinite, group
         )
         try:
             handled: set[str] = set()
-            if plan.options.match:
+            if plan.options.match:  # one process only (merge/scaleout.py refuses it on several)
                 for names in _aligned_layers(plan, sources, distances):
                     for name in names:
-                        handle(name, writer)
+                        handle(name, writer, len(plan.rules))
                     handled.update(names)
-            pending = [name for name in _order(plan) if name not in handled]
+            pending = _my_names(plan, [name for name in _order(plan) if name not in handled], group)
+            writer.leave_to_others(set(writer.pending) - set(pending))
             for number, name in enumerate(pending):
                 following = pending[number + 1] if number + 1 < len(pending) else None
                 if following is not None and plan.rules[following] not in ("copy", "head"):
                     sources.prefetch(following)
-                handle(name, writer)
-            writer.finish()
+                handle(name, writer, len(handled) + len(pending))
+            writer.finish(index=main)
         finally:
             sources.close()
             writer.abort()
+
+    def write_report(staged: StagedFolder) -> dict[str, Any]:
         skipped = _write_side_files(plan, staged.path)
         report = _report(plan, distances, skipped)
         report["output"]["fingerprint"] = Checkpoint.open(staged.path, allow_nonfinite=True).fingerprint()
         report["timings"] = {**timings.as_dict(), "total": round(time.perf_counter() - started, 4)}
         write_json(staged.path / REPORT_NAME, report)  # the merged folder always says how it was made
         staged.commit()
-    if report_path is not None:
+        return report
+
+    if group is None:
+        with StagedFolder(plan.out, overwrite, plan.options.fsync) as staged:
+            write_all(staged.path)
+            report = write_report(staged)
+    else:
+        from rotfuse.align.share import merge_timings
+
+        made = group.agree(
+            "stage output", lambda: StagedFolder(plan.out, overwrite, plan.options.fsync) if main else None
+        )
+        with made if made is not None else nullcontext():
+            folder = Path(group.broadcast(str(made.path) if made is not None else None))
+            group.agree("merge tensors", lambda: write_all(folder))
+            merge_timings(group, timings)
+            report = group.broadcast(group.agree("commit", lambda: write_report(made) if made is not None else None))
+    if report_path is not None and main:
         write_json(report_path, report, output=True)
     return report
 
