@@ -85,7 +85,7 @@ def _qwen3_qk(
     """Q and K rows of every head moved by `transform` (R^T applied to [dh, d] blocks) and scaled."""
 
     def change(tensors: dict[str, torch.Tensor], config: dict) -> None:
-        dh = config["head_dim"]
+        dh = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
         for i in range(config["num_hidden_layers"]):
             for role, scale in (("q", q_scale), ("k", k_scale)):
                 name = QWEN3_ATT.format(i=i) + f"{role}_proj.weight"
@@ -250,10 +250,111 @@ def test_gemma_residual_map_is_a_permutation_because_its_gains_are_one_plus_w(tm
     assert max_relative_change(model, tmp_path / "folded") > BROKEN
 
 
+# ---------------------------------------------------------------------- OLMo 2: full-width QK-norm, post-sublayer norms
+
+OLMO2_LAYERS = 2
+
+
+def _olmo2_gains(post_uniform: bool = False) -> Callable[[dict[str, torch.Tensor], dict], None]:
+    """Random (trained-like) gains for every norm; the post-sublayer norms' all equal if `post_uniform`."""
+
+    def change(tensors: dict[str, torch.Tensor], config: dict) -> None:
+        gen = torch.Generator().manual_seed(5)
+        for name in tensors:
+            if name.endswith("norm.weight"):
+                size = tensors[name].shape
+                post = "post_" in name
+                tensors[name] = (
+                    torch.full(size, 1.3) if post and post_uniform else 1 + 0.5 * torch.randn(size, generator=gen)
+                )
+
+    return change
+
+
+def _olmo2_heads(order: list[int], with_gains: bool) -> Callable[[dict[str, torch.Tensor], dict], None]:
+    """Whole KV groups permuted (Q, K, V rows, O columns), their q_norm / k_norm slices too or not."""
+
+    def change(tensors: dict[str, torch.Tensor], config: dict) -> None:
+        dh = config["hidden_size"] // config["num_attention_heads"]
+        group = config["num_attention_heads"] // config["num_key_value_heads"]
+        kv_rows = torch.cat([torch.arange(h * dh, (h + 1) * dh) for h in order])
+        q_rows = torch.cat(
+            [torch.arange((h * group + j) * dh, (h * group + j + 1) * dh) for h in order for j in range(group)]
+        )
+        for i in range(config["num_hidden_layers"]):
+            att = QWEN3_ATT.format(i=i)
+            moves = {"q_proj.weight": q_rows, "k_proj.weight": kv_rows, "v_proj.weight": kv_rows}
+            if with_gains:
+                moves |= {"q_norm.weight": q_rows, "k_norm.weight": kv_rows}
+            for name, rows in moves.items():
+                tensors[att + name] = tensors[att + name][rows]
+            tensors[att + "o_proj.weight"] = tensors[att + "o_proj.weight"][:, q_rows]
+
+    return change
+
+
+@pytest.fixture(scope="module")
+def olmo2(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("olmo2")
+    base = save_tiny("olmo2", root / "init", seed=0)
+    return {
+        "trained": edit(base, root / "trained", _olmo2_gains()),
+        "post-uniform": edit(base, root / "post-uniform", _olmo2_gains(post_uniform=True)),
+    }
+
+
+def test_olmo2_full_width_qk_norm_rules_out_qk_rotation_and_scale(olmo2, tmp_path):
+    rotation = rope_rotation(6, seed=3)
+    rotated = edit(olmo2["trained"], tmp_path / "r", _qwen3_qk(lambda block: rotation.T @ block))
+    assert max_relative_change(olmo2["trained"], rotated) > BROKEN
+    scaled = edit(olmo2["trained"], tmp_path / "s", _qwen3_qk(q_scale=1e-3, k_scale=1e3))
+    assert max_relative_change(olmo2["trained"], scaled) > BROKEN
+
+
+@pytest.mark.parametrize("with_gains", [True, False])
+def test_olmo2_heads_permute_only_with_their_qk_norm_gains(olmo2, tmp_path, with_gains):
+    """Exact when q_norm / k_norm move with the heads; the per-layer maps never move them: heads.perm off."""
+    moved = edit(olmo2["trained"], tmp_path / "h", _olmo2_heads([1, 0], with_gains))
+    change = max_relative_change(olmo2["trained"], moved)
+    assert (change < SAME) if with_gains else (change > BROKEN), change
+
+
+@pytest.mark.parametrize("post_uniform", [True, False])
+def test_olmo2_post_sublayer_norms_allow_only_permutations_of_the_stream(olmo2, tmp_path, post_uniform):
+    """An orthogonal map with the final norm folded into lm_head and the post-sublayer gains left alone:
+    exact only while those gains are all equal (N(yQ) = N(y)Q); trained gains break it, so the spec
+    declares their output the stream (`readers: []`) and gets permutations only."""
+    import dataclasses
+
+    from rotfuse.archs.bind import bind, select_spec
+    from rotfuse.archs.residual import NormFold, residual_plans
+    from rotfuse.io.checkpoint import Checkpoint
+    from rotfuse.symmetry.residual import random_stream_map
+
+    folder = olmo2["post-uniform" if post_uniform else "trained"]
+    checkpoint = Checkpoint.open(folder)
+    bound = bind(select_spec(checkpoint.config), checkpoint.config, checkpoint, str(folder))
+    (plan,) = residual_plans(bound, checkpoint).values()
+    assert not plan.orthogonal
+    tensors = {n: t for n, t in plan.tensors.items() if "post_" not in n}
+    forced = dataclasses.replace(
+        plan, tensors=tensors, folds=[NormFold("model.norm.weight", ("lm_head.weight",))], orthogonal=True
+    )
+    q = random_stream_map(plan.hidden_size, True, torch.Generator().manual_seed(0), False)
+    values = {n: checkpoint.get(n) for n in checkpoint.names()}
+
+    def change(out: dict[str, torch.Tensor], config: dict) -> None:
+        for name in out:
+            out[name] = forced.transform(name, values[name], q, values.__getitem__)
+
+    delta = max_relative_change(folder, edit(folder, tmp_path / "q", change))
+    assert (delta < SAME) if post_uniform else (delta > BROKEN), delta
+
+
 # ---------------------------------------------------------------------- every family through the CLI
 
 # family -> TINY entry; each spec's allowed maps (and the residual map) through the command line
-CLI_FAMILIES = {"qwen3": "qwen3", "phi3": "phi3", "gpt_neox": "gpt-neox", "gemma": "gemma"}
+CLI_FAMILIES = {"qwen3": "qwen3", "phi3": "phi3", "gpt_neox": "gpt-neox", "gemma": "gemma", "olmo2": "olmo2"}
 
 
 @pytest.mark.parametrize("family", CLI_FAMILIES)

@@ -166,6 +166,9 @@ CASES: dict[str, Case] = {
     "mixtral-untied": Case("mixtral", orthogonal=True),
     "qwen2-moe-untied": Case("qwen2-moe", orthogonal=True),  # + shared expert and its gate
     "qwen3-moe-untied": Case("qwen3-moe", orthogonal=True),
+    # post-sublayer norms write the stream: permutations only
+    "olmo2-permutation": Case("olmo2", overrides={"attention_bias": True}),
+    "olmo2-seq-cls-permutation": Case("olmo2", "Olmo2ForSequenceClassification"),
 }
 
 
