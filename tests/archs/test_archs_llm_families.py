@@ -218,7 +218,7 @@ def test_gpt_neox_safeguards_are_necessary(tmp_path, variant):
 
 # ---------------------------------------------------------------------- Gemma: (1 + w) RMSNorm gains
 
-GEMMA_FOLDED = """extends: gemma
+GEMMA_FOLDED_AS_W = """extends: gemma
 name: gemma
 residual:
   norm: rmsnorm
@@ -235,19 +235,29 @@ residual:
 """
 
 
-def test_gemma_residual_map_is_a_permutation_because_its_gains_are_one_plus_w(tmp_path):
-    """Folded like LLaMA's plain gains (for an orthogonal map), Gemma's (1 + w) gains break the
-    function; the spec's permutation-only section keeps it."""
-    model = save_tiny("gemma", tmp_path / "model", seed=0, tie_word_embeddings=False)
+def test_gemma_one_plus_w_gains_must_fold_as_one_plus_w(tmp_path):
+    """With `gain_offset: 1.0` the fold uses 1 + w and any orthogonal map is exact; folded as plain
+    gains w (LLaMA's fold, the spec without gain_offset) the same match breaks the function."""
+    model = edit(
+        save_tiny("gemma", tmp_path / "init", seed=0, tie_word_embeddings=False), tmp_path / "model", _random_norms
+    )
     anchor = save_tiny("gemma", tmp_path / "anchor", seed=1, tie_word_embeddings=False)
-    spec = tmp_path / "folded.yaml"
-    spec.write_text(GEMMA_FOLDED)
+    spec = tmp_path / "folded-as-w.yaml"
+    spec.write_text(GEMMA_FOLDED_AS_W)
     residual = symmetry_set("residual")
-    report = match(anchor, model, tmp_path / "perm", MatchOptions(symmetries=residual, device="cpu"))
-    assert_same_function(model, tmp_path / "perm")
-    assert "permutation" in json.dumps(report["residual"])
-    match(anchor, model, tmp_path / "folded", MatchOptions(symmetries=residual, device="cpu", arch_spec=spec))
-    assert max_relative_change(model, tmp_path / "folded") > BROKEN
+    report = match(anchor, model, tmp_path / "ortho", MatchOptions(symmetries=residual, device="cpu"))
+    assert_same_function(model, tmp_path / "ortho")
+    assert report["residual"]["maps"] == {"stream": "orthogonal"}, report["residual"]
+    match(anchor, model, tmp_path / "as-w", MatchOptions(symmetries=residual, device="cpu", arch_spec=spec))
+    assert max_relative_change(model, tmp_path / "as-w") > BROKEN
+
+
+def _random_norms(tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """Every norm gain random (Gemma stores w = 0 at init, where 1 + w and w fold alike up to a factor)."""
+    gen = torch.Generator().manual_seed(5)
+    for name in tensors:
+        if name.endswith("norm.weight"):
+            tensors[name] = 0.5 * torch.randn(tensors[name].shape, generator=gen)
 
 
 # ---------------------------------------------------------------------- OLMo 2: full-width QK-norm, post-sublayer norms

@@ -134,9 +134,13 @@ CASES: dict[str, Case] = {
     "gpt-neox-tied-permutation": Case("gpt-neox", overrides={"tie_word_embeddings": True}),
     "gpt-neox-tied-untie": Case("gpt-neox", overrides={"tie_word_embeddings": True}, orthogonal=True, allow_untie=True),
     "gpt-neox-bare": Case("gpt-neox", "GPTNeoXModel", moved={"last_hidden_state": ""}),
+    # (1 + w) gains fold as 1 + w (gain_offset): orthogonal maps, as for LLaMA
     "gemma-tied-permutation": Case("gemma"),
-    "gemma-untied-biases-permutation": Case("gemma", overrides={"tie_word_embeddings": False, "attention_bias": True}),
-    "gemma-seq-cls-permutation": Case("gemma", "GemmaForSequenceClassification"),
+    "gemma-tied-untie": Case("gemma", orthogonal=True, allow_untie=True),
+    "gemma-untied-biases": Case(
+        "gemma", overrides={"tie_word_embeddings": False, "attention_bias": True}, orthogonal=True
+    ),
+    "gemma-seq-cls": Case("gemma", "GemmaForSequenceClassification", orthogonal=True),
     # encoder-decoders: the embedding shared by encoder and decoder couples their streams into one
     # plan "encoder+decoder"; cross-attention K/V read the encoder's output (its final norm folds
     # into them). transformers 5 ties T5's lm_head to it unless stored apart with other values.
