@@ -361,10 +361,101 @@ def test_olmo2_post_sublayer_norms_allow_only_permutations_of_the_stream(olmo2, 
     assert (delta < SAME) if post_uniform else (delta > BROKEN), delta
 
 
+# ---------------------------------------------------------------------- Gemma 2 / Gemma 3: post-sublayer norms, QK-norm
+
+
+def _gemma_norms(post_uniform: bool) -> Callable[[dict[str, torch.Tensor], dict], None]:
+    """Random w for every (1 + w) norm; the post-sublayer norms' all equal if `post_uniform`."""
+
+    def change(tensors: dict[str, torch.Tensor], config: dict) -> None:
+        gen = torch.Generator().manual_seed(5)
+        for name in tensors:
+            if name.endswith("norm.weight"):
+                size = tensors[name].shape
+                uniform = post_uniform and ".post_" in name
+                tensors[name] = torch.full(size, 0.3) if uniform else 0.5 * torch.randn(size, generator=gen)
+
+    return change
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+@pytest.mark.parametrize("post_uniform", [True, False])
+def test_gemma_post_sublayer_norms_allow_only_permutations_of_the_stream(tmp_path, family, post_uniform):
+    """A variant spec that leaves the post-sublayer gains alone (`free`) and folds every other norm gets
+    orthogonal maps: exact while those gains are uniform, broken for trained ones -- hence `readers: []`
+    in the built-in specs, and permutations only."""
+    import yaml
+
+    from rotfuse.archs.bind import bind
+    from rotfuse.archs.residual import residual_plans
+    from rotfuse.archs.spec import builtin_spec_dir, load_spec_file
+    from rotfuse.io.checkpoint import Checkpoint
+    from rotfuse.symmetry.residual import random_stream_map
+
+    init = save_tiny(family, tmp_path / "init", seed=0, tie_word_embeddings=False)
+    folder = edit(init, tmp_path / "model", _gemma_norms(post_uniform))
+    raw = yaml.safe_load((builtin_spec_dir() / f"{family}.yaml").read_text())
+    raw["residual"]["layer"] = [
+        {"free": rule["norm"]} if "post_" in str(rule.get("norm", "")) else rule for rule in raw["residual"]["layer"]
+    ]
+    spec_file = tmp_path / "post-free.yaml"
+    spec_file.write_text(yaml.safe_dump({"extends": family, "name": family, "residual": raw["residual"]}))
+    checkpoint = Checkpoint.open(folder)
+    bound = bind(load_spec_file(spec_file), checkpoint.config, checkpoint, str(folder))
+    (plan,) = residual_plans(bound, checkpoint).values()
+    assert plan.orthogonal
+    q = random_stream_map(plan.hidden_size, True, torch.Generator().manual_seed(0), False)
+    values = {n: checkpoint.get(n) for n in checkpoint.names()}
+
+    def change(out: dict[str, torch.Tensor], config: dict) -> None:
+        for name in out:
+            out[name] = plan.transform(name, values[name], q, values.__getitem__)
+
+    delta = max_relative_change(folder, edit(folder, tmp_path / "q", change))
+    assert (delta < SAME) if post_uniform else (delta > BROKEN), delta
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("gemma3")
+    base = save_tiny("gemma3", root / "init", seed=0)
+    return {
+        "uniform": edit(base, root / "uniform", _qwen3_gains(uniform=True)),
+        "trained": edit(base, root / "trained", _qwen3_gains(uniform=False)),
+    }
+
+
+def test_gemma3_qk_norm_rules_out_qk_rotation_and_scale(gemma3, tmp_path):
+    """Gemma 3's q_norm / k_norm are Qwen3's with (1 + w) gains: a RoPE-commuting rotation is exact for
+    uniform gains only, and a QK rescaling is divided out."""
+    rotate = _qwen3_qk(lambda block: rope_rotation(6, seed=3).T @ block)
+    assert_same_function(gemma3["uniform"], edit(gemma3["uniform"], tmp_path / "u", rotate))
+    assert max_relative_change(gemma3["trained"], edit(gemma3["trained"], tmp_path / "t", rotate)) > BROKEN
+    scaled = edit(gemma3["trained"], tmp_path / "s", _qwen3_qk(q_scale=1e-3, k_scale=1e3))
+    assert max_relative_change(gemma3["trained"], scaled) > BROKEN
+
+
+def test_gemma2_soft_capping_and_sliding_window_are_active_in_the_tiny_model():
+    """The per-layer cases of test_archs.py keep the function with both in play (no vacuous pass)."""
+    from helpers.tiny_models import TINY
+
+    config = TINY["gemma2"].config()
+    assert config.attn_logit_softcapping and config.final_logit_softcapping
+    assert "sliding_attention" in config.layer_types and config.sliding_window < 11  # tests use 11-12 tokens
+
+
 # ---------------------------------------------------------------------- every family through the CLI
 
 # family -> TINY entry; each spec's allowed maps (and the residual map) through the command line
-CLI_FAMILIES = {"qwen3": "qwen3", "phi3": "phi3", "gpt_neox": "gpt-neox", "gemma": "gemma", "olmo2": "olmo2"}
+CLI_FAMILIES = {
+    "qwen3": "qwen3",
+    "phi3": "phi3",
+    "gpt_neox": "gpt-neox",
+    "gemma": "gemma",
+    "olmo2": "olmo2",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3",
+}
 
 
 @pytest.mark.parametrize("family", CLI_FAMILIES)

@@ -172,6 +172,13 @@ CASES: dict[str, Case] = {
     "qwen3-moe-untied": Case("qwen3-moe", orthogonal=True),
     # post-sublayer norms write the stream: permutations only
     "olmo2-permutation": Case("olmo2", overrides={"attention_bias": True}),
+    "gemma2-tied-permutation": Case("gemma2"),
+    "gemma2-untied-biases-permutation": Case(
+        "gemma2", overrides={"tie_word_embeddings": False, "attention_bias": True}
+    ),
+    "gemma2-token-cls-permutation": Case("gemma2", "Gemma2ForTokenClassification"),
+    "gemma3-untied-permutation": Case("gemma3", overrides={"tie_word_embeddings": False}),
+    "gemma3-seq-cls-permutation": Case("gemma3", "Gemma3TextForSequenceClassification"),
     "olmo2-seq-cls-permutation": Case("olmo2", "Olmo2ForSequenceClassification"),
 }
 

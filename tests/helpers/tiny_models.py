@@ -393,5 +393,31 @@ TINY.update(
             ),
             "Olmo2ForCausalLM",
         ),
+        # head_dim 6; a sliding window (4) shorter than the test sequences, one sliding and one full layer;
+        # Gemma 2's default soft-capping (attention 50, logits 30)
+        "gemma2": Tiny(
+            _config(
+                "Gemma2Config",
+                **_DECODER,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=6,
+                sliding_window=4,
+                layer_types=["sliding_attention", "full_attention"],
+            ),
+            "Gemma2ForCausalLM",
+        ),
+        "gemma3": Tiny(
+            _config(
+                "Gemma3TextConfig",
+                **_DECODER,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=6,
+                sliding_window=4,
+                layer_types=["sliding_attention", "full_attention"],
+            ),
+            "Gemma3ForCausalLM",
+        ),
     }
 )
