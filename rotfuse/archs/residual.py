@@ -63,6 +63,7 @@ class NormFold:
     gain: str  # full name of a norm's gain
     readers: tuple[str, ...]  # full names of the weights reading its output
     bias: str | None = None  # full name of a LayerNorm's bias: b / g after folding
+    offset: float = 0.0  # the norm scales by offset + w (Gemma: 1 + w): that is what folds, w = 1 - offset after
 
 
 # How a moved checkpoint is expressed: a norm gain's full name -> the gain to unfold the folded
@@ -97,6 +98,7 @@ class ResidualPlan:
 
     def __post_init__(self) -> None:
         self._gains = {fold.gain for fold in self.folds}
+        self._offsets = {fold.gain: fold.offset for fold in self.folds}
         self._gain_of_bias = {fold.bias: fold.gain for fold in self.folds if fold.bias}
         self._gains_of: dict[str, list[str]] = {}
         for fold in self.folds:
@@ -129,14 +131,14 @@ class ResidualPlan:
                 f"the {self.stack or 'residual'} stream goes through LayerNorm: an orthogonal map "
                 "must keep the all-ones direction (Q 1 = 1)"
             )
-        if name in self._gains:
-            return torch.ones_like(tensor)
+        if name in self._gains:  # a gain of 1: stored as 1 - offset
+            return torch.full_like(tensor, 1.0 - self._offsets[name])
         work = tensor.to(work_dtype(tensor.dtype))  # one rounding to the stored dtype, at the end
         gain = self._gain_of_bias.get(name)
         if gain is not None:
-            work = scale_axis(work, 1.0 / read(gain).double(), entry.axes[0])
+            work = scale_axis(work, 1.0 / self._scale(gain, read(gain)), entry.axes[0])
         for reader_gain in self._gains_of.get(name, ()):
-            work = scale_axis(work, read(reader_gain), entry.axes[0])
+            work = scale_axis(work, self._scale(reader_gain, read(reader_gain)), entry.axes[0])
         return stream_map.apply(work, entry.axes).to(tensor.dtype)
 
     def unfold(self, name: str, tensor: torch.Tensor, into: GainSource) -> torch.Tensor:
@@ -153,11 +155,15 @@ class ResidualPlan:
         work, axis = tensor.to(work_dtype(tensor.dtype)), entry.axes[0]
         gain = self._gain_of_bias.get(name)
         if gain is not None and (target := into(gain)) is not None:
-            work = scale_axis(work, target, axis)
+            work = scale_axis(work, self._scale(gain, target), axis)
         for reader_gain in self._gains_of.get(name, ()):
             if (target := into(reader_gain)) is not None:
-                work = scale_axis(work, 1.0 / target.double(), axis)
+                work = scale_axis(work, 1.0 / self._scale(reader_gain, target), axis)
         return work.to(tensor.dtype)
+
+    def _scale(self, gain: str, stored: torch.Tensor) -> torch.Tensor:
+        """What norm `gain` multiplies by, from its stored value: offset + w (float64)."""
+        return stored.double() + self._offsets[gain]
 
 
 @dataclass(frozen=True)
@@ -174,6 +180,7 @@ class _Found:
     readers: tuple[str, ...] = ()
     bias: str = ""
     gain_of: str = ""
+    offset: float = 0.0
 
     @classmethod
     def of(
@@ -192,6 +199,7 @@ class _Found:
             "norm",
             readers=tuple(full(r) for r in rule.readers),
             bias=full(rule.bias) if rule.bias else "",
+            offset=rule.gain_offset,
         )
 
 
@@ -510,12 +518,12 @@ def _folding(
                 "model's output), so its gain cannot be folded: only permutations are exact"
             )
         bias = item.bias if item.bias in checkpoint else None
-        if bias is not None and bool((checkpoint.get(gain) == 0).any()):
+        if bias is not None and bool((checkpoint.get(gain).double() + item.offset == 0).any()):
             return _Folding(
                 note=f"{gain!r} has zero entries, so its bias cannot ride along as bias / gain: "
                 "only permutations are exact"
             )
-        folding.folds.append(NormFold(gain, readers, bias))
+        folding.folds.append(NormFold(gain, readers, bias, item.offset))
     unfolded = readable - {reader for fold in folding.folds for reader in fold.readers}
     if unfolded:
         raise InputError(

@@ -146,6 +146,7 @@ class ResidualRule:
     when: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # config values under which it applies
     classes: tuple[str, ...] = ()  # globs on config.json `architectures` under which it applies
     streams: tuple[str, ...] = ()  # the stacks whose streams it sits on (default: the section's `stream`)
+    gain_offset: float = 0.0  # role norm: the norm scales by offset + w (Gemma's 1 + w), w the stored gain
 
     def applies(self, config: dict[str, Any]) -> bool:
         if self.classes:
@@ -608,9 +609,14 @@ def _parse_rule(raw: Any, norm: str) -> ResidualRule:
     if len(roles) != 1:
         raise ValueError(f"each entry needs exactly one of {', '.join(ROLES)}: {raw!r}")
     role = roles[0]
-    _mapping(raw, {role, "layout", "readers", "bias", "when", "classes", "stream"}, f"residual entry {raw!r}")
+    _mapping(
+        raw, {role, "layout", "readers", "bias", "when", "classes", "stream", "gain_offset"}, f"residual entry {raw!r}"
+    )
     if (role == "norm") != ("readers" in raw):
         raise ValueError(f"readers go with norm entries, and every norm entry needs them: {raw!r}")
+    offset = raw.get("gain_offset", 0.0)
+    if "gain_offset" in raw and (role != "norm" or isinstance(offset, bool) or not isinstance(offset, (int, float))):
+        raise ValueError(f"gain_offset goes with norm entries and is a number: {raw!r}")
     if "bias" in raw and (role != "norm" or norm != "layernorm" or len(_names(raw[role])) != 1):
         raise ValueError(f"bias goes with the norm entry of one LayerNorm gain: {raw!r}")
     rule = ResidualRule(
@@ -622,6 +628,7 @@ def _parse_rule(raw: Any, norm: str) -> ResidualRule:
         when=_when(raw.get("when") or {}),
         classes=_names(raw.get("classes")),
         streams=_names(raw.get("stream")),
+        gain_offset=float(offset),
     )
     if rule.role == "free" and rule.streams:
         raise ValueError(f"a free tensor sits on no stream: {raw!r}")

@@ -130,9 +130,15 @@ def stack_features(stack: StackSpec, always: frozenset[str] = frozenset()) -> li
         )
     elif stack.residual:
         norm = stack.residual.norm
-        folds = any(rule.role == "norm" for rule in (*stack.residual.model, *stack.residual.layer))
+        norms = [rule for rule in (*stack.residual.model, *stack.residual.layer) if rule.role == "norm"]
+        folds = bool(norms) and all(rule.readers or rule.when or rule.classes for rule in norms)
         features.append(
             ("residual: permutation", "residual stream: one permutation (the norms act on the stream)")
+            if not norms
+            else (
+                "residual: permutation (norms write the stream)",
+                "residual stream: one permutation (a norm's output is added to the stream, so its gain cannot fold)",
+            )
             if not folds
             else (
                 "residual: orthogonal (RMSNorm, gains folded)",

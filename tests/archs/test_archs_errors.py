@@ -175,6 +175,14 @@ INVALID_SPECS = {
     ),
     "no-index": ("extends: llama\nname: x\nlayer: layers.\n", "{i}"),
     "circular": ("extends: circular\nname: x\n", "circular"),
+    "gain-offset-on-table": (
+        "extends: gemma\nname: x\nresidual: {norm: rmsnorm, layer: [{table: a, gain_offset: 1.0}]}\n",
+        "gain_offset",
+    ),
+    "gain-offset-not-a-number": (
+        "extends: gemma\nname: x\nresidual: {norm: rmsnorm, layer: [{norm: a, readers: [], gain_offset: one}]}\n",
+        "gain_offset",
+    ),
 }
 
 

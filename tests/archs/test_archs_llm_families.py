@@ -85,7 +85,7 @@ def _qwen3_qk(
     """Q and K rows of every head moved by `transform` (R^T applied to [dh, d] blocks) and scaled."""
 
     def change(tensors: dict[str, torch.Tensor], config: dict) -> None:
-        dh = config["head_dim"]
+        dh = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
         for i in range(config["num_hidden_layers"]):
             for role, scale in (("q", q_scale), ("k", k_scale)):
                 name = QWEN3_ATT.format(i=i) + f"{role}_proj.weight"
@@ -218,7 +218,7 @@ def test_gpt_neox_safeguards_are_necessary(tmp_path, variant):
 
 # ---------------------------------------------------------------------- Gemma: (1 + w) RMSNorm gains
 
-GEMMA_FOLDED = """extends: gemma
+GEMMA_FOLDED_AS_W = """extends: gemma
 name: gemma
 residual:
   norm: rmsnorm
@@ -235,25 +235,227 @@ residual:
 """
 
 
-def test_gemma_residual_map_is_a_permutation_because_its_gains_are_one_plus_w(tmp_path):
-    """Folded like LLaMA's plain gains (for an orthogonal map), Gemma's (1 + w) gains break the
-    function; the spec's permutation-only section keeps it."""
-    model = save_tiny("gemma", tmp_path / "model", seed=0, tie_word_embeddings=False)
+def test_gemma_one_plus_w_gains_must_fold_as_one_plus_w(tmp_path):
+    """With `gain_offset: 1.0` the fold uses 1 + w and any orthogonal map is exact; folded as plain
+    gains w (LLaMA's fold, the spec without gain_offset) the same match breaks the function."""
+    model = edit(
+        save_tiny("gemma", tmp_path / "init", seed=0, tie_word_embeddings=False), tmp_path / "model", _random_norms
+    )
     anchor = save_tiny("gemma", tmp_path / "anchor", seed=1, tie_word_embeddings=False)
-    spec = tmp_path / "folded.yaml"
-    spec.write_text(GEMMA_FOLDED)
+    spec = tmp_path / "folded-as-w.yaml"
+    spec.write_text(GEMMA_FOLDED_AS_W)
     residual = symmetry_set("residual")
-    report = match(anchor, model, tmp_path / "perm", MatchOptions(symmetries=residual, device="cpu"))
-    assert_same_function(model, tmp_path / "perm")
-    assert "permutation" in json.dumps(report["residual"])
-    match(anchor, model, tmp_path / "folded", MatchOptions(symmetries=residual, device="cpu", arch_spec=spec))
-    assert max_relative_change(model, tmp_path / "folded") > BROKEN
+    report = match(anchor, model, tmp_path / "ortho", MatchOptions(symmetries=residual, device="cpu"))
+    assert_same_function(model, tmp_path / "ortho")
+    assert report["residual"]["maps"] == {"stream": "orthogonal"}, report["residual"]
+    match(anchor, model, tmp_path / "as-w", MatchOptions(symmetries=residual, device="cpu", arch_spec=spec))
+    assert max_relative_change(model, tmp_path / "as-w") > BROKEN
+
+
+def _random_norms(tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """Every norm gain random (Gemma stores w = 0 at init, where 1 + w and w fold alike up to a factor)."""
+    gen = torch.Generator().manual_seed(5)
+    for name in tensors:
+        if name.endswith("norm.weight"):
+            tensors[name] = 0.5 * torch.randn(tensors[name].shape, generator=gen)
+
+
+# ---------------------------------------------------------------------- OLMo 2: full-width QK-norm, post-sublayer norms
+
+OLMO2_LAYERS = 2
+
+
+def _olmo2_gains(post_uniform: bool = False) -> Callable[[dict[str, torch.Tensor], dict], None]:
+    """Random (trained-like) gains for every norm; the post-sublayer norms' all equal if `post_uniform`."""
+
+    def change(tensors: dict[str, torch.Tensor], config: dict) -> None:
+        gen = torch.Generator().manual_seed(5)
+        for name in tensors:
+            if name.endswith("norm.weight"):
+                size = tensors[name].shape
+                post = "post_" in name
+                tensors[name] = (
+                    torch.full(size, 1.3) if post and post_uniform else 1 + 0.5 * torch.randn(size, generator=gen)
+                )
+
+    return change
+
+
+def _olmo2_heads(order: list[int], with_gains: bool) -> Callable[[dict[str, torch.Tensor], dict], None]:
+    """Whole KV groups permuted (Q, K, V rows, O columns), their q_norm / k_norm slices too or not."""
+
+    def change(tensors: dict[str, torch.Tensor], config: dict) -> None:
+        dh = config["hidden_size"] // config["num_attention_heads"]
+        group = config["num_attention_heads"] // config["num_key_value_heads"]
+        kv_rows = torch.cat([torch.arange(h * dh, (h + 1) * dh) for h in order])
+        q_rows = torch.cat(
+            [torch.arange((h * group + j) * dh, (h * group + j + 1) * dh) for h in order for j in range(group)]
+        )
+        for i in range(config["num_hidden_layers"]):
+            att = QWEN3_ATT.format(i=i)
+            moves = {"q_proj.weight": q_rows, "k_proj.weight": kv_rows, "v_proj.weight": kv_rows}
+            if with_gains:
+                moves |= {"q_norm.weight": q_rows, "k_norm.weight": kv_rows}
+            for name, rows in moves.items():
+                tensors[att + name] = tensors[att + name][rows]
+            tensors[att + "o_proj.weight"] = tensors[att + "o_proj.weight"][:, q_rows]
+
+    return change
+
+
+@pytest.fixture(scope="module")
+def olmo2(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("olmo2")
+    base = save_tiny("olmo2", root / "init", seed=0)
+    return {
+        "trained": edit(base, root / "trained", _olmo2_gains()),
+        "post-uniform": edit(base, root / "post-uniform", _olmo2_gains(post_uniform=True)),
+    }
+
+
+def test_olmo2_full_width_qk_norm_rules_out_qk_rotation_and_scale(olmo2, tmp_path):
+    rotation = rope_rotation(6, seed=3)
+    rotated = edit(olmo2["trained"], tmp_path / "r", _qwen3_qk(lambda block: rotation.T @ block))
+    assert max_relative_change(olmo2["trained"], rotated) > BROKEN
+    scaled = edit(olmo2["trained"], tmp_path / "s", _qwen3_qk(q_scale=1e-3, k_scale=1e3))
+    assert max_relative_change(olmo2["trained"], scaled) > BROKEN
+
+
+@pytest.mark.parametrize("with_gains", [True, False])
+def test_olmo2_heads_permute_only_with_their_qk_norm_gains(olmo2, tmp_path, with_gains):
+    """Exact when q_norm / k_norm move with the heads; the per-layer maps never move them: heads.perm off."""
+    moved = edit(olmo2["trained"], tmp_path / "h", _olmo2_heads([1, 0], with_gains))
+    change = max_relative_change(olmo2["trained"], moved)
+    assert (change < SAME) if with_gains else (change > BROKEN), change
+
+
+@pytest.mark.parametrize("post_uniform", [True, False])
+def test_olmo2_post_sublayer_norms_allow_only_permutations_of_the_stream(olmo2, tmp_path, post_uniform):
+    """An orthogonal map with the final norm folded into lm_head and the post-sublayer gains left alone:
+    exact only while those gains are all equal (N(yQ) = N(y)Q); trained gains break it, so the spec
+    declares their output the stream (`readers: []`) and gets permutations only."""
+    import dataclasses
+
+    from rotfuse.archs.bind import bind, select_spec
+    from rotfuse.archs.residual import NormFold, residual_plans
+    from rotfuse.io.checkpoint import Checkpoint
+    from rotfuse.symmetry.residual import random_stream_map
+
+    folder = olmo2["post-uniform" if post_uniform else "trained"]
+    checkpoint = Checkpoint.open(folder)
+    bound = bind(select_spec(checkpoint.config), checkpoint.config, checkpoint, str(folder))
+    (plan,) = residual_plans(bound, checkpoint).values()
+    assert not plan.orthogonal
+    tensors = {n: t for n, t in plan.tensors.items() if "post_" not in n}
+    forced = dataclasses.replace(
+        plan, tensors=tensors, folds=[NormFold("model.norm.weight", ("lm_head.weight",))], orthogonal=True
+    )
+    q = random_stream_map(plan.hidden_size, True, torch.Generator().manual_seed(0), False)
+    values = {n: checkpoint.get(n) for n in checkpoint.names()}
+
+    def change(out: dict[str, torch.Tensor], config: dict) -> None:
+        for name in out:
+            out[name] = forced.transform(name, values[name], q, values.__getitem__)
+
+    delta = max_relative_change(folder, edit(folder, tmp_path / "q", change))
+    assert (delta < SAME) if post_uniform else (delta > BROKEN), delta
+
+
+# ---------------------------------------------------------------------- Gemma 2 / Gemma 3: post-sublayer norms, QK-norm
+
+
+def _gemma_norms(post_uniform: bool) -> Callable[[dict[str, torch.Tensor], dict], None]:
+    """Random w for every (1 + w) norm; the post-sublayer norms' all equal if `post_uniform`."""
+
+    def change(tensors: dict[str, torch.Tensor], config: dict) -> None:
+        gen = torch.Generator().manual_seed(5)
+        for name in tensors:
+            if name.endswith("norm.weight"):
+                size = tensors[name].shape
+                uniform = post_uniform and ".post_" in name
+                tensors[name] = torch.full(size, 0.3) if uniform else 0.5 * torch.randn(size, generator=gen)
+
+    return change
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+@pytest.mark.parametrize("post_uniform", [True, False])
+def test_gemma_post_sublayer_norms_allow_only_permutations_of_the_stream(tmp_path, family, post_uniform):
+    """A variant spec that leaves the post-sublayer gains alone (`free`) and folds every other norm gets
+    orthogonal maps: exact while those gains are uniform, broken for trained ones -- hence `readers: []`
+    in the built-in specs, and permutations only."""
+    import yaml
+
+    from rotfuse.archs.bind import bind
+    from rotfuse.archs.residual import residual_plans
+    from rotfuse.archs.spec import builtin_spec_dir, load_spec_file
+    from rotfuse.io.checkpoint import Checkpoint
+    from rotfuse.symmetry.residual import random_stream_map
+
+    init = save_tiny(family, tmp_path / "init", seed=0, tie_word_embeddings=False)
+    folder = edit(init, tmp_path / "model", _gemma_norms(post_uniform))
+    raw = yaml.safe_load((builtin_spec_dir() / f"{family}.yaml").read_text())
+    raw["residual"]["layer"] = [
+        {"free": rule["norm"]} if "post_" in str(rule.get("norm", "")) else rule for rule in raw["residual"]["layer"]
+    ]
+    spec_file = tmp_path / "post-free.yaml"
+    spec_file.write_text(yaml.safe_dump({"extends": family, "name": family, "residual": raw["residual"]}))
+    checkpoint = Checkpoint.open(folder)
+    bound = bind(load_spec_file(spec_file), checkpoint.config, checkpoint, str(folder))
+    (plan,) = residual_plans(bound, checkpoint).values()
+    assert plan.orthogonal
+    q = random_stream_map(plan.hidden_size, True, torch.Generator().manual_seed(0), False)
+    values = {n: checkpoint.get(n) for n in checkpoint.names()}
+
+    def change(out: dict[str, torch.Tensor], config: dict) -> None:
+        for name in out:
+            out[name] = plan.transform(name, values[name], q, values.__getitem__)
+
+    delta = max_relative_change(folder, edit(folder, tmp_path / "q", change))
+    assert (delta < SAME) if post_uniform else (delta > BROKEN), delta
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("gemma3")
+    base = save_tiny("gemma3", root / "init", seed=0)
+    return {
+        "uniform": edit(base, root / "uniform", _qwen3_gains(uniform=True)),
+        "trained": edit(base, root / "trained", _qwen3_gains(uniform=False)),
+    }
+
+
+def test_gemma3_qk_norm_rules_out_qk_rotation_and_scale(gemma3, tmp_path):
+    """Gemma 3's q_norm / k_norm are Qwen3's with (1 + w) gains: a RoPE-commuting rotation is exact for
+    uniform gains only, and a QK rescaling is divided out."""
+    rotate = _qwen3_qk(lambda block: rope_rotation(6, seed=3).T @ block)
+    assert_same_function(gemma3["uniform"], edit(gemma3["uniform"], tmp_path / "u", rotate))
+    assert max_relative_change(gemma3["trained"], edit(gemma3["trained"], tmp_path / "t", rotate)) > BROKEN
+    scaled = edit(gemma3["trained"], tmp_path / "s", _qwen3_qk(q_scale=1e-3, k_scale=1e3))
+    assert max_relative_change(gemma3["trained"], scaled) > BROKEN
+
+
+def test_gemma2_soft_capping_and_sliding_window_are_active_in_the_tiny_model():
+    """The per-layer cases of test_archs.py keep the function with both in play (no vacuous pass)."""
+    from helpers.tiny_models import TINY
+
+    config = TINY["gemma2"].config()
+    assert config.attn_logit_softcapping and config.final_logit_softcapping
+    assert "sliding_attention" in config.layer_types and config.sliding_window < 11  # tests use 11-12 tokens
 
 
 # ---------------------------------------------------------------------- every family through the CLI
 
 # family -> TINY entry; each spec's allowed maps (and the residual map) through the command line
-CLI_FAMILIES = {"qwen3": "qwen3", "phi3": "phi3", "gpt_neox": "gpt-neox", "gemma": "gemma"}
+CLI_FAMILIES = {
+    "qwen3": "qwen3",
+    "phi3": "phi3",
+    "gpt_neox": "gpt-neox",
+    "gemma": "gemma",
+    "olmo2": "olmo2",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3",
+}
 
 
 @pytest.mark.parametrize("family", CLI_FAMILIES)

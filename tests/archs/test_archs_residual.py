@@ -134,9 +134,13 @@ CASES: dict[str, Case] = {
     "gpt-neox-tied-permutation": Case("gpt-neox", overrides={"tie_word_embeddings": True}),
     "gpt-neox-tied-untie": Case("gpt-neox", overrides={"tie_word_embeddings": True}, orthogonal=True, allow_untie=True),
     "gpt-neox-bare": Case("gpt-neox", "GPTNeoXModel", moved={"last_hidden_state": ""}),
+    # (1 + w) gains fold as 1 + w (gain_offset): orthogonal maps, as for LLaMA
     "gemma-tied-permutation": Case("gemma"),
-    "gemma-untied-biases-permutation": Case("gemma", overrides={"tie_word_embeddings": False, "attention_bias": True}),
-    "gemma-seq-cls-permutation": Case("gemma", "GemmaForSequenceClassification"),
+    "gemma-tied-untie": Case("gemma", orthogonal=True, allow_untie=True),
+    "gemma-untied-biases": Case(
+        "gemma", overrides={"tie_word_embeddings": False, "attention_bias": True}, orthogonal=True
+    ),
+    "gemma-seq-cls": Case("gemma", "GemmaForSequenceClassification", orthogonal=True),
     # encoder-decoders: the embedding shared by encoder and decoder couples their streams into one
     # plan "encoder+decoder"; cross-attention K/V read the encoder's output (its final norm folds
     # into them). transformers 5 ties T5's lm_head to it unless stored apart with other values.
@@ -166,6 +170,16 @@ CASES: dict[str, Case] = {
     "mixtral-untied": Case("mixtral", orthogonal=True),
     "qwen2-moe-untied": Case("qwen2-moe", orthogonal=True),  # + shared expert and its gate
     "qwen3-moe-untied": Case("qwen3-moe", orthogonal=True),
+    # post-sublayer norms write the stream: permutations only
+    "olmo2-permutation": Case("olmo2", overrides={"attention_bias": True}),
+    "gemma2-tied-permutation": Case("gemma2"),
+    "gemma2-untied-biases-permutation": Case(
+        "gemma2", overrides={"tie_word_embeddings": False, "attention_bias": True}
+    ),
+    "gemma2-token-cls-permutation": Case("gemma2", "Gemma2ForTokenClassification"),
+    "gemma3-untied-permutation": Case("gemma3", overrides={"tie_word_embeddings": False}),
+    "gemma3-seq-cls-permutation": Case("gemma3", "Gemma3TextForSequenceClassification"),
+    "olmo2-seq-cls-permutation": Case("olmo2", "Olmo2ForSequenceClassification"),
 }
 
 

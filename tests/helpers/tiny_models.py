@@ -378,3 +378,46 @@ TINY.update(
         ),
     }
 )
+
+# ---- post-sublayer norms (issue 17): OLMo 2 (full-width q_norm / k_norm), Gemma 2 and Gemma 3 (per-head QK-norm)
+TINY.update(
+    {
+        # head_dim 6 (hidden 24 / 4 heads); q_norm of width 24, k_norm of width 12
+        "olmo2": Tiny(
+            _config(
+                "Olmo2Config",
+                **{**_DECODER, "hidden_size": 24},
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                tie_word_embeddings=False,
+            ),
+            "Olmo2ForCausalLM",
+        ),
+        # head_dim 6; a sliding window (4) shorter than the test sequences, one sliding and one full layer;
+        # Gemma 2's default soft-capping (attention 50, logits 30)
+        "gemma2": Tiny(
+            _config(
+                "Gemma2Config",
+                **_DECODER,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=6,
+                sliding_window=4,
+                layer_types=["sliding_attention", "full_attention"],
+            ),
+            "Gemma2ForCausalLM",
+        ),
+        "gemma3": Tiny(
+            _config(
+                "Gemma3TextConfig",
+                **_DECODER,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=6,
+                sliding_window=4,
+                layer_types=["sliding_attention", "full_attention"],
+            ),
+            "Gemma3ForCausalLM",
+        ),
+    }
+)

@@ -67,7 +67,7 @@ def gains_from(model: OpenedModel, source: OpenedModel, sides: StreamSide) -> tu
     for fold in (fold for plan in sides.plans.values() for fold in plan.folds):
         other = counterpart(fold.gain, model, source)
         value = source.checkpoint.get(other).double()
-        usable = bool((value != 0).all()) and bool(torch.isfinite(value).all())
+        usable = bool((value + fold.offset != 0).all()) and bool(torch.isfinite(value).all())
         gains[fold.gain] = value if usable else None
         if not usable:
             notes.append(
