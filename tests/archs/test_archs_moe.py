@@ -131,15 +131,23 @@ def test_an_experts_gate_and_up_rows_share_one_permutation(saved, tmp_path, tiny
     assert max_relative_change(model, _edited(model, tmp_path / "gate", lambda t: permute(t, False))) > BROKEN
 
 
-def test_match_verify_merge_on_the_command_line(cli, saved, tmp_path):
-    model = saved("qwen2-moe")
-    anchor = save_tiny("qwen2-moe", tmp_path / "anchor", seed=1)
+@pytest.mark.parametrize(
+    "tiny, arch, modules",
+    [
+        ("qwen2-moe", "qwen2_moe", {"attn.qk", "attn.vo", "ffn", "moe.experts"}),  # ffn: the shared expert
+        ("mixtral", "mixtral", {"attn.qk", "attn.vo", "moe.experts"}),
+        ("qwen3-moe", "qwen3_moe", {"attn.qk", "attn.vo", "moe.experts"}),
+    ],
+)
+def test_match_verify_merge_on_the_command_line(cli, saved, tmp_path, tiny, arch, modules):
+    model = saved(tiny)
+    anchor = save_tiny(tiny, tmp_path / "anchor", seed=1)
     result = cli("match", anchor, model, "-o", tmp_path / "aligned", "--json", "-q")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["arch"] == "qwen2_moe" and "experts.perm" in report["symmetries"]
+    assert report["arch"] == arch and "experts.perm" in report["symmetries"]
     for row in report["layers"]:
-        assert set(row["modules"]) == {"attn.qk", "attn.vo", "ffn", "moe.experts"}  # ffn: the shared expert
+        assert set(row["modules"]) == modules
         assert row["modules"]["moe.experts"]["applied"] == ["experts", "perm"]
         assert row["modules"]["moe.experts"]["after"] < row["modules"]["moe.experts"]["before"]
     verified = cli("verify", model, tmp_path / "aligned", "-q")
