@@ -172,7 +172,9 @@ def best_assignment(scores: torch.Tensor) -> torch.Tensor:
     Fast path with a certificate: when every row's best column is a different column (or every
     column's best row a different row), taking them is optimal -- each row (column) attains its
     own maximum, the largest any assignment can give it. Models fine-tuned from one base and
-    scrambled copies are usually this case; otherwise the Hungarian solve (scipy, O(n^3)).
+    scrambled copies are usually this case. Otherwise, for float32 scores, the sparse solve with
+    its LP-duality certificate (`certified_sparse_assignment`: unrelated models), and where that
+    steps aside the dense Hungarian solve (scipy, O(n^3)).
     """
     n = scores.shape[0]
     if scores.shape[0] == scores.shape[1] and n:
@@ -183,9 +185,9 @@ def best_assignment(scores: torch.Tensor) -> torch.Tensor:
         if torch.unique(best_rows).numel() == n:
             return best_rows.cpu().to(torch.int64)
         if scores.dtype == torch.float32 and n >= SPARSE_MIN_SIZE:
-            perm = certified_sparse_assignment(scores)
-            if perm is not None:
-                return perm
+            certified = certified_sparse_assignment(scores)
+            if certified is not None:
+                return certified
     from scipy.optimize import linear_sum_assignment
 
     rows, cols = linear_sum_assignment(scores.cpu().numpy(), maximize=True)
