@@ -27,7 +27,7 @@ MAX_CANDIDATES = 4  # per row on average; more means near-ties everywhere (unrel
 PAIR_CHUNK = 1024  # candidate pairs scored at once in float64: a few tens of MiB
 SPARSE_CANDIDATES = 32  # per row: the candidate graph the sparse solve starts from (1B unrelated: one round)
 SPARSE_ROUNDS = 8  # certificate checks (each adding the edges it found violated) before the dense solve
-SPARSE_MIN_SIZE = 64  # below it the dense Hungarian is cheaper than setting up the sparse one
+SPARSE_MIN_SIZE = 1024  # below it the dense Hungarian takes well under a second: not worth a risk of rounds
 INT_LIMIT = 2**62  # integer potentials, path sums and dual sums stay below it (int64)
 
 
