@@ -9,7 +9,9 @@ spread evenly over the row, where the prefix bounds do not settle) and unrelated
 solved by `solve_permutation` on two worker threads at once (as `rotfuse match` runs layers),
 and so is the float32 score GEMM alone; the table gives seconds per solve and the ratio to that
 GEMM. Which path settled each case is printed too: the ratios say nothing without it. Where the
-bfloat16 filter settles a case, the same case is solved again with it switched off.
+bfloat16 filter settles a case, the same case is solved again with it switched off; where the
+sparse solve does (unrelated rows), the same case is solved with it off (the dense Hungarian) and
+then with it on again, so that a drift of the machine's speed shows.
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from rotfuse.symmetry import permutation
-from rotfuse.symmetry.permutation import bounded_row_bests, fast_bfloat16_gemm, filtered_row_bests, solve_permutation
+from rotfuse.symmetry.permutation import (
+    bounded_row_bests,
+    certified_sparse_assignment,
+    fast_bfloat16_gemm,
+    filtered_row_bests,
+    solve_permutation,
+)
 
 WORKERS = 2
 
@@ -64,12 +72,23 @@ def main() -> None:
             path = "bfloat16 filter"
         elif torch.unique((sources[0] @ anchor.T).argmax(dim=1)).numel() == args.neurons:
             path = "float32 GEMM + certificate"
+        elif certified_sparse_assignment(sources[0] @ anchor.T) is not None:
+            path = "float32 GEMM + sparse solve + LP-duality certificate"
         else:
             path = "float32 GEMM + Hungarian"
-        if path == "float32 GEMM + Hungarian" and args.neurons > 3000:
-            sources = sources[:WORKERS]  # one O(n^3) solve per worker is plenty
         seconds = per_solve_seconds(solve_permutation, sources, anchor)
         print(f"| {name} | {path} | {seconds:.2f} | {seconds / gemm:.2f} |")
+        if path.startswith("float32 GEMM + sparse"):
+            # the path it replaces, same run: the sparse solve switched off (best_assignment looks it up per call)
+            permutation.certified_sparse_assignment = lambda scores, candidates=0: None
+            try:
+                dense = sources[:WORKERS] if args.neurons > 3000 else sources  # one O(n^3) solve per worker
+                old = per_solve_seconds(solve_permutation, dense, anchor)
+                seconds = per_solve_seconds(solve_permutation, sources, anchor)  # again, after: drift shows
+            finally:
+                permutation.certified_sparse_assignment = certified_sparse_assignment
+            print(f"| {name} | sparse off: float32 GEMM + Hungarian | {old:.2f} | {old / gemm:.2f} |")
+            print(f"| {name} | sparse again (after) | {seconds:.2f} | {seconds / gemm:.2f} |")
         if path == "bfloat16 filter":
             permutation.fast_bfloat16_gemm = lambda device: False  # solve_permutation looks it up per call
             try:

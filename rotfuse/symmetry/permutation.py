@@ -25,6 +25,10 @@ BF16_UNIT = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 FP32_UNIT = 2.0**-24
 MAX_CANDIDATES = 4  # per row on average; more means near-ties everywhere (unrelated models)
 PAIR_CHUNK = 1024  # candidate pairs scored at once in float64: a few tens of MiB
+SPARSE_CANDIDATES = 32  # per row: the candidate graph the sparse solve starts from (1B unrelated: one round)
+SPARSE_ROUNDS = 8  # certificate checks (each adding the edges it found violated) before the dense solve
+SPARSE_MIN_SIZE = 1024  # below it the dense Hungarian takes well under a second: not worth a risk of rounds
+INT_LIMIT = 2**62  # integer potentials, path sums and dual sums stay below it (int64)
 
 
 def solve_permutation(src_rows: torch.Tensor, anchor_rows: torch.Tensor) -> torch.Tensor:
@@ -168,7 +172,9 @@ def best_assignment(scores: torch.Tensor) -> torch.Tensor:
     Fast path with a certificate: when every row's best column is a different column (or every
     column's best row a different row), taking them is optimal -- each row (column) attains its
     own maximum, the largest any assignment can give it. Models fine-tuned from one base and
-    scrambled copies are usually this case; otherwise the Hungarian solve (scipy, O(n^3)).
+    scrambled copies are usually this case. Otherwise, for float32 scores, the sparse solve with
+    its LP-duality certificate (`certified_sparse_assignment`: unrelated models), and where that
+    steps aside the dense Hungarian solve (scipy, O(n^3)).
     """
     n = scores.shape[0]
     if scores.shape[0] == scores.shape[1] and n:
@@ -178,12 +184,132 @@ def best_assignment(scores: torch.Tensor) -> torch.Tensor:
         best_rows = scores.argmax(dim=0)
         if torch.unique(best_rows).numel() == n:
             return best_rows.cpu().to(torch.int64)
+        if scores.dtype == torch.float32 and n >= SPARSE_MIN_SIZE:
+            certified = certified_sparse_assignment(scores)
+            if certified is not None:
+                return certified
     from scipy.optimize import linear_sum_assignment
 
     rows, cols = linear_sum_assignment(scores.cpu().numpy(), maximize=True)
     perm = np.empty(len(cols), dtype=np.int64)
     perm[cols] = rows
     return torch.from_numpy(perm)
+
+
+def certified_sparse_assignment(scores: torch.Tensor, candidates: int = SPARSE_CANDIDATES) -> torch.Tensor | None:
+    """`perm[j]` = the row assigned to column j, maximising the summed float32 `scores` -- exactly,
+    proven by LP duality -- or None (the caller solves densely).
+
+    The assignment is solved (scipy's sparse LAPJV) on a candidate graph: every row's top
+    `candidates` columns, and the diagonal (so that a perfect matching exists). Its scores, scaled
+    by 2^K, are integers q (K from the smallest unit in the last place among them; None when int64
+    could not hold their sums), so the sparse solve runs on integers (in float64: exactly while its
+    sums stay below 2^53; a matching it got wrong shows up below as a positive cycle, and None).
+    Dual potentials follow from the matching M by Bellman-Ford in int64: u_i = longest path in the
+    graph with an edge k -> i of weight q_ij - q_kj per candidate (i, j) with (k, j) in M, and
+    v_j = q_ij - u_i for (i, j) in M; so u_i + v_j >= q_ij on every candidate, with equality on M.
+    The certificate then checks u_i + v_j >= 2^K scores_ij on EVERY entry of the dense matrix,
+    exactly (in int64, against the ceiling of the score scaled by a power of two): by weak duality
+    no assignment sums to more than sum(u) + sum(v), which M attains, so M is optimal on the dense
+    float32 scores (as real numbers), not just on the graph. A float32 pass with a rigorous rounding
+    margin clears most rows first. The worst violating entries of each row join the graph and the
+    solve repeats (SPARSE_ROUNDS times at most).
+    """
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+
+    n = scores.shape[0]
+    if scores.dtype != torch.float32 or scores.shape != (n, n) or n < 2:
+        return None
+    scores = scores.cpu().contiguous()
+    if not bool(torch.isfinite(scores).all()):
+        return None
+    dense = scores.numpy()
+    k = min(candidates, n)
+    key = (torch.arange(n).repeat_interleave(k) * n + scores.topk(k, dim=1).indices.flatten()).numpy()
+    key = np.union1d(key, np.arange(n) * (n + 1))  # the diagonal too: a perfect matching exists
+    for _ in range(SPARSE_ROUNDS):
+        rows, cols = key // n, key % n  # sorted by row: every row holds at least k candidates
+        value = dense[rows, cols].astype(np.float64)
+        if not np.isfinite(value).all():
+            return None
+        _, exponent = np.frexp(value[value != 0])
+        scale = int((24 - exponent).max()) if len(exponent) else 0  # float32: 24 significant bits
+        q = np.ldexp(value, scale)
+        if not len(q) or 4 * n * (float(np.abs(q).max()) + 1) >= INT_LIMIT:
+            return None  # a tiny candidate score: its unit would need more bits than int64 sums keep
+        q = q.astype(np.int64)
+        top = int(q.max())
+        graph = csr_matrix(((top + 1 - q).astype(np.float64), (rows, cols)), shape=(n, n))  # positive
+        matched_rows, matched_cols = min_weight_full_bipartite_matching(graph)
+        row_of = np.empty(n, dtype=np.int64)
+        row_of[matched_cols] = matched_rows
+        col_of = np.empty(n, dtype=np.int64)
+        col_of[matched_rows] = matched_cols
+        on_matching = np.flatnonzero(cols == col_of[rows])
+        q_matched = np.empty(n, dtype=np.int64)  # per column: the matched edge's integer score
+        q_matched[cols[on_matching]] = q[on_matching]
+        u = _longest_paths(rows, row_of[cols], q - q_matched[cols], n)
+        if u is None:
+            return None  # a positive cycle: the sparse solve was not optimal (cannot happen in integers)
+        v = q_matched - u[row_of]
+        if float(np.abs(u).max()) + float(np.abs(v).max()) >= INT_LIMIT:
+            return None
+        violated = _dual_violations(scores, u, v, scale, k)
+        if not len(violated):
+            return torch.from_numpy(row_of)
+        key = np.union1d(key, violated)
+    return None
+
+
+def _longest_paths(heads: np.ndarray, tails: np.ndarray, weight: np.ndarray, n: int) -> np.ndarray | None:
+    """Least u >= 0 with u[head] >= u[tail] + weight on every edge (Bellman-Ford rounds, int64);
+    None when a positive cycle keeps it growing. `heads` sorted, every node one at least."""
+    starts = np.flatnonzero(np.r_[True, heads[1:] != heads[:-1]])
+    if len(starts) != n:
+        return None
+    u = np.zeros(n, dtype=np.int64)
+    for _ in range(n + 1):
+        grown = np.maximum(u, np.maximum.reduceat(u[tails] + weight, starts))
+        if np.array_equal(grown, u):
+            return u
+        u = grown
+    return None
+
+
+def _dual_violations(scores: torch.Tensor, u: np.ndarray, v: np.ndarray, scale: int, most: int) -> np.ndarray:
+    """Flat indices i * n + j of entries with 2^scale scores_ij > u_i + v_j, compared exactly: the
+    `most` worst of each row (none means the duals are feasible on every entry).
+
+    A float32 pass first: d_ij = fl(s_ij - v32_j) (v32 = v 2^-scale rounded to float32) is within
+    2^-24 |s_ij - v32_j| of s_ij - v32_j and v32_j within 2^-24 |v_j 2^-scale| of v_j 2^-scale, so
+    max_j (s_ij - v_j 2^-scale) <= max_j d_ij + 2^-23 max_j |d_ij| + 2^-24 max |v 2^-scale|; rows
+    whose bound, with both terms doubled (for its own float64 rounding) and 2^-100 added (for
+    subnormals), stays at or below u_i 2^-scale are clear."""
+    n = scores.shape[0]
+    u_real = torch.from_numpy(np.ldexp(u.astype(np.float64), -scale))
+    u_real -= 2.0**-50 * u_real.abs()  # rounded down past its float64 rounding (u may exceed 2^53)
+    v_real = np.ldexp(v.astype(np.float64), -scale)
+    v32 = torch.from_numpy(v_real).float()
+    v_slack = 2.0**-23 * float(np.abs(v_real).max()) + 2.0**-100
+    uv = torch.from_numpy(v)
+    found = []
+    for start in range(0, n, ROW_BLOCK):
+        block = scores[start : start + ROW_BLOCK]
+        low, high = torch.aminmax(block - v32, dim=1)
+        bound = high.double() + 2.0**-22 * torch.maximum(high.abs(), low.abs()).double() + v_slack
+        open_rows = torch.nonzero(bound > u_real[start : start + len(block)]).flatten()
+        if len(open_rows):
+            rows = start + open_rows
+            # x > m for an integer m iff ceil(x) > m: ceil of the exactly scaled score, clamped into int64
+            scaled = torch.ldexp(scores[rows].double(), torch.tensor(float(scale), dtype=torch.float64))
+            exact = scaled.ceil_().clamp_(-(2.0**62), 2.0**62).long()
+            rhs = torch.from_numpy(u)[rows, None] + uv  # |u| + |v| < 2^62: no overflow
+            excess = torch.where(exact > rhs, exact - rhs, 0)
+            top, col = excess.topk(min(most, n), dim=1)
+            bad_row, bad_rank = torch.nonzero(top > 0, as_tuple=True)
+            found.append((rows[bad_row] * n + col[bad_row, bad_rank]).numpy())
+    return np.concatenate(found) if found else np.empty(0, dtype=np.int64)
 
 
 def permute_ffn(ffn: Ffn, perm: torch.Tensor) -> Ffn:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -15,6 +16,7 @@ from rotfuse.symmetry.circuit import CircuitTransform, solve_circuit
 from rotfuse.symmetry.permutation import (
     best_assignment,
     bounded_row_bests,
+    certified_sparse_assignment,
     filtered_row_bests,
     permute_ffn,
     solve_permutation,
@@ -313,6 +315,96 @@ def test_bfloat16_filtered_row_bests_step_aside_for_unrelated_rows_and_shared_be
     twins = anchor[torch.randperm(300, generator=g)]
     twins[1] = twins[0]  # two rows with one best column: no certificate
     assert filtered_row_bests(twins, anchor) is None
+
+
+def _sparse_instance(kind: str, n: int, seed: int) -> torch.Tensor:
+    """float32 scores of rows of two models: unrelated, related (a noisy scrambled copy), near-ties
+    (entries on a coarse grid: many exactly equal sums) or low rank (ties between whole rows)."""
+    g = torch.Generator().manual_seed(seed)
+    width = 64
+    anchor = torch.randn(n, width, generator=g) / width**0.5
+    src = torch.randn(n, width, generator=g) / width**0.5
+    if kind == "related":
+        src = anchor[torch.randperm(n, generator=g)] + 0.7 * src
+    elif kind == "near-ties":
+        return ((src @ anchor.T) * 8).round() / 8
+    elif kind == "low-rank":
+        src, anchor = src[:, :3], anchor[:, :3]
+    return src @ anchor.T
+
+
+def _dense_optimum(scores: torch.Tensor) -> tuple[np.ndarray, float]:
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(scores.numpy(), maximize=True)
+    perm = np.empty(len(cols), dtype=np.int64)
+    perm[cols] = rows
+    return perm, float(scores.double()[torch.from_numpy(perm), torch.arange(len(perm))].sum())
+
+
+def _total(scores: torch.Tensor, perm: torch.Tensor) -> float:
+    return float(scores.double()[perm, torch.arange(len(perm))].sum())
+
+
+@pytest.mark.parametrize("kind", ["unrelated", "related", "near-ties", "low-rank"])
+@pytest.mark.parametrize("n", [2, 17, 130, 300])
+def test_certified_sparse_assignment_is_the_dense_optimum(kind, n):
+    """Against scipy's dense Hungarian: the same total (the same assignment where the optimum is
+    unique), from a candidate graph far smaller than the matrix when n is large."""
+    for seed in range(3):
+        scores = _sparse_instance(kind, n, seed)
+        perm = certified_sparse_assignment(scores, candidates=8)
+        dense_perm, dense_total = _dense_optimum(scores)
+        assert _total(scores, best_assignment(scores)) == dense_total
+        if kind == "low-rank" and perm is None:
+            continue  # a few columns best for every row: the rounds may run out (then the dense solve)
+        assert perm is not None  # the certificate settles these (adding violated edges as needed)
+        assert sorted(perm.tolist()) == list(range(n))
+        assert _total(scores, perm) == dense_total
+        if kind in ("unrelated", "related"):
+            assert perm.tolist() == dense_perm.tolist()
+
+
+def test_best_assignment_takes_the_certified_sparse_path_from_its_minimum_size(monkeypatch):
+    from rotfuse.symmetry import permutation
+
+    calls = []
+
+    def spy(scores, candidates=permutation.SPARSE_CANDIDATES):
+        calls.append(certified_sparse_assignment(scores, candidates))
+        return calls[-1]
+
+    monkeypatch.setattr(permutation, "certified_sparse_assignment", spy)
+    scores = _sparse_instance("unrelated", permutation.SPARSE_MIN_SIZE, 3)
+    assert _total(scores, best_assignment(scores)) == _dense_optimum(scores)[1]
+    assert len(calls) == 1 and calls[0] is not None
+
+
+def test_certified_sparse_assignment_without_its_dense_check_is_caught(monkeypatch):
+    """The certificate is what makes the sparse optimum the dense one: skipped, the optimum on one
+    candidate per row (and the diagonal) is worse than scipy's, and the comparison above fails."""
+    from rotfuse.symmetry import permutation
+
+    scores = _sparse_instance("unrelated", 400, 0)
+    _, dense_total = _dense_optimum(scores)
+    assert _total(scores, certified_sparse_assignment(scores, candidates=8)) == dense_total
+    monkeypatch.setattr(permutation, "_dual_violations", lambda *args, **kwargs: np.empty(0, dtype=np.int64))
+    assert _total(scores, certified_sparse_assignment(scores, candidates=1)) < dense_total
+
+
+def test_certified_sparse_assignment_steps_aside():
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(100, 100, generator=g)
+    assert certified_sparse_assignment(scores.double()) is None  # float64 scores: the dense solve
+    assert certified_sparse_assignment(scores[:, :90]) is None
+    broken = scores.clone()
+    broken[3, 4] = float("nan")
+    assert certified_sparse_assignment(broken) is None
+    tiny = scores.clone()
+    tiny[0] = 1e-30 * torch.arange(100)  # a row of tiny scores: units too fine for int64 sums
+    tiny[1, 5] = 1e30
+    assert certified_sparse_assignment(tiny) is None
+    assert _total(tiny, best_assignment(tiny)) == _dense_optimum(tiny)[1]
 
 
 def test_permute_ffn_moves_rows_and_columns_together():
