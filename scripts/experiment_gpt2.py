@@ -66,7 +66,7 @@ class Config:
     seq: int = 64
     train: int = 4096  # training sequences
     test: int = 512  # held-out sequences (other files)
-    steps: int = 1200  # training steps of each end model
+    steps: int = 600  # training steps of each end model
     batch: int = 32
     lr: float = 3e-3
     seeds: tuple[int, ...] = (0, 1)
