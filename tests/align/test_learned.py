@@ -35,17 +35,25 @@ def _data(kind: str, path: Path, seed: int = 0) -> Path:
     return path
 
 
-def _learn(tmp_path: Path, kind: str, out: str = "out", steps: int = 12) -> tuple[Path, Path, Path, dict]:
+def _learn(
+    tmp_path: Path,
+    kind: str,
+    out: str = "out",
+    steps: int = 12,
+    symmetries: str = "default,residual",
+    rate: float = 1e-2,
+) -> tuple[Path, Path, Path, dict]:
     model, anchor = save_pair(kind, tmp_path)
     train = _data(kind, tmp_path / "train.safetensors")
     held = _data(kind, tmp_path / "held.safetensors", seed=1)
     options = MatchOptions(
-        symmetries=symmetry_set("default,residual"),
+        symmetries=symmetry_set(symmetries),
         device="cpu",
         data=train,
         learn=True,
         eval_data=held,
         learn_steps=steps,
+        learn_rate=rate,
         data_batch_size=16,
     )
     with one_thread():
@@ -101,3 +109,37 @@ def test_stream_map_keeps_the_ones_and_the_permutation_is_exact() -> None:
     assert set(p.detach().unique().tolist()) == {0.0, 1.0}
     (p * torch.arange(25.0, dtype=torch.float64).reshape(5, 5)).sum().backward()
     assert relaxed.grad is not None and bool(relaxed.grad.abs().sum() > 0)
+
+
+@pytest.mark.parametrize(
+    ("kind", "symmetries", "moved", "axis", "blocks"),
+    [
+        # post-LN BERT: the residual map is a permutation, learned only through the straight-through estimator
+        ("bert", "residual", "bert.embeddings.word_embeddings.weight", 1, 30),
+        ("llama", "perm", "model.layers.0.mlp.up_proj.weight", 0, 29),  # FFN neurons: rows of up_proj
+        ("gpt2", "heads", "transformer.h.0.attn.c_proj.weight", 0, 3),  # 3 heads: row blocks of Conv1D c_proj
+    ],
+)
+def test_straight_through_permutations_change_and_stay_exact(
+    tmp_path: Path, kind: str, symmetries: str, moved: str, axis: int, blocks: int
+) -> None:
+    """With only a permutation enabled, the merge's loss changes only if the hard permutation does:
+    the estimator's gradient reaches the relaxed matrix, the written permutation differs from the
+    matched start, it is still an exact symmetry of MODEL, and the loss of the average went down.
+    (The GPT-2 case also has tied input and output embeddings, fed under both live names.)"""
+    _, _, _, start = _learn(tmp_path, kind, "start", steps=0, symmetries=symmetries)
+    model, _, _, report = _learn(tmp_path, kind, "out", steps=30, symmetries=symmetries, rate=0.1)
+    learned = report["learned"]
+    if kind == "bert":
+        assert learned["stream_maps"] == {"stream": "permutation"}
+    assert_same_function(model, tmp_path / "out")
+    assert learned["before"]["train_loss"] == pytest.approx(start["learned"]["after"]["train_loss"], rel=1e-6)
+    assert learned["after"]["train_loss"] < learned["before"]["train_loss"]
+
+    def pieces(folder: str) -> list[torch.Tensor]:
+        return list(load_file(str(tmp_path / folder / "model.safetensors"))[moved].chunk(blocks, dim=axis))
+
+    before, after = pieces("start"), pieces("out")
+    # the same rows / columns / head blocks as the matched start, in another order
+    assert sorted(map(lambda t: t.flatten().tolist(), before)) == sorted(map(lambda t: t.flatten().tolist(), after))
+    assert any(not torch.equal(x, y) for x, y in zip(before, after))

@@ -172,8 +172,9 @@ def learn_into(
         ref = train_ref[index] if train_ref is not None else None
         lam = 0.5 if settings.schedule == "fixed" else 0.3 + 0.4 * float(torch.rand((), generator=generator))
         features = accepted_inputs(model, {k: v.to(device) for k, v in batch.items() if k != "labels"})
+        # every live name of a tied tensor is fed (names.py), so the tie needs no re-tying here
         outputs = torch.func.functional_call(
-            model, averaged(builder.transformed(maps, torch.float32), lam), args=(), kwargs=features
+            model, averaged(builder.transformed(maps, torch.float32), lam), args=(), kwargs=features, tie_weights=False
         )
         loss = batch_loss(
             outputs, {k: v.to(device) for k, v in batch.items()}, spec, None if ref is None else ref.to(device)
