@@ -188,7 +188,7 @@ def test_archs_lists_the_moe_specs():
     for row in rows.values():
         assert "experts perm (with router rows)" in row["summary"] and "FFN perm per expert" in row["summary"]
     assert "shared expert" in rows["qwen2_moe"]["summary"] and "shared expert" not in rows["mixtral"]["summary"]
-    assert "QK rot" not in rows["qwen3_moe"]["summary"] and "QK rot" in rows["mixtral"]["summary"]
+    assert "no QK rot" in rows["qwen3_moe"]["summary"] and "no QK rot" not in rows["mixtral"]["summary"]
 
 
 @pytest.mark.parametrize("tiny", ["mixtral", "qwen2-moe"])

@@ -8,6 +8,7 @@ torch nor a method module (`rotfuse merge --help` stays fast); `method_class` im
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib import import_module
 from typing import TYPE_CHECKING
 
@@ -16,26 +17,27 @@ from rotfuse.core.errors import UsageError
 if TYPE_CHECKING:
     from rotfuse.merge.methods.base import MergeMethod
 
-# name -> "module:class"; one line per method
-REGISTRY: dict[str, str] = {
-    "simple": "rotfuse.merge.methods.simple:Simple",
-    "fisher": "rotfuse.merge.methods.fisher:Fisher",
-    "regmean": "rotfuse.merge.methods.regmean:RegMean",
-    "task-arithmetic": "rotfuse.merge.methods.task_arithmetic:TaskArithmetic",
-    "ties": "rotfuse.merge.methods.ties:Ties",
-    "dare-linear": "rotfuse.merge.methods.dare_linear:DareLinear",
-    "dare-ties": "rotfuse.merge.methods.dare_ties:DareTies",
-    "slerp": "rotfuse.merge.methods.slerp:Slerp",
-    "model-stock": "rotfuse.merge.methods.model_stock:ModelStock",
-}
+
+@dataclass(frozen=True)
+class Registration:
+    """Where a method's class lives, and the statistics kind (`rotfuse stats --kind`) each model
+    needs, if any: what the CLI checks before it imports torch (tests check it against the class)."""
+
+    target: str  # "module:Class"
+    stats: str | None = None
 
 
-# name -> the kind of statistics (`rotfuse stats --kind`) each model needs, or None: what the CLI
-# checks before it imports torch; tests/cli/test_merge_early.py checks it against each class's `stats`
-STATS: dict[str, str | None] = {
-    "simple": None,
-    "fisher": "fisher",
-    "regmean": "regmean",
+# name -> its registration; one line per method
+REGISTRY: dict[str, Registration] = {
+    "simple": Registration("rotfuse.merge.methods.simple:Simple"),
+    "fisher": Registration("rotfuse.merge.methods.fisher:Fisher", stats="fisher"),
+    "regmean": Registration("rotfuse.merge.methods.regmean:RegMean", stats="regmean"),
+    "task-arithmetic": Registration("rotfuse.merge.methods.task_arithmetic:TaskArithmetic"),
+    "ties": Registration("rotfuse.merge.methods.ties:Ties"),
+    "dare-linear": Registration("rotfuse.merge.methods.dare_linear:DareLinear"),
+    "dare-ties": Registration("rotfuse.merge.methods.dare_ties:DareTies"),
+    "slerp": Registration("rotfuse.merge.methods.slerp:Slerp"),
+    "model-stock": Registration("rotfuse.merge.methods.model_stock:ModelStock"),
 }
 
 
@@ -44,7 +46,7 @@ def check_statistics(name: str, given: int) -> None:
     statistics method without --stats (saying how to compute them)."""
     if name not in REGISTRY:
         raise UsageError(f"unknown merge method {name!r} (use one of {', '.join(REGISTRY)})")
-    kind = STATS.get(name)
+    kind = REGISTRY[name].stats
     if kind is not None and given == 0:
         raise UsageError(
             f"--method {name} needs statistics of every model: compute them with `rotfuse stats MODEL "
@@ -63,6 +65,6 @@ def method_class(name: str) -> type[MergeMethod]:
         target = REGISTRY[name]
     except KeyError:
         raise UsageError(f"unknown merge method {name!r} (use one of {', '.join(REGISTRY)})") from None
-    module, _, attribute = target.partition(":")
+    module, _, attribute = target.target.partition(":")
     cls: type[MergeMethod] = getattr(import_module(module), attribute)
     return cls

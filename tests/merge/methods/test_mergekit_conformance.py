@@ -129,8 +129,11 @@ def test_dare_drop_statistics_match_mergekits(families: dict, tmp_path: Path) ->
             assert float((kept - factor * source).abs().max()) <= rounding, (name, label)
             if label == "rotfuse":
                 assert abs(factor * density - 1) < 1e-6, (name, factor)
-            else:  # mergekit's L1 ratio: 1/density in expectation
-                assert abs(factor * density - 1) < 0.15, (name, factor)
+            else:  # mergekit's L1 ratio: 1/density in expectation, drawn from its unseeded RNG
+                # relative spread of the kept L1 mass: sqrt((1 - d) / (d n)) times |x|'s coefficient
+                # of variation (~1.3 for Gaussian entries); six of those is never hit by chance
+                tolerance = 6 * 1.3 * math.sqrt((1 - density) / (density * vector.numel()))
+                assert abs(factor * density - 1) < tolerance, (name, factor)
             spread = float(original[name].std()) * math.sqrt((1 - density) / (density * vector.numel()))
             assert abs(float(vector.mean()) - float(original[name].mean())) < 6 * spread, (name, label)
 
