@@ -24,6 +24,7 @@ import torch
 
 from rotfuse.symmetry import permutation
 from rotfuse.symmetry.permutation import (
+    SPARSE_MIN_SIZE,
     bounded_row_bests,
     certified_sparse_assignment,
     fast_bfloat16_gemm,
@@ -72,7 +73,7 @@ def main() -> None:
             path = "bfloat16 filter"
         elif torch.unique((sources[0] @ anchor.T).argmax(dim=1)).numel() == args.neurons:
             path = "float32 GEMM + certificate"
-        elif certified_sparse_assignment(sources[0] @ anchor.T) is not None:
+        elif args.neurons >= SPARSE_MIN_SIZE and certified_sparse_assignment(sources[0] @ anchor.T) is not None:
             path = "float32 GEMM + sparse solve + LP-duality certificate"
         else:
             path = "float32 GEMM + Hungarian"
@@ -87,8 +88,8 @@ def main() -> None:
                 seconds = per_solve_seconds(solve_permutation, sources, anchor)  # again, after: drift shows
             finally:
                 permutation.certified_sparse_assignment = certified_sparse_assignment
-            print(f"| {name} | sparse off: float32 GEMM + Hungarian | {old:.2f} | {old / gemm:.2f} |")
-            print(f"| {name} | sparse again (after) | {seconds:.2f} | {seconds / gemm:.2f} |")
+            print(f"| {name}, sparse off | float32 GEMM + Hungarian | {old:.2f} | {old / gemm:.2f} |")
+            print(f"| {name}, again | {path} | {seconds:.2f} | {seconds / gemm:.2f} |")
         if path == "bfloat16 filter":
             permutation.fast_bfloat16_gemm = lambda device: False  # solve_permutation looks it up per call
             try:

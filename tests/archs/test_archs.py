@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers.functions import assert_same_function, one_thread, save_pair
+from helpers.functions import assert_same_function, save_pair
 
 from rotfuse.align.match import match
 from rotfuse.align.options import MatchOptions
@@ -117,12 +117,6 @@ CASES: dict[str, tuple[str, dict, str, set[str]]] = {
 }
 COVERED_ELSEWHERE = {"roberta", "vit"}  # tests/align/test_match.py
 COVERED_ELSEWHERE |= {"t5", "bart", "mbart"}  # tests/archs/test_archs_encoder_decoder.py
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers.functions import assert_same_function, max_relative_change, one_thread, save_pair
+from helpers.functions import assert_same_function, max_relative_change, save_pair
 from helpers.tiny_models import save_tiny
 
 from rotfuse.align.match import match
@@ -40,12 +40,6 @@ CASES: dict[str, tuple[str, str, set[str], bool]] = {
     "bart": ("bart", "bart", {"encoder", "decoder", "cross"}, False),
     "mbart": ("mbart", "mbart", {"encoder", "decoder", "cross"}, False),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.cli import run_here
-from helpers.functions import assert_same_function, max_relative_change, one_thread
+from helpers.functions import assert_same_function, max_relative_change
 from helpers.tiny_models import save_tiny
 from safetensors.torch import load_file, save_file
 
@@ -29,12 +29,6 @@ from rotfuse.symmetry.rotation import random_rotation
 
 BROKEN = 1e-3  # a relative output change this large is a different function, not rounding
 SAME = 2e-5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 def edit(folder: Path, out: Path, change: Callable[[dict[str, torch.Tensor], dict], None]) -> Path:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.functions import assert_same_function, max_relative_change, one_thread
+from helpers.functions import assert_same_function, max_relative_change
 from helpers.tiny_models import save_tiny
 from safetensors.torch import load_file, save_file
 
@@ -30,12 +30,6 @@ from rotfuse.symmetry.rotation import random_rotation
 from rotfuse.symmetry.weights import Attention, Linear, qk_circuit, with_qk
 
 BROKEN = 1e-3  # a relative output change this large is a different function, not rounding
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 # ---------------------------------------------------------------------- QK rotations vs RoPE
