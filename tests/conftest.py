@@ -62,21 +62,25 @@ def run() -> Callable[..., Result]:
     return invoke
 
 
-def _starts_processes(item: pytest.Item) -> bool:
-    """The test starts the CLI (or Python) in separate processes: the `cli` fixture, or
-    `subprocess` in its own body."""
+END_TO_END = ("subprocess.", "run_cli(", "run_here(", "@given(")  # processes, CLI runs here, fuzzing
+
+
+def _runs_end_to_end(item: pytest.Item) -> bool:
+    """The test runs the CLI end to end: the `cli` fixture, separate processes, or the command
+    line run in this process (helpers.cli), or property-based fuzzing (many whole runs each)."""
     if "cli" in getattr(item, "fixturenames", ()):
         return True
     function = getattr(item, "function", None)
     try:
-        return function is not None and "subprocess." in inspect.getsource(function)
+        source = inspect.getsource(function) if function is not None else ""
     except (OSError, TypeError):
         return False
+    return any(marker in source for marker in END_TO_END)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The slow tier: everything under tests/e2e/, and every test that starts processes; other
-    tests mark themselves with @pytest.mark.slow."""
+    """The slow tier: everything under tests/e2e/, and every test that runs the CLI end to end;
+    other tests mark themselves with @pytest.mark.slow."""
     for item in items:
-        if "/e2e/" in item.nodeid.replace("\\", "/") or _starts_processes(item):
+        if "/e2e/" in item.nodeid.replace("\\", "/") or _runs_end_to_end(item):
             item.add_marker(pytest.mark.slow)
