@@ -61,7 +61,7 @@ def _learn(
     return model, anchor, train, report
 
 
-@pytest.mark.parametrize("kind", ["vit", "llama"])
+@pytest.mark.parametrize("kind", [pytest.param("vit", marks=pytest.mark.slow), "llama"])
 def test_learned_copy_keeps_the_function_and_is_the_merge_optimised(tmp_path: Path, kind: str) -> None:
     model, anchor, train, report = _learn(tmp_path, kind)
     learned = report["learned"]
@@ -115,7 +115,7 @@ def test_stream_map_keeps_the_ones_and_the_permutation_is_exact() -> None:
     ("kind", "symmetries", "moved", "axis", "blocks"),
     [
         # post-LN BERT: the residual map is a permutation, learned only through the straight-through estimator
-        ("bert", "residual", "bert.embeddings.word_embeddings.weight", 1, 30),
+        pytest.param("bert", "residual", "bert.embeddings.word_embeddings.weight", 1, 30, marks=pytest.mark.slow),
         ("llama", "perm", "model.layers.0.mlp.up_proj.weight", 0, 29),  # FFN neurons: rows of up_proj
         ("gpt2", "heads", "transformer.h.0.attn.c_proj.weight", 0, 3),  # 3 heads: row blocks of Conv1D c_proj
     ],

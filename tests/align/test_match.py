@@ -86,6 +86,7 @@ def test_anchor_with_other_prefix(tmp_path):
     assert_same_function(model, tmp_path / "out")
 
 
+@pytest.mark.slow  # the real MiniLM: the full tier
 def test_pretrained_minilm_function_and_recovery(tmp_path, minilm_dir):
     """The real pretrained MiniLM: scramble it, match it back (distance vanishes), and match it
     against the scrambled copy as anchor (function unchanged either way)."""

@@ -49,6 +49,7 @@ def peak_live_tensors(tmp_path, monkeypatch, layers: int, workers: int) -> int:
     return counter.peak
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_live_tensors_do_not_grow_with_depth(tmp_path, monkeypatch, workers):
     shallow = peak_live_tensors(tmp_path, monkeypatch, layers=2, workers=workers)

@@ -500,11 +500,11 @@ NECESSITY = [
     "deberta-v2-mlm-shared-conv",
     "phi",
     "distilbert-mlm",
-    "clip",
+    pytest.param("clip", marks=pytest.mark.slow),
     "llama-tied-untie",
     "llama-biases",
     "t5-v1.1-untied",
-    "mbart",
+    pytest.param("mbart", marks=pytest.mark.slow),
     "mixtral-untied",
     "qwen2-moe-untied",
 ]

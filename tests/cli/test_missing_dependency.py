@@ -65,6 +65,7 @@ def test_interpolate_plot_without_matplotlib_answers_before_computing(pair, tmp_
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "p.png").exists()
 
 
+@pytest.mark.slow
 def test_interpolate_writes_out_before_plotting(pair, tmp_path):
     """The plot fails at its very end (matplotlib's drawing backend missing): the numbers are kept."""
     a, b, data = pair
