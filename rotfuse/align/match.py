@@ -226,12 +226,13 @@ def _learn_into(
         options.seed,
         options.data_batch_size,
         device=plan.device,
+        keep=options.learn_keep,
     )
     with temporary_folder("matched", folder.parent) as tmp:
         matched = Path(tmp) / "matched"
         report = _match_into(plan, matched, progress)
         symmetries = options.symmetries - plan.model.bound.disabled
-        report["learned"] = learn_into(plan.anchor, matched, folder, plan.layers, symmetries, settings, log)
+        report["learned"] = learn_into(plan.anchor, matched, folder, plan.layers, symmetries, settings, log, progress)
     report["output"]["fingerprint"] = Checkpoint.open(folder, True).fingerprint()
     return report
 

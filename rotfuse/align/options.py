@@ -38,3 +38,4 @@ class MatchOptions:
     learn_rate: float = 1e-2
     lambda_schedule: str = "uniform"  # fixed (l = 0.5) or uniform (l in [0.3, 0.7] each step)
     seed: int = 0
+    learn_keep: str = "last"  # or "best": the logged step with the lowest --eval-data loss

@@ -85,6 +85,10 @@ def prepare_match(
         raise UsageError("--learn trains on data: pass the training inputs with --data")
     if options.eval_data is not None and not options.learn:
         raise UsageError("--eval-data is the held-out set of --learn: add --learn")
+    if options.learn_keep not in ("last", "best"):
+        raise UsageError(f"--learn-keep {options.learn_keep!r}: use last or best")
+    if options.learn_keep == "best" and options.eval_data is None:
+        raise UsageError("--learn-keep best chooses the step by held-out loss: give --eval-data")
     if options.data is not None and RESIDUAL not in options.symmetries and not options.learn:
         raise UsageError("--data drives the residual-stream map: add residual to --symmetries")
     anchor = open_model(anchor_path, options.arch, options.arch_spec, options.allow_nonfinite)

@@ -102,6 +102,7 @@ class LogLines:
     description: str
     unit: str
     context: str = ""
+    note: str = ""  # a live figure appended to each line (the current loss)
 
     def __post_init__(self) -> None:
         import os
@@ -125,7 +126,8 @@ class LogLines:
         spent = now - self._started
         left = f", ETA {_clock(spent / done * (total - done))}" if 0 < done < total else ""
         where = f"{self.context}: " if self.context else ""
-        self.write(f"{where}{self.description}: {self.unit} {done}/{total}, elapsed {_clock(spent)}{left}")
+        figure = f", {self.note}" if self.note else ""
+        self.write(f"{where}{self.description}: {self.unit} {done}/{total}, elapsed {_clock(spent)}{left}{figure}")
 
 
 @dataclass
@@ -183,23 +185,37 @@ class Ui:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         with Progress(
-            TextColumn(description),
+            TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
+            TextColumn("{task.fields[note]}"),
             console=self.console,
             transient=True,
         ) as bar:
-            task = bar.add_task(description, total=None)
+            yield _Bar(bar, bar.add_task(description, total=None, note=""))
 
-            def update(done: int, total: int) -> None:
-                bar.update(task, completed=done, total=total)
 
-            yield update
+class _Bar:
+    """The terminal's progress bar (rich); a new stage replaces the finished one's task."""
+
+    def __init__(self, bar: Any, task: Any) -> None:
+        self.bar, self.task = bar, task
+
+    def __call__(self, done: int, total: int) -> None:
+        self.bar.update(self.task, completed=done, total=total)
+
+    def stage(self, description: str, unit: str) -> None:
+        self.bar.remove_task(self.task)
+        self.task = self.bar.add_task(description, total=None, note="")
+
+    def note(self, text: str) -> None:
+        self.bar.update(self.task, note=text)
 
 
 class _ContextLines:
-    """Log lines that follow the Ui's current model: a new LogLines (clock restarted) per model."""
+    """Log lines that follow the Ui's current model: a new LogLines (clock restarted) per model
+    and per stage."""
 
     def __init__(self, ui: Ui, description: str, unit: str) -> None:
         self.ui, self.description, self.unit = ui, description, unit
@@ -209,6 +225,14 @@ class _ContextLines:
         if self.lines is None or self.lines.context != self.ui.context:
             self.lines = LogLines(self.ui.log, self.description, self.unit, self.ui.context)
         self.lines(done, total)
+
+    def stage(self, description: str, unit: str) -> None:
+        self.description, self.unit, self.lines = description, unit, None
+
+    def note(self, text: str) -> None:
+        if self.lines is None:
+            self.lines = LogLines(self.ui.log, self.description, self.unit, self.ui.context)
+        self.lines.note = text
 
 
 def imports_done() -> None:

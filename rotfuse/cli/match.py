@@ -97,6 +97,7 @@ MATCH_SETTINGS: dict[str, Kind] = {
     "learn_rate": Kind("float", 0.0),
     "lambda_schedule": TEXT,
     "seed": Kind("int"),
+    "learn_keep": TEXT,
 }
 PARAMETER_OF = {"json": "json_out", "max_samples": "data_samples"}  # job key -> the function's parameter
 
@@ -200,6 +201,14 @@ def match_command(
     seed: Annotated[
         int, typer.Option("--seed", help="With --learn: random seed (batches, l); same seed, same output.")
     ] = 0,
+    learn_keep: Annotated[
+        str,
+        typer.Option(
+            "--learn-keep",
+            help="With --learn: the maps of the last step, or (best, needs --eval-data) of the logged step "
+            "with the lowest held-out loss.",
+        ),
+    ] = "last",
     arch: Arch = None,
     arch_spec: ArchSpecFile = None,
     device: Device = "auto",
@@ -280,6 +289,7 @@ def match_command(
             float(value("learn_rate")),
             str(value("lambda_schedule")),
             int(value("seed")),
+            str(value("learn_keep")),
         )
         if options.lambda_schedule not in ("fixed", "uniform"):
             raise UsageError(f"--lambda-schedule {options.lambda_schedule!r}: use fixed or uniform")

@@ -1,12 +1,15 @@
 """The optimisation: Adam on the map parameters for the loss of (1 - l) ANCHOR + l g(COPY) on the
 training data, l = 0.5 ('fixed') or uniform in [0.3, 0.7] ('uniform') each step; then the exact
-maps (hard permutations, rotations recomputed in float64) are applied and written.
+maps (hard permutations, rotations recomputed in float64) are applied and written: those of the
+last step, or (keep='best', with held-out data) those of the logged step whose held-out loss was
+lowest -- early stopping on data the optimiser never saw.
 
 The live model runs through `torch.func.functional_call` with the averaged tensors under its own
 names (names.py), so any architecture `match` supports and transformers loads works."""
 
 from __future__ import annotations
 
+import copy as copying
 import os
 import time
 from collections.abc import Callable
@@ -22,10 +25,12 @@ from rotfuse.align.learned.objective import batch_loss
 from rotfuse.align.pair import OpenedModel, counterpart, open_model
 from rotfuse.archs.bind import LayerId
 from rotfuse.core.errors import UsageError
+from rotfuse.core.progress import Progress, show_note, start_stage
 from rotfuse.eval.score import LABELS_ENSEMBLE, LossSpec, ensemble_labels, located, loss_spec, probabilities, score
 from rotfuse.io.writer import CheckpointWriter, copy_side_files, plan_like
 
 SCHEDULES = ("fixed", "uniform")
+KEEPS = ("last", "best")
 GIB = 1024**3
 
 
@@ -41,6 +46,7 @@ class LearnSettings:
     log_every: int = 25
     device: str = "cpu"
     max_samples: int | None = None
+    keep: str = "last"  # or "best": the logged step with the lowest held-out loss
 
 
 def memory_need(model: OpenedModel, inputs: dict[str, torch.Tensor], batch_size: int) -> int:
@@ -98,13 +104,19 @@ def learn_into(
     symmetries: frozenset[str],
     settings: LearnSettings,
     log: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Refine the matched copy in `copy_folder`, write g(copy) to `out`; returns the report section."""
+    """Refine the matched copy in `copy_folder`, write g(copy) to `out`; returns the report section.
+    `log` gets a line per logged step; `progress` counts the steps, with the batch loss as its note."""
     from rotfuse.eval.runtime import accepted_inputs, load_model
 
     started = time.perf_counter()
     if settings.schedule not in SCHEDULES:
         raise UsageError(f"--lambda-schedule {settings.schedule!r}: use {' or '.join(SCHEDULES)}")
+    if settings.keep not in KEEPS:
+        raise UsageError(f"--learn-keep {settings.keep!r}: use {' or '.join(KEEPS)}")
+    if settings.keep == "best" and settings.eval_data is None:
+        raise UsageError("--learn-keep best chooses the step by held-out loss: give --eval-data")
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
     device = settings.device
@@ -159,6 +171,8 @@ def learn_into(
         return row
 
     history = [measure(0, None)]
+    best = (history[0].get("eval_loss", float("inf")), 0, copying.deepcopy(maps.state_dict()))
+    start_stage(progress, "learning", "step")
     optimiser = torch.optim.Adam(maps.parameters(), lr=settings.rate)
     count = next(iter(train.values())).shape[0]
     order = torch.randperm(count, generator=generator)
@@ -182,9 +196,18 @@ def learn_into(
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
+        if progress is not None:
+            progress(step, settings.steps)
+        show_note(progress, f"batch loss {float(loss.detach()):.4f}")
         if step % settings.log_every == 0 or step == settings.steps:
             history.append(measure(step, float(loss.detach())))
+            if settings.keep == "best" and history[-1]["eval_loss"] < best[0]:
+                best = (history[-1]["eval_loss"], step, copying.deepcopy(maps.state_dict()))
 
+    kept = history[-1]
+    if settings.keep == "best":
+        maps.load_state_dict(best[2])
+        kept = next(row for row in history if row["step"] == best[1])
     with torch.no_grad():
         final = builder.transformed(maps, torch.float64, exact=True)
     writer = CheckpointWriter(out, plan_like(copy.checkpoint), copy.checkpoint)
@@ -209,8 +232,10 @@ def learn_into(
             stack or "stream": m.kind
             for stack, m in ((k[len("stream") :], maps[k]) for k in maps if k.startswith("stream"))
         },
+        "keep": settings.keep,
+        "kept_step": kept["step"],
         "before": history[0],
-        "after": history[-1],
+        "after": kept,
         "log": history,
         "memory_estimate_bytes": need,
         "seconds": time.perf_counter() - started,
