@@ -7,6 +7,10 @@
 - `.safetensors` / `.npz`: ready model inputs as tensors with a leading batch axis
   (`input_ids`, `attention_mask`, `token_type_ids`, `pixel_values`, `labels`, ...), so vision
   models work too.
+
+An encoder-decoder's decoder needs its own tokens: `decoder_input_ids` from the file when given,
+else the labels (seq2seq targets) shifted right, else the encoder's `input_ids` shifted right
+(teacher forcing on the source: enough to compare or accumulate the two models' activations).
 """
 
 from __future__ import annotations
@@ -45,7 +49,9 @@ def load_inputs(
             tensors["labels"] = torch.tensor(labels, dtype=torch.long)
     else:
         raise InputError(f"{path}: unknown data format {suffix!r} (use .jsonl, .txt, .safetensors or .npz)")
-    check_inputs(path, tensors, _config(tokenizer_folder))
+    config = _config(tokenizer_folder)
+    check_inputs(path, tensors, config)
+    tensors = with_decoder_inputs(tensors, config)
     if max_samples is not None:
         tensors = {name: t[:max_samples] for name, t in tensors.items()}
     return tensors
@@ -76,7 +82,7 @@ def check_inputs(path: Path, tensors: dict[str, torch.Tensor], config: dict[str,
             if not all_finite(tensor):
                 raise InputError(f"{where} holds NaN or Inf values")
             continue
-        if name == "input_ids":
+        if name in ("input_ids", "decoder_input_ids"):
             _within(tensor, 0, text.get("vocab_size"), where, "token ids", "the vocabulary")
         elif name == "token_type_ids":
             _within(tensor, 0, text.get("type_vocab_size"), where, "token type ids", "type_vocab_size")
@@ -87,6 +93,25 @@ def check_inputs(path: Path, tensors: dict[str, torch.Tensor], config: dict[str,
         classes = _label_count(config)
         kept = labels[labels != IGNORE_LABEL]
         _within(kept, 0, classes, f"{path}: labels", "labels", "the model's classes (or -100 to ignore)")
+
+
+def with_decoder_inputs(tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Add `decoder_input_ids` for an encoder-decoder that has none (see the module doc)."""
+    if not config.get("is_encoder_decoder") or "decoder_input_ids" in tensors:
+        return tensors
+    labels = tensors.get("labels")
+    source = labels if labels is not None and labels.dim() == 2 and not labels.is_floating_point() else None
+    if source is None:
+        source = tensors.get("input_ids")
+    if source is None:
+        return tensors
+    pad = config.get("pad_token_id")
+    start = config.get("decoder_start_token_id")
+    start = start if isinstance(start, int) else pad if isinstance(pad, int) else 0
+    shifted = torch.full_like(source, start)
+    shifted[:, 1:] = source[:, :-1]
+    shifted[shifted == IGNORE_LABEL] = pad if isinstance(pad, int) else 0
+    return {**tensors, "decoder_input_ids": shifted}
 
 
 def _within(values: torch.Tensor, low: int, high: Any, where: str, what: str, range_name: str) -> None:
@@ -104,11 +129,11 @@ def _within(values: torch.Tensor, low: int, high: Any, where: str, what: str, ra
 def _label_count(config: dict[str, Any]) -> int | None:
     """How many classes the head scores: the vocabulary for a language model, the labels of a
     classifier; None where labels are not class indices (regression, multi-label) or unknown."""
-    from rotfuse.eval.runtime import CAUSAL_SUFFIXES
+    from rotfuse.eval.runtime import language_model_kind
 
-    architectures = [a for a in config.get("architectures") or () if isinstance(a, str)]
-    if any(a.endswith(CAUSAL_SUFFIXES) for a in architectures):
-        return config.get("vocab_size")
+    if language_model_kind(config) is not None:
+        text = config.get("text_config")
+        return config.get("vocab_size") or (text.get("vocab_size") if isinstance(text, dict) else None)
     if config.get("problem_type") in ("regression", "multi_label_classification"):
         return None
     id2label = config.get("id2label")

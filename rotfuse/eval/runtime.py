@@ -26,6 +26,18 @@ CLASSIFIER_SUFFIXES = (
     "ForTokenClassification",
     "ForAudioClassification",
 )
+GENERATION_SUFFIXES = ("ForConditionalGeneration", "ForSeq2SeqLM")  # seq2seq, or a multimodal causal LM
+
+
+def language_model_kind(config: dict[str, Any]) -> str | None:
+    """'causal' (labels are the next tokens: shifted), 'seq2seq' (labels are the decoder's own
+    targets, position by position), or None (not a language model)."""
+    architectures = [a for a in config.get("architectures") or () if isinstance(a, str)]
+    if any(a.endswith(CAUSAL_SUFFIXES) for a in architectures):
+        return "causal"
+    if any(a.endswith(GENERATION_SUFFIXES) for a in architectures):
+        return "seq2seq" if config.get("is_encoder_decoder") else "causal"  # Gemma 3 with images: causal
+    return None
 
 
 def offline() -> None:

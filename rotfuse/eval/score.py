@@ -29,7 +29,7 @@ import torch
 
 from rotfuse.core.errors import InputError
 from rotfuse.eval.data import batches
-from rotfuse.eval.runtime import CAUSAL_SUFFIXES, CLASSIFIER_SUFFIXES, forward
+from rotfuse.eval.runtime import CLASSIFIER_SUFFIXES, forward, language_model_kind
 
 IGNORE = -100  # transformers' label for "no target here"
 # label sources, as reported in results
@@ -50,8 +50,14 @@ def loss_spec(config: dict[str, Any], inputs: dict[str, torch.Tensor], where: st
     """The loss this model and data support (see the module doc); refuses a model without a head."""
     architectures = tuple(config.get("architectures") or ())
     kind = ", ".join(architectures) or config.get("model_type", "this model")
-    if any(name.endswith(CAUSAL_SUFFIXES) for name in architectures):
+    language = language_model_kind(config)
+    if language == "causal":
         return LossSpec(LABELS_FROM_DATA if "labels" in inputs else LABELS_NEXT_TOKEN, shift=True)
+    if language == "seq2seq" and "labels" not in inputs:
+        raise InputError(
+            f"{where}: {kind} is a sequence-to-sequence model: its loss needs the target token ids as "
+            "'labels' in the data (the decoder reads them shifted right)"
+        )
     if not any("For" in name for name in architectures):  # BertModel, ViTModel: hidden states only
         raise InputError(
             f"{where}: {kind} has no classification or language-model head, so no loss is "

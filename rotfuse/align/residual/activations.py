@@ -6,15 +6,36 @@ output, all in the residual stream's basis), the Pearson correlation of MODEL's 
 ANCHOR's feature j -- for a permutation -- or their cross-covariance normalised per layer -- for
 an orthogonal map (a Procrustes fit of the states). Padding tokens are left out. Two passes over
 the data (moments, then scores) keep memory at one d x d matrix whatever the depth.
+
+An encoder-decoder whose two stacks share one stream map (the shared embedding couples them)
+contributes the encoder's and the decoder's hidden states alike, each under its own mask.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from rotfuse.core.errors import InputError
+
+
+def stream_states(outputs: Any, inputs: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every hidden state on the residual stream with the mask of its real tokens: the model's
+    `hidden_states`, or an encoder-decoder's encoder and decoder states."""
+    found: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for states_key, mask_key in (
+        ("hidden_states", "attention_mask"),
+        ("encoder_hidden_states", "attention_mask"),
+        ("decoder_hidden_states", "decoder_attention_mask"),
+    ):
+        states = getattr(outputs, states_key, None)
+        for state in states or ():
+            mask = inputs.get(mask_key)
+            keep = mask.bool() if mask is not None else torch.ones(state.shape[:2], dtype=torch.bool)
+            found.append((state, keep.to(state.device)))
+    return found
 
 
 def activation_scores(
@@ -35,13 +56,11 @@ def activation_scores(
 
     def states(batch: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         moved = {k: v.to(device) for k, v in batch.items()}
-        mine = forward(model, moved, output_hidden_states=True).hidden_states
-        theirs = forward(anchor, moved, output_hidden_states=True).hidden_states
-        if mine is None or theirs is None or len(mine) != len(theirs):
+        mine = stream_states(forward(model, moved, output_hidden_states=True), moved)
+        theirs = stream_states(forward(anchor, moved, output_hidden_states=True), moved)
+        if not mine or len(mine) != len(theirs):
             raise InputError(f"{model_dir}: the model does not return hidden states to compare")
-        mask = batch.get("attention_mask")
-        keep = (mask.bool() if mask is not None else torch.ones(mine[0].shape[:2], dtype=torch.bool)).to(device)
-        return [(x[keep].double(), y[keep].double()) for x, y in zip(mine, theirs)]
+        return [(x[keep].double(), y[keep].double()) for (x, keep), (y, _) in zip(mine, theirs)]
 
     # pass 1: per-layer means and spreads (or norms)
     count, sums, squares = 0, None, None
