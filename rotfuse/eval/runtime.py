@@ -113,7 +113,45 @@ def example_inputs(config: dict[str, Any], batch: int = 2, seq_len: int = 16, se
         inputs["pixel_values"] = torch.randn(batch, channels, size, size, generator=generator)
     if not inputs:
         raise InputError("cannot build example inputs: config has neither vocab_size nor image_size")
+    block, image_token = image_block(config), _image_token(config)
+    if block and image_token is not None and "input_ids" in inputs and "pixel_values" in inputs:
+        inputs.update(_with_image_block(inputs["input_ids"], block, image_token, int(text["vocab_size"])))
     return inputs
+
+
+def _image_token(config: dict[str, Any]) -> int | None:
+    """The id of the placeholder token an image feature replaces (config keys differ by family)."""
+    value = config.get("image_token_index", config.get("image_token_id"))
+    return None if value is None else int(value)
+
+
+def image_block(config: dict[str, Any]) -> list[int]:
+    """The token ids an image takes in the text of an image-text model whose text holds one
+    placeholder token per image feature (Gemma 3: begin-of-image, `mm_tokens_per_image` image
+    tokens, end-of-image, as its processor lays them out); empty for other models."""
+    count, image_token = config.get("mm_tokens_per_image"), _image_token(config)
+    if count is None or image_token is None:
+        return []
+    ends = [config.get(key) for key in ("boi_token_index", "eoi_token_index")]
+    image = [image_token] * int(count)
+    return ([int(ends[0])] if ends[0] is not None else []) + image + ([int(ends[1])] if ends[1] is not None else [])
+
+
+def _with_image_block(ids: torch.Tensor, block: list[int], image_token: int, vocab: int) -> dict[str, torch.Tensor]:
+    """Each row's text with one image block after its first token (one image per row, as
+    `pixel_values` has one per row), so the image tokens match the image features in number; text
+    tokens equal to the image token are moved off it. `token_type_ids` marks the image tokens (1),
+    as the processor's do."""
+    batch, length = ids.shape
+    text = torch.where(ids == image_token, (image_token + 1) % vocab, ids)
+    tail = max(length - 1 - len(block), 1)  # at least one text token after the image
+    row = torch.tensor(block, dtype=ids.dtype).expand(batch, -1)
+    new = torch.cat([text[:, :1], row, text[:, 1 : 1 + tail]], dim=1)
+    return {
+        "input_ids": new,
+        "attention_mask": torch.ones_like(new),
+        "token_type_ids": (new == image_token).long(),
+    }
 
 
 def accepted_inputs(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
