@@ -102,7 +102,11 @@ def example_inputs(config: dict[str, Any], batch: int = 2, seq_len: int = 16, se
         length = min(seq_len, int(limit))
         inputs["input_ids"] = torch.randint(0, int(text["vocab_size"]), (batch, length), generator=generator)
         inputs["attention_mask"] = torch.ones(batch, length, dtype=torch.long)
-        if text.get("is_encoder_decoder"):  # T5 needs decoder inputs (BART would shift input_ids)
+        if text.get("is_encoder_decoder") and isinstance(text.get("eos_token_id"), int):
+            inputs["input_ids"] = _ending_with(inputs["input_ids"], text["eos_token_id"], int(text["vocab_size"]))
+        # T5 needs decoder inputs (BART would shift input_ids); a sequence classifier pools the decoder's
+        # states at the eos tokens of input_ids, so it gets none and shifts input_ids itself
+        if text.get("is_encoder_decoder") and not _is_sequence_classifier(config):
             decoder_length = max(1, length - 3)  # another length than the encoder's
             inputs["decoder_input_ids"] = torch.randint(
                 0, int(text["vocab_size"]), (batch, decoder_length), generator=generator
@@ -117,6 +121,18 @@ def example_inputs(config: dict[str, Any], batch: int = 2, seq_len: int = 16, se
     if block and image_token is not None and "input_ids" in inputs and "pixel_values" in inputs:
         inputs.update(_with_image_block(inputs["input_ids"], block, image_token, int(text["vocab_size"])))
     return inputs
+
+
+def _ending_with(ids: torch.Tensor, eos: int, vocab: int) -> torch.Tensor:
+    """Each row ending with one eos token and holding no other, as a tokenizer writes an encoder's text:
+    BART's sequence classifier reads the states at the eos tokens, the same number in every row."""
+    ids = torch.where(ids == eos, (eos + 1) % vocab, ids)
+    ids[:, -1] = eos
+    return ids
+
+
+def _is_sequence_classifier(config: dict[str, Any]) -> bool:
+    return any(str(name).endswith("ForSequenceClassification") for name in config.get("architectures") or ())
 
 
 def _image_token(config: dict[str, Any]) -> int | None:

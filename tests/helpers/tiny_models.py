@@ -460,3 +460,7 @@ def _gemma3_mm(**kw: Any) -> Any:
 
 
 TINY["gemma3-mm"] = Tiny(_gemma3_mm, "Gemma3ForConditionalGeneration")
+
+# ---- BART's sequence classifier (tests/archs/test_archs_bart_classifier.py): pools the decoder's last states at
+# the eos tokens of input_ids, then classification_head.dense -> tanh -> out_proj
+TINY["bart-cls"] = Tiny(_config("BartConfig", **_BART, num_labels=3), "BartForSequenceClassification")
