@@ -114,7 +114,11 @@ def example_inputs(config: dict[str, Any], batch: int = 2, seq_len: int = 16, se
         length = min(seq_len, int(limit))
         inputs["input_ids"] = torch.randint(0, int(text["vocab_size"]), (batch, length), generator=generator)
         inputs["attention_mask"] = torch.ones(batch, length, dtype=torch.long)
-        if text.get("is_encoder_decoder"):  # T5 needs decoder inputs (BART would shift input_ids)
+        if text.get("is_encoder_decoder") and isinstance(text.get("eos_token_id"), int):
+            inputs["input_ids"] = _ending_with(inputs["input_ids"], text["eos_token_id"], int(text["vocab_size"]))
+        # T5 needs decoder inputs (BART would shift input_ids); a sequence classifier pools the decoder's
+        # states at the eos tokens of input_ids, so it gets none and shifts input_ids itself
+        if text.get("is_encoder_decoder") and not _is_sequence_classifier(config):
             decoder_length = max(1, length - 3)  # another length than the encoder's
             inputs["decoder_input_ids"] = torch.randint(
                 0, int(text["vocab_size"]), (batch, decoder_length), generator=generator
@@ -125,7 +129,57 @@ def example_inputs(config: dict[str, Any], batch: int = 2, seq_len: int = 16, se
         inputs["pixel_values"] = torch.randn(batch, channels, size, size, generator=generator)
     if not inputs:
         raise InputError("cannot build example inputs: config has neither vocab_size nor image_size")
+    block, image_token = image_block(config), _image_token(config)
+    if block and image_token is not None and "input_ids" in inputs and "pixel_values" in inputs:
+        inputs.update(_with_image_block(inputs["input_ids"], block, image_token, int(text["vocab_size"])))
     return inputs
+
+
+def _ending_with(ids: torch.Tensor, eos: int, vocab: int) -> torch.Tensor:
+    """Each row ending with one eos token and holding no other, as a tokenizer writes an encoder's text:
+    BART's sequence classifier reads the states at the eos tokens, the same number in every row."""
+    ids = torch.where(ids == eos, (eos + 1) % vocab, ids)
+    ids[:, -1] = eos
+    return ids
+
+
+def _is_sequence_classifier(config: dict[str, Any]) -> bool:
+    return any(str(name).endswith("ForSequenceClassification") for name in config.get("architectures") or ())
+
+
+def _image_token(config: dict[str, Any]) -> int | None:
+    """The id of the placeholder token an image feature replaces (config keys differ by family)."""
+    value = config.get("image_token_index", config.get("image_token_id"))
+    return None if value is None else int(value)
+
+
+def image_block(config: dict[str, Any]) -> list[int]:
+    """The token ids an image takes in the text of an image-text model whose text holds one
+    placeholder token per image feature (Gemma 3: begin-of-image, `mm_tokens_per_image` image
+    tokens, end-of-image, as its processor lays them out); empty for other models."""
+    count, image_token = config.get("mm_tokens_per_image"), _image_token(config)
+    if count is None or image_token is None:
+        return []
+    ends = [config.get(key) for key in ("boi_token_index", "eoi_token_index")]
+    image = [image_token] * int(count)
+    return ([int(ends[0])] if ends[0] is not None else []) + image + ([int(ends[1])] if ends[1] is not None else [])
+
+
+def _with_image_block(ids: torch.Tensor, block: list[int], image_token: int, vocab: int) -> dict[str, torch.Tensor]:
+    """Each row's text with one image block after its first token (one image per row, as
+    `pixel_values` has one per row), so the image tokens match the image features in number; text
+    tokens equal to the image token are moved off it. `token_type_ids` marks the image tokens (1),
+    as the processor's do."""
+    batch, length = ids.shape
+    text = torch.where(ids == image_token, (image_token + 1) % vocab, ids)
+    tail = max(length - 1 - len(block), 1)  # at least one text token after the image
+    row = torch.tensor(block, dtype=ids.dtype).expand(batch, -1)
+    new = torch.cat([text[:, :1], row, text[:, 1 : 1 + tail]], dim=1)
+    return {
+        "input_ids": new,
+        "attention_mask": torch.ones_like(new),
+        "token_type_ids": (new == image_token).long(),
+    }
 
 
 def accepted_inputs(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -117,6 +117,7 @@ CASES: dict[str, tuple[str, dict, str, set[str]]] = {
 }
 COVERED_ELSEWHERE = {"roberta", "vit"}  # tests/align/test_match.py
 COVERED_ELSEWHERE |= {"t5", "bart", "mbart"}  # tests/archs/test_archs_encoder_decoder.py
+COVERED_ELSEWHERE |= {"gemma3_mm"}  # tests/archs/test_archs_gemma3_multimodal.py
 
 
 @pytest.fixture(scope="module")

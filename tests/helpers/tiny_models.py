@@ -421,3 +421,46 @@ TINY.update(
         ),
     }
 )
+
+# ---- multimodal Gemma 3 (issue 17; tests/archs/test_archs_gemma3_multimodal.py): Gemma 3's text layer and a
+# SigLIP vision tower of another width (24 vs 20); a 4x4 patch grid pooled to 4 image tokens; image token ids
+# inside the vocabulary, so the embedding of the image block is read too
+_GEMMA3_TEXT = dict(
+    _DECODER,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=6,
+    sliding_window=4,
+    layer_types=["sliding_attention", "full_attention"],
+)
+_SIGLIP = dict(
+    hidden_size=24,
+    intermediate_size=29,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=16,
+    patch_size=4,
+    vision_use_head=False,
+)
+
+
+def _gemma3_mm(**kw: Any) -> Any:
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
+    base = dict(
+        mm_tokens_per_image=4,
+        boi_token_index=57,
+        eoi_token_index=58,
+        image_token_index=59,
+        initializer_range=0.25,
+    )
+    text = Gemma3TextConfig(**{**_GEMMA3_TEXT, **kw.pop("text_config", {})})
+    vision = SiglipVisionConfig(**{**_SIGLIP, **kw.pop("vision_config", {})})
+    return Gemma3Config(text_config=text, vision_config=vision, **{**base, **kw})
+
+
+TINY["gemma3-mm"] = Tiny(_gemma3_mm, "Gemma3ForConditionalGeneration")
+
+# ---- BART's sequence classifier (tests/archs/test_archs_bart_classifier.py): pools the decoder's last states at
+# the eos tokens of input_ids, then classification_head.dense -> tanh -> out_proj
+TINY["bart-cls"] = Tiny(_config("BartConfig", **_BART, num_labels=3), "BartForSequenceClassification")

@@ -78,8 +78,8 @@ def gains_from(model: OpenedModel, source: OpenedModel, sides: StreamSide) -> tu
 
 
 def prepare_residual(anchor: OpenedModel, model: OpenedModel, options: MatchOptions) -> ResidualSetup | None:
-    if RESIDUAL not in options.symmetries:
-        return None
+    if RESIDUAL not in options.symmetries or RESIDUAL in model.bound.disabled:
+        return None  # a spec restriction that switches the map off says why in the report
     from rotfuse.archs.residual import outputs_the_stream, residual_plans
 
     if outputs_the_stream(model.bound, model.checkpoint.config) and not options.allow_stream_output:
