@@ -7,6 +7,7 @@ and so does any QK map under a per-head QK norm (Qwen3)."""
 from __future__ import annotations
 
 import pytest
+from archs.test_archs import CASES as ARCH_CASES
 from helpers.functions import assert_same_function, max_relative_change, save_pair
 from helpers.tiny_models import save_tiny
 
@@ -85,3 +86,13 @@ def test_qk_norm_restriction_names_the_linear_map(tmp_path):
     report = match(model, model, tmp_path / "out", LINEAR)
     text = " ".join(str(note) for note in report.get("notes", [])) + str(report.get("restrictions", ""))
     assert "qk.linear" in text, report.keys()
+
+
+@pytest.mark.parametrize("case", ARCH_CASES)
+def test_every_architecture_keeps_its_function_under_random_linear_maps(tmp_path, case):
+    """Every built-in spec (test_archs.py's cases): a random member of default + linear, where the
+    spec allows it, is an exact symmetry of the real model."""
+    tiny, overrides, _, _ = ARCH_CASES[case]
+    model = save_tiny(tiny, tmp_path / "model", seed=0, **overrides)
+    scramble(model, tmp_path / "scrambled", MatchOptions(symmetries=symmetry_set("default,linear"), device="cpu"), 5)
+    assert_same_function(model, tmp_path / "scrambled")
