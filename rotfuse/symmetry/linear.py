@@ -175,7 +175,7 @@ def solve_linear(
         gr = gr.summed()
     dh = gr.g_left.shape[-1]
     eye = torch.eye(dh, dtype=torch.float64, device=gr.g_left.device).expand(gr.g_left.shape[0], dh, dh)
-    candidates = [eye.clone(), _fit(gr.g_left, gr.c_left, rotary_dim)]
+    candidates = [eye.contiguous(), _fit(gr.g_left, gr.c_left, rotary_dim)]
     right = _fit(gr.g_right, gr.c_right, rotary_dim)
     if bool(torch.isfinite(right).all()) and bool((torch.linalg.matrix_rank(right) == dh).all()):
         candidates.append(inverse_transpose(right))
@@ -184,7 +184,7 @@ def solve_linear(
     before = objective(eye, gr)
     best, best_value = _choose(candidates, gr, max_condition)
 
-    params = tuple(p.clone().requires_grad_(True) for p in project(best, rotary_dim))
+    params = tuple(p.contiguous().clone().requires_grad_(True) for p in project(best, rotary_dim))
     optimiser = torch.optim.LBFGS(
         params, lr=1, max_iter=max_iter, tolerance_grad=1e-14, tolerance_change=1e-16, line_search_fn="strong_wolfe"
     )

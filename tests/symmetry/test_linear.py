@@ -91,3 +91,17 @@ def test_badly_conditioned_maps_are_refused():
     found = solve_linear(s, vo_circuit(anchor), max_condition=1e3)
     assert found.condition <= 1e3
     assert found.objective[1] <= found.objective[0]
+
+
+@pytest.mark.parametrize("rotary_dim", [0, 8])
+def test_refining_the_rotation_and_scale_optimum_goes_strictly_further(rotary_dim):
+    """On unrelated weights the invertible group reaches farther than rotation + scale: the
+    refinement must actually run from that start (a non-contiguous start once stalled it)."""
+    from rotfuse.symmetry.circuit import solve_circuit
+
+    src, anchor = (random_layer(seed, d=64, heads=4, kv_heads=4, head_dim=16).attention for seed in (0, 1))
+    s, a = qk_circuit(src), qk_circuit(anchor)
+    rotated = solve_circuit(s, a, True, True, rotary_dim=rotary_dim)
+    found = solve_linear(s, a, rotary_dim, start=rotated.transform.maps()[0])
+    assert found.iterations > 0
+    assert found.objective[1] < 0.99 * rotated.objective[-1]
