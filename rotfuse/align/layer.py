@@ -25,6 +25,7 @@ from rotfuse.symmetry.experts import (
     random_experts,
 )
 from rotfuse.symmetry.heads import pair_scores, permute_groups
+from rotfuse.symmetry.linear import random_linear, solve_linear
 from rotfuse.symmetry.names import EXPERTS
 from rotfuse.symmetry.permutation import (
     best_assignment,
@@ -124,24 +125,28 @@ def _match_attention(
         results: list[ModuleResult] = []
         for key, (s, a) in circuits.items():
             rotate, scale = f"{key}.rot" in settings.symmetries, f"{key}.scale" in settings.symmetries
+            linear = f"{key}.linear" in settings.symmetries
             start = s if candidate is None else permute_groups(s, candidate)
+            tie = settings.tie_qk_groups and key == "qk"
             solution = solve_circuit(
-                start,
-                a,
-                rotate,
-                scale,
-                rotary_dim=rotary(key),
-                tie_groups=settings.tie_qk_groups and key == "qk",
-                max_rounds=settings.max_rounds,
+                start, a, rotate, scale, rotary_dim=rotary(key), tie_groups=tie, max_rounds=settings.max_rounds
             )
-            moved[key] = solution.transform.apply(start)
+            transform = solution.transform
+            condition = None
+            if linear:  # refines the rotation + scale solution over the whole invertible group
+                first = transform.maps()[0] if transform.rotation is not None else None
+                found = solve_linear(start, a, rotary(key), start=first, tie_groups=tie)
+                transform, condition = CircuitTransform(linear=found.linear), found.condition
+            moved[key] = transform.apply(start)
             after = circuit_sq_distance(moved[key], a)
             applied = (["heads"] if candidate is not None else []) + [
-                n for n, on in (("rot", rotate), ("scale", scale)) if on
+                n for n, on in (("rot", rotate), ("scale", scale), ("linear", linear)) if on
             ]
             result = ModuleResult(f"attn.{key}", math.sqrt(before[key]), math.sqrt(after), applied, solution.rounds)
             if candidate is not None:
                 result.extra["head_permutation"] = candidate.tolist()
+            if condition is not None:
+                result.extra["linear_condition"] = condition
             if after > before[key]:
                 result.after, result.reverted, moved[key] = result.before, True, s
             results.append(result)
@@ -239,6 +244,9 @@ def scramble_layer(src: LayerWeights, settings: LayerSettings, generator: torch.
             if f"{key}.rot" in settings.symmetries
             else None,
             random_scale(count, generator).expand(groups) if f"{key}.scale" in settings.symmetries else None,
+            random_linear(count, dh, rotary_dim, generator).expand(groups, dh, dh)
+            if f"{key}.linear" in settings.symmetries
+            else None,
         )
         circuit = pack(attention) if head_perm is None else permute_groups(pack(attention), head_perm)
         attention = unpack(attention, transform.apply(circuit))

@@ -120,6 +120,15 @@ def stack_features(stack: StackSpec, always: frozenset[str] = frozenset()) -> li
     if scale:
         names = "/".join(role.upper() for role in scale)
         features.append((f"{names} scale", f"{' and '.join(role.upper() for role in scale)} rescaling per head"))
+    linear = [role.upper() for role in ("qk", "vo") if f"{role}.linear" not in always]
+    if linear:
+        rope = " (QK: a scaled rotation per RoPE pair)" if stack.rope is not None and "QK" in linear else ""
+        features.append(
+            (
+                f"{'/'.join(linear)} linear (opt-in)",
+                f"{' and '.join(linear)} general invertible map per head{rope}, opt-in (-s default,linear)",
+            )
+        )
     if stack.residual and stack.residual.stream:  # a stack on other stacks' streams (cross-attention)
         others = sorted({stack.residual.stream, *stack.residual.role_streams.values()})
         features.append(

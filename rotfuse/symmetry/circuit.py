@@ -22,22 +22,35 @@ from rotfuse.symmetry.weights import Blocks, Circuit, batched
 
 @dataclass
 class CircuitTransform:
-    """`left <- scale * R^T left`, `right <- R^T right / scale`, per group. None means identity."""
+    """`left <- B scale R^T left`, `right <- B^-T R^T right / scale`, per group. None means
+    identity; B is a general invertible map (symmetry/linear.py), applied after the rotation."""
 
     rotation: torch.Tensor | None = None  # [G, dh, dh] float64
     scale: torch.Tensor | None = None  # [G] float64
+    linear: torch.Tensor | None = None  # [G, dh, dh] float64
+
+    def maps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `[G, dh, dh]` left and right maps of the whole transform, float64."""
+        assert self.rotation is not None or self.linear is not None
+        ref = self.rotation if self.rotation is not None else self.linear
+        assert ref is not None
+        eye = torch.eye(ref.shape[-1], dtype=torch.float64, device=ref.device).expand_as(ref)
+        rt = self.rotation.transpose(1, 2) if self.rotation is not None else eye
+        a = self.scale[:, None, None] if self.scale is not None else torch.ones_like(rt[:, :1, :1])
+        left, right = rt * a, rt / a
+        if self.linear is not None:
+            left, right = self.linear @ left, torch.linalg.inv(self.linear).transpose(1, 2) @ right
+        return left, right
 
     def apply(self, circuit: Circuit) -> Circuit:
-        if self.rotation is None and self.scale is None:
+        if self.rotation is None and self.scale is None and self.linear is None:
             return circuit
-        if self.rotation is None:  # a scale alone: [G, 1, 1] maps
+        if self.rotation is None and self.linear is None:  # a scale alone: [G, 1, 1] maps
             assert self.scale is not None
             as_left = self.scale[:, None, None]
             as_right = 1.0 / as_left
         else:  # the scale folded into the small [G, dh, dh] maps: one pass over each big tensor
-            rt = self.rotation.transpose(1, 2)
-            a = self.scale[:, None, None] if self.scale is not None else torch.ones_like(rt[:, :1, :1])
-            as_left, as_right = rt * a, rt / a
+            as_left, as_right = self.maps()
         return Circuit(
             tuple(_mapped(as_left, b) for b in circuit.left), tuple(_mapped(as_right, b) for b in circuit.right)
         )

@@ -212,7 +212,8 @@ def test_archs_json_lists_every_architecture_with_its_group(cli):
     assert "pos_key_proj" in rows["deberta-v2"]["summary"]
     assert [s["name"] for s in rows["clip"]["stacks"]] == ["text", "vision"]
     bert = rows["bert"]["restrictions"][0]
-    assert bert["disable"] == ["qk.rot", "qk.scale"] and "relative_key" in bert["when_text"] and bert["reason"]
+    assert bert["disable"] == ["qk.linear", "qk.rot", "qk.scale"]
+    assert "relative_key" in bert["when_text"] and bert["reason"]
     assert "RoPE" not in rows["bert"]["summary"]
 
 
@@ -224,7 +225,7 @@ def test_archs_describes_a_new_spec_from_its_yaml(tmp_path):
     )
     row = describe_spec(load_spec_file(path))
     assert "QK rot (RoPE-commuting, partial rotary)" in row["summary"] and "GQA" in row["summary"]
-    assert row["restrictions"][0]["disable"] == ["qk.rot", "qk.scale"]  # inherited from bert
+    assert row["restrictions"][0]["disable"] == ["qk.linear", "qk.rot", "qk.scale"]  # inherited from bert
 
 
 def test_archs_spec_dir_json_parses(cli):

@@ -56,9 +56,14 @@ class _Collect:
 
 
 def _circuit(
-    circuit: Circuit, heads: torch.Tensor | None, rotation: torch.Tensor | None, scale: torch.Tensor | None
+    circuit: Circuit,
+    heads: torch.Tensor | None,
+    rotation: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    linear: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Circuit:
-    """Head permutation (groups axis), then `left <- a R^T left`, `right <- R^T right / a`."""
+    """Head permutation (groups axis), then `left <- a R^T left`, `right <- R^T right / a`, then
+    `left <- B left`, `right <- B^-T right` (`linear` = (B, B^-T))."""
 
     def side(blocks: tuple[torch.Tensor, ...], power: int) -> tuple[torch.Tensor, ...]:
         out = []
@@ -69,6 +74,8 @@ def _circuit(
                 block = torch.einsum("gji,ghjn->ghin", rotation.to(block.dtype), block)
             if scale is not None:
                 block = block * (scale.to(block.dtype) ** power)[:, None, None, None]
+            if linear is not None:
+                block = torch.einsum("gij,ghjn->ghin", linear[0 if power > 0 else 1].to(block.dtype), block)
             out.append(block)
         return tuple(out)
 
@@ -78,8 +85,8 @@ def _circuit(
 def apply_layer(maps: LayerMaps, weights: LayerWeights, exact: bool) -> LayerWeights:
     att = weights.attention
     heads = maps.head_permutation(exact)
-    att = with_qk(att, _circuit(qk_circuit(att), heads, maps.rotation("qk"), maps.scale("qk")))
-    att = with_vo(att, _circuit(vo_circuit(att), heads, maps.rotation("vo"), maps.scale("vo")))
+    att = with_qk(att, _circuit(qk_circuit(att), heads, maps.rotation("qk"), maps.scale("qk"), maps.linear("qk")))
+    att = with_vo(att, _circuit(vo_circuit(att), heads, maps.rotation("vo"), maps.scale("vo"), maps.linear("vo")))
     ffn = weights.ffn
     q = maps.ffn_permutation(exact)
     if q is not None and ffn is not None:  # (an attention-only stack has no FFN)

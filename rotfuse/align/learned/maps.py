@@ -5,6 +5,9 @@ Every map starts at the identity: learning refines the matched copy, whose maps 
   H diag(1, R) H (`ones_frame`); RoPE QK maps are one angle per frequency pair (plus a full block on
   non-rotary coordinates);
 - per-head scales: a = exp(log a);
+- general invertible per-head maps (qk.linear, vo.linear): B = exp(X), X any matrix, so B^-1 =
+  exp(-X) exactly and B is always invertible; RoPE QK maps are r e^{i angle} per frequency pair
+  (log r and the angle learned) plus exp(X) on non-rotary coordinates;
 - permutations (FFN neurons, heads, the post-LN stream): straight-through estimator -- the forward
   uses the hard permutation maximising <P, M> for a relaxed real matrix M, the gradient goes to M.
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from rotfuse.symmetry.linear import rotary_map
 from rotfuse.symmetry.permutation import best_assignment
 from rotfuse.symmetry.residual import ones_frame
 
@@ -93,6 +97,10 @@ class LayerMaps(torch.nn.Module):
         self.vo_rot = torch.nn.Parameter(torch.zeros(groups, head_dim, head_dim, dtype=double))
         self.qk_log_scale = torch.nn.Parameter(torch.zeros(groups, dtype=double))
         self.vo_log_scale = torch.nn.Parameter(torch.zeros(groups, dtype=double))
+        self.qk_linear_log_r = torch.nn.Parameter(torch.zeros(groups, rotary_dim // 2, dtype=double))
+        self.qk_linear_angles = torch.nn.Parameter(torch.zeros(groups, rotary_dim // 2, dtype=double))
+        self.qk_linear = torch.nn.Parameter(torch.zeros(groups, tail, tail, dtype=double)) if tail else None
+        self.vo_linear = torch.nn.Parameter(torch.zeros(groups, head_dim, head_dim, dtype=double))
         self.heads = torch.nn.Parameter(torch.eye(groups, dtype=double)) if groups > 1 else None
         self.ffn = torch.nn.Parameter(torch.eye(ffn_width, dtype=double))
 
@@ -113,6 +121,23 @@ class LayerMaps(torch.nn.Module):
         if not self.on(f"{circuit}.scale"):
             return None
         return torch.exp(self.qk_log_scale if circuit == "qk" else self.vo_log_scale)
+
+    def linear(self, circuit: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(B, B^-T) for `left <- B left`, `right <- B^-T right`, or None when off."""
+        if not self.on(f"{circuit}.linear"):
+            return None
+        if circuit == "vo" or not self.rotary_dim:
+            x = self.vo_linear if circuit == "vo" else self.qk_linear
+            assert x is not None
+            return torch.matrix_exp(x), torch.matrix_exp(-x.transpose(-1, -2))
+        r, c, s = torch.exp(self.qk_linear_log_r), torch.cos(self.qk_linear_angles), torch.sin(self.qk_linear_angles)
+        x = self.qk_linear
+        tails = (None, None) if x is None else (torch.matrix_exp(x), torch.matrix_exp(-x.transpose(-1, -2)))
+        # B^-T of r e^{i angle} on a plane is e^{i angle} / r
+        return (
+            rotary_map(r * c, r * s, tails[0], self.head_dim),
+            rotary_map(c / r, s / r, tails[1], self.head_dim),
+        )
 
     def head_permutation(self, exact: bool) -> torch.Tensor | None:
         if self.heads is None or not self.on("heads.perm"):
