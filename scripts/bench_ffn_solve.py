@@ -25,14 +25,24 @@ import torch
 from rotfuse.symmetry import permutation
 from rotfuse.symmetry.permutation import (
     SPARSE_MIN_SIZE,
+    best_assignment,
     bounded_row_bests,
     certified_sparse_assignment,
     fast_bfloat16_gemm,
     filtered_row_bests,
+    prefix_may_settle,
     solve_permutation,
 )
 
 WORKERS = 2
+
+
+def float32_path(src: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """The path unrelated rows took before the bfloat16 sparse solve: every prefix pass and the
+    filter give up, then the float32 score GEMM and `best_assignment` (sparse, or dense Hungarian)."""
+    assert bounded_row_bests(src, anchor) is None
+    assert not fast_bfloat16_gemm(anchor.device) or filtered_row_bests(src, anchor) is None
+    return best_assignment(src @ anchor.T)
 
 
 def per_solve_seconds(job, cases: list[torch.Tensor], anchor: torch.Tensor) -> float:
@@ -67,29 +77,36 @@ def main() -> None:
     print(f"| - | float32 score GEMM alone (baseline) | {gemm:.2f} | 1.00 |")
     for name, noise in cases.items():
         sources = [relative(noise) for _ in range(WORKERS)] * args.repeat
-        if bounded_row_bests(sources[0], anchor) is not None:
+        if prefix_may_settle(sources[0], anchor) and bounded_row_bests(sources[0], anchor) is not None:
             path = "prefix bounds"
         elif fast_bfloat16_gemm(anchor.device) and filtered_row_bests(sources[0], anchor) is not None:
             path = "bfloat16 filter"
         elif torch.unique((sources[0] @ anchor.T).argmax(dim=1)).numel() == args.neurons:
             path = "float32 GEMM + certificate"
+        elif fast_bfloat16_gemm(anchor.device) and args.neurons >= SPARSE_MIN_SIZE:
+            path = "bfloat16 GEMM + sparse solve + LP-duality certificate"
         elif args.neurons >= SPARSE_MIN_SIZE and certified_sparse_assignment(sources[0] @ anchor.T) is not None:
             path = "float32 GEMM + sparse solve + LP-duality certificate"
         else:
             path = "float32 GEMM + Hungarian"
         seconds = per_solve_seconds(solve_permutation, sources, anchor)
         print(f"| {name} | {path} | {seconds:.2f} | {seconds / gemm:.2f} |")
-        if path.startswith("float32 GEMM + sparse"):
-            # the path it replaces, same run: the sparse solve switched off (best_assignment looks it up per call)
+        if "sparse" in path:
+            # the paths it replaces, same run (best_assignment looks the sparse solve up per call)
+            first = seconds
+            if path.startswith("bfloat16"):
+                old = per_solve_seconds(float32_path, sources, anchor)
+                print(f"| {name}, previous | float32 GEMM + sparse solve | {old:.2f} | {old / gemm:.2f} |")
             permutation.certified_sparse_assignment = lambda scores, candidates=0: None
             try:
                 dense = sources[:WORKERS] if args.neurons > 3000 else sources  # one O(n^3) solve per worker
-                old = per_solve_seconds(solve_permutation, dense, anchor)
-                seconds = per_solve_seconds(solve_permutation, sources, anchor)  # again, after: drift shows
+                old = per_solve_seconds(float32_path, dense, anchor)
             finally:
                 permutation.certified_sparse_assignment = certified_sparse_assignment
+            seconds = per_solve_seconds(solve_permutation, sources, anchor)  # again, after: drift shows
             print(f"| {name}, sparse off | float32 GEMM + Hungarian | {old:.2f} | {old / gemm:.2f} |")
             print(f"| {name}, again | {path} | {seconds:.2f} | {seconds / gemm:.2f} |")
+            print(f"{name}: Hungarian / this path = {old / min(first, seconds):.2f}")
         if path == "bfloat16 filter":
             permutation.fast_bfloat16_gemm = lambda device: False  # solve_permutation looks it up per call
             try:
