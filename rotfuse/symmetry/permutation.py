@@ -33,6 +33,8 @@ SPARSE_CANDIDATES = 32  # per row: the candidate graph the sparse solve starts f
 SPARSE_ROUNDS = 8  # certificate checks (each adding the edges it found violated) before the dense solve
 SPARSE_MIN_SIZE = 1024  # below it the dense Hungarian takes well under a second: not worth a risk of rounds
 PROBE_ROWS = 256  # rows whose first prefix pass decides whether the passes are worth running
+EXACT_BYTES = 2**28  # float64 rows the exact re-scoring holds at once, whatever the size (both sides)
+EXACT_SRC_SHARE = 8  # 1/8 of them source rows, the rest anchor rows (each converted once per call)
 INT_LIMIT = 2**62  # integer potentials, path sums and dual sums stay below it (int64)
 
 
@@ -88,20 +90,37 @@ class RoundedScores:
         gamma = 1.01 * width * FP32_UNIT
         assert gamma < 0.01, "rows too wide for the float32 accumulation bound"
         up = 1 + 4 * width * FP32_UNIT + 2.0**-20  # norms summed in float32: rounded up past their error
-        src_hi, anchor_hi = src.bfloat16(), anchor.bfloat16()
-
-        def norms(full: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            return hi.float().norm(dim=1) * up, (full - hi.float()).norm(dim=1) * up, full.norm(dim=1) * up
-
-        x_hi, x_lo, _ = norms(src, src_hi)
-        y_hi, y_lo, y = norms(anchor, anchor_hi)
-        return cls(src_hi @ anchor_hi.T, torch.stack([x_hi, x_lo, x_hi], 1), torch.stack([y_lo, y, gamma * y_hi]))
+        anchor_hi = anchor.bfloat16()  # whole: every block of the GEMM reads it
+        approx = src.new_empty(len(src), len(anchor), dtype=torch.bfloat16)
+        x_hi, x_lo, y_hi, y_lo, y = (src.new_empty(len(rows)) for rows in (src, src, anchor, anchor, anchor))
+        for start in range(0, max(len(src), len(anchor)), ROW_BLOCK):  # float32 temporaries of a block
+            block = slice(start, start + ROW_BLOCK)
+            if start < len(src):
+                src_hi = _residual_norms(src[block], x_hi[block], x_lo[block])
+                torch.mm(src_hi, anchor_hi.T, out=approx[block])
+            if start < len(anchor):
+                _residual_norms(anchor[block], y_hi[block], y_lo[block], anchor_hi[block])
+                torch.linalg.vector_norm(anchor[block], dim=1, out=y[block])
+        x_hi, x_lo, y_hi, y_lo, y = (norm.mul_(up) for norm in (x_hi, x_lo, y_hi, y_lo, y))
+        return cls(approx, torch.stack([x_hi, x_lo, x_hi], 1), torch.stack([y_lo, y, gamma * y_hi]))
 
     def upper(self, block: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """The float32 scores of rows `block` and their error bound (rounded up, float32)."""
         scores = self.approx[block].float()
         error = torch.addmm(scores.abs(), self.left[block], self.right, alpha=1 + 2.0**-10, beta=BF16_UNIT * 1.01)
         return scores, error.add_(2.0**-100)
+
+
+def _residual_norms(
+    full: torch.Tensor, hi_norm: torch.Tensor, lo_norm: torch.Tensor, hi: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Rows `full` rounded to bfloat16 (`hi`, if not given), the norms of those and of the residual
+    full - hi (float32, written to `hi_norm` and `lo_norm`, not yet rounded up)."""
+    hi = full.bfloat16() if hi is None else hi
+    wide = hi.float()
+    torch.linalg.vector_norm(wide, dim=1, out=hi_norm)
+    torch.linalg.vector_norm(wide.sub_(full), dim=1, out=lo_norm)  # |hi - full|: the same norm
+    return hi
 
 
 def fast_bfloat16_gemm(device: torch.device) -> bool:
@@ -347,7 +366,7 @@ class _RowScores:
     src: torch.Tensor
     anchor: torch.Tensor
     rounded: RoundedScores
-    _double: tuple[torch.Tensor, torch.Tensor] | None = None
+    _exact: _ExactScores | None = None
 
     def top(self, k: int) -> np.ndarray:
         n = len(self.src)
@@ -356,17 +375,9 @@ class _RowScores:
         return (torch.arange(n).repeat_interleave(k) * n + torch.cat(picks).flatten()).numpy()
 
     def values(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        n = len(self.src)
-        crow = torch.from_numpy(np.searchsorted(rows, np.arange(n + 1)))
-        zeros = torch.zeros(len(cols), dtype=torch.float64)
-        with warnings.catch_warnings():  # "sparse CSR support is in beta": sampled_addmm is all it uses
-            warnings.simplefilter("ignore", UserWarning)
-            mask = torch.sparse_csr_tensor(crow, torch.from_numpy(cols), zeros, (n, n), check_invariants=False)
-        if self._double is None:  # once per solve: every round scores a few entries
-            self._double = self.src.double(), self.anchor.double()
-        src, anchor = self._double
-        exact = torch.sparse.sampled_addmm(mask, src, anchor.T, beta=0.0)
-        return exact.values().float().numpy()
+        if self._exact is None:  # once per solve: its float64 buffers serve every round
+            self._exact = _ExactScores(self.src, self.anchor)
+        return self._exact(rows, cols)
 
     def violations(self, u: np.ndarray, v: np.ndarray, scale: int, most: int) -> np.ndarray:
         n = len(self.src)
@@ -395,6 +406,61 @@ class _RowScores:
         rank = np.arange(len(order)) - np.searchsorted(rows[order], rows[order])
         keep = order[rank < most]
         return rows[keep] * n + cols[keep]
+
+
+class _ExactScores:
+    """Float64 inner products of float32 source and anchor rows at sampled entries, rounded to
+    float32, holding at most EXACT_BYTES of float64 rows: a tile of anchor rows (converted once per
+    call) and a block of source rows (converted per tile that needs them), never whole copies.
+
+    Each entry is `sampled_addmm`'s float64 dot product of the two rows, whatever block they are
+    read from: the values are bit-identical to one call on whole float64 copies."""
+
+    def __init__(self, src: torch.Tensor, anchor: torch.Tensor) -> None:
+        self.src, self.anchor = src, anchor
+        held = max(2, EXACT_BYTES // (8 * max(1, src.shape[1])))  # float64 rows, both sides together
+        self.block = max(1, min(len(src), held // EXACT_SRC_SHARE))
+        self.tile = max(1, min(len(anchor), held - self.block))
+        self._src64 = torch.empty(self.block, src.shape[1], dtype=torch.float64)
+        self._anchor64 = torch.empty(self.tile, anchor.shape[1], dtype=torch.float64)
+        self._held_tile = -1  # the anchor tile `_anchor64` holds
+
+    def __call__(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """The scores at (rows, cols), `rows` sorted."""
+        out = np.empty(len(rows), dtype=np.float32)
+        tile_of = cols // self.tile
+        order = np.argsort(tile_of, kind="stable")  # by tile, rows still sorted within each
+        tiles = np.searchsorted(tile_of[order], np.arange(-(-len(self.anchor) // self.tile) + 1))
+        for tile in sorted(range(len(tiles) - 1), key=lambda t: t != self._held_tile):  # the held one first
+            at = order[tiles[tile] : tiles[tile + 1]]
+            if not len(at):
+                continue
+            first = tile * self.tile
+            if tile != self._held_tile:
+                part = self.anchor[first : first + self.tile]
+                self._anchor64[: len(part)].copy_(part)
+                self._held_tile = tile
+            anchor64 = self._anchor64[: min(self.tile, len(self.anchor) - first)]
+            tile_rows, tile_cols = rows[at], cols[at] - first
+            blocks, starts = np.unique(tile_rows // self.block, return_index=True)
+            ends = np.r_[starts[1:], len(at)]
+            for block, start, end in zip(blocks.tolist(), starts.tolist(), ends.tolist()):
+                top = block * self.block
+                part = self.src[top : top + self.block]
+                src64 = self._src64[: len(part)].copy_(part)
+                out[at[start:end]] = _sampled_dots(src64, anchor64, tile_rows[start:end] - top, tile_cols[start:end])
+        return out
+
+
+def _sampled_dots(src: torch.Tensor, anchor: torch.Tensor, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """`src[rows[e]] . anchor[cols[e]]` (float64 rows, `rows` sorted), rounded to float32."""
+    crow = torch.from_numpy(np.searchsorted(rows, np.arange(len(src) + 1)))
+    zeros = torch.zeros(len(cols), dtype=torch.float64)
+    shape = (len(src), len(anchor))
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": sampled_addmm is all it uses
+        warnings.simplefilter("ignore", UserWarning)
+        mask = torch.sparse_csr_tensor(crow, torch.from_numpy(cols), zeros, shape, check_invariants=False)
+    return torch.sparse.sampled_addmm(mask, src, anchor.T, beta=0.0).values().float().numpy()
 
 
 def _certified_sparse(source: _ScoreSource, n: int, candidates: int) -> torch.Tensor | None:

@@ -106,3 +106,53 @@ def test_prefix_probe_tells_related_from_unrelated_rows():
     assert prefix_may_settle(anchor[torch.randperm(n)], anchor)
     assert prefix_may_settle(related * 0 + anchor.flip(0), anchor)
     assert not prefix_may_settle(*_rows("unrelated", n, 256, 5))
+
+
+def _whole_float64_values(src: torch.Tensor, anchor: torch.Tensor, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """The scores as the row path read them before it worked in blocks: one `sampled_addmm` on
+    whole float64 copies of both sides."""
+    n = len(src)
+    crow = torch.from_numpy(np.searchsorted(rows, np.arange(n + 1)))
+    zeros = torch.zeros(len(cols), dtype=torch.float64)
+    mask = torch.sparse_csr_tensor(crow, torch.from_numpy(cols), zeros, (n, len(anchor)), check_invariants=False)
+    return torch.sparse.sampled_addmm(mask, src.double(), anchor.double().T, beta=0.0).values().float().numpy()
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_exact_scores_in_small_blocks_are_bit_identical(monkeypatch):
+    """Blocks of 10 source rows and tiles of 70 anchor rows (300 of each): the same float32 bits as
+    whole float64 copies, and the same permutation as with one block, on scores read in many tiles."""
+    n, width = 300, 64
+    src, anchor = _rows("scaled", n, width, 6)
+    rounded = RoundedScores.of(src, anchor)
+    g = np.random.default_rng(0)
+    key = np.unique(g.integers(0, n * n, 20 * n))
+    rows, cols = key // n, key % n
+    whole = _whole_float64_values(src, anchor, rows, cols)
+    perm_whole = _certified_sparse(_RowScores(src, anchor, rounded), n, 8)
+
+    monkeypatch.setattr(permutation, "EXACT_BYTES", 8 * width * 80)
+    exact = permutation._ExactScores(src, anchor)
+    assert (exact.block, exact.tile) == (10, 70)
+    assert exact._src64.numel() + exact._anchor64.numel() <= 80 * width
+    assert np.array_equal(exact(rows, cols).view(np.int32), whole.view(np.int32))
+    assert np.array_equal(exact(rows[::7], cols[::7]).view(np.int32), whole[::7].view(np.int32))  # tiles reused
+    blocked = _RowScores(src, anchor, rounded)
+    perm = _certified_sparse(blocked, n, 8)
+    assert blocked._exact is not None and blocked._exact.tile == 70
+    assert perm is not None and perm_whole is not None and torch.equal(perm, perm_whole)
+    scores = _exact(src, anchor)
+    assert _total(scores, perm) == _optimum(scores)
+
+
+@pytest.mark.parametrize("kind", ["unrelated", "scaled"])
+def test_rounded_scores_in_row_blocks_keep_their_norms_and_bound(monkeypatch, kind):
+    """Blocks of 37 rows (bfloat16 rows and float32 residuals of one block at a time): the norms are
+    bit-identical to one block's, and the bound holds on every entry."""
+    src, anchor = _rows(kind, 200, 300, 7)
+    whole = RoundedScores.of(src, anchor)
+    monkeypatch.setattr(permutation, "ROW_BLOCK", 37)
+    blocked = RoundedScores.of(src, anchor)
+    assert torch.equal(blocked.left, whole.left) and torch.equal(blocked.right, whole.right)
+    scores, error = blocked.upper(slice(0, 200))
+    assert bool(((scores.double() - src.double() @ anchor.double().T).abs() <= error.double()).all())
