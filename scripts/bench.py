@@ -11,6 +11,9 @@ in one run, each as its own process so peak RSS is per command:
   io-floor           read both checkpoints fully and write one, with plain safetensors calls
   match-attn         rotfuse match --symmetries rot,scale
   match-all          rotfuse match (FFN permutation too), with per-stage seconds from its report
+  match-unrelated    match-all on A and U, a model of its own initialisation (no shared base): the
+                     FFN assignment takes the sparse solve (LP-duality certificate) instead of the
+                     row-best certificate
   merge-simple       rotfuse merge --method simple (when the command exists)
   mergekit-linear    mergekit-yaml linear merge of the same pair (when mergekit is installed)
   merge-ties         rotfuse merge --method ties --density 0.2: B and C (a second fine-tune, A plus
@@ -68,6 +71,14 @@ SIZES = {  # hidden, layers, heads, kv heads, ffn width, vocab
         intermediate_size=5632,
         vocab_size=32000,
     ),
+    "7b": dict(  # LLaMA-7B's layer dimensions; 2 of its 32 layers (2.7 GB a pair), full depth extrapolated
+        hidden_size=4096,
+        num_hidden_layers=2,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        intermediate_size=11008,
+        vocab_size=32000,
+    ),
     "tiny": dict(
         hidden_size=128,
         num_hidden_layers=4,
@@ -77,12 +88,14 @@ SIZES = {  # hidden, layers, heads, kv heads, ffn width, vocab
         vocab_size=1000,
     ),
 }
+FULL_DEPTH = {"7b": 32}  # sizes benchmarked shallower than the model they stand for
 SHARD_BYTES = 500 * 1024 * 1024
 STAGES = (
     "startup",
     "io-floor",
     "match-attn",
     "match-all",
+    "match-unrelated",
     "merge-simple",
     "mergekit-linear",
     "merge-ties",
@@ -331,6 +344,13 @@ def bench_size(size: str, root: Path, keep: bool, repeat: int, stages: frozenset
         rotfuse("match", str(a), str(b), "-o", str(work), "--json", "-q", "--device", "cpu", *no_fsync),
         detail_from_json=True,
     )
+    if "match-unrelated" in stages:
+        unrelated = generate(root / f"{size}-u", dims, base_seed=1, noise_seed=None)
+        stage(
+            "match-unrelated",
+            rotfuse("match", str(a), str(unrelated), "-o", str(work), "--json", "-q", "--device", "cpu", *no_fsync),
+            detail_from_json=True,
+        )
     # world size 2 against world size 1 (match-all, the same run): speed-up, and the largest peak RSS
     # of one process (the launcher's wait4 gives the biggest of the tree, the torchrun agent included)
     stage(
@@ -351,7 +371,7 @@ def bench_size(size: str, root: Path, keep: bool, repeat: int, stages: frozenset
             f"  - model: {a}\n    parameters: {{weight: 0.5}}\n  - model: {b}\n    parameters: {{weight: 0.5}}\n"
         )
         stage("mergekit-linear", [mergekit, str(config), str(work), "--lazy-unpickle", "--out-shard-size", "500M"])
-    folders = [a, b]
+    folders = [a, b] + ([root / f"{size}-u"] if "match-unrelated" in stages else [])
     if stages & set(TASK_VECTOR_STAGES):  # A as the base of B and of C, a second fine-tune of it
         c = generate(root / f"{size}-c", dims, base_seed=0, noise_seed=2)
         folders.append(c)
@@ -418,6 +438,10 @@ def bench_size(size: str, root: Path, keep: bool, repeat: int, stages: frozenset
         if row.stage.endswith("-ws2") and single is not None:
             row.detail["speedup_vs_ws1"] = round(single.seconds / row.seconds, 2)
             row.detail["rss_vs_ws1"] = round(row.peak_rss_mib / single.peak_rss_mib, 2)
+    if size in FULL_DEPTH:  # proportional to depth: embeddings and head counted per layer too (an upper bound)
+        for row in rows:
+            row.detail["per_layer_s"] = round(row.seconds / dims["num_hidden_layers"], 2)
+            row.detail["full_depth_s"] = round(row.seconds * FULL_DEPTH[size] / dims["num_hidden_layers"], 1)
     floors = {kind: next((r for r in rows if r.stage == "io-floor" + kind), None) for kind in ("", FLUSHED)}
     for row in rows:
         floor = floors[FLUSHED if row.stage.endswith(FLUSHED) else ""]
@@ -451,6 +475,11 @@ def markdown(rows: list[Row]) -> str:
             note += (
                 f"{sep}RSS vs {shallow}: {r.peak_rss_mib / by_size[r.size][shallow].peak_rss_mib:.2f}x "
                 "(twice the floor's bytes)"
+            )
+        if "full_depth_s" in r.detail:
+            note += (
+                f"{'; ' if note else ''}{r.detail['per_layer_s']:.2f} s per layer, "
+                f"{r.detail['full_depth_s']:.0f} s at {FULL_DEPTH[r.size]} layers (extrapolated)"
             )
         if "speedup_vs_ws1" in r.detail:
             note += (

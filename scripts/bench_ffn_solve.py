@@ -11,12 +11,17 @@ and so is the float32 score GEMM alone; the table gives seconds per solve and th
 GEMM. Which path settled each case is printed too: the ratios say nothing without it. Where the
 bfloat16 filter settles a case, the same case is solved again with it switched off; where the
 sparse solve does (unrelated rows), the same case is solved with it off (the dense Hungarian) and
-then with it on again, so that a drift of the machine's speed shows.
+then with it on again, so that a drift of the machine's speed shows; the bfloat16 sparse path is
+also timed holding whole float64 copies of both sides (as it did before it worked in EXACT_BYTES
+blocks). `--peak-rss` adds, per path, the peak memory one solve of unrelated rows adds to its
+inputs, each in a process of its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,15 +29,31 @@ import torch
 
 from rotfuse.symmetry import permutation
 from rotfuse.symmetry.permutation import (
+    EXACT_BYTES,
     SPARSE_MIN_SIZE,
+    best_assignment,
     bounded_row_bests,
     certified_sparse_assignment,
     fast_bfloat16_gemm,
     filtered_row_bests,
+    prefix_may_settle,
     solve_permutation,
 )
 
 WORKERS = 2
+PEAK_PATHS: dict[str, dict[str, object]] = {  # module attributes of `permutation` set for the path
+    "bfloat16 sparse solve": {},
+    "bfloat16 sparse solve, whole float64 copies": {"EXACT_BYTES": 2**62},
+    "previous: float32 GEMM + sparse solve": {"fast_bfloat16_gemm": lambda device: False},
+}
+
+
+def float32_path(src: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """The path unrelated rows took before the bfloat16 sparse solve: every prefix pass and the
+    filter give up, then the float32 score GEMM and `best_assignment` (sparse, or dense Hungarian)."""
+    assert bounded_row_bests(src, anchor) is None
+    assert not fast_bfloat16_gemm(anchor.device) or filtered_row_bests(src, anchor) is None
+    return best_assignment(src @ anchor.T)
 
 
 def per_solve_seconds(job, cases: list[torch.Tensor], anchor: torch.Tensor) -> float:
@@ -42,12 +63,53 @@ def per_solve_seconds(job, cases: list[torch.Tensor], anchor: torch.Tensor) -> f
     return (time.perf_counter() - start) * WORKERS / len(cases)
 
 
+def peak_rss_child(path: str, neurons: int, width: int) -> None:
+    """One solve of unrelated rows by `path`: prints the MiB its peak RSS adds to the inputs'."""
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    anchor = torch.randn(neurons, width, generator=g).div_(width**0.5)  # in place: no temporaries
+    src = torch.randn(neurons, width, generator=g).div_(width**0.5)
+    for name, value in PEAK_PATHS[path].items():
+        setattr(permutation, name, value)
+    import scipy.optimize  # (the libraries' own memory is not the solve's)
+    import scipy.sparse.csgraph  # noqa: F401
+
+    solve_permutation(src[:64], anchor[:64])  # torch's and oneDNN's first-call state too
+    # the peak RSS (VmHWM) restarts from the current one: a child's ru_maxrss would start from its parent's
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    before = _status_kib("VmRSS")
+    start = time.perf_counter()
+    solve_permutation(src, anchor)
+    seconds = time.perf_counter() - start
+    peak = _status_kib("VmHWM")
+    print(f"{(peak - before) / 2**10:.0f} {seconds:.2f}")
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def peak_rss(neurons: int, width: int) -> None:
+    print(f"\npeak RSS one solve of unrelated rows adds to its inputs ({2 * neurons * width * 4 / 2**20:.0f} MiB):")
+    print("| path | extra peak MiB | s (one thread) |\n|---|---:|---:|")
+    for path in PEAK_PATHS:
+        args = [sys.executable, __file__, "--peak-child", path, "--neurons", str(neurons), "--width", str(width)]
+        extra, seconds = subprocess.run(args, check=True, capture_output=True, text=True).stdout.split()
+        print(f"| {path} | {extra} | {seconds} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--neurons", type=int, default=5632)
     parser.add_argument("--width", type=int, default=6144)
     parser.add_argument("--repeat", type=int, default=2, help="solves per case and worker; the mean counts")
+    parser.add_argument("--peak-rss", action="store_true", help="also the peak memory per path (processes)")
+    parser.add_argument("--peak-child", choices=list(PEAK_PATHS), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.peak_child:
+        return peak_rss_child(args.peak_child, args.neurons, args.width)
     torch.set_num_threads(1)  # one per worker thread, as rotfuse splits them
     g = torch.Generator().manual_seed(0)
     anchor = torch.randn(args.neurons, args.width, generator=g) / args.width**0.5
@@ -67,29 +129,43 @@ def main() -> None:
     print(f"| - | float32 score GEMM alone (baseline) | {gemm:.2f} | 1.00 |")
     for name, noise in cases.items():
         sources = [relative(noise) for _ in range(WORKERS)] * args.repeat
-        if bounded_row_bests(sources[0], anchor) is not None:
+        if prefix_may_settle(sources[0], anchor) and bounded_row_bests(sources[0], anchor) is not None:
             path = "prefix bounds"
         elif fast_bfloat16_gemm(anchor.device) and filtered_row_bests(sources[0], anchor) is not None:
             path = "bfloat16 filter"
         elif torch.unique((sources[0] @ anchor.T).argmax(dim=1)).numel() == args.neurons:
             path = "float32 GEMM + certificate"
+        elif fast_bfloat16_gemm(anchor.device) and args.neurons >= SPARSE_MIN_SIZE:
+            path = "bfloat16 GEMM + sparse solve + LP-duality certificate"
         elif args.neurons >= SPARSE_MIN_SIZE and certified_sparse_assignment(sources[0] @ anchor.T) is not None:
             path = "float32 GEMM + sparse solve + LP-duality certificate"
         else:
             path = "float32 GEMM + Hungarian"
         seconds = per_solve_seconds(solve_permutation, sources, anchor)
         print(f"| {name} | {path} | {seconds:.2f} | {seconds / gemm:.2f} |")
-        if path.startswith("float32 GEMM + sparse"):
-            # the path it replaces, same run: the sparse solve switched off (best_assignment looks it up per call)
+        if "sparse" in path:
+            # the paths it replaces, same run (best_assignment looks the sparse solve up per call)
+            first = seconds
+            if path.startswith("bfloat16"):
+                old = per_solve_seconds(float32_path, sources, anchor)
+                print(f"| {name}, previous | float32 GEMM + sparse solve | {old:.2f} | {old / gemm:.2f} |")
             permutation.certified_sparse_assignment = lambda scores, candidates=0: None
             try:
                 dense = sources[:WORKERS] if args.neurons > 3000 else sources  # one O(n^3) solve per worker
-                old = per_solve_seconds(solve_permutation, dense, anchor)
-                seconds = per_solve_seconds(solve_permutation, sources, anchor)  # again, after: drift shows
+                old = per_solve_seconds(float32_path, dense, anchor)
             finally:
                 permutation.certified_sparse_assignment = certified_sparse_assignment
+            if path.startswith("bfloat16"):
+                permutation.EXACT_BYTES = 2**62  # one block: whole float64 copies of both sides
+                try:
+                    whole = per_solve_seconds(solve_permutation, sources, anchor)
+                finally:
+                    permutation.EXACT_BYTES = EXACT_BYTES
+                print(f"| {name}, whole float64 copies | {path} | {whole:.2f} | {whole / gemm:.2f} |")
+            seconds = per_solve_seconds(solve_permutation, sources, anchor)  # again, after: drift shows
             print(f"| {name}, sparse off | float32 GEMM + Hungarian | {old:.2f} | {old / gemm:.2f} |")
             print(f"| {name}, again | {path} | {seconds:.2f} | {seconds / gemm:.2f} |")
+            print(f"{name}: Hungarian / this path = {old / min(first, seconds):.2f}")
         if path == "bfloat16 filter":
             permutation.fast_bfloat16_gemm = lambda device: False  # solve_permutation looks it up per call
             try:
@@ -97,6 +173,9 @@ def main() -> None:
             finally:
                 permutation.fast_bfloat16_gemm = fast_bfloat16_gemm
             print(f"| {name} | filter off: float32 GEMM + certificate | {seconds:.2f} | {seconds / gemm:.2f} |")
+
+    if args.peak_rss:
+        peak_rss(args.neurons, args.width)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ they are cheaper when they settle, and the bfloat16 path is the fallback for row
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
+from typing import Protocol
+
 import numpy as np
 import torch
 
@@ -28,18 +32,95 @@ PAIR_CHUNK = 1024  # candidate pairs scored at once in float64: a few tens of Mi
 SPARSE_CANDIDATES = 32  # per row: the candidate graph the sparse solve starts from (1B unrelated: one round)
 SPARSE_ROUNDS = 8  # certificate checks (each adding the edges it found violated) before the dense solve
 SPARSE_MIN_SIZE = 1024  # below it the dense Hungarian takes well under a second: not worth a risk of rounds
+PROBE_ROWS = 256  # rows whose first prefix pass decides whether the passes are worth running
+EXACT_BYTES = 2**28  # float64 rows the exact re-scoring holds at once, whatever the size (both sides)
+EXACT_SRC_SHARE = 8  # 1/8 of them source rows, the rest anchor rows (each converted once per call)
 INT_LIMIT = 2**62  # integer potentials, path sums and dual sums stay below it (int64)
 
 
 def solve_permutation(src_rows: torch.Tensor, anchor_rows: torch.Tensor) -> torch.Tensor:
     """`perm[j]` = the source row to place at anchor slot j, maximising the total inner product."""
     src, anchor = src_rows.float(), anchor_rows.float()
-    best = bounded_row_bests(src, anchor)
-    if best is None and fast_bfloat16_gemm(src.device):
-        best = filtered_row_bests(src, anchor)
+    best = bounded_row_bests(src, anchor) if prefix_may_settle(src, anchor) else None
+    rounded = None
+    if best is None and fast_bfloat16_gemm(src.device) and len(src) == len(anchor) > 1:
+        rounded = RoundedScores.of(src, anchor)
+        best = filtered_row_bests(src, anchor, rounded)
     if best is not None:
         return _inverse(best)
+    if rounded is not None and len(src) >= SPARSE_MIN_SIZE:
+        certified = _certified_sparse(_RowScores(src, anchor, rounded), len(src), SPARSE_CANDIDATES)
+        if certified is not None:
+            return certified
     return best_assignment(src @ anchor.T)
+
+
+def prefix_may_settle(src: torch.Tensor, anchor: torch.Tensor) -> bool:
+    """Whether the first prefix pass of `bounded_row_bests` settles enough rows, judged on a sample
+    of PROBE_ROWS rows: unrelated models skip the passes (1/8 of the float32 GEMM) that would give up."""
+    n = len(src)
+    if n <= 4 * PROBE_ROWS or anchor.shape[0] != n:
+        return True  # the pass itself is cheap enough to be the probe
+    sample = torch.linspace(0, n - 1, PROBE_ROWS).long().to(src.device)
+    upto = max(1, src.shape[1] // PREFIXES[0])
+    rows_src = src.index_select(0, sample)
+    settled, _ = _prefix_pass(rows_src, anchor, sample, upto, rows_src[:, :upto] @ anchor[:, :upto].T)
+    return float(settled.float().mean()) >= MIN_SETTLED
+
+
+@dataclass
+class RoundedScores:
+    """bfloat16 GEMM scores with a rigorous per-entry bound on their distance to the exact ones.
+
+    With x = x_hi + x_lo (x_hi = x rounded to bfloat16, x_lo exact in float32), x.y = x_hi.y_hi +
+    x_hi.y_lo + x_lo.y: the GEMM's products x_hi_k y_hi_k are exact in float32, its float32 sum is
+    within gamma_w |x_hi| |y_hi| of x_hi.y_hi (gamma_w = w u32 / (1 - w u32)), the rest within
+    |x_hi| |y_lo| + |x_lo| |y| (Cauchy-Schwarz), and rounding the result to bfloat16 moves it by at
+    most u |A| / (1 - u). The residual norms |x_lo| ~ u |x| / sqrt(3) make this bound about five
+    times tighter than one from |x| |y| alone, which is what lets unrelated rows use it.
+    """
+
+    approx: torch.Tensor  # (n, n) bfloat16
+    left: torch.Tensor  # (n, 3) float32: |x_hi|, |x_lo|, |x_hi|, each rounded up
+    right: torch.Tensor  # (3, n) float32: |y_lo|, |y|, gamma_w |y_hi|
+
+    @classmethod
+    def of(cls, src: torch.Tensor, anchor: torch.Tensor) -> RoundedScores:
+        width = src.shape[1]
+        gamma = 1.01 * width * FP32_UNIT
+        assert gamma < 0.01, "rows too wide for the float32 accumulation bound"
+        up = 1 + 4 * width * FP32_UNIT + 2.0**-20  # norms summed in float32: rounded up past their error
+        anchor_hi = anchor.bfloat16()  # whole: every block of the GEMM reads it
+        approx = src.new_empty(len(src), len(anchor), dtype=torch.bfloat16)
+        x_hi, x_lo, y_hi, y_lo, y = (src.new_empty(len(rows)) for rows in (src, src, anchor, anchor, anchor))
+        for start in range(0, max(len(src), len(anchor)), ROW_BLOCK):  # float32 temporaries of a block
+            block = slice(start, start + ROW_BLOCK)
+            if start < len(src):
+                src_hi = _residual_norms(src[block], x_hi[block], x_lo[block])
+                torch.mm(src_hi, anchor_hi.T, out=approx[block])
+            if start < len(anchor):
+                _residual_norms(anchor[block], y_hi[block], y_lo[block], anchor_hi[block])
+                torch.linalg.vector_norm(anchor[block], dim=1, out=y[block])
+        x_hi, x_lo, y_hi, y_lo, y = (norm.mul_(up) for norm in (x_hi, x_lo, y_hi, y_lo, y))
+        return cls(approx, torch.stack([x_hi, x_lo, x_hi], 1), torch.stack([y_lo, y, gamma * y_hi]))
+
+    def upper(self, block: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float32 scores of rows `block` and their error bound (rounded up, float32)."""
+        scores = self.approx[block].float()
+        error = torch.addmm(scores.abs(), self.left[block], self.right, alpha=1 + 2.0**-10, beta=BF16_UNIT * 1.01)
+        return scores, error.add_(2.0**-100)
+
+
+def _residual_norms(
+    full: torch.Tensor, hi_norm: torch.Tensor, lo_norm: torch.Tensor, hi: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Rows `full` rounded to bfloat16 (`hi`, if not given), the norms of those and of the residual
+    full - hi (float32, written to `hi_norm` and `lo_norm`, not yet rounded up)."""
+    hi = full.bfloat16() if hi is None else hi
+    wide = hi.float()
+    torch.linalg.vector_norm(wide, dim=1, out=hi_norm)
+    torch.linalg.vector_norm(wide.sub_(full), dim=1, out=lo_norm)  # |hi - full|: the same norm
+    return hi
 
 
 def fast_bfloat16_gemm(device: torch.device) -> bool:
@@ -52,35 +133,33 @@ def fast_bfloat16_gemm(device: torch.device) -> bool:
     return any(bool(getattr(torch.cpu, probe, lambda: False)()) for probe in probes)
 
 
-def filtered_row_bests(src: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor | None:
+def filtered_row_bests(
+    src: torch.Tensor, anchor: torch.Tensor, rounded: RoundedScores | None = None
+) -> torch.Tensor | None:
     """Every source row's best anchor row (exactly, as the float64 scores would give it) when they
     are all distinct, from a bfloat16 GEMM.
 
-    Rounding the rows to bfloat16 moves each product by at most 2u |x_k y_k| (u = 2^-8), summing in
-    float32 adds at most w u32 sum|x_k y_k|, rounding the result to bfloat16 u |s|: so every
-    approximate score is within (3u + w u32) |x| |y| of the true one; the bound used is twice that.
-    The approximate best's score, less its own rounding bound, is a lower bound on the row's
-    maximum; the only columns that can beat it are those whose approximate score plus the bound
-    reaches it. One candidate settles the row; a few are scored in float64; more than
-    MAX_CANDIDATES per row on average (unrelated models, near-ties everywhere) gives up (None), as
-    do two rows with one best.
+    Every approximate score is within `RoundedScores`' bound of the true one. The approximate
+    best's score, less its own rounding bound, is a lower bound on the row's maximum; the only
+    columns that can beat it are those whose approximate score plus the bound reaches it. One
+    candidate settles the row; a few are scored in float64; more than MAX_CANDIDATES per row on
+    average (unrelated models, near-ties everywhere) gives up (None), as do two rows with one best.
     """
     n, width = src.shape
     if n < 2 or anchor.shape[0] != n:
         return None
-    approx = src.bfloat16() @ anchor.bfloat16().T
-    error = 2 * (3 * BF16_UNIT + width * FP32_UNIT)
+    rounded = rounded or RoundedScores.of(src, anchor)
     src_norm, anchor_norm = src.norm(dim=1), anchor.norm(dim=1)
     best = torch.empty(n, dtype=torch.int64, device=src.device)
     open_rows, open_cols, open_pairs = [], [], 0
     for start in range(0, n, ROW_BLOCK):
         block = slice(start, start + ROW_BLOCK)
-        scores = approx[block].float()
+        scores, error = rounded.upper(block)
         pick = scores.argmax(dim=1)
         picked = anchor.index_select(0, pick)
         # the pick's score in float32, less its rounding bound (w u32 |x| |y|, doubled): a lower bound
         reached = (src[block] * picked).sum(dim=1) - 2 * width * FP32_UNIT * src_norm[block] * anchor_norm[pick]
-        upper = scores.addr_(src_norm[block], anchor_norm, alpha=error)
+        upper = scores.add_(error)
         candidates = upper >= reached[:, None]
         candidates[torch.arange(len(pick), device=pick.device), pick] = True
         single = candidates.sum(dim=1) == 1
@@ -92,6 +171,10 @@ def filtered_row_bests(src: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor 
         if open_pairs > MAX_CANDIDATES * n:
             return None
     rows, cols = torch.cat(open_rows), torch.cat(open_cols)
+    settled = torch.ones(n, dtype=torch.bool, device=src.device)
+    settled[rows] = False
+    if torch.unique(best[settled]).numel() != int(settled.sum()):
+        return None  # two settled rows with one best (unrelated rows): no need to score the others
     if len(rows):
         chunks = [slice(i, i + PAIR_CHUNK) for i in range(0, len(rows), PAIR_CHUNK)]
         exact = torch.cat([_dot64(src.index_select(0, rows[c]), anchor.index_select(0, cols[c])) for c in chunks])
@@ -125,7 +208,6 @@ def bounded_row_bests(src: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor |
     best = torch.empty(n, dtype=torch.int64, device=src.device)
     open_rows = torch.arange(n, device=src.device)
     scores: torch.Tensor | None = None
-    bound = src.new_empty(min(n, ROW_BLOCK), n)
     done = 0
     for divisor in PREFIXES:
         upto = max(1, width // divisor)
@@ -135,19 +217,7 @@ def bounded_row_bests(src: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor |
         part = rows_src[:, done:upto] @ anchor[:, done:upto].T
         scores = part if scores is None else scores.add_(part)
         done = upto
-        src_rest, anchor_rest = rows_src[:, upto:], anchor[:, upto:]
-        src_rest_norm, anchor_rest_norm = src_rest.norm(dim=1), anchor_rest.norm(dim=1)
-        settled, candidate = [], []
-        for start in range(0, len(open_rows), ROW_BLOCK):
-            block = slice(start, start + ROW_BLOCK)
-            upper = torch.addr(scores[block], src_rest_norm[block], anchor_rest_norm, out=bound[: len(scores[block])])
-            upper.addr_(src_norm[open_rows[block]], anchor_norm, alpha=SLACK)
-            top, pick = upper.topk(2, dim=1)
-            # over every column: this prefix's GEMM scores (their rounding is inside SLACK) plus the rest
-            exact = scores[block].gather(1, pick[:, :1])[:, 0] + (src_rest[block] * anchor_rest[pick[:, 0]]).sum(dim=1)
-            settled.append(exact >= top[:, 1])
-            candidate.append(pick[:, 0])
-        ok, pick = torch.cat(settled), torch.cat(candidate)
+        ok, pick = _prefix_pass(rows_src, anchor, open_rows, upto, scores, src_norm, anchor_norm)
         if float(ok.float().mean()) < MIN_SETTLED:
             return None  # unrelated rows: the bounds will not settle them before the full GEMM
         best[open_rows[ok]] = pick[ok]
@@ -157,6 +227,35 @@ def bounded_row_bests(src: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor |
     if len(open_rows) or torch.unique(best).numel() != n:
         return None
     return best
+
+
+def _prefix_pass(
+    rows_src: torch.Tensor,
+    anchor: torch.Tensor,
+    rows: torch.Tensor,
+    upto: int,
+    scores: torch.Tensor,
+    src_norm: torch.Tensor | None = None,
+    anchor_norm: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which of `rows` (source rows `rows_src`, their GEMM `scores` over the first `upto` columns)
+    the bounds settle, and each one's candidate best: see `bounded_row_bests`."""
+    src_norm = rows_src.norm(dim=1) if src_norm is None else src_norm[rows]
+    anchor_norm = anchor.norm(dim=1) if anchor_norm is None else anchor_norm
+    src_rest, anchor_rest = rows_src[:, upto:], anchor[:, upto:]
+    src_rest_norm, anchor_rest_norm = src_rest.norm(dim=1), anchor_rest.norm(dim=1)
+    bound = scores.new_empty(min(len(rows), ROW_BLOCK), anchor.shape[0])
+    settled, candidate = [], []
+    for start in range(0, len(rows), ROW_BLOCK):
+        block = slice(start, start + ROW_BLOCK)
+        upper = torch.addr(scores[block], src_rest_norm[block], anchor_rest_norm, out=bound[: len(scores[block])])
+        upper.addr_(src_norm[block], anchor_norm, alpha=SLACK)
+        top, pick = upper.topk(2, dim=1)
+        # over every column: this prefix's GEMM scores (their rounding is inside SLACK) plus the rest
+        exact = scores[block].gather(1, pick[:, :1])[:, 0] + (src_rest[block] * anchor_rest[pick[:, 0]]).sum(dim=1)
+        settled.append(exact >= top[:, 1])
+        candidate.append(pick[:, 0])
+    return torch.cat(settled), torch.cat(candidate)
 
 
 def _inverse(best: torch.Tensor) -> torch.Tensor:
@@ -215,22 +314,165 @@ def certified_sparse_assignment(scores: torch.Tensor, candidates: int = SPARSE_C
     margin clears most rows first. The worst violating entries of each row join the graph and the
     solve repeats (SPARSE_ROUNDS times at most).
     """
-    from scipy.sparse import csr_matrix
-    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
-
     n = scores.shape[0]
     if scores.dtype != torch.float32 or scores.shape != (n, n) or n < 2:
         return None
     scores = scores.cpu().contiguous()
     if not bool(torch.isfinite(scores).all()):
         return None
-    dense = scores.numpy()
+    return _certified_sparse(_DenseScores(scores), n, candidates)
+
+
+class _ScoreSource(Protocol):
+    """The float32 score matrix the sparse solve certifies its optimum on, as it reads it."""
+
+    def top(self, k: int) -> np.ndarray:
+        """Flat indices i * n + j of (at least) each row's k best columns."""
+        ...
+
+    def values(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """The float32 scores at (rows, cols), `rows` sorted."""
+        ...
+
+    def violations(self, u: np.ndarray, v: np.ndarray, scale: int, most: int) -> np.ndarray:
+        """Flat indices of the `most` worst entries of each row with 2^scale score > u_i + v_j."""
+        ...
+
+
+@dataclass
+class _DenseScores:
+    """A dense float32 score matrix."""
+
+    scores: torch.Tensor
+
+    def top(self, k: int) -> np.ndarray:
+        n = len(self.scores)
+        return (torch.arange(n).repeat_interleave(k) * n + self.scores.topk(k, dim=1).indices.flatten()).numpy()
+
+    def values(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        return self.scores.numpy()[rows, cols]
+
+    def violations(self, u: np.ndarray, v: np.ndarray, scale: int, most: int) -> np.ndarray:
+        return _dual_violations(self.scores, u, v, scale, most)
+
+
+@dataclass
+class _RowScores:
+    """The scores of source rows against anchor rows, never formed densely: entry (i, j) is the
+    float64 inner product of the float32 rows rounded to float32 (the exact score, correctly
+    rounded but for a float64 rounding far below float32's). `RoundedScores` picks candidates and
+    clears every entry whose bound keeps it below the duals; the few it cannot are computed."""
+
+    src: torch.Tensor
+    anchor: torch.Tensor
+    rounded: RoundedScores
+    _exact: _ExactScores | None = None
+
+    def top(self, k: int) -> np.ndarray:
+        n = len(self.src)
+        approx = self.rounded.approx
+        picks = [approx[start : start + ROW_BLOCK].topk(k, dim=1).indices for start in range(0, n, ROW_BLOCK)]
+        return (torch.arange(n).repeat_interleave(k) * n + torch.cat(picks).flatten()).numpy()
+
+    def values(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        if self._exact is None:  # once per solve: its float64 buffers serve every round
+            self._exact = _ExactScores(self.src, self.anchor)
+        return self._exact(rows, cols)
+
+    def violations(self, u: np.ndarray, v: np.ndarray, scale: int, most: int) -> np.ndarray:
+        n = len(self.src)
+        u_real = np.ldexp(u.astype(np.float64), -scale)
+        v_real = np.ldexp(v.astype(np.float64), -scale)
+        u32, v32 = torch.from_numpy(u_real).float(), torch.from_numpy(v_real).float()
+        v_max = float(np.abs(v_real).max())
+        rows_found, cols_found = [], []
+        for start in range(0, n, ROW_BLOCK):
+            block = slice(start, start + ROW_BLOCK)
+            scores, error = self.rounded.upper(block)
+            # float32 rounding of the few operations below: far inside 2^-20 of their magnitudes
+            slack = 2.0**-20 * (float(scores.abs().max()) + float(error.max()) + v_max + float(u32[block].abs().max()))
+            reach = scores.add_(error).sub_(v32).sub_(u32[block, None]) > -slack
+            at_row, at_col = torch.nonzero(reach, as_tuple=True)
+            rows_found.append((at_row + start).numpy())
+            cols_found.append(at_col.numpy())
+        rows, cols = np.concatenate(rows_found), np.concatenate(cols_found)
+        if not len(rows):
+            return rows
+        # x > m for an integer m iff ceil(x) > m: the exactly scaled float32 score, ceiled, in int64
+        scaled = np.ceil(np.ldexp(self.values(rows, cols).astype(np.float64), scale))
+        excess = np.clip(scaled, -(2.0**62), 2.0**62).astype(np.int64) - (u[rows] + v[cols])
+        bad = np.flatnonzero(excess > 0)
+        order = bad[np.lexsort((-excess[bad], rows[bad]))]  # by row, worst first
+        rank = np.arange(len(order)) - np.searchsorted(rows[order], rows[order])
+        keep = order[rank < most]
+        return rows[keep] * n + cols[keep]
+
+
+class _ExactScores:
+    """Float64 inner products of float32 source and anchor rows at sampled entries, rounded to
+    float32, holding at most EXACT_BYTES of float64 rows: a tile of anchor rows (converted once per
+    call) and a block of source rows (converted per tile that needs them), never whole copies.
+
+    Each entry is `sampled_addmm`'s float64 dot product of the two rows, whatever block they are
+    read from: the values are bit-identical to one call on whole float64 copies."""
+
+    def __init__(self, src: torch.Tensor, anchor: torch.Tensor) -> None:
+        self.src, self.anchor = src, anchor
+        held = max(2, EXACT_BYTES // (8 * max(1, src.shape[1])))  # float64 rows, both sides together
+        self.block = max(1, min(len(src), held // EXACT_SRC_SHARE))
+        self.tile = max(1, min(len(anchor), held - self.block))
+        self._src64 = torch.empty(self.block, src.shape[1], dtype=torch.float64)
+        self._anchor64 = torch.empty(self.tile, anchor.shape[1], dtype=torch.float64)
+        self._held_tile = -1  # the anchor tile `_anchor64` holds
+
+    def __call__(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """The scores at (rows, cols), `rows` sorted."""
+        out = np.empty(len(rows), dtype=np.float32)
+        tile_of = cols // self.tile
+        order = np.argsort(tile_of, kind="stable")  # by tile, rows still sorted within each
+        tiles = np.searchsorted(tile_of[order], np.arange(-(-len(self.anchor) // self.tile) + 1))
+        for tile in sorted(range(len(tiles) - 1), key=lambda t: t != self._held_tile):  # the held one first
+            at = order[tiles[tile] : tiles[tile + 1]]
+            if not len(at):
+                continue
+            first = tile * self.tile
+            if tile != self._held_tile:
+                part = self.anchor[first : first + self.tile]
+                self._anchor64[: len(part)].copy_(part)
+                self._held_tile = tile
+            anchor64 = self._anchor64[: min(self.tile, len(self.anchor) - first)]
+            tile_rows, tile_cols = rows[at], cols[at] - first
+            blocks, starts = np.unique(tile_rows // self.block, return_index=True)
+            ends = np.r_[starts[1:], len(at)]
+            for block, start, end in zip(blocks.tolist(), starts.tolist(), ends.tolist()):
+                top = block * self.block
+                part = self.src[top : top + self.block]
+                src64 = self._src64[: len(part)].copy_(part)
+                out[at[start:end]] = _sampled_dots(src64, anchor64, tile_rows[start:end] - top, tile_cols[start:end])
+        return out
+
+
+def _sampled_dots(src: torch.Tensor, anchor: torch.Tensor, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """`src[rows[e]] . anchor[cols[e]]` (float64 rows, `rows` sorted), rounded to float32."""
+    crow = torch.from_numpy(np.searchsorted(rows, np.arange(len(src) + 1)))
+    zeros = torch.zeros(len(cols), dtype=torch.float64)
+    shape = (len(src), len(anchor))
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": sampled_addmm is all it uses
+        warnings.simplefilter("ignore", UserWarning)
+        mask = torch.sparse_csr_tensor(crow, torch.from_numpy(cols), zeros, shape, check_invariants=False)
+    return torch.sparse.sampled_addmm(mask, src, anchor.T, beta=0.0).values().float().numpy()
+
+
+def _certified_sparse(source: _ScoreSource, n: int, candidates: int) -> torch.Tensor | None:
+    """`certified_sparse_assignment` on the scores `source` reads (see there)."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+
     k = min(candidates, n)
-    key = (torch.arange(n).repeat_interleave(k) * n + scores.topk(k, dim=1).indices.flatten()).numpy()
-    key = np.union1d(key, np.arange(n) * (n + 1))  # the diagonal too: a perfect matching exists
+    key = np.union1d(source.top(k), np.arange(n) * (n + 1))  # the diagonal too: a perfect matching exists
     for _ in range(SPARSE_ROUNDS):
         rows, cols = key // n, key % n  # sorted by row: every row holds at least k candidates
-        value = dense[rows, cols].astype(np.float64)
+        value = source.values(rows, cols).astype(np.float64)
         if not np.isfinite(value).all():
             return None
         _, exponent = np.frexp(value[value != 0])
@@ -255,7 +497,7 @@ def certified_sparse_assignment(scores: torch.Tensor, candidates: int = SPARSE_C
         v = q_matched - u[row_of]
         if float(np.abs(u).max()) + float(np.abs(v).max()) >= INT_LIMIT:
             return None
-        violated = _dual_violations(scores, u, v, scale, k)
+        violated = source.violations(u, v, scale, k)
         if not len(violated):
             return torch.from_numpy(row_of)
         key = np.union1d(key, violated)
