@@ -96,3 +96,15 @@ def test_one_ranks_bad_rows_fail_the_whole_job(tmp_path, setup):
     assert str(bad) in lines[0] and "do not fit" in lines[0]
     assert results[1].stderr == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors"]  # nothing written, nothing staged
+
+
+def test_a_rank_without_batches_adds_nothing(tmp_path, setup):
+    """6 examples in 2 batches on 3 ranks: rank 1 runs no batch, observes no shared input and
+    sends zeros; the result is still one process's."""
+    args = [*_args(setup, "regmean"), "--max-samples", "6"]
+    run_cli(*args, "-o", tmp_path / "ws1", check=True)
+    result = torchrun(3, *args, "-o", tmp_path / "ws3")
+    assert result.returncode == 0, result.stderr
+    assert _manifest(tmp_path / "ws3") == _manifest(tmp_path / "ws1")
+    one, three = (load_file(str(tmp_path / n / STATS_FILE)) for n in ("ws1", "ws3"))
+    assert relative_error(one, three) < RELATIVE_TOLERANCE
