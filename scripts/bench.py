@@ -27,6 +27,8 @@ in one run, each as its own process so peak RSS is per command:
   match-attn-fsync   match-attn as rotfuse runs by default: output flushed before it is moved into place
   merge-simple-fsync merge-simple likewise
   merge-simple-ws2   merge-simple as two processes (torchrun, gloo): each merges half the bytes
+  stats              rotfuse stats --kind regmean of A on STATS_SAMPLES token sequences (fp32 on the CPU)
+  stats-ws2          stats as two processes: each runs half the batches, rank 0 adds the Grams
 and `rotfuse --help` / `rotfuse archs` start-up. The floor, mergekit and the plain rotfuse stages
 leave writeback to the OS (rotfuse with --no-fsync); the -fsync stages wait for the disk, and
 their ratios are to io-floor-fsync. Every other ratio is to io-floor of the same size. Before each
@@ -109,7 +111,10 @@ STAGES = (
     "merge-simple-fsync",
     "match-all-ws2",
     "merge-simple-ws2",
+    "stats",
+    "stats-ws2",
 )
+STATS_SAMPLES, STATS_TOKENS = 32, 64  # 4 batches of 8: two per rank at world size 2
 TASK_VECTOR_STAGES = {
     "merge-ties": ("ties", "0.2"),
     "merge-dare-ties": ("dare-ties", "0.1"),
@@ -363,6 +368,16 @@ def bench_size(size: str, root: Path, keep: bool, repeat: int, stages: frozenset
         stage("merge-simple", rotfuse(*simple, *no_fsync))
         stage("merge-simple-fsync", rotfuse(*simple))
         stage("merge-simple-ws2", torchrun(2, *simple, *no_fsync))  # against merge-simple, the same run
+    if stages & {"stats", "stats-ws2"} and has_command("stats"):
+        from safetensors.torch import save_file
+
+        data = root / f"{size}-stats-data.safetensors"
+        shape = (STATS_SAMPLES, STATS_TOKENS)
+        ids = torch.randint(3, dims["vocab_size"], shape, generator=torch.Generator().manual_seed(0))
+        save_file({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, str(data))
+        regmean = ("stats", str(a), "--data", str(data), "--kind", "regmean", "-o", str(work), "-q", "--device", "cpu")
+        stage("stats", rotfuse(*regmean))
+        stage("stats-ws2", torchrun(2, *regmean))  # against stats, the same run
     mergekit = shutil.which("mergekit-yaml") or os.environ.get("MERGEKIT_YAML")
     if mergekit and "mergekit-linear" in stages:
         config = root / f"{size}-mergekit.yaml"
@@ -433,7 +448,7 @@ def bench_size(size: str, root: Path, keep: bool, repeat: int, stages: frozenset
             report = json.loads(done.out)
             detail = {"timings": report.get("timings"), "distance_reduction": report["totals"]["matched"]["reduction"]}
         rows.append(Row(size, done.name, round(done.seconds, 2), round(done.rss, 1), detail=detail))
-    for row in rows:  # against world size 1 of the same command (match-all, merge-simple), same run
+    for row in rows:  # against world size 1 of the same command (match-all, merge-simple, stats), same run
         single = next((r for r in rows if r.stage == row.stage.removesuffix("-ws2")), None)
         if row.stage.endswith("-ws2") and single is not None:
             row.detail["speedup_vs_ws1"] = round(single.seconds / row.seconds, 2)

@@ -133,13 +133,6 @@ def stats_command(
     ui = Ui(bool(settings.get("quiet", False)), bool(settings.get("json", False)))
 
     def body() -> dict[str, Any]:
-        from rotfuse.core.distributed import launch_env
-
-        if launch_env() is not None:  # each rank would compute, and write, the same statistics
-            raise UsageError(
-                "stats runs in one process: launch it without torchrun / srun tasks "
-                "(one process per model and data file, e.g. a job array)"
-            )
         require("transformers", "rotfuse stats")
         from rotfuse.merge.stats.collect import StatsOptions, compute_stats
 

@@ -96,6 +96,23 @@ class Group:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def sum_on_main(self, tensor: Any) -> Any:
+        """Every rank's `tensor` summed on rank 0 in float64, in rank order (so repeated runs give
+        the same bits, which a ring all-reduce does not promise); None on the other ranks. Every
+        rank must call it with the same shape. Memory on rank 0: `world` float64 copies."""
+        import torch
+        import torch.distributed as dist
+
+        local = tensor.detach().to(self.device, torch.float64).contiguous()
+        parts = [torch.empty_like(local) for _ in range(self.world)] if self.is_main else None
+        dist.gather(local, parts, dst=0, group=self.tensors)
+        if parts is None:
+            return None
+        total = parts[0]
+        for part in parts[1:]:
+            total += part
+        return total.cpu()
+
     def agree(self, step: str, fn: Callable[[], T]) -> T:
         """Run `fn` here; if it failed on any rank, raise the first failure on every rank."""
         try:

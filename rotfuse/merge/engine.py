@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from rotfuse import __version__
-from rotfuse.archs.bind import BoundArch
+from rotfuse.archs.bind import BoundArch, LayerId
 from rotfuse.core import distributed
 from rotfuse.core.distributed import Group, split_in_order
 from rotfuse.core.errors import InputError, OutputError, UsageError
@@ -61,7 +61,7 @@ from rotfuse.io.writer import (
 from rotfuse.merge.methods import method_class
 from rotfuse.merge.methods.base import MergeMethod
 from rotfuse.merge.stats.folder import StatsFolder
-from rotfuse.symmetry.names import RESIDUAL, symmetry_set
+from rotfuse.symmetry.names import FFN_PERM, RESIDUAL, symmetry_set
 
 REPORT_NAME = "rotfuse_merge.json"
 # config.json keys that describe a task head's label space: taken from the --head-from model
@@ -383,19 +383,22 @@ class _Capture:
         self.tensors[name] = tensor
 
 
-def _aligned_layers(plan: MergePlan, sources: _Sources, distances: list[Distance]) -> Iterator[list[str]]:
+def _aligned_layers(
+    plan: MergePlan, sources: _Sources, layers: Sequence[LayerId], rows: list[list[list[tuple[float, float]]]]
+) -> Iterator[list[str]]:
     """With --match: align one layer of every model to the first model's, publish the aligned
-    tensors in `sources`, yield the layer's tensor names; then forget them. `distances` gets each
-    other model's distance to the first one over the matched tensors, before and after."""
+    tensors in `sources`, yield the layer's tensor names; then forget them. `rows` gets, per
+    layer and per other model, each matched tensor's squared distance to the first model's
+    before and after (`_distances` adds them up in layer order)."""
     from rotfuse.align.layer import match_layer
     from rotfuse.align.pair import layer_settings
     from rotfuse.archs.layer_io import layer_tensor_names, read_layer, write_layer
 
     anchor = plan.first
-    assert anchor.bound is not None
-    distances[:] = [Distance() for _ in plan.sources[1:]]
-    for layer in anchor.bound.layers():
+    for layer in layers:
+        assert anchor.bound is not None  # layers only with --match
         anchor_weights = read_layer(anchor.checkpoint, anchor.bound, layer, plan.device)
+        per_model = []
         for index, model in enumerate(plan.sources[1:], start=1):
             assert model.bound is not None
             settings = layer_settings(
@@ -403,13 +406,41 @@ def _aligned_layers(plan: MergePlan, sources: _Sources, distances: list[Distance
             )
             weights = read_layer(model.checkpoint, model.bound, layer, plan.device)
             aligned, results = match_layer(weights, anchor_weights, settings)
-            for result in results:
-                distances[index - 1].add(result.before**2, result.after**2, 0)
+            per_model.append([(result.before**2, result.after**2) for result in results])
             capture = _Capture()
             write_layer(capture, model.bound, layer, aligned)  # type: ignore[arg-type]
             sources.aligned[index] = capture.tensors
+        rows.append(per_model)
         yield layer_tensor_names(anchor.bound, layer, anchor.checkpoint)
         sources.aligned = [{} for _ in plan.sources]
+
+
+def _distances(plan: MergePlan, rows: Sequence[list[list[tuple[float, float]]]]) -> list[Distance]:
+    """Each other model's distance to the first one over the matched tensors, summed in layer
+    order (so a distributed job reports one process's floats)."""
+    distances = [Distance() for _ in plan.sources[1:]]
+    for per_model in rows:
+        for distance, pairs in zip(distances, per_model):
+            for before, after in pairs:
+                distance.add(before, after, 0)
+    return distances
+
+
+def _match_layers(plan: MergePlan, group: Group | None) -> tuple[list[LayerId], list[LayerId], set[str]]:
+    """With --match: every layer, this rank's layers (balanced by estimated cost, as `rotfuse
+    match` shares them) and the names of every tensor inside a layer."""
+    from rotfuse.align.pair import OpenedModel
+    from rotfuse.align.share import my_layers
+    from rotfuse.archs.layer_io import layer_tensor_names
+
+    anchor = plan.first
+    assert anchor.bound is not None
+    layers = list(anchor.bound.layers())
+    inside = {name for layer in layers for name in layer_tensor_names(anchor.bound, layer, anchor.checkpoint)}
+    if group is None:
+        return layers, layers, inside
+    model = OpenedModel(anchor.checkpoint, anchor.bound)
+    return layers, my_layers(group, model, layers, FFN_PERM in plan.options.symmetries), inside
 
 
 def _plans(plan: MergePlan) -> list[ShardPlan]:
@@ -479,6 +510,8 @@ def run_merge(
     sources = _Sources(plan.sources)
     merger = _Merger(plan, sources)
     distances: list[Distance] = []
+    rows: list[list[list[tuple[float, float]]]] = []  # --match: per layer of this rank, per other model
+    layers, mine, inside = _match_layers(plan, group) if plan.options.match else ([], [], set())
     head_from = plan.options.head_from
     done = 0
 
@@ -502,19 +535,16 @@ def run_merge(
             folder, _plans(plan), plan.first.checkpoint, plan.options.fsync, plan.options.allow_nonfinite, group
         )
         try:
-            handled: set[str] = set()
-            if plan.options.match:  # one process only (merge/scaleout.py refuses it on several)
-                for names in _aligned_layers(plan, sources, distances):
-                    for name in names:
-                        handle(name, writer, len(plan.rules))
-                    handled.update(names)
-            pending = _my_names(plan, [name for name in _order(plan) if name not in handled], group)
+            for names in _aligned_layers(plan, sources, mine, rows):  # --match: this rank's layers
+                for name in names:
+                    handle(name, writer, len(plan.rules))
+            pending = _my_names(plan, [name for name in _order(plan) if name not in inside], group)
             writer.leave_to_others(set(writer.pending) - set(pending))
             for number, name in enumerate(pending):
                 following = pending[number + 1] if number + 1 < len(pending) else None
                 if following is not None and plan.rules[following] not in ("copy", "head"):
                     sources.prefetch(following)
-                handle(name, writer, len(handled) + len(pending))
+                handle(name, writer, len(inside) + len(pending))
             writer.finish(index=main)
         finally:
             sources.close()
@@ -532,6 +562,8 @@ def run_merge(
     if group is None:
         with StagedFolder(plan.out, overwrite, plan.options.fsync) as staged:
             write_all(staged.path)
+            if plan.options.match:
+                distances[:] = _distances(plan, rows)
             report = write_report(staged)
     else:
         from rotfuse.align.share import merge_timings
@@ -543,6 +575,10 @@ def run_merge(
             folder = Path(group.broadcast(str(made.path) if made is not None else None))
             group.agree("merge tensors", lambda: write_all(folder))
             merge_timings(group, timings)
+            if plan.options.match:
+                from rotfuse.align.share import in_layer_order
+
+                distances[:] = _distances(plan, in_layer_order(group, layers, mine, rows))
             report = group.broadcast(group.agree("commit", lambda: write_report(made) if made is not None else None))
     if report_path is not None and main:
         write_json(report_path, report, output=True)

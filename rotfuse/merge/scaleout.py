@@ -2,9 +2,9 @@
 
 Every rank checks the inputs and merges its range of the tensors (engine.run_merge) into the
 files rank 0 staged; rank 0 writes the index, side files and report and commits once every rank
-has agreed that its part is written. Output bytes and report (timings apart) are those of one
-process. `--match` runs in one process: its layers would have to be aligned on the rank that
-merges them (align/scaleout.py shares `rotfuse match` instead)."""
+has agreed that its part is written. With `--match` each rank also aligns and merges its share of
+the layers (balanced as `rotfuse match` balances them). Output bytes and report (timings apart)
+are those of one process."""
 
 from __future__ import annotations
 
@@ -13,18 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from rotfuse.core.distributed import job, launch_env
-from rotfuse.core.errors import UsageError
 from rotfuse.core.progress import Progress
 from rotfuse.merge.engine import MergeOptions, prepare_merge, run_merge
-
-
-def refuse_unshared(options: MergeOptions) -> None:
-    """The one-line refusals of what a multi-process merge does not share."""
-    if launch_env() is not None and options.match:
-        raise UsageError(
-            "merge --match runs in one process: launch it without torchrun / srun tasks, or run the "
-            "distributed `rotfuse match` first and merge the aligned copies on several processes"
-        )
 
 
 def merge(
@@ -41,7 +31,6 @@ def merge(
     if launch_env() is None:
         plan = prepare_merge(models, out, options, overwrite, report_path, inputs)
         return run_merge(plan, overwrite, report_path, progress)
-    refuse_unshared(options)
     with job() as group:
         assert group is not None
         plan = group.agree("check inputs", lambda: prepare_merge(models, out, options, overwrite, report_path, inputs))

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers.cli import assert_one_line_error, run_cli
+from helpers.cli import run_cli
 from helpers.launch import folder_bytes, srun_like, torchrun
 from helpers.merge_data import save_inputs, token_inputs
 from helpers.tiny_models import save_tiny
@@ -111,18 +111,3 @@ def test_one_ranks_bad_tensor_fails_the_whole_job(tmp_path, models):
     assert results[1].stderr == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]  # nothing written, nothing staged
 
-
-def test_merge_match_is_refused_on_several_processes(tmp_path, models):
-    results = srun_like(2, "merge", "--match", models["a"], models["b"], "-o", tmp_path / "out")
-    assert_one_line_error(results[0], "--match runs in one process")
-    assert results[1].returncode == 2 and results[1].stderr == ""
-    assert not list(tmp_path.iterdir())
-
-
-def test_stats_refuses_several_processes(tmp_path, models):
-    data = save_inputs(tmp_path / "data.safetensors", token_inputs(4, 9, vocab=61, seed=0))
-    out = tmp_path / "grams"
-    results = srun_like(2, "stats", models["a"], "--data", data, "--kind", "regmean", "-o", out)
-    assert_one_line_error(results[0], "stats runs in one process")
-    assert results[1].returncode == 2 and results[1].stderr == ""
-    assert not out.exists()

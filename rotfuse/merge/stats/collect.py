@@ -37,6 +37,7 @@ manifest lists them; merge averages them simply).
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from collections import Counter
@@ -49,9 +50,10 @@ from typing import Any
 import torch
 
 from rotfuse import __version__
+from rotfuse.core.distributed import Group, job, split_in_order
 from rotfuse.core.errors import InputError, UsageError
 from rotfuse.core.progress import Progress
-from rotfuse.eval.data import batches, load_inputs
+from rotfuse.eval.data import load_inputs
 from rotfuse.eval.runtime import accepted_inputs, load_model, refuse_remote_code
 from rotfuse.io.checkpoint import Checkpoint
 from rotfuse.io.dtypes import parse_dtype_flag, torch_dtype
@@ -241,33 +243,41 @@ def _linear_modules(model: torch.nn.Module, names: dict[int, list[str]]) -> tupl
     return linears, skipped
 
 
-def collect_grams(
+def accumulate_grams(
     model: torch.nn.Module,
-    names: dict[int, list[str]],
+    linears: dict[str, _Linear],
     inputs: dict[str, torch.Tensor],
     options: StatsOptions,
     device: str,
+    share: Sequence[int],
     progress: Progress | None,
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The normalised Gram matrices (float32) and the manifest entries that say who reads which."""
-    linears, skipped = _linear_modules(model, names)
+) -> GramCollector:
+    """The Gram sums (float32) and row counts over the batches numbered in `share` (all of them in
+    one process; a rank's range in a distributed job)."""
     collector = GramCollector()
     modules = dict(model.named_modules())
     handles = [modules[name].register_forward_pre_hook(collector.hook(name), with_kwargs=True) for name in linears]
-    total = -(-len(next(iter(inputs.values()))) // options.batch_size)
+    size = options.batch_size
     try:
         with torch.no_grad():
-            for done, batch in enumerate(batches(inputs, options.batch_size), start=1):
+            for done, number in enumerate(share, start=1):
+                batch = {k: v[number * size : (number + 1) * size] for k, v in inputs.items()}
                 mask = batch.get("attention_mask")
                 collector.start(mask.to(device) if mask is not None else None)
                 model(**_model_inputs(model, batch, device))
                 collector.end()
                 if progress:
-                    progress(done, total)
+                    progress(done, len(share))
     finally:
         for handle in handles:
             handle.remove()
+    return collector
 
+
+def gram_tensors(
+    collector: GramCollector, linears: dict[str, _Linear], skipped: dict[str, str]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The normalised Gram matrices (float32) and the manifest entries that say who reads which."""
     tensors: dict[str, torch.Tensor] = {}
     grams: dict[str, dict[str, Any]] = {}
     linear: dict[str, dict[str, str]] = {}
@@ -285,6 +295,29 @@ def collect_grams(
             linear[weight] = {"gram": gram_name, "layout": entry.layout}
             grams[gram_name]["readers"].append(weight)
     return tensors, {"linear": linear, "inputs": grams, "skipped": skipped}
+
+
+def sum_grams(group: Group, collector: GramCollector) -> GramCollector:
+    """Every rank's Gram sums and rows added up on rank 0 (float64, rank order: stats/scaleout).
+    Which modules share a Gram is the union of what the ranks observed (a rank may have seen
+    no batch); ranks that disagree are the one-process error of a module that reads a shared
+    input in one batch but not in another."""
+    seen = group.gather(
+        (collector.leader, {name: (tuple(t.shape), collector.rows[name]) for name, t in collector.sums.items()})
+    )
+    total = GramCollector()
+    for leaders, _ in seen:
+        for module, leader in leaders.items():
+            if total.leader.setdefault(module, leader) != leader:
+                raise RuntimeError(f"module {module} read the same input as {leader} in one batch but not in another")
+    shapes = {name: shape for _, sums in seen for name, (shape, _) in sums.items()}
+    for name in sorted(shapes):
+        local = collector.sums.get(name)
+        summed = group.sum_on_main(local if local is not None else torch.zeros(shapes[name]))
+        if summed is not None:
+            total.sums[name] = summed.float()
+            total.rows[name] = sum(sums[name][1] for _, sums in seen if name in sums)
+    return total
 
 
 # ---------------------------------------------------------------------- Fisher
@@ -332,23 +365,29 @@ def _labels_for(inputs: dict[str, torch.Tensor], mode: str, data: Path) -> bool:
     return mode == "data" or (mode == "auto" and "labels" in inputs)
 
 
-def collect_fisher(
+def example_generator(seed: int, index: int, device: str) -> torch.Generator:
+    """Example `index`'s own label sampler: the labels do not depend on which rank draws them.
+    The pair is hashed because the CPU generator keeps only a seed's low 32 bits."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def accumulate_fisher(
     model: torch.nn.Module,
-    names: dict[int, list[str]],
+    parameters: Sequence[torch.Tensor],
     inputs: dict[str, torch.Tensor],
     options: StatsOptions,
     device: str,
     data: Path,
+    use_labels: bool,
+    share: Sequence[int],
     progress: Progress | None,
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The diagonal Fisher of every mapped parameter (float32), one backward pass per example."""
-    use_labels = _labels_for(inputs, options.labels, data)
+) -> list[torch.Tensor]:
+    """Per `parameters`, the sum (float32) of the squared per-example gradients over the
+    examples numbered in `share`, one backward pass each."""
     problem_type = getattr(model.config, "problem_type", None)
-    parameters = [p for p in model.parameters() if id(p) in names]
-    sums = {id(p): torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in parameters}
-    generator = torch.Generator(device=device).manual_seed(options.seed)
-    count = len(next(iter(inputs.values())))
-    for index in range(count):
+    sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in parameters]
+    for done, index in enumerate(share, start=1):
         example = _example(inputs, index)
         model.zero_grad(set_to_none=True)
         outputs = model(**_model_inputs(model, example, device))
@@ -366,25 +405,33 @@ def collect_fisher(
                 f"model's predictions {list(logits.shape[1:])}; use --labels sampled"
             )
         mask = example.get("attention_mask")
+        generator = example_generator(options.seed, index, device)
         log_likelihood(
             logits, labels, mask.to(device) if mask is not None else None, problem_type, generator
         ).backward()
-        for parameter in parameters:
+        for parameter, total in zip(parameters, sums):
             if parameter.grad is not None:
-                sums[id(parameter)].add_(parameter.grad.detach().float().pow(2))
+                total.add_(parameter.grad.detach().float().pow(2))
         if progress:
-            progress(index + 1, count)
+            progress(done, len(share))
     model.zero_grad(set_to_none=True)
+    return sums
+
+
+def fisher_tensors(
+    parameters: Sequence[torch.Tensor],
+    sums: Sequence[torch.Tensor],
+    count: int,
+    names: dict[int, list[str]],
+    labels: str,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The diagonal Fishers (the sums over `count` examples, averaged) under every checkpoint name."""
     tensors: dict[str, torch.Tensor] = {}
-    for parameter in parameters:
-        fisher = (sums[id(parameter)] / count).cpu()
+    for parameter, total in zip(parameters, sums):
+        fisher = (total / count).cpu()
         for name in names[id(parameter)]:
             tensors[name] = fisher.clone()  # safetensors refuses shared storage
-    return tensors, {
-        "estimator": FISHER_ESTIMATOR,
-        "labels": "data" if use_labels else "sampled",
-        "parameters": sorted(tensors),
-    }
+    return tensors, {"estimator": FISHER_ESTIMATOR, "labels": labels, "parameters": sorted(tensors)}
 
 
 # ---------------------------------------------------------------------- the command
@@ -402,6 +449,132 @@ def fitting(data: Path, model: Path) -> Iterator[None]:
         ) from exc
 
 
+@dataclass
+class _Run:
+    """Everything checked and loaded before the model runs (the same on every rank)."""
+
+    model_path: Path
+    data_path: Path
+    options: StatsOptions
+    device: str
+    checkpoint: Checkpoint
+    inputs: dict[str, torch.Tensor]
+    model: torch.nn.Module
+    names: dict[int, list[str]]
+    unmapped: list[str]
+    use_labels: bool
+
+    @property
+    def samples(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    @property
+    def units(self) -> list[int]:
+        """The examples in each unit of work: a batch (regmean) or one example (fisher)."""
+        size = self.options.batch_size if self.options.kind == "regmean" else 1
+        return [min(size, self.samples - start) for start in range(0, self.samples, size)]
+
+
+def _prepare(
+    model_path: Path, data_path: Path, out: Path, options: StatsOptions, overwrite: bool, inputs_read: Sequence[Path]
+) -> _Run:
+    from rotfuse.core.device import resolve_device
+
+    _validate(options)
+    check_outputs([Target(Path(out), "-o")], [Path(model_path), Path(data_path), *inputs_read], overwrite)
+    device = resolve_device(options.device)
+    checkpoint = Checkpoint.open(model_path)
+    refuse_remote_code(model_path)
+    inputs = load_inputs(Path(data_path), Path(model_path), options.max_samples, options.max_length)
+    if len(next(iter(inputs.values()))) == 0:
+        raise InputError(f"{data_path}: no samples")
+    use_labels = options.kind == "fisher" and _labels_for(inputs, options.labels, Path(data_path))
+    model = load_model(model_path, device, _model_dtype(options.model_dtype, options.kind, checkpoint, device))
+    names, unmapped = checkpoint_names(model, checkpoint)
+    return _Run(
+        Path(model_path), Path(data_path), options, device, checkpoint, inputs, model, names, unmapped, use_labels
+    )
+
+
+def _my_units(run: _Run, group: Group | None) -> list[int]:
+    """This rank's batches (regmean) or examples (fisher): consecutive ranges of about equal
+    example counts, one per rank; all of them in one process."""
+    units = run.units
+    if group is None:
+        return list(range(len(units)))
+    owner = split_in_order([float(n) for n in units], group.world)
+    return [unit for unit, rank in enumerate(owner) if rank == group.rank]
+
+
+def _statistics(
+    run: _Run, group: Group | None, progress: Progress | None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """Run the model on this rank's share and return the statistics (rank 0 of a distributed
+    job: every rank's sums added up; None on the other ranks)."""
+    model, options, share = run.model, run.options, _my_units(run, group)
+
+    def accumulate() -> Any:
+        with fitting(run.data_path, run.model_path):
+            if options.kind == "regmean":
+                return accumulate_grams(model, linears, run.inputs, options, run.device, share, progress)
+            return accumulate_fisher(
+                model, parameters, run.inputs, options, run.device, run.data_path, run.use_labels, share, progress
+            )
+
+    if options.kind == "regmean":
+        linears, skipped = _linear_modules(model, run.names)
+        collector: GramCollector = accumulate() if group is None else group.agree("compute statistics", accumulate)
+        if group is not None:
+            collector = group.agree("sum statistics", lambda: sum_grams(group, collector))
+            if not group.is_main:
+                return None
+        return gram_tensors(collector, linears, skipped)
+    parameters = [p for p in model.parameters() if id(p) in run.names]
+    sums: list[torch.Tensor] = accumulate() if group is None else group.agree("compute statistics", accumulate)
+    if group is not None:
+        sums = group.agree("sum statistics", lambda: [group.sum_on_main(total) for total in sums])
+        if not group.is_main:
+            return None
+        sums = [total.float() for total in sums]
+    return fisher_tensors(parameters, sums, run.samples, run.names, "data" if run.use_labels else "sampled")
+
+
+def _manifest(run: _Run, details: dict[str, Any], started: float) -> dict[str, Any]:
+    options, mask = run.options, run.inputs.get("attention_mask")
+    return {
+        "tool": "rotfuse",
+        "version": __version__,
+        "schema": SCHEMA,
+        "command": "stats",
+        "kind": options.kind,
+        "created_by": sys.argv,
+        "checkpoint": {"path": str(run.model_path), "fingerprint": run.checkpoint.fingerprint()},
+        "data": {
+            "path": str(run.data_path),
+            "samples": run.samples,
+            "tokens": int(mask.sum()) if mask is not None else None,
+        },
+        "settings": {
+            "max_samples": options.max_samples,
+            "batch_size": options.batch_size,
+            "max_length": options.max_length,
+            "labels": options.labels,
+            "seed": options.seed,
+            "device": run.device,
+            "model_dtype": str(next(run.model.parameters()).dtype).replace("torch.", ""),
+        },
+        **details,
+        "unmapped_parameters": run.unmapped,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def _write(out: Path, overwrite: bool, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
+    with StagedFolder(Path(out), overwrite) as staged:
+        write_stats(staged.path, tensors, manifest)
+        staged.commit()
+
+
 def compute_stats(
     model_path: Path,
     data_path: Path,
@@ -412,50 +585,24 @@ def compute_stats(
     inputs_read: Sequence[Path] = (),
 ) -> dict[str, Any]:
     """Run MODEL on DATA and write its statistics to OUT; returns the manifest. `inputs_read`:
-    other files the command read (its job file), which the output must not replace."""
-    from rotfuse.core.device import resolve_device
+    other files the command read (its job file), which the output must not replace.
 
+    Under torchrun / srun (core/distributed.py) every rank checks the inputs and runs the model
+    on its consecutive range of the batches (fisher: of the examples); rank 0 adds the ranks'
+    float32 sums in float64, in rank order, writes the folder and commits; a failure on any rank
+    fails every rank and leaves nothing. The result is one process's up to the float32 summation
+    order (the README states the measured tolerance)."""
     started = time.perf_counter()
-    _validate(options)
-    check_outputs([Target(Path(out), "-o")], [Path(model_path), Path(data_path), *inputs_read], overwrite)
-    device = resolve_device(options.device)
-    checkpoint = Checkpoint.open(model_path)
-    refuse_remote_code(model_path)
-    inputs = load_inputs(Path(data_path), Path(model_path), options.max_samples, options.max_length)
-    if len(next(iter(inputs.values()))) == 0:
-        raise InputError(f"{data_path}: no samples")
-    model = load_model(model_path, device, _model_dtype(options.model_dtype, options.kind, checkpoint, device))
-    names, unmapped = checkpoint_names(model, checkpoint)
-    with fitting(data_path, model_path):
-        if options.kind == "regmean":
-            tensors, details = collect_grams(model, names, inputs, options, device, progress)
-        else:
-            tensors, details = collect_fisher(model, names, inputs, options, device, Path(data_path), progress)
-    mask = inputs.get("attention_mask")
-    samples = len(next(iter(inputs.values())))
-    manifest: dict[str, Any] = {
-        "tool": "rotfuse",
-        "version": __version__,
-        "schema": SCHEMA,
-        "command": "stats",
-        "kind": options.kind,
-        "created_by": sys.argv,
-        "checkpoint": {"path": str(model_path), "fingerprint": checkpoint.fingerprint()},
-        "data": {"path": str(data_path), "samples": samples, "tokens": int(mask.sum()) if mask is not None else None},
-        "settings": {
-            "max_samples": options.max_samples,
-            "batch_size": options.batch_size,
-            "max_length": options.max_length,
-            "labels": options.labels,
-            "seed": options.seed,
-            "device": device,
-            "model_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        },
-        **details,
-        "unmapped_parameters": unmapped,
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    with StagedFolder(Path(out), overwrite) as staged:
-        write_stats(staged.path, tensors, manifest)
-        staged.commit()
-    return manifest
+    with job() as group:
+        if group is None:
+            run = _prepare(model_path, data_path, out, options, overwrite, inputs_read)
+            found = _statistics(run, None, progress)
+            assert found is not None
+            manifest = _manifest(run, found[1], started)
+            _write(out, overwrite, found[0], manifest)
+            return manifest
+        run = group.agree("check inputs", lambda: _prepare(model_path, data_path, out, options, overwrite, inputs_read))
+        found = _statistics(run, group, progress)
+        manifest = _manifest(run, found[1] if found is not None else {}, started)
+        group.agree("write", lambda: _write(out, overwrite, found[0], manifest) if found is not None else None)
+        return group.broadcast(manifest if group.is_main else None)
