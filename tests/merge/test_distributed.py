@@ -110,4 +110,3 @@ def test_one_ranks_bad_tensor_fails_the_whole_job(tmp_path, models):
     assert "NaN" in lines[0] and repr(victim) in lines[0]
     assert results[1].stderr == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]  # nothing written, nothing staged
-
