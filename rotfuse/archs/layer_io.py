@@ -152,6 +152,10 @@ def read_layer(
         dims.head_dim,
         q_like=reader.extras(att.q_like, _rows("q", dims), d),
         k_like=reader.extras(att.k_like, _rows("k", dims), d),
+        **{
+            f"{side}_vectors": [reader.tensor(name, "out_in", (_rows(side, dims),)) for name in names]
+            for side, names in stack.moves_with_heads.items()
+        },
     )
 
     ffn_reader = _LayerReader(checkpoint, bound, layer, device, view, stored_ffn)
@@ -251,6 +255,10 @@ class _LayerWriter:
         for refs, linears in ((spec.q_like, attention.q_like), (spec.k_like, attention.k_like)):
             for ref, linear in zip(self.bound.present(self.layer.stack, refs), linears, strict=True):
                 self.linear(ref, linear)
+        vectors = {"q": attention.q_vectors, "k": attention.k_vectors, "v": attention.v_vectors}
+        for side, names in self.bound.stack(self.layer.stack).moves_with_heads.items():
+            for name, vector in zip(names, vectors[side], strict=True):
+                self.put(name, vector, "out_in")
 
     def ffn(self, spec: FfnSpec, ffn: Ffn, inputs: list[LinearRef] | None = None) -> None:
         linears = iter(ffn.inputs)

@@ -373,6 +373,9 @@ def _derived(stack: StackSpec, num_experts: int = 0) -> dict[str, tuple[str, str
         roles[ref.weight] = ("reads", ref.layout, spec_role)
         if ref.bias:
             roles[ref.bias] = ("free", ref.layout, spec_role)  # head / neuron / expert space
+    for side, names in stack.moves_with_heads.items():
+        for name in names:
+            roles[name] = ("free", "out_in", side)  # head space
     roles[att.o.weight] = ("writes", att.o.layout, "o")
     for ffn in ffns:
         roles[ffn.output.weight] = ("writes", ffn.output.layout, "ffn_output")

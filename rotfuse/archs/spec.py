@@ -215,6 +215,8 @@ class StackSpec:
     residual: ResidualSection | None = None  # which tensors touch the stream (rotfuse.archs.residual)
     experts: ExpertsSpec | None = None  # routed experts of a mixture-of-experts layer
     ffn_layouts: tuple[FfnLayout, ...] = ()  # per-layer alternatives to ffn / experts (chosen by tensors)
+    # q / k / v -> vectors over that projection's output width that move with whole heads (and nothing else)
+    moves_with_heads: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def layouts(self) -> tuple[FfnLayout, ...]:
         """The stack's own FFN layout (named "default") followed by its alternatives."""
@@ -245,7 +247,8 @@ class StackSpec:
         with_bias = [name for ref in refs for name in (ref.weight, ref.bias) if name]
         outputs = [att.o.weight] + ([ffn.output.weight] if ffn else [])
         experts = self.experts.touched(num_experts) if self.experts else []
-        return [*outputs, *with_bias, *experts]  # O's and the FFN output's biases never move
+        vectors = [name for names in self.moves_with_heads.values() for name in names]
+        return [*outputs, *with_bias, *experts, *vectors]  # O's and the FFN output's biases never move
 
     def optional_refs(self) -> tuple[LinearRef, ...]:
         """Projections used where layer 0 has them: q_like/k_like and optional FFN inputs."""
@@ -370,6 +373,7 @@ STACK_KEYS = [
     "ffn_layouts",
     "layer",
     "layout",
+    "moves_with_heads",
     "name",
     "optional",
     "passive",
@@ -397,6 +401,7 @@ def _parse_spec(raw: dict[str, Any], source: str) -> ArchSpec:
         unknown_stacks = set(restriction.stacks) - {s.name for s in stacks}
         if unknown_stacks:
             raise ValueError(f"restriction names unknown stacks {sorted(unknown_stacks)}")
+    _check_moves_with_heads(stacks, restrictions)
     return ArchSpec(
         name=str(raw["name"]),
         model_types=tuple(raw.get("model_types") or (raw["name"],)),
@@ -474,6 +479,10 @@ def _parse_stack(raw: dict[str, Any], name: str) -> StackSpec:
         residual=_parse_residual(raw["residual"]) if raw.get("residual") is not None else None,
         experts=_parse_experts(raw["experts"], layout) if raw.get("experts") is not None else None,
         ffn_layouts=tuple(_parse_layout(r, layout) for r in raw.get("ffn_layouts") or ()),
+        moves_with_heads={
+            str(side): _names(names)
+            for side, names in _mapping(raw.get("moves_with_heads") or {}, {"q", "k", "v"}, "moves_with_heads").items()
+        },
     )
     _check_stack(stack)
     return stack
@@ -500,6 +509,23 @@ def _check_stack(stack: StackSpec) -> None:
         counts = {layout.experts.count for layout in layouts if layout.experts}
         if len(counts) > 1:
             raise ValueError("every layout's experts must take their count from the same config keys")
+
+
+def _check_moves_with_heads(stacks: tuple[StackSpec, ...], restrictions: tuple[Restriction, ...]) -> None:
+    """A vector that moves with the heads is only permuted: every rotation and scale of its circuit
+    must be off in its stack whatever the config (a restriction without `when`)."""
+    for stack in stacks:
+        fixed = [r for r in restrictions if not r.when and (not r.stacks or stack.name in r.stacks)]
+        always = {name for r in fixed for name in r.disable}
+        for side in stack.moves_with_heads:
+            circuit = "qk" if side in ("q", "k") else "vo"
+            needed = {f"{circuit}.rot", f"{circuit}.scale", f"{circuit}.linear"}
+            if not needed <= always:
+                raise ValueError(
+                    f"moves_with_heads {side}: {circuit} rotations and scales would act on "
+                    f"{list(stack.moves_with_heads[side])}; a restriction without `when` must disable "
+                    f"{sorted(needed - always)}"
+                )
 
 
 def _parse_ffn(raw: Any, layout: str, optional_inputs: bool = True) -> FfnSpec:
