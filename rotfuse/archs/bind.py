@@ -59,6 +59,8 @@ class BoundArch:
     absent: frozenset[str] = frozenset()  # optional stacks this checkpoint does not have
     extras: frozenset[str] = frozenset()  # "stack/relative weight" of the optional refs found in layer 0
     stack_disabled: dict[str, frozenset[str]] = field(default_factory=dict)  # restrictions limited to stacks
+    # per stack with ffn_layouts: the index into StackSpec.layouts() of each layer's FFN layout
+    layer_layouts: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def disabled_in(self, stack: str) -> frozenset[str]:
         """The symmetries switched off in one stack (the global ones and that stack's own)."""
@@ -78,9 +80,15 @@ class BoundArch:
     def full_name(self, layer: LayerId, relative: str) -> str:
         return self.prefix + self.stack(layer.stack).layer.format(i=layer.index) + relative
 
-    def touched(self, stack: str) -> list[str]:
-        """Relative names of every tensor the symmetries of one stack's layers may move."""
-        return self.stack(stack).touched(self.dims[stack].num_experts)
+    def layer_spec(self, layer: LayerId) -> StackSpec:
+        """The stack spec of one layer, with that layer's FFN layout (stacks with ffn_layouts)."""
+        stack = self.stack(layer.stack)
+        chosen = self.layer_layouts.get(layer.stack)
+        return stack.with_layout(chosen[layer.index]) if chosen else stack
+
+    def touched(self, layer: LayerId) -> list[str]:
+        """Relative names of every tensor the symmetries of one layer may move."""
+        return self.layer_spec(layer).touched(self.dims[layer.stack].num_experts)
 
     def present(self, stack: str, refs: tuple[LinearRef, ...]) -> tuple[LinearRef, ...]:
         """The extra projections among `refs` that this checkpoint has (decided on layer 0)."""
@@ -117,6 +125,7 @@ def bind(spec: ArchSpec, config: dict[str, Any], names: Iterable[str] | Checkpoi
     all_names = set(names.names() if hasattr(names, "names") else names)
     prefix, absent = _detect_prefix(spec, all_names, where)
     dims = {stack.name: _read_dims(stack, config, where) for stack in spec.stacks}
+    layer_layouts: dict[str, tuple[int, ...]] = {}
     for stack in spec.stacks:
         if stack.name not in absent:
             last = prefix + stack.layer.format(i=dims[stack.name].num_layers - 1) + stack.probe()
@@ -125,7 +134,9 @@ def bind(spec: ArchSpec, config: dict[str, Any], names: Iterable[str] | Checkpoi
                     f"{where}: the config gives {dims[stack.name].num_layers} layers, but tensor "
                     f"{last!r} of the last one is not in the checkpoint"
                 )
-            _check_coverage(spec, stack, prefix, dims[stack.name], all_names, where)
+            if stack.ffn_layouts:
+                layer_layouts[stack.name] = _layer_layouts(spec, stack, prefix, dims[stack.name], all_names, where)
+            _check_coverage(spec, stack, prefix, dims[stack.name], all_names, where, layer_layouts.get(stack.name))
     disabled, stack_disabled, notes = _restrictions(spec, config)
     notes += [f"{spec.name}: no {name!r} stack in this checkpoint (left as is)" for name in sorted(absent)]
     extras = _present_extras(spec, prefix, all_names)
@@ -149,6 +160,7 @@ def bind(spec: ArchSpec, config: dict[str, Any], names: Iterable[str] | Checkpoi
         frozenset(absent),
         extras,
         {name: frozenset(off) for name, off in stack_disabled.items()},
+        layer_layouts,
     )
 
 
@@ -198,11 +210,41 @@ def _detect_prefix(spec: ArchSpec, names: set[str], where: str) -> tuple[str, se
     raise InputError(f"{where}: does not look like a {spec.name} checkpoint (none of {tried} found)")
 
 
-def _check_coverage(spec: ArchSpec, stack: StackSpec, prefix: str, dims: Dims, names: set[str], where: str) -> None:
+def _layer_layouts(
+    spec: ArchSpec, stack: StackSpec, prefix: str, dims: Dims, names: set[str], where: str
+) -> tuple[int, ...]:
+    """Each layer's FFN layout: the one whose identifying tensors (FFN output, router) it holds.
+    A layer matching none or several is refused."""
+    layouts = stack.layouts()
+    chosen = []
+    for i in range(dims.num_layers):
+        first = prefix + stack.layer.format(i=i)
+        matches = [j for j, layout in enumerate(layouts) if all(first + p in names for p in layout.probes())]
+        if len(matches) != 1:
+            what = "none" if not matches else "several (" + ", ".join(layouts[j].name for j in matches) + ")"
+            probes = ", ".join(repr(first + p) for layout in layouts for p in layout.probes())
+            raise InputError(
+                f"{where}: layer {first!r} matches {what} of the FFN layouts of the {spec.name} spec "
+                f"(identified by {probes})"
+            )
+        chosen.append(matches[0])
+    return tuple(chosen)
+
+
+def _check_coverage(
+    spec: ArchSpec,
+    stack: StackSpec,
+    prefix: str,
+    dims: Dims,
+    names: set[str],
+    where: str,
+    layouts: tuple[int, ...] | None = None,
+) -> None:
     """Refuse layer tensors the spec does not describe: one might read Q or K (a QK-norm, a LoRA
-    adapter, a relative-position table), and a symmetry that ignores it could change the function."""
+    adapter, a relative-position table), and a symmetry that ignores it could change the function.
+    `layouts`: each layer's FFN layout (stacks with ffn_layouts); a layer is covered by its own."""
     pattern = stack.layer_pattern(prefix)
-    touched = set(stack.touched(dims.num_experts))
+    by_layout = {j: set(stack.with_layout(j).touched(dims.num_experts)) for j in set(layouts or (0,))}
     for name in sorted(names):
         found = pattern.fullmatch(name)
         if found is None:
@@ -212,6 +254,7 @@ def _check_coverage(spec: ArchSpec, stack: StackSpec, prefix: str, dims: Dims, n
             raise InputError(
                 f"{where}: tensor {name!r} belongs to layer {index}, but the config has {dims.num_layers} layers"
             )
+        touched = by_layout[layouts[index] if layouts else 0]
         if relative not in touched and not any(fnmatch.fnmatchcase(relative, glob) for glob in stack.passive):
             raise InputError(
                 f"{where}: tensor {name!r} is not described by the {spec.name} spec, so rotfuse cannot "
@@ -251,7 +294,8 @@ def _read_dims(stack: StackSpec, config: dict[str, Any], where: str) -> Dims:
     if num_heads % num_kv:
         raise InputError(f"{where}: {num_heads} query heads are not divisible into {num_kv} key/value heads")
     rotary_dim = _rotary_dim(stack.rope, section, head_dim, where) if stack.rope else 0
-    num_experts = get(stack.experts.count, "the number of experts") if stack.experts else 0
+    experts = next((layout.experts for layout in stack.layouts() if layout.experts), None)
+    num_experts = get(experts.count, "the number of experts") if experts else 0
     return Dims(num_layers, num_heads, num_kv, head_dim, hidden, rotary_dim, num_experts or 0)
 
 

@@ -29,7 +29,7 @@ def _rows(role: str, dims: Dims) -> int:
 
 def layer_tensor_names(bound: BoundArch, layer: LayerId, checkpoint: Checkpoint) -> list[str]:
     """Full names of every tensor the layer's symmetries read and write (biases, extras when present)."""
-    names = [bound.full_name(layer, relative) for relative in bound.touched(layer.stack)]
+    names = [bound.full_name(layer, relative) for relative in bound.touched(layer)]
     return [name for name in names if name in checkpoint]
 
 
@@ -38,7 +38,7 @@ def check_layer_pair(
 ) -> None:
     """Both checkpoints must hold the same optional tensors (biases, extras) in a layer, or the
     packed circuits would not line up; name the first one that only one of them has."""
-    for relative in model_bound.touched(layer.stack):
+    for relative in model_bound.touched(layer):
         mine, theirs = model_bound.full_name(layer, relative), anchor_bound.full_name(layer, relative)
         if (mine in model) != (theirs in anchor):
             holder, name, other = (model, mine, anchor) if mine in model else (anchor, theirs, model)
@@ -117,7 +117,7 @@ def read_layer(
     float32 copy of two thirds of the layer's bytes would cost more than the rest of its work."""
     if stored_ffn and view is not None:
         raise ValueError("stored_ffn: the view needs float tensors")
-    stack = bound.stack(layer.stack)
+    stack = bound.layer_spec(layer)
     dims = bound.dims[layer.stack]
     reader = _LayerReader(checkpoint, bound, layer, device, view)
     att, d = stack.attention, dims.hidden_size
@@ -152,6 +152,10 @@ def read_layer(
         dims.head_dim,
         q_like=reader.extras(att.q_like, _rows("q", dims), d),
         k_like=reader.extras(att.k_like, _rows("k", dims), d),
+        **{
+            f"{side}_vectors": [reader.tensor(name, "out_in", (_rows(side, dims),)) for name in names]
+            for side, names in stack.moves_with_heads.items()
+        },
     )
 
     ffn_reader = _LayerReader(checkpoint, bound, layer, device, view, stored_ffn)
@@ -251,6 +255,10 @@ class _LayerWriter:
         for refs, linears in ((spec.q_like, attention.q_like), (spec.k_like, attention.k_like)):
             for ref, linear in zip(self.bound.present(self.layer.stack, refs), linears, strict=True):
                 self.linear(ref, linear)
+        vectors = {"q": attention.q_vectors, "k": attention.k_vectors, "v": attention.v_vectors}
+        for side, names in self.bound.stack(self.layer.stack).moves_with_heads.items():
+            for name, vector in zip(names, vectors[side], strict=True):
+                self.put(name, vector, "out_in")
 
     def ffn(self, spec: FfnSpec, ffn: Ffn, inputs: list[LinearRef] | None = None) -> None:
         linears = iter(ffn.inputs)
@@ -272,7 +280,7 @@ def write_layer(
     """Write a layer's tensors back in the checkpoint's layout. With `as_read` (the weights as they
     were read, no view applied), a part the symmetries left as it was -- the very same object --
     is not rewritten: the writer copies its bytes unchanged instead of a float round trip."""
-    stack = bound.stack(layer.stack)
+    stack = bound.layer_spec(layer)
     out = _LayerWriter(writer, bound, layer)
     if as_read is None or weights.attention is not as_read.attention:
         out.attention(stack.attention, weights.attention)

@@ -357,11 +357,13 @@ def _derived(stack: StackSpec, num_experts: int = 0) -> dict[str, tuple[str, str
     experts are FFNs like the layer's own, and their router reads the stream (its bias is in expert
     space); they count as the layer's FFN inputs and outputs."""
     att = stack.attention
-    ffns = [stack.ffn] if stack.ffn else []
+    ffns = []
     routers = []
-    if stack.experts is not None:
-        ffns += [stack.experts.expert(e) for e in range(num_experts)]
-        routers.append(stack.experts.router)
+    for layout in stack.layouts():  # every per-layer FFN layout's (their names are distinct)
+        ffns += [layout.ffn] if layout.ffn else []
+        if layout.experts is not None:
+            ffns += [layout.experts.expert(e) for e in range(num_experts)]
+            routers.append(layout.experts.router)
     roles: dict[str, tuple[str, str, str]] = {}
     inputs: list[tuple[str, Any]] = [("qkv", att.qkv)] if att.qkv else [("q", att.q), ("k", att.k), ("v", att.v)]
     inputs += [("ffn_inputs", ref) for ffn in ffns for ref in ffn.inputs]
@@ -371,6 +373,9 @@ def _derived(stack: StackSpec, num_experts: int = 0) -> dict[str, tuple[str, str
         roles[ref.weight] = ("reads", ref.layout, spec_role)
         if ref.bias:
             roles[ref.bias] = ("free", ref.layout, spec_role)  # head / neuron / expert space
+    for side, names in stack.moves_with_heads.items():
+        for name in names:
+            roles[name] = ("free", "out_in", side)  # head space
     roles[att.o.weight] = ("writes", att.o.layout, "o")
     for ffn in ffns:
         roles[ffn.output.weight] = ("writes", ffn.output.layout, "ffn_output")

@@ -13,7 +13,7 @@ import copy
 import fnmatch
 import functools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -112,6 +112,21 @@ class ExpertsSpec:
 
 
 @dataclass(frozen=True)
+class FfnLayout:
+    """An alternative to a stack's own `ffn` / `experts` for some of its layers (Qwen MoE models
+    with dense layers): a layer takes the layout whose tensors it holds (bind.py)."""
+
+    name: str
+    ffn: FfnSpec | None = None
+    experts: ExpertsSpec | None = None
+
+    def probes(self) -> tuple[str, ...]:
+        """The tensors whose presence in a layer identifies this layout."""
+        refs = ((self.ffn.output,) if self.ffn else ()) + ((self.experts.router,) if self.experts else ())
+        return tuple(ref.weight for ref in refs)
+
+
+@dataclass(frozen=True)
 class RopeSpec:
     """Rotary embeddings on Q and K: restricts the QK rotation to maps that commute with them.
 
@@ -199,6 +214,20 @@ class StackSpec:
     optional: bool = False  # a checkpoint may lack this stack (e.g. CLIP's text tower)
     residual: ResidualSection | None = None  # which tensors touch the stream (rotfuse.archs.residual)
     experts: ExpertsSpec | None = None  # routed experts of a mixture-of-experts layer
+    ffn_layouts: tuple[FfnLayout, ...] = ()  # per-layer alternatives to ffn / experts (chosen by tensors)
+    # q / k / v -> vectors over that projection's output width that move with whole heads (and nothing else)
+    moves_with_heads: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def layouts(self) -> tuple[FfnLayout, ...]:
+        """The stack's own FFN layout (named "default") followed by its alternatives."""
+        return (FfnLayout("default", self.ffn, self.experts), *self.ffn_layouts)
+
+    def with_layout(self, index: int) -> StackSpec:
+        """This stack with layout `index` of `layouts()` as its FFN (alternatives dropped)."""
+        if not self.ffn_layouts:
+            return self
+        chosen = self.layouts()[index]
+        return replace(self, ffn=chosen.ffn, experts=chosen.experts, ffn_layouts=())
 
     def layer_pattern(self, prefix: str) -> re.Pattern[str]:
         """The regex of this stack's layer tensors under `prefix`: group 1 the layer index, group 2
@@ -218,7 +247,8 @@ class StackSpec:
         with_bias = [name for ref in refs for name in (ref.weight, ref.bias) if name]
         outputs = [att.o.weight] + ([ffn.output.weight] if ffn else [])
         experts = self.experts.touched(num_experts) if self.experts else []
-        return [*outputs, *with_bias, *experts]  # O's and the FFN output's biases never move
+        vectors = [name for names in self.moves_with_heads.values() for name in names]
+        return [*outputs, *with_bias, *experts, *vectors]  # O's and the FFN output's biases never move
 
     def optional_refs(self) -> tuple[LinearRef, ...]:
         """Projections used where layer 0 has them: q_like/k_like and optional FFN inputs."""
@@ -340,8 +370,10 @@ STACK_KEYS = [
     "dims",
     "experts",
     "ffn",
+    "ffn_layouts",
     "layer",
     "layout",
+    "moves_with_heads",
     "name",
     "optional",
     "passive",
@@ -369,6 +401,7 @@ def _parse_spec(raw: dict[str, Any], source: str) -> ArchSpec:
         unknown_stacks = set(restriction.stacks) - {s.name for s in stacks}
         if unknown_stacks:
             raise ValueError(f"restriction names unknown stacks {sorted(unknown_stacks)}")
+    _check_moves_with_heads(stacks, restrictions)
     return ArchSpec(
         name=str(raw["name"]),
         model_types=tuple(raw.get("model_types") or (raw["name"],)),
@@ -419,7 +452,6 @@ def _parse_stack(raw: dict[str, Any], name: str) -> StackSpec:
     layout = raw.get("layout", "out_in")
     dims = _mapping(raw["dims"], {"num_layers", "num_heads", "hidden_size", "num_kv_heads", "head_dim"}, "dims")
     attention = _mapping(raw["attention"], {"q", "k", "v", "o", "qkv", "q_like", "k_like"}, "attention")
-    ffn = _mapping(raw["ffn"], {"inputs", "output"}, "ffn") if raw.get("ffn") is not None else None
     stack = StackSpec(
         name=name,
         layer=str(raw["layer"]),
@@ -439,18 +471,18 @@ def _parse_stack(raw: dict[str, Any], name: str) -> StackSpec:
             q_like=tuple(_linear(r, layout) for r in attention.get("q_like") or ()),
             k_like=tuple(_linear(r, layout) for r in attention.get("k_like") or ()),
         ),
-        ffn=FfnSpec(
-            inputs=tuple(_linear(r, layout, ffn_input=True) for r in ffn["inputs"]),
-            output=_linear(ffn["output"], layout),
-        )
-        if ffn is not None
-        else None,
+        ffn=_parse_ffn(raw["ffn"], layout) if raw.get("ffn") is not None else None,
         config_section=raw.get("config_section"),
         rope=_parse_rope(raw.get("rope")),
         passive=_names(raw.get("passive")),
         optional=bool(raw.get("optional", False)),
         residual=_parse_residual(raw["residual"]) if raw.get("residual") is not None else None,
         experts=_parse_experts(raw["experts"], layout) if raw.get("experts") is not None else None,
+        ffn_layouts=tuple(_parse_layout(r, layout) for r in raw.get("ffn_layouts") or ()),
+        moves_with_heads={
+            str(side): _names(names)
+            for side, names in _mapping(raw.get("moves_with_heads") or {}, {"q", "k", "v"}, "moves_with_heads").items()
+        },
     )
     _check_stack(stack)
     return stack
@@ -468,6 +500,56 @@ def _check_stack(stack: StackSpec) -> None:
             raise ValueError(f"{what} has a bias, which no symmetry touches: list it under passive instead")
     if "{i}" not in stack.layer:
         raise ValueError(f"layer pattern {stack.layer!r} must contain {{i}}")
+    layouts = stack.layouts()
+    if stack.ffn_layouts:
+        if not layouts[0].probes():
+            raise ValueError("ffn_layouts are alternatives to the stack's ffn / experts, which it lacks")
+        if len({layout.name for layout in layouts}) != len(layouts):
+            raise ValueError("ffn_layouts names must be distinct (and not 'default')")
+        counts = {layout.experts.count for layout in layouts if layout.experts}
+        if len(counts) > 1:
+            raise ValueError("every layout's experts must take their count from the same config keys")
+
+
+def _check_moves_with_heads(stacks: tuple[StackSpec, ...], restrictions: tuple[Restriction, ...]) -> None:
+    """A vector that moves with the heads is only permuted: every rotation and scale of its circuit
+    must be off in its stack whatever the config (a restriction without `when`)."""
+    for stack in stacks:
+        fixed = [r for r in restrictions if not r.when and (not r.stacks or stack.name in r.stacks)]
+        always = {name for r in fixed for name in r.disable}
+        for side in stack.moves_with_heads:
+            circuit = "qk" if side in ("q", "k") else "vo"
+            needed = {f"{circuit}.rot", f"{circuit}.scale", f"{circuit}.linear"}
+            if not needed <= always:
+                raise ValueError(
+                    f"moves_with_heads {side}: {circuit} rotations and scales would act on "
+                    f"{list(stack.moves_with_heads[side])}; a restriction without `when` must disable "
+                    f"{sorted(needed - always)}"
+                )
+
+
+def _parse_ffn(raw: Any, layout: str, optional_inputs: bool = True) -> FfnSpec:
+    raw = _mapping(raw, {"inputs", "output"}, "ffn")
+    ffn = FfnSpec(
+        inputs=tuple(_linear(r, layout, ffn_input=True) for r in raw["inputs"]),
+        output=_linear(raw["output"], layout),
+    )
+    if not optional_inputs and any(ref.optional for ref in ffn.inputs):
+        raise ValueError("the FFN inputs of an ffn_layouts entry cannot be optional")
+    return ffn
+
+
+def _parse_layout(raw: Any, layout: str) -> FfnLayout:
+    """One `ffn_layouts` entry: {name, ffn, experts}, at least one of ffn and experts."""
+    raw = _mapping(raw, {"name", "ffn", "experts"}, "an ffn_layouts entry")
+    result = FfnLayout(
+        name=str(raw["name"]),
+        ffn=_parse_ffn(raw["ffn"], layout, optional_inputs=False) if raw.get("ffn") is not None else None,
+        experts=_parse_experts(raw["experts"], layout) if raw.get("experts") is not None else None,
+    )
+    if not result.probes():
+        raise ValueError(f"ffn_layouts entry {result.name!r} needs an ffn or experts")
+    return result
 
 
 def _parse_experts(raw: Any, layout: str) -> ExpertsSpec:

@@ -180,6 +180,11 @@ def _module(ref: Any) -> str:
 
 
 def _ffn_feature(stack: StackSpec) -> list[tuple[str, str]]:
+    """The stack's own FFN layout's permutations, then those of its per-layer alternatives."""
+    return [*_own_ffn_feature(stack), *_layout_features(stack)]
+
+
+def _own_ffn_feature(stack: StackSpec) -> list[tuple[str, str]]:
     features = []
     if stack.experts is not None:
         names = "+".join(_module(ref) for ref in stack.experts.ffn.inputs)
@@ -201,6 +206,24 @@ def _ffn_feature(stack: StackSpec) -> list[tuple[str, str]]:
     )
     optional = "; ? = where present" if any(ref.optional for ref in inputs) else ""
     return [(f"FFN perm ({names})", f"FFN neuron permutation ({names} share one{optional})")]
+
+
+def _layout_features(stack: StackSpec) -> list[tuple[str, str]]:
+    """The alternative per-layer FFN layouts (ffn_layouts), each with the FFN permutation it gets."""
+    features = []
+    for layout in stack.ffn_layouts:
+        parts = []
+        if layout.ffn is not None:
+            parts.append("FFN perm (" + "+".join(_module(ref) for ref in layout.ffn.inputs) + ")")
+        if layout.experts is not None:
+            parts.append("experts perm, FFN perm per expert")
+        features.append(
+            (
+                f"{layout.name} layers: {', '.join(parts)}",
+                f"layers holding the {layout.name!r} FFN layout's tensors: {', '.join(parts)}",
+            )
+        )
+    return features
 
 
 def _qk_feature(stack: StackSpec) -> tuple[str, str]:

@@ -47,6 +47,11 @@ class Attention:
     head_dim: int
     q_like: list[Linear] = field(default_factory=list)  # extra tensors transformed exactly like Q
     k_like: list[Linear] = field(default_factory=list)  # ... and like K (e.g. DeBERTa pos_key_proj)
+    # per-coordinate vectors over the Q (K, V) output width that move with whole heads and nothing else
+    # (OLMo 2's full-width q_norm / k_norm gains); the spec keeps that circuit's rotations and scales off
+    q_vectors: list[torch.Tensor] = field(default_factory=list)
+    k_vectors: list[torch.Tensor] = field(default_factory=list)
+    v_vectors: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def group_size(self) -> int:
@@ -128,26 +133,44 @@ def _unpack(blocks: Blocks, templates: list[Linear]) -> list[Linear]:
     return [Linear(take(linear.weight), take(linear.bias)) for linear in templates]  # type: ignore[arg-type]
 
 
+def _columns(vectors: list[torch.Tensor]) -> list[Linear]:
+    """Head-indexed vectors as one-column weights (they pack like a bias, after the weights)."""
+    return [Linear(vector[:, None]) for vector in vectors]
+
+
 def qk_circuit(att: Attention) -> Circuit:
     g, dh = att.num_kv_heads, att.head_dim
-    return Circuit(_pack([att.q, *att.q_like], g, dh), _pack([att.k, *att.k_like], g, dh))
+    return Circuit(
+        _pack([att.q, *att.q_like, *_columns(att.q_vectors)], g, dh),
+        _pack([att.k, *att.k_like, *_columns(att.k_vectors)], g, dh),
+    )
 
 
 def vo_circuit(att: Attention) -> Circuit:
     g, dh = att.num_kv_heads, att.head_dim
-    return Circuit(_pack([att.v], g, dh), _pack([Linear(att.o.weight.T)], g, dh))
+    return Circuit(_pack([att.v, *_columns(att.v_vectors)], g, dh), _pack([Linear(att.o.weight.T)], g, dh))
 
 
 def with_qk(att: Attention, circuit: Circuit) -> Attention:
-    q, *q_like = _unpack(circuit.left, [att.q, *att.q_like])
-    k, *k_like = _unpack(circuit.right, [att.k, *att.k_like])
-    return replace(att, q=q, k=k, q_like=q_like, k_like=k_like)
+    nq, nk = 1 + len(att.q_like), 1 + len(att.k_like)
+    left = _unpack(circuit.left, [att.q, *att.q_like, *_columns(att.q_vectors)])
+    right = _unpack(circuit.right, [att.k, *att.k_like, *_columns(att.k_vectors)])
+    return replace(
+        att,
+        q=left[0],
+        k=right[0],
+        q_like=left[1:nq],
+        k_like=right[1:nk],
+        q_vectors=[c.weight[:, 0] for c in left[nq:]],
+        k_vectors=[c.weight[:, 0] for c in right[nk:]],
+    )
 
 
 def with_vo(att: Attention, circuit: Circuit) -> Attention:
-    (v,) = _unpack(circuit.left, [att.v])
+    v, *vectors = _unpack(circuit.left, [att.v, *_columns(att.v_vectors)])
     (o_t,) = _unpack(circuit.right, [Linear(att.o.weight.T)])
-    return replace(att, v=v, o=Linear(o_t.weight.T))  # O's own layout again when the blocks kept it
+    # O's own layout again when the blocks kept it
+    return replace(att, v=v, o=Linear(o_t.weight.T), v_vectors=[c.weight[:, 0] for c in vectors])
 
 
 def ffn_rows(ffn: Ffn, dtype: torch.dtype | None = None) -> torch.Tensor:

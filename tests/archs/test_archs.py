@@ -96,8 +96,8 @@ CASES: dict[str, tuple[str, dict, str, set[str]]] = {
     "qwen2-moe-norm-topk": ("qwen2-moe", {"norm_topk_prob": True, "qkv_bias": False}, "qwen2_moe", set()),
     # q_norm / k_norm: QK rotation and scale are off (configs/archs/qwen3_moe.yaml)
     "qwen3-moe-qk-norm": ("qwen3-moe", {}, "qwen3_moe", {"qk.rot", "qk.scale"}),
-    # full-width q_norm / k_norm: QK maps and head permutation off (configs/archs/olmo2.yaml)
-    "olmo2-gqa2": ("olmo2", {}, "olmo2", {"qk.rot", "qk.scale", "heads.perm"}),
+    # full-width q_norm / k_norm: QK maps off, heads move with their gain slices (configs/archs/olmo2.yaml)
+    "olmo2-gqa2": ("olmo2", {}, "olmo2", {"qk.rot", "qk.scale"}),
     # post-sublayer norms, soft-capping, sliding window: every per-layer map exact (configs/archs/gemma2.yaml)
     "gemma2-gqa2-window-softcap": ("gemma2", {}, "gemma2", set()),
     "gemma2-mha-untied-biases": (
@@ -112,7 +112,7 @@ CASES: dict[str, tuple[str, dict, str, set[str]]] = {
         "olmo2",
         {"num_key_value_heads": 4, "attention_bias": True},
         "olmo2",
-        {"qk.rot", "qk.scale", "heads.perm"},
+        {"qk.rot", "qk.scale"},
     ),
 }
 COVERED_ELSEWHERE = {"roberta", "vit"}  # tests/align/test_match.py

@@ -317,7 +317,7 @@ def test_olmo2_full_width_qk_norm_rules_out_qk_rotation_and_scale(olmo2, tmp_pat
 
 @pytest.mark.parametrize("with_gains", [True, False])
 def test_olmo2_heads_permute_only_with_their_qk_norm_gains(olmo2, tmp_path, with_gains):
-    """Exact when q_norm / k_norm move with the heads; the per-layer maps never move them: heads.perm off."""
+    """Exact when q_norm / k_norm move with the heads (the spec's moves_with_heads), not without them."""
     moved = edit(olmo2["trained"], tmp_path / "h", _olmo2_heads([1, 0], with_gains))
     change = max_relative_change(olmo2["trained"], moved)
     assert (change < SAME) if with_gains else (change > BROKEN), change
