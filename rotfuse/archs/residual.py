@@ -266,7 +266,7 @@ def _coupled(stacks: list[StackSpec], found: Any) -> list[list[str]]:
 
 def _full(bound: BoundArch, name: str) -> str:
     """A model-level name of a residual section: from the root with a leading "/", else after the prefix."""
-    return name[1:] if name.startswith("/") else bound.prefix + name
+    return bound.name(name)
 
 
 def _first(
@@ -288,7 +288,7 @@ class _Classifier:
     def __init__(self, bound: BoundArch, stacks: list[StackSpec], config: dict[str, Any], where: str):
         self.bound, self.stacks, self.config, self.where = bound, stacks, config, where
         self.sections = {s.name: _section(bound.spec, s) for s in stacks}
-        self.layer_patterns = {stack.name: stack.layer_pattern(bound.prefix) for stack in stacks}
+        self.layer_patterns = {stack.name: bound.layer_pattern(stack) for stack in stacks}
         self.derived = {s.name: _derived(s, bound.dims[s.name].num_experts) for s in stacks}
 
     def classify(self, name: str) -> _Found:
