@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.cli import run_here
-from helpers.functions import assert_same_function, max_relative_change, save_pair
+from helpers.functions import assert_same_function, max_relative_change
+from helpers.gemma3_mm import trained_like_pair
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -26,8 +27,8 @@ from rotfuse.archs.bind import bind, select_spec
 from rotfuse.archs.spec import load_spec_file
 from rotfuse.core.errors import InputError
 from rotfuse.eval.runtime import load_model
+from rotfuse.symmetry.names import symmetry_set
 
-PROJECTOR = "multi_modal_projector.mm_input_projection_weight"
 T5_VISION, HUB_VISION = "vision_tower.", "vision_tower.vision_model."
 
 
@@ -56,16 +57,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     """The tiny model and a different-seed anchor as transformers 5 writes them (trained-like
     projector and norm gains), and the model again under the hub's names."""
     root = tmp_path_factory.mktemp("gemma3-hub")
-    model, anchor = save_pair("gemma3-mm", root)
-    for seed, folder in enumerate((model, anchor)):
-        gen = torch.Generator().manual_seed(seed)
-        tensors = load_file(str(folder / "model.safetensors"))
-        for name, value in tensors.items():
-            if name == PROJECTOR:
-                tensors[name] = 0.25 * torch.randn(value.shape, generator=gen)
-            elif "norm" in name:
-                tensors[name] = value + 0.5 * torch.randn(value.shape, generator=gen)
-        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    model, anchor = trained_like_pair(root)
     hub = _rewrite(model, root / "hub", _hub_name)
     return {"model": model, "anchor": anchor, "hub": hub}
 
@@ -107,6 +99,19 @@ def test_scramble_and_match_back_in_the_hub_era(folders, tmp_path):
     assert totals["after"] < 1e-5 * totals["before"]
     assert _names(tmp_path / "back") == _names(hub)
     assert_same_function(hub, tmp_path / "back")
+
+
+def test_both_residual_streams_move_in_the_hub_era(folders, tmp_path):
+    """The residual sections' names (embeddings, post_layernorm, projector) follow the renames too."""
+    hub = folders["hub"]
+    options = MatchOptions(symmetries=symmetry_set("default,residual"), device="cpu")
+    report = scramble(hub, tmp_path / "scrambled", options, seed=9)
+    assert report["residual"]["maps"] == {"text": "permutation", "vision": "permutation"}
+    assert _names(tmp_path / "scrambled") == _names(hub)
+    moved = load_file(str(tmp_path / "scrambled" / "model.safetensors"))
+    patch = HUB_VISION + "embeddings.patch_embedding.weight"
+    assert not torch.equal(moved[patch], load_file(str(hub / "model.safetensors"))[patch])
+    assert_same_function(hub, tmp_path / "scrambled", main_only=True)
 
 
 def test_an_anchor_of_the_other_era_pairs_by_meaning(folders, tmp_path):
