@@ -47,8 +47,11 @@ def folded_view(path: Path) -> StreamSide:
 
 
 def counterpart(name: str, model: OpenedModel, anchor: OpenedModel) -> str:
-    """The anchor's name for a model tensor (their key prefixes may differ, e.g. bert. vs none)."""
+    """The anchor's name for a model tensor (their key prefixes may differ, e.g. bert. vs none, and
+    their naming eras, the spec's `renames`)."""
     prefix = model.bound.prefix
+    if model.bound.layout != anchor.bound.layout:
+        return anchor.bound.name(model.bound.canonical(name))
     if prefix and name.startswith(prefix):
         return anchor.bound.prefix + name[len(prefix) :]
     if not prefix and anchor.bound.prefix and not name.startswith(anchor.bound.prefix):

@@ -4,6 +4,7 @@ config.json, the coverage of every layer tensor, and the restrictions its config
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from rotfuse.archs.spec import (
     ArchSpec,
     LinearRef,
+    NameLayout,
     RopeSpec,
     StackSpec,
     builtin_specs,
@@ -61,6 +63,7 @@ class BoundArch:
     stack_disabled: dict[str, frozenset[str]] = field(default_factory=dict)  # restrictions limited to stacks
     # per stack with ffn_layouts: the index into StackSpec.layouts() of each layer's FFN layout
     layer_layouts: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    layout: NameLayout = NameLayout()  # the naming era of this checkpoint (spec `renames`)
 
     def disabled_in(self, stack: str) -> frozenset[str]:
         """The symmetries switched off in one stack (the global ones and that stack's own)."""
@@ -78,7 +81,25 @@ class BoundArch:
         return next(s for s in self.spec.stacks if s.name == name)
 
     def full_name(self, layer: LayerId, relative: str) -> str:
-        return self.prefix + self.stack(layer.stack).layer.format(i=layer.index) + relative
+        return self.name(self.stack(layer.stack).layer.format(i=layer.index) + relative)
+
+    def name(self, spec_name: str) -> str:
+        """The checkpoint's name for a spec name: relative to the key prefix, or from the root
+        with a leading "/" (residual sections); renamed by the checkpoint's naming era."""
+        if spec_name.startswith("/"):
+            return self.layout.apply(spec_name[1:])
+        return self.prefix + self.layout.apply(spec_name)
+
+    def canonical(self, name: str) -> str:
+        """A checkpoint name without its key prefix, in the spec's naming era (the key under which
+        two checkpoints of different prefixes or eras pair their tensors)."""
+        if self.prefix and name.startswith(self.prefix):
+            name = name[len(self.prefix) :]
+        return self.layout.revert(name)
+
+    def layer_pattern(self, stack: StackSpec) -> re.Pattern[str]:
+        """The regex of one stack's layer tensors in this checkpoint (StackSpec.layer_pattern)."""
+        return stack.layer_pattern(self.prefix, self.layout)
 
     def layer_spec(self, layer: LayerId) -> StackSpec:
         """The stack spec of one layer, with that layer's FFN layout (stacks with ffn_layouts)."""
@@ -123,33 +144,34 @@ def bind(spec: ArchSpec, config: dict[str, Any], names: Iterable[str] | Checkpoi
     """Resolve a spec against one checkpoint's config and tensor names (an iterable of names, or
     a Checkpoint): key prefix, stacks present, sizes, coverage of every layer tensor, restrictions."""
     all_names = set(names.names() if hasattr(names, "names") else names)
-    prefix, absent = _detect_prefix(spec, all_names, where)
+    prefix, layout, absent = _detect_prefix(spec, all_names, where)
+    named = BoundArch(spec, prefix, {}, layout=layout)  # names only, for the checks below
     dims = {stack.name: _read_dims(stack, config, where) for stack in spec.stacks}
     layer_layouts: dict[str, tuple[int, ...]] = {}
     for stack in spec.stacks:
         if stack.name not in absent:
-            last = prefix + stack.layer.format(i=dims[stack.name].num_layers - 1) + stack.probe()
+            last = named.name(stack.layer.format(i=dims[stack.name].num_layers - 1) + stack.probe())
             if last not in all_names:  # (also keeps a corrupt layer count from being enumerated)
                 raise InputError(
                     f"{where}: the config gives {dims[stack.name].num_layers} layers, but tensor "
                     f"{last!r} of the last one is not in the checkpoint"
                 )
             if stack.ffn_layouts:
-                layer_layouts[stack.name] = _layer_layouts(spec, stack, prefix, dims[stack.name], all_names, where)
-            _check_coverage(spec, stack, prefix, dims[stack.name], all_names, where, layer_layouts.get(stack.name))
+                layer_layouts[stack.name] = _layer_layouts(spec, stack, named, dims[stack.name], all_names, where)
+            _check_coverage(spec, stack, named, dims[stack.name], all_names, where, layer_layouts.get(stack.name))
     disabled, stack_disabled, notes = _restrictions(spec, config)
     notes += [f"{spec.name}: no {name!r} stack in this checkpoint (left as is)" for name in sorted(absent)]
-    extras = _present_extras(spec, prefix, all_names)
+    extras = _present_extras(spec, named, all_names)
     for stack in spec.stacks:
         if (
             stack.name not in absent
             and stack.ffn is not None
             and not any(not ref.optional or f"{stack.name}/{ref.weight}" in extras for ref in stack.ffn.inputs)
         ):
-            first = prefix + stack.layer.format(i=0)
+            first = stack.layer.format(i=0)
             raise InputError(
                 f"{where}: none of the FFN inputs of the {spec.name} spec "
-                f"({', '.join(first + ref.weight for ref in stack.ffn.inputs)}) is in the checkpoint"
+                f"({', '.join(named.name(first + ref.weight) for ref in stack.ffn.inputs)}) is in the checkpoint"
             )
     return BoundArch(
         spec,
@@ -161,17 +183,18 @@ def bind(spec: ArchSpec, config: dict[str, Any], names: Iterable[str] | Checkpoi
         extras,
         {name: frozenset(off) for name, off in stack_disabled.items()},
         layer_layouts,
+        layout,
     )
 
 
-def _present_extras(spec: ArchSpec, prefix: str, names: set[str]) -> frozenset[str]:
+def _present_extras(spec: ArchSpec, named: BoundArch, names: set[str]) -> frozenset[str]:
     """ "stack/weight" of every optional projection (q_like/k_like, optional FFN inputs) that
     layer 0 has (they depend on config)."""
     return frozenset(
         f"{stack.name}/{ref.weight}"
         for stack in spec.stacks
         for ref in stack.optional_refs()
-        if prefix + stack.layer.format(i=0) + ref.weight in names
+        if named.name(stack.layer.format(i=0) + ref.weight) in names
     )
 
 
@@ -195,30 +218,54 @@ def _restrictions(spec: ArchSpec, config: dict[str, Any]) -> tuple[set[str], dic
     return disabled, stack_disabled, notes
 
 
-def _detect_prefix(spec: ArchSpec, names: set[str], where: str) -> tuple[str, set[str]]:
-    """The first prefix under which a stack's layer 0 exists; and the optional stacks missing there."""
+def _detect_prefix(spec: ArchSpec, names: set[str], where: str) -> tuple[str, NameLayout, set[str]]:
+    """The first prefix under which a stack's layer 0 exists, the naming era (spec `renames`)
+    whose names the checkpoint has, and the optional stacks missing there. Two eras that both
+    name every stack found are refused: the checkpoint mixes them."""
+
+    def probe(prefix: str, layout: NameLayout, stack: StackSpec) -> str:
+        return prefix + layout.apply(stack.layer.format(i=0) + stack.probe())
+
     for prefix in spec.prefixes:
-        found = {s.name for s in spec.stacks if prefix + s.layer.format(i=0) + s.probe() in names}
-        if not found:
+        candidates = [
+            (layout, found)
+            for layout in spec.layouts
+            if (found := {s.name for s in spec.stacks if probe(prefix, layout, s) in names})
+        ]
+        if not candidates:
             continue
-        for stack in spec.stacks:
-            if stack.name not in found and not stack.optional:
-                missing = prefix + stack.layer.format(i=0) + stack.probe()
-                raise InputError(f"{where}: tensor {missing!r} not found (the {spec.name} spec needs it)")
-        return prefix, {s.name for s in spec.stacks} - found
-    tried = ", ".join(repr(p + s.layer.format(i=0) + s.probe()) for p in spec.prefixes for s in spec.stacks)
+        complete = [
+            (layout, found) for layout, found in candidates if all(s.optional or s.name in found for s in spec.stacks)
+        ]
+        if not complete:
+            layout, found = candidates[0]
+            stack = next(s for s in spec.stacks if not s.optional and s.name not in found)
+            raise InputError(
+                f"{where}: tensor {probe(prefix, layout, stack)!r} not found (the {spec.name} spec needs it)"
+            )
+        most = max(len(found) for _, found in complete)
+        best = [(layout, found) for layout, found in complete if len(found) == most]
+        if len(best) > 1:
+            layouts = "; ".join(str(layout) for layout, _ in best)
+            raise InputError(
+                f"{where}: the tensor names fit several naming layouts of the {spec.name} spec ({layouts}), "
+                "e.g. a checkpoint that mixes two transformers versions; rename its tensors to one layout"
+            )
+        layout, found = best[0]
+        return prefix, layout, {s.name for s in spec.stacks} - found
+    tried = ", ".join(repr(probe(p, layout, s)) for p in spec.prefixes for layout in spec.layouts for s in spec.stacks)
     raise InputError(f"{where}: does not look like a {spec.name} checkpoint (none of {tried} found)")
 
 
 def _layer_layouts(
-    spec: ArchSpec, stack: StackSpec, prefix: str, dims: Dims, names: set[str], where: str
+    spec: ArchSpec, stack: StackSpec, named: BoundArch, dims: Dims, names: set[str], where: str
 ) -> tuple[int, ...]:
     """Each layer's FFN layout: the one whose identifying tensors (FFN output, router) it holds.
     A layer matching none or several is refused."""
     layouts = stack.layouts()
     chosen = []
     for i in range(dims.num_layers):
-        first = prefix + stack.layer.format(i=i)
+        first = named.name(stack.layer.format(i=i))
         matches = [j for j, layout in enumerate(layouts) if all(first + p in names for p in layout.probes())]
         if len(matches) != 1:
             what = "none" if not matches else "several (" + ", ".join(layouts[j].name for j in matches) + ")"
@@ -234,7 +281,7 @@ def _layer_layouts(
 def _check_coverage(
     spec: ArchSpec,
     stack: StackSpec,
-    prefix: str,
+    named: BoundArch,
     dims: Dims,
     names: set[str],
     where: str,
@@ -243,7 +290,7 @@ def _check_coverage(
     """Refuse layer tensors the spec does not describe: one might read Q or K (a QK-norm, a LoRA
     adapter, a relative-position table), and a symmetry that ignores it could change the function.
     `layouts`: each layer's FFN layout (stacks with ffn_layouts); a layer is covered by its own."""
-    pattern = stack.layer_pattern(prefix)
+    pattern = named.layer_pattern(stack)
     by_layout = {j: set(stack.with_layout(j).touched(dims.num_experts)) for j in set(layouts or (0,))}
     for name in sorted(names):
         found = pattern.fullmatch(name)

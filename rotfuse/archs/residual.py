@@ -224,23 +224,49 @@ def residual_plans(bound: BoundArch, checkpoint: Checkpoint, allow_untie: bool =
     without a `residual:` section. `allow_untie`: with tied embeddings, fold anyway (see
     ResidualPlan)."""
     stacks = [s for s in bound.spec.stacks if s.name not in bound.absent]
-    classifier = _Classifier(bound, stacks, checkpoint.config, str(checkpoint.folder))
+    where = str(checkpoint.folder)
+    classifier = _Classifier(bound, stacks, checkpoint.config, where)
     found = {name: classifier.classify(name) for name in checkpoint.names()}
     present = {s.name for s in stacks}
-    for name, item in found.items():
-        missing = set(item.streams) - present
+    for name, items in found.items():
+        missing = {stream for item in items for stream in item.streams} - present
         if missing:
             raise InputError(
                 f"{checkpoint.folder}: tensor {name!r} sits on the residual stream of stack "
                 f"{sorted(missing)[0]!r}, which this checkpoint does not have"
             )
-    groups = _coupled(stacks, found.values())
+    groups = _coupled(stacks, [item for items in found.values() for item in items])
     plans = {}
     for group in groups:
         key = "+".join(group)
-        members = {n: f for n, f in found.items() if f.streams and f.streams[0] in group}
+        members = {}
+        for name, items in found.items():
+            mine = [item for item in items if item.streams and item.streams[0] in group]
+            if len(mine) > 1:
+                raise InputError(
+                    f"{where}: tensor {name!r} sits on the residual streams {key!r} in two roles "
+                    f"({', '.join(item.role for item in mine)}), and those streams move by one map"
+                )
+            if mine:
+                members[name] = mine[0]
         plans[key] = _plan(bound, key, [s for s in stacks if s.name in group], checkpoint, members, allow_untie)
+    _check_bridges(plans, where)
     return plans
+
+
+def _check_bridges(plans: dict[str, ResidualPlan], where: str) -> None:
+    """A tensor on several independent streams (a projector reading one and writing another) must
+    meet each on axes of its own: the maps then act on different axes and commute."""
+    seen: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for key, plan in plans.items():
+        for name, entry in plan.tensors.items():
+            if name in seen and set(seen[name][1]) & set(entry.axes):
+                raise InputError(
+                    f"{where}: tensor {name!r} sits on the residual streams {seen[name][0]!r} and {key!r} "
+                    f"on the same axis ({sorted(set(seen[name][1]) & set(entry.axes))[0]}), which two "
+                    "independent maps cannot both move"
+                )
+            seen.setdefault(name, (key, entry.axes))
 
 
 def _coupled(stacks: list[StackSpec], found: Any) -> list[list[str]]:
@@ -266,7 +292,7 @@ def _coupled(stacks: list[StackSpec], found: Any) -> list[list[str]]:
 
 def _full(bound: BoundArch, name: str) -> str:
     """A model-level name of a residual section: from the root with a leading "/", else after the prefix."""
-    return name[1:] if name.startswith("/") else bound.prefix + name
+    return bound.name(name)
 
 
 def _first(
@@ -288,15 +314,17 @@ class _Classifier:
     def __init__(self, bound: BoundArch, stacks: list[StackSpec], config: dict[str, Any], where: str):
         self.bound, self.stacks, self.config, self.where = bound, stacks, config, where
         self.sections = {s.name: _section(bound.spec, s) for s in stacks}
-        self.layer_patterns = {stack.name: stack.layer_pattern(bound.prefix) for stack in stacks}
+        self.layer_patterns = {stack.name: bound.layer_pattern(stack) for stack in stacks}
         self.derived = {s.name: _derived(s, bound.dims[s.name].num_experts) for s in stacks}
 
-    def classify(self, name: str) -> _Found:
+    def classify(self, name: str) -> tuple[_Found, ...]:
+        """The tensor's memberships: one per role it plays on the streams (a tensor reading one
+        stream and writing another has two), streams that share a role coupled in one."""
         matches = [
             (stack, m) for stack in self.stacks if (m := self.layer_patterns[stack.name].fullmatch(name)) is not None
         ]
         if matches:
-            return self._in_layer(name, matches)
+            return (self._in_layer(name, matches),)
         claims, free = [], False
         for stack in self.stacks:
             rule = _first(self.sections[stack.name].model, name, self.config, lambda g: _full(self.bound, g))
@@ -305,19 +333,20 @@ class _Classifier:
             elif rule is not None:
                 claims.append(_Found.of(rule, name, (own_stream(stack),), None, lambda g: _full(self.bound, g)))
         if claims:
-            return self._merge(name, claims)
+            roles = dict.fromkeys((claim.role, claim.layout) for claim in claims)
+            return tuple(self._merge(name, [c for c in claims if (c.role, c.layout) == role]) for role in roles)
         if free:
-            return _Found((), None, "free")
+            return (_Found((), None, "free"),)
         raise _unclassified(name, self.bound, self.config, self.where)
 
     def _merge(self, name: str, claims: list[_Found]) -> _Found:
-        """One tensor claimed by several stacks: the same role everywhere, on each of their streams."""
+        """One tensor claimed by several stacks in one role: on each of their streams (coupling them)."""
         first = claims[0]
         for other in claims[1:]:
             if replace(other, streams=first.streams) != first:
                 raise InputError(
                     f"{self.where}: tensor {name!r} is placed on the residual streams of several "
-                    f"stacks in different roles by the {self.bound.spec.name} spec"
+                    f"stacks in one role but differently (readers, bias, offset) by the {self.bound.spec.name} spec"
                 )
         streams = tuple(dict.fromkeys(s for claim in claims for s in claim.streams))
         return replace(first, streams=streams)

@@ -36,6 +36,32 @@ _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when ava
 
 
 @dataclass(frozen=True)
+class NameLayout:
+    """One naming era of a family's checkpoints: prefixes of the spec's names (after the key
+    prefix, or from the root for "/..." names) and what the checkpoint calls them instead. The
+    identity (no renames) is the spec's own names."""
+
+    renames: tuple[tuple[str, str], ...] = ()  # (spec prefix, checkpoint prefix)
+
+    def apply(self, name: str) -> str:
+        """The checkpoint's name for a spec name (the longest matching spec prefix is renamed)."""
+        for src, dst in sorted(self.renames, key=lambda pair: -len(pair[0])):
+            if name.startswith(src):
+                return dst + name[len(src) :]
+        return name
+
+    def revert(self, name: str) -> str:
+        """The spec's name for a checkpoint name (the inverse of `apply` on its image)."""
+        for src, dst in sorted(self.renames, key=lambda pair: -len(pair[1])):
+            if name.startswith(dst):
+                return src + name[len(dst) :]
+        return name
+
+    def __str__(self) -> str:
+        return ", ".join(f"{src!r} -> {dst!r}" for src, dst in self.renames) or "the spec's names"
+
+
+@dataclass(frozen=True)
 class LinearRef:
     """A linear layer's tensors, names relative to the layer prefix. A bias is used when present."""
 
@@ -229,10 +255,11 @@ class StackSpec:
         chosen = self.layouts()[index]
         return replace(self, ffn=chosen.ffn, experts=chosen.experts, ffn_layouts=())
 
-    def layer_pattern(self, prefix: str) -> re.Pattern[str]:
-        """The regex of this stack's layer tensors under `prefix`: group 1 the layer index, group 2
-        the name relative to the layer (the one place layer names are parsed)."""
-        return _layer_pattern(prefix + self.layer)
+    def layer_pattern(self, prefix: str, layout: NameLayout = NameLayout()) -> re.Pattern[str]:
+        """The regex of this stack's layer tensors under `prefix` (names as `layout` gives them):
+        group 1 the layer index, group 2 the name relative to the layer (the one place layer names
+        are parsed)."""
+        return _layer_pattern(prefix + layout.apply(self.layer))
 
     def probe(self) -> str:
         """The tensor whose presence in layer 0 identifies the stack (and the key prefix)."""
@@ -289,6 +316,8 @@ class ArchSpec:
     # model classes (globs on config.json `architectures`) whose main output IS the residual stream
     # (no head): a residual map moves their outputs, so it needs the user's consent
     stream_output_classes: tuple[str, ...] = ("*Model",)
+    # naming eras: the spec's own names first, then each `renames` entry (chosen at bind time)
+    layouts: tuple[NameLayout, ...] = (NameLayout(),)
 
 
 # ---------------------------------------------------------------------- loading
@@ -360,6 +389,7 @@ TOP_KEYS = [
     "model_types",
     "name",
     "prefixes",
+    "renames",
     "restrictions",
     "stacks",
     "stream_output_classes",
@@ -411,7 +441,32 @@ def _parse_spec(raw: dict[str, Any], source: str) -> ArchSpec:
         description=str(raw.get("description", "")),
         source=source,
         stream_output_classes=_names(raw.get("stream_output_classes", ["*Model"])),
+        layouts=(NameLayout(), *_parse_renames(raw.get("renames"), stacks)),
     )
+
+
+def _parse_renames(raw: Any, stacks: tuple[StackSpec, ...]) -> list[NameLayout]:
+    """`renames`: a list of `{spec prefix: checkpoint prefix}` mappings, one per other naming era.
+    Each must rename some stack's layer prefix, so that layer 0's tensors tell the eras apart."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ValueError("renames must be a list of mappings {spec prefix: checkpoint prefix}")
+    layouts = []
+    for entry in raw:
+        if not isinstance(entry, dict) or not entry:
+            raise ValueError(f"renames: each entry must be a non-empty mapping of name prefixes, got {entry!r}")
+        pairs = tuple((str(k), str(v)) for k, v in entry.items())
+        for src, dst in pairs:
+            if not src or not dst or src == dst or "{" in src + dst:
+                raise ValueError(f"renames: {src!r} -> {dst!r} is not a rename of one non-empty literal prefix")
+        layout = NameLayout(pairs)
+        if all(layout.apply(s.layer.format(i=0)) == s.layer.format(i=0) for s in stacks):
+            raise ValueError(f"renames: {layout} renames no stack's layer prefix, so no checkpoint can be told apart")
+        if any(layout.revert(layout.apply(s.layer)) != s.layer for s in stacks):
+            raise ValueError(f"renames: {layout} maps two spec prefixes to one checkpoint prefix")
+        layouts.append(layout)
+    return layouts
 
 
 def _names(value: Any) -> tuple[str, ...]:

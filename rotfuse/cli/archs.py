@@ -80,6 +80,7 @@ def describe_spec(spec: ArchSpec) -> dict[str, Any]:
         "symmetries": _merge(stacks, "symmetries"),
         "stacks": stacks,
         "restrictions": [describe_restriction(r) for r in spec.restrictions],
+        "renames": [dict(layout.renames) for layout in spec.layouts[1:]],
         "spec": spec.source,
     }
 

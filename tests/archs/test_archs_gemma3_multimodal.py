@@ -6,6 +6,7 @@ per image feature, end). Per-layer maps in both stacks keep every output and are
 text stack's QK maps are off (q_norm / k_norm), and that restriction is necessary. The residual maps the
 spec's comments work out -- a permutation of either stream moving the projector's rows (vision) or columns
 (text) with it -- are exact, and the projector is where they must move it: left out, the function breaks.
+The spec's residual maps themselves: tests/archs/test_archs_gemma3_mm_residual.py.
 """
 
 from __future__ import annotations
@@ -89,14 +90,6 @@ def test_scramble_keeps_the_function_and_matching_undoes_it(pair, tmp_path):
     assert totals["after"] < 1e-5 * totals["before"]
 
 
-def test_residual_map_is_off_with_its_reason(pair, tmp_path):
-    model, anchor = pair
-    options = MatchOptions(symmetries=symmetry_set("default,residual"), device="cpu")
-    report = match(anchor, model, tmp_path / "aligned", options)
-    assert any(note.startswith("residual.map off") for note in report["restrictions"]), report["restrictions"]
-    assert_same_function(model, tmp_path / "aligned")
-
-
 # ---------------------------------------------------------------------- necessity
 
 
@@ -171,7 +164,7 @@ def _permute_stream(tower: str, table: dict, width: int, skip: str = "") -> Call
 @pytest.mark.parametrize("with_projector", [True, False])
 def test_a_stream_permutation_is_exact_only_with_the_projector(pair, tmp_path, stream, with_projector):
     """The worked-out residual maps: exact with the projector's rows (vision) or columns (text) moved, and
-    the projector is a reader / writer of the stream that must move (why residual.map waits for the schema)."""
+    the projector is a reader / writer of the stream that must move (the spec puts it on both streams)."""
     model = pair[0]
     config = json.loads((model / "config.json").read_text())
     tower, table = ("vision_tower.", VISION_STREAM) if stream == "vision" else ("language_model.", TEXT_STREAM)

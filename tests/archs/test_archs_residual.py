@@ -179,6 +179,11 @@ CASES: dict[str, Case] = {
     "gemma2-token-cls-permutation": Case("gemma2", "Gemma2ForTokenClassification"),
     "gemma3-untied-permutation": Case("gemma3", overrides={"tie_word_embeddings": False}),
     "gemma3-seq-cls-permutation": Case("gemma3", "Gemma3TextForSequenceClassification"),
+    # two streams joined by the projector (reads vision on axis 0, writes text on axis 1); its output is
+    # the text stream (tests/archs/test_archs_gemma3_mm_residual.py, with trained-like projector and gains)
+    "gemma3-mm-permutation": Case(
+        "gemma3-mm", moved={"image_outputs.last_hidden_state": "vision", "image_outputs.pooler_output": "text"}
+    ),
     "olmo2-seq-cls-permutation": Case("olmo2", "Olmo2ForSequenceClassification"),
 }
 
@@ -241,15 +246,15 @@ def random_maps(plans: dict[str, ResidualPlan], orthogonal: bool, seed: int = 0)
 
 
 def write_moved(src: Path, dst: Path, plans: dict[str, ResidualPlan], maps: dict[str, StreamMap]) -> Path:
-    """What a caller does with the plans: every tensor through its plan's transform (gains read
+    """What a caller does with the plans: every tensor through its plans' transforms (gains read
     from the source), the added tensors of an untied head, the config updates."""
     checkpoint = Checkpoint.open(src)
     tensors = {name: checkpoint.get(name) for name in checkpoint.names()}
-    owner = {name: plan for plan in plans.values() for name in plan.tensors if name in tensors}
     out = {}
     for name, tensor in tensors.items():
-        plan = owner.get(name)
-        out[name] = tensor if plan is None else plan.transform(name, tensor, maps[plan.stack], tensors.__getitem__)
+        for plan in plans.values():  # a tensor on several streams (a projector) moves with each, on its axes
+            tensor = plan.transform(name, tensor, maps[plan.stack], tensors.__getitem__)
+        out[name] = tensor
     config = json.loads((src / "config.json").read_text())
     for plan in plans.values():
         for name, source in plan.added.items():

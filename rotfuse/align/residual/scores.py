@@ -44,10 +44,13 @@ class StreamSide:
     plans: dict[str, ResidualPlan]
     maps: dict[str, StreamMap]
     into: GainSource | None = None
-    _stack_of: dict[str, str] = field(default_factory=dict, repr=False)
+    _stacks_of: dict[str, list[str]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        self._stack_of = {name: stack for stack, plan in self.plans.items() for name in plan.tensors}
+        self._stacks_of = {}  # most tensors sit on one stream; a bridge (a projector) on two, on other axes
+        for stack, plan in self.plans.items():
+            for name in plan.tensors:
+                self._stacks_of.setdefault(name, []).append(stack)
 
     @classmethod
     def unmoved(cls, checkpoint: Checkpoint, plans: dict[str, ResidualPlan]) -> StreamSide:
@@ -57,11 +60,11 @@ class StreamSide:
         return replace(self, maps=maps, into=into)
 
     def on_stream(self, name: str) -> bool:
-        return name in self._stack_of
+        return name in self._stacks_of
 
-    def entry(self, name: str) -> StreamTensor:
-        """How the stream indexes a tensor on it (its stack, axes and role)."""
-        return self.plans[self._stack_of[name]].tensors[name]
+    def entries(self, name: str) -> list[StreamTensor]:
+        """How the streams index a tensor on them (stack, axes and role), one entry per stream."""
+        return [self.plans[stack].tensors[name] for stack in self._stacks_of[name]]
 
     @property
     def layer_view(self) -> TensorView | None:
@@ -71,17 +74,17 @@ class StreamSide:
 
     def view(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """The tensor's value in this side's basis (a `layer_io.TensorView`)."""
-        stack = self._stack_of.get(name)
-        if stack is None:
-            return tensor
-        return self.plans[stack].transform(name, tensor, self.maps[stack], self._gain)
+        for stack in self._stacks_of.get(name, ()):  # on other axes each: the maps commute
+            tensor = self.plans[stack].transform(name, tensor, self.maps[stack], self._gain)
+        return tensor
 
     def express(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """A viewed tensor (after any per-layer maps too) in the gains of `into`, to be written."""
-        stack = self._stack_of.get(name)
-        if stack is None or self.into is None:
+        if self.into is None:
             return tensor
-        return self.plans[stack].unfold(name, tensor, self.into)
+        for stack in self._stacks_of.get(name, ()):
+            tensor = self.plans[stack].unfold(name, tensor, self.into)
+        return tensor
 
     def read(self, name: str, source: str | None = None) -> torch.Tensor:
         """A whole tensor in this side's basis, in its stored dtype. `source`: read the value of

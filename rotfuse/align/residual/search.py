@@ -86,22 +86,28 @@ def search_stream_maps(plan: MatchPlan, stream: Stream) -> tuple[dict[str, Strea
         if setup.model.on_stream(n) and n not in layer_names and n not in folded
     ]
 
-    def outside_pass(maps: dict[str, StreamMap] | None) -> tuple[dict[str, torch.Tensor], float]:
-        """Scores of the tensors outside the matched layers (maps None), or their distance under maps."""
+    def outside_pass(maps: dict[str, StreamMap]) -> tuple[dict[str, torch.Tensor], float]:
+        """Scores of the tensors outside the matched layers, and their distance under `maps`. A
+        tensor on several streams (a projector) scores each with the others' maps applied: its
+        other axes must be in the anchor's basis to compare."""
         scores: dict[str, torch.Tensor] = {}
         total = 0.0
         for name in outside:
-            entry = setup.model.entry(name)
+            entries = setup.model.entries(name)
             src = setup.model.read(name).float()
             ref = setup.anchor.read(counterpart(name, plan.model, plan.anchor)).float()
-            if maps is None:  # (every tensor here has a stream axis: folded gains, all ones, are left out)
-                part = stream_scores(src, ref, entry.axes)
+            for entry in entries:  # (every tensor here has a stream axis: folded gains, all ones, are left out)
+                others = src
+                for other in entries:
+                    if other is not entry:
+                        others = maps[other.stack].apply(others, other.axes)
+                part = stream_scores(others, ref, entry.axes)
                 scores[entry.stack] = scores[entry.stack] + part if entry.stack in scores else part
-            else:
-                total += sq_distance(maps[entry.stack].apply(src, entry.axes), ref)
+            moved = src
+            for entry in entries:
+                moved = maps[entry.stack].apply(moved, entry.axes)
+            total += sq_distance(moved, ref)
         return scores, total
-
-    outside_scores, _ = stream.timed("solve", lambda: outside_pass(None))
 
     def evaluate(maps: dict[str, StreamMap]) -> tuple[float, dict[str, torch.Tensor]]:
         """Per-layer matching given the stream maps: the total distance, and C for the next maps."""
@@ -133,7 +139,7 @@ def search_stream_maps(plan: MatchPlan, stream: Stream) -> tuple[dict[str, Strea
         )
         for stage, seconds in pass_stream.timings.seconds.items():
             stream.timings.add(stage, seconds)
-        _, outside_distance = stream.timed("read", lambda: outside_pass(maps))
+        outside_scores, outside_distance = stream.timed("read", lambda: outside_pass(maps))
         scores = {
             s: outside_scores.get(s, 0)
             + to_unmoved_basis(cast(torch.Tensor, sum(parts[s] for parts, _ in extras if s in parts)), maps[s])
@@ -153,6 +159,7 @@ def search_stream_maps(plan: MatchPlan, stream: Stream) -> tuple[dict[str, Strea
 
     # round 0: the identity, so adding the residual symmetry never ends farther than leaving it out
     identity = {s: StreamMap.identity(setup.model.plans[s].hidden_size) for s in stacks}
+    outside_scores, _ = stream.timed("solve", lambda: outside_pass(identity))
     rounds: list[dict[str, Any]] = []
     total, scores = evaluate(identity)
     record(0, total, identity, scores)
