@@ -199,7 +199,7 @@ def run_pair(config: Config, train_ids: torch.Tensor, held: Path, seed: int, wor
     save_file(as_inputs(config, train_ids, 7), str(data_a))  # A's training text (fixed masks)
     test = load_file(str(held))
     settings = InterpolationSettings(grid(config.grid), batch_size=128, device="cpu", work_dir=work)
-    rows = []
+    rows: list[Row] = []
     for name, symmetries, activations, learn in VARIANTS:
         folder = work / f"b-{len(rows)}"
         options = MatchOptions(
