@@ -16,7 +16,8 @@ scored on held-out text (other standard-library files): the l = 0.5 loss and the
 matched copy is checked to compute B's function (`rotfuse verify`). Writes results.md and
 results.json to --out. Deterministic given the seeds.
 
-    nice -n 10 python scripts/experiment_gpt2.py                       # results/gpt2/
+    nice -n 10 python scripts/experiment_gpt2.py --seeds 0,1,2 --learn-symmetries default,residual,linear \
+        --learn-rate 3e-3 --learn-steps 800 --learn-decay cosine       # results/gpt2/
     nice -n 10 python scripts/experiment_gpt2.py --model bert          # results/bert-mlm/
     python scripts/experiment_gpt2.py --quick --out /tmp/q             # seconds
 """
@@ -44,13 +45,14 @@ from rotfuse.eval.runtime import offline
 from rotfuse.eval.verify import VerifyOptions, verify
 from rotfuse.symmetry.names import symmetry_set
 
-# (name in tables, --symmetries, residual map from activations on A's training text, learn)
+# (name in tables, --symmetries, residual map from activations on A's training text, learn);
+# the learned row's --symmetries are Config.learn_symmetries
 VARIANTS = [
     ("naive", "none", False, False),
     ("per-layer (default)", "default", False, False),
     ("+residual (weights)", "default,residual", False, False),
     ("+residual (activations)", "default,residual", True, False),
-    ("+learned", "default,residual", True, True),
+    ("+learned", None, True, True),
 ]
 MASK, PAD = 256, 257  # byte tokens 0-255, then the masked-LM's mask and padding ids
 IGNORE = -100
@@ -75,6 +77,9 @@ class Config:
     learn_steps: int = 300
     learn_batch: int = 32
     learn_rate: float = 1e-2
+    learn_symmetries: str = "default,residual"
+    lambda_schedule: str = "uniform"  # fixed, uniform ([0.3, 0.7]) or full ([0, 1])
+    learn_decay: str = "constant"  # or cosine
 
 
 FULL = Config()
@@ -195,11 +200,11 @@ def run_pair(config: Config, train_ids: torch.Tensor, held: Path, seed: int, wor
     save_file(as_inputs(config, train_ids, 7), str(data_a))  # A's training text (fixed masks)
     test = load_file(str(held))
     settings = InterpolationSettings(grid(config.grid), batch_size=128, device="cpu", work_dir=work)
-    rows = []
+    rows: list[Row] = []
     for name, symmetries, activations, learn in VARIANTS:
         folder = work / f"b-{len(rows)}"
         options = MatchOptions(
-            symmetries=symmetry_set(symmetries),
+            symmetries=symmetry_set(symmetries or config.learn_symmetries),
             device="cpu",
             data=data_a if activations else None,
             data_samples=config.activation_samples,
@@ -207,6 +212,8 @@ def run_pair(config: Config, train_ids: torch.Tensor, held: Path, seed: int, wor
             eval_data=held if learn else None,
             learn_steps=config.learn_steps,
             learn_rate=config.learn_rate,
+            lambda_schedule=config.lambda_schedule,
+            learn_decay=config.learn_decay,
             data_batch_size=config.learn_batch if learn else 16,
             seed=seed,
         )
@@ -240,6 +247,9 @@ def fmt(values: list[float], digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+LAMBDAS = {"fixed": "l = 0.5", "uniform": "l uniform in [0.3, 0.7]", "full": "l uniform in [0, 1]"}
+
+
 def markdown(config: Config, rows: list[Row], command: str) -> str:
     kind = (
         "GPT2LMHeadModel (pre-LN; next-token loss)"
@@ -263,9 +273,10 @@ def markdown(config: Config, rows: list[Row], command: str) -> str:
         "- midpoint loss: the plain average `(A + B_matched) / 2` (l = 0.5)",
         f"- barrier: `max_l L(l) - ((1-l) L(A) + l L(B))`, {config.grid}-point grid",
         "- function change: largest `|logits(B_matched) - logits(B)|` on the held-out text (`rotfuse verify`)",
-        f"- +learned: from the activation-matched copy, {config.learn_steps} Adam steps (rate {config.learn_rate}, "
-        f"batch {config.learn_batch}) on A's training text, l uniform in [0.3, 0.7]; learning s is its wall time "
-        "on 2 shared CPU cores",
+        f"- +learned: `-s {config.learn_symmetries}`, from the activation-matched copy, {config.learn_steps} Adam "
+        f"steps (rate {config.learn_rate}{', cosine decay' if config.learn_decay == 'cosine' else ''}, batch "
+        f"{config.learn_batch}) on A's training text, {LAMBDAS[config.lambda_schedule]}; learning s is its wall "
+        "time on 2 shared CPU cores",
         "",
         f"End models' held-out loss: {fmt(ends)} (nats per token).",
         "",
@@ -314,16 +325,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="results folder (results/gpt2 or results/bert-mlm)")
     parser.add_argument("--seeds", type=str, default=None, help="comma-separated seed pairs, e.g. 0,1")
     parser.add_argument("--work", type=Path, default=None, help="where temporary checkpoints go")
-    parser.add_argument("--learn-steps", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=None, help="training steps of each end model")
+    # overrides of Config's fields (None: the --quick or full default)
+    overrides = {
+        "steps": (int, "training steps of each end model"),
+        "hidden": (int, "end models' width"),
+        "layers": (int, "end models' depth"),
+        "intermediate": (int, "end models' FFN width"),
+        "learn_steps": (int, "learning steps"),
+        "learn_rate": (float, "learning rate"),
+        "learn_batch": (int, "learning batch size"),
+        "learn_symmetries": (str, "the learned row's --symmetries, e.g. default,residual,linear"),
+        "lambda_schedule": (str, "fixed, uniform or full"),
+        "learn_decay": (str, "constant or cosine"),
+    }
+    for field, (kind, text) in overrides.items():
+        parser.add_argument("--" + field.replace("_", "-"), type=kind, default=None, help=text)
     args = parser.parse_args(argv)
     config = replace(QUICK if args.quick else FULL, model=args.model)
     if args.seeds:
         config = replace(config, seeds=tuple(int(s) for s in args.seeds.split(",")))
-    if args.learn_steps is not None:
-        config = replace(config, learn_steps=args.learn_steps)
-    if args.steps is not None:
-        config = replace(config, steps=args.steps)
+    config = replace(config, **{f: getattr(args, f) for f in overrides if getattr(args, f) is not None})
     out = args.out or Path("results/gpt2" if args.model == "gpt2" else "results/bert-mlm")
     command = "python scripts/experiment_gpt2.py " + " ".join(argv if argv is not None else sys.argv[1:])
     started = time.perf_counter()

@@ -227,6 +227,7 @@ def _learn_into(
         options.data_batch_size,
         device=plan.device,
         keep=options.learn_keep,
+        decay=options.learn_decay,
     )
     with temporary_folder("matched", folder.parent) as tmp:
         matched = Path(tmp) / "matched"

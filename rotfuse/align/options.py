@@ -36,6 +36,7 @@ class MatchOptions:
     eval_data: Path | None = None  # held-out inputs: loss reported per logged step, never optimised
     learn_steps: int = 300
     learn_rate: float = 1e-2
-    lambda_schedule: str = "uniform"  # fixed (l = 0.5) or uniform (l in [0.3, 0.7] each step)
+    lambda_schedule: str = "uniform"  # fixed (l = 0.5), uniform (l in [0.3, 0.7] each step) or full ([0, 1])
     seed: int = 0
     learn_keep: str = "last"  # or "best": the logged step with the lowest --eval-data loss
+    learn_decay: str = "constant"  # or "cosine": the learning rate falls to 0 along a half cosine

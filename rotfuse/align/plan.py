@@ -85,6 +85,10 @@ def prepare_match(
         raise UsageError("--learn trains on data: pass the training inputs with --data")
     if options.eval_data is not None and not options.learn:
         raise UsageError("--eval-data is the held-out set of --learn: add --learn")
+    if options.lambda_schedule not in ("fixed", "uniform", "full"):
+        raise UsageError(f"--lambda-schedule {options.lambda_schedule!r}: use fixed, uniform or full")
+    if options.learn_decay not in ("constant", "cosine"):
+        raise UsageError(f"--learn-decay {options.learn_decay!r}: use constant or cosine")
     if options.learn_keep not in ("last", "best"):
         raise UsageError(f"--learn-keep {options.learn_keep!r}: use last or best")
     if options.learn_keep == "best" and options.eval_data is None:

@@ -98,6 +98,7 @@ MATCH_SETTINGS: dict[str, Kind] = {
     "lambda_schedule": TEXT,
     "seed": Kind("int"),
     "learn_keep": TEXT,
+    "learn_decay": TEXT,
 }
 PARAMETER_OF = {"json": "json_out", "max_samples": "data_samples"}  # job key -> the function's parameter
 
@@ -195,7 +196,8 @@ def match_command(
     lambda_schedule: Annotated[
         str,
         typer.Option(
-            "--lambda-schedule", help="With --learn: fixed (l = 0.5) or uniform (l drawn in [0.3, 0.7] each step)."
+            "--lambda-schedule",
+            help="With --learn: fixed (l = 0.5), uniform (l drawn in [0.3, 0.7] each step) or full (in [0, 1]).",
         ),
     ] = "uniform",
     seed: Annotated[
@@ -209,6 +211,13 @@ def match_command(
             "with the lowest held-out loss.",
         ),
     ] = "last",
+    learn_decay: Annotated[
+        str,
+        typer.Option(
+            "--learn-decay",
+            help="With --learn: constant learning rate, or cosine (decayed to 0 over the steps).",
+        ),
+    ] = "constant",
     arch: Arch = None,
     arch_spec: ArchSpecFile = None,
     device: Device = "auto",
@@ -290,9 +299,8 @@ def match_command(
             str(value("lambda_schedule")),
             int(value("seed")),
             str(value("learn_keep")),
+            str(value("learn_decay")),
         )
-        if options.lambda_schedule not in ("fixed", "uniform"):
-            raise UsageError(f"--lambda-schedule {options.lambda_schedule!r}: use fixed or uniform")
         anchor_path, out_path, report_path = Path(first), Path(target), path(value("report"))
         several = len(paths) > 1 or listed is not None or value("shard") is not None
         batch = Batch(

@@ -118,3 +118,35 @@ def test_cli_keeps_the_best_step_and_logs_learning_in_a_pipe(tmp_path: Path) -> 
     refused = run_cli("match", *common, "-o", tmp_path / "no", "--learn-keep", "best", env=env)
     assert_one_line_error(refused, "--learn-keep best", "--eval-data")
     assert not (tmp_path / "no").exists()
+
+
+def test_cosine_decay_and_the_full_lambda_range(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--learn-decay cosine takes the rate down to 0 over the steps; --lambda-schedule full draws l in
+    [0, 1] (beyond uniform's [0.3, 0.7]); the copy still computes MODEL's function."""
+    from rotfuse.align.learned import loop
+
+    model, anchor = save_pair("llama", tmp_path)
+    rates: list[float] = []
+    real_step = torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        rates.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    with one_thread():
+        report = match(
+            anchor,
+            model,
+            tmp_path / "out",
+            _options(tmp_path, learn_steps=8, learn_rate=0.02, learn_decay="cosine", lambda_schedule="full"),
+        )
+    assert report["learned"]["decay"] == "cosine" and report["learned"]["lambda_schedule"] == "full"
+    assert rates[0] == pytest.approx(0.02) and all(a > b for a, b in zip(rates, rates[1:], strict=False))
+    assert rates[-1] < 0.02 * 0.05
+    assert loop.LAMBDA_RANGES["full"] == (0.0, 1.0) and loop.LAMBDA_RANGES["uniform"] == (0.3, 0.7)
+    assert_same_function(model, tmp_path / "out")
+    for bad, flag in (({"learn_decay": "linear"}, "--learn-decay 'linear'"), ({"lambda_schedule": "wide"}, "'wide'")):
+        with pytest.raises(UsageError, match=flag):
+            match(anchor, model, tmp_path / "no", _options(tmp_path, **bad))
+    assert not (tmp_path / "no").exists()

@@ -1,5 +1,6 @@
 """The optimisation: Adam on the map parameters for the loss of (1 - l) ANCHOR + l g(COPY) on the
-training data, l = 0.5 ('fixed') or uniform in [0.3, 0.7] ('uniform') each step; then the exact
+training data, l = 0.5 ('fixed'), uniform in [0.3, 0.7] ('uniform') or in [0, 1] ('full') each step,
+at a constant learning rate or one decayed to 0 along a cosine ('cosine'); then the exact
 maps (hard permutations, rotations recomputed in float64) are applied and written: those of the
 last step, or (keep='best', with held-out data) those of the logged step whose held-out loss was
 lowest -- early stopping on data the optimiser never saw.
@@ -29,7 +30,9 @@ from rotfuse.core.progress import Progress, show_note, start_stage
 from rotfuse.eval.score import LABELS_ENSEMBLE, LossSpec, ensemble_labels, located, loss_spec, probabilities, score
 from rotfuse.io.writer import CheckpointWriter, copy_side_files, plan_like
 
-SCHEDULES = ("fixed", "uniform")
+SCHEDULES = ("fixed", "uniform", "full")
+DECAYS = ("constant", "cosine")
+LAMBDA_RANGES = {"fixed": (0.5, 0.5), "uniform": (0.3, 0.7), "full": (0.0, 1.0)}
 KEEPS = ("last", "best")
 GIB = 1024**3
 
@@ -47,6 +50,7 @@ class LearnSettings:
     device: str = "cpu"
     max_samples: int | None = None
     keep: str = "last"  # or "best": the logged step with the lowest held-out loss
+    decay: str = "constant"  # or "cosine": the rate falls to 0 along a half cosine over the steps
 
 
 def memory_need(model: OpenedModel, inputs: dict[str, torch.Tensor], batch_size: int) -> int:
@@ -113,6 +117,8 @@ def learn_into(
     started = time.perf_counter()
     if settings.schedule not in SCHEDULES:
         raise UsageError(f"--lambda-schedule {settings.schedule!r}: use {' or '.join(SCHEDULES)}")
+    if settings.decay not in DECAYS:
+        raise UsageError(f"--learn-decay {settings.decay!r}: use {' or '.join(DECAYS)}")
     if settings.keep not in KEEPS:
         raise UsageError(f"--learn-keep {settings.keep!r}: use {' or '.join(KEEPS)}")
     if settings.keep == "best" and settings.eval_data is None:
@@ -174,6 +180,10 @@ def learn_into(
     best = (history[0].get("eval_loss", float("inf")), 0, copying.deepcopy(maps.state_dict()))
     start_stage(progress, "learning", "step")
     optimiser = torch.optim.Adam(maps.parameters(), lr=settings.rate)
+    decay = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, settings.steps) if settings.decay == "cosine" else None
+    )
+    low, high = LAMBDA_RANGES[settings.schedule]
     count = next(iter(train.values())).shape[0]
     order = torch.randperm(count, generator=generator)
     at = 0
@@ -184,7 +194,7 @@ def learn_into(
         at += settings.batch_size
         batch = {k: v[index] for k, v in train.items()}
         ref = train_ref[index] if train_ref is not None else None
-        lam = 0.5 if settings.schedule == "fixed" else 0.3 + 0.4 * float(torch.rand((), generator=generator))
+        lam = 0.5 if low == high else low + (high - low) * float(torch.rand((), generator=generator))
         features = accepted_inputs(model, {k: v.to(device) for k, v in batch.items() if k != "labels"})
         # every live name of a tied tensor is fed (names.py), so the tie needs no re-tying here
         outputs = torch.func.functional_call(
@@ -196,6 +206,8 @@ def learn_into(
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
+        if decay is not None:
+            decay.step()
         if progress is not None:
             progress(step, settings.steps)
         show_note(progress, f"batch loss {float(loss.detach()):.4f}")
@@ -224,6 +236,7 @@ def learn_into(
         "steps": settings.steps,
         "rate": settings.rate,
         "lambda_schedule": settings.schedule,
+        "decay": settings.decay,
         "seed": settings.seed,
         "batch_size": settings.batch_size,
         "labels": spec.labels,
