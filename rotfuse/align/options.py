@@ -11,6 +11,26 @@ from rotfuse.symmetry.names import symmetry_set
 
 REPORT_NAME = "rotfuse_report.json"  # the report inside a match output
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+# learned matching's choices: l per step, the learning rate's course, which step's maps are written
+LAMBDA_RANGES = {"fixed": (0.5, 0.5), "uniform": (0.3, 0.7), "full": (0.0, 1.0)}
+LEARN_DECAYS = ("constant", "cosine")
+LEARN_KEEPS = ("last", "best")  # best: the logged step with the lowest held-out loss
+
+
+def check_learn_choices(schedule: str, decay: str, keep: str, held_out: bool) -> None:
+    """Refuse an unknown --lambda-schedule / --learn-decay / --learn-keep, and keep=best without
+    held-out data, naming the flag."""
+    from rotfuse.core.errors import UsageError
+
+    for flag, value, choices in (
+        ("--lambda-schedule", schedule, tuple(LAMBDA_RANGES)),
+        ("--learn-decay", decay, LEARN_DECAYS),
+        ("--learn-keep", keep, LEARN_KEEPS),
+    ):
+        if value not in choices:
+            raise UsageError(f"{flag} {value!r}: use {', '.join(choices[:-1])} or {choices[-1]}")
+    if keep == "best" and not held_out:
+        raise UsageError("--learn-keep best chooses the step by held-out loss: give --eval-data")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from rotfuse import __version__
-from rotfuse.align.options import REPORT_NAME, MatchOptions
+from rotfuse.align.options import REPORT_NAME, MatchOptions, check_learn_choices
 from rotfuse.align.pair import (
     OpenedModel,
     check_compatible,
@@ -85,14 +85,7 @@ def prepare_match(
         raise UsageError("--learn trains on data: pass the training inputs with --data")
     if options.eval_data is not None and not options.learn:
         raise UsageError("--eval-data is the held-out set of --learn: add --learn")
-    if options.lambda_schedule not in ("fixed", "uniform", "full"):
-        raise UsageError(f"--lambda-schedule {options.lambda_schedule!r}: use fixed, uniform or full")
-    if options.learn_decay not in ("constant", "cosine"):
-        raise UsageError(f"--learn-decay {options.learn_decay!r}: use constant or cosine")
-    if options.learn_keep not in ("last", "best"):
-        raise UsageError(f"--learn-keep {options.learn_keep!r}: use last or best")
-    if options.learn_keep == "best" and options.eval_data is None:
-        raise UsageError("--learn-keep best chooses the step by held-out loss: give --eval-data")
+    check_learn_choices(options.lambda_schedule, options.learn_decay, options.learn_keep, options.eval_data is not None)
     if options.data is not None and RESIDUAL not in options.symmetries and not options.learn:
         raise UsageError("--data drives the residual-stream map: add residual to --symmetries")
     anchor = open_model(anchor_path, options.arch, options.arch_spec, options.allow_nonfinite)

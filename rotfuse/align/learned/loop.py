@@ -23,6 +23,7 @@ import torch
 from rotfuse.align.learned.build import Builder
 from rotfuse.align.learned.names import live_names
 from rotfuse.align.learned.objective import batch_loss
+from rotfuse.align.options import LAMBDA_RANGES, check_learn_choices
 from rotfuse.align.pair import OpenedModel, counterpart, open_model
 from rotfuse.archs.bind import LayerId
 from rotfuse.core.errors import UsageError
@@ -30,10 +31,6 @@ from rotfuse.core.progress import Progress, show_note, start_stage
 from rotfuse.eval.score import LABELS_ENSEMBLE, LossSpec, ensemble_labels, located, loss_spec, probabilities, score
 from rotfuse.io.writer import CheckpointWriter, copy_side_files, plan_like
 
-SCHEDULES = ("fixed", "uniform", "full")
-DECAYS = ("constant", "cosine")
-LAMBDA_RANGES = {"fixed": (0.5, 0.5), "uniform": (0.3, 0.7), "full": (0.0, 1.0)}
-KEEPS = ("last", "best")
 GIB = 1024**3
 
 
@@ -115,14 +112,7 @@ def learn_into(
     from rotfuse.eval.runtime import accepted_inputs, load_model
 
     started = time.perf_counter()
-    if settings.schedule not in SCHEDULES:
-        raise UsageError(f"--lambda-schedule {settings.schedule!r}: use {' or '.join(SCHEDULES)}")
-    if settings.decay not in DECAYS:
-        raise UsageError(f"--learn-decay {settings.decay!r}: use {' or '.join(DECAYS)}")
-    if settings.keep not in KEEPS:
-        raise UsageError(f"--learn-keep {settings.keep!r}: use {' or '.join(KEEPS)}")
-    if settings.keep == "best" and settings.eval_data is None:
-        raise UsageError("--learn-keep best chooses the step by held-out loss: give --eval-data")
+    check_learn_choices(settings.schedule, settings.decay, settings.keep, settings.eval_data is not None)
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
     device = settings.device
