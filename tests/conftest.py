@@ -20,15 +20,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-# under pytest-xdist (`-n N`), each worker and the processes it starts get their share of the CPUs
-# as torch threads, so N workers do not oversubscribe the machine
-_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if _workers > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers.cli import run_cli
+
+# under pytest-xdist (`-n N`), each worker and the processes it starts get their share of the CPUs
+# as torch threads, so N workers do not oversubscribe the machine (torch is imported later, by tests)
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 
 
 @pytest.fixture(scope="session")

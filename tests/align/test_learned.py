@@ -61,7 +61,8 @@ def _learn(
     return model, anchor, train, report
 
 
-@pytest.mark.parametrize("kind", [pytest.param("vit", marks=pytest.mark.slow), "llama"])
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["vit", "llama"])
 def test_learned_copy_keeps_the_function_and_is_the_merge_optimised(tmp_path: Path, kind: str) -> None:
     model, anchor, train, report = _learn(tmp_path, kind)
     learned = report["learned"]

@@ -52,6 +52,7 @@ def _options(tmp_path: Path, **changes) -> MatchOptions:
     return MatchOptions(**{**settings, **changes})
 
 
+@pytest.mark.slow
 def test_best_keeps_the_logged_step_with_the_lowest_held_out_loss(tmp_path: Path) -> None:
     model, anchor = save_pair("llama", tmp_path)
     # logged steps 0, 25, 30; at this rate the held-out loss is lowest at step 25 here

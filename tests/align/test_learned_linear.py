@@ -17,7 +17,7 @@ from rotfuse.align.learned.maps import LayerMaps
 ON = frozenset({"qk.linear", "vo.linear"})
 
 
-@pytest.mark.parametrize("kind", ["llama", "vit"])
+@pytest.mark.parametrize("kind", ["llama", pytest.param("vit", marks=pytest.mark.slow)])
 def test_learned_linear_maps_keep_the_function(tmp_path: Path, kind: str) -> None:
     model, _, _, report = _learn(tmp_path, kind, symmetries="default,linear", rate=3e-2)
     assert_same_function(model, tmp_path / "out")
@@ -30,6 +30,7 @@ def test_learned_linear_maps_keep_the_function(tmp_path: Path, kind: str) -> Non
     assert any(not torch.equal(with_maps[name], without[name]) for name in with_maps)
 
 
+@pytest.mark.slow
 def test_same_seed_same_bytes_with_linear_maps(tmp_path: Path) -> None:
     _learn(tmp_path, "llama", "one", steps=4, symmetries="default,linear")
     _learn(tmp_path, "llama", "two", steps=4, symmetries="default,linear")

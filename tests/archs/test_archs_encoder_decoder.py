@@ -289,6 +289,7 @@ def test_scrambled_stream_and_layers_are_recovered(tmp_path, case):
     assert_same_function(model, tmp_path / "back", main_only=True)
 
 
+@pytest.mark.slow
 def test_residual_matching_of_unrelated_t5s_keeps_the_function(tmp_path):
     model, anchor = save_t5_untied(tmp_path / "model", seed=0), save_t5_untied(tmp_path / "anchor", seed=1)
     report = match(anchor, model, tmp_path / "aligned", MatchOptions(symmetries=WITH_RESIDUAL, device="cpu"))

@@ -191,7 +191,7 @@ def test_archs_lists_the_moe_specs():
     assert "no QK rot" in rows["qwen3_moe"]["summary"] and "no QK rot" not in rows["mixtral"]["summary"]
 
 
-@pytest.mark.parametrize("tiny", ["mixtral", "qwen2-moe"])
+@pytest.mark.parametrize("tiny", ["mixtral", pytest.param("qwen2-moe", marks=pytest.mark.slow)])
 def test_every_symmetry_with_the_residual_map_is_recovered(saved, tmp_path, tiny):
     """A random member of every symmetry at once (residual map included: the router and the experts
     move with the stream) keeps the function, and matching finds it back."""

@@ -54,7 +54,7 @@ def test_the_checkpoint_really_has_dense_layers(saved, case):
         assert (f"model.layers.{i}.mlp.gate.weight" in names) == (i not in dense)
 
 
-@pytest.mark.parametrize("group", ["perm,rot,scale", "all"])
+@pytest.mark.parametrize("group", ["perm,rot,scale", pytest.param("all", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("case", DENSE)
 def test_every_symmetry_keeps_the_function_and_is_recovered(saved, tmp_path, case, group):
     """Per-layer symmetries alone, then with the residual map: the dense layers' FFN permutation and the

@@ -498,11 +498,11 @@ def test_post_ln_and_headless_models_get_permutations_only(saved):
 # old basis changes the outputs
 NECESSITY = [
     "bert-mlm",
-    "bert-decoder-cross-attention",
+    pytest.param("bert-decoder-cross-attention", marks=pytest.mark.slow),
     "roberta-seq-cls",
     "vit",
     "gpt2-cross-attention",
-    "deberta-v2-mlm-shared-conv",
+    pytest.param("deberta-v2-mlm-shared-conv", marks=pytest.mark.slow),
     "phi",
     "distilbert-mlm",
     pytest.param("clip", marks=pytest.mark.slow),
@@ -511,7 +511,7 @@ NECESSITY = [
     "t5-v1.1-untied",
     pytest.param("mbart", marks=pytest.mark.slow),
     "mixtral-untied",
-    "qwen2-moe-untied",
+    pytest.param("qwen2-moe-untied", marks=pytest.mark.slow),
 ]
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from helpers.tiny_models import build
 
@@ -68,6 +69,7 @@ def loss(folder: Path) -> float:
         return float(load_model(folder)(input_ids=ids, labels=labels).loss)
 
 
+@pytest.mark.slow
 def test_merging_after_match_gives_a_lower_loss(tmp_path: Path) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: faster, and the same training on every machine
