@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.cli import run_here
+from helpers.cli import match_verify_merge
 from helpers.functions import assert_same_function, max_relative_change, save_pair
 from safetensors.torch import load_file, save_file
 
@@ -82,10 +82,4 @@ def test_the_classification_head_must_move_with_the_decoder_stream(pair, tmp_pat
 
 def test_through_the_cli(pair, tmp_path):
     model, anchor = pair
-    code, err = run_here("match", anchor, model, "-s", "default,residual", "-o", tmp_path / "matched", "-q")
-    assert code == 0, err
-    code, err = run_here("verify", model, tmp_path / "matched", "-q")
-    assert code == 0, err
-    code, err = run_here("merge", anchor, tmp_path / "matched", "-o", tmp_path / "merged", "-q")
-    assert code == 0, err
-    assert (tmp_path / "merged" / "model.safetensors").exists()
+    match_verify_merge(anchor, model, tmp_path, "default,residual")

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.cli import run_here
-from helpers.functions import assert_same_function, max_relative_change, save_pair
+from helpers.cli import match_verify_merge, run_here
+from helpers.functions import assert_same_function, max_relative_change
+from helpers.gemma3_mm import PROJECTOR, trained_like_pair
 from safetensors.torch import load_file, save_file
 
 from rotfuse.align.match import match
@@ -28,24 +29,12 @@ from rotfuse.eval.runtime import example_inputs, image_block
 from rotfuse.symmetry.names import symmetry_set
 
 BROKEN = 1e-3  # a relative output change this large is a different function, not rounding
-PROJECTOR = "multi_modal_projector.mm_input_projection_weight"  # [vision_hidden, text_hidden], used as x @ W
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> tuple[Path, Path]:
-    """Model and anchor, with trained-like values where transformers initialises a constant: the
-    projector (zeros, which would cut the image off the text) and every norm's gain and bias."""
-    model, anchor = save_pair("gemma3-mm", tmp_path_factory.mktemp("gemma3-mm"))
-    for seed, folder in enumerate((model, anchor)):
-        gen = torch.Generator().manual_seed(seed)
-        tensors = load_file(str(folder / "model.safetensors"))
-        for name, value in tensors.items():
-            if name == PROJECTOR:
-                tensors[name] = 0.25 * torch.randn(value.shape, generator=gen)
-            elif "norm" in name:
-                tensors[name] = value + 0.5 * torch.randn(value.shape, generator=gen)
-        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    return model, anchor
+    """Model and anchor with trained-like projector and norms (helpers/gemma3_mm.py)."""
+    return trained_like_pair(tmp_path_factory.mktemp("gemma3-mm"))
 
 
 def _rows(report: dict, stack: str) -> list[dict]:
@@ -186,10 +175,4 @@ def test_through_the_cli(pair, tmp_path):
     assert code == 0, err
     totals = json.loads(report.read_text())["totals"]["matched"]
     assert totals["after"] < 1e-5 * totals["before"]
-    code, err = run_here("match", anchor, model, "-o", tmp_path / "matched", "-q")
-    assert code == 0, err
-    code, err = run_here("verify", model, tmp_path / "matched", "-q")
-    assert code == 0, err
-    code, err = run_here("merge", anchor, tmp_path / "matched", "-o", tmp_path / "merged", "-q")
-    assert code == 0, err
-    assert (tmp_path / "merged" / "model.safetensors").exists()
+    match_verify_merge(anchor, model, tmp_path)

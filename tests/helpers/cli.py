@@ -71,3 +71,18 @@ def assert_one_line(code: int, stderr: str, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in line, (fragment, line)
     return line
+
+
+def match_verify_merge(anchor: Path, model: Path, root: Path, symmetries: str = "default") -> Path:
+    """Through the CLI in this process: match MODEL onto ANCHOR, verify that the copy computes
+    MODEL's function, merge it with ANCHOR; every step must exit 0. Returns the merged folder."""
+    matched, merged = root / "matched", root / "merged"
+    for args in (
+        ("match", anchor, model, "-s", symmetries, "-o", matched, "-q"),
+        ("verify", model, matched, "-q"),
+        ("merge", anchor, matched, "-o", merged, "-q"),
+    ):
+        code, err = run_here(*args)
+        assert code == 0, (args[0], err)
+    assert (merged / "model.safetensors").exists()
+    return merged
