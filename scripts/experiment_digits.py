@@ -29,12 +29,14 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from training import fit_and_save
 
 from rotfuse.align.match import match
 from rotfuse.align.options import MatchOptions
@@ -182,23 +184,17 @@ def train(
         if start
         else ViTForImageClassification(vit_config(config))
     )
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    per_epoch = math.ceil(len(indices) / config.batch)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * per_epoch)
     order = torch.Generator().manual_seed(order_seed)
-    for _ in range(epochs):
-        shuffled = indices[torch.randperm(len(indices), generator=order)]
-        for first in range(0, len(shuffled), config.batch):
-            batch = shuffled[first : first + config.batch]
-            loss = model(pixel_values=digits.images[batch], labels=digits.labels[batch]).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    model.eval()
-    model.save_pretrained(str(folder))
-    return folder
+
+    def batches() -> Iterator[dict[str, torch.Tensor]]:
+        for _ in range(epochs):
+            shuffled = indices[torch.randperm(len(indices), generator=order)]
+            for first in range(0, len(shuffled), config.batch):
+                batch = shuffled[first : first + config.batch]
+                yield {"pixel_values": digits.images[batch], "labels": digits.labels[batch]}
+
+    per_epoch = math.ceil(len(indices) / config.batch)
+    return fit_and_save(model, batches(), lr, epochs * per_epoch, folder)
 
 
 @dataclass

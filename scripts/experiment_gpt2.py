@@ -31,12 +31,14 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from training import fit_and_save
 
 from rotfuse.align.match import match
 from rotfuse.align.options import MatchOptions
@@ -156,23 +158,17 @@ def train(config: Config, ids: torch.Tensor, folder: Path, init_seed: int, order
     torch.manual_seed(init_seed)
     cls = GPT2LMHeadModel if config.model == "gpt2" else BertForMaskedLM
     model = cls(model_config(config))
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.steps)
     order = torch.Generator().manual_seed(order_seed)
-    for step in range(config.steps):
-        index = torch.randint(0, len(ids), (config.batch,), generator=order)
-        inputs = as_inputs(config, ids[index], 10_000 * order_seed + step)  # masks differ per step
-        if config.model == "gpt2":
-            inputs["labels"] = inputs["input_ids"]
-        loss = model(**inputs).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-    model.eval()
-    model.save_pretrained(str(folder))
-    return folder
+
+    def batches() -> Iterator[dict[str, torch.Tensor]]:
+        for step in range(config.steps):
+            index = torch.randint(0, len(ids), (config.batch,), generator=order)
+            inputs = as_inputs(config, ids[index], 10_000 * order_seed + step)  # masks differ per step
+            if config.model == "gpt2":
+                inputs["labels"] = inputs["input_ids"]
+            yield inputs
+
+    return fit_and_save(model, batches(), config.lr, config.steps, folder)
 
 
 # ---------------------------------------------------------------------- one pair
