@@ -36,7 +36,7 @@ from rotfuse.symmetry.permutation import (
     certified_sparse_assignment,
     fast_bfloat16_gemm,
     filtered_row_bests,
-    prefix_may_settle,
+    first_prefix,
     solve_permutation,
 )
 
@@ -129,7 +129,9 @@ def main() -> None:
     print(f"| - | float32 score GEMM alone (baseline) | {gemm:.2f} | 1.00 |")
     for name, noise in cases.items():
         sources = [relative(noise) for _ in range(WORKERS)] * args.repeat
-        if prefix_may_settle(sources[0], anchor) and bounded_row_bests(sources[0], anchor) is not None:
+        if (first := first_prefix(sources[0], anchor)) is not None and bounded_row_bests(
+            sources[0], anchor, first
+        ) is not None:
             path = "prefix bounds"
         elif fast_bfloat16_gemm(anchor.device) and filtered_row_bests(sources[0], anchor) is not None:
             path = "bfloat16 filter"

@@ -4,10 +4,11 @@ All parameters indexed by the FFN neuron are concatenated into one row per neuro
 matrix is a single GEMM: C[i, j] = <row i of source, row j of anchor>. The Hungarian solve on C
 (scipy's `linear_sum_assignment`, O(dff^3)) is the expensive part of matching when it runs; when
 every row's best column is distinct it does not, and the bests can be found exactly without the
-float32 GEMM: for related models from bounds on a prefix of the columns (`bounded_row_bests`),
-and, where those do not settle and the CPU multiplies bfloat16 several times faster than float32,
-from a bfloat16 GEMM and its rigorous error bound (`filtered_row_bests`). The bounds come first:
-they are cheaper when they settle, and the bfloat16 path is the fallback for rows they leave open.
+float32 GEMM: for related models from bounds on a prefix of the columns (`bounded_row_bests`;
+a probe picks the prefix to start from), and, where those do not settle, from the whole GEMM's
+scores with a rigorous error bound (`filtered_row_bests`). Where the CPU multiplies bfloat16
+several times faster than float32, both take their scores from a bfloat16 GEMM and bound its
+rounding (`RoundedScores`). The bounds come first: they are cheaper when they settle.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from rotfuse.symmetry.weights import Ffn, Linear
 PREFIXES = (8, 4, 2)  # bounded scores over the first 1/8, 1/4, then 1/2 of the columns
 SLACK = 2.0**-12  # of |x| |y|: far above float32 GEMM rounding, far below a real margin
 MIN_SETTLED = 1 / 8  # a prefix that settles fewer of the open rows gives up on the bounds
+START_SETTLED = 1 / 2  # the passes start at the first prefix that settles this much of a sample
 ROW_BLOCK = 512  # rows per block of bounds: temporaries of a few MiB, not of the whole score matrix
+SCAN_BLOCK = 128  # rows per block of the bfloat16 scores' scans: a few passes over it stay in L2
 BF16_UNIT = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 FP32_UNIT = 2.0**-24
 MAX_CANDIDATES = 4  # per row on average; more means near-ties everywhere (unrelated models)
@@ -41,7 +44,8 @@ INT_LIMIT = 2**62  # integer potentials, path sums and dual sums stay below it (
 def solve_permutation(src_rows: torch.Tensor, anchor_rows: torch.Tensor) -> torch.Tensor:
     """`perm[j]` = the source row to place at anchor slot j, maximising the total inner product."""
     src, anchor = src_rows.float(), anchor_rows.float()
-    best = bounded_row_bests(src, anchor) if prefix_may_settle(src, anchor) else None
+    first = first_prefix(src, anchor)
+    best = None if first is None else bounded_row_bests(src, anchor, first)
     rounded = None
     if best is None and fast_bfloat16_gemm(src.device) and len(src) == len(anchor) > 1:
         rounded = RoundedScores.of(src, anchor)
@@ -55,17 +59,27 @@ def solve_permutation(src_rows: torch.Tensor, anchor_rows: torch.Tensor) -> torc
     return best_assignment(src @ anchor.T)
 
 
-def prefix_may_settle(src: torch.Tensor, anchor: torch.Tensor) -> bool:
-    """Whether the first prefix pass of `bounded_row_bests` settles enough rows, judged on a sample
-    of PROBE_ROWS rows: unrelated models skip the passes (1/8 of the float32 GEMM) that would give up."""
+def first_prefix(src: torch.Tensor, anchor: torch.Tensor) -> int | None:
+    """Which of PREFIXES `bounded_row_bests` should start from -- the first that settles at least
+    half of a sample of PROBE_ROWS rows -- or None when none does (unrelated rows: the passes would
+    give up, and the full GEMM is cheaper than trying them all). Close relatives start at 1/8 of
+    the GEMM, far ones (fine-tunes that drifted, heavy noise) skip straight to 1/4 or 1/2."""
     n = len(src)
     if n <= 4 * PROBE_ROWS or anchor.shape[0] != n:
-        return True  # the pass itself is cheap enough to be the probe
+        return 0  # the pass itself is cheap enough to be the probe
     sample = torch.linspace(0, n - 1, PROBE_ROWS).long().to(src.device)
-    upto = max(1, src.shape[1] // PREFIXES[0])
     rows_src = src.index_select(0, sample)
-    settled, _ = _prefix_pass(rows_src, anchor, sample, upto, rows_src[:, :upto] @ anchor[:, :upto].T)
-    return float(settled.float().mean()) >= MIN_SETTLED
+    sample_norm, anchor_norm = rows_src.norm(dim=1), anchor.norm(dim=1)
+    for index, divisor in enumerate(PREFIXES):
+        upto = max(1, src.shape[1] // divisor)
+        if fast_bfloat16_gemm(src.device):
+            settled, _ = _rounded_prefix_pass(rows_src, anchor, upto, sample_norm, anchor_norm)
+        else:
+            scores = rows_src[:, :upto] @ anchor[:, :upto].T
+            settled, _ = _prefix_pass(rows_src, anchor, sample, upto, scores, None, anchor_norm)
+        if float(settled.float().mean()) >= START_SETTLED:
+            return index
+    return None
 
 
 @dataclass
@@ -81,8 +95,8 @@ class RoundedScores:
     """
 
     approx: torch.Tensor  # (n, n) bfloat16
-    left: torch.Tensor  # (n, 3) float32: |x_hi|, |x_lo|, |x_hi|, each rounded up
-    right: torch.Tensor  # (3, n) float32: |y_lo|, |y|, gamma_w |y_hi|
+    left: torch.Tensor  # (n, r) float32: |x_hi|, |x_lo|, |x_hi|, each rounded up (and more terms, rank r)
+    right: torch.Tensor  # (r, n) float32: |y_lo|, |y|, gamma_w |y_hi|: error <= sum_k left_ik right_kj
 
     @classmethod
     def of(cls, src: torch.Tensor, anchor: torch.Tensor) -> RoundedScores:
@@ -151,19 +165,25 @@ def filtered_row_bests(
     rounded = rounded or RoundedScores.of(src, anchor)
     src_norm, anchor_norm = src.norm(dim=1), anchor.norm(dim=1)
     best = torch.empty(n, dtype=torch.int64, device=src.device)
+    taken = torch.zeros(n, dtype=torch.bool, device=src.device)  # the settled rows' bests
     open_rows, open_cols, open_pairs = [], [], 0
-    for start in range(0, n, ROW_BLOCK):
-        block = slice(start, start + ROW_BLOCK)
+    for start in range(0, n, SCAN_BLOCK):
+        block = slice(start, start + SCAN_BLOCK)
         scores, error = rounded.upper(block)
         pick = scores.argmax(dim=1)
         picked = anchor.index_select(0, pick)
         # the pick's score in float32, less its rounding bound (w u32 |x| |y|, doubled): a lower bound
-        reached = (src[block] * picked).sum(dim=1) - 2 * width * FP32_UNIT * src_norm[block] * anchor_norm[pick]
+        full = (src[block, None, :] @ picked[:, :, None]).flatten()
+        reached = full - 2 * width * FP32_UNIT * src_norm[block] * anchor_norm[pick]
         upper = scores.add_(error)
         candidates = upper >= reached[:, None]
         candidates[torch.arange(len(pick), device=pick.device), pick] = True
         single = candidates.sum(dim=1) == 1
-        best[start : start + len(pick)][single] = pick[single]
+        chosen = pick[single]
+        if bool(taken[chosen].any()) or torch.unique(chosen).numel() != len(chosen):
+            return None  # two settled rows with one best (unrelated rows): no need to look further
+        taken[chosen] = True
+        best[start : start + len(pick)][single] = chosen
         rows, cols = candidates[~single].nonzero(as_tuple=True)
         open_rows.append(torch.arange(start, start + len(pick), device=src.device)[~single][rows])
         open_cols.append(cols)
@@ -171,10 +191,6 @@ def filtered_row_bests(
         if open_pairs > MAX_CANDIDATES * n:
             return None
     rows, cols = torch.cat(open_rows), torch.cat(open_cols)
-    settled = torch.ones(n, dtype=torch.bool, device=src.device)
-    settled[rows] = False
-    if torch.unique(best[settled]).numel() != int(settled.sum()):
-        return None  # two settled rows with one best (unrelated rows): no need to score the others
     if len(rows):
         chunks = [slice(i, i + PAIR_CHUNK) for i in range(0, len(rows), PAIR_CHUNK)]
         exact = torch.cat([_dot64(src.index_select(0, rows[c]), anchor.index_select(0, cols[c])) for c in chunks])
@@ -191,7 +207,7 @@ def _dot64(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ij,ij->i", x.double(), y.double())
 
 
-def bounded_row_bests(src: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor | None:
+def bounded_row_bests(src: torch.Tensor, anchor: torch.Tensor, first: int = 0) -> torch.Tensor | None:
     """Every source row's best anchor row when they are all distinct, with a fraction of the GEMM.
 
     The scores over a prefix of the columns, plus |x_rest| |y_rest| (Cauchy-Schwarz) for the rest
@@ -199,7 +215,9 @@ def bounded_row_bests(src: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor |
     candidate scores (over every column) at least every other bound is settled, and its best is
     the full GEMM's argmax. Related models -- fine-tunes of one base, scrambled copies -- settle
     every row on a short prefix; unrelated ones cannot (None as soon as a prefix settles few of
-    the open rows: the first one, at 1/8 of the GEMM's cost), nor two rows with one best.
+    the open rows), nor two rows with one best. `first`: the index in PREFIXES to start at. Where
+    the CPU multiplies bfloat16 fast, each prefix's scores come from a bfloat16 GEMM with
+    `RoundedScores`' error bound (`_rounded_prefix_pass`), else from a float32 GEMM with SLACK.
     """
     n, width = src.shape
     if n < 2 or anchor.shape[0] != n:
@@ -207,21 +225,26 @@ def bounded_row_bests(src: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor |
     src_norm, anchor_norm = src.norm(dim=1), anchor.norm(dim=1)
     best = torch.empty(n, dtype=torch.int64, device=src.device)
     open_rows = torch.arange(n, device=src.device)
-    scores: torch.Tensor | None = None
+    rounded = fast_bfloat16_gemm(src.device)
+    scores: torch.Tensor | None = None  # float32: the open rows' scores over the first `done` columns
     done = 0
-    for divisor in PREFIXES:
+    for divisor in PREFIXES[first:]:
         upto = max(1, width // divisor)
         if upto <= done:
             continue
         rows_src = src if len(open_rows) == n else src.index_select(0, open_rows)
-        part = rows_src[:, done:upto] @ anchor[:, done:upto].T
-        scores = part if scores is None else scores.add_(part)
+        if rounded:  # each pass from the first column: the open rows are few after the first
+            ok, pick = _rounded_prefix_pass(rows_src, anchor, upto, src_norm[open_rows], anchor_norm)
+        else:
+            part = rows_src[:, done:upto] @ anchor[:, done:upto].T
+            scores = part if scores is None else scores.add_(part)
+            ok, pick = _prefix_pass(rows_src, anchor, open_rows, upto, scores, src_norm, anchor_norm)
+            scores = scores[~ok]
         done = upto
-        ok, pick = _prefix_pass(rows_src, anchor, open_rows, upto, scores, src_norm, anchor_norm)
         if float(ok.float().mean()) < MIN_SETTLED:
             return None  # unrelated rows: the bounds will not settle them before the full GEMM
         best[open_rows[ok]] = pick[ok]
-        open_rows, scores = open_rows[~ok], scores[~ok]
+        open_rows = open_rows[~ok]
         if not len(open_rows):
             break
     if len(open_rows) or torch.unique(best).numel() != n:
@@ -254,6 +277,33 @@ def _prefix_pass(
         # over every column: this prefix's GEMM scores (their rounding is inside SLACK) plus the rest
         exact = scores[block].gather(1, pick[:, :1])[:, 0] + (src_rest[block] * anchor_rest[pick[:, 0]]).sum(dim=1)
         settled.append(exact >= top[:, 1])
+        candidate.append(pick[:, 0])
+    return torch.cat(settled), torch.cat(candidate)
+
+
+def _rounded_prefix_pass(
+    src: torch.Tensor, anchor: torch.Tensor, upto: int, src_norm: torch.Tensor, anchor_norm: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_prefix_pass` over every row with the prefix's scores from a bfloat16 GEMM (a few times
+    cheaper than the float32 one): each row's bound is the rounded prefix score plus its
+    `RoundedScores` error bound plus |x_rest| |y_rest|, all in one rank-4 update of the scores'
+    magnitudes; the candidate's own full score, in float32 less its rounding bound, must reach
+    every other bound (the float64 argmax, as `filtered_row_bests` finds it)."""
+    width = src.shape[1]
+    prefix = RoundedScores.of(src[:, :upto], anchor[:, :upto])
+    up = 1 + 4 * width * FP32_UNIT + 2.0**-20  # norms summed in float32: rounded up past their error
+    src_rest, anchor_rest = src[:, upto:].norm(dim=1).mul_(up), anchor[:, upto:].norm(dim=1).mul_(up)
+    rounded = RoundedScores(
+        prefix.approx, torch.cat([prefix.left, src_rest[:, None]], 1), torch.cat([prefix.right, anchor_rest[None]])
+    )
+    settled, candidate = [], []
+    for start in range(0, len(src), SCAN_BLOCK):
+        block = slice(start, start + SCAN_BLOCK)
+        scores, error = rounded.upper(block)
+        top, pick = scores.add_(error).topk(2, dim=1)
+        full = (src[block, None, :] @ anchor.index_select(0, pick[:, 0])[:, :, None]).flatten()
+        reached = full - 2 * width * FP32_UNIT * src_norm[block] * anchor_norm[pick[:, 0]]
+        settled.append(reached >= top[:, 1])
         candidate.append(pick[:, 0])
     return torch.cat(settled), torch.cat(candidate)
 

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rotfuse.align.layer import LayerSettings, match_layer, scramble_layer
+from rotfuse.symmetry import permutation
 from rotfuse.symmetry.circuit import CircuitTransform, solve_circuit
 from rotfuse.symmetry.permutation import (
     best_assignment,
@@ -259,13 +260,17 @@ def test_permutation_solver_is_exact_assignment_optimum():
     assert found == pytest.approx(best, abs=1e-5)
 
 
-def test_bounded_row_bests_agree_with_the_full_scores_or_step_aside():
+@pytest.mark.parametrize("bfloat16", [False, True], ids=["float32 prefixes", "bfloat16 prefixes"])
+def test_bounded_row_bests_agree_with_the_full_scores_or_step_aside(bfloat16, monkeypatch):
+    """Both kinds of prefix scores, whatever the CPU (the bfloat16 bound holds for any bfloat16 GEMM
+    accumulating in float32; a CPU without fast bfloat16 only runs it slower)."""
+    monkeypatch.setattr(permutation, "fast_bfloat16_gemm", lambda device: bfloat16)
     g = torch.Generator().manual_seed(11)
     anchor = torch.randn(300, 512, generator=g)
     scrambled = anchor[torch.randperm(300, generator=g)]
     for src in (scrambled, scrambled + 0.3 * torch.randn(300, 512, generator=g)):  # a copy, a fine-tune
         best = bounded_row_bests(src, anchor)
-        assert best is not None and torch.equal(best, (src @ anchor.T).argmax(dim=1))
+        assert best is not None and torch.equal(best, (src.double() @ anchor.double().T).argmax(dim=1))
         assert torch.equal(solve_permutation(src, anchor), best_assignment(src @ anchor.T))
     assert bounded_row_bests(torch.randn(300, 512, generator=g), anchor) is None  # unrelated: full GEMM
     twins = scrambled.clone()

@@ -13,7 +13,8 @@ from rotfuse.symmetry.permutation import (
     RoundedScores,
     _certified_sparse,
     _RowScores,
-    prefix_may_settle,
+    bounded_row_bests,
+    first_prefix,
     solve_permutation,
 )
 
@@ -103,9 +104,9 @@ def test_solve_permutation_takes_the_rounded_sparse_path_for_unrelated_rows(monk
 def test_prefix_probe_tells_related_from_unrelated_rows():
     n = 5 * PROBE_ROWS
     related, anchor = _rows("related", n, 256, 4)
-    assert prefix_may_settle(anchor[torch.randperm(n)], anchor)
-    assert prefix_may_settle(related * 0 + anchor.flip(0), anchor)
-    assert not prefix_may_settle(*_rows("unrelated", n, 256, 5))
+    assert first_prefix(anchor[torch.randperm(n)], anchor) is not None
+    assert first_prefix(related * 0 + anchor.flip(0), anchor) is not None
+    assert first_prefix(*_rows("unrelated", n, 256, 5)) is None
 
 
 def _whole_float64_values(src: torch.Tensor, anchor: torch.Tensor, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -156,3 +157,17 @@ def test_rounded_scores_in_row_blocks_keep_their_norms_and_bound(monkeypatch, ki
     assert torch.equal(blocked.left, whole.left) and torch.equal(blocked.right, whole.right)
     scores, error = blocked.upper(slice(0, 200))
     assert bool(((scores.double() - src.double() @ anchor.double().T).abs() <= error.double()).all())
+
+
+@pytest.mark.parametrize("bfloat16", [False, True], ids=["float32 prefixes", "bfloat16 prefixes"])
+def test_far_relatives_start_at_a_wider_prefix_and_keep_the_exact_bests(bfloat16, monkeypatch):
+    """Rows that drifted far from their partners (cosine 0.82) settle on no 1/8 prefix: the probe
+    starts the passes where they do settle, and every best is the float64 argmax."""
+    monkeypatch.setattr(permutation, "fast_bfloat16_gemm", lambda device: bfloat16)
+    n = 5 * PROBE_ROWS
+    far, anchor = _rows("related", n, 1024, 6)
+    first = first_prefix(far, anchor)
+    assert first is not None and first > 0
+    best = bounded_row_bests(far, anchor, first)
+    assert best is not None and torch.equal(best, _exact(far, anchor).argmax(dim=1))
+    assert torch.equal(solve_permutation(far, anchor), torch.argsort(best))
