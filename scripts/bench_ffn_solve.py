@@ -129,9 +129,8 @@ def main() -> None:
     print(f"| - | float32 score GEMM alone (baseline) | {gemm:.2f} | 1.00 |")
     for name, noise in cases.items():
         sources = [relative(noise) for _ in range(WORKERS)] * args.repeat
-        if (first := first_prefix(sources[0], anchor)) is not None and bounded_row_bests(
-            sources[0], anchor, first
-        ) is not None:
+        start = first_prefix(sources[0], anchor)
+        if start is not None and bounded_row_bests(sources[0], anchor, start) is not None:
             path = "prefix bounds"
         elif fast_bfloat16_gemm(anchor.device) and filtered_row_bests(sources[0], anchor) is not None:
             path = "bfloat16 filter"
