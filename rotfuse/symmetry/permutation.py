@@ -22,9 +22,10 @@ import torch
 
 from rotfuse.symmetry.weights import Ffn, Linear
 
-PREFIXES = (8, 4, 2)  # bounded scores over the first 1/8, 1/4, then 1/2 of the columns
+PREFIXES = (32, 16, 8, 4, 2)  # bounded scores over the first 1/32, 1/16, ... 1/2 of the columns
 SLACK = 2.0**-12  # of |x| |y|: far above float32 GEMM rounding, far below a real margin
-MIN_SETTLED = 1 / 8  # a prefix that settles fewer of the open rows gives up on the bounds
+MIN_SETTLED = 1 / 8  # a prefix that settles fewer of the open rows gives up on the bounds ...
+GIVE_UP_FROM = 8  # ... from 1/8 of the columns on (narrower ones cost little next to the next one)
 START_SETTLED = 1 / 2  # the passes start at the first prefix that settles this much of a sample
 ROW_BLOCK = 512  # rows per block of bounds: temporaries of a few MiB, not of the whole score matrix
 SCAN_BLOCK = 128  # rows per block of the bfloat16 scores' scans: a few passes over it stay in L2
@@ -36,6 +37,7 @@ SPARSE_CANDIDATES = 32  # per row: the candidate graph the sparse solve starts f
 SPARSE_ROUNDS = 8  # certificate checks (each adding the edges it found violated) before the dense solve
 SPARSE_MIN_SIZE = 1024  # below it the dense Hungarian takes well under a second: not worth a risk of rounds
 PROBE_ROWS = 256  # rows whose first prefix pass decides whether the passes are worth running
+PROBE_COLUMNS = 256  # a 1/8 prefix this wide finds the partners of rows that any prefix can settle
 EXACT_BYTES = 2**28  # float64 rows the exact re-scoring holds at once, whatever the size (both sides)
 EXACT_SRC_SHARE = 8  # 1/8 of them source rows, the rest anchor rows (each converted once per call)
 INT_LIMIT = 2**62  # integer potentials, path sums and dual sums stay below it (int64)
@@ -44,8 +46,9 @@ INT_LIMIT = 2**62  # integer potentials, path sums and dual sums stay below it (
 def solve_permutation(src_rows: torch.Tensor, anchor_rows: torch.Tensor) -> torch.Tensor:
     """`perm[j]` = the source row to place at anchor slot j, maximising the total inner product."""
     src, anchor = src_rows.float(), anchor_rows.float()
-    first = first_prefix(src, anchor)
-    best = None if first is None else bounded_row_bests(src, anchor, first)
+    bounds = _PrefixBounds(anchor, anchor.norm(dim=1)) if fast_bfloat16_gemm(src.device) else None
+    first = first_prefix(src, anchor, bounds)
+    best = None if first is None else bounded_row_bests(src, anchor, first, bounds)
     rounded = None
     if best is None and fast_bfloat16_gemm(src.device) and len(src) == len(anchor) > 1:
         rounded = RoundedScores.of(src, anchor)
@@ -59,26 +62,51 @@ def solve_permutation(src_rows: torch.Tensor, anchor_rows: torch.Tensor) -> torc
     return best_assignment(src @ anchor.T)
 
 
-def first_prefix(src: torch.Tensor, anchor: torch.Tensor) -> int | None:
-    """Which of PREFIXES `bounded_row_bests` should start from -- the first that settles at least
-    half of a sample of PROBE_ROWS rows -- or None when none does (unrelated rows: the passes would
-    give up, and the full GEMM is cheaper than trying them all). Close relatives start at 1/8 of
-    the GEMM, far ones (fine-tunes that drifted, heavy noise) skip straight to 1/4 or 1/2."""
-    n = len(src)
+def first_prefix(src: torch.Tensor, anchor: torch.Tensor, bounds: _PrefixBounds | None = None) -> int | None:
+    """Which of PREFIXES `bounded_row_bests` should start from -- the narrowest that settles at
+    least half of a sample of PROBE_ROWS rows -- or None when none will (unrelated rows: the passes
+    would give up, and the full GEMM is cheaper than trying them).
+
+    The probe starts at 1/8 of the columns. Where that settles the sample, narrower prefixes are
+    tried (fine-tunes settle on 1/32). Where it does not, the sample's candidates tell how far the
+    models are apart: a row whose best scores cos |x| |y| settles once the prefix holds about 1 - cos
+    of the squared norms (the rest's bound is then below it), so the probe goes on at the first
+    prefix that wide -- far relatives at 1/4 or 1/2, unrelated rows (cos ~ 0) nowhere (narrow
+    rows, whose 1/8 may be too short to find the partners, at the widest, to be sure). With
+    `bounds`, the probe runs on bfloat16 scores (and leaves the anchor's prefixes in them)."""
+    n, width = src.shape
     if n <= 4 * PROBE_ROWS or anchor.shape[0] != n:
-        return 0  # the pass itself is cheap enough to be the probe
+        return 0  # the passes themselves are cheap enough to be the probe
     sample = torch.linspace(0, n - 1, PROBE_ROWS).long().to(src.device)
     rows_src = src.index_select(0, sample)
-    sample_norm, anchor_norm = rows_src.norm(dim=1), anchor.norm(dim=1)
-    for index, divisor in enumerate(PREFIXES):
-        upto = max(1, src.shape[1] // divisor)
-        if fast_bfloat16_gemm(src.device):
-            settled, _ = _rounded_prefix_pass(rows_src, anchor, upto, sample_norm, anchor_norm)
+    sample_norm = rows_src.norm(dim=1)
+    anchor_norm = anchor.norm(dim=1) if bounds is None else bounds.anchor_norm
+
+    def probe(index: int) -> tuple[bool, torch.Tensor]:
+        upto = max(1, width // PREFIXES[index])
+        if bounds is not None:
+            settled, pick = bounds.settle(rows_src, sample_norm, upto)
         else:
             scores = rows_src[:, :upto] @ anchor[:, :upto].T
-            settled, _ = _prefix_pass(rows_src, anchor, sample, upto, scores, None, anchor_norm)
-        if float(settled.float().mean()) >= START_SETTLED:
-            return index
+            settled, pick = _prefix_pass(rows_src, anchor, sample, upto, scores, None, anchor_norm)
+        return float(settled.float().mean()) >= START_SETTLED, pick
+
+    index = PREFIXES.index(GIVE_UP_FROM)
+    settles, pick = probe(index)
+    if settles:
+        while index > 0 and probe(index - 1)[0]:
+            index -= 1
+        return index
+    cosine = (rows_src * anchor.index_select(0, pick)).sum(dim=1) / (sample_norm * anchor_norm[pick]).clamp_min(1e-30)
+    needed = 1 - float(cosine.median())
+    wide_enough = [wider for wider in range(index + 1, len(PREFIXES)) if 1 / PREFIXES[wider] >= needed]
+    if not wide_enough and width // GIVE_UP_FROM < PROBE_COLUMNS:
+        wide_enough = [len(PREFIXES) - 1]  # the widest: a short prefix may not find the partners
+    for wider in wide_enough:
+        if probe(wider)[0]:
+            while wider > index + 1 and probe(wider - 1)[0]:
+                wider -= 1
+            return wider
     return None
 
 
@@ -207,17 +235,19 @@ def _dot64(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ij,ij->i", x.double(), y.double())
 
 
-def bounded_row_bests(src: torch.Tensor, anchor: torch.Tensor, first: int = 0) -> torch.Tensor | None:
+def bounded_row_bests(
+    src: torch.Tensor, anchor: torch.Tensor, first: int = 0, bounds: _PrefixBounds | None = None
+) -> torch.Tensor | None:
     """Every source row's best anchor row when they are all distinct, with a fraction of the GEMM.
 
     The scores over a prefix of the columns, plus |x_rest| |y_rest| (Cauchy-Schwarz) for the rest
     and a rounding slack, bound every row's full scores from above; a row whose best-bounded
     candidate scores (over every column) at least every other bound is settled, and its best is
     the full GEMM's argmax. Related models -- fine-tunes of one base, scrambled copies -- settle
-    every row on a short prefix; unrelated ones cannot (None as soon as a prefix settles few of
-    the open rows), nor two rows with one best. `first`: the index in PREFIXES to start at. Where
+    every row on a short prefix; unrelated ones cannot (None as soon as a prefix from 1/8 on settles
+    few of the open rows), nor two rows with one best. `first`: the index in PREFIXES to start at. Where
     the CPU multiplies bfloat16 fast, each prefix's scores come from a bfloat16 GEMM with
-    `RoundedScores`' error bound (`_rounded_prefix_pass`), else from a float32 GEMM with SLACK.
+    `RoundedScores`' error bound (`_PrefixBounds`), else from a float32 GEMM with SLACK.
     """
     n, width = src.shape
     if n < 2 or anchor.shape[0] != n:
@@ -225,7 +255,8 @@ def bounded_row_bests(src: torch.Tensor, anchor: torch.Tensor, first: int = 0) -
     src_norm, anchor_norm = src.norm(dim=1), anchor.norm(dim=1)
     best = torch.empty(n, dtype=torch.int64, device=src.device)
     open_rows = torch.arange(n, device=src.device)
-    rounded = fast_bfloat16_gemm(src.device)
+    if bounds is None and fast_bfloat16_gemm(src.device):
+        bounds = _PrefixBounds(anchor, anchor_norm)
     scores: torch.Tensor | None = None  # float32: the open rows' scores over the first `done` columns
     done = 0
     for divisor in PREFIXES[first:]:
@@ -233,15 +264,15 @@ def bounded_row_bests(src: torch.Tensor, anchor: torch.Tensor, first: int = 0) -
         if upto <= done:
             continue
         rows_src = src if len(open_rows) == n else src.index_select(0, open_rows)
-        if rounded:  # each pass from the first column: the open rows are few after the first
-            ok, pick = _rounded_prefix_pass(rows_src, anchor, upto, src_norm[open_rows], anchor_norm)
+        if bounds is not None:  # each pass from the first column: the open rows are few after the first
+            ok, pick = bounds.settle(rows_src, src_norm[open_rows], upto)
         else:
             part = rows_src[:, done:upto] @ anchor[:, done:upto].T
             scores = part if scores is None else scores.add_(part)
             ok, pick = _prefix_pass(rows_src, anchor, open_rows, upto, scores, src_norm, anchor_norm)
             scores = scores[~ok]
         done = upto
-        if float(ok.float().mean()) < MIN_SETTLED:
+        if float(ok.float().mean()) < MIN_SETTLED and divisor <= GIVE_UP_FROM:
             return None  # unrelated rows: the bounds will not settle them before the full GEMM
         best[open_rows[ok]] = pick[ok]
         open_rows = open_rows[~ok]
@@ -281,31 +312,74 @@ def _prefix_pass(
     return torch.cat(settled), torch.cat(candidate)
 
 
-def _rounded_prefix_pass(
-    src: torch.Tensor, anchor: torch.Tensor, upto: int, src_norm: torch.Tensor, anchor_norm: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_prefix_pass` over every row with the prefix's scores from a bfloat16 GEMM (a few times
-    cheaper than the float32 one): each row's bound is the rounded prefix score plus its
-    `RoundedScores` error bound plus |x_rest| |y_rest|, all in one rank-4 update of the scores'
-    magnitudes; the candidate's own full score, in float32 less its rounding bound, must reach
-    every other bound (the float64 argmax, as `filtered_row_bests` finds it)."""
-    width = src.shape[1]
-    prefix = RoundedScores.of(src[:, :upto], anchor[:, :upto])
-    up = 1 + 4 * width * FP32_UNIT + 2.0**-20  # norms summed in float32: rounded up past their error
-    src_rest, anchor_rest = src[:, upto:].norm(dim=1).mul_(up), anchor[:, upto:].norm(dim=1).mul_(up)
-    rounded = RoundedScores(
-        prefix.approx, torch.cat([prefix.left, src_rest[:, None]], 1), torch.cat([prefix.right, anchor_rest[None]])
-    )
-    settled, candidate = [], []
-    for start in range(0, len(src), SCAN_BLOCK):
-        block = slice(start, start + SCAN_BLOCK)
-        scores, error = rounded.upper(block)
-        top, pick = scores.add_(error).topk(2, dim=1)
-        full = (src[block, None, :] @ anchor.index_select(0, pick[:, 0])[:, :, None]).flatten()
-        reached = full - 2 * width * FP32_UNIT * src_norm[block] * anchor_norm[pick[:, 0]]
-        settled.append(reached >= top[:, 1])
-        candidate.append(pick[:, 0])
-    return torch.cat(settled), torch.cat(candidate)
+class _PrefixBounds:
+    """The bfloat16 passes of `bounded_row_bests` against one anchor (and its probe): per prefix,
+    the anchor's rounded columns and norms are computed once and serve every pass over it.
+
+    A row's bound on its full score against anchor row j is the rounded prefix score plus its
+    `RoundedScores` error bound plus |x_rest| |y_rest| (Cauchy-Schwarz), the last three in one
+    rank-4 update; the rest norms come from the full and prefix norms (rounded up past their
+    float32 error), so the rest of the columns is never read. A row is settled when its candidate's
+    full score, in float32 less its rounding bound, reaches every other bound: the candidate is
+    then the float64 argmax, as `filtered_row_bests` finds it."""
+
+    def __init__(self, anchor: torch.Tensor, anchor_norm: torch.Tensor) -> None:
+        self.anchor, self.anchor_norm = anchor, anchor_norm
+        self._sides: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def settle(self, src: torch.Tensor, src_norm: torch.Tensor, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which rows of `src` the prefix [0, upto) settles, and each row's candidate best."""
+        width = src.shape[1]
+        anchor_hi, right = self._side(upto)
+        src_hi, src_hi_norm, src_lo_norm, src_pre_norm = _rounded_rows(src[:, :upto])
+        src_rest = _rest_norm(src_norm, src_pre_norm, width)
+        left = torch.stack([src_hi_norm, src_lo_norm, src_hi_norm, src_rest], 1)
+        settled, candidate = [], []
+        for start in range(0, len(src), ROW_BLOCK):
+            approx = src_hi[start : start + ROW_BLOCK] @ anchor_hi.T
+            for scan in range(0, len(approx), SCAN_BLOCK):
+                block = slice(start + scan, start + scan + SCAN_BLOCK)
+                bounds = RoundedScores(approx[scan : scan + SCAN_BLOCK], left[block], right)
+                scores, error = bounds.upper(slice(None))
+                top, pick = scores.add_(error).topk(2, dim=1)
+                full = (src[block, None, :] @ self.anchor.index_select(0, pick[:, 0])[:, :, None]).flatten()
+                reached = full - 2 * width * FP32_UNIT * src_norm[block] * self.anchor_norm[pick[:, 0]]
+                settled.append(reached >= top[:, 1])
+                candidate.append(pick[:, 0])
+        return torch.cat(settled), torch.cat(candidate)
+
+    def _side(self, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The anchor's prefix in bfloat16 and its right factors (|y_lo|, |y|, gamma |y_hi|, |y_rest|)."""
+        if upto not in self._sides:
+            hi, hi_norm, lo_norm, pre_norm = _rounded_rows(self.anchor[:, :upto])
+            gamma = 1.01 * upto * FP32_UNIT
+            rest = _rest_norm(self.anchor_norm, pre_norm, self.anchor.shape[1])
+            self._sides[upto] = hi, torch.stack([lo_norm, pre_norm, gamma * hi_norm, rest])
+        return self._sides[upto]
+
+
+def _rounded_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`rows` in bfloat16 and the norms `RoundedScores` bounds with -- of the bfloat16 rows, of
+    their residual, of the rows -- each rounded up past its float32 error (computed in blocks)."""
+    width = rows.shape[1]
+    up = 1 + 4 * width * FP32_UNIT + 2.0**-20
+    hi = torch.empty(rows.shape, dtype=torch.bfloat16, device=rows.device)
+    hi_norm, lo_norm = rows.new_empty(len(rows)), rows.new_empty(len(rows))
+    for start in range(0, len(rows), ROW_BLOCK):
+        block = slice(start, start + ROW_BLOCK)
+        hi[block] = rows[block]
+        _residual_norms(rows[block], hi_norm[block], lo_norm[block], hi[block])
+    norm = torch.linalg.vector_norm(rows, dim=1)
+    return hi, hi_norm.mul_(up), lo_norm.mul_(up), norm.mul_(up)
+
+
+def _rest_norm(norm: torch.Tensor, prefix_norm: torch.Tensor, width: int) -> torch.Tensor:
+    """An upper bound on the norm of the rows' columns after a prefix, from the float32 norms of
+    the whole rows and of the prefix (each within 2 w u32 of the exact norm, whatever the order
+    of its sum): sqrt(|x|^2 - |x_pre|^2) with |x| rounded up and |x_pre| down, in float64."""
+    margin = 2 * width * FP32_UNIT + 2.0**-22
+    whole, prefix = norm.double() / (1 - margin), prefix_norm.double() / (1 + margin)
+    return (whole.square() - prefix.square()).clamp_(min=0).sqrt_().float().mul_(1 + 2.0**-20)
 
 
 def _inverse(best: torch.Tensor) -> torch.Tensor:
@@ -421,7 +495,7 @@ class _RowScores:
     def top(self, k: int) -> np.ndarray:
         n = len(self.src)
         approx = self.rounded.approx
-        picks = [approx[start : start + ROW_BLOCK].topk(k, dim=1).indices for start in range(0, n, ROW_BLOCK)]
+        picks = [approx[start : start + SCAN_BLOCK].topk(k, dim=1).indices for start in range(0, n, SCAN_BLOCK)]
         return (torch.arange(n).repeat_interleave(k) * n + torch.cat(picks).flatten()).numpy()
 
     def values(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -436,8 +510,8 @@ class _RowScores:
         u32, v32 = torch.from_numpy(u_real).float(), torch.from_numpy(v_real).float()
         v_max = float(np.abs(v_real).max())
         rows_found, cols_found = [], []
-        for start in range(0, n, ROW_BLOCK):
-            block = slice(start, start + ROW_BLOCK)
+        for start in range(0, n, SCAN_BLOCK):
+            block = slice(start, start + SCAN_BLOCK)
             scores, error = self.rounded.upper(block)
             # float32 rounding of the few operations below: far inside 2^-20 of their magnitudes
             slack = 2.0**-20 * (float(scores.abs().max()) + float(error.max()) + v_max + float(u32[block].abs().max()))

@@ -9,6 +9,7 @@ import torch
 
 from rotfuse.symmetry import permutation
 from rotfuse.symmetry.permutation import (
+    PREFIXES,
     PROBE_ROWS,
     RoundedScores,
     _certified_sparse,
@@ -171,3 +172,18 @@ def test_far_relatives_start_at_a_wider_prefix_and_keep_the_exact_bests(bfloat16
     best = bounded_row_bests(far, anchor, first)
     assert best is not None and torch.equal(best, _exact(far, anchor).argmax(dim=1))
     assert torch.equal(solve_permutation(far, anchor), torch.argsort(best))
+
+
+@pytest.mark.parametrize("bfloat16", [False, True], ids=["float32 prefixes", "bfloat16 prefixes"])
+def test_close_fine_tunes_settle_on_a_prefix_narrower_than_an_eighth_with_the_exact_bests(bfloat16, monkeypatch):
+    """A fine-tune (cosine 0.999): the probe starts below 1/8 of the columns, and the bounds
+    still give every row its float64 argmax."""
+    monkeypatch.setattr(permutation, "fast_bfloat16_gemm", lambda device: bfloat16)
+    n, width = 5 * PROBE_ROWS, 2048
+    g = torch.Generator().manual_seed(7)
+    anchor = torch.randn(n, width, generator=g)
+    src = (anchor + 0.05 * torch.randn(n, width, generator=g))[torch.randperm(n, generator=g)]
+    first = first_prefix(src, anchor)
+    assert first is not None and PREFIXES[first] > 8
+    best = bounded_row_bests(src, anchor, first)
+    assert best is not None and torch.equal(best, _exact(src, anchor).argmax(dim=1))
