@@ -31,14 +31,23 @@ INT64 = (-(2**63), 2**63 - 1)
 
 
 def load_inputs(
-    path: Path, tokenizer_folder: Path | None = None, max_samples: int | None = None, max_length: int = 128
+    path: Path,
+    tokenizer_folder: Path | None = None,
+    max_samples: int | None = None,
+    max_length: int = 128,
+    rows: tuple[int, int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """All samples of a data file as a dict of tensors with a common leading axis."""
+    """All samples of a data file as a dict of tensors with a common leading axis; with `rows`
+    (start, end), only those samples (of the first `max_samples`), checked as if alone. A
+    `.safetensors` file is then read only there: a rank of a distributed job holds its share."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such data file")
     suffix = path.suffix.lower()
-    if suffix in (".safetensors", ".npz"):
+    if suffix == ".safetensors" and rows is not None:  # rows of the first max_samples: no cut after
+        tensors = _load_rows(path, *rows)
+        max_samples, rows = None, None
+    elif suffix in (".safetensors", ".npz"):
         tensors = _load_tensors(path)
     elif suffix in (".jsonl", ".txt"):
         texts, pairs, labels = _load_texts(path)
@@ -54,7 +63,24 @@ def load_inputs(
     tensors = with_decoder_inputs(tensors, config)
     if max_samples is not None:
         tensors = {name: t[:max_samples] for name, t in tensors.items()}
+    if rows is not None:
+        tensors = {name: t[rows[0] : rows[1]] for name, t in tensors.items()}
     return tensors
+
+
+def count_samples(path: Path, tokenizer_folder: Path | None = None, max_samples: int | None = None) -> int:
+    """How many samples `load_inputs` would give: from the header alone for `.safetensors` (its
+    tensors must agree on it), else by loading the file."""
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors" and path.exists():
+        sizes = {name: shape[0] if shape else None for name, shape in _shapes(path).items()}
+        if not sizes or None in sizes.values() or len(set(sizes.values())) != 1:
+            raise InputError(f"{path}: inputs need one common leading (batch) axis, got sizes {sizes}")
+        count = next(iter(sizes.values()))
+    else:
+        count = len(next(iter(load_inputs(path, tokenizer_folder).values())))
+    assert count is not None
+    return count if max_samples is None else min(count, max_samples)
 
 
 def _config(folder: Path | None) -> dict[str, Any]:
@@ -158,6 +184,27 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
         return dict(load_file(str(path)))
     except Exception as exc:  # numpy / safetensors raise various types for corrupt files
+        raise InputError(f"{path}: cannot read input tensors ({type(exc).__name__}: {exc})") from exc
+
+
+def _shapes(path: Path) -> dict[str, list[int]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118 (not a dict)
+    except Exception as exc:  # safetensors raises various types for corrupt files
+        raise InputError(f"{path}: cannot read input tensors ({type(exc).__name__}: {exc})") from exc
+
+
+def _load_rows(path: Path, start: int, end: int) -> dict[str, torch.Tensor]:
+    """Rows [start, end) of every tensor of a `.safetensors` file, reading no others."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: handle.get_slice(name)[start:end] for name in handle.keys()}  # noqa: SIM118 (not a dict)
+    except Exception as exc:  # safetensors raises various types for corrupt files
         raise InputError(f"{path}: cannot read input tensors ({type(exc).__name__}: {exc})") from exc
 
 

@@ -53,7 +53,7 @@ from rotfuse import __version__
 from rotfuse.core.distributed import Group, job, split_in_order
 from rotfuse.core.errors import InputError, UsageError
 from rotfuse.core.progress import Progress
-from rotfuse.eval.data import load_inputs
+from rotfuse.eval.data import count_samples, load_inputs
 from rotfuse.eval.runtime import accepted_inputs, load_model, refuse_remote_code
 from rotfuse.io.checkpoint import Checkpoint
 from rotfuse.io.dtypes import parse_dtype_flag, torch_dtype
@@ -251,9 +251,10 @@ def accumulate_grams(
     device: str,
     share: Sequence[int],
     progress: Progress | None,
+    first: int = 0,
 ) -> GramCollector:
     """The Gram sums (float32) and row counts over the batches numbered in `share` (all of them in
-    one process; a rank's range in a distributed job)."""
+    one process; a rank's range in a distributed job). `inputs` start at example `first`."""
     collector = GramCollector()
     modules = dict(model.named_modules())
     handles = [modules[name].register_forward_pre_hook(collector.hook(name), with_kwargs=True) for name in linears]
@@ -261,7 +262,7 @@ def accumulate_grams(
     try:
         with torch.no_grad():
             for done, number in enumerate(share, start=1):
-                batch = {k: v[number * size : (number + 1) * size] for k, v in inputs.items()}
+                batch = {k: v[number * size - first : (number + 1) * size - first] for k, v in inputs.items()}
                 mask = batch.get("attention_mask")
                 collector.start(mask.to(device) if mask is not None else None)
                 model(**_model_inputs(model, batch, device))
@@ -382,13 +383,14 @@ def accumulate_fisher(
     use_labels: bool,
     share: Sequence[int],
     progress: Progress | None,
+    first: int = 0,
 ) -> list[torch.Tensor]:
     """Per `parameters`, the sum (float32) of the squared per-example gradients over the
-    examples numbered in `share`, one backward pass each."""
+    examples numbered in `share`, one backward pass each. `inputs` start at example `first`."""
     problem_type = getattr(model.config, "problem_type", None)
     sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in parameters]
     for done, index in enumerate(share, start=1):
-        example = _example(inputs, index)
+        example = _example(inputs, index - first)
         model.zero_grad(set_to_none=True)
         outputs = model(**_model_inputs(model, example, device))
         logits = getattr(outputs, "logits", None)
@@ -463,21 +465,45 @@ class _Run:
     names: dict[int, list[str]]
     unmapped: list[str]
     use_labels: bool
+    samples: int  # in the whole data (`inputs` may hold a rank's share)
+    first: int  # the example `inputs` start at
 
-    @property
-    def samples(self) -> int:
-        return len(next(iter(self.inputs.values())))
 
-    @property
-    def units(self) -> list[int]:
-        """The examples in each unit of work: a batch (regmean) or one example (fisher)."""
-        size = self.options.batch_size if self.options.kind == "regmean" else 1
-        return [min(size, self.samples - start) for start in range(0, self.samples, size)]
+def _units(options: StatsOptions, samples: int) -> list[int]:
+    """The examples in each unit of work: a batch (regmean) or one example (fisher)."""
+    size = options.batch_size if options.kind == "regmean" else 1
+    return [min(size, samples - start) for start in range(0, samples, size)]
+
+
+def _my_units(units: list[int], group: Group | None) -> list[int]:
+    """This rank's batches (regmean) or examples (fisher): consecutive ranges of about equal
+    example counts, one per rank; all of them in one process."""
+    if group is None:
+        return list(range(len(units)))
+    owner = split_in_order([float(n) for n in units], group.world)
+    return [unit for unit, rank in enumerate(owner) if rank == group.rank]
+
+
+def _my_rows(options: StatsOptions, samples: int, group: Group | None) -> tuple[int, int]:
+    """The examples [first, end) this process runs on: all in one process."""
+    units = _units(options, samples)
+    mine = _my_units(units, group)
+    size = options.batch_size if options.kind == "regmean" else 1
+    return (mine[0] * size, mine[-1] * size + units[mine[-1]]) if mine else (0, 0)
 
 
 def _prepare(
-    model_path: Path, data_path: Path, out: Path, options: StatsOptions, overwrite: bool, inputs_read: Sequence[Path]
+    model_path: Path,
+    data_path: Path,
+    out: Path,
+    options: StatsOptions,
+    overwrite: bool,
+    inputs_read: Sequence[Path],
+    group: Group | None = None,
 ) -> _Run:
+    """Check the inputs and load the model and the data this process runs on: all of it in one
+    process, a rank's consecutive share in a distributed job (a `.safetensors` file is read only
+    there; other formats are read whole and cut)."""
     from rotfuse.core.device import resolve_device
 
     _validate(options)
@@ -485,25 +511,35 @@ def _prepare(
     device = resolve_device(options.device)
     checkpoint = Checkpoint.open(model_path)
     refuse_remote_code(model_path)
-    inputs = load_inputs(Path(data_path), Path(model_path), options.max_samples, options.max_length)
-    if len(next(iter(inputs.values()))) == 0:
+    data, folder = Path(data_path), Path(model_path)
+    if group is not None and data.suffix.lower() == ".safetensors":
+        samples = count_samples(data, folder, options.max_samples)
+        first, end = _my_rows(options, samples, group)
+        inputs = load_inputs(data, folder, options.max_samples, options.max_length, (first, end))
+    else:
+        inputs = load_inputs(data, folder, options.max_samples, options.max_length)
+        samples = len(next(iter(inputs.values())))
+        first, end = _my_rows(options, samples, group)
+        inputs = {name: tensor[first:end] for name, tensor in inputs.items()}
+    if samples == 0:
         raise InputError(f"{data_path}: no samples")
     use_labels = options.kind == "fisher" and _labels_for(inputs, options.labels, Path(data_path))
     model = load_model(model_path, device, _model_dtype(options.model_dtype, options.kind, checkpoint, device))
     names, unmapped = checkpoint_names(model, checkpoint)
     return _Run(
-        Path(model_path), Path(data_path), options, device, checkpoint, inputs, model, names, unmapped, use_labels
+        Path(model_path),
+        Path(data_path),
+        options,
+        device,
+        checkpoint,
+        inputs,
+        model,
+        names,
+        unmapped,
+        use_labels,
+        samples,
+        first,
     )
-
-
-def _my_units(run: _Run, group: Group | None) -> list[int]:
-    """This rank's batches (regmean) or examples (fisher): consecutive ranges of about equal
-    example counts, one per rank; all of them in one process."""
-    units = run.units
-    if group is None:
-        return list(range(len(units)))
-    owner = split_in_order([float(n) for n in units], group.world)
-    return [unit for unit, rank in enumerate(owner) if rank == group.rank]
 
 
 def _statistics(
@@ -511,14 +547,23 @@ def _statistics(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     """Run the model on this rank's share and return the statistics (rank 0 of a distributed
     job: every rank's sums added up; None on the other ranks)."""
-    model, options, share = run.model, run.options, _my_units(run, group)
+    model, options, share = run.model, run.options, _my_units(_units(run.options, run.samples), group)
 
     def accumulate() -> Any:
         with fitting(run.data_path, run.model_path):
             if options.kind == "regmean":
-                return accumulate_grams(model, linears, run.inputs, options, run.device, share, progress)
+                return accumulate_grams(model, linears, run.inputs, options, run.device, share, progress, run.first)
             return accumulate_fisher(
-                model, parameters, run.inputs, options, run.device, run.data_path, run.use_labels, share, progress
+                model,
+                parameters,
+                run.inputs,
+                options,
+                run.device,
+                run.data_path,
+                run.use_labels,
+                share,
+                progress,
+                run.first,
             )
 
     if options.kind == "regmean":
@@ -539,8 +584,14 @@ def _statistics(
     return fisher_tensors(parameters, sums, run.samples, run.names, "data" if run.use_labels else "sampled")
 
 
-def _manifest(run: _Run, details: dict[str, Any], started: float) -> dict[str, Any]:
-    options, mask = run.options, run.inputs.get("attention_mask")
+def _tokens(run: _Run) -> int | None:
+    """The unpadded tokens of the examples this process holds (None without a mask)."""
+    mask = run.inputs.get("attention_mask")
+    return int(mask.sum()) if mask is not None else None
+
+
+def _manifest(run: _Run, details: dict[str, Any], started: float, tokens: int | None) -> dict[str, Any]:
+    options = run.options
     return {
         "tool": "rotfuse",
         "version": __version__,
@@ -552,7 +603,7 @@ def _manifest(run: _Run, details: dict[str, Any], started: float) -> dict[str, A
         "data": {
             "path": str(run.data_path),
             "samples": run.samples,
-            "tokens": int(mask.sum()) if mask is not None else None,
+            "tokens": tokens,
         },
         "settings": {
             "max_samples": options.max_samples,
@@ -598,11 +649,15 @@ def compute_stats(
             run = _prepare(model_path, data_path, out, options, overwrite, inputs_read)
             found = _statistics(run, None, progress)
             assert found is not None
-            manifest = _manifest(run, found[1], started)
+            manifest = _manifest(run, found[1], started, _tokens(run))
             _write(out, overwrite, found[0], manifest)
             return manifest
-        run = group.agree("check inputs", lambda: _prepare(model_path, data_path, out, options, overwrite, inputs_read))
+        run = group.agree(
+            "check inputs", lambda: _prepare(model_path, data_path, out, options, overwrite, inputs_read, group)
+        )
         found = _statistics(run, group, progress)
-        manifest = _manifest(run, found[1] if found is not None else {}, started)
+        counts = group.gather(_tokens(run))  # each rank holds its own examples
+        tokens = None if None in counts else sum(counts)
+        manifest = _manifest(run, found[1] if found is not None else {}, started, tokens)
         group.agree("write", lambda: _write(out, overwrite, found[0], manifest) if found is not None else None)
         return group.broadcast(manifest if group.is_main else None)

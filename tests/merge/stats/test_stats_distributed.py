@@ -108,3 +108,16 @@ def test_a_rank_without_batches_adds_nothing(tmp_path, setup):
     assert _manifest(tmp_path / "ws3") == _manifest(tmp_path / "ws1")
     one, three = (load_file(str(tmp_path / n / STATS_FILE)) for n in ("ws1", "ws3"))
     assert relative_error(one, three) < RELATIVE_TOLERANCE
+
+
+def test_each_rank_reads_only_its_rows(tmp_path, setup):
+    """A token id beyond the vocabulary in the last example: only rank 1 of 2, whose rows hold it,
+    reads (and checks) it -- rank 0 never loads the rows of another rank."""
+    inputs = token_inputs(13, 9, vocab=61, seed=2)
+    inputs["input_ids"][12, 1] = 10_000
+    bad = save_inputs(tmp_path / "bad.safetensors", inputs)
+    args = ["stats", setup["model"], "--data", bad, "--kind", "regmean", "--batch-size", "3", "-o", tmp_path / "out"]
+    results = srun_like(2, *args)
+    assert [r.returncode for r in results] == [2, 2], [r.stderr for r in results]
+    line = results[0].stderr.strip()
+    assert line.startswith("rotfuse: error: rank 1: ") and "token ids" in line, line
