@@ -14,6 +14,8 @@ in one run, each as its own process so peak RSS is per command:
   match-unrelated    match-all on A and U, a model of its own initialisation (no shared base): the
                      FFN assignment takes the sparse solve (LP-duality certificate) instead of the
                      row-best certificate
+  match-close        match-all on A and a close fine-tune of it (A plus 5 % noise, not 50 %): the
+                     FFN rows settle on a narrower prefix of the columns
   merge-simple       rotfuse merge --method simple (when the command exists)
   mergekit-linear    mergekit-yaml linear merge of the same pair (when mergekit is installed)
   merge-ties         rotfuse merge --method ties --density 0.2: B and C (a second fine-tune, A plus
@@ -91,6 +93,7 @@ SIZES = {  # hidden, layers, heads, kv heads, ffn width, vocab
     ),
 }
 FULL_DEPTH = {"7b": 32}  # sizes benchmarked shallower than the model they stand for
+CLOSE_NOISE = 0.05  # match-close: B = A + 5 % noise per weight (cosine 0.999, a typical fine-tune)
 SHARD_BYTES = 500 * 1024 * 1024
 STAGES = (
     "startup",
@@ -98,6 +101,7 @@ STAGES = (
     "match-attn",
     "match-all",
     "match-unrelated",
+    "match-close",
     "merge-simple",
     "mergekit-linear",
     "merge-ties",
@@ -155,8 +159,8 @@ def llama_tensors(dims: dict) -> list[tuple[str, tuple[int, ...]]]:
     return names + [("model.norm.weight", (d,)), ("lm_head.weight", (v, d))]
 
 
-def generate(folder: Path, dims: dict, base_seed: int, noise_seed: int | None) -> Path:
-    """A LLaMA checkpoint written shard by shard; with noise_seed, base + 0.5 * noise."""
+def generate(folder: Path, dims: dict, base_seed: int, noise_seed: int | None, noise: float = 0.5) -> Path:
+    """A LLaMA checkpoint written shard by shard; with noise_seed, base + noise * (noise draw)."""
     from rotfuse.io.writer import CheckpointWriter, ShardPlan
 
     if (folder / "config.json").exists():
@@ -192,7 +196,7 @@ def generate(folder: Path, dims: dict, base_seed: int, noise_seed: int | None) -
     for name, shape in tensors:
         value = draw(name, shape, base_seed)
         if noise_seed is not None and len(shape) == 2:
-            value += 0.5 * draw(name, shape, noise_seed)
+            value += noise * draw(name, shape, noise_seed)
         writer.write(name, value)
     writer.finish()
     config = {
@@ -349,6 +353,13 @@ def bench_size(size: str, root: Path, keep: bool, repeat: int, stages: frozenset
         rotfuse("match", str(a), str(b), "-o", str(work), "--json", "-q", "--device", "cpu", *no_fsync),
         detail_from_json=True,
     )
+    if "match-close" in stages:
+        close = generate(root / f"{size}-close", dims, base_seed=0, noise_seed=1, noise=CLOSE_NOISE)
+        stage(
+            "match-close",
+            rotfuse("match", str(a), str(close), "-o", str(work), "--json", "-q", "--device", "cpu", *no_fsync),
+            detail_from_json=True,
+        )
     if "match-unrelated" in stages:
         unrelated = generate(root / f"{size}-u", dims, base_seed=1, noise_seed=None)
         stage(
@@ -386,7 +397,11 @@ def bench_size(size: str, root: Path, keep: bool, repeat: int, stages: frozenset
             f"  - model: {a}\n    parameters: {{weight: 0.5}}\n  - model: {b}\n    parameters: {{weight: 0.5}}\n"
         )
         stage("mergekit-linear", [mergekit, str(config), str(work), "--lazy-unpickle", "--out-shard-size", "500M"])
-    folders = [a, b] + ([root / f"{size}-u"] if "match-unrelated" in stages else [])
+    folders = [a, b] + [
+        root / f"{size}-{tag}"
+        for stage_name, tag in (("match-unrelated", "u"), ("match-close", "close"))
+        if stage_name in stages
+    ]
     if stages & set(TASK_VECTOR_STAGES):  # A as the base of B and of C, a second fine-tune of it
         c = generate(root / f"{size}-c", dims, base_seed=0, noise_seed=2)
         folders.append(c)

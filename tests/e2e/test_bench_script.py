@@ -48,6 +48,8 @@ def test_bench_tiny_reports_every_stage(tmp_path: Path) -> None:
         "io-floor",
         "match-attn",
         "match-all",
+        "match-close",
+        "match-unrelated",
         "merge-simple",
         "match-2x-deep",
         "merge-2x-deep",
