@@ -113,7 +113,7 @@ def _match_into(plan: MatchPlan, folder: Path, progress: Progress | None) -> dic
         "model": {"path": str(model.folder), "fingerprint": model.checkpoint.fingerprint()},
         "output": {"path": str(plan.out), "fingerprint": Checkpoint.open(folder, True).fingerprint()},
         "arch": model.bound.spec.name,
-        "symmetries": sorted(options.symmetries),
+        "symmetries": sorted(model.bound.applicable(options.symmetries)),
         "device": device,
         "settings": {"max_rounds": options.max_rounds, "layers": [str(layer) for layer in plan.layers]},
         "settings_fingerprint": settings_fingerprint(options),

@@ -49,7 +49,7 @@ class MatchPlan:
             "output": str(self.out),
             "arch": self.model.bound.spec.name,
             "device": self.device,
-            "symmetries": sorted(self.options.symmetries - self.model.bound.disabled),
+            "symmetries": sorted(self.model.bound.applicable(self.options.symmetries)),
             "restrictions": self.model.bound.notes,
             "layers": [str(layer) for layer in self.layers],
             "tensors": {

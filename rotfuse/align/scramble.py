@@ -83,7 +83,7 @@ def scramble(
         "output": str(out),
         "arch": model.bound.spec.name,
         "seed": seed,
-        "symmetries": sorted(options.symmetries - model.bound.disabled),
+        "symmetries": sorted(model.bound.applicable(options.symmetries)),
         "layers": [str(layer) for layer in layers],
         "restrictions": model.bound.notes,
         **({"residual": residual.describe(options)} if residual is not None else {}),

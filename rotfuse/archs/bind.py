@@ -20,6 +20,7 @@ from rotfuse.archs.spec import (
     load_spec_file,
 )
 from rotfuse.core.errors import InputError
+from rotfuse.symmetry.names import EXPERTS
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -64,6 +65,13 @@ class BoundArch:
     # per stack with ffn_layouts: the index into StackSpec.layouts() of each layer's FFN layout
     layer_layouts: dict[str, tuple[int, ...]] = field(default_factory=dict)
     layout: NameLayout = NameLayout()  # the naming era of this checkpoint (spec `renames`)
+
+    def applicable(self, symmetries: frozenset[str]) -> frozenset[str]:
+        """The requested `symmetries` this checkpoint can apply: not switched off by a restriction,
+        and with parts to move (whole-expert permutation only where a layer has experts)."""
+        if not any(dims.num_experts for dims in self.dims.values()):
+            symmetries = symmetries - {EXPERTS}
+        return symmetries - self.disabled
 
     def disabled_in(self, stack: str) -> frozenset[str]:
         """The symmetries switched off in one stack (the global ones and that stack's own)."""
