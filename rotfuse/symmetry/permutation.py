@@ -14,6 +14,7 @@ rounding (`RoundedScores`). The bounds come first: they are cheaper when they se
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -131,7 +132,7 @@ class RoundedScores:
         width = src.shape[1]
         gamma = 1.01 * width * FP32_UNIT
         assert gamma < 0.01, "rows too wide for the float32 accumulation bound"
-        up = 1 + 4 * width * FP32_UNIT + 2.0**-20  # norms summed in float32: rounded up past their error
+        up = _round_up(width)  # norms summed in float32: rounded up past their error
         anchor_hi = anchor.bfloat16()  # whole: every block of the GEMM reads it
         approx = src.new_empty(len(src), len(anchor), dtype=torch.bfloat16)
         x_hi, x_lo, y_hi, y_lo, y = (src.new_empty(len(rows)) for rows in (src, src, anchor, anchor, anchor))
@@ -330,23 +331,28 @@ class _PrefixBounds:
     def settle(self, src: torch.Tensor, src_norm: torch.Tensor, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Which rows of `src` the prefix [0, upto) settles, and each row's candidate best."""
         width = src.shape[1]
+        settled, candidate = [], []
+        for block, upper in self.upper(src, src_norm, upto):
+            top, pick = upper.topk(2, dim=1)
+            full = (src[block, None, :] @ self.anchor.index_select(0, pick[:, 0])[:, :, None]).flatten()
+            reached = full - 2 * width * FP32_UNIT * src_norm[block] * self.anchor_norm[pick[:, 0]]
+            settled.append(reached >= top[:, 1])
+            candidate.append(pick[:, 0])
+        return torch.cat(settled), torch.cat(candidate)
+
+    def upper(self, src: torch.Tensor, src_norm: torch.Tensor, upto: int) -> Iterator[tuple[slice, torch.Tensor]]:
+        """Per block of SCAN_BLOCK rows of `src`, an upper bound (float32) on every row's full score
+        against every anchor row, from the prefix [0, upto) of the columns."""
         anchor_hi, right = self._side(upto)
         src_hi, src_hi_norm, src_lo_norm, src_pre_norm = _rounded_rows(src[:, :upto])
-        src_rest = _rest_norm(src_norm, src_pre_norm, width)
+        src_rest = _rest_norm(src_norm, src_pre_norm, src.shape[1])
         left = torch.stack([src_hi_norm, src_lo_norm, src_hi_norm, src_rest], 1)
-        settled, candidate = [], []
         for start in range(0, len(src), ROW_BLOCK):
             approx = src_hi[start : start + ROW_BLOCK] @ anchor_hi.T
             for scan in range(0, len(approx), SCAN_BLOCK):
                 block = slice(start + scan, start + scan + SCAN_BLOCK)
-                bounds = RoundedScores(approx[scan : scan + SCAN_BLOCK], left[block], right)
-                scores, error = bounds.upper(slice(None))
-                top, pick = scores.add_(error).topk(2, dim=1)
-                full = (src[block, None, :] @ self.anchor.index_select(0, pick[:, 0])[:, :, None]).flatten()
-                reached = full - 2 * width * FP32_UNIT * src_norm[block] * self.anchor_norm[pick[:, 0]]
-                settled.append(reached >= top[:, 1])
-                candidate.append(pick[:, 0])
-        return torch.cat(settled), torch.cat(candidate)
+                scores, error = RoundedScores(approx[scan : scan + SCAN_BLOCK], left[block], right).upper(slice(None))
+                yield block, scores.add_(error)
 
     def _side(self, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The anchor's prefix in bfloat16 and its right factors (|y_lo|, |y|, gamma |y_hi|, |y_rest|)."""
@@ -354,29 +360,34 @@ class _PrefixBounds:
             hi, hi_norm, lo_norm, pre_norm = _rounded_rows(self.anchor[:, :upto])
             gamma = 1.01 * upto * FP32_UNIT
             rest = _rest_norm(self.anchor_norm, pre_norm, self.anchor.shape[1])
-            self._sides[upto] = hi, torch.stack([lo_norm, pre_norm, gamma * hi_norm, rest])
+            self._sides[upto] = hi, torch.stack([lo_norm, pre_norm * _round_up(upto), gamma * hi_norm, rest])
         return self._sides[upto]
 
 
+def _round_up(width: int) -> float:
+    """The factor that rounds a float32 norm of `width` entries up past its error."""
+    return 1 + 4 * width * FP32_UNIT + 2.0**-20
+
+
 def _rounded_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`rows` in bfloat16 and the norms `RoundedScores` bounds with -- of the bfloat16 rows, of
-    their residual, of the rows -- each rounded up past its float32 error (computed in blocks)."""
-    width = rows.shape[1]
-    up = 1 + 4 * width * FP32_UNIT + 2.0**-20
+    """`rows` in bfloat16 and the norms `RoundedScores` bounds with: of the bfloat16 rows and of
+    their residual, each rounded up past its float32 error, and of the rows, as computed (for
+    `_rest_norm`, which needs it from below). In blocks: no float32 copy of the whole."""
+    up = _round_up(rows.shape[1])
     hi = torch.empty(rows.shape, dtype=torch.bfloat16, device=rows.device)
     hi_norm, lo_norm = rows.new_empty(len(rows)), rows.new_empty(len(rows))
     for start in range(0, len(rows), ROW_BLOCK):
         block = slice(start, start + ROW_BLOCK)
         hi[block] = rows[block]
         _residual_norms(rows[block], hi_norm[block], lo_norm[block], hi[block])
-    norm = torch.linalg.vector_norm(rows, dim=1)
-    return hi, hi_norm.mul_(up), lo_norm.mul_(up), norm.mul_(up)
+    return hi, hi_norm.mul_(up), lo_norm.mul_(up), torch.linalg.vector_norm(rows, dim=1)
 
 
 def _rest_norm(norm: torch.Tensor, prefix_norm: torch.Tensor, width: int) -> torch.Tensor:
     """An upper bound on the norm of the rows' columns after a prefix, from the float32 norms of
-    the whole rows and of the prefix (each within 2 w u32 of the exact norm, whatever the order
-    of its sum): sqrt(|x|^2 - |x_pre|^2) with |x| rounded up and |x_pre| down, in float64."""
+    the whole rows and of the prefix as computed (each within w u32 / 2 + u32 of the exact norm,
+    whatever the order of its sum; 2 w u32 is allowed): sqrt(|x|^2 - |x_pre|^2) with |x| rounded
+    up and |x_pre| down, in float64."""
     margin = 2 * width * FP32_UNIT + 2.0**-22
     whole, prefix = norm.double() / (1 - margin), prefix_norm.double() / (1 + margin)
     return (whole.square() - prefix.square()).clamp_(min=0).sqrt_().float().mul_(1 + 2.0**-20)
