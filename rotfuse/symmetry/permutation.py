@@ -68,12 +68,13 @@ def first_prefix(src: torch.Tensor, anchor: torch.Tensor, bounds: _PrefixBounds 
     least half of a sample of PROBE_ROWS rows -- or None when none will (unrelated rows: the passes
     would give up, and the full GEMM is cheaper than trying them).
 
-    The probe starts at 1/8 of the columns. Where that settles the sample, narrower prefixes are
-    tried (fine-tunes settle on 1/32). Where it does not, the sample's candidates tell how far the
-    models are apart: a row whose best scores cos |x| |y| settles once the prefix holds about 1 - cos
-    of the squared norms (the rest's bound is then below it), so the probe goes on at the first
-    prefix that wide -- far relatives at 1/4 or 1/2, unrelated rows (cos ~ 0) nowhere (narrow
-    rows, whose 1/8 may be too short to find the partners, at the widest, to be sure). With
+    The probe starts at 1/8 of the columns; the sample's candidates there tell how far the models
+    are apart: a row whose best scores cos |x| |y| settles once the prefix holds about 1 - cos of
+    the squared norms (the rest's bound is then below it). Where 1/8 settles the sample, narrower
+    prefixes that wide are tried (close fine-tunes settle on 1/32); where it does not, the probe
+    goes on at the first wider prefix that wide -- far relatives at 1/4 or 1/2, unrelated rows
+    (cos ~ 0) nowhere (narrow rows, whose 1/8 may be too short to find the partners, at the
+    widest, to be sure). With
     `bounds`, the probe runs on bfloat16 scores (and leaves the anchor's prefixes in them)."""
     n, width = src.shape
     if n <= 4 * PROBE_ROWS or anchor.shape[0] != n:
@@ -94,12 +95,12 @@ def first_prefix(src: torch.Tensor, anchor: torch.Tensor, bounds: _PrefixBounds 
 
     index = PREFIXES.index(GIVE_UP_FROM)
     settles, pick = probe(index)
-    if settles:
-        while index > 0 and probe(index - 1)[0]:
-            index -= 1
-        return index
     cosine = (rows_src * anchor.index_select(0, pick)).sum(dim=1) / (sample_norm * anchor_norm[pick]).clamp_min(1e-30)
     needed = 1 - float(cosine.median())
+    if settles:
+        while index > 0 and 1 / PREFIXES[index - 1] >= needed and probe(index - 1)[0]:
+            index -= 1
+        return index
     wide_enough = [wider for wider in range(index + 1, len(PREFIXES)) if 1 / PREFIXES[wider] >= needed]
     if not wide_enough and width // GIVE_UP_FROM < PROBE_COLUMNS:
         wide_enough = [len(PREFIXES) - 1]  # the widest: a short prefix may not find the partners
