@@ -169,3 +169,14 @@ def test_through_the_cli_in_the_hub_era(folders, tmp_path):
     code, err = run_here("verify", hub, tmp_path / "matched", "-q")
     assert code == 0, err
     assert _names(tmp_path / "matched") == _names(hub)
+
+
+def test_merge_across_the_two_eras_is_refused_naming_the_tensor(folders, tmp_path):
+    """`merge` pairs tensors by their names (it binds no architecture unless --match): a hub-era
+    checkpoint and a transformers-5-era one are refused with one line naming the first tensor the
+    other lacks, and nothing is written (re-saving the hub checkpoint with transformers 5 renames it)."""
+    hub, anchor = folders["hub"], folders["anchor"]
+    code, err = run_here("merge", "--method", "simple", anchor, hub, "-o", tmp_path / "across", "-q")
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "vision_tower.embeddings" in err and str(hub) in err, err
+    assert not (tmp_path / "across").exists()
