@@ -40,7 +40,7 @@ from rotfuse.symmetry.permutation import (
     solve_permutation,
 )
 
-WORKERS = 2
+WORKERS = 2  # as `rotfuse match` runs layers (--workers changes it: 1 shows a solve alone)
 PEAK_PATHS: dict[str, dict[str, object]] = {  # module attributes of `permutation` set for the path
     "bfloat16 sparse solve": {},
     "bfloat16 sparse solve, whole float64 copies": {"EXACT_BYTES": 2**62},
@@ -61,11 +61,11 @@ def check_float32_path(src: torch.Tensor, anchor: torch.Tensor) -> None:
     assert not fast_bfloat16_gemm(anchor.device) or filtered_row_bests(src, anchor) is None
 
 
-def per_solve_seconds(job, cases: list[torch.Tensor], anchor: torch.Tensor) -> float:
+def per_solve_seconds(job, cases: list[torch.Tensor], anchor: torch.Tensor, workers: int = WORKERS) -> float:
     start = time.perf_counter()
-    with ThreadPoolExecutor(WORKERS) as pool:
+    with ThreadPoolExecutor(workers) as pool:
         list(pool.map(lambda src: job(src, anchor), cases))
-    return (time.perf_counter() - start) * WORKERS / len(cases)
+    return (time.perf_counter() - start) * workers / len(cases)
 
 
 def peak_rss_child(path: str, neurons: int, width: int) -> None:
@@ -111,10 +111,12 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=6144)
     parser.add_argument("--repeat", type=int, default=2, help="solves per case and worker; the mean counts")
     parser.add_argument("--peak-rss", action="store_true", help="also the peak memory per path (processes)")
+    parser.add_argument("--workers", type=int, default=WORKERS, help="solves at once, one thread each")
     parser.add_argument("--peak-child", choices=list(PEAK_PATHS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peak_child:
         return peak_rss_child(args.peak_child, args.neurons, args.width)
+    workers = max(1, args.workers)
     torch.set_num_threads(1)  # one per worker thread, as rotfuse splits them
     g = torch.Generator().manual_seed(0)
     anchor = torch.randn(args.neurons, args.width, generator=g) / args.width**0.5
@@ -125,15 +127,15 @@ def main() -> None:
         return src[torch.randperm(args.neurons, generator=g)]
 
     cases = {"fine-tune (+5 %)": 0.05, "far relative (+50 %)": 0.5, "unrelated": None}
-    gemm = per_solve_seconds(lambda src, a: src @ a.T, [relative(0.05)] * (WORKERS * args.repeat), anchor)
+    gemm = per_solve_seconds(lambda src, a: src @ a.T, [relative(0.05)] * (workers * args.repeat), anchor, workers)
     print(
-        f"{args.neurons} neurons x {args.width}, {WORKERS} worker threads, bf16 filter: "
+        f"{args.neurons} neurons x {args.width}, {workers} worker threads, bf16 filter: "
         f"{'on' if fast_bfloat16_gemm(anchor.device) else 'off (no AMX / AVX512-BF16)'}"
     )
     print("| case | path | s per solve | x float32 GEMM |\n|---|---|---:|---:|")
     print(f"| - | float32 score GEMM alone (baseline) | {gemm:.2f} | 1.00 |")
     for name, noise in cases.items():
-        sources = [relative(noise) for _ in range(WORKERS)] * args.repeat
+        sources = [relative(noise) for _ in range(workers)] * args.repeat
         start = first_prefix(sources[0], anchor)
         if start is not None and bounded_row_bests(sources[0], anchor, start) is not None:
             path = "prefix bounds"
@@ -147,36 +149,36 @@ def main() -> None:
             path = "float32 GEMM + sparse solve + LP-duality certificate"
         else:
             path = "float32 GEMM + Hungarian"
-        seconds = per_solve_seconds(solve_permutation, sources, anchor)
+        seconds = per_solve_seconds(solve_permutation, sources, anchor, workers)
         print(f"| {name} | {path} | {seconds:.2f} | {seconds / gemm:.2f} |")
         if "sparse" in path:
             # the paths it replaces, same run (best_assignment looks the sparse solve up per call)
             first = seconds
             check_float32_path(sources[0], anchor)
             if path.startswith("bfloat16"):
-                old = per_solve_seconds(float32_path, sources, anchor)
+                old = per_solve_seconds(float32_path, sources, anchor, workers)
                 print(f"| {name}, previous | float32 GEMM + sparse solve | {old:.2f} | {old / gemm:.2f} |")
             permutation.certified_sparse_assignment = lambda scores, candidates=0: None
             try:
-                dense = sources[:WORKERS] if args.neurons > 3000 else sources  # one O(n^3) solve per worker
-                old = per_solve_seconds(float32_path, dense, anchor)
+                dense = sources[:workers] if args.neurons > 3000 else sources  # one O(n^3) solve per worker
+                old = per_solve_seconds(float32_path, dense, anchor, workers)
             finally:
                 permutation.certified_sparse_assignment = certified_sparse_assignment
             if path.startswith("bfloat16"):
                 permutation.EXACT_BYTES = 2**62  # one block: whole float64 copies of both sides
                 try:
-                    whole = per_solve_seconds(solve_permutation, sources, anchor)
+                    whole = per_solve_seconds(solve_permutation, sources, anchor, workers)
                 finally:
                     permutation.EXACT_BYTES = EXACT_BYTES
                 print(f"| {name}, whole float64 copies | {path} | {whole:.2f} | {whole / gemm:.2f} |")
-            seconds = per_solve_seconds(solve_permutation, sources, anchor)  # again, after: drift shows
+            seconds = per_solve_seconds(solve_permutation, sources, anchor, workers)  # again, after: drift shows
             print(f"| {name}, sparse off | float32 GEMM + Hungarian | {old:.2f} | {old / gemm:.2f} |")
             print(f"| {name}, again | {path} | {seconds:.2f} | {seconds / gemm:.2f} |")
             print(f"{name}: Hungarian / this path = {old / min(first, seconds):.2f}")
         if path == "bfloat16 filter":
             permutation.fast_bfloat16_gemm = lambda device: False  # solve_permutation looks it up per call
             try:
-                seconds = per_solve_seconds(solve_permutation, sources, anchor)
+                seconds = per_solve_seconds(solve_permutation, sources, anchor, workers)
             finally:
                 permutation.fast_bfloat16_gemm = fast_bfloat16_gemm
             print(f"| {name} | filter off: float32 GEMM + certificate | {seconds:.2f} | {seconds / gemm:.2f} |")
