@@ -5,8 +5,9 @@
     python scripts/bench_ffn_solve.py --neurons 2048 --width 2304
 
 Rows of two models at three distances -- a fine-tune (B = A + 5 % noise), a far relative (+50 %,
-spread evenly over the row, where the prefix bounds do not settle) and unrelated rows -- are
-solved by `solve_permutation` on two worker threads at once (as `rotfuse match` runs layers),
+spread evenly over the row, which only a wider prefix of the columns settles) and unrelated rows --
+are solved by `solve_permutation` on two worker threads at once (as `rotfuse match` runs layers;
+`--workers 1`: each solve alone),
 and so is the float32 score GEMM alone; the table gives seconds per solve and the ratio to that
 GEMM. Which path settled each case is printed too: the ratios say nothing without it. Where the
 bfloat16 filter settles a case, the same case is solved again with it switched off; where the
