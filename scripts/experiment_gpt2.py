@@ -326,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": (int, "training steps of each end model"),
         "hidden": (int, "end models' width"),
         "layers": (int, "end models' depth"),
+        "heads": (int, "end models' attention heads"),
         "intermediate": (int, "end models' FFN width"),
         "learn_steps": (int, "learning steps"),
         "learn_rate": (float, "learning rate"),
