@@ -16,8 +16,9 @@ scored on held-out text (other standard-library files): the l = 0.5 loss and the
 matched copy is checked to compute B's function (`rotfuse verify`). Writes results.md and
 results.json to --out. Deterministic given the seeds.
 
-    nice -n 10 python scripts/experiment_gpt2.py --seeds 0,1,2 --learn-symmetries default,residual,linear \
-        --learn-rate 3e-3 --learn-steps 800 --learn-decay cosine       # results/gpt2/
+    nice -n 10 python scripts/experiment_gpt2.py --seeds 0,1,2 --hidden 128 --intermediate 512 --heads 4 \
+        --learn-symmetries default,residual,linear --learn-rate 3e-3 --learn-steps 400 \
+        --learn-decay cosine                                           # results/gpt2/
     nice -n 10 python scripts/experiment_gpt2.py --model bert          # results/bert-mlm/
     python scripts/experiment_gpt2.py --quick --out /tmp/q             # seconds
 """
@@ -326,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": (int, "training steps of each end model"),
         "hidden": (int, "end models' width"),
         "layers": (int, "end models' depth"),
+        "heads": (int, "end models' attention heads"),
         "intermediate": (int, "end models' FFN width"),
         "learn_steps": (int, "learning steps"),
         "learn_rate": (float, "learning rate"),
