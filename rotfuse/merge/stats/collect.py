@@ -469,9 +469,14 @@ class _Run:
     first: int  # the example `inputs` start at
 
 
+def _unit_size(options: StatsOptions) -> int:
+    """The examples in a unit of work: a batch (regmean) or one example (fisher)."""
+    return options.batch_size if options.kind == "regmean" else 1
+
+
 def _units(options: StatsOptions, samples: int) -> list[int]:
-    """The examples in each unit of work: a batch (regmean) or one example (fisher)."""
-    size = options.batch_size if options.kind == "regmean" else 1
+    """The examples in each unit of work (the last one may be short)."""
+    size = _unit_size(options)
     return [min(size, samples - start) for start in range(0, samples, size)]
 
 
@@ -487,8 +492,7 @@ def _my_units(units: list[int], group: Group | None) -> list[int]:
 def _my_rows(options: StatsOptions, samples: int, group: Group | None) -> tuple[int, int]:
     """The examples [first, end) this process runs on: all in one process."""
     units = _units(options, samples)
-    mine = _my_units(units, group)
-    size = options.batch_size if options.kind == "regmean" else 1
+    mine, size = _my_units(units, group), _unit_size(options)
     return (mine[0] * size, mine[-1] * size + units[mine[-1]]) if mine else (0, 0)
 
 
