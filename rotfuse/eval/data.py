@@ -15,9 +15,9 @@ else the labels (seq2seq targets) shifted right, else the encoder's `input_ids` 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -28,6 +28,7 @@ from rotfuse.io.untrusted import parse_json
 TEXT_KEYS = ("text", "sentence", "input", "content")
 IGNORE_LABEL = -100  # transformers' "no target here"
 INT64 = (-(2**63), 2**63 - 1)
+T = TypeVar("T")
 
 
 def load_inputs(
@@ -188,22 +189,21 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _shapes(path: Path) -> dict[str, list[int]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118 (not a dict)
-    except Exception as exc:  # safetensors raises various types for corrupt files
-        raise InputError(f"{path}: cannot read input tensors ({type(exc).__name__}: {exc})") from exc
+    return _read_safetensors(path, lambda handle, name: list(handle.get_slice(name).get_shape()))
 
 
 def _load_rows(path: Path, start: int, end: int) -> dict[str, torch.Tensor]:
     """Rows [start, end) of every tensor of a `.safetensors` file, reading no others."""
+    return _read_safetensors(path, lambda handle, name: handle.get_slice(name)[start:end])
+
+
+def _read_safetensors(path: Path, read: Callable[[Any, str], T]) -> dict[str, T]:
+    """`read(handle, name)` for every tensor of a `.safetensors` file (a corrupt one: one line)."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return {name: handle.get_slice(name)[start:end] for name in handle.keys()}  # noqa: SIM118 (not a dict)
+            return {name: read(handle, name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
     except Exception as exc:  # safetensors raises various types for corrupt files
         raise InputError(f"{path}: cannot read input tensors ({type(exc).__name__}: {exc})") from exc
 
