@@ -255,8 +255,10 @@ def run_command(action: Callable[[], T], debug: bool) -> T:
     try:
         result = action()
     except RotfuseError as exc:
+        _fail_signalled(exc, debug)
         _fail(exc, debug, f"rotfuse: error: {exc}", exc.exit_code)
     except OSError as exc:
+        _fail_signalled(exc, debug)
         where = f"{exc.filename}: " if exc.filename else ""
         _fail(exc, debug, f"rotfuse: error: {where}{exc.strerror or exc}", 2)
     except KeyboardInterrupt as exc:
@@ -264,6 +266,7 @@ def run_command(action: Callable[[], T], debug: bool) -> T:
     except signals.Interrupted as exc:
         _fail(exc, debug, f"rotfuse: {exc.verb}; {_what_was_written()}", exc.exit_code)
     except Exception as exc:  # a bug in rotfuse
+        _fail_signalled(exc, debug)
         _fail(
             exc,
             debug,
@@ -278,6 +281,14 @@ def run_command(action: Callable[[], T], debug: bool) -> T:
         sys.stderr.write(f"rotfuse: {late.verb} after the output was complete: {where} is whole\n")
         raise typer.Exit(late.exit_code)
     return result
+
+
+def _fail_signalled(exc: BaseException, debug: bool) -> None:
+    """Exit as the signal did where a signal's `Interrupted` became another error on its way out
+    of a C extension (safetensors turns it into a TypeError mid-read): not as that error."""
+    signalled = signals.raised()
+    if signalled is not None:
+        _fail(exc, debug, f"rotfuse: {signalled.verb}; {_what_was_written()}", signalled.exit_code)
 
 
 def _what_was_written() -> str:

@@ -44,6 +44,7 @@ class _State:
         self.complete: list[Path] = []
         self.pending: int | None = None
         self.finished: list[Path] = []  # whole outputs of a batch that goes on (match_many)
+        self.raised: int | None = None  # the signal whose Interrupted was raised, whatever became of it
 
 
 _state = _State()
@@ -53,6 +54,7 @@ def _handler(signum: int, frame: FrameType | None) -> None:
     if _state.complete:
         _state.pending = signum  # the output is in place: finish, then say so
         return
+    _state.raised = signum
     raise Interrupted(signum)
 
 
@@ -77,6 +79,7 @@ def reset() -> None:
     _state.complete = []
     _state.pending = None
     _state.finished = []
+    _state.raised = None
 
 
 def output_complete(path: Path) -> None:
@@ -98,7 +101,14 @@ def output_finished(path: Path) -> None:
     _state.finished.append(Path(path))
     if _state.pending is not None and not _state.complete:
         signum, _state.pending = _state.pending, None
+        _state.raised = signum
         raise Interrupted(signum)
+
+
+def raised() -> Interrupted | None:
+    """The signal that ended the command, even where a C extension caught its `Interrupted` and
+    raised an error of its own instead (safetensors does, mid-read)."""
+    return None if _state.raised is None else Interrupted(_state.raised)
 
 
 def finished_outputs() -> list[Path]:
