@@ -16,6 +16,7 @@ from rotfuse.cli.match import match_command, scramble_command
 from rotfuse.cli.merge import merge_command
 from rotfuse.cli.stats import stats_command
 from rotfuse.cli.verify import verify_command
+from rotfuse.core.distributed import launch_env
 
 app = typer.Typer(
     name="rotfuse",
@@ -86,4 +87,13 @@ def main() -> None:
     # spin on the cores the layer threads need
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     gc.disable()  # until the command's imports are in: cli.common.imports_done
-    sys.exit(run())
+    code = run()
+    if code and launch_env() is not None:
+        # A failed rank of a multi-process job leaves without the interpreter's teardown: torch's
+        # C++ threads (gloo, the store) have aborted it there ("terminate called without an active
+        # exception", SIGABRT instead of the job's exit code) once the other ranks were gone. Its
+        # outputs are already removed and its line printed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
