@@ -254,7 +254,8 @@ def bounded_row_bests(
     n, width = src.shape
     if n < 2 or anchor.shape[0] != n:
         return None  # nothing to gain
-    src_norm, anchor_norm = src.norm(dim=1), anchor.norm(dim=1)
+    src_norm = src.norm(dim=1)
+    anchor_norm = anchor.norm(dim=1) if bounds is None else bounds.anchor_norm  # the solve's, once
     best = torch.empty(n, dtype=torch.int64, device=src.device)
     open_rows = torch.arange(n, device=src.device)
     if bounds is None and fast_bfloat16_gemm(src.device):
