@@ -228,6 +228,7 @@ def _learn_into(
         device=plan.device,
         keep=options.learn_keep,
         decay=options.learn_decay,
+        log_every=options.learn_log_every,
     )
     with temporary_folder("matched", folder.parent) as tmp:
         matched = Path(tmp) / "matched"

@@ -99,6 +99,7 @@ MATCH_SETTINGS: dict[str, Kind] = {
     "seed": Kind("int"),
     "learn_keep": TEXT,
     "learn_decay": TEXT,
+    "learn_log_every": Kind("int", 1),
 }
 PARAMETER_OF = {"json": "json_out", "max_samples": "data_samples"}  # job key -> the function's parameter
 
@@ -218,6 +219,15 @@ def match_command(
             help="With --learn: constant learning rate, or cosine (decayed to 0 over the steps).",
         ),
     ] = "constant",
+    learn_log_every: Annotated[
+        int,
+        typer.Option(
+            "--learn-log-every",
+            min=1,
+            help="With --learn: steps between logged steps (scored on 512 training inputs and on "
+            "--eval-data; --learn-keep best chooses among them).",
+        ),
+    ] = 25,
     arch: Arch = None,
     arch_spec: ArchSpecFile = None,
     device: Device = "auto",
@@ -300,6 +310,7 @@ def match_command(
             int(value("seed")),
             str(value("learn_keep")),
             str(value("learn_decay")),
+            int(value("learn_log_every")),
         )
         anchor_path, out_path, report_path = Path(first), Path(target), path(value("report"))
         several = len(paths) > 1 or listed is not None or value("shard") is not None

@@ -76,6 +76,28 @@ def test_learned_copy_keeps_the_function_and_is_the_merge_optimised(tmp_path: Pa
     assert {"step", "train_loss", "eval_loss"} <= set(learned["log"][0])
 
 
+@pytest.mark.slow
+def test_logged_steps_score_a_fixed_subset_before_and_after_score_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(loop, "LOG_SAMPLES", 10)  # of the 24 training inputs
+    model, anchor, train, report = _learn(tmp_path, "llama")
+    learned = report["learned"]
+    assert learned["log_train_samples"] == 10
+    inputs = load_file(str(train))
+    subset = torch.randperm(24, generator=torch.Generator().manual_seed(0))[:10].sort().values
+    with one_thread():
+        whole = interpolate(anchor, tmp_path / "out", inputs, InterpolationSettings([0.5], batch_size=16))
+        part = interpolate(
+            anchor, tmp_path / "out", {k: v[subset] for k, v in inputs.items()}, InterpolationSettings([0.5])
+        )
+    assert learned["after"]["train_loss"] == pytest.approx(whole.losses[0], rel=1e-4)
+    assert learned["log"][-1]["train_loss"] == pytest.approx(part.losses[0], rel=1e-4)
+    assert learned["log"][-1]["train_loss"] != pytest.approx(whole.losses[0], rel=1e-4)  # a different set
+    assert learned["after"]["eval_loss"] == learned["log"][-1]["eval_loss"]  # the same held-out set
+    assert learned["before"]["train_loss"] != learned["log"][0]["train_loss"]
+
+
 def test_same_seed_same_output(tmp_path: Path) -> None:
     _learn(tmp_path, "vit", "one", steps=5)
     _learn(tmp_path, "vit", "two", steps=5)

@@ -5,6 +5,10 @@ maps (hard permutations, rotations recomputed in float64) are applied and writte
 last step, or (keep='best', with held-out data) those of the logged step whose held-out loss was
 lowest -- early stopping on data the optimiser never saw.
 
+The whole training set is scored before and after; the logged steps in between score a fixed
+random subset of it (LOG_SAMPLES inputs) and the whole held-out set: on a training set of
+thousands of inputs, scoring all of it every few steps took longer than the steps themselves.
+
 The live model runs through `torch.func.functional_call` with the averaged tensors under its own
 names (names.py), so any architecture `match` supports and transformers loads works."""
 
@@ -32,6 +36,7 @@ from rotfuse.eval.score import LABELS_ENSEMBLE, LossSpec, ensemble_labels, locat
 from rotfuse.io.writer import CheckpointWriter, copy_side_files, plan_like
 
 GIB = 1024**3
+LOG_SAMPLES = 512  # training inputs the logged steps score (before and after: all of them)
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class LearnSettings:
     max_samples: int | None = None
     keep: str = "last"  # or "best": the logged step with the lowest held-out loss
     decay: str = "constant"  # or "cosine": the rate falls to 0 along a half cosine over the steps
+    log_samples: int | None = None  # LOG_SAMPLES
 
 
 def memory_need(model: OpenedModel, inputs: dict[str, torch.Tensor], batch_size: int) -> int:
@@ -139,6 +145,13 @@ def learn_into(
         return ensemble_labels(probs, inputs)
 
     train_ref, held_ref = reference(train), reference(held)
+    count = next(iter(train.values())).shape[0]
+    # its own generator: the batches and l draw the same numbers whatever the subset's size
+    sampled = settings.log_samples or LOG_SAMPLES
+    subset = torch.randperm(count, generator=torch.Generator().manual_seed(settings.seed))[:sampled]
+    subset = subset.sort().values
+    monitor = {k: v[subset] for k, v in train.items()}
+    monitor_ref = train_ref[subset] if train_ref is not None else None
 
     def averaged(values: dict[str, torch.Tensor], lam: float | torch.Tensor) -> dict[str, torch.Tensor]:
         return {
@@ -147,16 +160,17 @@ def learn_into(
             for live in lives
         }
 
-    def evaluate(inputs: dict[str, torch.Tensor], ref: torch.Tensor | None, exact: bool) -> float:
+    def evaluate(inputs: dict[str, torch.Tensor], ref: torch.Tensor | None) -> float:
         with torch.no_grad():
-            model.load_state_dict(averaged(builder.transformed(maps, torch.float32, exact), 0.5), strict=False)
+            model.load_state_dict(averaged(builder.transformed(maps, torch.float32, True), 0.5), strict=False)
         with located(f"{anchor.folder} + {copy_folder}"):
             return score(model, inputs, LossSpec(spec.labels, spec.shift), ref, settings.batch_size).loss
 
     def measure(step: int, batch_loss_value: float | None) -> dict[str, Any]:
-        row: dict[str, Any] = {"step": step, "train_loss": evaluate(train, train_ref, True)}
+        """A logged step: the loss at l = 0.5 on the training subset and the held-out set."""
+        row: dict[str, Any] = {"step": step, "train_loss": evaluate(monitor, monitor_ref)}
         if held is not None:
-            row["eval_loss"] = evaluate(held, held_ref, True)
+            row["eval_loss"] = evaluate(held, held_ref)
         if batch_loss_value is not None:
             row["batch_loss"] = batch_loss_value
         if log is not None:
@@ -166,7 +180,17 @@ def learn_into(
             )
         return row
 
+    def on_all(row: dict[str, Any], when: str) -> dict[str, Any]:
+        """`row` with the training loss of the maps now set on all training inputs."""
+        if len(subset) == count:
+            return row
+        whole = {**row, "train_loss": evaluate(train, train_ref)}
+        if log is not None:
+            log(f"learn {when}: loss at l=0.5 on all {count} training inputs {whole['train_loss']:.4f}")
+        return whole
+
     history = [measure(0, None)]
+    before = on_all(history[0], "before")
     best = (history[0].get("eval_loss", float("inf")), 0, copying.deepcopy(maps.state_dict()))
     start_stage(progress, "learning", "step")
     optimiser = torch.optim.Adam(maps.parameters(), lr=settings.rate)
@@ -174,7 +198,6 @@ def learn_into(
         torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, settings.steps) if settings.decay == "cosine" else None
     )
     low, high = LAMBDA_RANGES[settings.schedule]
-    count = next(iter(train.values())).shape[0]
     order = torch.randperm(count, generator=generator)
     at = 0
     for step in range(1, settings.steps + 1):
@@ -210,6 +233,7 @@ def learn_into(
     if settings.keep == "best":
         maps.load_state_dict(best[2])
         kept = next(row for row in history if row["step"] == best[1])
+    after = on_all(kept, f"after (step {kept['step']})")
     with torch.no_grad():
         final = builder.transformed(maps, torch.float64, exact=True)
     writer = CheckpointWriter(out, plan_like(copy.checkpoint), copy.checkpoint)
@@ -237,9 +261,10 @@ def learn_into(
         },
         "keep": settings.keep,
         "kept_step": kept["step"],
-        "before": history[0],
-        "after": kept,
+        "before": before,
+        "after": after,
         "log": history,
+        "log_train_samples": len(subset),
         "memory_estimate_bytes": need,
         "seconds": time.perf_counter() - started,
     }
