@@ -83,6 +83,7 @@ class Config:
     learn_symmetries: str = "default,residual"
     lambda_schedule: str = "uniform"  # fixed, uniform ([0.3, 0.7]) or full ([0, 1])
     learn_decay: str = "constant"  # or cosine
+    learn_log_every: int = 50
 
 
 FULL = Config()
@@ -211,6 +212,7 @@ def run_pair(config: Config, train_ids: torch.Tensor, held: Path, seed: int, wor
             learn_rate=config.learn_rate,
             lambda_schedule=config.lambda_schedule,
             learn_decay=config.learn_decay,
+            learn_log_every=config.learn_log_every,
             data_batch_size=config.learn_batch if learn else 16,
             seed=seed,
         )
@@ -335,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         "learn_symmetries": (str, "the learned row's --symmetries, e.g. default,residual,linear"),
         "lambda_schedule": (str, "fixed, uniform or full"),
         "learn_decay": (str, "constant or cosine"),
+        "learn_log_every": (int, "steps between logged steps"),
     }
     for field, (kind, text) in overrides.items():
         parser.add_argument("--" + field.replace("_", "-"), type=kind, default=None, help=text)
