@@ -187,6 +187,7 @@ class Row:
     barrier: float
     learn_seconds: float
     curve: dict[str, Any]
+    verified: bool = True  # `rotfuse verify` accepts the matched copy (same function as B)
 
 
 def run_pair(config: Config, train_ids: torch.Tensor, held: Path, seed: int, work: Path, log: Any) -> list[Row]:
@@ -230,6 +231,7 @@ def run_pair(config: Config, train_ids: torch.Tensor, held: Path, seed: int, wor
             curve.barrier,
             seconds,
             curve.as_dict(),
+            bool(same["agree"]),
         )
         log(f"seed {seed} {name}: midpoint {row.merged_loss:.4f} barrier {row.barrier:.4f} ({seconds:.0f}s learning)")
         rows.append(row)
@@ -271,30 +273,45 @@ def markdown(config: Config, rows: list[Row], command: str) -> str:
         "",
         "- midpoint loss: the plain average `(A + B_matched) / 2` (l = 0.5)",
         f"- barrier: `max_l L(l) - ((1-l) L(A) + l L(B))`, {config.grid}-point grid",
-        "- function change: largest `|logits(B_matched) - logits(B)|` on the held-out text (`rotfuse verify`)",
+        "- function change: largest `|logits(B_matched) - logits(B)|` on the held-out text, and whether "
+        "`rotfuse verify` accepts every pair's copy (within its float32 tolerance)",
         f"- +learned: `-s {config.learn_symmetries}`, from the activation-matched copy, {config.learn_steps} Adam "
         f"steps (rate {config.learn_rate}{', cosine decay' if config.learn_decay == 'cosine' else ''}, batch "
         f"{config.learn_batch}) on A's training text, {LAMBDAS[config.lambda_schedule]}; learning s is its wall "
-        "time on 2 shared CPU cores",
+        "time on one CPU thread",
         "",
         f"End models' held-out loss: {fmt(ends)} (nats per token).",
         "",
-        "| matching | midpoint loss | barrier | function change | learning s |",
+        "| matching | midpoint loss | barrier | function change, verify | learning s |",
         "|---|---|---|---|---|",
     ]
     for v in variants:
         chosen = cells[v]
         lines.append(
             f"| {v} | {fmt([r.merged_loss for r in chosen])} | {fmt([r.barrier for r in chosen])} | "
-            f"{max(r.function_change for r in chosen):.1e} | {fmt([r.learn_seconds for r in chosen], 0)} |"
+            f"{max(r.function_change for r in chosen):.1e}, "
+            f"{'accepted' if all(r.verified for r in chosen) else 'REJECTED'} | "
+            f"{fmt([r.learn_seconds for r in chosen], 0)} |"
         )
-    lines += ["", "## Per seed pair", "", "| seed | matching | loss A | loss B | midpoint loss | barrier |"]
+    lines += ["", *ratio_line(cells)]
+    lines += ["## Per seed pair", "", "| seed | matching | loss A | loss B | midpoint loss | barrier |"]
     lines.append("|---|---|---|---|---|---|")
     lines += [
         f"| {r.seed} | {r.variant} | {r.loss_a:.3f} | {r.loss_b:.3f} | {r.merged_loss:.3f} | {r.barrier:.3f} |"
         for r in rows
     ]
     return "\n".join(lines) + "\n"
+
+
+def ratio_line(cells: dict[str, list[Row]]) -> list[str]:
+    """The learned barrier over the best data-free/activation barrier, both as means over the pairs."""
+    learned = cells.get("+learned")
+    before = {v: statistics.mean(r.barrier for r in cells[v]) for v in cells if v.startswith("+residual")}
+    if not learned or not before:
+        return []
+    best = min(before, key=before.__getitem__)
+    ratio = statistics.mean(r.barrier for r in learned) / before[best]
+    return [f"+learned barrier / {best} barrier (the better of the two; means over the pairs): {100 * ratio:.1f} %", ""]
 
 
 def run(config: Config, out: Path, command: str, work_root: Path | None, log: Any) -> dict[str, Any]:
