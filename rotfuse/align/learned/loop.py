@@ -53,7 +53,7 @@ class LearnSettings:
     max_samples: int | None = None
     keep: str = "last"  # or "best": the logged step with the lowest held-out loss
     decay: str = "constant"  # or "cosine": the rate falls to 0 along a half cosine over the steps
-    log_samples: int | None = None  # LOG_SAMPLES
+    log_samples: int | None = None  # training inputs the logged steps score (None: LOG_SAMPLES)
 
 
 def memory_need(model: OpenedModel, inputs: dict[str, torch.Tensor], batch_size: int) -> int:
