@@ -12,6 +12,7 @@ from align.test_learned import _learn
 from helpers.functions import assert_same_function
 from safetensors.torch import load_file
 
+from rotfuse.align.learned import maps as learned_maps
 from rotfuse.align.learned.maps import LayerMaps
 
 ON = frozenset({"qk.linear", "vo.linear"})
@@ -23,6 +24,7 @@ def test_learned_linear_maps_keep_the_function(tmp_path: Path, kind: str) -> Non
     assert_same_function(model, tmp_path / "out")
     learned = report["learned"]
     assert learned["after"]["train_loss"] < learned["before"]["train_loss"]
+    assert 1.0 <= learned["linear_condition"] <= learned_maps.MAX_CONDITION * (1 + 1e-9)
     # the linear maps moved the copy beyond what the same run without them writes
     _learn(tmp_path / "without", kind, symmetries="default", rate=3e-2)
     with_maps = load_file(str(tmp_path / "out" / "model.safetensors"))
@@ -61,3 +63,39 @@ def test_learned_maps_are_inverse_transposes_in_the_allowed_group(rotary_dim: in
         others = [k for k in range(head_dim) if k not in (i, i + half)]
         assert torch.all(b[:, i, others] == 0) and torch.all(b[:, others, i] == 0)
     assert LayerMaps(frozenset(), 3, head_dim, 4, rotary_dim).linear("qk") is None
+
+
+@pytest.mark.parametrize(("rotary_dim", "head_dim"), [(0, 6), (4, 8)])
+def test_limit_condition_pulls_maps_back_as_little_as_it_can(rotary_dim: int, head_dim: int) -> None:
+    maps = LayerMaps(ON, groups=3, head_dim=head_dim, ffn_width=4, rotary_dim=rotary_dim)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in maps.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        for p in (maps.qk_linear, maps.qk_linear_log_r, maps.vo_linear):
+            assert p is not None
+            p[0] *= 0.01  # group 0 well conditioned: left as it is
+    before = {c: maps.condition(c) for c in ("qk", "vo")}
+    kept = {c: maps.linear(c)[0][0].clone() for c in ("qk", "vo")}  # type: ignore[index]
+    maps.limit_condition(3.0)
+    for circuit in ("qk", "vo"):
+        was, now = before[circuit], maps.condition(circuit)
+        assert was is not None and now is not None
+        assert bool((was[1:] > 3.0).all()) and float(was[0]) < 3.0  # the test's premise
+        assert bool((now <= 3.0).all())
+        assert bool((now[1:] > 1.5).all())  # pulled back toward the limit, not to the identity
+        b, c = maps.linear(circuit)  # type: ignore[misc]
+        assert torch.equal(b[0], kept[circuit])
+        eye = torch.eye(head_dim, dtype=torch.float64).expand_as(b)
+        assert torch.allclose(b.transpose(1, 2) @ c, eye, atol=1e-10)  # still an exact pair
+
+
+def test_learning_keeps_the_linear_maps_within_the_condition_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    free = _learn(tmp_path / "free", "llama", symmetries="default,linear", rate=3e-2)[3]["learned"]
+    monkeypatch.setattr(learned_maps, "MAX_CONDITION", 1.0 + (free["linear_condition"] - 1.0) / 2)
+    model, _, _, report = _learn(tmp_path / "held", "llama", symmetries="default,linear", rate=3e-2)
+    assert report["learned"]["linear_condition"] <= learned_maps.MAX_CONDITION * (1 + 1e-9)
+    assert free["linear_condition"] > learned_maps.MAX_CONDITION  # the limit acted
+    assert_same_function(model, tmp_path / "held" / "out")

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from rotfuse.align.learned.build import Builder
+from rotfuse.align.learned.maps import limit_conditions
 from rotfuse.align.learned.names import live_names
 from rotfuse.align.learned.objective import batch_loss
 from rotfuse.align.options import LAMBDA_RANGES, check_learn_choices
@@ -219,6 +220,7 @@ def learn_into(
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
+        limit_conditions(maps)
         if decay is not None:
             decay.step()
         if progress is not None:
@@ -234,6 +236,7 @@ def learn_into(
         maps.load_state_dict(best[2])
         kept = next(row for row in history if row["step"] == best[1])
     after = on_all(kept, f"after (step {kept['step']})")
+    largest_condition = limit_conditions(maps)  # (already within: reports the largest)
     with torch.no_grad():
         final = builder.transformed(maps, torch.float64, exact=True)
     writer = CheckpointWriter(out, plan_like(copy.checkpoint), copy.checkpoint)
@@ -265,6 +268,7 @@ def learn_into(
         "after": after,
         "log": history,
         "log_train_samples": len(subset),
+        "linear_condition": largest_condition,
         "memory_estimate_bytes": need,
         "seconds": time.perf_counter() - started,
     }

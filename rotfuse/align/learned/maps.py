@@ -7,7 +7,10 @@ Every map starts at the identity: learning refines the matched copy, whose maps 
 - per-head scales: a = exp(log a);
 - general invertible per-head maps (qk.linear, vo.linear): B = exp(X), X any matrix, so B^-1 =
   exp(-X) exactly and B is always invertible; RoPE QK maps are r e^{i angle} per frequency pair
-  (log r and the angle learned) plus exp(X) on non-rotary coordinates;
+  (log r and the angle learned) plus exp(X) on non-rotary coordinates. After every step a map whose
+  condition number passes MAX_CONDITION is pulled back toward the identity until it does not: the
+  float32 rounding of the written weights grows with it (unbounded, a GPT-2 pair's maps reached
+  190 and `rotfuse verify` rejected the copy);
 - permutations (FFN neurons, heads, the post-LN stream): straight-through estimator -- the forward
   uses the hard permutation maximising <P, M> for a relaxed real matrix M, the gradient goes to M.
 
@@ -17,11 +20,16 @@ Q[perm[j], j] = 1, so new slot j holds old index perm[j].
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from rotfuse.symmetry.linear import rotary_map
+from rotfuse.symmetry.linear import condition, rotary_map
 from rotfuse.symmetry.permutation import best_assignment
 from rotfuse.symmetry.residual import ones_frame
+
+MAX_CONDITION = 30.0  # ||B|| ||B^-1|| of a learned per-head linear map
+SHRINK_STEPS = 12  # bisection steps of `LayerMaps.limit_condition`, where its first guess fails
 
 
 def orthogonal(param: torch.Tensor) -> torch.Tensor:
@@ -61,6 +69,21 @@ def straight_through(relaxed: torch.Tensor) -> torch.Tensor:
 def along(tensor: torch.Tensor, q: torch.Tensor, axis: int) -> torch.Tensor:
     """Multiply one axis of `tensor` by Q (x_new = x @ Q on that axis)."""
     return (tensor.movedim(axis, -1) @ q.to(tensor.dtype)).movedim(-1, axis)
+
+
+def limit_conditions(maps: torch.nn.ModuleDict, most: float | None = None) -> float | None:
+    """`LayerMaps.limit_condition` on every layer (`most`: MAX_CONDITION); returns the largest
+    condition number left (None when no linear map is learned)."""
+    most = MAX_CONDITION if most is None else most
+    largest: float | None = None
+    for layer in maps.values():
+        if isinstance(layer, LayerMaps):
+            layer.limit_condition(most)
+            for circuit in ("qk", "vo"):
+                found = layer.condition(circuit)
+                if found is not None and found.numel():
+                    largest = max(largest or 0.0, float(found.max()))
+    return largest
 
 
 class StreamMaps(torch.nn.Module):
@@ -138,6 +161,47 @@ class LayerMaps(torch.nn.Module):
             rotary_map(r * c, r * s, tails[0], self.head_dim),
             rotary_map(c / r, s / r, tails[1], self.head_dim),
         )
+
+    def condition(self, circuit: str) -> torch.Tensor | None:
+        """Per group, the condition number of the circuit's linear map (None when off)."""
+        found = self.linear(circuit)
+        return None if found is None else condition(found[0].detach())
+
+    @torch.no_grad()
+    def limit_condition(self, most: float) -> None:
+        """Scale the parameters of every group's linear map whose condition number passes `most` by
+        a factor in [0, 1] that brings it within (factor 0 is the identity): cond(exp(t X)) =
+        cond(exp(X))^t for a normal X gives the factor, bisection below it where X is not normal.
+        The angles of RoPE's scaled rotations stay: rotations do not change the condition number."""
+        for circuit in ("qk", "vo"):
+            found = self.condition(circuit)
+            if found is not None and bool((found > most).any()):
+                self._shrink(circuit, found, most)
+
+    def _shrink(self, circuit: str, found: torch.Tensor, most: float) -> None:
+        over = found > most
+        params = [self.vo_linear] if circuit == "vo" else [self.qk_linear_log_r, self.qk_linear]
+        params = [p for p in params if p is not None and p.numel()]
+        start = [p.detach().clone() for p in params]
+
+        def scaled_by(factor: torch.Tensor) -> torch.Tensor:
+            """The groups' condition numbers with the over-limit ones scaled by `factor`."""
+            for param, first in zip(params, start):
+                param.copy_(first * torch.where(over, factor, 1.0).view(-1, *[1] * (first.dim() - 1)))
+            now = self.condition(circuit)
+            assert now is not None
+            return now
+
+        guess = (math.log(most) / found.clamp_min(most * (1 + 1e-12)).log()).clamp(0.0, 1.0)
+        within = scaled_by(guess) <= most
+        if bool(within.all()):
+            return
+        low, high = torch.where(within, guess, 0.0), guess.clone()
+        for _ in range(SHRINK_STEPS):
+            middle = torch.where(within, guess, (low + high) / 2)
+            ok = scaled_by(middle) <= most
+            low, high = torch.where(ok, middle, low), torch.where(ok, high, middle)
+        scaled_by(low)  # low only ever moves to a factor that was within
 
     def head_permutation(self, exact: bool) -> torch.Tensor | None:
         if self.heads is None or not self.on("heads.perm"):
