@@ -29,7 +29,8 @@ from rotfuse.symmetry.permutation import best_assignment
 from rotfuse.symmetry.residual import ones_frame
 
 MAX_CONDITION = 30.0  # ||B|| ||B^-1|| of a learned per-head linear map
-SHRINK_STEPS = 12  # bisection steps of `LayerMaps.limit_condition`, where its first guess fails
+GUESSES = 3  # `LayerMaps.limit_condition`'s power-law steps toward the limit ...
+SHRINK_STEPS = 12  # ... and bisection steps, where those do not reach it
 
 
 def orthogonal(param: torch.Tensor) -> torch.Tensor:
@@ -163,9 +164,16 @@ class LayerMaps(torch.nn.Module):
         )
 
     def condition(self, circuit: str) -> torch.Tensor | None:
-        """Per group, the condition number of the circuit's linear map (None when off)."""
+        """Per group, the condition number of the circuit's linear map B (None when off)."""
+        if not self.on(f"{circuit}.linear"):
+            return None
+        if circuit == "vo" or not self.rotary_dim:
+            x = self.vo_linear if circuit == "vo" else self.qk_linear
+            assert x is not None
+            return condition(torch.matrix_exp(x.detach()))  # B alone: B^-T has the same
         found = self.linear(circuit)
-        return None if found is None else condition(found[0].detach())
+        assert found is not None
+        return condition(found[0].detach())
 
     @torch.no_grad()
     def limit_condition(self, most: float) -> None:
@@ -192,13 +200,18 @@ class LayerMaps(torch.nn.Module):
             assert now is not None
             return now
 
-        guess = (math.log(most) / found.clamp_min(most * (1 + 1e-12)).log()).clamp(0.0, 1.0)
-        within = scaled_by(guess) <= most
-        if bool(within.all()):
-            return
-        low, high = torch.where(within, guess, 0.0), guess.clone()
+        # cond(exp(t X)) = cond(exp(X))^t for a normal X: that factor, refined the same way from
+        # where it lands (a few steps for any X); then bisection below the last one if need be
+        factor, now = torch.ones_like(found), found
+        for _ in range(GUESSES):
+            factor = factor * (math.log(most) / now.clamp_min(1 + 1e-12).log()).clamp(0.0, 1.0)
+            now = scaled_by(factor)
+            if bool((now <= most).all()):
+                return
+        within = now <= most
+        low, high = torch.where(within, factor, 0.0), factor.clone()
         for _ in range(SHRINK_STEPS):
-            middle = torch.where(within, guess, (low + high) / 2)
+            middle = torch.where(within, factor, (low + high) / 2)
             ok = scaled_by(middle) <= most
             low, high = torch.where(ok, middle, low), torch.where(ok, high, middle)
         scaled_by(low)  # low only ever moves to a factor that was within
