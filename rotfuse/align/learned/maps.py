@@ -29,6 +29,7 @@ from rotfuse.symmetry.permutation import best_assignment
 from rotfuse.symmetry.residual import ones_frame
 
 MAX_CONDITION = 30.0  # ||B|| ||B^-1|| of a learned per-head linear map
+AIM_INSIDE = 2.0**-6  # relative: where the power-law steps aim below the limit
 GUESSES = 3  # `LayerMaps.limit_condition`'s power-law steps toward the limit ...
 SHRINK_STEPS = 12  # ... and bisection steps, where those do not reach it
 
@@ -200,11 +201,12 @@ class LayerMaps(torch.nn.Module):
             assert now is not None
             return now
 
-        # cond(exp(t X)) = cond(exp(X))^t for a normal X: that factor, refined the same way from
-        # where it lands (a few steps for any X); then bisection below the last one if need be
-        factor, now = torch.ones_like(found), found
+        # cond(exp(t X)) = cond(exp(X))^t for a normal X: that factor (aimed a little inside the
+        # limit, so that a map not quite normal lands within too), refined the same way from where
+        # it lands; then bisection below the last one if need be
+        factor, now, aim = torch.ones_like(found), found, math.log(most * (1 - AIM_INSIDE))
         for _ in range(GUESSES):
-            factor = factor * (math.log(most) / now.clamp_min(1 + 1e-12).log()).clamp(0.0, 1.0)
+            factor = factor * (aim / now.clamp_min(1 + 1e-12).log()).clamp(0.0, 1.0)
             now = scaled_by(factor)
             if bool((now <= most).all()):
                 return
