@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from rotfuse.align.learned.build import Builder
-from rotfuse.align.learned.maps import limit_conditions
+from rotfuse.align.learned.maps import largest_condition, limit_conditions
 from rotfuse.align.learned.names import live_names
 from rotfuse.align.learned.objective import batch_loss
 from rotfuse.align.options import LAMBDA_RANGES, check_learn_choices
@@ -236,7 +236,6 @@ def learn_into(
         maps.load_state_dict(best[2])
         kept = next(row for row in history if row["step"] == best[1])
     after = on_all(kept, f"after (step {kept['step']})")
-    largest_condition = limit_conditions(maps)  # (already within: reports the largest)
     with torch.no_grad():
         final = builder.transformed(maps, torch.float64, exact=True)
     writer = CheckpointWriter(out, plan_like(copy.checkpoint), copy.checkpoint)
@@ -268,7 +267,7 @@ def learn_into(
         "after": after,
         "log": history,
         "log_train_samples": len(subset),
-        "linear_condition": largest_condition,
+        "linear_condition": largest_condition(maps),
         "memory_estimate_bytes": need,
         "seconds": time.perf_counter() - started,
     }

@@ -73,19 +73,23 @@ def along(tensor: torch.Tensor, q: torch.Tensor, axis: int) -> torch.Tensor:
     return (tensor.movedim(axis, -1) @ q.to(tensor.dtype)).movedim(-1, axis)
 
 
-def limit_conditions(maps: torch.nn.ModuleDict, most: float | None = None) -> float | None:
-    """`LayerMaps.limit_condition` on every layer (`most`: MAX_CONDITION); returns the largest
-    condition number left (None when no linear map is learned)."""
-    most = MAX_CONDITION if most is None else most
-    largest: float | None = None
+def limit_conditions(maps: torch.nn.ModuleDict, most: float | None = None) -> None:
+    """`LayerMaps.limit_condition` on every layer (`most`: MAX_CONDITION)."""
     for layer in maps.values():
         if isinstance(layer, LayerMaps):
-            layer.limit_condition(most)
-            for circuit in ("qk", "vo"):
-                found = layer.condition(circuit)
-                if found is not None and found.numel():
-                    largest = max(largest or 0.0, float(found.max()))
-    return largest
+            layer.limit_condition(MAX_CONDITION if most is None else most)
+
+
+def largest_condition(maps: torch.nn.ModuleDict) -> float | None:
+    """The largest condition number of the learned linear maps (None when none is learned)."""
+    found = [
+        float(c.max())
+        for layer in maps.values()
+        if isinstance(layer, LayerMaps)
+        for c in (layer.condition("qk"), layer.condition("vo"))
+        if c is not None and c.numel()
+    ]
+    return max(found) if found else None
 
 
 class StreamMaps(torch.nn.Module):
