@@ -155,9 +155,8 @@ class LayerMaps(torch.nn.Module):
         """(B, B^-T) for `left <- B left`, `right <- B^-T right`, or None when off."""
         if not self.on(f"{circuit}.linear"):
             return None
-        if circuit == "vo" or not self.rotary_dim:
-            x = self.vo_linear if circuit == "vo" else self.qk_linear
-            assert x is not None
+        x = self._full_exponent(circuit)
+        if x is not None:
             return torch.matrix_exp(x), torch.matrix_exp(-x.transpose(-1, -2))
         r, c, s = torch.exp(self.qk_linear_log_r), torch.cos(self.qk_linear_angles), torch.sin(self.qk_linear_angles)
         x = self.qk_linear
@@ -168,13 +167,20 @@ class LayerMaps(torch.nn.Module):
             rotary_map(c / r, s / r, tails[1], self.head_dim),
         )
 
+    def _full_exponent(self, circuit: str) -> torch.Tensor | None:
+        """X of a circuit whose map is exp(X) on every coordinate (VO; QK without RoPE), else None."""
+        if circuit == "vo" or not self.rotary_dim:
+            x = self.vo_linear if circuit == "vo" else self.qk_linear
+            assert x is not None
+            return x
+        return None
+
     def condition(self, circuit: str) -> torch.Tensor | None:
         """Per group, the condition number of the circuit's linear map B (None when off)."""
         if not self.on(f"{circuit}.linear"):
             return None
-        if circuit == "vo" or not self.rotary_dim:
-            x = self.vo_linear if circuit == "vo" else self.qk_linear
-            assert x is not None
+        x = self._full_exponent(circuit)
+        if x is not None:
             return condition(torch.matrix_exp(x.detach()))  # B alone: B^-T has the same
         found = self.linear(circuit)
         assert found is not None
