@@ -14,11 +14,11 @@ from activations on A's training text, + learned matching from there (the maps o
 loss of the average on A's training text, l uniform in [0.3, 0.7]) -- and the path (1-l) A + l B is
 scored on held-out text (other standard-library files): the l = 0.5 loss and the barrier. Every
 matched copy is checked to compute B's function (`rotfuse verify`). Writes results.md and
-results.json to --out. Deterministic given the seeds.
+results.json to --out. Deterministic given the seeds and `--threads`.
 
-    nice -n 10 python scripts/experiment_gpt2.py --seeds 0,1,2 --hidden 128 --intermediate 512 --heads 4 \
-        --learn-symmetries default,residual,linear --learn-rate 3e-3 --learn-steps 400 \
-        --learn-decay cosine                                           # results/gpt2/
+    nice -n 10 python scripts/experiment_gpt2.py --seeds 0,1,2 --hidden 128 --intermediate 512 --heads 2 \
+        --learn-symmetries default,residual,linear --learn-rate 1.5e-3 --learn-steps 1500 \
+        --learn-decay cosine --learn-log-every 100                     # results/gpt2/
     nice -n 10 python scripts/experiment_gpt2.py --model bert          # results/bert-mlm/
     python scripts/experiment_gpt2.py --quick --out /tmp/q             # seconds
 """
@@ -33,6 +33,7 @@ import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ VARIANTS = [
 ]
 MASK, PAD = 256, 257  # byte tokens 0-255, then the masked-LM's mask and padding ids
 IGNORE = -100
+EVERY_CORE = torch.get_num_threads()  # torch's default, before run() sets one thread for training
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class Config:
     lambda_schedule: str = "uniform"  # fixed, uniform ([0.3, 0.7]) or full ([0, 1])
     learn_decay: str = "constant"  # or cosine
     learn_log_every: int = 50
+    threads: int = 0  # CPU threads for matching, learning and scoring (0: every core); training uses one
 
 
 FULL = Config()
@@ -176,6 +179,17 @@ def train(config: Config, ids: torch.Tensor, folder: Path, init_seed: int, order
 # ---------------------------------------------------------------------- one pair
 
 
+@contextmanager
+def cpu_threads(count: int) -> Iterator[None]:
+    """torch's CPU threads set to `count` (0: every core) inside the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count or EVERY_CORE)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @dataclass
 class Row:
     seed: int
@@ -199,9 +213,9 @@ def run_pair(config: Config, train_ids: torch.Tensor, held: Path, seed: int, wor
     save_file(as_inputs(config, train_ids, 7), str(data_a))  # A's training text (fixed masks)
     test = load_file(str(held))
     settings = InterpolationSettings(grid(config.grid), batch_size=128, device="cpu", work_dir=work)
-    rows: list[Row] = []
-    for name, symmetries, activations, learn in VARIANTS:
-        folder = work / f"b-{len(rows)}"
+
+    def matched_and_scored(index: int, name: str, symmetries: str | None, activations: bool, learn: bool) -> Row:
+        folder = work / f"b-{index}"
         options = MatchOptions(
             symmetries=symmetry_set(symmetries or config.learn_symmetries),
             device="cpu",
@@ -234,8 +248,10 @@ def run_pair(config: Config, train_ids: torch.Tensor, held: Path, seed: int, wor
             bool(same["agree"]),
         )
         log(f"seed {seed} {name}: midpoint {row.merged_loss:.4f} barrier {row.barrier:.4f} ({seconds:.0f}s learning)")
-        rows.append(row)
-    return rows
+        return row
+
+    with cpu_threads(config.threads):
+        return [matched_and_scored(i, *variant) for i, variant in enumerate(VARIANTS)]
 
 
 # ---------------------------------------------------------------------- summaries
@@ -278,7 +294,7 @@ def markdown(config: Config, rows: list[Row], command: str) -> str:
         f"- +learned: `-s {config.learn_symmetries}`, from the activation-matched copy, {config.learn_steps} Adam "
         f"steps (rate {config.learn_rate}{', cosine decay' if config.learn_decay == 'cosine' else ''}, batch "
         f"{config.learn_batch}) on A's training text, {LAMBDAS[config.lambda_schedule]}; learning s is its wall "
-        "time on one CPU thread",
+        f"time on {config.threads or EVERY_CORE} CPU thread(s) (the end models train on one)",
         "",
         f"End models' held-out loss: {fmt(ends)} (nats per token).",
         "",
@@ -355,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         "lambda_schedule": (str, "fixed, uniform or full"),
         "learn_decay": (str, "constant or cosine"),
         "learn_log_every": (int, "steps between logged steps"),
+        "threads": (int, "CPU threads for matching and learning (0: every core)"),
     }
     for field, (kind, text) in overrides.items():
         parser.add_argument("--" + field.replace("_", "-"), type=kind, default=None, help=text)

@@ -4,6 +4,7 @@ maps are exact inverses of each other in the group RoPE allows, and the run is d
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -65,8 +66,26 @@ def test_learned_maps_are_inverse_transposes_in_the_allowed_group(rotary_dim: in
     assert LayerMaps(frozenset(), 3, head_dim, 4, rotary_dim).linear("qk") is None
 
 
+@pytest.mark.parametrize("rotation_on", [True, False])
+def test_linear_maps_reach_the_whole_group_with_or_without_the_circuits_rotation(rotation_on: bool) -> None:
+    """B = Q exp(S): with the circuit's rotation on, that rotation is Q and B is the symmetric
+    positive definite exp(S); with it off B has a rotation of its own, so it is not symmetric."""
+    enabled = ON | ({"qk.rot", "vo.rot"} if rotation_on else set())
+    maps = LayerMaps(frozenset(enabled), groups=2, head_dim=5, ffn_width=4, rotary_dim=0)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in maps.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
+    for circuit in ("qk", "vo"):
+        b, _ = maps.linear(circuit)  # type: ignore[misc]
+        symmetric = torch.allclose(b, b.transpose(1, 2), atol=1e-12)
+        assert symmetric == rotation_on
+        if rotation_on:
+            assert bool((torch.linalg.eigvalsh(b) > 0).all())
+
+
 @pytest.mark.parametrize(("rotary_dim", "head_dim"), [(0, 6), (4, 8)])
-def test_limit_condition_pulls_maps_back_as_little_as_it_can(rotary_dim: int, head_dim: int) -> None:
+def test_limit_condition_clamps_only_the_extreme_singular_values(rotary_dim: int, head_dim: int) -> None:
     maps = LayerMaps(ON, groups=3, head_dim=head_dim, ffn_width=4, rotary_dim=rotary_dim)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -77,14 +96,20 @@ def test_limit_condition_pulls_maps_back_as_little_as_it_can(rotary_dim: int, he
             p[0] *= 0.01  # group 0 well conditioned: left as it is
     before = {c: maps.condition(c) for c in ("qk", "vo")}
     kept = {c: maps.linear(c)[0][0].clone() for c in ("qk", "vo")}  # type: ignore[index]
+    spectra = {c: torch.linalg.svdvals(maps.linear(c)[0]).log() for c in ("qk", "vo")}  # type: ignore[index]
     maps.limit_condition(3.0)
     for circuit in ("qk", "vo"):
         was, now = before[circuit], maps.condition(circuit)
         assert was is not None and now is not None
         assert bool((was[1:] > 3.0).all()) and float(was[0]) < 3.0  # the test's premise
         assert bool((now <= 3.0).all())
-        assert bool((now[1:] > 1.5).all())  # pulled back toward the limit, not to the identity
+        assert torch.allclose(now[1:], torch.full_like(now[1:], 3.0), rtol=1e-6)  # to the limit, no further
         b, c = maps.linear(circuit)  # type: ignore[misc]
+        # only the singular values outside the band about the middle moved, to its edges
+        old, new = spectra[circuit][1:], torch.linalg.svdvals(b[1:]).log()
+        middle = (old.max(1, keepdim=True).values + old.min(1, keepdim=True).values) / 2
+        half = math.log(3.0) / 2
+        assert torch.allclose(new, old.clamp(middle - half, middle + half), atol=1e-6)
         assert torch.equal(b[0], kept[circuit])
         eye = torch.eye(head_dim, dtype=torch.float64).expand_as(b)
         assert torch.allclose(b.transpose(1, 2) @ c, eye, atol=1e-10)  # still an exact pair

@@ -5,12 +5,15 @@ Every map starts at the identity: learning refines the matched copy, whose maps 
   H diag(1, R) H (`ones_frame`); RoPE QK maps are one angle per frequency pair (plus a full block on
   non-rotary coordinates);
 - per-head scales: a = exp(log a);
-- general invertible per-head maps (qk.linear, vo.linear): B = exp(X), X any matrix, so B^-1 =
-  exp(-X) exactly and B is always invertible; RoPE QK maps are r e^{i angle} per frequency pair
-  (log r and the angle learned) plus exp(X) on non-rotary coordinates. After every step a map whose
-  condition number passes MAX_CONDITION is pulled back toward the identity until it does not: the
-  float32 rounding of the written weights grows with it (unbounded, a GPT-2 pair's maps reached
-  190 and `rotfuse verify` rejected the copy);
+- general invertible per-head maps (qk.linear, vo.linear), in polar form B = Q exp(S): S symmetric,
+  Q = exp(K - K^T) a rotation of its own only where the circuit's rotation is off (otherwise that
+  rotation is Q), so B^-T = Q exp(-S) exactly and B is always invertible; RoPE QK maps are
+  r e^{i angle} per frequency pair (log r and the angle learned) plus Q exp(S) on non-rotary
+  coordinates. B's singular values are exp of S's eigenvalues and the r, so its condition number
+  is exp(largest - smallest) of those logs. After every step the logs of a map past
+  MAX_CONDITION are clamped into a band of that width about their middle (only the extreme ones
+  move): the float32 rounding of the written weights grows with the condition number (unbounded, a
+  GPT-2 pair's maps reached 190 and `rotfuse verify` rejected the copy);
 - permutations (FFN neurons, heads, the post-LN stream): straight-through estimator -- the forward
   uses the hard permutation maximising <P, M> for a relaxed real matrix M, the gradient goes to M.
 
@@ -24,14 +27,12 @@ import math
 
 import torch
 
-from rotfuse.symmetry.linear import condition, rotary_map
+from rotfuse.symmetry.linear import rotary_map
 from rotfuse.symmetry.permutation import best_assignment
 from rotfuse.symmetry.residual import ones_frame
 
 MAX_CONDITION = 30.0  # ||B|| ||B^-1|| of a learned per-head linear map
-AIM_INSIDE = 2.0**-6  # relative: where the power-law steps aim below the limit
-GUESSES = 3  # `LayerMaps.limit_condition`'s power-law steps toward the limit ...
-SHRINK_STEPS = 12  # ... and bisection steps, where those do not reach it
+BAND_INSIDE = 1e-9  # relative: the clamped band's width stays this far inside log(MAX_CONDITION)
 
 
 def orthogonal(param: torch.Tensor) -> torch.Tensor:
@@ -66,6 +67,24 @@ def hard_permutation(relaxed: torch.Tensor) -> torch.Tensor:
 def straight_through(relaxed: torch.Tensor) -> torch.Tensor:
     """Forward: the hard permutation; backward: as if it were `relaxed` itself."""
     return hard_permutation(relaxed) + relaxed - relaxed.detach()
+
+
+def symmetric(param: torch.Tensor) -> torch.Tensor:
+    """The symmetric part of square matrices (batched)."""
+    return (param + param.transpose(-1, -2)) / 2
+
+
+def polar_pair(param: torch.Tensor | None, turn: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(B, B^-T) of B = Q exp(S), S the symmetric part of `param`, Q = exp(turn - turn^T) (the
+    identity without `turn`): B^-T = Q exp(-S), exact whatever S is."""
+    if param is None:
+        return None
+    s = symmetric(param)
+    b, inverse_t = torch.matrix_exp(s), torch.matrix_exp(-s)
+    if turn is None:
+        return b, inverse_t
+    q = orthogonal(turn)
+    return q @ b, q @ inverse_t
 
 
 def along(tensor: torch.Tensor, q: torch.Tensor, axis: int) -> torch.Tensor:
@@ -128,8 +147,12 @@ class LayerMaps(torch.nn.Module):
         self.vo_log_scale = torch.nn.Parameter(torch.zeros(groups, dtype=double))
         self.qk_linear_log_r = torch.nn.Parameter(torch.zeros(groups, rotary_dim // 2, dtype=double))
         self.qk_linear_angles = torch.nn.Parameter(torch.zeros(groups, rotary_dim // 2, dtype=double))
+        # the linear maps' S (as the symmetric part of these), and their own rotation's exponent
+        # where the circuit's rotation is off
         self.qk_linear = torch.nn.Parameter(torch.zeros(groups, tail, tail, dtype=double)) if tail else None
         self.vo_linear = torch.nn.Parameter(torch.zeros(groups, head_dim, head_dim, dtype=double))
+        self.qk_linear_turn = self._turn("qk", groups, tail)
+        self.vo_linear_turn = self._turn("vo", groups, head_dim)
         self.heads = torch.nn.Parameter(torch.eye(groups, dtype=double)) if groups > 1 else None
         self.ffn = torch.nn.Parameter(torch.eye(ffn_width, dtype=double))
 
@@ -151,82 +174,70 @@ class LayerMaps(torch.nn.Module):
             return None
         return torch.exp(self.qk_log_scale if circuit == "qk" else self.vo_log_scale)
 
+    def _turn(self, circuit: str, groups: int, size: int) -> torch.nn.Parameter | None:
+        if not size or not self.on(f"{circuit}.linear") or self.on(f"{circuit}.rot"):
+            return None
+        return torch.nn.Parameter(torch.zeros(groups, size, size, dtype=torch.float64))
+
+    def _polar(self, circuit: str) -> tuple[torch.nn.Parameter | None, torch.nn.Parameter | None]:
+        """The parameters of the circuit's Q exp(S) block (on every coordinate, or RoPE's tail)."""
+        return (self.vo_linear, self.vo_linear_turn) if circuit == "vo" else (self.qk_linear, self.qk_linear_turn)
+
     def linear(self, circuit: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(B, B^-T) for `left <- B left`, `right <- B^-T right`, or None when off."""
         if not self.on(f"{circuit}.linear"):
             return None
-        x = self._full_exponent(circuit)
-        if x is not None:
-            return torch.matrix_exp(x), torch.matrix_exp(-x.transpose(-1, -2))
+        block = polar_pair(*self._polar(circuit))
+        if circuit == "vo" or not self.rotary_dim:
+            assert block is not None
+            return block
         r, c, s = torch.exp(self.qk_linear_log_r), torch.cos(self.qk_linear_angles), torch.sin(self.qk_linear_angles)
-        x = self.qk_linear
-        tails = (None, None) if x is None else (torch.matrix_exp(x), torch.matrix_exp(-x.transpose(-1, -2)))
+        tails = (None, None) if block is None else block
         # B^-T of r e^{i angle} on a plane is e^{i angle} / r
         return (
             rotary_map(r * c, r * s, tails[0], self.head_dim),
             rotary_map(c / r, s / r, tails[1], self.head_dim),
         )
 
-    def _full_exponent(self, circuit: str) -> torch.Tensor | None:
-        """X of a circuit whose map is exp(X) on every coordinate (VO; QK without RoPE), else None."""
-        if circuit == "vo" or not self.rotary_dim:
-            x = self.vo_linear if circuit == "vo" else self.qk_linear
-            assert x is not None
-            return x
-        return None
+    def _log_singular_values(self, circuit: str) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """`[G, n]`: the logs of B's singular values (S's eigenvalues, then RoPE's log r), with S's
+        eigenvalues and eigenvectors (None without a Q exp(S) block)."""
+        param, _ = self._polar(circuit)
+        found = tuple(torch.linalg.eigh(symmetric(param.detach()))) if param is not None else None
+        logs = [found[0]] if found is not None else []
+        if circuit == "qk" and self.rotary_dim:
+            logs.append(self.qk_linear_log_r.detach())
+        return torch.cat(logs, dim=1), found
 
     def condition(self, circuit: str) -> torch.Tensor | None:
         """Per group, the condition number of the circuit's linear map B (None when off)."""
         if not self.on(f"{circuit}.linear"):
             return None
-        x = self._full_exponent(circuit)
-        if x is not None:
-            return condition(torch.matrix_exp(x.detach()))  # B alone: B^-T has the same
-        found = self.linear(circuit)
-        assert found is not None
-        return condition(found[0].detach())
+        logs, _ = self._log_singular_values(circuit)
+        return torch.exp(logs.max(1).values - logs.min(1).values)
 
     @torch.no_grad()
     def limit_condition(self, most: float) -> None:
-        """Scale the parameters of every group's linear map whose condition number passes `most` by
-        a factor in [0, 1] that brings it within (factor 0 is the identity): cond(exp(t X)) =
-        cond(exp(X))^t for a normal X gives the factor, bisection below it where X is not normal.
-        The angles of RoPE's scaled rotations stay: rotations do not change the condition number."""
+        """Clamp the log singular values of every group's map whose condition number passes `most`
+        into a band of width log(most) about their middle: S's eigenvalues and RoPE's log r past the
+        band move to its edge, the rest and every rotation stay."""
+        width = math.log(most) * (1 - BAND_INSIDE)
         for circuit in ("qk", "vo"):
-            found = self.condition(circuit)
-            if found is not None and bool((found > most).any()):
-                self._shrink(circuit, found, most)
-
-    def _shrink(self, circuit: str, found: torch.Tensor, most: float) -> None:
-        over = found > most
-        params = [self.vo_linear] if circuit == "vo" else [self.qk_linear_log_r, self.qk_linear]
-        params = [p for p in params if p is not None and p.numel()]
-        start = [p.detach().clone() for p in params]
-
-        def scaled_by(factor: torch.Tensor) -> torch.Tensor:
-            """The groups' condition numbers with the over-limit ones scaled by `factor`."""
-            for param, first in zip(params, start):
-                param.copy_(first * torch.where(over, factor, 1.0).view(-1, *[1] * (first.dim() - 1)))
-            now = self.condition(circuit)
-            assert now is not None
-            return now
-
-        # cond(exp(t X)) = cond(exp(X))^t for a normal X: that factor (aimed a little inside the
-        # limit, so that a map not quite normal lands within too), refined the same way from where
-        # it lands; then bisection below the last one if need be
-        factor, now, aim = torch.ones_like(found), found, math.log(most * (1 - AIM_INSIDE))
-        for _ in range(GUESSES):
-            factor = factor * (aim / now.clamp_min(1 + 1e-12).log()).clamp(0.0, 1.0)
-            now = scaled_by(factor)
-            if bool((now <= most).all()):
-                return
-        within = now <= most
-        low, high = torch.where(within, factor, 0.0), factor.clone()
-        for _ in range(SHRINK_STEPS):
-            middle = torch.where(within, factor, (low + high) / 2)
-            ok = scaled_by(middle) <= most
-            low, high = torch.where(ok, middle, low), torch.where(ok, high, middle)
-        scaled_by(low)  # low only ever moves to a factor that was within
+            if not self.on(f"{circuit}.linear"):
+                continue
+            logs, found = self._log_singular_values(circuit)
+            low, high = logs.min(1, keepdim=True).values, logs.max(1, keepdim=True).values
+            over = (high - low > width).squeeze(1)
+            if not bool(over.any()):
+                continue
+            middle = (low + high) / 2
+            clamped = logs.clamp(middle - width / 2, middle + width / 2)
+            param, _ = self._polar(circuit)
+            if found is not None and param is not None:
+                values, vectors = clamped[:, : found[0].shape[1]], found[1]
+                param[over] = (vectors @ torch.diag_embed(values) @ vectors.transpose(-1, -2))[over]
+            if circuit == "qk" and self.rotary_dim:
+                self.qk_linear_log_r[over] = clamped[over][:, -self.qk_linear_log_r.shape[1] :]
 
     def head_permutation(self, exact: bool) -> torch.Tensor | None:
         if self.heads is None or not self.on("heads.perm"):
