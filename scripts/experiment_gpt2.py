@@ -11,14 +11,14 @@ A and B of a pair are trained from different random initialisations and data ord
 training text. For each pair B is matched to A with `rotfuse.align.match.match` -- naive (no map),
 the per-layer maps (`default`, from weights), + the residual map from weights, + the residual map
 from activations on A's training text, + learned matching from there (the maps optimised for the
-loss of the average on A's training text, l uniform in [0.3, 0.7]) -- and the path (1-l) A + l B is
+loss of the average on A's training text) -- and the path (1-l) A + l B is
 scored on held-out text (other standard-library files): the l = 0.5 loss and the barrier. Every
 matched copy is checked to compute B's function (`rotfuse verify`). Writes results.md and
 results.json to --out. Deterministic given the seeds and `--threads`.
 
     nice -n 10 python scripts/experiment_gpt2.py --seeds 0,1,2 --hidden 128 --intermediate 512 --heads 2 \
-        --learn-symmetries default,residual,linear --learn-rate 1.5e-3 --learn-steps 1500 \
-        --learn-decay cosine --learn-log-every 100                     # results/gpt2/
+        --learn-symmetries default,residual,linear --learn-rate 1.5e-3 --learn-perm-rate 4.5e-3 \
+        --learn-steps 1500 --learn-decay cosine --lambda-schedule fixed --learn-log-every 100  # results/gpt2/
     nice -n 10 python scripts/experiment_gpt2.py --model bert          # results/bert-mlm/
     python scripts/experiment_gpt2.py --quick --out /tmp/q             # seconds
 """
@@ -86,6 +86,7 @@ class Config:
     lambda_schedule: str = "uniform"  # fixed, uniform ([0.3, 0.7]) or full ([0, 1])
     learn_decay: str = "constant"  # or cosine
     learn_log_every: int = 50
+    learn_perm_rate: float | None = None  # the relaxed FFN/head permutation matrices' rate (None: learn_rate)
     threads: int = 0  # CPU threads for matching, learning and scoring (0: every core); training uses one
 
 
@@ -228,6 +229,7 @@ def run_pair(config: Config, train_ids: torch.Tensor, held: Path, seed: int, wor
             lambda_schedule=config.lambda_schedule,
             learn_decay=config.learn_decay,
             learn_log_every=config.learn_log_every,
+            learn_perm_rate=config.learn_perm_rate,
             data_batch_size=config.learn_batch if learn else 16,
             seed=seed,
         )
@@ -277,6 +279,8 @@ def markdown(config: Config, rows: list[Row], command: str) -> str:
     variants = list(dict.fromkeys(r.variant for r in rows))
     cells = {v: [r for r in rows if r.variant == v] for v in variants}
     ends = [x for r in cells[variants[0]] for x in (r.loss_a, r.loss_b)]
+    perm_rate = "" if config.learn_perm_rate is None else f", FFN/head permutations {config.learn_perm_rate}"
+    cosine = ", cosine decay" if config.learn_decay == "cosine" else ""
     lines = [
         f"# rotfuse on byte-level {config.model} language models: matching, then averaging",
         "",
@@ -292,7 +296,7 @@ def markdown(config: Config, rows: list[Row], command: str) -> str:
         "- function change: largest `|logits(B_matched) - logits(B)|` on the held-out text, and whether "
         "`rotfuse verify` accepts every pair's copy (within its float32 tolerance)",
         f"- +learned: `-s {config.learn_symmetries}`, from the activation-matched copy, {config.learn_steps} Adam "
-        f"steps (rate {config.learn_rate}{', cosine decay' if config.learn_decay == 'cosine' else ''}, batch "
+        f"steps (rate {config.learn_rate}{perm_rate}{cosine}, batch "
         f"{config.learn_batch}) on A's training text, {LAMBDAS[config.lambda_schedule]}; learning s is its wall "
         f"time on {config.threads or EVERY_CORE} CPU thread(s) (the end models train on one)",
         "",
@@ -371,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         "lambda_schedule": (str, "fixed, uniform or full"),
         "learn_decay": (str, "constant or cosine"),
         "learn_log_every": (int, "steps between logged steps"),
+        "learn_perm_rate": (float, "the relaxed FFN/head permutation matrices' learning rate (default: --learn-rate)"),
         "threads": (int, "CPU threads for matching and learning (0: every core)"),
     }
     for field, (kind, text) in overrides.items():

@@ -229,6 +229,7 @@ def _learn_into(
         keep=options.learn_keep,
         decay=options.learn_decay,
         log_every=options.learn_log_every,
+        perm_rate=options.learn_perm_rate,
     )
     with temporary_folder("matched", folder.parent) as tmp:
         matched = Path(tmp) / "matched"

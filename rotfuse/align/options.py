@@ -61,3 +61,4 @@ class MatchOptions:
     learn_keep: str = "last"  # or "best": the logged step with the lowest --eval-data loss
     learn_decay: str = "constant"  # or "cosine": the learning rate falls to 0 along a half cosine
     learn_log_every: int = 25  # steps between the logged (and --learn-keep best's candidate) steps
+    learn_perm_rate: float | None = None  # the relaxed FFN/head permutation matrices' rate (None: learn_rate)

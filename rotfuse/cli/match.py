@@ -100,6 +100,7 @@ MATCH_SETTINGS: dict[str, Kind] = {
     "learn_keep": TEXT,
     "learn_decay": TEXT,
     "learn_log_every": Kind("int", 1),
+    "learn_perm_rate": Kind("float", 0.0),
 }
 PARAMETER_OF = {"json": "json_out", "max_samples": "data_samples"}  # job key -> the function's parameter
 
@@ -228,6 +229,16 @@ def match_command(
             "--eval-data; --learn-keep best chooses among them).",
         ),
     ] = 25,
+    learn_perm_rate: Annotated[
+        float | None,
+        typer.Option(
+            "--learn-perm-rate",
+            min=0.0,
+            help="With --learn: Adam's rate for the relaxed matrices behind the learned FFN-neuron and head "
+            "permutations; higher lets the hard permutations change sooner.  [default: --learn-rate]",
+            show_default=False,
+        ),
+    ] = None,
     arch: Arch = None,
     arch_spec: ArchSpecFile = None,
     device: Device = "auto",
@@ -311,6 +322,7 @@ def match_command(
             str(value("learn_keep")),
             str(value("learn_decay")),
             int(value("learn_log_every")),
+            _optional_float(value("learn_perm_rate")),
         )
         anchor_path, out_path, report_path = Path(first), Path(target), path(value("report"))
         several = len(paths) > 1 or listed is not None or value("shard") is not None
@@ -366,6 +378,10 @@ def _resolver(ctx: typer.Context, given: dict[str, Any], job: dict[str, Any]) ->
         return job[key]
 
     return value
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _optional_path(value: Any) -> Path | None:

@@ -11,7 +11,7 @@ from helpers.functions import assert_same_function, one_thread, save_pair
 from safetensors.torch import load_file, save_file
 
 from rotfuse.align.learned import loop
-from rotfuse.align.learned.maps import StreamMaps, straight_through
+from rotfuse.align.learned.maps import LayerMaps, StreamMaps, straight_through
 from rotfuse.align.match import match
 from rotfuse.align.options import MatchOptions
 from rotfuse.core.errors import UsageError
@@ -42,6 +42,7 @@ def _learn(
     steps: int = 12,
     symmetries: str = "default,residual",
     rate: float = 1e-2,
+    perm_rate: float | None = None,
 ) -> tuple[Path, Path, Path, dict]:
     model, anchor = save_pair(kind, tmp_path)
     train = _data(kind, tmp_path / "train.safetensors")
@@ -54,6 +55,7 @@ def _learn(
         eval_data=held,
         learn_steps=steps,
         learn_rate=rate,
+        learn_perm_rate=perm_rate,
         data_batch_size=16,
     )
     with one_thread():
@@ -166,3 +168,34 @@ def test_straight_through_permutations_change_and_stay_exact(
     # the same rows / columns / head blocks as the matched start, in another order
     assert sorted(map(lambda t: t.flatten().tolist(), before)) == sorted(map(lambda t: t.flatten().tolist(), after))
     assert any(not torch.equal(x, y) for x, y in zip(before, after))
+
+
+def test_relaxed_permutations_take_their_own_rate() -> None:
+    """--learn-perm-rate: Adam's first step moves every entry by its group's rate, the relaxed
+    matrices of the per-layer permutations (FFN neurons, heads) by the permutation rate, everything
+    else (rotations, scales, the stream maps, a permutation one included) by the main rate."""
+    layer = LayerMaps(symmetry_set("default"), groups=3, head_dim=4, ffn_width=6, rotary_dim=0)
+    maps = torch.nn.ModuleDict(
+        {"layer0": layer, "stream": StreamMaps(8, "permutation"), "stream_dec": StreamMaps(8, "keeps_ones")}
+    )
+    settings = loop.LearnSettings(Path("train.safetensors"), rate=0.01, perm_rate=0.07)
+    optimiser = loop.make_optimiser(maps, settings)
+    before = {name: p.detach().clone() for name, p in maps.named_parameters()}
+    for p in maps.parameters():
+        p.grad = torch.ones_like(p)
+    optimiser.step()
+    relaxed = {"layer0.heads", "layer0.ffn"}
+    for name, p in maps.named_parameters():
+        rate = 0.07 if name in relaxed else 0.01
+        assert torch.allclose(before[name] - p.detach(), torch.full_like(p, rate), rtol=1e-6), name
+    assert loop.LearnSettings(Path("x"), rate=0.02).permutation_rate == 0.02  # default: the main rate
+
+
+def test_a_zero_permutation_rate_keeps_the_matched_permutation(tmp_path: Path) -> None:
+    """The rate that lets the FFN permutation change within 30 steps (the test above) cannot move it
+    when the relaxed matrices' own rate is 0: the learned rows are the matched start's, in order."""
+    moved = "model.layers.0.mlp.up_proj.weight"
+    _learn(tmp_path, "llama", "start", steps=0, symmetries="perm")
+    _learn(tmp_path, "llama", "out", steps=30, symmetries="perm", rate=0.1, perm_rate=0.0)
+    start, out = (load_file(str(tmp_path / f / "model.safetensors"))[moved] for f in ("start", "out"))
+    assert torch.equal(start, out)

@@ -111,12 +111,13 @@ def test_cli_keeps_the_best_step_and_logs_learning_in_a_pipe(tmp_path: Path) -> 
     train, held = _tokens(tmp_path / "train.safetensors", 0), _tokens(tmp_path / "held.safetensors", 1)
     env = {**os.environ, "ROTFUSE_LOG_INTERVAL": "0", "OMP_NUM_THREADS": "1"}
     common = [anchor, model, "-s", "default,residual", "--learn", "--data", train, "--learn-steps", "6"]
-    chosen = ["--eval-data", held, "--learn-keep", "best", "--learn-log-every", "2"]
+    chosen = ["--eval-data", held, "--learn-keep", "best", "--learn-log-every", "2", "--learn-perm-rate", "0.03"]
     result = run_cli("match", *common, "-o", tmp_path / "out", *chosen, env=env)
     assert result.returncode == 0, result.stderr
     assert "learning: step 6/6" in result.stderr and "batch loss" in result.stderr
     report = json.loads((tmp_path / "out" / REPORT_NAME).read_text())
     assert report["learned"]["keep"] == "best"
+    assert report["learned"]["perm_rate"] == 0.03 and report["learned"]["rate"] == 0.01
     assert [row["step"] for row in report["learned"]["log"]] == [0, 2, 4, 6]
     assert report["learned"]["kept_step"] in (0, 2, 4, 6)
     refused = run_cli("match", *common, "-o", tmp_path / "no", "--learn-keep", "best", env=env)

@@ -75,6 +75,7 @@ def test_ctrl_c_during_start_up_is_one_line_not_a_traceback():
     "args, fragment",
     [
         (["--workers", "0"], "--workers"),
+        (["--learn-perm-rate", "-1"], "--learn-perm-rate"),
         (["--no-such-flag"], "--no-such-flag"),
         (None, "--out"),
     ],

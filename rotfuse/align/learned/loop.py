@@ -1,9 +1,10 @@
-"""The optimisation: Adam on the map parameters for the loss of (1 - l) ANCHOR + l g(COPY) on the
-training data, l = 0.5 ('fixed'), uniform in [0.3, 0.7] ('uniform') or in [0, 1] ('full') each step,
-at a constant learning rate or one decayed to 0 along a cosine ('cosine'); then the exact
-maps (hard permutations, rotations recomputed in float64) are applied and written: those of the
-last step, or (keep='best', with held-out data) those of the logged step whose held-out loss was
-lowest -- early stopping on data the optimiser never saw.
+"""The optimisation: Adam on the map parameters (the relaxed FFN and head permutation matrices at a
+rate of their own) for the loss of (1 - l) ANCHOR + l g(COPY) on the training data, l = 0.5
+('fixed'), uniform in [0.3, 0.7] ('uniform') or in [0, 1] ('full') each step, at a constant
+learning rate or one decayed to 0 along a cosine ('cosine'); then the exact maps (hard
+permutations, rotations recomputed in float64) are applied and written: those of the last step,
+or (keep='best', with held-out data) those of the logged step whose held-out loss was lowest --
+early stopping on data the optimiser never saw.
 
 The whole training set is scored before and after; the logged steps in between score a fixed
 random subset of it (LOG_SAMPLES inputs) and the whole held-out set: on a training set of
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 
 from rotfuse.align.learned.build import Builder
-from rotfuse.align.learned.maps import largest_condition, limit_conditions
+from rotfuse.align.learned.maps import largest_condition, limit_conditions, relaxed_permutations
 from rotfuse.align.learned.names import live_names
 from rotfuse.align.learned.objective import batch_loss
 from rotfuse.align.options import LAMBDA_RANGES, check_learn_choices
@@ -55,6 +56,11 @@ class LearnSettings:
     keep: str = "last"  # or "best": the logged step with the lowest held-out loss
     decay: str = "constant"  # or "cosine": the rate falls to 0 along a half cosine over the steps
     log_samples: int | None = None  # training inputs the logged steps score (None: LOG_SAMPLES)
+    perm_rate: float | None = None  # the relaxed FFN/head permutation matrices' rate (None: `rate`)
+
+    @property
+    def permutation_rate(self) -> float:
+        return self.rate if self.perm_rate is None else self.perm_rate
 
 
 def memory_need(model: OpenedModel, inputs: dict[str, torch.Tensor], batch_size: int) -> int:
@@ -98,6 +104,17 @@ def check_memory(model: OpenedModel, inputs: dict[str, torch.Tensor], settings: 
     return need
 
 
+def make_optimiser(maps: torch.nn.ModuleDict, settings: LearnSettings) -> torch.optim.Adam:
+    """Adam over every map parameter; the relaxed FFN and head permutation matrices at their own rate
+    (`relaxed_permutations`). Adam moves each of their entries by about the rate per step, so the
+    rate sets when the hard permutations (identity-initialised, margin 1) begin to change."""
+    relaxed = relaxed_permutations(maps)
+    chosen = {id(p) for p in relaxed}
+    rest = [p for p in maps.parameters() if id(p) not in chosen]
+    groups = [{"params": rest, "lr": settings.rate}, {"params": relaxed, "lr": settings.permutation_rate}]
+    return torch.optim.Adam([g for g in groups if g["params"]], lr=settings.rate)
+
+
 def _load(path: Path, tokenizer: Path, limit: int | None) -> dict[str, torch.Tensor]:
     from rotfuse.eval.data import load_inputs
 
@@ -116,7 +133,7 @@ def learn_into(
 ) -> dict[str, Any]:
     """Refine the matched copy in `copy_folder`, write g(copy) to `out`; returns the report section.
     `log` gets a line per logged step; `progress` counts the steps, with the batch loss as its note."""
-    from rotfuse.eval.runtime import accepted_inputs, load_model
+    from rotfuse.eval.runtime import accepted_inputs, load_model, with_fused_activations
 
     started = time.perf_counter()
     check_learn_choices(settings.schedule, settings.decay, settings.keep, settings.eval_data is not None)
@@ -133,7 +150,7 @@ def learn_into(
     maps = builder.make_maps(symmetries)
     names = live_names(copy.checkpoint)
     anchor_values = {name: anchor.checkpoint.get(counterpart(name, copy, anchor)).float().to(device) for name in names}
-    model = load_model(copy_folder, device)
+    model = with_fused_activations(load_model(copy_folder, device))
     for p in model.parameters():
         p.requires_grad_(False)
 
@@ -194,7 +211,7 @@ def learn_into(
     before = on_all(history[0], "before")
     best = (history[0].get("eval_loss", float("inf")), 0, copying.deepcopy(maps.state_dict()))
     start_stage(progress, "learning", "step")
-    optimiser = torch.optim.Adam(maps.parameters(), lr=settings.rate)
+    optimiser = make_optimiser(maps, settings)
     decay = (
         torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, settings.steps) if settings.decay == "cosine" else None
     )
@@ -251,6 +268,7 @@ def learn_into(
         "eval_data": str(settings.eval_data) if settings.eval_data else None,
         "steps": settings.steps,
         "rate": settings.rate,
+        "perm_rate": settings.permutation_rate,
         "lambda_schedule": settings.schedule,
         "decay": settings.decay,
         "seed": settings.seed,

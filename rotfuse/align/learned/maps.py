@@ -99,6 +99,18 @@ def limit_conditions(maps: torch.nn.ModuleDict, most: float | None = None) -> No
             layer.limit_condition(MAX_CONDITION if most is None else most)
 
 
+def relaxed_permutations(maps: torch.nn.ModuleDict) -> list[torch.nn.Parameter]:
+    """The relaxed matrices behind the per-layer straight-through permutations (FFN neurons, heads):
+    `--learn-perm-rate` sets their own rate. A permutation stream map is not among them: it reorders
+    every layer's input at once (on GPT-2 it did better at the main rate)."""
+    found: list[torch.nn.Parameter] = []
+    for module in maps.values():
+        if isinstance(module, LayerMaps):
+            pairs = ((module.heads, "heads.perm"), (module.ffn, "ffn.perm"))
+            found += [p for p, name in pairs if p is not None and module.on(name)]
+    return found
+
+
 def largest_condition(maps: torch.nn.ModuleDict) -> float | None:
     """The largest condition number of the learned linear maps (None when none is learned)."""
     found = [
