@@ -88,11 +88,12 @@ def main() -> None:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     gc.disable()  # until the command's imports are in: cli.common.imports_done
     code = run()
-    if code and launch_env() is not None:
-        # A failed rank of a multi-process job leaves without the interpreter's teardown: torch's
-        # C++ threads (gloo, the store) have aborted it there ("terminate called without an active
-        # exception", SIGABRT instead of the job's exit code) once the other ranks were gone. Its
-        # outputs are already removed and its line printed.
+    if launch_env() is not None:
+        # Every rank of a multi-process job, failed or not, leaves without the interpreter's
+        # teardown: torch's C++ threads (gloo, the store) have aborted it there ("terminate called
+        # without an active exception", SIGABRT instead of the job's exit code) once the other ranks
+        # were gone -- after a failure, and now and then after a success too. By here the outputs
+        # are in place (or removed) and every file is closed; only the standard streams to flush.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

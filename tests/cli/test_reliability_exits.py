@@ -4,6 +4,7 @@ impossible --device or --layers is refused at once; a full disk during `stats` i
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -128,3 +129,19 @@ def test_full_disk_during_stats_is_exit_2_naming_the_file(pair, tmp_path):
     line = assert_one_line(result.returncode, result.stderr, "stats.safetensors")
     assert ".rotfuse-tmp" not in line
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_a_rank_of_a_multi_process_job_leaves_without_the_interpreters_teardown(world):
+    """torch's C++ threads can abort a rank in the interpreter's teardown (SIGABRT instead of the
+    job's exit code), after a failure or a success: every rank of a multi-process launch exits
+    straight after its command, its output flushed; a single process tears down as usual."""
+    script = (
+        "import atexit, sys; atexit.register(lambda: print('TEARDOWN', flush=True)); "
+        "sys.argv = ['rotfuse', 'archs', '--json']; from rotfuse.__main__ import main; main()"
+    )
+    env = {**os.environ, "WORLD_SIZE": world, "RANK": "0"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert '"llama"' in result.stdout  # the command's output came out whole
+    assert ("TEARDOWN" in result.stdout) == (world == "1")
