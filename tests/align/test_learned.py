@@ -192,8 +192,9 @@ def test_relaxed_permutations_take_their_own_rate() -> None:
 
 
 def test_a_zero_permutation_rate_keeps_the_matched_permutation(tmp_path: Path) -> None:
-    """The rate that lets the FFN permutation change within 30 steps (the test above) cannot move it
-    when the relaxed matrices' own rate is 0: the learned rows are the matched start's, in order."""
+    """The rate that lets the FFN permutation change within 30 steps
+    (test_straight_through_permutations_change_and_stay_exact) cannot move it when the relaxed
+    matrices' own rate is 0: the learned rows are the matched start's, in order."""
     moved = "model.layers.0.mlp.up_proj.weight"
     _learn(tmp_path, "llama", "start", steps=0, symmetries="perm")
     _learn(tmp_path, "llama", "out", steps=30, symmetries="perm", rate=0.1, perm_rate=0.0)
