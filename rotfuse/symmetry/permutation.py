@@ -8,14 +8,17 @@ float32 GEMM: for related models from bounds on a prefix of the columns (`bounde
 a probe picks the prefix to start from), and, where those do not settle, from the whole GEMM's
 scores with a rigorous error bound (`filtered_row_bests`). Where the CPU multiplies bfloat16
 several times faster than float32, both take their scores from a bfloat16 GEMM and bound its
-rounding (`RoundedScores`). The bounds come first: they are cheaper when they settle.
+rounding (`RoundedScores`). The bounds come first: they are cheaper when they settle. Rows whose
+bests collide (unrelated models) are solved on a sparse candidate graph, proven optimal on every
+entry by LP duality (`certified_sparse_assignment`); from the bfloat16 GEMM, the graph holds its
+estimates, and only the entries that can decide the matching are read exactly (`_RowScores`).
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -34,8 +37,9 @@ BF16_UNIT = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 FP32_UNIT = 2.0**-24
 MAX_CANDIDATES = 4  # per row on average; more means near-ties everywhere (unrelated models)
 PAIR_CHUNK = 1024  # candidate pairs scored at once in float64: a few tens of MiB
-SPARSE_CANDIDATES = 32  # per row: the candidate graph the sparse solve starts from (1B unrelated: one round)
+SPARSE_CANDIDATES = 32  # per row: the candidate graph the sparse solve starts from (1B unrelated: 1-2 rounds)
 SPARSE_ROUNDS = 8  # certificate checks (each adding the edges it found violated) before the dense solve
+SPARSE_SOLVES = 4 * SPARSE_ROUNDS  # sparse solves, counting those after estimates were read exactly
 SPARSE_MIN_SIZE = 1024  # below it the dense Hungarian takes well under a second: not worth a risk of rounds
 PROBE_ROWS = 256  # rows whose first prefix pass decides whether the passes are worth running
 PROBE_COLUMNS = 256  # a 1/8 prefix this wide finds the partners of rows that any prefix can settle
@@ -153,6 +157,11 @@ class RoundedScores:
         scores = self.approx[block].float()
         error = torch.addmm(scores.abs(), self.left[block], self.right, alpha=1 + 2.0**-10, beta=BF16_UNIT * 1.01)
         return scores, error.add_(2.0**-100)
+
+    def error_at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """`upper`'s error bound at the entries (rows, cols) alone (float32)."""
+        terms = (self.left[rows] * self.right[:, cols].T).sum(dim=1).mul_(1 + 2.0**-10)
+        return terms.add_(self.approx[rows, cols].float().abs(), alpha=BF16_UNIT * 1.01).add_(2.0**-100)
 
 
 def _residual_norms(
@@ -461,14 +470,24 @@ def certified_sparse_assignment(scores: torch.Tensor, candidates: int = SPARSE_C
 
 
 class _ScoreSource(Protocol):
-    """The float32 score matrix the sparse solve certifies its optimum on, as it reads it."""
+    """The float32 score matrix the sparse solve certifies its optimum on, as it reads it: exact
+    values where they are known, estimates with an error bound elsewhere (read exactly on demand)."""
 
     def top(self, k: int) -> np.ndarray:
         """Flat indices i * n + j of (at least) each row's k best columns."""
         ...
 
-    def values(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """The float32 scores at (rows, cols), `rows` sorted."""
+    def values(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The float32 scores at (rows, cols), `rows` sorted -- exact where the second array (bool)
+        says so, estimates elsewhere."""
+        ...
+
+    def error(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """A bound (float64) on how far the estimates at (rows, cols) are from the exact scores."""
+        ...
+
+    def exact(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """The exact float32 scores at (rows, cols), `rows` sorted; `values` gives them from now on."""
         ...
 
     def violations(self, u: np.ndarray, v: np.ndarray, scale: int, most: int) -> np.ndarray:
@@ -478,7 +497,7 @@ class _ScoreSource(Protocol):
 
 @dataclass
 class _DenseScores:
-    """A dense float32 score matrix."""
+    """A dense float32 score matrix: every value exact."""
 
     scores: torch.Tensor
 
@@ -486,7 +505,13 @@ class _DenseScores:
         n = len(self.scores)
         return (torch.arange(n).repeat_interleave(k) * n + self.scores.topk(k, dim=1).indices.flatten()).numpy()
 
-    def values(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    def values(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.exact(rows, cols), np.ones(len(rows), dtype=bool)
+
+    def error(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        return np.zeros(len(rows))
+
+    def exact(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         return self.scores.numpy()[rows, cols]
 
     def violations(self, u: np.ndarray, v: np.ndarray, scale: int, most: int) -> np.ndarray:
@@ -497,13 +522,16 @@ class _DenseScores:
 class _RowScores:
     """The scores of source rows against anchor rows, never formed densely: entry (i, j) is the
     float64 inner product of the float32 rows rounded to float32 (the exact score, correctly
-    rounded but for a float64 rounding far below float32's). `RoundedScores` picks candidates and
-    clears every entry whose bound keeps it below the duals; the few it cannot are computed."""
+    rounded but for a float64 rounding far below float32's). `RoundedScores` picks candidates,
+    stands in for the exact scores where its bound shows they cannot matter, and clears every
+    entry whose bound keeps it below the duals; the few it cannot are computed, once each."""
 
     src: torch.Tensor
     anchor: torch.Tensor
     rounded: RoundedScores
     _exact: _ExactScores | None = None
+    _known: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # flat indices, sorted
+    _known_values: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.float32))
 
     def top(self, k: int) -> np.ndarray:
         n = len(self.src)
@@ -511,10 +539,36 @@ class _RowScores:
         picks = [approx[start : start + SCAN_BLOCK].topk(k, dim=1).indices for start in range(0, n, SCAN_BLOCK)]
         return (torch.arange(n).repeat_interleave(k) * n + torch.cat(picks).flatten()).numpy()
 
-    def values(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        if self._exact is None:  # once per solve: its float64 buffers serve every round
-            self._exact = _ExactScores(self.src, self.anchor)
-        return self._exact(rows, cols)
+    def values(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        at, known = self._lookup(rows, cols)
+        values = self.rounded.approx[torch.from_numpy(rows), torch.from_numpy(cols)].float().numpy()
+        values[known] = self._known_values[at[known]]
+        return values, known
+
+    def error(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        return self.rounded.error_at(torch.from_numpy(rows), torch.from_numpy(cols)).double().numpy()
+
+    def exact(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        at, known = self._lookup(rows, cols)
+        values = np.empty(len(rows), dtype=np.float32)
+        values[known] = self._known_values[at[known]]
+        new = np.flatnonzero(~known)
+        if len(new):
+            if self._exact is None:  # once per solve: its float64 buffers serve every call
+                self._exact = _ExactScores(self.src, self.anchor)
+            values[new] = self._exact(rows[new], cols[new])
+            keys = np.concatenate([self._known, rows[new] * len(self.src) + cols[new]])
+            order = np.argsort(keys, kind="stable")
+            self._known = keys[order]
+            self._known_values = np.concatenate([self._known_values, values[new]])[order]
+        return values
+
+    def _lookup(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where (rows, cols) sit in the known values, and which of them are there."""
+        keys = rows * len(self.src) + cols
+        at = np.searchsorted(self._known, keys).clip(max=max(0, len(self._known) - 1))
+        known = self._known[at] == keys if len(self._known) else np.zeros(len(keys), dtype=bool)
+        return at, known
 
     def violations(self, u: np.ndarray, v: np.ndarray, scale: int, most: int) -> np.ndarray:
         n = len(self.src)
@@ -536,7 +590,7 @@ class _RowScores:
         if not len(rows):
             return rows
         # x > m for an integer m iff ceil(x) > m: the exactly scaled float32 score, ceiled, in int64
-        scaled = np.ceil(np.ldexp(self.values(rows, cols).astype(np.float64), scale))
+        scaled = np.ceil(np.ldexp(self.exact(rows, cols).astype(np.float64), scale))
         excess = np.clip(scaled, -(2.0**62), 2.0**62).astype(np.int64) - (u[rows] + v[cols])
         bad = np.flatnonzero(excess > 0)
         order = bad[np.lexsort((-excess[bad], rows[bad]))]  # by row, worst first
@@ -548,7 +602,8 @@ class _RowScores:
 class _ExactScores:
     """Float64 inner products of float32 source and anchor rows at sampled entries, rounded to
     float32, holding at most EXACT_BYTES of float64 rows: a tile of anchor rows (converted once per
-    call) and a block of source rows (converted per tile that needs them), never whole copies.
+    call) and a block of source rows (converted per tile that needs them), never whole copies --
+    or, when the entries asked for touch few enough rows, just those rows, in the tile's buffer.
 
     Each entry is `sampled_addmm`'s float64 dot product of the two rows, whatever block they are
     read from: the values are bit-identical to one call on whole float64 copies."""
@@ -564,6 +619,14 @@ class _ExactScores:
 
     def __call__(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """The scores at (rows, cols), `rows` sorted."""
+        src_rows, local_rows = np.unique(rows, return_inverse=True)
+        anchor_rows, local_cols = np.unique(cols, return_inverse=True)
+        if len(src_rows) + len(anchor_rows) <= self.tile:  # few rows: just those, both in the tile's buffer
+            self._held_tile = -1
+            both = self._anchor64[: len(src_rows) + len(anchor_rows)]
+            _gather_into(both[: len(src_rows)], self.src, src_rows)
+            _gather_into(both[len(src_rows) :], self.anchor, anchor_rows)
+            return _sampled_dots(both[: len(src_rows)], both[len(src_rows) :], local_rows, local_cols)
         out = np.empty(len(rows), dtype=np.float32)
         tile_of = cols // self.tile
         order = np.argsort(tile_of, kind="stable")  # by tile, rows still sorted within each
@@ -589,6 +652,13 @@ class _ExactScores:
         return out
 
 
+def _gather_into(out: torch.Tensor, rows: torch.Tensor, index: np.ndarray) -> None:
+    """out[k] = rows[index[k]], converted, through float32 temporaries of ROW_BLOCK rows at most."""
+    for start in range(0, len(index), ROW_BLOCK):
+        part = torch.from_numpy(index[start : start + ROW_BLOCK])
+        out[start : start + len(part)].copy_(rows.index_select(0, part))
+
+
 def _sampled_dots(src: torch.Tensor, anchor: torch.Tensor, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """`src[rows[e]] . anchor[cols[e]]` (float64 rows, `rows` sorted), rounded to float32."""
     crow = torch.from_numpy(np.searchsorted(rows, np.arange(len(src) + 1)))
@@ -601,15 +671,21 @@ def _sampled_dots(src: torch.Tensor, anchor: torch.Tensor, rows: np.ndarray, col
 
 
 def _certified_sparse(source: _ScoreSource, n: int, candidates: int) -> torch.Tensor | None:
-    """`certified_sparse_assignment` on the scores `source` reads (see there)."""
+    """`certified_sparse_assignment` on the scores `source` reads (see there). The graph's scores
+    may be estimates: an edge whose estimate's error bound reaches its reduced cost u_i + v_j - q_ij
+    (every edge of the matching among them) is read exactly and the graph solved again, so that
+    the matching and the duals stand on exact scores where it matters; the dual check over every
+    entry is on exact scores whatever the graph held."""
     from scipy.sparse import csr_matrix
     from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
     k = min(candidates, n)
-    key = np.union1d(source.top(k), np.arange(n) * (n + 1))  # the diagonal too: a perfect matching exists
-    for _ in range(SPARSE_ROUNDS):
+    key = _union(source.top(k), np.arange(n) * (n + 1))  # the diagonal too: a perfect matching exists
+    checks = 0
+    for _ in range(SPARSE_SOLVES):
         rows, cols = key // n, key % n  # sorted by row: every row holds at least k candidates
-        value = source.values(rows, cols).astype(np.float64)
+        value, known = source.values(rows, cols)
+        value = value.astype(np.float64)
         if not np.isfinite(value).all():
             return None
         _, exponent = np.frexp(value[value != 0])
@@ -634,11 +710,27 @@ def _certified_sparse(source: _ScoreSource, n: int, candidates: int) -> torch.Te
         v = q_matched - u[row_of]
         if float(np.abs(u).max()) + float(np.abs(v).max()) >= INT_LIMIT:
             return None
+        unsure = np.flatnonzero(~known)  # estimates that could decide the matching: read them exactly
+        if len(unsure):
+            reduced = np.ldexp((u[rows[unsure]] + v[cols[unsure]] - q[unsure]).astype(np.float64), -scale)
+            unsure = unsure[reduced <= source.error(rows[unsure], cols[unsure])]  # the matching's: 0 < error
+        if len(unsure):
+            source.exact(rows[unsure], cols[unsure])
+            continue
+        if checks == SPARSE_ROUNDS:
+            return None
+        checks += 1
         violated = source.violations(u, v, scale, k)
         if not len(violated):
             return torch.from_numpy(row_of)
-        key = np.union1d(key, violated)
+        key = _union(key, violated)
     return None
+
+
+def _union(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """The sorted distinct values of both (np.union1d, by a sort: numpy 2's hashing unique is ~10x slower here)."""
+    both = np.sort(np.concatenate([first, second]))
+    return both[np.r_[True, both[1:] != both[:-1]]] if len(both) else both
 
 
 def _longest_paths(heads: np.ndarray, tails: np.ndarray, weight: np.ndarray, n: int) -> np.ndarray | None:

@@ -122,8 +122,9 @@ def _whole_float64_values(src: torch.Tensor, anchor: torch.Tensor, rows: np.ndar
 
 @pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 def test_exact_scores_in_small_blocks_are_bit_identical(monkeypatch):
-    """Blocks of 10 source rows and tiles of 70 anchor rows (300 of each): the same float32 bits as
-    whole float64 copies, and the same permutation as with one block, on scores read in many tiles."""
+    """Blocks of 10 source rows and tiles of 70 anchor rows (300 of each), or the few rows a small
+    request touches: the same float32 bits as whole float64 copies, and the same permutation as
+    with one block, on scores read in many tiles."""
     n, width = 300, 64
     src, anchor = _rows("scaled", n, width, 6)
     rounded = RoundedScores.of(src, anchor)
@@ -139,6 +140,10 @@ def test_exact_scores_in_small_blocks_are_bit_identical(monkeypatch):
     assert exact._src64.numel() + exact._anchor64.numel() <= 80 * width
     assert np.array_equal(exact(rows, cols).view(np.int32), whole.view(np.int32))
     assert np.array_equal(exact(rows[::7], cols[::7]).view(np.int32), whole[::7].view(np.int32))  # tiles reused
+    few = slice(0, 30)  # at most 60 rows of both sides: just those, gathered into the tile's buffer
+    assert len(np.unique(rows[few])) + len(np.unique(cols[few])) <= exact.tile
+    assert np.array_equal(exact(rows[few], cols[few]).view(np.int32), whole[few].view(np.int32))
+    assert np.array_equal(exact(rows, cols).view(np.int32), whole.view(np.int32))  # the tiles again, after
     blocked = _RowScores(src, anchor, rounded)
     perm = _certified_sparse(blocked, n, 8)
     assert blocked._exact is not None and blocked._exact.tile == 70
@@ -202,3 +207,70 @@ def test_prefix_bounds_are_above_every_exact_score(divisor):
     exact = src.double() @ anchor.double().T
     for block, upper in bounds.upper(src, src.norm(dim=1), width // divisor):
         assert bool((upper.double() >= exact[block]).all())
+
+
+class _Inflated(_RowScores):
+    """Every estimate at the top of its error bound: the worst case for a matching chosen on them."""
+
+    def values(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        values, known = super().values(rows, cols)
+        error = self.rounded.error_at(torch.from_numpy(rows), torch.from_numpy(cols)).numpy()
+        return np.where(known, values, values + 0.99 * error).astype(np.float32), known
+
+
+@pytest.mark.parametrize("source_type", [_RowScores, _Inflated], ids=["estimates", "inflated estimates"])
+def test_sparse_solve_certifies_on_exact_scores_of_its_matching(source_type):
+    """The graph holds bfloat16 estimates, but the duals the certificate checks are tight on the
+    matching's EXACT scores (complementary slackness: sum(u) + sum(v) is the matching's exact total)."""
+    n = 300
+    checked: list[tuple[np.ndarray, np.ndarray, int]] = []
+
+    class Spy(source_type):  # type: ignore[misc,valid-type]
+        def violations(self, u, v, scale, most):
+            checked.append((u.copy(), v.copy(), scale))
+            return super().violations(u, v, scale, most)
+
+    for seed in range(3):
+        src, anchor = _rows("unrelated", n, 64, seed)
+        perm = _certified_sparse(Spy(src, anchor, RoundedScores.of(src, anchor)), n, 8)
+        exact = _exact(src, anchor)
+        assert perm is not None and _total(exact, perm) == _optimum(exact)
+        u, v, scale = checked[-1]
+        matched = np.ldexp(exact.numpy()[perm.numpy(), np.arange(n)].astype(np.float64), scale).astype(np.int64)
+        assert np.array_equal(u[perm.numpy()] + v, matched)
+
+
+def test_sparse_solve_reads_its_matching_exactly_before_the_dual_check(monkeypatch):
+    """After a solve on estimates, the matched entries (and the estimates whose error bound reaches
+    their reduced cost) are read exactly and the graph solved again before any dual check; the
+    exact reads stay well below the graph's size: the estimates do the rest."""
+    import scipy.sparse.csgraph
+
+    n, k = 300, 8
+    src, anchor = _rows("unrelated", n, 256, 1)
+    events: list[tuple[str, np.ndarray]] = []
+    solve = scipy.sparse.csgraph.min_weight_full_bipartite_matching
+
+    def spy_solve(graph):
+        rows, cols = solve(graph)
+        events.append(("solve", rows * n + cols))
+        return rows, cols
+
+    monkeypatch.setattr(scipy.sparse.csgraph, "min_weight_full_bipartite_matching", spy_solve)
+
+    class Spy(_RowScores):
+        def exact(self, rows, cols):
+            events.append(("exact", rows * n + cols))
+            return super().exact(rows, cols)
+
+        def violations(self, u, v, scale, most):
+            events.append(("violations", np.empty(0)))
+            return super().violations(u, v, scale, most)
+
+    source = Spy(src, anchor, RoundedScores.of(src, anchor))
+    perm = _certified_sparse(source, n, k)
+    assert perm is not None
+    kinds = [kind for kind, _ in events]
+    assert kinds[:3] == ["solve", "exact", "solve"] and kinds.index("violations") > 2
+    assert np.isin(events[0][1], events[1][1]).all()  # the first matching, read exactly
+    assert len(source._known) < k * n / 2
