@@ -116,6 +116,12 @@ def first_prefix(src: torch.Tensor, anchor: torch.Tensor, bounds: _PrefixBounds 
     return None
 
 
+# `RoundedScores`' bound, in `upper` (blocks) and `error_at` (entries) alike:
+_TERMS_UP = 1 + 2.0**-10  # the rank-r error terms, rounded up past their float32 sum
+_OUTPUT_ROUNDING = BF16_UNIT * 1.01  # of |approx|: the GEMM's result rounded to bfloat16
+_SUBNORMAL = 2.0**-100  # whatever underflowed
+
+
 @dataclass
 class RoundedScores:
     """bfloat16 GEMM scores with a rigorous per-entry bound on their distance to the exact ones.
@@ -155,13 +161,13 @@ class RoundedScores:
     def upper(self, block: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """The float32 scores of rows `block` and their error bound (rounded up, float32)."""
         scores = self.approx[block].float()
-        error = torch.addmm(scores.abs(), self.left[block], self.right, alpha=1 + 2.0**-10, beta=BF16_UNIT * 1.01)
-        return scores, error.add_(2.0**-100)
+        error = torch.addmm(scores.abs(), self.left[block], self.right, alpha=_TERMS_UP, beta=_OUTPUT_ROUNDING)
+        return scores, error.add_(_SUBNORMAL)
 
     def error_at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """`upper`'s error bound at the entries (rows, cols) alone (float32)."""
-        terms = (self.left[rows] * self.right[:, cols].T).sum(dim=1).mul_(1 + 2.0**-10)
-        return terms.add_(self.approx[rows, cols].float().abs(), alpha=BF16_UNIT * 1.01).add_(2.0**-100)
+        terms = (self.left[rows] * self.right[:, cols].T).sum(dim=1).mul_(_TERMS_UP)
+        return terms.add_(self.approx[rows, cols].float().abs(), alpha=_OUTPUT_ROUNDING).add_(_SUBNORMAL)
 
 
 def _residual_norms(
