@@ -29,6 +29,7 @@ from rotfuse.symmetry.linear import random_linear, solve_linear
 from rotfuse.symmetry.names import EXPERTS
 from rotfuse.symmetry.permutation import (
     best_assignment,
+    neuron_rows,
     permute_ffn,
     random_permutation,
     solve_permutation,
@@ -42,7 +43,6 @@ from rotfuse.symmetry.weights import (
     Ffn,
     LayerWeights,
     circuit_sq_distance,
-    ffn_rows,
     qk_circuit,
     vo_circuit,
     with_qk,
@@ -169,7 +169,7 @@ def _ffn_pairs(src: Ffn, anchor: Ffn) -> list[tuple[torch.Tensor, torch.Tensor]]
 
 def _match_ffn(src: Ffn, anchor: Ffn, settings: LayerSettings) -> tuple[Ffn, ModuleResult]:
     """FFN tensors may come in their stored dtype (bf16): measuring and permuting are exact in
-    any dtype, and only the scores are built in float32."""
+    any dtype, and the scores are accumulated in float32 or wider (`neuron_rows`)."""
     pairs = _ffn_pairs(src, anchor)
     before = sum(sq_distance(s, a) for s, a in pairs)
     result = ModuleResult("ffn", math.sqrt(before), math.sqrt(before))
@@ -178,7 +178,7 @@ def _match_ffn(src: Ffn, anchor: Ffn, settings: LayerSettings) -> tuple[Ffn, Mod
         return src, result
     if "ffn.perm" not in settings.symmetries:
         return src, result
-    perm = solve_permutation(ffn_rows(src, torch.float32), ffn_rows(anchor, torch.float32))
+    perm = solve_permutation(*neuron_rows(src, anchor))
     moved = permute_ffn(src, perm)
     after = sum(sq_distance(s, a) for s, a in _ffn_pairs(moved, anchor))
     result.applied = ["perm"]

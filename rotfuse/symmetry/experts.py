@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from rotfuse.symmetry.permutation import permute_ffn, random_permutation, solve_permutation
+from rotfuse.symmetry.permutation import neuron_rows, permute_ffn, random_permutation, solve_permutation
 from rotfuse.symmetry.weights import Experts, Ffn, Linear, ffn_rows
 
 
@@ -32,7 +32,7 @@ def _router_rows(router: Linear) -> torch.Tensor:
 def neuron_permutation(src: Ffn, anchor: Ffn) -> tuple[torch.Tensor, float]:
     """The best neuron permutation of one source expert onto one anchor expert, and its score
     <P rows_src, rows_anchor> (float64)."""
-    src_rows, anchor_rows = ffn_rows(src, torch.float32), ffn_rows(anchor, torch.float32)
+    src_rows, anchor_rows = neuron_rows(src, anchor)
     perm = solve_permutation(src_rows, anchor_rows)
     score = (src_rows.index_select(0, perm.to(src_rows.device)).double() * anchor_rows.double()).sum()
     return perm, float(score)

@@ -24,7 +24,8 @@ def pair_scores(src: Circuit, anchor: Circuit, rotate: bool, rotary_dim: int = 0
     groups, dh = src.left[0].shape[0], src.left[0].shape[2]
 
     def rows(block: torch.Tensor) -> torch.Tensor:  # [G*dh, H*n]: a group's heads side by side
-        return block.float().permute(0, 2, 1, 3).reshape(groups * dh, -1)
+        moved = block.new_empty((groups, dh, block.shape[1], block.shape[3]), dtype=torch.float32)
+        return moved.copy_(block.permute(0, 2, 1, 3)).view(groups * dh, -1)  # converted and moved in one copy
 
     # all pairs in one GEMM per block
     m = cast(torch.Tensor, sum(rows(a) @ rows(b).T for a, b in zip(src.tensors(), anchor.tensors(), strict=True)))

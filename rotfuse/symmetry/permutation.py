@@ -24,7 +24,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from rotfuse.symmetry.weights import Ffn, Linear
+from rotfuse.symmetry.weights import Ffn, Linear, ffn_rows
 
 PREFIXES = (32, 16, 8, 4, 2)  # bounded scores over the first 1/32, 1/16, ... 1/2 of the columns
 SLACK = 2.0**-12  # of |x| |y|: far above float32 GEMM rounding, far below a real margin
@@ -49,9 +49,10 @@ INT_LIMIT = 2**62  # integer potentials, path sums and dual sums stay below it (
 
 
 def solve_permutation(src_rows: torch.Tensor, anchor_rows: torch.Tensor) -> torch.Tensor:
-    """`perm[j]` = the source row to place at anchor slot j, maximising the total inner product."""
-    src, anchor = src_rows.float(), anchor_rows.float()
-    bounds = _PrefixBounds(anchor, anchor.norm(dim=1)) if fast_bfloat16_gemm(src.device) else None
+    """`perm[j]` = the source row to place at anchor slot j, maximising the total inner product
+    (of the rows in float32: bfloat16 rows are read as they are, see `working_rows`)."""
+    src, anchor = working_rows(src_rows, anchor_rows)
+    bounds = _PrefixBounds(anchor, _norms(anchor)) if fast_bfloat16_gemm(src.device) else None
     first = first_prefix(src, anchor, bounds)
     best = None if first is None else bounded_row_bests(src, anchor, first, bounds)
     rounded = None
@@ -64,7 +65,44 @@ def solve_permutation(src_rows: torch.Tensor, anchor_rows: torch.Tensor) -> torc
         certified = _certified_sparse(_RowScores(src, anchor, rounded), len(src), SPARSE_CANDIDATES)
         if certified is not None:
             return certified
-    return best_assignment(src @ anchor.T)
+    return best_assignment(src.float() @ anchor.float().T)
+
+
+def working_rows(src: torch.Tensor, anchor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows a solve reads: bfloat16 rows as they are where the CPU multiplies bfloat16 fast
+    (their float32 copies hold the same values at twice the bytes; every GEMM, norm and dot product
+    of the solve still accumulates in float32 or wider), anything else in float32."""
+    if src.dtype == anchor.dtype == torch.bfloat16 and fast_bfloat16_gemm(src.device):
+        return src, anchor
+    return src.float(), anchor.float()
+
+
+def neuron_rows(src: Ffn, anchor: Ffn) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both FFNs' neuron rows (`ffn_rows`) for `solve_permutation`: in bfloat16 when every tensor is
+    bfloat16 and the CPU multiplies it fast (no rounding: the rows hold the stored values), else in
+    float32 -- built in the dtype the solve reads, never converted twice."""
+    tensors = [src.output.weight, anchor.output.weight]
+    tensors += [t for ffn in (src, anchor) for lin in ffn.inputs for t in (lin.weight, lin.bias) if t is not None]
+    keep = all(t.dtype == torch.bfloat16 for t in tensors) and fast_bfloat16_gemm(tensors[0].device)
+    dtype = torch.bfloat16 if keep else torch.float32
+    return ffn_rows(src, dtype), ffn_rows(anchor, dtype)
+
+
+def _norms(rows: torch.Tensor) -> torch.Tensor:
+    """Row norms, summed in float32 whatever the rows' dtype (through float32 temporaries of
+    ROW_BLOCK rows: torch would convert the whole first)."""
+    if rows.dtype == torch.float32:
+        return torch.linalg.vector_norm(rows, dim=1)
+    norms = rows.new_empty(len(rows), dtype=torch.float32)
+    for start in range(0, len(rows), ROW_BLOCK):
+        block = slice(start, start + ROW_BLOCK)
+        torch.linalg.vector_norm(rows[block].float(), dim=1, out=norms[block])
+    return norms
+
+
+def _dots32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Row-wise inner products, accumulated in float32 (each within w u32 |x| |y| of the exact one)."""
+    return (x.float()[:, None, :] @ y.float()[:, :, None]).flatten()
 
 
 def first_prefix(src: torch.Tensor, anchor: torch.Tensor, bounds: _PrefixBounds | None = None) -> int | None:
@@ -83,10 +121,11 @@ def first_prefix(src: torch.Tensor, anchor: torch.Tensor, bounds: _PrefixBounds 
     n, width = src.shape
     if n <= 4 * PROBE_ROWS or anchor.shape[0] != n:
         return 0  # the passes themselves are cheap enough to be the probe
+    src, anchor = working_rows(src, anchor)
     sample = torch.linspace(0, n - 1, PROBE_ROWS).long().to(src.device)
     rows_src = src.index_select(0, sample)
-    sample_norm = rows_src.norm(dim=1)
-    anchor_norm = anchor.norm(dim=1) if bounds is None else bounds.anchor_norm
+    sample_norm = _norms(rows_src)
+    anchor_norm = _norms(anchor) if bounds is None else bounds.anchor_norm
 
     def probe(index: int) -> tuple[bool, torch.Tensor]:
         upto = max(1, width // PREFIXES[index])
@@ -99,7 +138,7 @@ def first_prefix(src: torch.Tensor, anchor: torch.Tensor, bounds: _PrefixBounds 
 
     index = PREFIXES.index(GIVE_UP_FROM)
     settles, pick = probe(index)
-    cosine = (rows_src * anchor.index_select(0, pick)).sum(dim=1) / (sample_norm * anchor_norm[pick]).clamp_min(1e-30)
+    cosine = _dots32(rows_src, anchor.index_select(0, pick)) / (sample_norm * anchor_norm[pick]).clamp_min(1e-30)
     needed = 1 - float(cosine.median())
     if settles:
         while index > 0 and 1 / PREFIXES[index - 1] >= needed and probe(index - 1)[0]:
@@ -146,7 +185,9 @@ class RoundedScores:
         up = _round_up(width)  # norms summed in float32: rounded up past their error
         anchor_hi = anchor.bfloat16()  # whole: every block of the GEMM reads it
         approx = src.new_empty(len(src), len(anchor), dtype=torch.bfloat16)
-        x_hi, x_lo, y_hi, y_lo, y = (src.new_empty(len(rows)) for rows in (src, src, anchor, anchor, anchor))
+        x_hi, x_lo, y_hi, y_lo, y = (
+            src.new_empty(len(rows), dtype=torch.float32) for rows in (src, src, anchor, anchor, anchor)
+        )
         for start in range(0, max(len(src), len(anchor)), ROW_BLOCK):  # float32 temporaries of a block
             block = slice(start, start + ROW_BLOCK)
             if start < len(src):
@@ -154,7 +195,7 @@ class RoundedScores:
                 torch.mm(src_hi, anchor_hi.T, out=approx[block])
             if start < len(anchor):
                 _residual_norms(anchor[block], y_hi[block], y_lo[block], anchor_hi[block])
-                torch.linalg.vector_norm(anchor[block], dim=1, out=y[block])
+                torch.linalg.vector_norm(anchor[block].float(), dim=1, out=y[block])
         x_hi, x_lo, y_hi, y_lo, y = (norm.mul_(up) for norm in (x_hi, x_lo, y_hi, y_lo, y))
         return cls(approx, torch.stack([x_hi, x_lo, x_hi], 1), torch.stack([y_lo, y, gamma * y_hi]))
 
@@ -207,8 +248,9 @@ def filtered_row_bests(
     n, width = src.shape
     if n < 2 or anchor.shape[0] != n:
         return None
+    src, anchor = working_rows(src, anchor)
     rounded = rounded or RoundedScores.of(src, anchor)
-    src_norm, anchor_norm = src.norm(dim=1), anchor.norm(dim=1)
+    src_norm, anchor_norm = _norms(src), _norms(anchor)
     best = torch.empty(n, dtype=torch.int64, device=src.device)
     taken = torch.zeros(n, dtype=torch.bool, device=src.device)  # the settled rows' bests
     open_rows, open_cols, open_pairs = [], [], 0
@@ -218,7 +260,7 @@ def filtered_row_bests(
         pick = scores.argmax(dim=1)
         picked = anchor.index_select(0, pick)
         # the pick's score in float32, less its rounding bound (w u32 |x| |y|, doubled): a lower bound
-        full = (src[block, None, :] @ picked[:, :, None]).flatten()
+        full = _dots32(src[block], picked)
         reached = full - 2 * width * FP32_UNIT * src_norm[block] * anchor_norm[pick]
         upper = scores.add_(error)
         candidates = upper >= reached[:, None]
@@ -269,8 +311,9 @@ def bounded_row_bests(
     n, width = src.shape
     if n < 2 or anchor.shape[0] != n:
         return None  # nothing to gain
-    src_norm = src.norm(dim=1)
-    anchor_norm = anchor.norm(dim=1) if bounds is None else bounds.anchor_norm  # the solve's, once
+    src, anchor = working_rows(src, anchor)
+    src_norm = _norms(src)
+    anchor_norm = _norms(anchor) if bounds is None else bounds.anchor_norm  # the solve's, once
     best = torch.empty(n, dtype=torch.int64, device=src.device)
     open_rows = torch.arange(n, device=src.device)
     if bounds is None and fast_bfloat16_gemm(src.device):
@@ -351,7 +394,7 @@ class _PrefixBounds:
         settled, candidate = [], []
         for block, upper in self.upper(src, src_norm, upto):
             top, pick = upper.topk(2, dim=1)
-            full = (src[block, None, :] @ self.anchor.index_select(0, pick[:, 0])[:, :, None]).flatten()
+            full = _dots32(src[block], self.anchor.index_select(0, pick[:, 0]))
             reached = full - 2 * width * FP32_UNIT * src_norm[block] * self.anchor_norm[pick[:, 0]]
             settled.append(reached >= top[:, 1])
             candidate.append(pick[:, 0])
@@ -391,13 +434,16 @@ def _rounded_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     their residual, each rounded up past its float32 error, and of the rows, as computed (for
     `_rest_norm`, which needs it from below). In blocks: no float32 copy of the whole."""
     up = _round_up(rows.shape[1])
+    if rows.dtype == torch.bfloat16:  # nothing to round: no residual
+        norm = _norms(rows)
+        return rows.contiguous(), norm * up, torch.zeros_like(norm), norm
     hi = torch.empty(rows.shape, dtype=torch.bfloat16, device=rows.device)
-    hi_norm, lo_norm = rows.new_empty(len(rows)), rows.new_empty(len(rows))
+    hi_norm, lo_norm = (rows.new_empty(len(rows), dtype=torch.float32) for _ in range(2))
     for start in range(0, len(rows), ROW_BLOCK):
         block = slice(start, start + ROW_BLOCK)
         hi[block] = rows[block]
         _residual_norms(rows[block], hi_norm[block], lo_norm[block], hi[block])
-    return hi, hi_norm.mul_(up), lo_norm.mul_(up), torch.linalg.vector_norm(rows, dim=1)
+    return hi, hi_norm.mul_(up), lo_norm.mul_(up), _norms(rows)
 
 
 def _rest_norm(norm: torch.Tensor, prefix_norm: torch.Tensor, width: int) -> torch.Tensor:

@@ -194,18 +194,20 @@ def test_close_fine_tunes_settle_on_a_prefix_narrower_than_an_eighth_with_the_ex
     assert best is not None and torch.equal(best, _exact(src, anchor).argmax(dim=1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("divisor", [32, 8, 2])
-def test_prefix_bounds_are_above_every_exact_score(divisor):
+def test_prefix_bounds_are_above_every_exact_score(divisor, dtype):
     """The bfloat16 prefix bound (rounded prefix scores, their error bound, the rest's norms from
     the whole and prefix norms) is above the float64 score of EVERY pair, on rows built to stress
-    it: norms over four decades, heavy-tailed entries, exact copies (the bound's tightest case)."""
+    it: norms over four decades, heavy-tailed entries, exact copies (the bound's tightest case) --
+    from float32 rows and from bfloat16 rows read as they are (nothing to round, no residual)."""
     g = torch.Generator().manual_seed(8)
     n, width = 300, 640
-    anchor = torch.randn(n, width, generator=g) ** 3 * torch.logspace(-2, 2, n)[:, None]
-    src = torch.cat([anchor[:100], torch.randn(n - 100, width, generator=g) * 1e3])
-    bounds = permutation._PrefixBounds(anchor, anchor.norm(dim=1))
+    anchor = (torch.randn(n, width, generator=g) ** 3 * torch.logspace(-2, 2, n)[:, None]).to(dtype)
+    src = torch.cat([anchor[:100], (torch.randn(n - 100, width, generator=g) * 1e3).to(dtype)])
+    bounds = permutation._PrefixBounds(anchor, permutation._norms(anchor))
     exact = src.double() @ anchor.double().T
-    for block, upper in bounds.upper(src, src.norm(dim=1), width // divisor):
+    for block, upper in bounds.upper(src, permutation._norms(src), width // divisor):
         assert bool((upper.double() >= exact[block]).all())
 
 

@@ -1,0 +1,135 @@
+"""FFN neuron rows solved in bfloat16 as stored (`working_rows`, `neuron_rows`): the same optimum as
+their float32 copies, on every path of `solve_permutation`, without a float32 copy of the rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rotfuse.symmetry import permutation
+from rotfuse.symmetry.permutation import (
+    best_assignment,
+    bounded_row_bests,
+    filtered_row_bests,
+    first_prefix,
+    neuron_rows,
+    solve_permutation,
+    working_rows,
+)
+from rotfuse.symmetry.weights import Ffn, Linear, ffn_rows
+
+
+def _bf16_rows(kind: str, n: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source and anchor rows whose values are bfloat16 numbers (as a bf16 checkpoint's are)."""
+    g = torch.Generator().manual_seed(seed)
+    anchor = torch.randn(n, width, generator=g) / width**0.5
+    noise = torch.randn(n, width, generator=g) / width**0.5
+    shuffled = anchor[torch.randperm(n, generator=g)]
+    src = {"close": shuffled + 0.05 * noise, "related": shuffled + 0.5 * noise, "unrelated": noise}[kind]
+    return src.bfloat16(), anchor.bfloat16()
+
+
+def _optimum_total(src: torch.Tensor, anchor: torch.Tensor) -> float:
+    from scipy.optimize import linear_sum_assignment
+
+    exact = (src.double() @ anchor.double().T).float().double()
+    rows, cols = linear_sum_assignment(exact.numpy(), maximize=True)
+    return float(exact[rows, cols].sum())
+
+
+def _total(src: torch.Tensor, anchor: torch.Tensor, perm: torch.Tensor) -> float:
+    return float((src.double() @ anchor.double().T).float().double()[perm, torch.arange(len(perm))].sum())
+
+
+@pytest.fixture
+def fast_bfloat16(monkeypatch):
+    """The bfloat16 paths whatever the CPU: their bounds hold for any bfloat16 GEMM accumulating in
+    float32 (a CPU without fast bfloat16 only runs them slower)."""
+    monkeypatch.setattr(permutation, "fast_bfloat16_gemm", lambda device: True)
+
+
+@pytest.mark.parametrize("kind", ["close", "related", "unrelated"])
+def test_bfloat16_rows_give_the_optimum_of_their_float32_copies(kind, fast_bfloat16):
+    """Close and far fine-tunes (prefix bounds) and unrelated rows (the sparse solve on the rounded
+    GEMM's estimates, n above SPARSE_MIN_SIZE): one permutation whatever the rows' dtype, and it
+    is the dense Hungarian's optimum on the exact scores."""
+    src, anchor = _bf16_rows(kind, 1100, 192, seed=1)
+    perm = solve_permutation(src, anchor)
+    assert torch.equal(perm, solve_permutation(src.float(), anchor.float()))
+    assert _total(src, anchor, perm) == _optimum_total(src, anchor)
+
+
+def test_bfloat16_rows_without_fast_bfloat16_are_solved_in_float32(monkeypatch):
+    monkeypatch.setattr(permutation, "fast_bfloat16_gemm", lambda device: False)
+    src, anchor = _bf16_rows("related", 300, 128, seed=2)
+    kept_src, kept_anchor = working_rows(src, anchor)
+    assert kept_src.dtype == kept_anchor.dtype == torch.float32
+    assert torch.equal(solve_permutation(src, anchor), best_assignment(src.float() @ anchor.float().T))
+
+
+def test_working_rows_keep_bfloat16_rows_as_they_are(fast_bfloat16):
+    """No copy: the solve reads the rows it was given (half the bytes of float32 copies)."""
+    src, anchor = _bf16_rows("related", 8, 16, seed=3)
+    assert all(kept is given for kept, given in zip(working_rows(src, anchor), (src, anchor), strict=True))
+    mixed = working_rows(src, anchor.float())
+    assert all(rows.dtype == torch.float32 for rows in mixed)
+
+
+@pytest.mark.parametrize("kind", ["close", "related"])
+def test_row_best_paths_agree_on_bfloat16_rows(kind, fast_bfloat16):
+    """`first_prefix`, `bounded_row_bests` and `filtered_row_bests` called on bfloat16 rows: the
+    float64 argmax of every row, as on float32 copies."""
+    src, anchor = _bf16_rows(kind, 1100, 256, seed=4)
+    argmax = (src.double() @ anchor.double().T).argmax(dim=1)
+    first = first_prefix(src, anchor)
+    assert first is not None and first == first_prefix(src.float(), anchor.float())
+    bounded = bounded_row_bests(src, anchor, first)
+    filtered = filtered_row_bests(src, anchor)
+    assert bounded is not None and torch.equal(bounded, argmax)
+    assert filtered is not None and torch.equal(filtered, argmax)
+
+
+def _ffn(seed: int, bias_dtype: torch.dtype | None = None) -> Ffn:
+    g = torch.Generator().manual_seed(seed)
+    gate, up = (torch.randn(48, 16, generator=g).bfloat16() for _ in range(2))
+    bias = None if bias_dtype is None else torch.randn(48, generator=g).to(bias_dtype)
+    return Ffn([Linear(gate, bias), Linear(up)], Linear(torch.randn(16, 48, generator=g).bfloat16()))
+
+
+def test_neuron_rows_stay_bfloat16_only_when_every_tensor_is(fast_bfloat16):
+    src, anchor = _ffn(5), _ffn(6)
+    rows = neuron_rows(src, anchor)
+    assert all(r.dtype == torch.bfloat16 for r in rows)
+    assert torch.equal(rows[0].float(), ffn_rows(src, torch.float32))  # the stored values, unrounded
+    with_bias = _ffn(7, torch.float32)  # a float32 bias would be rounded in bfloat16 rows
+    rows = neuron_rows(with_bias, _ffn(8, torch.float32))
+    assert all(r.dtype == torch.float32 for r in rows)
+    assert torch.equal(rows[0], ffn_rows(with_bias, torch.float32))
+
+
+def test_neuron_rows_are_float32_without_fast_bfloat16(monkeypatch):
+    monkeypatch.setattr(permutation, "fast_bfloat16_gemm", lambda device: False)
+    assert all(r.dtype == torch.float32 for r in neuron_rows(_ffn(9), _ffn(10)))
+
+
+def test_bfloat16_rows_settle_near_ties_on_float32_dots(fast_bfloat16):
+    """Anchor rows in pairs of equal norm whose scores differ by ~1e-3 |x| |y|: a candidate's whole
+    score must be accumulated (and kept) in float32 -- rounded to bfloat16 it would pass for either
+    member of its pair -- and the row best paths find the float64 argmax, as the sparse solve does."""
+    g = torch.Generator().manual_seed(15)
+    first = torch.randn(150, 256, generator=g, dtype=torch.float64)
+    second = (
+        first + 0.02 * first.norm(dim=1, keepdim=True) * torch.randn(150, 256, generator=g, dtype=torch.float64) / 16
+    )
+    second *= first.norm(dim=1, keepdim=True) / second.norm(dim=1, keepdim=True)
+    anchor = torch.cat([first, second]).bfloat16()
+    src = torch.cat([first + 2 * (first - second), second + 2 * (second - first)])
+    src = src[torch.randperm(300, generator=g)].bfloat16()
+    exact = src.double() @ anchor.double().T
+    argmax = exact.argmax(dim=1)
+    assert torch.unique(argmax).numel() == 300, "the case is meant to have distinct bests"
+    rounded = (src @ anchor.T).float().argmax(dim=1)
+    assert not torch.equal(rounded, argmax), "the rounded GEMM alone must get some wrong, or this tests nothing"
+    for best in (filtered_row_bests(src, anchor), bounded_row_bests(src, anchor)):
+        assert best is None or torch.equal(best, argmax)
+    assert torch.equal(solve_permutation(src, anchor), torch.argsort(argmax))
