@@ -173,17 +173,24 @@ def with_vo(att: Attention, circuit: Circuit) -> Attention:
     return replace(att, v=v, o=Linear(o_t.weight.T), v_vectors=[c.weight[:, 0] for c in vectors])
 
 
-def ffn_rows(ffn: Ffn, dtype: torch.dtype | None = None) -> torch.Tensor:
+def ffn_rows(ffn: Ffn, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Every parameter indexed by FFN neuron, one row per neuron: `[dff, n]`, in `dtype` (default:
-    the weights'), cast while concatenating."""
+    the weights'), cast while concatenating -- into `out` if given (of `ffn_rows_shape` and `dtype`)."""
     parts = []
     for linear in ffn.inputs:
         parts.append(linear.weight)
         if linear.bias is not None:
             parts.append(linear.bias[:, None])
     parts.append(ffn.output.weight.T.contiguous())  # transposed in tiles, not gathered by cat
-    out = parts[0].new_empty((parts[0].shape[0], sum(p.shape[1] for p in parts)), dtype=dtype or parts[0].dtype)
+    if out is None:
+        out = parts[0].new_empty(ffn_rows_shape(ffn), dtype=dtype or parts[0].dtype)
     return torch.cat(parts, dim=1, out=out)
+
+
+def ffn_rows_shape(ffn: Ffn) -> tuple[int, int]:
+    """The shape of `ffn_rows(ffn)`: one row per neuron, every parameter of it side by side."""
+    columns = sum(linear.weight.shape[1] + (linear.bias is not None) for linear in ffn.inputs)
+    return ffn.width, columns + ffn.output.weight.shape[0]
 
 
 def circuit_sq_distance(a: Circuit, b: Circuit) -> float:

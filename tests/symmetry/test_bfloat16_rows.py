@@ -133,3 +133,23 @@ def test_bfloat16_rows_settle_near_ties_on_float32_dots(fast_bfloat16):
     for best in (filtered_row_bests(src, anchor), bounded_row_bests(src, anchor)):
         assert best is None or torch.equal(best, argmax)
     assert torch.equal(solve_permutation(src, anchor), torch.argsort(argmax))
+
+
+def test_neuron_rows_reuse_this_threads_buffers_and_hold_the_new_rows(fast_bfloat16):
+    """A second call on one thread writes into the first call's buffers (no fresh pages to map and
+    zero), with the new FFNs' rows; another thread has buffers of its own; a new shape or dtype gets
+    a new buffer."""
+    import threading
+
+    first = neuron_rows(_ffn(11), _ffn(12))
+    pointers = [rows.data_ptr() for rows in first]
+    second = neuron_rows(_ffn(13), _ffn(14))
+    assert [rows.data_ptr() for rows in second] == pointers
+    assert torch.equal(second[0], ffn_rows(_ffn(13))) and torch.equal(second[1], ffn_rows(_ffn(14)))
+    other: list[int] = []
+    thread = threading.Thread(target=lambda: other.extend(r.data_ptr() for r in neuron_rows(_ffn(15), _ffn(16))))
+    thread.start()
+    thread.join()
+    assert not set(other) & set(pointers)
+    widened = neuron_rows(_ffn(17, torch.float32), _ffn(18, torch.float32))  # a bias column, float32
+    assert torch.equal(widened[0], ffn_rows(_ffn(17, torch.float32), torch.float32))
