@@ -265,6 +265,9 @@ class _LayerWriter:
         refs = ffn_inputs(self.bound, self.layer.stack, spec) if inputs is None else inputs
         for ref in refs:  # a fused input (parts > 1) takes its projections back in order
             parts = [next(linears) for _ in range(ref.parts)]
+            if len(parts) == 1:  # nothing to join: no copy
+                self.linear(ref, parts[0])
+                continue
             biases = [p.bias for p in parts if p.bias is not None]
             self.linear(ref, Linear(torch.cat([p.weight for p in parts]), torch.cat(biases) if biases else None))
         self.put(spec.output.weight, ffn.output.weight, spec.output.layout)

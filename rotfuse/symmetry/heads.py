@@ -24,6 +24,8 @@ def pair_scores(src: Circuit, anchor: Circuit, rotate: bool, rotary_dim: int = 0
     groups, dh = src.left[0].shape[0], src.left[0].shape[2]
 
     def rows(block: torch.Tensor) -> torch.Tensor:  # [G*dh, H*n]: a group's heads side by side
+        if block.stride(-1) != 1:  # a transposed weight (o's columns): as a matrix first, torch's fast transpose
+            block = block.reshape(-1, block.shape[-1]).contiguous().view(block.shape)
         moved = block.new_empty((groups, dh, block.shape[1], block.shape[3]), dtype=torch.float32)
         return moved.copy_(block.permute(0, 2, 1, 3)).view(groups * dh, -1)  # converted and moved in one copy
 
