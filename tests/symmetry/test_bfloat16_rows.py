@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.rows import model_rows
 
 from rotfuse.symmetry import permutation
 from rotfuse.symmetry.permutation import (
@@ -20,12 +21,10 @@ from rotfuse.symmetry.weights import Ffn, Linear, ffn_rows
 
 
 def _bf16_rows(kind: str, n: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Source and anchor rows whose values are bfloat16 numbers (as a bf16 checkpoint's are)."""
-    g = torch.Generator().manual_seed(seed)
-    anchor = torch.randn(n, width, generator=g) / width**0.5
-    noise = torch.randn(n, width, generator=g) / width**0.5
-    shuffled = anchor[torch.randperm(n, generator=g)]
-    src = {"close": shuffled + 0.05 * noise, "related": shuffled + 0.5 * noise, "unrelated": noise}[kind]
+    """Rows whose values are bfloat16 numbers (as a bf16 checkpoint's are): a close fine-tune, a
+    far relative or an unrelated model."""
+    noise = {"close": 0.05, "related": 0.5, "unrelated": 0.0}[kind]
+    src, anchor = model_rows("unrelated" if kind == "unrelated" else "related", n, width, seed, noise)
     return src.bfloat16(), anchor.bfloat16()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers.rows import model_rows
 
 from rotfuse.symmetry import permutation
 from rotfuse.symmetry.permutation import (
@@ -18,17 +19,6 @@ from rotfuse.symmetry.permutation import (
     first_prefix,
     solve_permutation,
 )
-
-
-def _rows(kind: str, n: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    anchor = torch.randn(n, width, generator=g) / width**0.5
-    src = torch.randn(n, width, generator=g) / width**0.5
-    if kind == "related":
-        src = anchor[torch.randperm(n, generator=g)] + 0.7 * src
-    elif kind == "scaled":  # rows of very different norms: the bound is per entry
-        src = src * torch.logspace(-1, 1, n)[torch.randperm(n, generator=g), None]
-    return src, anchor
 
 
 def _exact(src: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
@@ -49,7 +39,7 @@ def _total(scores: torch.Tensor, perm: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("kind", ["unrelated", "related", "scaled"])
 def test_rounded_scores_bound_holds_on_every_entry(kind):
-    src, anchor = _rows(kind, 200, 300, 0)
+    src, anchor = model_rows(kind, 200, 300, 0)
     rounded = RoundedScores.of(src, anchor)
     scores, error = rounded.upper(slice(0, 200))
     gap = (scores.double() - src.double() @ anchor.double().T).abs()
@@ -61,7 +51,7 @@ def test_rounded_scores_bound_holds_on_every_entry(kind):
 @pytest.mark.parametrize("n", [2, 40, 300])
 def test_sparse_solve_on_rounded_scores_is_the_dense_optimum(kind, n):
     for seed in range(3):
-        src, anchor = _rows(kind, n, 64, seed)
+        src, anchor = model_rows(kind, n, 64, seed)
         perm = _certified_sparse(_RowScores(src, anchor, RoundedScores.of(src, anchor)), n, candidates=8)
         exact = _exact(src, anchor)
         assert perm is not None and sorted(perm.tolist()) == list(range(n))
@@ -69,7 +59,7 @@ def test_sparse_solve_on_rounded_scores_is_the_dense_optimum(kind, n):
 
 
 def test_sparse_solve_on_rounded_scores_recovers_a_scrambled_copy():
-    src, anchor = _rows("unrelated", 300, 64, 1)
+    src, anchor = model_rows("unrelated", 300, 64, 1)
     order = torch.randperm(300, generator=torch.Generator().manual_seed(2))
     perm = _certified_sparse(_RowScores(anchor[order], anchor, RoundedScores.of(anchor[order], anchor)), 300, 8)
     assert perm is not None and torch.equal(anchor[order][perm], anchor)
@@ -77,7 +67,7 @@ def test_sparse_solve_on_rounded_scores_recovers_a_scrambled_copy():
 
 def test_sparse_solve_on_rounded_scores_without_its_check_is_caught(monkeypatch):
     """Skipped, the dual check lets the optimum of one candidate per row through: worse than scipy's."""
-    src, anchor = _rows("unrelated", 300, 64, 0)
+    src, anchor = model_rows("unrelated", 300, 64, 0)
     exact, rounded = _exact(src, anchor), RoundedScores.of(src, anchor)
     assert _total(exact, _certified_sparse(_RowScores(src, anchor, rounded), 300, 8)) == _optimum(exact)
     monkeypatch.setattr(_RowScores, "violations", lambda *args: np.empty(0, dtype=np.int64))
@@ -95,7 +85,7 @@ def test_solve_permutation_takes_the_rounded_sparse_path_for_unrelated_rows(monk
     monkeypatch.setattr(permutation, "fast_bfloat16_gemm", lambda device: True)
     monkeypatch.setattr(permutation, "_certified_sparse", spy)
     n = permutation.SPARSE_MIN_SIZE
-    src, anchor = _rows("unrelated", n, 48, 3)
+    src, anchor = model_rows("unrelated", n, 48, 3)
     perm = solve_permutation(src, anchor)
     exact = _exact(src, anchor)
     assert calls == ["_RowScores"]
@@ -104,10 +94,10 @@ def test_solve_permutation_takes_the_rounded_sparse_path_for_unrelated_rows(monk
 
 def test_prefix_probe_tells_related_from_unrelated_rows():
     n = 5 * PROBE_ROWS
-    related, anchor = _rows("related", n, 256, 4)
+    related, anchor = model_rows("related", n, 256, 4)
     assert first_prefix(anchor[torch.randperm(n)], anchor) is not None
     assert first_prefix(related * 0 + anchor.flip(0), anchor) is not None
-    assert first_prefix(*_rows("unrelated", n, 256, 5)) is None
+    assert first_prefix(*model_rows("unrelated", n, 256, 5)) is None
 
 
 def _whole_float64_values(src: torch.Tensor, anchor: torch.Tensor, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -126,7 +116,7 @@ def test_exact_scores_in_small_blocks_are_bit_identical(monkeypatch):
     request touches: the same float32 bits as whole float64 copies, and the same permutation as
     with one block, on scores read in many tiles."""
     n, width = 300, 64
-    src, anchor = _rows("scaled", n, width, 6)
+    src, anchor = model_rows("scaled", n, width, 6)
     rounded = RoundedScores.of(src, anchor)
     g = np.random.default_rng(0)
     key = np.unique(g.integers(0, n * n, 20 * n))
@@ -156,7 +146,7 @@ def test_exact_scores_in_small_blocks_are_bit_identical(monkeypatch):
 def test_rounded_scores_in_row_blocks_keep_their_norms_and_bound(monkeypatch, kind):
     """Blocks of 37 rows (bfloat16 rows and float32 residuals of one block at a time): the norms are
     bit-identical to one block's, and the bound holds on every entry."""
-    src, anchor = _rows(kind, 200, 300, 7)
+    src, anchor = model_rows(kind, 200, 300, 7)
     whole = RoundedScores.of(src, anchor)
     monkeypatch.setattr(permutation, "ROW_BLOCK", 37)
     blocked = RoundedScores.of(src, anchor)
@@ -171,7 +161,7 @@ def test_far_relatives_start_at_a_wider_prefix_and_keep_the_exact_bests(bfloat16
     starts the passes where they do settle, and every best is the float64 argmax."""
     monkeypatch.setattr(permutation, "fast_bfloat16_gemm", lambda device: bfloat16)
     n = 5 * PROBE_ROWS
-    far, anchor = _rows("related", n, 1024, 6)
+    far, anchor = model_rows("related", n, 1024, 6)
     first = first_prefix(far, anchor)
     assert first is not None and first > 0
     best = bounded_row_bests(far, anchor, first)
@@ -233,7 +223,7 @@ def test_sparse_solve_certifies_on_exact_scores_of_its_matching(source_type):
             return super().violations(u, v, scale, most)
 
     for seed in range(3):
-        src, anchor = _rows("unrelated", n, 64, seed)
+        src, anchor = model_rows("unrelated", n, 64, seed)
         perm = _certified_sparse(Spy(src, anchor, RoundedScores.of(src, anchor)), n, 8)
         exact = _exact(src, anchor)
         assert perm is not None and _total(exact, perm) == _optimum(exact)
@@ -249,7 +239,7 @@ def test_sparse_solve_reads_its_matching_exactly_before_the_dual_check(monkeypat
     import scipy.sparse.csgraph
 
     n, k = 300, 8
-    src, anchor = _rows("unrelated", n, 256, 1)
+    src, anchor = model_rows("unrelated", n, 256, 1)
     events: list[tuple[str, np.ndarray]] = []
     solve = scipy.sparse.csgraph.min_weight_full_bipartite_matching
 
