@@ -100,8 +100,7 @@ _buffers = threading.local()  # per thread: the last rows `neuron_rows` built, b
 def _row_buffer(side: int, ffn: Ffn, dtype: torch.dtype) -> torch.Tensor:
     """This thread's buffer for one side's rows, reused while the shape, dtype and device match."""
     shape = ffn_rows_shape(ffn)
-    held: dict[int, torch.Tensor] = getattr(_buffers, "rows", None) or {}
-    _buffers.rows = held
+    held: dict[int, torch.Tensor] = _buffers.__dict__.setdefault("rows", {})
     buffer = held.get(side)
     device = ffn.output.weight.device
     if buffer is None or buffer.shape != shape or buffer.dtype != dtype or buffer.device != device:
