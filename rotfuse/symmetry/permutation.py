@@ -34,6 +34,7 @@ GIVE_UP_FROM = 8  # ... from 1/8 of the columns on (narrower ones cost little ne
 START_SETTLED = 1 / 2  # the passes start at the first prefix that settles this much of a sample
 ROW_BLOCK = 512  # rows per block of bounds: temporaries of a few MiB, not of the whole score matrix
 SCAN_BLOCK = 128  # rows per block of the bfloat16 scores' scans: a few passes over it stay in L2
+NORM_ELEMENTS = 2**18  # float32 entries per temporary of the norms of bfloat16 rows (1 MiB: in L2)
 BF16_UNIT = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 FP32_UNIT = 2.0**-24
 MAX_CANDIDATES = 4  # per row on average; more means near-ties everywhere (unrelated models)
@@ -111,12 +112,13 @@ def _row_buffer(side: int, ffn: Ffn, dtype: torch.dtype) -> torch.Tensor:
 
 def _norms(rows: torch.Tensor) -> torch.Tensor:
     """Row norms, summed in float32 whatever the rows' dtype (through float32 temporaries of
-    ROW_BLOCK rows: torch would convert the whole first)."""
+    NORM_ELEMENTS: torch would convert the whole first; small ones stay in cache)."""
     if rows.dtype == torch.float32:
         return torch.linalg.vector_norm(rows, dim=1)
     norms = rows.new_empty(len(rows), dtype=torch.float32)
-    for start in range(0, len(rows), ROW_BLOCK):
-        block = slice(start, start + ROW_BLOCK)
+    step = max(1, NORM_ELEMENTS // max(1, rows.shape[1]))
+    for start in range(0, len(rows), step):
+        block = slice(start, start + step)
         torch.linalg.vector_norm(rows[block].float(), dim=1, out=norms[block])
     return norms
 
@@ -206,17 +208,24 @@ class RoundedScores:
         up = _round_up(width)  # norms summed in float32: rounded up past their error
         anchor_hi = anchor.bfloat16()  # whole: every block of the GEMM reads it
         approx = src.new_empty(len(src), len(anchor), dtype=torch.bfloat16)
-        x_hi, x_lo, y_hi, y_lo, y = (
-            src.new_empty(len(rows), dtype=torch.float32) for rows in (src, src, anchor, anchor, anchor)
-        )
-        for start in range(0, max(len(src), len(anchor)), ROW_BLOCK):  # float32 temporaries of a block
-            block = slice(start, start + ROW_BLOCK)
-            if start < len(src):
-                src_hi = _residual_norms(src[block], x_hi[block], x_lo[block])
-                torch.mm(src_hi, anchor_hi.T, out=approx[block])
-            if start < len(anchor):
-                _residual_norms(anchor[block], y_hi[block], y_lo[block], anchor_hi[block])
-                torch.linalg.vector_norm(anchor[block].float(), dim=1, out=y[block])
+        if src.dtype == anchor.dtype == torch.bfloat16:  # nothing to round: no residual
+            x_hi, y_hi = _norms(src), _norms(anchor)
+            x_lo, y_lo, y = torch.zeros_like(x_hi), torch.zeros_like(y_hi), y_hi.clone()
+            for start in range(0, len(src), ROW_BLOCK):
+                block = slice(start, start + ROW_BLOCK)
+                torch.mm(src[block], anchor_hi.T, out=approx[block])
+        else:
+            x_hi, x_lo, y_hi, y_lo, y = (
+                src.new_empty(len(rows), dtype=torch.float32) for rows in (src, src, anchor, anchor, anchor)
+            )
+            for start in range(0, max(len(src), len(anchor)), ROW_BLOCK):  # float32 temporaries of a block
+                block = slice(start, start + ROW_BLOCK)
+                if start < len(src):
+                    src_hi = _residual_norms(src[block], x_hi[block], x_lo[block])
+                    torch.mm(src_hi, anchor_hi.T, out=approx[block])
+                if start < len(anchor):
+                    _residual_norms(anchor[block], y_hi[block], y_lo[block], anchor_hi[block])
+                    torch.linalg.vector_norm(anchor[block].float(), dim=1, out=y[block])
         x_hi, x_lo, y_hi, y_lo, y = (norm.mul_(up) for norm in (x_hi, x_lo, y_hi, y_lo, y))
         return cls(approx, torch.stack([x_hi, x_lo, x_hi], 1), torch.stack([y_lo, y, gamma * y_hi]))
 
