@@ -37,9 +37,11 @@ def _total(scores: torch.Tensor, perm: torch.Tensor) -> float:
     return float(scores.double()[perm, torch.arange(len(perm))].sum())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["unrelated", "related", "scaled"])
-def test_rounded_scores_bound_holds_on_every_entry(kind):
-    src, anchor = model_rows(kind, 200, 300, 0)
+def test_rounded_scores_bound_holds_on_every_entry(kind, dtype):
+    """From float32 rows and from bfloat16 rows (their own rounding: no residual to bound)."""
+    src, anchor = (rows.to(dtype) for rows in model_rows(kind, 200, 300, 0))
     rounded = RoundedScores.of(src, anchor)
     scores, error = rounded.upper(slice(0, 200))
     gap = (scores.double() - src.double() @ anchor.double().T).abs()
