@@ -18,3 +18,21 @@ def model_rows(kind: str, n: int, width: int, seed: int, noise: float = 0.7) -> 
     elif kind == "scaled":  # rows of very different norms: the bound is per entry
         src = src * torch.logspace(-1, 1, n)[torch.randperm(n, generator=g), None]
     return src, anchor
+
+
+def exact_scores(src: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """The matrix the assignment paths certify on: float64 scores rounded to float32."""
+    return (src.double() @ anchor.double().T).float()
+
+
+def optimum_total(scores: torch.Tensor) -> float:
+    """The largest total an assignment reaches on `scores` (scipy's dense Hungarian)."""
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(scores.numpy(), maximize=True)
+    return float(scores.double()[rows, cols].sum())
+
+
+def assignment_total(scores: torch.Tensor, perm: torch.Tensor) -> float:
+    """The total of `perm` (perm[j] = the row at column j) on `scores`."""
+    return float(scores.double()[perm, torch.arange(len(perm))].sum())

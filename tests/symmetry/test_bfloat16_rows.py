@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.rows import model_rows
+from helpers.rows import assignment_total, exact_scores, model_rows, optimum_total
 
 from rotfuse.symmetry import permutation
 from rotfuse.symmetry.permutation import (
@@ -28,18 +28,6 @@ def _bf16_rows(kind: str, n: int, width: int, seed: int) -> tuple[torch.Tensor, 
     return src.bfloat16(), anchor.bfloat16()
 
 
-def _optimum_total(src: torch.Tensor, anchor: torch.Tensor) -> float:
-    from scipy.optimize import linear_sum_assignment
-
-    exact = (src.double() @ anchor.double().T).float().double()
-    rows, cols = linear_sum_assignment(exact.numpy(), maximize=True)
-    return float(exact[rows, cols].sum())
-
-
-def _total(src: torch.Tensor, anchor: torch.Tensor, perm: torch.Tensor) -> float:
-    return float((src.double() @ anchor.double().T).float().double()[perm, torch.arange(len(perm))].sum())
-
-
 @pytest.fixture
 def fast_bfloat16(monkeypatch):
     """The bfloat16 paths whatever the CPU: their bounds hold for any bfloat16 GEMM accumulating in
@@ -55,7 +43,8 @@ def test_bfloat16_rows_give_the_optimum_of_their_float32_copies(kind, fast_bfloa
     src, anchor = _bf16_rows(kind, 1100, 192, seed=1)
     perm = solve_permutation(src, anchor)
     assert torch.equal(perm, solve_permutation(src.float(), anchor.float()))
-    assert _total(src, anchor, perm) == _optimum_total(src, anchor)
+    exact = exact_scores(src, anchor)
+    assert assignment_total(exact, perm) == optimum_total(exact)
 
 
 def test_bfloat16_rows_without_fast_bfloat16_are_solved_in_float32(monkeypatch):

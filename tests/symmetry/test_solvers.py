@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers.rows import assignment_total
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -344,11 +345,7 @@ def _dense_optimum(scores: torch.Tensor) -> tuple[np.ndarray, float]:
     rows, cols = linear_sum_assignment(scores.numpy(), maximize=True)
     perm = np.empty(len(cols), dtype=np.int64)
     perm[cols] = rows
-    return perm, float(scores.double()[torch.from_numpy(perm), torch.arange(len(perm))].sum())
-
-
-def _total(scores: torch.Tensor, perm: torch.Tensor) -> float:
-    return float(scores.double()[perm, torch.arange(len(perm))].sum())
+    return perm, assignment_total(scores, torch.from_numpy(perm))
 
 
 @pytest.mark.parametrize("kind", ["unrelated", "related", "near-ties", "low-rank"])
@@ -360,12 +357,12 @@ def test_certified_sparse_assignment_is_the_dense_optimum(kind, n):
         scores = _sparse_instance(kind, n, seed)
         perm = certified_sparse_assignment(scores, candidates=8)
         dense_perm, dense_total = _dense_optimum(scores)
-        assert _total(scores, best_assignment(scores)) == dense_total
+        assert assignment_total(scores, best_assignment(scores)) == dense_total
         if kind == "low-rank" and perm is None:
             continue  # a few columns best for every row: the rounds may run out (then the dense solve)
         assert perm is not None  # the certificate settles these (adding violated edges as needed)
         assert sorted(perm.tolist()) == list(range(n))
-        assert _total(scores, perm) == dense_total
+        assert assignment_total(scores, perm) == dense_total
         if kind in ("unrelated", "related"):
             assert perm.tolist() == dense_perm.tolist()
 
@@ -381,7 +378,7 @@ def test_best_assignment_takes_the_certified_sparse_path_from_its_minimum_size(m
 
     monkeypatch.setattr(permutation, "certified_sparse_assignment", spy)
     scores = _sparse_instance("unrelated", permutation.SPARSE_MIN_SIZE, 3)
-    assert _total(scores, best_assignment(scores)) == _dense_optimum(scores)[1]
+    assert assignment_total(scores, best_assignment(scores)) == _dense_optimum(scores)[1]
     assert len(calls) == 1 and calls[0] is not None
 
 
@@ -392,9 +389,9 @@ def test_certified_sparse_assignment_without_its_dense_check_is_caught(monkeypat
 
     scores = _sparse_instance("unrelated", 400, 0)
     _, dense_total = _dense_optimum(scores)
-    assert _total(scores, certified_sparse_assignment(scores, candidates=8)) == dense_total
+    assert assignment_total(scores, certified_sparse_assignment(scores, candidates=8)) == dense_total
     monkeypatch.setattr(permutation, "_dual_violations", lambda *args, **kwargs: np.empty(0, dtype=np.int64))
-    assert _total(scores, certified_sparse_assignment(scores, candidates=1)) < dense_total
+    assert assignment_total(scores, certified_sparse_assignment(scores, candidates=1)) < dense_total
 
 
 def test_certified_sparse_assignment_steps_aside():
@@ -409,7 +406,7 @@ def test_certified_sparse_assignment_steps_aside():
     tiny[0] = 1e-30 * torch.arange(100)  # a row of tiny scores: units too fine for int64 sums
     tiny[1, 5] = 1e30
     assert certified_sparse_assignment(tiny) is None
-    assert _total(tiny, best_assignment(tiny)) == _dense_optimum(tiny)[1]
+    assert assignment_total(tiny, best_assignment(tiny)) == _dense_optimum(tiny)[1]
 
 
 def test_permute_ffn_moves_rows_and_columns_together():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers.rows import model_rows
+from helpers.rows import assignment_total, exact_scores, model_rows, optimum_total
 
 from rotfuse.symmetry import permutation
 from rotfuse.symmetry.permutation import (
@@ -19,22 +19,6 @@ from rotfuse.symmetry.permutation import (
     first_prefix,
     solve_permutation,
 )
-
-
-def _exact(src: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-    """The matrix the row path certifies on: float64 scores rounded to float32."""
-    return (src.double() @ anchor.double().T).float()
-
-
-def _optimum(scores: torch.Tensor) -> float:
-    from scipy.optimize import linear_sum_assignment
-
-    rows, cols = linear_sum_assignment(scores.numpy(), maximize=True)
-    return float(scores.double()[rows, cols].sum())
-
-
-def _total(scores: torch.Tensor, perm: torch.Tensor) -> float:
-    return float(scores.double()[perm, torch.arange(len(perm))].sum())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -55,9 +39,9 @@ def test_sparse_solve_on_rounded_scores_is_the_dense_optimum(kind, n):
     for seed in range(3):
         src, anchor = model_rows(kind, n, 64, seed)
         perm = _certified_sparse(_RowScores(src, anchor, RoundedScores.of(src, anchor)), n, candidates=8)
-        exact = _exact(src, anchor)
+        exact = exact_scores(src, anchor)
         assert perm is not None and sorted(perm.tolist()) == list(range(n))
-        assert _total(exact, perm) == _optimum(exact)
+        assert assignment_total(exact, perm) == optimum_total(exact)
 
 
 def test_sparse_solve_on_rounded_scores_recovers_a_scrambled_copy():
@@ -70,10 +54,10 @@ def test_sparse_solve_on_rounded_scores_recovers_a_scrambled_copy():
 def test_sparse_solve_on_rounded_scores_without_its_check_is_caught(monkeypatch):
     """Skipped, the dual check lets the optimum of one candidate per row through: worse than scipy's."""
     src, anchor = model_rows("unrelated", 300, 64, 0)
-    exact, rounded = _exact(src, anchor), RoundedScores.of(src, anchor)
-    assert _total(exact, _certified_sparse(_RowScores(src, anchor, rounded), 300, 8)) == _optimum(exact)
+    exact, rounded = exact_scores(src, anchor), RoundedScores.of(src, anchor)
+    assert assignment_total(exact, _certified_sparse(_RowScores(src, anchor, rounded), 300, 8)) == optimum_total(exact)
     monkeypatch.setattr(_RowScores, "violations", lambda *args: np.empty(0, dtype=np.int64))
-    assert _total(exact, _certified_sparse(_RowScores(src, anchor, rounded), 300, 1)) < _optimum(exact)
+    assert assignment_total(exact, _certified_sparse(_RowScores(src, anchor, rounded), 300, 1)) < optimum_total(exact)
 
 
 def test_solve_permutation_takes_the_rounded_sparse_path_for_unrelated_rows(monkeypatch):
@@ -89,9 +73,9 @@ def test_solve_permutation_takes_the_rounded_sparse_path_for_unrelated_rows(monk
     n = permutation.SPARSE_MIN_SIZE
     src, anchor = model_rows("unrelated", n, 48, 3)
     perm = solve_permutation(src, anchor)
-    exact = _exact(src, anchor)
+    exact = exact_scores(src, anchor)
     assert calls == ["_RowScores"]
-    assert _total(exact, perm) == _optimum(exact)
+    assert assignment_total(exact, perm) == optimum_total(exact)
 
 
 def test_prefix_probe_tells_related_from_unrelated_rows():
@@ -140,8 +124,8 @@ def test_exact_scores_in_small_blocks_are_bit_identical(monkeypatch):
     perm = _certified_sparse(blocked, n, 8)
     assert blocked._exact is not None and blocked._exact.tile == 70
     assert perm is not None and perm_whole is not None and torch.equal(perm, perm_whole)
-    scores = _exact(src, anchor)
-    assert _total(scores, perm) == _optimum(scores)
+    scores = exact_scores(src, anchor)
+    assert assignment_total(scores, perm) == optimum_total(scores)
 
 
 @pytest.mark.parametrize("kind", ["unrelated", "scaled"])
@@ -167,7 +151,7 @@ def test_far_relatives_start_at_a_wider_prefix_and_keep_the_exact_bests(bfloat16
     first = first_prefix(far, anchor)
     assert first is not None and first > 0
     best = bounded_row_bests(far, anchor, first)
-    assert best is not None and torch.equal(best, _exact(far, anchor).argmax(dim=1))
+    assert best is not None and torch.equal(best, exact_scores(far, anchor).argmax(dim=1))
     assert torch.equal(solve_permutation(far, anchor), torch.argsort(best))
 
 
@@ -183,7 +167,7 @@ def test_close_fine_tunes_settle_on_a_prefix_narrower_than_an_eighth_with_the_ex
     first = first_prefix(src, anchor)
     assert first is not None and PREFIXES[first] > 8
     best = bounded_row_bests(src, anchor, first)
-    assert best is not None and torch.equal(best, _exact(src, anchor).argmax(dim=1))
+    assert best is not None and torch.equal(best, exact_scores(src, anchor).argmax(dim=1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -227,8 +211,8 @@ def test_sparse_solve_certifies_on_exact_scores_of_its_matching(source_type):
     for seed in range(3):
         src, anchor = model_rows("unrelated", n, 64, seed)
         perm = _certified_sparse(Spy(src, anchor, RoundedScores.of(src, anchor)), n, 8)
-        exact = _exact(src, anchor)
-        assert perm is not None and _total(exact, perm) == _optimum(exact)
+        exact = exact_scores(src, anchor)
+        assert perm is not None and assignment_total(exact, perm) == optimum_total(exact)
         u, v, scale = checked[-1]
         matched = np.ldexp(exact.numpy()[perm.numpy(), np.arange(n)].astype(np.float64), scale).astype(np.int64)
         assert np.array_equal(u[perm.numpy()] + v, matched)
