@@ -24,7 +24,7 @@ from rotfuse.symmetry.experts import (
     permute_experts,
     random_experts,
 )
-from rotfuse.symmetry.heads import pair_scores, permute_groups
+from rotfuse.symmetry.heads import ScoredCircuit, group_permutation, permute_groups
 from rotfuse.symmetry.linear import random_linear, solve_linear
 from rotfuse.symmetry.names import EXPERTS
 from rotfuse.symmetry.permutation import (
@@ -113,10 +113,9 @@ def _match_attention(
 
     perm = None
     if "heads.perm" in settings.symmetries and src.num_kv_heads > 1:
-        scores = sum(
-            pair_scores(s, a, f"{key}.rot" in settings.symmetries, rotary(key)) for key, (s, a) in circuits.items()
+        perm = group_permutation(
+            [ScoredCircuit(s, a, f"{key}.rot" in settings.symmetries, rotary(key)) for key, (s, a) in circuits.items()]
         )
-        perm = best_assignment(scores)  # type: ignore[arg-type]
         if torch.equal(perm, torch.arange(len(perm))):
             perm = None
 
@@ -178,8 +177,9 @@ def _match_ffn(src: Ffn, anchor: Ffn, settings: LayerSettings) -> tuple[Ffn, Mod
         return src, result
     if "ffn.perm" not in settings.symmetries:
         return src, result
-    perm = solve_permutation(*neuron_rows(src, anchor))
-    moved = permute_ffn(src, perm)
+    src_rows, anchor_rows = neuron_rows(src, anchor)
+    perm = solve_permutation(src_rows, anchor_rows)
+    moved = permute_ffn(src, perm, src_rows)
     after = sum(sq_distance(s, a) for s, a in _ffn_pairs(moved, anchor))
     result.applied = ["perm"]
     if after > before:

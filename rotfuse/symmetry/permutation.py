@@ -27,14 +27,16 @@ import torch
 
 from rotfuse.symmetry.weights import Ffn, Linear, ffn_rows, ffn_rows_shape
 
-PREFIXES = (32, 16, 8, 4, 2)  # bounded scores over the first 1/32, 1/16, ... 1/2 of the columns
+PREFIXES = (2, 4, 6, 8, 10, 12, 16, 24, 32)  # bounded scores over the first 2/64, 4/64, ... 32/64 of the columns
+PREFIX_UNIT = 64  # ... in these parts: fine steps from 1/8 on, where rows a step short pay for the next pass
 SLACK = 2.0**-12  # of |x| |y|: far above float32 GEMM rounding, far below a real margin
 MIN_SETTLED = 1 / 8  # a prefix that settles fewer of the open rows gives up on the bounds ...
-GIVE_UP_FROM = 8  # ... from 1/8 of the columns on (narrower ones cost little next to the next one)
+GIVE_UP_FROM = 8  # ... from 8/64 of the columns on (narrower ones cost little next to the next one)
 START_SETTLED = 1 / 2  # the passes start at the first prefix that settles this much of a sample
 ROW_BLOCK = 512  # rows per block of bounds: temporaries of a few MiB, not of the whole score matrix
 SCAN_BLOCK = 128  # rows per block of the bfloat16 scores' scans: a few passes over it stay in L2
 NORM_ELEMENTS = 2**18  # float32 entries per temporary of the norms of bfloat16 rows (1 MiB: in L2)
+DOT_ROWS = 64  # rows per block of row-wise inner products (their float32 copies: a few MiB)
 BF16_UNIT = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 FP32_UNIT = 2.0**-24
 MAX_CANDIDATES = 4  # per row on average; more means near-ties everywhere (unrelated models)
@@ -54,7 +56,7 @@ def solve_permutation(src_rows: torch.Tensor, anchor_rows: torch.Tensor) -> torc
     """`perm[j]` = the source row to place at anchor slot j, maximising the total inner product
     (of the rows in float32: bfloat16 rows are read as they are, see `working_rows`)."""
     src, anchor = working_rows(src_rows, anchor_rows)
-    bounds = _PrefixBounds(anchor, _norms(anchor)) if fast_bfloat16_gemm(src.device) else None
+    bounds = _PrefixBounds(anchor, row_norms(anchor)) if fast_bfloat16_gemm(src.device) else None
     first = first_prefix(src, anchor, bounds)
     best = None if first is None else bounded_row_bests(src, anchor, first, bounds)
     rounded = None
@@ -110,7 +112,7 @@ def _row_buffer(side: int, ffn: Ffn, dtype: torch.dtype) -> torch.Tensor:
     return buffer
 
 
-def _norms(rows: torch.Tensor) -> torch.Tensor:
+def row_norms(rows: torch.Tensor) -> torch.Tensor:
     """Row norms, summed in float32 whatever the rows' dtype (through float32 temporaries of
     NORM_ELEMENTS: torch would convert the whole first; small ones stay in cache)."""
     if rows.dtype == torch.float32:
@@ -124,8 +126,13 @@ def _norms(rows: torch.Tensor) -> torch.Tensor:
 
 
 def _dots32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Row-wise inner products, accumulated in float32 (each within w u32 |x| |y| of the exact one)."""
-    return (x.float()[:, None, :] @ y.float()[:, :, None]).flatten()
+    """Row-wise inner products, accumulated in float32 (each within w u32 |x| |y| of the exact one),
+    DOT_ROWS at a time: their float32 copies stay in cache (a batched matmul is twice as slow)."""
+    out = x.new_empty(len(x), dtype=torch.float32)
+    for start in range(0, len(x), DOT_ROWS):
+        block = slice(start, start + DOT_ROWS)
+        torch.linalg.vecdot(x[block].float(), y[block].float(), out=out[block])
+    return out
 
 
 def first_prefix(src: torch.Tensor, anchor: torch.Tensor, bounds: _PrefixBounds | None = None) -> int | None:
@@ -147,11 +154,11 @@ def first_prefix(src: torch.Tensor, anchor: torch.Tensor, bounds: _PrefixBounds 
     src, anchor = working_rows(src, anchor)
     sample = torch.linspace(0, n - 1, PROBE_ROWS).long().to(src.device)
     rows_src = src.index_select(0, sample)
-    sample_norm = _norms(rows_src)
-    anchor_norm = _norms(anchor) if bounds is None else bounds.anchor_norm
+    sample_norm = row_norms(rows_src)
+    anchor_norm = row_norms(anchor) if bounds is None else bounds.anchor_norm
 
     def probe(index: int) -> tuple[bool, torch.Tensor]:
-        upto = max(1, width // PREFIXES[index])
+        upto = _prefix_width(width, PREFIXES[index])
         if bounds is not None:
             settled, pick = bounds.settle(rows_src, sample_norm, upto)
         else:
@@ -164,11 +171,11 @@ def first_prefix(src: torch.Tensor, anchor: torch.Tensor, bounds: _PrefixBounds 
     cosine = _dots32(rows_src, anchor.index_select(0, pick)) / (sample_norm * anchor_norm[pick]).clamp_min(1e-30)
     needed = 1 - float(cosine.median())
     if settles:
-        while index > 0 and 1 / PREFIXES[index - 1] >= needed and probe(index - 1)[0]:
+        while index > 0 and PREFIXES[index - 1] / PREFIX_UNIT >= needed and probe(index - 1)[0]:
             index -= 1
         return index
-    wide_enough = [wider for wider in range(index + 1, len(PREFIXES)) if 1 / PREFIXES[wider] >= needed]
-    if not wide_enough and width // GIVE_UP_FROM < PROBE_COLUMNS:
+    wide_enough = [wider for wider in range(index + 1, len(PREFIXES)) if PREFIXES[wider] / PREFIX_UNIT >= needed]
+    if not wide_enough and _prefix_width(width, GIVE_UP_FROM) < PROBE_COLUMNS:
         wide_enough = [len(PREFIXES) - 1]  # the widest: a short prefix may not find the partners
     for wider in wide_enough:
         if probe(wider)[0]:
@@ -205,11 +212,11 @@ class RoundedScores:
         width = src.shape[1]
         gamma = 1.01 * width * FP32_UNIT
         assert gamma < 0.01, "rows too wide for the float32 accumulation bound"
-        up = _round_up(width)  # norms summed in float32: rounded up past their error
+        up = norm_round_up(width)  # norms summed in float32: rounded up past their error
         anchor_hi = anchor.bfloat16()  # whole: every block of the GEMM reads it
         approx = src.new_empty(len(src), len(anchor), dtype=torch.bfloat16)
         if src.dtype == anchor.dtype == torch.bfloat16:  # nothing to round: no residual
-            x_hi, y_hi = _norms(src), _norms(anchor)
+            x_hi, y_hi = row_norms(src), row_norms(anchor)
             x_lo, y_lo, y = torch.zeros_like(x_hi), torch.zeros_like(y_hi), y_hi.clone()
             for start in range(0, len(src), ROW_BLOCK):
                 block = slice(start, start + ROW_BLOCK)
@@ -280,7 +287,7 @@ def filtered_row_bests(
         return None
     src, anchor = working_rows(src, anchor)
     rounded = rounded or RoundedScores.of(src, anchor)
-    src_norm, anchor_norm = _norms(src), _norms(anchor)
+    src_norm, anchor_norm = row_norms(src), row_norms(anchor)
     best = torch.empty(n, dtype=torch.int64, device=src.device)
     taken = torch.zeros(n, dtype=torch.bool, device=src.device)  # the settled rows' bests
     open_rows, open_cols, open_pairs = [], [], 0
@@ -342,16 +349,16 @@ def bounded_row_bests(
     if n < 2 or anchor.shape[0] != n:
         return None  # nothing to gain
     src, anchor = working_rows(src, anchor)
-    src_norm = _norms(src)
-    anchor_norm = _norms(anchor) if bounds is None else bounds.anchor_norm  # the solve's, once
+    src_norm = row_norms(src)
+    anchor_norm = row_norms(anchor) if bounds is None else bounds.anchor_norm  # the solve's, once
     best = torch.empty(n, dtype=torch.int64, device=src.device)
     open_rows = torch.arange(n, device=src.device)
     if bounds is None and fast_bfloat16_gemm(src.device):
         bounds = _PrefixBounds(anchor, anchor_norm)
     scores: torch.Tensor | None = None  # float32: the open rows' scores over the first `done` columns
     done = 0
-    for divisor in PREFIXES[first:]:
-        upto = max(1, width // divisor)
+    for share in PREFIXES[first:]:
+        upto = _prefix_width(width, share)
         if upto <= done:
             continue
         rows_src = src if len(open_rows) == n else src.index_select(0, open_rows)
@@ -363,7 +370,7 @@ def bounded_row_bests(
             ok, pick = _prefix_pass(rows_src, anchor, open_rows, upto, scores, src_norm, anchor_norm)
             scores = scores[~ok]
         done = upto
-        if float(ok.float().mean()) < MIN_SETTLED and divisor <= GIVE_UP_FROM:
+        if float(ok.float().mean()) < MIN_SETTLED and share >= GIVE_UP_FROM:
             return None  # unrelated rows: the bounds will not settle them before the full GEMM
         best[open_rows[ok]] = pick[ok]
         open_rows = open_rows[~ok]
@@ -436,25 +443,36 @@ class _PrefixBounds:
         anchor_hi, right = self._side(upto)
         src_hi, src_hi_norm, src_lo_norm, src_pre_norm = _rounded_rows(src[:, :upto])
         src_rest = _rest_norm(src_norm, src_pre_norm, src.shape[1])
-        left = torch.stack([src_hi_norm, src_lo_norm, src_hi_norm, src_rest], 1)
+        left = torch.stack([src_hi_norm, src_lo_norm, src_hi_norm, src_rest, torch.ones_like(src_rest)], 1)
         for start in range(0, len(src), ROW_BLOCK):
             approx = src_hi[start : start + ROW_BLOCK] @ anchor_hi.T
             for scan in range(0, len(approx), SCAN_BLOCK):
                 block = slice(start + scan, start + scan + SCAN_BLOCK)
-                scores, error = RoundedScores(approx[scan : scan + SCAN_BLOCK], left[block], right).upper(slice(None))
-                yield block, scores.add_(error)
+                yield block, approx[scan : scan + SCAN_BLOCK].float().addmm_(left[block], right, alpha=_TERMS_UP)
 
     def _side(self, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The anchor's prefix in bfloat16 and its right factors (|y_lo|, |y|, gamma |y_hi|, |y_rest|)."""
+        """The anchor's prefix in bfloat16 and its right factors: |y_lo|, |y|, (gamma + u') |y_hi|,
+        |y_rest| and a floor for what underflowed (against the left's |x_hi|, |x_lo|, |x_hi|,
+        |x_rest| and 1). The result's rounding to bfloat16 is bounded by u' |x_hi| |y_hi| rather
+        than u' |approx| (`RoundedScores`): looser by a fraction of a percent of a prefix score's
+        range, and the whole bound is then one rank-5 update of the scores."""
         if upto not in self._sides:
             hi, hi_norm, lo_norm, pre_norm = _rounded_rows(self.anchor[:, :upto])
             gamma = 1.01 * upto * FP32_UNIT
+            rounding = gamma + _OUTPUT_ROUNDING * (1 + gamma)  # |approx| <= (1 + gamma) |x_hi| |y_hi|
             rest = _rest_norm(self.anchor_norm, pre_norm, self.anchor.shape[1])
-            self._sides[upto] = hi, torch.stack([lo_norm, pre_norm * _round_up(upto), gamma * hi_norm, rest])
+            pre = pre_norm * norm_round_up(upto)
+            floor = torch.full_like(rest, _SUBNORMAL)
+            self._sides[upto] = hi, torch.stack([lo_norm, pre, rounding * hi_norm, rest, floor])
         return self._sides[upto]
 
 
-def _round_up(width: int) -> float:
+def _prefix_width(width: int, share: int) -> int:
+    """The columns of the prefix `share` (in PREFIX_UNIT parts) of rows `width` wide."""
+    return max(1, width * share // PREFIX_UNIT)
+
+
+def norm_round_up(width: int) -> float:
     """The factor that rounds a float32 norm of `width` entries up past its error."""
     return 1 + 4 * width * FP32_UNIT + 2.0**-20
 
@@ -463,9 +481,9 @@ def _rounded_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     """`rows` in bfloat16 and the norms `RoundedScores` bounds with: of the bfloat16 rows and of
     their residual, each rounded up past its float32 error, and of the rows, as computed (for
     `_rest_norm`, which needs it from below). In blocks: no float32 copy of the whole."""
-    up = _round_up(rows.shape[1])
+    up = norm_round_up(rows.shape[1])
     if rows.dtype == torch.bfloat16:  # nothing to round: no residual
-        norm = _norms(rows)
+        norm = row_norms(rows)
         return rows.contiguous(), norm * up, torch.zeros_like(norm), norm
     hi = torch.empty(rows.shape, dtype=torch.bfloat16, device=rows.device)
     hi_norm, lo_norm = (rows.new_empty(len(rows), dtype=torch.float32) for _ in range(2))
@@ -473,7 +491,7 @@ def _rounded_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
         block = slice(start, start + ROW_BLOCK)
         hi[block] = rows[block]
         _residual_norms(rows[block], hi_norm[block], lo_norm[block], hi[block])
-    return hi, hi_norm.mul_(up), lo_norm.mul_(up), _norms(rows)
+    return hi, hi_norm.mul_(up), lo_norm.mul_(up), row_norms(rows)
 
 
 def _rest_norm(norm: torch.Tensor, prefix_norm: torch.Tensor, width: int) -> torch.Tensor:
@@ -521,6 +539,25 @@ def best_assignment(scores: torch.Tensor) -> torch.Tensor:
     perm = np.empty(len(cols), dtype=np.int64)
     perm[cols] = rows
     return torch.from_numpy(perm)
+
+
+def certified_assignment(approx: torch.Tensor, error: torch.Tensor) -> torch.Tensor | None:
+    """`best_assignment` of scores known only within `error` of `approx` (float64, square): the
+    assignment P of `approx` when no exact scores within the bounds can prefer another; else None.
+
+    For any assignment A, exact(P) - exact(A) = exact(P minus A) - exact(A minus P) >= W(P) - W(A),
+    W the scores moved against P (approx - error on P's entries, approx + error elsewhere) -- the
+    entries both share cancel. So P is optimal when it is W's optimum, which one more solve on W
+    checks (with a relative margin for the float64 sums)."""
+    perm = best_assignment(approx)
+    cols = torch.arange(len(perm))
+    worst = approx + error
+    worst[perm, cols] = approx[perm, cols] - error[perm, cols]
+    rival = best_assignment(worst)
+    if torch.equal(rival, perm):
+        return perm
+    gap = float(worst[perm, cols].sum() - worst[rival, cols].sum())
+    return perm if gap > 2.0**-40 * float(worst.abs().sum()) else None
 
 
 def certified_sparse_assignment(scores: torch.Tensor, candidates: int = SPARSE_CANDIDATES) -> torch.Tensor | None:
@@ -865,10 +902,16 @@ def _dual_violations(scores: torch.Tensor, u: np.ndarray, v: np.ndarray, scale: 
     return np.concatenate(found) if found else np.empty(0, dtype=np.int64)
 
 
-def permute_ffn(ffn: Ffn, perm: torch.Tensor) -> Ffn:
+def permute_ffn(ffn: Ffn, perm: torch.Tensor, rows: torch.Tensor | None = None) -> Ffn:
+    """`ffn` with neuron `perm[j]` moved to place j. `rows`, if given, are `ffn_rows(ffn)` in the
+    output weight's dtype: its columns are then gathered from their transposed copy there, as rows,
+    and transposed back (twice as fast as gathering columns)."""
     perm = perm.to(ffn.output.weight.device)
     inputs = [linear.map(lambda t: t.index_select(0, perm)) for linear in ffn.inputs]
-    return Ffn(inputs, Linear(ffn.output.weight.index_select(1, perm)))
+    down = ffn.output.weight
+    if rows is not None and rows.dtype == down.dtype and rows.shape == ffn_rows_shape(ffn):
+        return Ffn(inputs, Linear(rows[:, -down.shape[0] :].index_select(0, perm).T.contiguous()))
+    return Ffn(inputs, Linear(down.index_select(1, perm)))
 
 
 def random_permutation(n: int, generator: torch.Generator) -> torch.Tensor:

@@ -422,6 +422,25 @@ def test_permute_ffn_moves_rows_and_columns_together():
     assert torch.allclose(run(moved), run(ffn), atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_permute_ffn_from_the_neuron_rows_moves_the_same_values(dtype):
+    """The down projection's columns gathered from the rows' transposed copy: the same tensor as
+    gathered from the weight itself; rows of another dtype or shape are not used."""
+    ffn = random_layer(11, gated=True).ffn
+    ffn = Ffn([lin.map(lambda t: t.to(dtype)) for lin in ffn.inputs], Linear(ffn.output.weight.to(dtype)))
+    perm = torch.randperm(ffn.width, generator=torch.Generator().manual_seed(1))
+    plain = permute_ffn(ffn, perm)
+    for rows in (ffn_rows(ffn), ffn_rows(ffn, torch.float64), ffn_rows(ffn)[:, 1:]):
+        moved = permute_ffn(ffn, perm, rows)
+        assert moved.output.weight.is_contiguous()
+        for a, b in zip(ffn_tensors(moved), ffn_tensors(plain), strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def ffn_tensors(ffn: Ffn) -> list[torch.Tensor]:
+    return [t for lin in ffn.inputs for t in (lin.weight, lin.bias) if t is not None] + [ffn.output.weight]
+
+
 # ---------------------------------------------------------------------- monotonicity and identity
 
 

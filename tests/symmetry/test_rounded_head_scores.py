@@ -1,0 +1,184 @@
+"""Head-group pair scores from bfloat16 GEMMs (`rounded_pair_scores`) and the certificate that
+keeps their assignment only when it is the exact scores' optimum (`certified_assignment`)."""
+
+from __future__ import annotations
+
+from itertools import permutations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rotfuse.symmetry import heads
+from rotfuse.symmetry.heads import ScoredCircuit, group_permutation, pair_scores, permute_groups, rounded_pair_scores
+from rotfuse.symmetry.permutation import best_assignment, certified_assignment
+from rotfuse.symmetry.rotation import procrustes
+from rotfuse.symmetry.weights import Circuit
+
+GROUPS, HEADS, DH, N = 4, 2, 8, 48
+
+
+def exact_scores(src: Circuit, anchor: Circuit, rotate: bool, rotary_dim: int) -> torch.Tensor:
+    """The scores in float64 from the blocks as given: M_ij = sum over blocks and heads of
+    X[i, h] Y[j, h]^T, then the trace, the nuclear norm, or the RoPE-restricted Procrustes value."""
+    m = sum(
+        torch.einsum("ihan,jhbn->ijab", a.double(), b.double())
+        for a, b in zip(src.tensors(), anchor.tensors(), strict=True)
+    )
+    assert isinstance(m, torch.Tensor)
+    if not rotate:
+        return torch.diagonal(m, dim1=-2, dim2=-1).sum(-1)
+    if rotary_dim == 0:
+        return torch.linalg.svdvals(m).sum(-1)
+    flat = m.reshape(-1, DH, DH)
+    return (procrustes(flat, rotary_dim) * flat).sum((1, 2)).reshape(GROUPS, GROUPS)
+
+
+def stressed_blocks(kind: str, g: torch.Generator) -> torch.Tensor:
+    """`[G, H, dh, n]` blocks: rows with norms over four decades, heavy tails, entries all rounded
+    the same way (1 + 2^-9 rounds to 1: every product's rounding error has one sign), or bfloat16
+    values (nothing to round but the GEMM's own accumulation and result)."""
+    shape = (GROUPS, HEADS, DH, N)
+    if kind == "decades":
+        return torch.randn(shape, generator=g) * 10.0 ** (4 * torch.rand(GROUPS, HEADS, DH, 1, generator=g) - 2)
+    if kind == "heavy tails":
+        return torch.distributions.StudentT(1.5).sample(shape)
+    if kind == "aligned rounding":
+        return torch.full(shape, 1 + 2.0**-9) * torch.randint(1, 3, (GROUPS, 1, 1, 1), generator=g)
+    return torch.randn(shape, generator=g).bfloat16().float()
+
+
+def transposed(block: torch.Tensor) -> torch.Tensor:
+    """The same values as a transposed weight's view (o's columns), as packing gives them."""
+    return block.reshape(-1, block.shape[-1]).T.contiguous().T.view(block.shape)
+
+
+@pytest.mark.parametrize("kind", ["decades", "heavy tails", "aligned rounding", "bfloat16 values"])
+@pytest.mark.parametrize(
+    ("rotate", "rotary_dim"), [(False, 0), (True, 0), (True, 4)], ids=["trace", "nuclear", "rotary"]
+)
+def test_rounded_pair_scores_are_within_their_bound_of_every_exact_score(kind, rotate, rotary_dim):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    src = Circuit(stressed_blocks(kind, g), transposed(stressed_blocks(kind, g)))
+    anchor = Circuit(stressed_blocks(kind, g), transposed(stressed_blocks(kind, g)))
+    approx, error = rounded_pair_scores(src, anchor, rotate, rotary_dim)
+    exact = exact_scores(src, anchor, rotate, rotary_dim)
+    assert bool(((approx - exact).abs() <= error).all())
+    # and the bound is of the rounding's size (a few % of the norms' product), not vacuous
+    x_norm = torch.stack([b.double().pow(2).sum((1, 2, 3)) for b in src.tensors()]).sum(0).sqrt()
+    y_norm = torch.stack([b.double().pow(2).sum((1, 2, 3)) for b in anchor.tensors()]).sum(0).sqrt()
+    assert bool((error <= 0.1 * x_norm[:, None] * y_norm[None, :]).all())
+
+
+def test_rounded_pair_scores_bound_holds_where_the_rounding_reaches_most_of_it():
+    """Entries 1 + 2^-8, halfway between two bfloat16 values, all round down to 1: every product
+    loses the same 2u, and on 1 x 1 blocks (dh = 1, the trace) nothing averages out -- the error
+    is two thirds of the bound, so a bound without its 2u |x| |y| rounding term fails here."""
+    blocks = torch.full((2, 1, 1, 64), 1 + 2.0**-8)
+    src, anchor = Circuit(blocks, blocks.clone()), Circuit(blocks.clone(), blocks.clone())
+    approx, error = rounded_pair_scores(src, anchor, rotate=False)
+    exact = torch.full((2, 2), 2 * 64 * (1 + 2.0**-8) ** 2, dtype=torch.float64)
+    assert bool(((approx - exact).abs() <= error).all())
+    assert bool(((approx - exact).abs() >= 0.6 * error).all())
+
+
+def test_rounded_pair_scores_match_the_float32_scores_within_the_bound():
+    g = torch.Generator().manual_seed(2)
+    src = Circuit(torch.randn(GROUPS, HEADS, DH, N, generator=g), torch.randn(GROUPS, 1, DH, N, generator=g))
+    anchor = Circuit(torch.randn(GROUPS, HEADS, DH, N, generator=g), torch.randn(GROUPS, 1, DH, N, generator=g))
+    approx, error = rounded_pair_scores(src, anchor, True)
+    assert bool(((approx - pair_scores(src, anchor, True)).abs() <= error).all())
+
+
+def brute_force_proof(approx: torch.Tensor, error: torch.Tensor, perm: torch.Tensor) -> bool:
+    """Whether `perm` (perm[j] = row of column j) beats every assignment for every exact scores
+    within `error` of `approx`: for each rival A, the worst case moves P's entries down and A's up."""
+    n = len(perm)
+    chosen = {(int(perm[j]), j) for j in range(n)}
+    for rows in permutations(range(n)):
+        rival = {(rows[j], j) for j in range(n)}
+        mine = sum(float(approx[i, j] - error[i, j]) for i, j in chosen - rival)
+        theirs = sum(float(approx[i, j] + error[i, j]) for i, j in rival - chosen)
+        if mine < theirs:
+            return False
+    return True
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(2, 5),
+    seed=st.integers(0, 2**31 - 1),
+    spread=st.sampled_from([0.0, 0.01, 0.3, 3.0]),
+)
+def test_certified_assignment_keeps_an_assignment_only_when_the_bounds_prove_it(n, seed, spread):
+    """Sound (a kept assignment beats every rival in the worst case the bounds allow, checked over
+    all n! rivals) and no more timid than that worst case (None only when some rival could win)."""
+    g = torch.Generator().manual_seed(seed)
+    approx = torch.randn(n, n, generator=g, dtype=torch.float64)
+    error = spread * torch.rand(n, n, generator=g, dtype=torch.float64)
+    found = certified_assignment(approx, error)
+    best = best_assignment(approx)
+    if found is not None:
+        assert torch.equal(found, best) and brute_force_proof(approx, error, found)
+    else:
+        loosened = error * (1 - 1e-9)  # past the certificate's float margin
+        assert not brute_force_proof(approx, loosened, best)
+
+
+def test_certified_assignment_refuses_a_tie_and_keeps_a_clear_winner():
+    tie = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64) + torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    assert certified_assignment(tie, torch.full((2, 2), 1e-6, dtype=torch.float64)) is None
+    clear = torch.eye(3, dtype=torch.float64)[[2, 0, 1]]
+    # a rival moving k entries trades k ones for k zeros: proven while k (1 - e) > k e, e < 1/2
+    found = certified_assignment(clear, torch.full((3, 3), 0.45, dtype=torch.float64))
+    assert found is not None and torch.equal(found, best_assignment(clear))
+    assert certified_assignment(clear, torch.full((3, 3), 0.55, dtype=torch.float64)) is None
+
+
+def related_circuits(seed: int, noise: float, bfloat16_values: bool) -> tuple[Circuit, Circuit, torch.Tensor]:
+    """An anchor circuit and a scrambled relative: groups permuted, `noise` added."""
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(heads_per_group: int) -> torch.Tensor:
+        block = torch.randn(GROUPS, heads_per_group, DH, N, generator=g)
+        return block.bfloat16().float() if bfloat16_values else block
+
+    anchor = Circuit(draw(HEADS), draw(1))
+    perm = torch.randperm(GROUPS, generator=g)
+    shifted = Circuit(
+        tuple(b + noise * draw(b.shape[1]) for b in anchor.left), tuple(b + noise * draw(1) for b in anchor.right)
+    )
+    inverse = torch.argsort(perm)
+    return permute_groups(shifted, inverse), anchor, perm
+
+
+@pytest.mark.parametrize("bfloat16_values", [False, True], ids=["float32 values", "bfloat16 values"])
+def test_group_permutation_of_relatives_is_certified_from_bfloat16_scores(bfloat16_values, monkeypatch):
+    """Scrambled relatives: the rounded scores' assignment is proven and kept (no float32 GEMM), and
+    it is the float32 scores' assignment, which undoes the scramble."""
+    src, anchor, perm = related_circuits(3, 0.5, bfloat16_values)
+    circuits = [ScoredCircuit(src, anchor, True), ScoredCircuit(src, anchor, True, 4)]
+    expected = best_assignment(sum(pair_scores(src, anchor, True, r) for r in (0, 4)))  # type: ignore[arg-type]
+    assert torch.equal(expected, perm)
+
+    def float32_scores(*args: object) -> torch.Tensor:
+        raise AssertionError("the float32 scores were needed")
+
+    monkeypatch.setattr(heads, "fast_bfloat16_gemm", lambda device: True)
+    monkeypatch.setattr(heads, "pair_scores", float32_scores)
+    assert torch.equal(group_permutation(circuits), perm)
+
+
+def test_group_permutation_falls_back_to_float32_scores_on_near_ties(monkeypatch):
+    """Two identical anchor groups: every rounded score ties with another, nothing is proven, and
+    the float32 scores decide (as without bfloat16)."""
+    src, anchor, _ = related_circuits(4, 0.5, False)
+    anchor = Circuit(tuple(b[[0, 0, 2, 3]] for b in anchor.left), tuple(b[[0, 0, 2, 3]] for b in anchor.right))
+    circuits = [ScoredCircuit(src, anchor, True)]
+    calls = []
+    monkeypatch.setattr(heads, "fast_bfloat16_gemm", lambda device: True)
+    monkeypatch.setattr(heads, "pair_scores", lambda *args: calls.append(args) or pair_scores(*args))
+    found = group_permutation(circuits)
+    assert calls and torch.equal(found, best_assignment(pair_scores(src, anchor, True)))
