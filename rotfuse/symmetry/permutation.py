@@ -415,11 +415,12 @@ class _PrefixBounds:
     the anchor's rounded columns and norms are computed once and serve every pass over it.
 
     A row's bound on its full score against anchor row j is the rounded prefix score plus its
-    `RoundedScores` error bound plus |x_rest| |y_rest| (Cauchy-Schwarz), the last three in one
-    rank-4 update; the rest norms come from the full and prefix norms (rounded up past their
-    float32 error), so the rest of the columns is never read. A row is settled when its candidate's
-    full score, in float32 less its rounding bound, reaches every other bound: the candidate is
-    then the float64 argmax, as `filtered_row_bests` finds it."""
+    error bound (`RoundedScores`', the result's rounding bounded by the prefix norms: see `_side`)
+    plus |x_rest| |y_rest| (Cauchy-Schwarz), all added in one rank-5 update; the rest norms come
+    from the full and prefix norms (rounded up past their float32 error), so the rest of the
+    columns is never read. A row is settled when its candidate's full score, in float32 less its
+    rounding bound, reaches every other bound: the candidate is then the float64 argmax, as
+    `filtered_row_bests` finds it."""
 
     def __init__(self, anchor: torch.Tensor, anchor_norm: torch.Tensor) -> None:
         self.anchor, self.anchor_norm = anchor, anchor_norm
