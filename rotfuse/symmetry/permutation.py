@@ -440,16 +440,23 @@ class _PrefixBounds:
 
     def upper(self, src: torch.Tensor, src_norm: torch.Tensor, upto: int) -> Iterator[tuple[slice, torch.Tensor]]:
         """Per block of SCAN_BLOCK rows of `src`, an upper bound (float32) on every row's full score
-        against every anchor row, from the prefix [0, upto) of the columns."""
+        against every anchor row, from the prefix [0, upto) of the columns. Each block is written
+        into the same buffer: use it before taking the next."""
         anchor_hi, right = self._side(upto)
         src_hi, src_hi_norm, src_lo_norm, src_pre_norm = _rounded_rows(src[:, :upto])
         src_rest = _rest_norm(src_norm, src_pre_norm, src.shape[1])
         left = torch.stack([src_hi_norm, src_lo_norm, src_hi_norm, src_rest, torch.ones_like(src_rest)], 1)
+        # one GEMM block and one scan block, refilled: fresh ones would be new pages every time
+        approx_buffer = anchor_hi.new_empty(min(len(src), ROW_BLOCK), len(anchor_hi))
+        scan_buffer = anchor_hi.new_empty(min(len(src), SCAN_BLOCK), len(anchor_hi), dtype=torch.float32)
         for start in range(0, len(src), ROW_BLOCK):
-            approx = src_hi[start : start + ROW_BLOCK] @ anchor_hi.T
+            rows = src_hi[start : start + ROW_BLOCK]
+            approx = torch.mm(rows, anchor_hi.T, out=approx_buffer[: len(rows)])
             for scan in range(0, len(approx), SCAN_BLOCK):
                 block = slice(start + scan, start + scan + SCAN_BLOCK)
-                yield block, approx[scan : scan + SCAN_BLOCK].float().addmm_(left[block], right, alpha=_TERMS_UP)
+                part = approx[scan : scan + SCAN_BLOCK]
+                upper = scan_buffer[: len(part)].copy_(part)
+                yield block, upper.addmm_(left[block], right, alpha=_TERMS_UP)
 
     def _side(self, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The anchor's prefix in bfloat16 and its right factors: |y_lo|, |y|, (gamma + u') |y_hi|,
