@@ -144,10 +144,10 @@ def first_prefix(src: torch.Tensor, anchor: torch.Tensor, bounds: _PrefixBounds 
     are apart: a row whose best scores cos |x| |y| settles once the prefix holds about 1 - cos of
     the squared norms (the rest's bound is then below it). Where 1/8 settles the sample, narrower
     prefixes that wide are tried (close fine-tunes settle on 1/32); where it does not, the probe
-    goes on at the first wider prefix that wide -- far relatives at 1/4 or 1/2, unrelated rows
-    (cos ~ 0) nowhere (narrow rows, whose 1/8 may be too short to find the partners, at the
-    widest, to be sure). With
-    `bounds`, the probe runs on bfloat16 scores (and leaves the anchor's prefixes in them)."""
+    goes on at the first wider prefix that wide -- far relatives from 10/64 up to 1/2, unrelated
+    rows (cos ~ 0) nowhere (narrow rows, whose 1/8 may be too short to find the partners, at the
+    widest, to be sure). With `bounds`, the probe runs on bfloat16 scores (and leaves the anchor's
+    prefixes in them)."""
     n, width = src.shape
     if n <= 4 * PROBE_ROWS or anchor.shape[0] != n:
         return 0  # the passes themselves are cheap enough to be the probe
