@@ -19,7 +19,7 @@ import torch
 
 from rotfuse.symmetry.permutation import (
     BF16_UNIT,
-    FP32_UNIT,
+    accumulation_bound,
     best_assignment,
     certified_assignment,
     fast_bfloat16_gemm,
@@ -89,7 +89,7 @@ def rounded_pair_scores(
         product = (x @ y.T).double()
         m.add_(product)
         width = x.shape[1]
-        gamma = 1.01 * width * FP32_UNIT
+        gamma = accumulation_bound(width)
         x_norm, y_norm = (_group_norms(rows, groups, dh) for rows in (x, y))
         product_norm = product.reshape(groups, dh, groups, dh).square().sum((1, 3)).sqrt()
         block_error.add_((2 * BF16_UNIT + gamma) * x_norm[:, None] * y_norm[None, :])

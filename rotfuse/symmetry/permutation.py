@@ -210,7 +210,7 @@ class RoundedScores:
     @classmethod
     def of(cls, src: torch.Tensor, anchor: torch.Tensor) -> RoundedScores:
         width = src.shape[1]
-        gamma = 1.01 * width * FP32_UNIT
+        gamma = accumulation_bound(width)
         assert gamma < 0.01, "rows too wide for the float32 accumulation bound"
         up = norm_round_up(width)  # norms summed in float32: rounded up past their error
         anchor_hi = anchor.bfloat16()  # whole: every block of the GEMM reads it
@@ -466,7 +466,7 @@ class _PrefixBounds:
         range, and the whole bound is then one rank-5 update of the scores."""
         if upto not in self._sides:
             hi, hi_norm, lo_norm, pre_norm = _rounded_rows(self.anchor[:, :upto])
-            gamma = 1.01 * upto * FP32_UNIT
+            gamma = accumulation_bound(upto)
             rounding = gamma + _OUTPUT_ROUNDING * (1 + gamma)  # |approx| <= (1 + gamma) |x_hi| |y_hi|
             rest = _rest_norm(self.anchor_norm, pre_norm, self.anchor.shape[1])
             pre = pre_norm * norm_round_up(upto)
@@ -478,6 +478,12 @@ class _PrefixBounds:
 def _prefix_width(width: int, share: int) -> int:
     """The columns of the prefix `share` (in PREFIX_UNIT parts) of rows `width` wide."""
     return max(1, width * share // PREFIX_UNIT)
+
+
+def accumulation_bound(width: int) -> float:
+    """gamma_w, rounded up: a float32 sum of `width` terms is within gamma_w of the sum of their
+    magnitudes (w u32 / (1 - w u32) for any order of summation)."""
+    return 1.01 * width * FP32_UNIT
 
 
 def norm_round_up(width: int) -> float:
