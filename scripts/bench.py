@@ -58,6 +58,8 @@ from pathlib import Path
 
 import torch
 
+from rotfuse.symmetry.permutation import fast_bfloat16_gemm
+
 SIZES = {  # hidden, layers, heads, kv heads, ffn width, vocab
     "150m": dict(
         hidden_size=768,
@@ -539,7 +541,13 @@ def main() -> None:
         parser.error(f"unknown stage(s) {', '.join(sorted(stages - set(STAGES)))} (use {', '.join(STAGES)})")
     root = args.workdir or Path(tempfile.mkdtemp(prefix="rotfuse-bench-"))
     root.mkdir(parents=True, exist_ok=True)
-    machine = {"cpus": os.cpu_count(), "torch": torch.__version__, "cuda": torch.cuda.is_available()}
+    machine = {
+        "cpus": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # e.g. AVX2, AVX512
+        "bfloat16_gemm": fast_bfloat16_gemm(torch.device("cpu")),  # which FFN and head-score paths run
+        "torch": torch.__version__,
+        "cuda": torch.cuda.is_available(),
+    }
     print(f"benchmark in {root} on {machine}", file=sys.stderr)
     rows = startup_rows() if "startup" in stages else []
     for size in args.sizes.split(","):

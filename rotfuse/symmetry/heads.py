@@ -19,11 +19,14 @@ import torch
 
 from rotfuse.symmetry.permutation import (
     BF16_UNIT,
+    FP32_UNIT,
     accumulation_bound,
     best_assignment,
     certified_assignment,
     fast_bfloat16_gemm,
     norm_round_up,
+    optimal_against,
+    rest_norm,
     row_norms,
 )
 from rotfuse.symmetry.rotation import procrustes
@@ -48,7 +51,10 @@ def group_permutation(circuits: Sequence[ScoredCircuit]) -> torch.Tensor:
     Where the CPU multiplies bfloat16 fast, the scores come first from bfloat16 GEMMs with a bound
     on their error (`rounded_pair_scores`), and their assignment is kept when the bound proves it
     optimal for the exact scores (`certified_assignment`): related models, whose matched groups
-    score far above the rest. Otherwise -- unrelated models, near-ties -- from float32 GEMMs."""
+    score far above the rest. Elsewhere on the CPU, the assignment is first proven from float32
+    GEMMs over a prefix of the columns (`prefix_group_permutation`). Otherwise -- unrelated models,
+    near-ties -- from float32 GEMMs over every pair of groups."""
+    device = circuits[0].src.left[0].device
     if all(fast_bfloat16_gemm(c.src.left[0].device) for c in circuits):
         rounded = [rounded_pair_scores(c.src, c.anchor, c.rotate, c.rotary_dim) for c in circuits]
         approx = cast(torch.Tensor, sum(scores for scores, _ in rounded))
@@ -56,8 +62,120 @@ def group_permutation(circuits: Sequence[ScoredCircuit]) -> torch.Tensor:
         certified = certified_assignment(approx, error)
         if certified is not None:
             return certified
+    elif device.type == "cpu":
+        certified = prefix_group_permutation(circuits)
+        if certified is not None:
+            return certified
     scores = sum(pair_scores(c.src, c.anchor, c.rotate, c.rotary_dim) for c in circuits)
     return best_assignment(cast(torch.Tensor, scores))
+
+
+HEAD_PREFIXES = (8, 4, 2)  # `prefix_group_permutation` tries 1/8, 1/4 and 1/2 of every block's columns
+
+
+@dataclass
+class _BlockPair:
+    """One tensor of a circuit: source and anchor blocks `[G, H, dh, n]` and their rows' norms
+    over every column (float32, as computed)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    x_norm: torch.Tensor
+    y_norm: torch.Tensor
+    done: int = 0  # columns already in the prefix scores
+
+    @classmethod
+    def of(cls, x: torch.Tensor, y: torch.Tensor) -> _BlockPair:
+        return cls(x, y, _last_norms(x), _last_norms(y))
+
+    @property
+    def width(self) -> int:
+        return self.x.shape[-1]
+
+
+def prefix_group_permutation(circuits: Sequence[ScoredCircuit]) -> torch.Tensor | None:
+    """`group_permutation`'s assignment proven optimal from float32 GEMMs over a prefix of every
+    block's columns (1/8, else 1/4, else 1/2), or None.
+
+    A pair's score, max <R, M_ij> over the allowed R, is at most the nuclear norm of M_ij: at most
+    sqrt(dh) |M_ij|_F over the prefix plus |X_i|_F |Y_j|_F over the rest, per block (|A B^T|_* <=
+    |A|_F |B|_F), each float32 GEMM's rounding added (gamma_w |X|_F |Y|_F per block, with the
+    inputs' rounding to float32). The best assignment P on these upper bounds has its own pairs
+    scored over every column, less their rounding bound; P is optimal when it still is with the
+    upper bounds off P and the lower ones on it (`optimal_against`). Matched groups of related
+    models score about cos |X| |Y| against at most about (1 - share) |X| |Y| elsewhere: settled
+    on 1/8 or 1/4 of the GEMM plus P's G blocks; unrelated models give up after the first prefix."""
+    groups, dh = circuits[0].src.left[0].shape[0], circuits[0].src.left[0].shape[2]
+    pairs = [[_BlockPair.of(x, y) for x, y in zip(c.src.tensors(), c.anchor.tensors(), strict=True)] for c in circuits]
+    prefix = [torch.zeros(groups * dh, groups * dh, dtype=torch.float64) for _ in circuits]
+    whole = torch.zeros(groups, groups, dtype=torch.float64)  # |X_i| |Y_j| over every column, summed over blocks
+    for pair in (pair for circuit_pairs in pairs for pair in circuit_pairs):
+        whole.add_(torch.outer(_group_norms_of(pair.x_norm, pair.width), _group_norms_of(pair.y_norm, pair.width)))
+    lower: dict[tuple[int, int], float] = {}  # P's pairs, scored over every column (a lower bound)
+    cols = torch.arange(groups)
+    for step, share in enumerate(HEAD_PREFIXES):
+        upper = torch.zeros(groups, groups, dtype=torch.float64)
+        for circuit_pairs, scores in zip(pairs, prefix, strict=True):
+            upper.add_(_prefix_upper(circuit_pairs, scores, share, groups, dh))
+        upper.mul_(1 + 2.0**-30).add_(_FLOOR)  # the float64 sums and square roots
+        perm = best_assignment(upper)
+        for j in range(groups):
+            if (int(perm[j]), j) not in lower:
+                lower[int(perm[j]), j] = _exact_lower(circuits, pairs, int(perm[j]), j)
+        worst = upper.clone()
+        worst[perm, cols] = torch.tensor([lower[int(perm[j]), j] for j in range(groups)], dtype=torch.float64)
+        if optimal_against(perm, worst):
+            return perm
+        if step + 1 < len(HEAD_PREFIXES):  # try a wider prefix only if its rest could fall below P's scores
+            rest_share = 1 - 1 / HEAD_PREFIXES[step + 1]
+            rivals = whole.clone()
+            rivals[perm, cols] = 0
+            if bool((worst[perm, cols] <= rest_share * rivals.max(dim=0).values).any()):
+                return None
+    return None
+
+
+def _prefix_upper(pairs: list[_BlockPair], scores: torch.Tensor, share: int, groups: int, dh: int) -> torch.Tensor:
+    """Upper bounds `[G, G]` on one circuit's pair scores from the first 1/share of every block's
+    columns; `scores` (`[G*dh, G*dh]` float64) accumulates the prefix products across calls."""
+    bound = torch.zeros(groups, groups, dtype=torch.float64)
+    for pair in pairs:
+        width, heads = pair.width, pair.x.shape[1]
+        upto = max(1, width // share)
+        if upto > pair.done:
+            part = slice(pair.done, upto)
+            product = _rows(pair.x[..., part], torch.float32) @ _rows(pair.y[..., part], torch.float32).T
+            scores.add_(product.double())
+            pair.done = upto
+        x_pre, y_pre = _last_norms(pair.x[..., :upto]), _last_norms(pair.y[..., :upto])
+        x_rest = rest_norm(pair.x_norm.flatten(), x_pre.flatten(), width)
+        y_rest = rest_norm(pair.y_norm.flatten(), y_pre.flatten(), width)
+        rounding = accumulation_bound(heads * upto + 1) + 2 * FP32_UNIT
+        prefix_x, prefix_y = _group_norms_of(x_pre, upto), _group_norms_of(y_pre, upto)
+        bound.add_(torch.outer(prefix_x, prefix_y), alpha=rounding * dh**0.5)
+        bound.add_(torch.outer(_group_norms_of(x_rest, 0, groups), _group_norms_of(y_rest, 0, groups)))
+    frobenius = scores.reshape(groups, dh, groups, dh).square().sum((1, 3)).sqrt()
+    return bound.add_(frobenius.mul_(dh**0.5 * (1 + 2.0**-40)))
+
+
+def _exact_lower(circuits: Sequence[ScoredCircuit], pairs: list[list[_BlockPair]], i: int, j: int) -> float:
+    """A lower bound on the summed score of source group i and anchor group j: M_ij over every
+    column (each head's float32 product, summed in float64), less its rounding bound."""
+    total = 0.0
+    for circuit, circuit_pairs in zip(circuits, pairs, strict=True):
+        dh = circuit_pairs[0].x.shape[2]
+        block = torch.zeros(1, dh, dh, dtype=torch.float64)
+        error = 0.0
+        for pair in circuit_pairs:
+            x, y = pair.x[i].to(torch.float32), pair.y[j].to(torch.float32)
+            block[0].add_(torch.bmm(x, y.transpose(1, 2)).double().sum(0))
+            rounding = accumulation_bound(pair.width + 1) + 2 * FP32_UNIT
+            x_norm = float(_group_norms_of(pair.x_norm[i : i + 1], pair.width)[0])
+            y_norm = float(_group_norms_of(pair.y_norm[j : j + 1], pair.width)[0])
+            error += rounding * x_norm * y_norm
+        score = float(_block_scores(block, circuit.rotate, circuit.rotary_dim)[0])
+        total += score - error * dh**0.5 * (1 + 2.0**-20) - abs(score) * 2.0**-30 - _FLOOR
+    return total
 
 
 def pair_scores(src: Circuit, anchor: Circuit, rotate: bool, rotary_dim: int = 0) -> torch.Tensor:
@@ -113,24 +231,44 @@ def _rows(block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return moved.copy_(block.permute(0, 2, 1, 3)).view(groups * dh, -1)
 
 
+def _last_norms(block: torch.Tensor) -> torch.Tensor:
+    """Norms along the last dimension, summed in float32 or wider; a transposed block (o's
+    columns) squared first: torch's norm along a strided dimension is ten times slower."""
+    if block.dtype not in (torch.float32, torch.float64):
+        block = block.float()
+    if block.stride(-1) == 1:
+        return torch.linalg.vector_norm(block, dim=-1)
+    return torch.mul(block, block).sum(-1).sqrt_()
+
+
+def _group_norms_of(row_norm: torch.Tensor, width: int, groups: int | None = None) -> torch.Tensor:
+    """Each group's Frobenius norm (float64) from its rows' norms summed in float32 over `width`
+    columns (`[G, H, dh]`, or flat, group-major, with `groups`), rounded up past their error
+    (width 0: the norms are bounds already)."""
+    up = norm_round_up(width) if width else 1.0
+    norms = row_norm.double().reshape(groups if groups is not None else row_norm.shape[0], -1) * up
+    return norms.square().sum(1).sqrt().mul_(1 + 2.0**-40)
+
+
 def _group_norms(rows: torch.Tensor, groups: int, dh: int) -> torch.Tensor:
-    """Each group's Frobenius norm (float64) of bfloat16 `rows`, bounding from above both theirs
-    and that of the rows they were rounded from: row norms summed in float32 rounded up past their
-    error, over 1 - u."""
-    up = norm_round_up(rows.shape[1]) / (1 - BF16_UNIT)
-    norms = row_norms(rows).double() * up
-    return norms.reshape(groups, dh).square().sum(1).sqrt().mul_(1 + 2.0**-40)
+    """Each group's Frobenius norm (float64) of bfloat16 `rows` (`[G*dh, n]`), bounding from above
+    both theirs and that of the rows they were rounded from: `_group_norms_of`, over 1 - u."""
+    return _group_norms_of(row_norms(rows), rows.shape[1], groups).div_(1 - BF16_UNIT).mul_(1 + 2.0**-40)
 
 
 def _best_rotation_scores(m: torch.Tensor, groups: int, dh: int, rotate: bool, rotary_dim: int) -> torch.Tensor:
     """max over the allowed R of <R, M_ij> for every block pair of `m` (`[G*dh, G*dh]` float64)."""
-    m = m.reshape(groups, dh, groups, dh).permute(0, 2, 1, 3)  # [i, j, dh, dh]
+    blocks = m.reshape(groups, dh, groups, dh).permute(0, 2, 1, 3).reshape(groups * groups, dh, dh)
+    return _block_scores(blocks, rotate, rotary_dim).reshape(groups, groups)
+
+
+def _block_scores(blocks: torch.Tensor, rotate: bool, rotary_dim: int) -> torch.Tensor:
+    """max over the allowed R of <R, M> for every block M of `blocks` (`[k, dh, dh]` float64)."""
     if not rotate:
-        return torch.diagonal(m, dim1=-2, dim2=-1).sum(-1)
+        return torch.diagonal(blocks, dim1=-2, dim2=-1).sum(-1)
     if rotary_dim == 0:
-        return torch.linalg.svdvals(m).sum(-1)  # the maximum of <R, M> over O(dh) is the nuclear norm
-    flat = m.reshape(groups * groups, dh, dh)
-    return (procrustes(flat, rotary_dim) * flat).sum((1, 2)).reshape(groups, groups)
+        return torch.linalg.svdvals(blocks).sum(-1)  # the maximum of <R, M> over O(dh) is the nuclear norm
+    return (procrustes(blocks, rotary_dim) * blocks).sum((1, 2))
 
 
 def permute_groups(circuit: Circuit, perm: torch.Tensor) -> Circuit:

@@ -56,7 +56,7 @@ def solve_permutation(src_rows: torch.Tensor, anchor_rows: torch.Tensor) -> torc
     """`perm[j]` = the source row to place at anchor slot j, maximising the total inner product
     (of the rows in float32: bfloat16 rows are read as they are, see `working_rows`)."""
     src, anchor = working_rows(src_rows, anchor_rows)
-    bounds = _PrefixBounds(anchor, row_norms(anchor)) if fast_bfloat16_gemm(src.device) else None
+    bounds = _PrefixBounds(anchor, row_norms(anchor))
     first = first_prefix(src, anchor, bounds)
     best = None if first is None else bounded_row_bests(src, anchor, first, bounds)
     rounded = None
@@ -73,25 +73,26 @@ def solve_permutation(src_rows: torch.Tensor, anchor_rows: torch.Tensor) -> torc
 
 
 def working_rows(src: torch.Tensor, anchor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows a solve reads: bfloat16 rows as they are where the CPU multiplies bfloat16 fast
-    (their float32 copies hold the same values at twice the bytes; every GEMM, norm and dot product
-    of the solve still accumulates in float32 or wider), anything else in float32."""
-    if src.dtype == anchor.dtype == torch.bfloat16 and fast_bfloat16_gemm(src.device):
+    """The rows a solve reads: bfloat16 rows as they are on the CPU (their float32 copies hold the
+    same values at twice the bytes; every GEMM, norm and dot product of the solve still
+    accumulates in float32 or wider, and where the CPU does not multiply bfloat16 fast, each float32
+    GEMM takes float32 copies of the columns it reads), anything else in float32."""
+    if src.dtype == anchor.dtype == torch.bfloat16 and src.device.type == "cpu":
         return src, anchor
     return src.float(), anchor.float()
 
 
 def neuron_rows(src: Ffn, anchor: Ffn) -> tuple[torch.Tensor, torch.Tensor]:
     """Both FFNs' neuron rows (`ffn_rows`) for `solve_permutation`: in bfloat16 when every tensor is
-    bfloat16 and the CPU multiplies it fast (no rounding: the rows hold the stored values), else in
-    float32 -- built in the dtype the solve reads, never converted twice.
+    bfloat16 and on the CPU (no rounding: the rows hold the stored values), else in float32 --
+    built in the dtype the solve reads (`working_rows`), never converted twice.
 
     The rows are written into two buffers of the calling thread, which its next call overwrites:
     use them before calling again. (Fresh, such tensors are mapped anew by the allocator and every
     page is zeroed by the kernel before the rows are written: a tenth of a 1B match's CPU time.)"""
     tensors = [src.output.weight, anchor.output.weight]
     tensors += [t for ffn in (src, anchor) for lin in ffn.inputs for t in (lin.weight, lin.bias) if t is not None]
-    keep = all(t.dtype == torch.bfloat16 for t in tensors) and fast_bfloat16_gemm(tensors[0].device)
+    keep = all(t.dtype == torch.bfloat16 for t in tensors) and tensors[0].device.type == "cpu"
     dtype = torch.bfloat16 if keep else torch.float32
     src_rows = ffn_rows(src, dtype, out=_row_buffer(0, src, dtype))
     return src_rows, ffn_rows(anchor, dtype, out=_row_buffer(1, anchor, dtype))
@@ -146,8 +147,8 @@ def first_prefix(src: torch.Tensor, anchor: torch.Tensor, bounds: _PrefixBounds 
     prefixes that wide are tried (close fine-tunes settle on 1/32); where it does not, the probe
     goes on at the first wider prefix that wide -- far relatives from 10/64 up to 1/2, unrelated
     rows (cos ~ 0) nowhere (narrow rows, whose 1/8 may be too short to find the partners, at the
-    widest, to be sure). With `bounds`, the probe runs on bfloat16 scores (and leaves the anchor's
-    prefixes in them)."""
+    widest, to be sure). `bounds` (the solve's, else new ones) keeps what the probe computes of the
+    anchor's prefixes for the passes."""
     n, width = src.shape
     if n <= 4 * PROBE_ROWS or anchor.shape[0] != n:
         return 0  # the passes themselves are cheap enough to be the probe
@@ -155,15 +156,23 @@ def first_prefix(src: torch.Tensor, anchor: torch.Tensor, bounds: _PrefixBounds 
     sample = torch.linspace(0, n - 1, PROBE_ROWS).long().to(src.device)
     rows_src = src.index_select(0, sample)
     sample_norm = row_norms(rows_src)
-    anchor_norm = row_norms(anchor) if bounds is None else bounds.anchor_norm
+    if bounds is None:
+        bounds = _PrefixBounds(anchor, row_norms(anchor))
+    anchor_norm = bounds.anchor_norm
+    steps: dict[int, torch.Tensor] = {}  # float32: the sample's scores over each step between prefixes
 
     def probe(index: int) -> tuple[bool, torch.Tensor]:
         upto = _prefix_width(width, PREFIXES[index])
-        if bounds is not None:
+        if bounds.rounded:
             settled, pick = bounds.settle(rows_src, sample_norm, upto)
-        else:
-            scores = rows_src[:, :upto] @ anchor[:, :upto].T
-            settled, pick = _prefix_pass(rows_src, anchor, sample, upto, scores, None, anchor_norm)
+        else:  # each step's GEMM once, whichever prefixes the probe tries
+            for step in range(index + 1):
+                if step not in steps:
+                    start = _prefix_width(width, PREFIXES[step - 1]) if step else 0
+                    columns = slice(start, _prefix_width(width, PREFIXES[step]))
+                    steps[step] = rows_src[:, columns].float() @ anchor[:, columns].float().T
+            scores = torch.stack([steps[step] for step in range(index + 1)]).sum(0)
+            settled, pick = _prefix_pass(rows_src, anchor, upto, scores, sample_norm, bounds)
         return float(settled.float().mean()) >= START_SETTLED, pick
 
     index = PREFIXES.index(GIVE_UP_FROM)
@@ -350,11 +359,10 @@ def bounded_row_bests(
         return None  # nothing to gain
     src, anchor = working_rows(src, anchor)
     src_norm = row_norms(src)
-    anchor_norm = row_norms(anchor) if bounds is None else bounds.anchor_norm  # the solve's, once
+    if bounds is None:  # else the solve's, with what its probe computed
+        bounds = _PrefixBounds(anchor, row_norms(anchor))
     best = torch.empty(n, dtype=torch.int64, device=src.device)
     open_rows = torch.arange(n, device=src.device)
-    if bounds is None and fast_bfloat16_gemm(src.device):
-        bounds = _PrefixBounds(anchor, anchor_norm)
     scores: torch.Tensor | None = None  # float32: the open rows' scores over the first `done` columns
     done = 0
     for share in PREFIXES[first:]:
@@ -362,12 +370,12 @@ def bounded_row_bests(
         if upto <= done:
             continue
         rows_src = src if len(open_rows) == n else src.index_select(0, open_rows)
-        if bounds is not None:  # each pass from the first column: the open rows are few after the first
+        if bounds.rounded:  # each pass from the first column: the open rows are few after the first
             ok, pick = bounds.settle(rows_src, src_norm[open_rows], upto)
         else:
-            part = rows_src[:, done:upto] @ anchor[:, done:upto].T
+            part = rows_src[:, done:upto].float() @ anchor[:, done:upto].float().T
             scores = part if scores is None else scores.add_(part)
-            ok, pick = _prefix_pass(rows_src, anchor, open_rows, upto, scores, src_norm, anchor_norm)
+            ok, pick = _prefix_pass(rows_src, anchor, upto, scores, src_norm[open_rows], bounds)
             scores = scores[~ok]
         done = upto
         if float(ok.float().mean()) < MIN_SETTLED and share >= GIVE_UP_FROM:
@@ -384,35 +392,36 @@ def bounded_row_bests(
 def _prefix_pass(
     rows_src: torch.Tensor,
     anchor: torch.Tensor,
-    rows: torch.Tensor,
     upto: int,
     scores: torch.Tensor,
-    src_norm: torch.Tensor | None = None,
-    anchor_norm: torch.Tensor | None = None,
+    src_norm: torch.Tensor,
+    bounds: _PrefixBounds,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which of `rows` (source rows `rows_src`, their GEMM `scores` over the first `upto` columns)
-    the bounds settle, and each one's candidate best: see `bounded_row_bests`."""
-    src_norm = rows_src.norm(dim=1) if src_norm is None else src_norm[rows]
-    anchor_norm = anchor.norm(dim=1) if anchor_norm is None else anchor_norm
-    src_rest, anchor_rest = rows_src[:, upto:], anchor[:, upto:]
-    src_rest_norm, anchor_rest_norm = src_rest.norm(dim=1), anchor_rest.norm(dim=1)
-    bound = scores.new_empty(min(len(rows), ROW_BLOCK), anchor.shape[0])
+    """Which source rows `rows_src` (norms `src_norm`, float32 GEMM `scores` over the first `upto`
+    columns) the bounds settle, and each one's candidate best: see `bounded_row_bests`. Each
+    block's bound is one rank-2 update of its scores (the rest's norms, and SLACK), and the
+    candidate's score over the rest is read from its rest columns alone."""
+    left = torch.stack([row_norms(rows_src[:, upto:]), src_norm * SLACK], 1)
+    right = torch.stack([bounds.rest(upto), bounds.anchor_norm])
+    anchor_rest = anchor[:, upto:]
+    bound = scores.new_empty(min(len(rows_src), ROW_BLOCK), anchor.shape[0])
     settled, candidate = [], []
-    for start in range(0, len(rows), ROW_BLOCK):
+    for start in range(0, len(rows_src), ROW_BLOCK):
         block = slice(start, start + ROW_BLOCK)
-        upper = torch.addr(scores[block], src_rest_norm[block], anchor_rest_norm, out=bound[: len(scores[block])])
-        upper.addr_(src_norm[block], anchor_norm, alpha=SLACK)
+        upper = torch.addmm(scores[block], left[block], right, out=bound[: len(scores[block])])
         top, pick = upper.topk(2, dim=1)
         # over every column: this prefix's GEMM scores (their rounding is inside SLACK) plus the rest
-        exact = scores[block].gather(1, pick[:, :1])[:, 0] + (src_rest[block] * anchor_rest[pick[:, 0]]).sum(dim=1)
+        rest = _dots32(rows_src[block, upto:], anchor_rest.index_select(0, pick[:, 0]))
+        exact = scores[block].gather(1, pick[:, :1])[:, 0] + rest
         settled.append(exact >= top[:, 1])
         candidate.append(pick[:, 0])
     return torch.cat(settled), torch.cat(candidate)
 
 
 class _PrefixBounds:
-    """The bfloat16 passes of `bounded_row_bests` against one anchor (and its probe): per prefix,
-    the anchor's rounded columns and norms are computed once and serve every pass over it.
+    """The anchor's side of `bounded_row_bests`' passes (and its probe): per prefix, the anchor's
+    rounded columns and norms (bfloat16 passes) or its rest norms (float32 passes, `rest`) are
+    computed once and serve every pass over it.
 
     A row's bound on its full score against anchor row j is the rounded prefix score plus its
     error bound (`RoundedScores`', the result's rounding bounded by the prefix norms: see `_side`)
@@ -424,7 +433,15 @@ class _PrefixBounds:
 
     def __init__(self, anchor: torch.Tensor, anchor_norm: torch.Tensor) -> None:
         self.anchor, self.anchor_norm = anchor, anchor_norm
+        self.rounded = fast_bfloat16_gemm(anchor.device)  # else the float32 passes (`_prefix_pass`)
         self._sides: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rests: dict[int, torch.Tensor] = {}
+
+    def rest(self, upto: int) -> torch.Tensor:
+        """The norms of the anchor's rows past the prefix [0, upto) (float32, as computed)."""
+        if upto not in self._rests:
+            self._rests[upto] = row_norms(self.anchor[:, upto:])
+        return self._rests[upto]
 
     def settle(self, src: torch.Tensor, src_norm: torch.Tensor, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Which rows of `src` the prefix [0, upto) settles, and each row's candidate best."""
@@ -444,7 +461,7 @@ class _PrefixBounds:
         into the same buffer: use it before taking the next."""
         anchor_hi, right = self._side(upto)
         src_hi, src_hi_norm, src_lo_norm, src_pre_norm = _rounded_rows(src[:, :upto])
-        src_rest = _rest_norm(src_norm, src_pre_norm, src.shape[1])
+        src_rest = rest_norm(src_norm, src_pre_norm, src.shape[1])
         left = torch.stack([src_hi_norm, src_lo_norm, src_hi_norm, src_rest, torch.ones_like(src_rest)], 1)
         # one GEMM block and one scan block, refilled: fresh ones would be new pages every time
         approx_buffer = anchor_hi.new_empty(min(len(src), ROW_BLOCK), len(anchor_hi))
@@ -468,7 +485,7 @@ class _PrefixBounds:
             hi, hi_norm, lo_norm, pre_norm = _rounded_rows(self.anchor[:, :upto])
             gamma = accumulation_bound(upto)
             rounding = gamma + _OUTPUT_ROUNDING * (1 + gamma)  # |approx| <= (1 + gamma) |x_hi| |y_hi|
-            rest = _rest_norm(self.anchor_norm, pre_norm, self.anchor.shape[1])
+            rest = rest_norm(self.anchor_norm, pre_norm, self.anchor.shape[1])
             pre = pre_norm * norm_round_up(upto)
             floor = torch.full_like(rest, _SUBNORMAL)
             self._sides[upto] = hi, torch.stack([lo_norm, pre, rounding * hi_norm, rest, floor])
@@ -494,7 +511,7 @@ def norm_round_up(width: int) -> float:
 def _rounded_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`rows` in bfloat16 and the norms `RoundedScores` bounds with: of the bfloat16 rows and of
     their residual, each rounded up past its float32 error, and of the rows, as computed (for
-    `_rest_norm`, which needs it from below). In blocks: no float32 copy of the whole."""
+    `rest_norm`, which needs it from below). In blocks: no float32 copy of the whole."""
     up = norm_round_up(rows.shape[1])
     if rows.dtype == torch.bfloat16:  # nothing to round: no residual
         norm = row_norms(rows)
@@ -508,7 +525,7 @@ def _rounded_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return hi, hi_norm.mul_(up), lo_norm.mul_(up), row_norms(rows)
 
 
-def _rest_norm(norm: torch.Tensor, prefix_norm: torch.Tensor, width: int) -> torch.Tensor:
+def rest_norm(norm: torch.Tensor, prefix_norm: torch.Tensor, width: int) -> torch.Tensor:
     """An upper bound on the norm of the rows' columns after a prefix, from the float32 norms of
     the whole rows and of the prefix as computed (each within w u32 / 2 + u32 of the exact norm,
     whatever the order of its sum; 2 w u32 is allowed): sqrt(|x|^2 - |x_pre|^2) with |x| rounded
@@ -567,11 +584,19 @@ def certified_assignment(approx: torch.Tensor, error: torch.Tensor) -> torch.Ten
     cols = torch.arange(len(perm))
     worst = approx + error
     worst[perm, cols] = approx[perm, cols] - error[perm, cols]
+    return perm if optimal_against(perm, worst) else None
+
+
+def optimal_against(perm: torch.Tensor, worst: torch.Tensor) -> bool:
+    """Whether the assignment `perm` is an optimum of `worst` (float64, square): scores bounded
+    from below on perm's entries and from above elsewhere, so that it is then the optimum of every
+    exact score within those bounds (`certified_assignment`)."""
+    cols = torch.arange(len(perm))
     rival = best_assignment(worst)
     if torch.equal(rival, perm):
-        return perm
+        return True
     gap = float(worst[perm, cols].sum() - worst[rival, cols].sum())
-    return perm if gap > 2.0**-40 * float(worst.abs().sum()) else None
+    return gap > 2.0**-40 * float(worst.abs().sum())
 
 
 def certified_sparse_assignment(scores: torch.Tensor, candidates: int = SPARSE_CANDIDATES) -> torch.Tensor | None:

@@ -47,16 +47,22 @@ def test_bfloat16_rows_give_the_optimum_of_their_float32_copies(kind, fast_bfloa
     assert assignment_total(exact, perm) == optimum_total(exact)
 
 
-def test_bfloat16_rows_without_fast_bfloat16_are_solved_in_float32(monkeypatch):
+@pytest.mark.parametrize("kind", ["close", "related", "unrelated"])
+@pytest.mark.parametrize("n", [300, 1100], ids=["passes alone", "probe first"])
+def test_bfloat16_rows_without_fast_bfloat16_stay_as_they_are_and_solve_in_float32(kind, n, monkeypatch):
+    """No float32 copy of the rows: the float32 path's GEMMs take float32 copies of the columns they
+    read, its norms and dot products convert blocks; the optimum is the float32 copies' own."""
     monkeypatch.setattr(permutation, "fast_bfloat16_gemm", lambda device: False)
-    src, anchor = _bf16_rows("related", 300, 128, seed=2)
-    kept_src, kept_anchor = working_rows(src, anchor)
-    assert kept_src.dtype == kept_anchor.dtype == torch.float32
-    assert torch.equal(solve_permutation(src, anchor), best_assignment(src.float() @ anchor.float().T))
+    src, anchor = _bf16_rows(kind, n, 128, seed=2)
+    assert all(kept is given for kept, given in zip(working_rows(src, anchor), (src, anchor), strict=True))
+    perm = solve_permutation(src, anchor)
+    assert torch.equal(perm, solve_permutation(src.float(), anchor.float()))
+    assert torch.equal(perm, best_assignment(src.float() @ anchor.float().T))
 
 
 def test_working_rows_keep_bfloat16_rows_as_they_are(fast_bfloat16):
-    """No copy: the solve reads the rows it was given (half the bytes of float32 copies)."""
+    """No copy: the solve reads the rows it was given (half the bytes of float32 copies); rows of
+    two dtypes are read in float32."""
     src, anchor = _bf16_rows("related", 8, 16, seed=3)
     assert all(kept is given for kept, given in zip(working_rows(src, anchor), (src, anchor), strict=True))
     mixed = working_rows(src, anchor.float())
@@ -95,15 +101,21 @@ def test_neuron_rows_stay_bfloat16_only_when_every_tensor_is(fast_bfloat16):
     assert torch.equal(rows[0], ffn_rows(with_bias, torch.float32))
 
 
-def test_neuron_rows_are_float32_without_fast_bfloat16(monkeypatch):
+def test_neuron_rows_stay_bfloat16_without_fast_bfloat16_too(monkeypatch):
+    """The float32 path reads them as they are (`working_rows`): no float32 copy of the rows."""
     monkeypatch.setattr(permutation, "fast_bfloat16_gemm", lambda device: False)
-    assert all(r.dtype == torch.float32 for r in neuron_rows(_ffn(9), _ffn(10)))
+    src = _ffn(9)
+    rows = neuron_rows(src, _ffn(10))
+    assert all(r.dtype == torch.bfloat16 for r in rows)
+    assert torch.equal(rows[0].float(), ffn_rows(src, torch.float32))
 
 
-def test_bfloat16_rows_settle_near_ties_on_float32_dots(fast_bfloat16):
+@pytest.mark.parametrize("fast", [True, False], ids=["bfloat16 GEMMs", "float32 GEMMs"])
+def test_bfloat16_rows_settle_near_ties_on_float32_dots(fast, monkeypatch):
     """Anchor rows in pairs of equal norm whose scores differ by ~1e-3 |x| |y|: a candidate's whole
     score must be accumulated (and kept) in float32 -- rounded to bfloat16 it would pass for either
     member of its pair -- and the row best paths find the float64 argmax, as the sparse solve does."""
+    monkeypatch.setattr(permutation, "fast_bfloat16_gemm", lambda device: fast)
     g = torch.Generator().manual_seed(15)
     first = torch.randn(150, 256, generator=g, dtype=torch.float64)
     second = (

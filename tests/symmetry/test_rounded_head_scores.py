@@ -1,5 +1,7 @@
-"""Head-group pair scores from bfloat16 GEMMs (`rounded_pair_scores`) and the certificate that
-keeps their assignment only when it is the exact scores' optimum (`certified_assignment`)."""
+"""Head-group pair scores bounded rather than computed exactly -- from bfloat16 GEMMs
+(`rounded_pair_scores`), from float32 GEMMs over a prefix of the columns
+(`prefix_group_permutation`) -- and the certificates that keep their assignment only when it is
+the exact scores' optimum (`certified_assignment`, `optimal_against`)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rotfuse.symmetry import heads
-from rotfuse.symmetry.heads import ScoredCircuit, group_permutation, pair_scores, permute_groups, rounded_pair_scores
+from rotfuse.symmetry.heads import (
+    HEAD_PREFIXES,
+    ScoredCircuit,
+    group_permutation,
+    pair_scores,
+    permute_groups,
+    prefix_group_permutation,
+    rounded_pair_scores,
+)
 from rotfuse.symmetry.permutation import best_assignment, certified_assignment
 from rotfuse.symmetry.rotation import procrustes
 from rotfuse.symmetry.weights import Circuit
@@ -154,19 +164,29 @@ def related_circuits(seed: int, noise: float, bfloat16_values: bool) -> tuple[Ci
     return permute_groups(shifted, inverse), anchor, perm
 
 
-@pytest.mark.parametrize("bfloat16_values", [False, True], ids=["float32 values", "bfloat16 values"])
-def test_group_permutation_of_relatives_is_certified_from_bfloat16_scores(bfloat16_values, monkeypatch):
-    """Scrambled relatives: the rounded scores' assignment is proven and kept (no float32 GEMM), and
-    it is the float32 scores' assignment, which undoes the scramble."""
-    src, anchor, perm = related_circuits(3, 0.5, bfloat16_values)
-    circuits = [ScoredCircuit(src, anchor, True), ScoredCircuit(src, anchor, True, 4)]
-    expected = best_assignment(sum(pair_scores(src, anchor, True, r) for r in (0, 4)))  # type: ignore[arg-type]
-    assert torch.equal(expected, perm)
+RELATIVES = {  # how the scores are bounded: whether bfloat16 GEMMs are fast, and the relatives
+    "bfloat16 scores, float32 values": (True, lambda: related_circuits(3, 0.5, False)),
+    "bfloat16 scores, bfloat16 values": (True, lambda: related_circuits(3, 0.5, True)),
+    "float32 prefixes, close": (False, lambda: wide_relatives(6, 0.05)),
+    "float32 prefixes, far": (False, lambda: wide_relatives(6, 0.4)),
+}
+
+
+@pytest.mark.parametrize("case", list(RELATIVES))
+def test_group_permutation_of_relatives_is_certified_without_the_float32_pair_scores(case, monkeypatch):
+    """Scrambled relatives: the bounded scores' assignment is proven and kept (no float32 GEMM over
+    every pair of groups), and it is the float32 scores' assignment, which undoes the scramble --
+    from bfloat16 GEMMs where they are fast, else from float32 GEMMs over prefixes of the columns."""
+    fast, make = RELATIVES[case]
+    src, anchor, perm = make()
+    circuits = [ScoredCircuit(src, anchor, rotate, rotary) for rotate, rotary in ((True, 0), (True, 4), (False, 0))]
+    scores = sum(pair_scores(c.src, c.anchor, c.rotate, c.rotary_dim) for c in circuits)
+    assert torch.equal(best_assignment(scores), perm)  # type: ignore[arg-type]
 
     def float32_scores(*args: object) -> torch.Tensor:
-        raise AssertionError("the float32 scores were needed")
+        raise AssertionError("the float32 scores over every pair of groups were needed")
 
-    monkeypatch.setattr(heads, "fast_bfloat16_gemm", lambda device: True)
+    monkeypatch.setattr(heads, "fast_bfloat16_gemm", lambda device: fast)
     monkeypatch.setattr(heads, "pair_scores", float32_scores)
     assert torch.equal(group_permutation(circuits), perm)
 
@@ -182,3 +202,71 @@ def test_group_permutation_falls_back_to_float32_scores_on_near_ties(monkeypatch
     monkeypatch.setattr(heads, "pair_scores", lambda *args: calls.append(args) or pair_scores(*args))
     found = group_permutation(circuits)
     assert calls and torch.equal(found, best_assignment(pair_scores(src, anchor, True)))
+
+
+@pytest.mark.parametrize("share", HEAD_PREFIXES)
+@pytest.mark.parametrize("kind", ["decades", "heavy tails", "aligned rounding", "bfloat16 values"])
+@pytest.mark.parametrize(
+    ("rotate", "rotary_dim"), [(False, 0), (True, 0), (True, 4)], ids=["trace", "nuclear", "rotary"]
+)
+def test_prefix_bounds_hold_on_every_pair(kind, rotate, rotary_dim, share):
+    """The float32 prefix path's upper bounds are above every exact score, and its scores of a
+    pair over every column, less their rounding bound, below it -- and both within 10 % of the
+    norms' product of it (not vacuous)."""
+    g = torch.Generator().manual_seed(5)
+    src = Circuit(stressed_blocks(kind, g), transposed(stressed_blocks(kind, g)))
+    anchor = Circuit(stressed_blocks(kind, g), transposed(stressed_blocks(kind, g)))
+    circuits = [ScoredCircuit(src, anchor, rotate, rotary_dim)]
+    pairs = [[heads._BlockPair.of(x, y) for x, y in zip(src.tensors(), anchor.tensors(), strict=True)]]
+    prefix = torch.zeros(GROUPS * DH, GROUPS * DH, dtype=torch.float64)
+    upper = heads._prefix_upper(pairs[0], prefix, share, GROUPS, DH)
+    exact = exact_scores(src, anchor, rotate, rotary_dim)
+    lower = torch.tensor([[heads._exact_lower(circuits, pairs, i, j) for j in range(GROUPS)] for i in range(GROUPS)])
+    assert bool((upper >= exact).all()) and bool((lower.double() <= exact).all())
+    x_norm = torch.stack([b.double().pow(2).sum((1, 2, 3)) for b in src.tensors()]).sum(0).sqrt()
+    y_norm = torch.stack([b.double().pow(2).sum((1, 2, 3)) for b in anchor.tensors()]).sum(0).sqrt()
+    assert bool((exact - lower <= 0.1 * x_norm[:, None] * y_norm[None, :]).all())
+
+
+def wide_relatives(seed: int, noise: float, width: int = 512) -> tuple[Circuit, Circuit, torch.Tensor]:
+    """`related_circuits` with rows `width` wide: a prefix of them holds enough columns."""
+    g = torch.Generator().manual_seed(seed)
+    anchor = Circuit(torch.randn(GROUPS, HEADS, DH, width, generator=g), torch.randn(GROUPS, 1, DH, width, generator=g))
+    perm = torch.randperm(GROUPS, generator=g)
+    shifted = Circuit(
+        tuple(b + noise * torch.randn(b.shape, generator=g) for b in anchor.left),
+        tuple(transposed(b + noise * torch.randn(b.shape, generator=g)) for b in anchor.right),
+    )
+    return permute_groups(shifted, torch.argsort(perm)), anchor, perm
+
+
+def test_prefix_group_permutation_gives_up_at_once_on_unrelated_groups(monkeypatch):
+    g = torch.Generator().manual_seed(7)
+    src, anchor = (
+        Circuit(torch.randn(GROUPS, HEADS, DH, 512, generator=g), torch.randn(GROUPS, 1, DH, 512, generator=g))
+        for _ in range(2)
+    )
+    shares = []
+    prefix_upper = heads._prefix_upper
+    monkeypatch.setattr(heads, "_prefix_upper", lambda *args: shares.append(args[2]) or prefix_upper(*args))
+    assert prefix_group_permutation([ScoredCircuit(src, anchor, True)]) is None
+    assert shares == [HEAD_PREFIXES[0]]  # one circuit, the first prefix only
+
+
+def test_prefix_certificate_refuses_what_the_bounds_alone_would_pick(monkeypatch):
+    """Groups whose first half of the columns pairs them crosswise and whose second, larger half
+    pairs them straight: every prefix's bounds favour the crossed assignment, the exact scores the
+    straight one. The certificate refuses it (the float32 scores then decide: straight); without
+    the certificate the crossed one would be taken."""
+    g = torch.Generator().manual_seed(8)
+    half = 256
+    first, second = torch.randn(2, 1, DH, half, generator=g), 3 * torch.randn(2, 1, DH, half, generator=g)
+    anchor = Circuit(torch.cat([first, second], -1), torch.zeros(2, 1, DH, 2 * half))
+    src = Circuit(torch.cat([first[[1, 0]], second], -1), torch.zeros(2, 1, DH, 2 * half))
+    circuits = [ScoredCircuit(src, anchor, True)]
+    straight = torch.arange(2)
+    monkeypatch.setattr(heads, "fast_bfloat16_gemm", lambda device: False)
+    assert prefix_group_permutation(circuits) is None
+    assert torch.equal(group_permutation(circuits), straight)
+    monkeypatch.setattr(heads, "optimal_against", lambda perm, worst: True)
+    assert torch.equal(prefix_group_permutation(circuits), straight.flip(0))

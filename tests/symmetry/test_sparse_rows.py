@@ -170,6 +170,29 @@ def test_close_fine_tunes_settle_on_a_prefix_narrower_than_an_eighth_with_the_ex
     assert best is not None and torch.equal(best, exact_scores(src, anchor).argmax(dim=1))
 
 
+@pytest.mark.parametrize("noise", [0.05, 0.6], ids=["close: narrower probes", "far: wider probes"])
+def test_float32_probe_scores_each_prefix_it_tries_as_one_gemm_would(noise, monkeypatch):
+    """The float32 probe computes each step between prefixes once and sums the steps: every prefix
+    it tries sees the scores of that prefix's whole GEMM (up to float32 rounding)."""
+    monkeypatch.setattr(permutation, "fast_bfloat16_gemm", lambda device: False)
+    seen = []
+
+    def spy(rows_src, anchor, upto, scores, src_norm, bounds):
+        seen.append(upto)
+        direct = rows_src[:, :upto].double() @ anchor[:, :upto].double().T
+        scale = src_norm[:, None].double() * bounds.anchor_norm[None, :].double()
+        assert float(((scores.double() - direct).abs() / scale).max()) < 1e-5
+        return prefix_pass(rows_src, anchor, upto, scores, src_norm, bounds)
+
+    prefix_pass = permutation._prefix_pass
+    monkeypatch.setattr(permutation, "_prefix_pass", spy)
+    n, width = 5 * PROBE_ROWS, 1024
+    g = torch.Generator().manual_seed(21)
+    anchor = torch.randn(n, width, generator=g)
+    first = first_prefix(anchor + noise * torch.randn(n, width, generator=g), anchor)
+    assert first is not None and len(set(seen)) >= 2  # the probe tried more than one prefix
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("divisor", [32, 8, 2])
 def test_prefix_bounds_are_above_every_exact_score(divisor, dtype):
