@@ -75,18 +75,22 @@ HEAD_PREFIXES = (8, 4, 2)  # `prefix_group_permutation` tries 1/8, 1/4 and 1/2 o
 
 @dataclass
 class _BlockPair:
-    """One tensor of a circuit: source and anchor blocks `[G, H, dh, n]` and their rows' norms
-    over every column (float32, as computed)."""
+    """One tensor of a circuit: source and anchor blocks `[G, H, dh, n]`, their rows' norms over
+    every column (float32, as computed) and their groups' (float64, rounded up)."""
 
     x: torch.Tensor
     y: torch.Tensor
     x_norm: torch.Tensor
     y_norm: torch.Tensor
+    x_groups: torch.Tensor
+    y_groups: torch.Tensor
     done: int = 0  # columns already in the prefix scores
 
     @classmethod
     def of(cls, x: torch.Tensor, y: torch.Tensor) -> _BlockPair:
-        return cls(x, y, _last_norms(x), _last_norms(y))
+        x_norm, y_norm = _last_norms(x), _last_norms(y)
+        width = x.shape[-1]
+        return cls(x, y, x_norm, y_norm, _group_norms_of(x_norm, width), _group_norms_of(y_norm, width))
 
     @property
     def width(self) -> int:
@@ -110,7 +114,7 @@ def prefix_group_permutation(circuits: Sequence[ScoredCircuit]) -> torch.Tensor 
     prefix = [torch.zeros(groups * dh, groups * dh, dtype=torch.float64) for _ in circuits]
     whole = torch.zeros(groups, groups, dtype=torch.float64)  # |X_i| |Y_j| over every column, summed over blocks
     for pair in (pair for circuit_pairs in pairs for pair in circuit_pairs):
-        whole.add_(torch.outer(_group_norms_of(pair.x_norm, pair.width), _group_norms_of(pair.y_norm, pair.width)))
+        whole.add_(torch.outer(pair.x_groups, pair.y_groups))
     lower: dict[tuple[int, int], float] = {}  # P's pairs, scored over every column (a lower bound)
     cols = torch.arange(groups)
     for step, share in enumerate(HEAD_PREFIXES):
@@ -170,9 +174,7 @@ def _exact_lower(circuits: Sequence[ScoredCircuit], pairs: list[list[_BlockPair]
             x, y = pair.x[i].to(torch.float32), pair.y[j].to(torch.float32)
             block[0].add_(torch.bmm(x, y.transpose(1, 2)).double().sum(0))
             rounding = accumulation_bound(pair.width + 1) + 2 * FP32_UNIT
-            x_norm = float(_group_norms_of(pair.x_norm[i : i + 1], pair.width)[0])
-            y_norm = float(_group_norms_of(pair.y_norm[j : j + 1], pair.width)[0])
-            error += rounding * x_norm * y_norm
+            error += rounding * float(pair.x_groups[i]) * float(pair.y_groups[j])
         score = float(_block_scores(block, circuit.rotate, circuit.rotary_dim)[0])
         total += score - error * dh**0.5 * (1 + 2.0**-20) - abs(score) * 2.0**-30 - _FLOOR
     return total
@@ -208,7 +210,7 @@ def rounded_pair_scores(
         m.add_(product)
         width = x.shape[1]
         gamma = accumulation_bound(width)
-        x_norm, y_norm = (_group_norms(rows, groups, dh) for rows in (x, y))
+        x_norm, y_norm = (_group_norms(rows, groups) for rows in (x, y))
         product_norm = product.reshape(groups, dh, groups, dh).square().sum((1, 3)).sqrt()
         block_error.add_((2 * BF16_UNIT + gamma) * x_norm[:, None] * y_norm[None, :])
         block_error.add_(product_norm, alpha=BF16_UNIT / (1 - BF16_UNIT))
@@ -250,7 +252,7 @@ def _group_norms_of(row_norm: torch.Tensor, width: int, groups: int | None = Non
     return norms.square().sum(1).sqrt().mul_(1 + 2.0**-40)
 
 
-def _group_norms(rows: torch.Tensor, groups: int, dh: int) -> torch.Tensor:
+def _group_norms(rows: torch.Tensor, groups: int) -> torch.Tensor:
     """Each group's Frobenius norm (float64) of bfloat16 `rows` (`[G*dh, n]`), bounding from above
     both theirs and that of the rows they were rounded from: `_group_norms_of`, over 1 - u."""
     return _group_norms_of(row_norms(rows), rows.shape[1], groups).div_(1 - BF16_UNIT).mul_(1 + 2.0**-40)
