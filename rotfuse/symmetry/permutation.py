@@ -98,18 +98,24 @@ def neuron_rows(src: Ffn, anchor: Ffn) -> tuple[torch.Tensor, torch.Tensor]:
     return src_rows, ffn_rows(anchor, dtype, out=_row_buffer(1, anchor, dtype))
 
 
-_buffers = threading.local()  # per thread: the last rows `neuron_rows` built, by side (source, anchor)
+_buffers = threading.local()  # per thread: the buffers `_scratch` keeps, by name
 
 
 def _row_buffer(side: int, ffn: Ffn, dtype: torch.dtype) -> torch.Tensor:
-    """This thread's buffer for one side's rows, reused while the shape, dtype and device match."""
-    shape = ffn_rows_shape(ffn)
-    held: dict[int, torch.Tensor] = _buffers.__dict__.setdefault("rows", {})
-    buffer = held.get(side)
-    device = ffn.output.weight.device
+    """This thread's buffer for one side's rows (0: source, 1: anchor)."""
+    return _scratch(f"rows{side}", ffn_rows_shape(ffn), dtype, ffn.output.weight.device)
+
+
+def _scratch(name: str, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """This thread's buffer `name`, kept while its shape, dtype and device match: a solve per layer
+    writes into pages already mapped (fresh, every page of a large tensor is zeroed by the kernel
+    first, and with two threads faulting at once that costs far more than the writing). Use it
+    before asking for it again."""
+    held: dict[str, torch.Tensor] = _buffers.__dict__.setdefault("held", {})
+    buffer = held.get(name)
     if buffer is None or buffer.shape != shape or buffer.dtype != dtype or buffer.device != device:
-        held.pop(side, None)  # freed before the next is allocated
-        buffer = held[side] = torch.empty(shape, dtype=dtype, device=device)
+        held.pop(name, None)  # freed before the next is allocated
+        buffer = held[name] = torch.empty(shape, dtype=dtype, device=device)
     return buffer
 
 
@@ -373,8 +379,12 @@ def bounded_row_bests(
         if bounds.rounded:  # each pass from the first column: the open rows are few after the first
             ok, pick = bounds.settle(rows_src, src_norm[open_rows], upto)
         else:
-            part = rows_src[:, done:upto].float() @ anchor[:, done:upto].float().T
-            scores = part if scores is None else scores.add_(part)
+            left, right = rows_src[:, done:upto].float(), anchor[:, done:upto].float().T
+            if scores is None:  # into this thread's buffer: a fresh one is new pages every time
+                shape = (len(left), right.shape[1])
+                scores = torch.mm(left, right, out=_scratch("scores", shape, left.dtype, left.device))
+            else:
+                scores.add_(left @ right)
             ok, pick = _prefix_pass(rows_src, anchor, upto, scores, src_norm[open_rows], bounds)
             scores = scores[~ok]
         done = upto

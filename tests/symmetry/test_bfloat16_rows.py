@@ -153,3 +153,33 @@ def test_neuron_rows_reuse_this_threads_buffers_and_hold_the_new_rows(fast_bfloa
     assert not set(other) & set(pointers)
     widened = neuron_rows(_ffn(17, torch.float32), _ffn(18, torch.float32))  # a bias column, float32
     assert torch.equal(widened[0], ffn_rows(_ffn(17, torch.float32), torch.float32))
+
+
+def test_float32_passes_score_into_this_threads_buffer(monkeypatch):
+    """The first float32 pass writes its n x n scores into the thread's buffer (the same pages solve
+    after solve, no fresh ones to zero); threads solving at once each have their own and each finds
+    its own optimum."""
+    import threading
+
+    monkeypatch.setattr(permutation, "fast_bfloat16_gemm", lambda device: False)
+    pairs = [_bf16_rows("close", 1100, 128, seed=3), _bf16_rows("related", 1100, 128, seed=4)]
+    expected = [best_assignment(src.float() @ anchor.float().T) for src, anchor in pairs]
+    assert torch.equal(solve_permutation(*pairs[0]), expected[0])
+    pointer = permutation._buffers.held["scores"].data_ptr()
+    assert torch.equal(solve_permutation(*pairs[1]), expected[1])
+    assert permutation._buffers.held["scores"].data_ptr() == pointer
+    found: dict[int, torch.Tensor] = {}
+    alive = threading.Barrier(4)  # every thread's buffer held until all have looked
+
+    def solve(index: int) -> None:
+        found[index] = solve_permutation(*pairs[index % 2])
+        found[index + 4] = torch.tensor(permutation._buffers.held["scores"].data_ptr())
+        alive.wait()
+
+    threads = [threading.Thread(target=solve, args=(index,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(torch.equal(found[index], expected[index % 2]) for index in range(4))
+    assert len({int(found[index + 4]) for index in range(4)} | {pointer}) == 5
