@@ -58,7 +58,7 @@ from pathlib import Path
 
 import torch
 
-from rotfuse.symmetry.permutation import fast_bfloat16_gemm
+from rotfuse.symmetry.permutation import fast_bfloat16_gemm, prefix_gemm
 
 SIZES = {  # hidden, layers, heads, kv heads, ffn width, vocab
     "150m": dict(
@@ -545,6 +545,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # e.g. AVX2, AVX512
         "bfloat16_gemm": fast_bfloat16_gemm(torch.device("cpu")),  # which FFN and head-score paths run
+        "prefix_gemm": prefix_gemm(torch.device("cpu")),  # the FFN prefix passes' first GEMM
         "torch": torch.__version__,
         "cuda": torch.cuda.is_available(),
     }

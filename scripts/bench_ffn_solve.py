@@ -41,6 +41,7 @@ from rotfuse.symmetry.permutation import (
     fast_bfloat16_gemm,
     filtered_row_bests,
     first_prefix,
+    int8_gemm_available,
     solve_permutation,
 )
 
@@ -126,6 +127,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=6144)
     parser.add_argument("--repeat", type=int, default=2, help="solves per case and worker; the mean counts")
     parser.add_argument("--peak-rss", action="store_true", help="also the peak memory per path (processes)")
+    parser.add_argument("--cases", default="fine-tune,far,unrelated", help="which row pairs (comma-separated)")
     parser.add_argument("--workers", type=int, default=WORKERS, help="solves at once, one thread each")
     parser.add_argument("--peak-child", choices=list(PEAK_PATHS), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -142,10 +144,13 @@ def main() -> None:
         return src[torch.randperm(args.neurons, generator=g)]
 
     cases = {"fine-tune (+5 %)": 0.05, "far relative (+50 %)": 0.5, "unrelated": None}
+    chosen = args.cases.split(",")
+    cases = {name: noise for name, noise in cases.items() if name.split()[0] in chosen}
     gemm = per_solve_seconds(lambda src, a: src @ a.T, [relative(0.05)] * (workers * args.repeat), anchor, workers)
     print(
         f"{args.neurons} neurons x {args.width}, {workers} worker threads, bf16 filter: "
-        f"{'on' if fast_bfloat16_gemm(anchor.device) else 'off (no AMX / AVX512-BF16)'}"
+        f"{'on' if fast_bfloat16_gemm(anchor.device) else 'off (no AMX / AVX512-BF16)'}, "
+        f"prefix passes' GEMM: {permutation.prefix_gemm(anchor.device)}"
     )
     print("| case | path | s per solve | x float32 GEMM |\n|---|---|---:|---:|")
     print(f"| - | float32 score GEMM alone (baseline) | {gemm:.2f} | 1.00 |")
@@ -197,6 +202,19 @@ def main() -> None:
             print(f"| {name}, issue 18's start | {path_then} | {start:.2f} | {start / gemm:.2f} |")
             print(f"{name}: Hungarian / this path = {old / min(first, seconds):.2f}")
             print(f"{name}: issue 18's start / this path = {start / min(first, seconds):.2f} (target 3)")
+        if path == "prefix bounds" and permutation.prefix_gemm(anchor.device) == "int8":
+            stored_rows = [s.bfloat16() for s in sources]  # as `match` solves a bf16 checkpoint's rows
+            permutation.int8_gemm_available = lambda: False  # the first pass's GEMM in float32, as before
+            try:
+                float32 = per_solve_seconds(solve_permutation, sources, anchor, workers)
+                stored = per_solve_seconds(solve_permutation, stored_rows, anchor.bfloat16(), workers)
+            finally:
+                permutation.int8_gemm_available = int8_gemm_available
+            int8_stored = per_solve_seconds(solve_permutation, stored_rows, anchor.bfloat16(), workers)
+            print(f"| {name} | the same, first pass float32 (no int8) | {float32:.2f} | {float32 / gemm:.2f} |")
+            print(f"| {name}, rows in bfloat16 | int8 first pass | {int8_stored:.2f} | {int8_stored / gemm:.2f} |")
+            print(f"| {name}, rows in bfloat16 | float32 first pass | {stored:.2f} | {stored / gemm:.2f} |")
+            print(f"{name}: float32 / int8 first pass = {float32 / seconds:.2f} (bf16 rows {stored / int8_stored:.2f})")
         if path == "bfloat16 filter":
             permutation.fast_bfloat16_gemm = lambda device: False  # solve_permutation looks it up per call
             try:

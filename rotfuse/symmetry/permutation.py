@@ -8,10 +8,12 @@ float32 GEMM: for related models from bounds on a prefix of the columns (`bounde
 a probe picks the prefix to start from), and, where those do not settle, from the whole GEMM's
 scores with a rigorous error bound (`filtered_row_bests`). Where the CPU multiplies bfloat16
 several times faster than float32, both take their scores from a bfloat16 GEMM and bound its
-rounding (`RoundedScores`). The bounds come first: they are cheaper when they settle. Rows whose
-bests collide (unrelated models) are solved on a sparse candidate graph, proven optimal on every
-entry by LP duality (`certified_sparse_assignment`); from the bfloat16 GEMM, the graph holds its
-estimates, and only the entries that can decide the matching are read exactly (`_RowScores`).
+rounding (`RoundedScores`); where it does not but torch has fbgemm (x86), the first prefix pass
+bounds its scores with an int8 GEMM (`integer_scores`), twice float32's speed. The bounds come
+first: they are cheaper when they settle. Rows whose bests collide (unrelated models) are solved
+on a sparse candidate graph, proven optimal on every entry by LP duality
+(`certified_sparse_assignment`); from the bfloat16 GEMM, the graph holds its estimates, and only
+the entries that can decide the matching are read exactly (`_RowScores`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,15 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from rotfuse.symmetry.integer_scores import (
+    OUTPUT_ERROR,
+    OUTPUT_ZERO,
+    QuantizedRows,
+    int8_gemm_available,
+    quantize_anchor,
+    quantize_source,
+    quantized_scores,
+)
 from rotfuse.symmetry.weights import Ffn, Linear, ffn_rows, ffn_rows_shape
 
 PREFIXES = (2, 4, 6, 8, 10, 12, 16, 24, 32)  # bounded scores over the first 2/64, 4/64, ... 32/64 of the columns
@@ -169,7 +180,7 @@ def first_prefix(src: torch.Tensor, anchor: torch.Tensor, bounds: _PrefixBounds 
 
     def probe(index: int) -> tuple[bool, torch.Tensor]:
         upto = _prefix_width(width, PREFIXES[index])
-        if bounds.rounded:
+        if bounds.mode == "bfloat16":
             settled, pick = bounds.settle(rows_src, sample_norm, upto)
         else:  # each step's GEMM once, whichever prefixes the probe tries
             for step in range(index + 1):
@@ -275,6 +286,15 @@ def _residual_norms(
     return hi
 
 
+def prefix_gemm(device: torch.device) -> str:
+    """The GEMM the prefix passes bound their scores with: "bfloat16" where the CPU multiplies it
+    fast (`RoundedScores`' bound), else "int8" where torch has fbgemm (`integer_scores`: twice
+    float32's speed on AVX2), else "float32" (GPUs, other CPUs: exact enough within SLACK)."""
+    if fast_bfloat16_gemm(device):
+        return "bfloat16"
+    return "int8" if device.type == "cpu" and int8_gemm_available() else "float32"
+
+
 def fast_bfloat16_gemm(device: torch.device) -> bool:
     """CPUs with AMX or AVX512-BF16 multiply bfloat16 matrices (accumulating in float32, via oneDNN)
     four to six times faster than float32 ones. GPUs are left to float32: cuBLAS may reduce bfloat16
@@ -358,7 +378,9 @@ def bounded_row_bests(
     every row on a short prefix; unrelated ones cannot (None as soon as a prefix from 1/8 on settles
     few of the open rows), nor two rows with one best. `first`: the index in PREFIXES to start at. Where
     the CPU multiplies bfloat16 fast, each prefix's scores come from a bfloat16 GEMM with
-    `RoundedScores`' error bound (`_PrefixBounds`), else from a float32 GEMM with SLACK.
+    `RoundedScores`' error bound (`_PrefixBounds`), else from a float32 GEMM with SLACK -- the first
+    pass's, where torch has fbgemm, from an int8 GEMM's bound (`_PrefixBounds.integer_prefix`; the
+    later passes add float32 columns to it, and candidates are scored over every column).
     """
     n, width = src.shape
     if n < 2 or anchor.shape[0] != n:
@@ -370,22 +392,25 @@ def bounded_row_bests(
     best = torch.empty(n, dtype=torch.int64, device=src.device)
     open_rows = torch.arange(n, device=src.device)
     scores: torch.Tensor | None = None  # float32: the open rows' scores over the first `done` columns
+    exact_prefix = True  # False: `scores` bound them from above (int8 GEMM)
     done = 0
     for share in PREFIXES[first:]:
         upto = _prefix_width(width, share)
         if upto <= done:
             continue
         rows_src = src if len(open_rows) == n else src.index_select(0, open_rows)
-        if bounds.rounded:  # each pass from the first column: the open rows are few after the first
+        if bounds.mode == "bfloat16":  # each pass from the first column: the open rows are few after the first
             ok, pick = bounds.settle(rows_src, src_norm[open_rows], upto)
         else:
-            left, right = rows_src[:, done:upto].float(), anchor[:, done:upto].float().T
             if scores is None:  # into this thread's buffer: a fresh one is new pages every time
-                shape = (len(left), right.shape[1])
-                scores = torch.mm(left, right, out=_scratch("scores", shape, left.dtype, left.device))
+                out = _scratch("scores", (len(rows_src), len(anchor)), torch.float32, src.device)
+                if bounds.mode == "int8":  # bounds on the prefix's scores: candidates scored anew
+                    scores, exact_prefix = bounds.integer_prefix(rows_src, upto, out), False
+                else:
+                    scores = torch.mm(rows_src[:, :upto].float(), anchor[:, :upto].float().T, out=out)
             else:
-                scores.add_(left @ right)
-            ok, pick = _prefix_pass(rows_src, anchor, upto, scores, src_norm[open_rows], bounds)
+                scores.add_(rows_src[:, done:upto].float() @ anchor[:, done:upto].float().T)
+            ok, pick = _prefix_pass(rows_src, anchor, upto, scores, src_norm[open_rows], bounds, exact_prefix)
             scores = scores[~ok]
         done = upto
         if float(ok.float().mean()) < MIN_SETTLED and share >= GIVE_UP_FROM:
@@ -406,11 +431,14 @@ def _prefix_pass(
     scores: torch.Tensor,
     src_norm: torch.Tensor,
     bounds: _PrefixBounds,
+    exact_prefix: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Which source rows `rows_src` (norms `src_norm`, float32 GEMM `scores` over the first `upto`
     columns) the bounds settle, and each one's candidate best: see `bounded_row_bests`. Each
     block's bound is one rank-2 update of its scores (the rest's norms, and SLACK), and the
-    candidate's score over the rest is read from its rest columns alone."""
+    candidate's score over the rest is read from its rest columns alone -- or, where `scores` only
+    bound the prefix's (`exact_prefix` False), its whole score, less its rounding bound."""
+    width = rows_src.shape[1]
     left = torch.stack([row_norms(rows_src[:, upto:]), src_norm * SLACK], 1)
     right = torch.stack([bounds.rest(upto), bounds.anchor_norm])
     anchor_rest = anchor[:, upto:]
@@ -420,9 +448,12 @@ def _prefix_pass(
         block = slice(start, start + ROW_BLOCK)
         upper = torch.addmm(scores[block], left[block], right, out=bound[: len(scores[block])])
         top, pick = upper.topk(2, dim=1)
-        # over every column: this prefix's GEMM scores (their rounding is inside SLACK) plus the rest
-        rest = _dots32(rows_src[block, upto:], anchor_rest.index_select(0, pick[:, 0]))
-        exact = scores[block].gather(1, pick[:, :1])[:, 0] + rest
+        if exact_prefix:  # over every column: this prefix's GEMM scores (rounding inside SLACK) plus the rest
+            rest = _dots32(rows_src[block, upto:], anchor_rest.index_select(0, pick[:, 0]))
+            exact = scores[block].gather(1, pick[:, :1])[:, 0] + rest
+        else:
+            exact = _dots32(rows_src[block], anchor.index_select(0, pick[:, 0]))
+            exact -= 2 * width * FP32_UNIT * src_norm[block] * bounds.anchor_norm[pick[:, 0]]
         settled.append(exact >= top[:, 1])
         candidate.append(pick[:, 0])
     return torch.cat(settled), torch.cat(candidate)
@@ -443,8 +474,9 @@ class _PrefixBounds:
 
     def __init__(self, anchor: torch.Tensor, anchor_norm: torch.Tensor) -> None:
         self.anchor, self.anchor_norm = anchor, anchor_norm
-        self.rounded = fast_bfloat16_gemm(anchor.device)  # else the float32 passes (`_prefix_pass`)
+        self.mode = prefix_gemm(anchor.device)  # float32: the passes of `_prefix_pass`, else `settle`
         self._sides: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._integer_sides: dict[int, tuple[QuantizedRows, torch.Tensor]] = {}
         self._rests: dict[int, torch.Tensor] = {}
 
     def rest(self, upto: int) -> torch.Tensor:
@@ -484,6 +516,34 @@ class _PrefixBounds:
                 part = approx[scan : scan + SCAN_BLOCK]
                 upper = scan_buffer[: len(part)].copy_(part)
                 yield block, upper.addmm_(left[block], right, alpha=_TERMS_UP)
+
+    def integer_prefix(self, src: torch.Tensor, upto: int, out: torch.Tensor) -> torch.Tensor:
+        """Upper bounds on the rows' scores over the prefix [0, upto) alone, into `out`, from
+        fbgemm's int8 GEMM (`rotfuse.symmetry.integer_scores`), ROW_BLOCK source rows quantized at a
+        time: step (q - OUTPUT_ZERO + OUTPUT_ERROR) + |x'| |r_y| + |r_x| |y_pre| -- one rank-3
+        update of the uint8 scores. Their float32 rounding (~2^-24 of 256 steps) stays inside the
+        quarter step OUTPUT_ERROR keeps beyond rounding to the nearest; the float32 passes add the
+        rest's bound and SLACK."""
+        quantized_anchor, right = self._integer_side(upto)
+        for start in range(0, len(src), ROW_BLOCK):
+            rows = slice(start, start + ROW_BLOCK)
+            quantized = quantize_source(src[rows, :upto])
+            scores, step = quantized_scores(quantized, quantized_anchor)
+            error = torch.full_like(quantized.quantized_norm, step)
+            left = torch.stack([quantized.quantized_norm, quantized.residual_norm, error], 1)
+            out[rows].copy_(scores).addmm_(left, right, beta=step)
+        return out
+
+    def _integer_side(self, upto: int) -> tuple[QuantizedRows, torch.Tensor]:
+        """The anchor's prefix [0, upto) quantized and packed, and the right factors of
+        `integer_prefix`: |r_y|, |y_pre| (rounded up) and OUTPUT_ERROR - OUTPUT_ZERO."""
+        if upto not in self._integer_sides:
+            prefix = self.anchor[:, :upto]
+            quantized = quantize_anchor(prefix)
+            pre_norm = row_norms(prefix) * norm_round_up(upto)
+            constant = torch.full_like(pre_norm, OUTPUT_ERROR - OUTPUT_ZERO)
+            self._integer_sides[upto] = quantized, torch.stack([quantized.residual_norm, pre_norm, constant])
+        return self._integer_sides[upto]
 
     def _side(self, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The anchor's prefix in bfloat16 and its right factors: |y_lo|, |y|, (gamma + u') |y_hi|,

@@ -1,0 +1,135 @@
+"""Row scores from an int8 GEMM, with a rigorous bound on their distance to the exact ones.
+
+On CPUs that multiply bfloat16 no faster than float32 (AVX2 without AVX512-BF16 or AMX), the
+prefix passes of the FFN permutation solve (`rotfuse.symmetry.permutation`) need only an upper
+bound on every row pair's score, and fbgemm's int8 GEMM gives one at twice float32's speed. Each
+anchor row y is quantized symmetrically, y = y' + r_y with y' = s_y q_y (q_y in [-127, 127]);
+each block of source rows asymmetrically, x = x' + r_x with x' = s_x (q_x - z) (q_x in
+[0, 127]). Then exactly
+
+    x . y = x' . y' + x' . r_y + r_x . y,   so   |x . y - x' . y'| <= |x'| |r_y| + |r_x| |y|.
+
+x' . y' = s_x s_y sum (q_x - z) q_y: fbgemm sums the integer products exactly in int32 (its AVX2
+kernel adds pairs of u8 * s8 products in int16 with saturation; pairs of 127 * 127 stay below
+2^15, which is why q_x keeps to 7 bits) and rounds the result to an 8-bit output of step s_out,
+chosen so that no score is clamped: within s_out / 2 of x' . y', plus float rounding.
+
+The ops come from torch's quantized CPU backend, which torch marks deprecated: where they are
+missing (or fail the self-check), `int8_gemm_available` is False and the callers use float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import warnings
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import torch
+
+SOURCE_LEVELS = 127  # q_x in [0, 127]: two u8 * s8 products of 127 * 127 add up below 2^15
+ANCHOR_LEVELS = 127  # q_y in [-127, 127]: symmetric, zero point 0
+OUTPUT_ZERO = 128  # the output's zero point: scores in [-128, 127] steps
+OUTPUT_HEADROOM = 1 + 2.0**-10  # every |x' . y'| stays below 127 steps: nothing is clamped
+OUTPUT_ERROR = 0.75  # of a step: rounding to the nearest (0.5), and float rounding well within the rest
+
+_engine_lock = threading.Lock()
+
+
+@dataclass
+class QuantizedRows:
+    """Rows quantized for fbgemm -- the source side as a quantized uint8 tensor, the anchor side
+    as fbgemm's packed int8 weight -- with the norms of the quantized rows, |x'|, and of what
+    quantizing left, |r| (float32, as computed)."""
+
+    tensor: Any
+    quantized_norm: torch.Tensor
+    residual_norm: torch.Tensor
+
+    @property
+    def largest(self) -> float:
+        return float(self.quantized_norm.max()) if len(self.quantized_norm) else 0.0
+
+
+def int8_gemm_available() -> bool:
+    """Whether torch has fbgemm's quantized linear ops (x86 builds) and they sum exactly on rows
+    at the largest values the bound allows (a self-check, once per process). torch's one warning
+    that quantized tensors are deprecated is raised, and silenced, here."""
+    with _engine_lock, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _self_check()
+
+
+@cache
+def _self_check() -> bool:
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return False
+    try:
+        generator = torch.Generator().manual_seed(0)
+        source = torch.randint(0, SOURCE_LEVELS + 1, (16, 96), generator=generator, dtype=torch.uint8)
+        weight = torch.randint(-ANCHOR_LEVELS, ANCHOR_LEVELS + 1, (24, 96), generator=generator, dtype=torch.int8)
+        source[0], weight[0], weight[1] = SOURCE_LEVELS, ANCHOR_LEVELS, -ANCHOR_LEVELS
+        zero = 5
+        exact = (source.double() - zero) @ weight.double().T
+        step = float(exact.abs().max()) * OUTPUT_HEADROOM / (OUTPUT_ZERO - 1)
+        packed = _prepack(weight, torch.ones(len(weight)), locked=True)
+        scores = _linear(torch._make_per_tensor_quantized_tensor(source, 1.0, zero), packed, step)
+        got = (scores.double() - OUTPUT_ZERO) * step
+        return bool(((got - exact).abs() <= 0.5 * step * (1 + 2.0**-10)).all())
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+def quantize_anchor(rows: torch.Tensor) -> QuantizedRows:
+    """Anchor rows (any float dtype) as symmetric int8 rows, one scale per row, packed."""
+    rows = rows.float()
+    scale = rows.abs().amax(dim=1).div_(ANCHOR_LEVELS)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # zero rows: any scale, q = 0
+    q = rows.div(scale[:, None]).round_().clamp_(-ANCHOR_LEVELS, ANCHOR_LEVELS)
+    quantized = q.mul(scale[:, None])
+    residual_norm = torch.linalg.vector_norm(quantized.sub(rows), dim=1)  # rows may be the caller's
+    packed = _prepack(q.to(torch.int8), scale)
+    return QuantizedRows(packed, torch.linalg.vector_norm(quantized, dim=1), residual_norm)
+
+
+def quantize_source(rows: torch.Tensor) -> QuantizedRows:
+    """Source rows (any float dtype) as uint8 in [0, SOURCE_LEVELS]: one scale, one zero point."""
+    rows = rows.float()
+    low, high = min(float(rows.min()), 0.0), max(float(rows.max()), 0.0)
+    scale = float(torch.tensor((high - low) / SOURCE_LEVELS, dtype=torch.float32))  # as fbgemm holds it
+    scale = scale if scale > 0 else 1.0
+    zero = min(max(round(-low / scale), 0), SOURCE_LEVELS)
+    q = rows.div(scale).round_().add_(zero).clamp_(0, SOURCE_LEVELS)
+    quantized = q.sub(zero).mul_(scale)
+    residual_norm = torch.linalg.vector_norm(quantized.sub(rows), dim=1)  # rows may be the caller's
+    tensor = torch._make_per_tensor_quantized_tensor(q.to(torch.uint8), scale, zero)
+    return QuantizedRows(tensor, torch.linalg.vector_norm(quantized, dim=1), residual_norm)
+
+
+def quantized_scores(src: QuantizedRows, anchor: QuantizedRows) -> tuple[torch.Tensor, float]:
+    """x' . y' for every pair as uint8 q (rows: `src`'s, columns: `anchor`'s) and the step: each
+    x' . y' is within OUTPUT_ERROR steps of step * (q - OUTPUT_ZERO)."""
+    step = src.largest * anchor.largest * OUTPUT_HEADROOM / (OUTPUT_ZERO - 1)
+    step = step if step > 0 else 1.0
+    return _linear(src.tensor, anchor.tensor, step), step
+
+
+def _prepack(q: torch.Tensor, scale: torch.Tensor, locked: bool = False) -> Any:
+    """fbgemm's packed weight (per-row scales, zero points 0) whatever the default engine: the x86
+    engine may hand it to oneDNN, whose int8 kernels on CPUs without VNNI halve the weights.
+    `locked`: the caller holds the engine lock."""
+    weight = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(len(q), dtype=torch.long), 0)
+    with contextlib.nullcontext() if locked else _engine_lock:
+        before = torch.backends.quantized.engine
+        torch.backends.quantized.engine = "fbgemm"
+        try:
+            return torch.ops.quantized.linear_prepack(weight, None)
+        finally:
+            torch.backends.quantized.engine = before
+
+
+def _linear(source: torch.Tensor, packed: Any, step: float) -> torch.Tensor:
+    """fbgemm's int8 GEMM source @ weight.T, its int32 sums rounded to uint8 steps of `step`."""
+    return torch.ops.quantized.linear(source, packed, step, OUTPUT_ZERO).int_repr()

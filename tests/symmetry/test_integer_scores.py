@@ -1,0 +1,138 @@
+"""int8 prefix scores (`rotfuse.symmetry.integer_scores`) and the float32 passes that start from
+them: every bound holds against float64 scores on rows built to stress it, and the passes find the
+exact optimum with them, as without."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers.rows import exact_scores, model_rows
+
+from rotfuse.symmetry import integer_scores, permutation
+from rotfuse.symmetry.integer_scores import (
+    OUTPUT_ERROR,
+    OUTPUT_ZERO,
+    int8_gemm_available,
+    quantize_anchor,
+    quantize_source,
+    quantized_scores,
+)
+from rotfuse.symmetry.permutation import (
+    _PrefixBounds,
+    best_assignment,
+    bounded_row_bests,
+    first_prefix,
+    row_norms,
+    solve_permutation,
+)
+
+needs_int8 = pytest.mark.skipif(not int8_gemm_available(), reason="torch without fbgemm's quantized ops")
+
+
+def _stress_rows(seed: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Pairs of row sets that push the quantization: heavy tails, norms over four decades, zero
+    and constant rows, all-positive and all-negative rows, and rows at the largest values (the
+    scores the output step must hold unclamped)."""
+    g = torch.Generator().manual_seed(seed)
+    n, w = 96, 200
+    gauss = torch.randn(n, w, generator=g)
+    heavy = torch.randn(n, w, generator=g) ** 3
+    scaled = torch.randn(n, w, generator=g) * torch.logspace(-2, 2, n)[:, None]
+    special = torch.randn(n, w, generator=g)
+    special[0] = 0
+    special[1] = 3.0
+    special[2] = special[2].abs()
+    special[3] = -special[3].abs()
+    parallel = torch.randn(1, w, generator=g).abs().expand(n, w).clone()  # every score at its largest
+    return [
+        ("gaussian", gauss, torch.randn(n, w, generator=g)),
+        ("heavy tails", heavy, torch.randn(n, w, generator=g) ** 3),
+        ("four decades", scaled, torch.randn(n, w, generator=g)),
+        ("special rows", special, special.flip(0)),
+        ("largest scores", parallel, parallel),
+        ("largest negative", parallel, -parallel),
+        ("bfloat16", gauss.bfloat16(), torch.randn(n, w, generator=g).bfloat16()),
+    ]
+
+
+@needs_int8
+@pytest.mark.parametrize("case", range(7), ids=[name for name, _, _ in _stress_rows(0)])
+def test_quantized_scores_are_within_their_bound(case):
+    """|x.y - step (q - OUTPUT_ZERO)| <= step OUTPUT_ERROR + |x'| |r_y| + |r_x| |y| on every pair,
+    and the bound is tight enough to be of use (a few percent of |x| |y| on Gaussian rows)."""
+    name, x, y = _stress_rows(case)[case]
+    src, anchor = quantize_source(x), quantize_anchor(y)
+    q, step = quantized_scores(src, anchor)
+    assert q.dtype == torch.uint8 and q.shape == (len(x), len(y))
+    approx = (q.double() - OUTPUT_ZERO) * step
+    exact = x.double() @ y.double().T
+    y_norm = y.double().norm(dim=1)
+    bound = step * OUTPUT_ERROR + src.quantized_norm.double()[:, None] * anchor.residual_norm.double()[None]
+    bound = bound + src.residual_norm.double()[:, None] * y_norm[None]
+    assert bool(((exact - approx).abs() <= bound * (1 + 1e-6) + 1e-12).all()), name
+    if name == "gaussian":
+        scale = x.double().norm(dim=1)[:, None] * y_norm[None]
+        assert float((bound / scale).mean()) < 0.05
+
+
+@needs_int8
+def test_quantized_rows_keep_to_seven_bits_and_their_norms_add_up():
+    """The source's levels stay in [0, 127] (pairs of u8 * s8 products below 2^15), the anchor's in
+    [-127, 127], and x' + r_x is x (the norms as computed)."""
+    x, y = torch.randn(64, 50) * 7, torch.randn(40, 50)
+    src, anchor = quantize_source(x), quantize_anchor(y)
+    assert int(src.tensor.int_repr().max()) <= integer_scores.SOURCE_LEVELS
+    assert int(src.tensor.int_repr().min()) >= 0
+    dequantized = src.tensor.dequantize()
+    assert torch.allclose((x - dequantized).norm(dim=1), src.residual_norm, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(dequantized.norm(dim=1), src.quantized_norm, rtol=1e-5)
+    assert float(anchor.residual_norm.max()) < 0.02 * float(y.norm(dim=1).min())
+
+
+@needs_int8
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("noise", [0.05, 0.5], ids=["close", "far"])
+def test_int8_passes_find_the_float64_argmax(dtype, noise, monkeypatch):
+    """The first pass's scores from the int8 GEMM (bounds on the prefix's scores), the later ones
+    adding float32 columns: every row's best as the float64 scores give it, the permutation the
+    float32 passes find."""
+    src, anchor = model_rows("related", 1100, 256, seed=5, noise=noise)
+    src, anchor = src.to(dtype), anchor.to(dtype)
+    argmax = exact_scores(src, anchor).argmax(dim=1)
+    monkeypatch.setattr(permutation, "fast_bfloat16_gemm", lambda device: False)
+    assert permutation.prefix_gemm(torch.device("cpu")) == "int8"
+    calls = []
+    integer_prefix = _PrefixBounds.integer_prefix
+    monkeypatch.setattr(_PrefixBounds, "integer_prefix", lambda *args: calls.append(1) or integer_prefix(*args))
+    with_int8 = bounded_row_bests(src, anchor, first_prefix(src, anchor))
+    assert with_int8 is not None and torch.equal(with_int8, argmax)
+    assert calls, "the first pass must have taken the int8 GEMM"
+    perm = solve_permutation(src, anchor)
+    monkeypatch.setattr(permutation, "int8_gemm_available", lambda: False)
+    assert permutation.prefix_gemm(torch.device("cpu")) == "float32"
+    assert torch.equal(perm, solve_permutation(src, anchor))
+    assert torch.equal(perm, best_assignment(exact_scores(src, anchor)))
+
+
+@needs_int8
+def test_integer_prefix_bounds_every_prefix_score():
+    """`integer_prefix` is an upper bound on every pair's score over the prefix, within a few
+    percent of the prefix norms' product (over several row blocks, bfloat16 rows)."""
+    src, anchor = model_rows("related", 1100, 256, seed=6, noise=0.3)
+    src, anchor = src.bfloat16(), anchor.bfloat16()
+    bounds = _PrefixBounds(anchor, row_norms(anchor))
+    upto = 64
+    upper = bounds.integer_prefix(src, upto, torch.empty(len(src), len(anchor)))
+    exact = src[:, :upto].double() @ anchor[:, :upto].double().T
+    assert bool((upper.double() >= exact).all())
+    scale = src[:, :upto].double().norm(dim=1)[:, None] * anchor[:, :upto].double().norm(dim=1)[None]
+    assert float(((upper.double() - exact) / scale).max()) < 0.1
+
+
+def test_without_fbgemm_the_passes_run_in_float32(monkeypatch):
+    """Where torch lacks the ops (or they fail the self-check) the prefix GEMMs are float32 ones."""
+    monkeypatch.setattr(permutation, "fast_bfloat16_gemm", lambda device: False)
+    monkeypatch.setattr(permutation, "int8_gemm_available", lambda: False)
+    assert permutation.prefix_gemm(torch.device("cpu")) == "float32"
+    src, anchor = model_rows("related", 1100, 128, seed=7, noise=0.2)
+    assert torch.equal(solve_permutation(src, anchor), best_assignment(exact_scores(src, anchor)))
