@@ -18,7 +18,6 @@ the entries that can decide the matching are read exactly (`_RowScores`).
 
 from __future__ import annotations
 
-import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from rotfuse.core.buffers import thread_buffer
 from rotfuse.symmetry.integer_scores import (
     OUTPUT_ERROR,
     OUTPUT_ZERO,
@@ -109,25 +109,9 @@ def neuron_rows(src: Ffn, anchor: Ffn) -> tuple[torch.Tensor, torch.Tensor]:
     return src_rows, ffn_rows(anchor, dtype, out=_row_buffer(1, anchor, dtype))
 
 
-_buffers = threading.local()  # per thread: the buffers `_scratch` keeps, by name
-
-
 def _row_buffer(side: int, ffn: Ffn, dtype: torch.dtype) -> torch.Tensor:
     """This thread's buffer for one side's rows (0: source, 1: anchor)."""
-    return _scratch(f"rows{side}", ffn_rows_shape(ffn), dtype, ffn.output.weight.device)
-
-
-def _scratch(name: str, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """This thread's buffer `name`, kept while its shape, dtype and device match: a solve per layer
-    writes into pages already mapped (fresh, every page of a large tensor is zeroed by the kernel
-    first, and with two threads faulting at once that costs far more than the writing). Use it
-    before asking for it again."""
-    held: dict[str, torch.Tensor] = _buffers.__dict__.setdefault("held", {})
-    buffer = held.get(name)
-    if buffer is None or buffer.shape != shape or buffer.dtype != dtype or buffer.device != device:
-        held.pop(name, None)  # freed before the next is allocated
-        buffer = held[name] = torch.empty(shape, dtype=dtype, device=device)
-    return buffer
+    return thread_buffer(f"neuron_rows.{side}", ffn_rows_shape(ffn), dtype, ffn.output.weight.device)
 
 
 def row_norms(rows: torch.Tensor) -> torch.Tensor:
@@ -403,13 +387,13 @@ def bounded_row_bests(
             ok, pick = bounds.settle(rows_src, src_norm[open_rows], upto)
         else:
             if scores is None:  # into this thread's buffer: a fresh one is new pages every time
-                out = _scratch("scores", (len(rows_src), len(anchor)), torch.float32, src.device)
+                out = thread_buffer("prefix_scores", (len(rows_src), len(anchor)), torch.float32, src.device)
                 if bounds.mode == "int8":  # bounds on the prefix's scores: candidates scored anew
                     scores, exact_prefix = bounds.integer_prefix(rows_src, upto, out), False
                 else:
                     scores = torch.mm(rows_src[:, :upto].float(), anchor[:, :upto].float().T, out=out)
             else:
-                scores.add_(rows_src[:, done:upto].float() @ anchor[:, done:upto].float().T)
+                scores.addmm_(rows_src[:, done:upto].float(), anchor[:, done:upto].float().T)  # no temporary
             ok, pick = _prefix_pass(rows_src, anchor, upto, scores, src_norm[open_rows], bounds, exact_prefix)
             scores = scores[~ok]
         done = upto

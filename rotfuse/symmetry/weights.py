@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from rotfuse.core.buffers import thread_buffer
 from rotfuse.core.tensors import sq_distance
 
 
@@ -181,7 +182,9 @@ def ffn_rows(ffn: Ffn, dtype: torch.dtype | None = None, out: torch.Tensor | Non
         parts.append(linear.weight)
         if linear.bias is not None:
             parts.append(linear.bias[:, None])
-    parts.append(ffn.output.weight.T.contiguous())  # transposed in tiles, not gathered by cat
+    output = ffn.output.weight
+    # transposed in tiles (not gathered by cat), into this thread's buffer: no fresh pages per layer
+    parts.append(thread_buffer("ffn_rows.output", output.T.shape, output.dtype, output.device).copy_(output.T))
     if out is None:
         out = parts[0].new_empty(ffn_rows_shape(ffn), dtype=dtype or parts[0].dtype)
     return torch.cat(parts, dim=1, out=out)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers.rows import assignment_total, exact_scores, model_rows, optimum_total
 
+from rotfuse.core.buffers import held_buffer
 from rotfuse.symmetry import permutation
 from rotfuse.symmetry.permutation import (
     best_assignment,
@@ -165,15 +166,15 @@ def test_float32_passes_score_into_this_threads_buffer(monkeypatch):
     pairs = [_bf16_rows("close", 1100, 128, seed=3), _bf16_rows("related", 1100, 128, seed=4)]
     expected = [best_assignment(src.float() @ anchor.float().T) for src, anchor in pairs]
     assert torch.equal(solve_permutation(*pairs[0]), expected[0])
-    pointer = permutation._buffers.held["scores"].data_ptr()
+    pointer = held_buffer("prefix_scores").data_ptr()
     assert torch.equal(solve_permutation(*pairs[1]), expected[1])
-    assert permutation._buffers.held["scores"].data_ptr() == pointer
+    assert held_buffer("prefix_scores").data_ptr() == pointer
     found: dict[int, torch.Tensor] = {}
     alive = threading.Barrier(4)  # every thread's buffer held until all have looked
 
     def solve(index: int) -> None:
         found[index] = solve_permutation(*pairs[index % 2])
-        found[index + 4] = torch.tensor(permutation._buffers.held["scores"].data_ptr())
+        found[index + 4] = torch.tensor(held_buffer("prefix_scores").data_ptr())
         alive.wait()
 
     threads = [threading.Thread(target=solve, args=(index,)) for index in range(4)]
