@@ -33,6 +33,7 @@ SOURCE_LEVELS = 127  # q_x in [0, 127]: two u8 * s8 products of 127 * 127 add up
 ANCHOR_LEVELS = 127  # q_y in [-127, 127]: symmetric, zero point 0
 OUTPUT_ZERO = 128  # the output's zero point: scores in [-128, 127] steps
 OUTPUT_HEADROOM = 1 + 2.0**-10  # every |x' . y'| stays below 127 steps: nothing is clamped
+BLOCK_ROWS = 512  # anchor rows quantized at a time
 OUTPUT_ERROR = 0.75  # of a step: rounding to the nearest (0.5), and float rounding well within the rest
 
 _engine_lock = threading.Lock()
@@ -83,15 +84,22 @@ def _self_check() -> bool:
 
 
 def quantize_anchor(rows: torch.Tensor) -> QuantizedRows:
-    """Anchor rows (any float dtype) as symmetric int8 rows, one scale per row, packed."""
-    rows = rows.float()
-    scale = rows.abs().amax(dim=1).div_(ANCHOR_LEVELS)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # zero rows: any scale, q = 0
-    q = rows.div(scale[:, None]).round_().clamp_(-ANCHOR_LEVELS, ANCHOR_LEVELS)
-    quantized = q.mul(scale[:, None])
-    residual_norm = torch.linalg.vector_norm(quantized.sub(rows), dim=1)  # rows may be the caller's
-    packed = _prepack(q.to(torch.int8), scale)
-    return QuantizedRows(packed, torch.linalg.vector_norm(quantized, dim=1), residual_norm)
+    """Anchor rows (any float dtype) as symmetric int8 rows, one scale per row, packed. In blocks
+    of BLOCK_ROWS: the float32 temporaries are a few MiB, not copies of the whole."""
+    n = len(rows)
+    q = torch.empty(rows.shape, dtype=torch.int8, device=rows.device)
+    scale, quantized_norm, residual_norm = (torch.empty(n, device=rows.device) for _ in range(3))
+    for start in range(0, n, BLOCK_ROWS):
+        block = slice(start, start + BLOCK_ROWS)
+        wide = rows[block].float()
+        step = wide.abs().amax(dim=1).div_(ANCHOR_LEVELS)
+        step = torch.where(step > 0, step, torch.ones_like(step))  # zero rows: any scale, q = 0
+        levels = wide.div(step[:, None]).round_().clamp_(-ANCHOR_LEVELS, ANCHOR_LEVELS)
+        q[block], scale[block] = levels, step
+        quantized = levels.mul_(step[:, None])
+        torch.linalg.vector_norm(quantized, dim=1, out=quantized_norm[block])
+        torch.linalg.vector_norm(quantized.sub_(wide), dim=1, out=residual_norm[block])
+    return QuantizedRows(_prepack(q, scale), quantized_norm, residual_norm)
 
 
 def quantize_source(rows: torch.Tensor) -> QuantizedRows:
