@@ -54,6 +54,7 @@ class QuantizedRows:
         return float(self.quantized_norm.max()) if len(self.quantized_norm) else 0.0
 
 
+@cache
 def int8_gemm_available() -> bool:
     """Whether torch has fbgemm's quantized linear ops (x86 builds) and they sum exactly on rows
     at the largest values the bound allows (a self-check, once per process). torch's one warning
@@ -63,7 +64,6 @@ def int8_gemm_available() -> bool:
         return _self_check()
 
 
-@cache
 def _self_check() -> bool:
     if "fbgemm" not in torch.backends.quantized.supported_engines:
         return False
