@@ -166,6 +166,9 @@ def first_prefix(src: torch.Tensor, anchor: torch.Tensor, bounds: _PrefixBounds 
         upto = _prefix_width(width, PREFIXES[index])
         if bounds.mode == "bfloat16":
             settled, pick = bounds.settle(rows_src, sample_norm, upto)
+        elif bounds.mode == "int8":  # the anchor's quantized prefix serves the first pass too
+            scores = bounds.integer_prefix(rows_src, upto, rows_src.new_empty(len(rows_src), n, dtype=torch.float32))
+            settled, pick = _prefix_pass(rows_src, anchor, upto, scores, sample_norm, bounds, exact_prefix=False)
         else:  # each step's GEMM once, whichever prefixes the probe tries
             for step in range(index + 1):
                 if step not in steps:

@@ -136,3 +136,22 @@ def test_without_fbgemm_the_passes_run_in_float32(monkeypatch):
     assert permutation.prefix_gemm(torch.device("cpu")) == "float32"
     src, anchor = model_rows("related", 1100, 128, seed=7, noise=0.2)
     assert torch.equal(solve_permutation(src, anchor), best_assignment(exact_scores(src, anchor)))
+
+
+@needs_int8
+def test_int8_probe_and_first_pass_share_the_anchors_quantized_prefix(monkeypatch):
+    """The probe bounds its sample with the int8 GEMM too, and the first pass at the prefix it
+    picked packs nothing new: one quantization of the anchor per prefix, whoever asks first."""
+    monkeypatch.setattr(permutation, "fast_bfloat16_gemm", lambda device: False)
+    quantized: list[int] = []
+    quantize = permutation.quantize_anchor
+    monkeypatch.setattr(permutation, "quantize_anchor", lambda rows: quantized.append(rows.shape[1]) or quantize(rows))
+    src, anchor = model_rows("related", 1100, 512, seed=8, noise=0.5)
+    bounds = _PrefixBounds(anchor, row_norms(anchor))
+    first = first_prefix(src, anchor, bounds)
+    assert first is not None and quantized
+    probed = list(quantized)
+    best = bounded_row_bests(src, anchor, first, bounds)
+    assert best is not None and torch.equal(best, exact_scores(src, anchor).argmax(dim=1))
+    assert quantized[: len(probed)] == probed and len(set(quantized)) == len(quantized)
+    assert permutation._prefix_width(512, permutation.PREFIXES[first]) in probed

@@ -175,6 +175,7 @@ def test_float32_probe_scores_each_prefix_it_tries_as_one_gemm_would(noise, monk
     """The float32 probe computes each step between prefixes once and sums the steps: every prefix
     it tries sees the scores of that prefix's whole GEMM (up to float32 rounding)."""
     monkeypatch.setattr(permutation, "fast_bfloat16_gemm", lambda device: False)
+    monkeypatch.setattr(permutation, "int8_gemm_available", lambda: False)  # the float32 probe, not the int8 one
     seen = []
 
     def spy(rows_src, anchor, upto, scores, src_norm, bounds):
