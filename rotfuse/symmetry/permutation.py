@@ -448,8 +448,9 @@ def _prefix_pass(
 
 class _PrefixBounds:
     """The anchor's side of `bounded_row_bests`' passes (and its probe): per prefix, the anchor's
-    rounded columns and norms (bfloat16 passes) or its rest norms (float32 passes, `rest`) are
-    computed once and serve every pass over it.
+    rounded columns and norms (bfloat16 passes), its int8 columns packed for fbgemm (the int8 first
+    pass and probe, `integer_prefix`) or its rest norms (float32 passes, `rest`) are computed once
+    and serve every pass over it.
 
     A row's bound on its full score against anchor row j is the rounded prefix score plus its
     error bound (`RoundedScores`', the result's rounding bounded by the prefix norms: see `_side`)
