@@ -167,8 +167,7 @@ def first_prefix(src: torch.Tensor, anchor: torch.Tensor, bounds: _PrefixBounds 
         if bounds.mode == "bfloat16":
             settled, pick = bounds.settle(rows_src, sample_norm, upto)
         elif bounds.mode == "int8":  # the anchor's quantized prefix serves the first pass too
-            scores = bounds.integer_prefix(rows_src, upto, rows_src.new_empty(len(rows_src), n, dtype=torch.float32))
-            settled, pick = _prefix_pass(rows_src, anchor, upto, scores, sample_norm, bounds, exact_prefix=False)
+            settled, pick, _ = bounds.integer_pass(rows_src, sample_norm, upto)
         else:  # each step's GEMM once, whichever prefixes the probe tries
             for step in range(index + 1):
                 if step not in steps:
@@ -366,8 +365,8 @@ def bounded_row_bests(
     few of the open rows), nor two rows with one best. `first`: the index in PREFIXES to start at. Where
     the CPU multiplies bfloat16 fast, each prefix's scores come from a bfloat16 GEMM with
     `RoundedScores`' error bound (`_PrefixBounds`), else from a float32 GEMM with SLACK -- the first
-    pass's, where torch has fbgemm, from an int8 GEMM's bound (`_PrefixBounds.integer_prefix`; the
-    later passes add float32 columns to it, and candidates are scored over every column).
+    pass's, where torch has fbgemm, from an int8 GEMM's bound (`_PrefixBounds.integer_pass`; the
+    later passes add float32 columns to the open rows' bounds, and score candidates over every column).
     """
     n, width = src.shape
     if n < 2 or anchor.shape[0] != n:
@@ -389,16 +388,17 @@ def bounded_row_bests(
         if bounds.mode == "bfloat16":  # each pass from the first column: the open rows are few after the first
             ok, pick = bounds.settle(rows_src, src_norm[open_rows], upto)
         else:
-            if scores is None:  # into this thread's buffer: a fresh one is new pages every time
-                out = thread_buffer("prefix_scores", (len(rows_src), len(anchor)), torch.float32, src.device)
-                if bounds.mode == "int8":  # bounds on the prefix's scores: candidates scored anew
-                    scores, exact_prefix = bounds.integer_prefix(rows_src, upto, out), False
-                else:
-                    scores = torch.mm(rows_src[:, :upto].float(), anchor[:, :upto].float().T, out=out)
+            if scores is None and bounds.mode == "int8":  # the open rows keep bounds on their prefix scores
+                ok, pick, scores = bounds.integer_pass(rows_src, src_norm[open_rows], upto)
+                exact_prefix = False
             else:
-                scores.addmm_(rows_src[:, done:upto].float(), anchor[:, done:upto].float().T)  # no temporary
-            ok, pick = _prefix_pass(rows_src, anchor, upto, scores, src_norm[open_rows], bounds, exact_prefix)
-            scores = scores[~ok]
+                if scores is None:  # into this thread's buffer: a fresh one is new pages every time
+                    out = thread_buffer("prefix_scores", (len(rows_src), len(anchor)), torch.float32, src.device)
+                    scores = torch.mm(rows_src[:, :upto].float(), anchor[:, :upto].float().T, out=out)
+                else:
+                    scores.addmm_(rows_src[:, done:upto].float(), anchor[:, done:upto].float().T)  # no temporary
+                ok, pick = _prefix_pass(rows_src, anchor, upto, scores, src_norm[open_rows], bounds, exact_prefix)
+                scores = scores[~ok]
         done = upto
         if float(ok.float().mean()) < MIN_SETTLED and share >= GIVE_UP_FROM:
             return None  # unrelated rows: the bounds will not settle them before the full GEMM
@@ -409,6 +409,13 @@ def bounded_row_bests(
     if len(open_rows) or torch.unique(best).numel() != n:
         return None
     return best
+
+
+def _reached(src: torch.Tensor, src_norm: torch.Tensor, bounds: _PrefixBounds, pick: torch.Tensor) -> torch.Tensor:
+    """A lower bound on each row's full score against its candidate `pick`: the float32 inner
+    product over every column, less its rounding bound (w u32 |x| |y|, doubled)."""
+    full = _dots32(src, bounds.anchor.index_select(0, pick))
+    return full - 2 * src.shape[1] * FP32_UNIT * src_norm * bounds.anchor_norm[pick]
 
 
 def _prefix_pass(
@@ -424,12 +431,11 @@ def _prefix_pass(
     columns) the bounds settle, and each one's candidate best: see `bounded_row_bests`. Each
     block's bound is one rank-2 update of its scores (the rest's norms, and SLACK), and the
     candidate's score over the rest is read from its rest columns alone -- or, where `scores` only
-    bound the prefix's (`exact_prefix` False), its whole score, less its rounding bound."""
-    width = rows_src.shape[1]
+    bound the prefix's (`exact_prefix` False: the int8 first pass's), its whole score (`_reached`)."""
     left = torch.stack([row_norms(rows_src[:, upto:]), src_norm * SLACK], 1)
     right = torch.stack([bounds.rest(upto), bounds.anchor_norm])
     anchor_rest = anchor[:, upto:]
-    bound = scores.new_empty(min(len(rows_src), ROW_BLOCK), anchor.shape[0])
+    bound = _bound_buffer(len(rows_src), anchor)
     settled, candidate = [], []
     for start in range(0, len(rows_src), ROW_BLOCK):
         block = slice(start, start + ROW_BLOCK)
@@ -439,17 +445,21 @@ def _prefix_pass(
             rest = _dots32(rows_src[block, upto:], anchor_rest.index_select(0, pick[:, 0]))
             exact = scores[block].gather(1, pick[:, :1])[:, 0] + rest
         else:
-            exact = _dots32(rows_src[block], anchor.index_select(0, pick[:, 0]))
-            exact -= 2 * width * FP32_UNIT * src_norm[block] * bounds.anchor_norm[pick[:, 0]]
+            exact = _reached(rows_src[block], src_norm[block], bounds, pick[:, 0])
         settled.append(exact >= top[:, 1])
         candidate.append(pick[:, 0])
     return torch.cat(settled), torch.cat(candidate)
 
 
+def _bound_buffer(rows: int, anchor: torch.Tensor) -> torch.Tensor:
+    """This thread's float32 block of bounds, min(rows, ROW_BLOCK) x len(anchor)."""
+    return thread_buffer("prefix_bound", (ROW_BLOCK, len(anchor)), torch.float32, anchor.device)[: min(rows, ROW_BLOCK)]
+
+
 class _PrefixBounds:
     """The anchor's side of `bounded_row_bests`' passes (and its probe): per prefix, the anchor's
     rounded columns and norms (bfloat16 passes), its int8 columns packed for fbgemm (the int8 first
-    pass and probe, `integer_prefix`) or its rest norms (float32 passes, `rest`) are computed once
+    pass and probe, `integer_pass`) or its rest norms (float32 passes, `rest`) are computed once
     and serve every pass over it.
 
     A row's bound on its full score against anchor row j is the rounded prefix score plus its
@@ -475,13 +485,10 @@ class _PrefixBounds:
 
     def settle(self, src: torch.Tensor, src_norm: torch.Tensor, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Which rows of `src` the prefix [0, upto) settles, and each row's candidate best."""
-        width = src.shape[1]
         settled, candidate = [], []
         for block, upper in self.upper(src, src_norm, upto):
             top, pick = upper.topk(2, dim=1)
-            full = _dots32(src[block], self.anchor.index_select(0, pick[:, 0]))
-            reached = full - 2 * width * FP32_UNIT * src_norm[block] * self.anchor_norm[pick[:, 0]]
-            settled.append(reached >= top[:, 1])
+            settled.append(_reached(src[block], src_norm[block], self, pick[:, 0]) >= top[:, 1])
             candidate.append(pick[:, 0])
         return torch.cat(settled), torch.cat(candidate)
 
@@ -505,26 +512,39 @@ class _PrefixBounds:
                 upper = scan_buffer[: len(part)].copy_(part)
                 yield block, upper.addmm_(left[block], right, alpha=_TERMS_UP)
 
-    def integer_prefix(self, src: torch.Tensor, upto: int, out: torch.Tensor) -> torch.Tensor:
-        """Upper bounds on the rows' scores over the prefix [0, upto) alone, into `out`, from
-        fbgemm's int8 GEMM (`rotfuse.symmetry.integer_scores`), ROW_BLOCK source rows quantized at a
-        time: step (q - OUTPUT_ZERO + OUTPUT_ERROR) + |x'| |r_y| + |r_x| |y_pre| -- one rank-3
-        update of the uint8 scores. Their float32 rounding (~2^-24 of 256 steps) stays inside the
-        quarter step OUTPUT_ERROR keeps beyond rounding to the nearest; the float32 passes add the
-        rest's bound and SLACK."""
-        quantized_anchor, right = self._integer_side(upto)
+    def integer_pass(
+        self, src: torch.Tensor, src_norm: torch.Tensor, upto: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`_prefix_pass` from fbgemm's int8 GEMM (`rotfuse.symmetry.integer_scores`), for the first
+        pass and the probe: which rows of `src` the prefix [0, upto) settles, each row's candidate,
+        and for the rows left open an upper bound on their scores over the prefix, which the later
+        float32 passes add columns to. Per block of ROW_BLOCK source rows (quantized on their own)
+        the prefix bound is step (q - OUTPUT_ZERO + OUTPUT_ERROR) + |x'| |r_y| + |r_x| |y_pre| -- its
+        float32 rounding, ~2^-24 of 256 steps, inside the quarter step OUTPUT_ERROR keeps beyond
+        rounding to the nearest -- and the row's bound adds |x_rest| |y_rest| and SLACK |x| |y|: one
+        rank-5 update of the uint8 scores. A candidate is settled on its whole score (`_reached`)."""
+        quantized_anchor, prefix_right = self._integer_side(upto)
+        right = torch.cat([prefix_right, self.rest(upto)[None], self.anchor_norm[None]])
+        bound = _bound_buffer(len(src), self.anchor)
+        settled, candidate, kept = [], [], []
         for start in range(0, len(src), ROW_BLOCK):
             rows = slice(start, start + ROW_BLOCK)
             quantized = quantize_source(src[rows, :upto])
             scores, step = quantized_scores(quantized, quantized_anchor)
             error = torch.full_like(quantized.quantized_norm, step)
-            left = torch.stack([quantized.quantized_norm, quantized.residual_norm, error], 1)
-            out[rows].copy_(scores).addmm_(left, right, beta=step)
-        return out
+            prefix_left = torch.stack([quantized.quantized_norm, quantized.residual_norm, error], 1)
+            rest_left = torch.stack([row_norms(src[rows, upto:]), src_norm[rows] * SLACK], 1)
+            upper = bound[: len(scores)].copy_(scores).addmm_(torch.cat([prefix_left, rest_left], 1), right, beta=step)
+            top, pick = upper.topk(2, dim=1)
+            ok = _reached(src[rows], src_norm[rows], self, pick[:, 0]) >= top[:, 1]
+            settled.append(ok)
+            candidate.append(pick[:, 0])
+            kept.append(scores[~ok].float().addmm_(prefix_left[~ok], prefix_right, beta=step))
+        return torch.cat(settled), torch.cat(candidate), torch.cat(kept)
 
     def _integer_side(self, upto: int) -> tuple[QuantizedRows, torch.Tensor]:
         """The anchor's prefix [0, upto) quantized and packed, and the right factors of
-        `integer_prefix`: |r_y|, |y_pre| (rounded up) and OUTPUT_ERROR - OUTPUT_ZERO."""
+        `integer_pass`: |r_y|, |y_pre| (rounded up) and OUTPUT_ERROR - OUTPUT_ZERO."""
         if upto not in self._integer_sides:
             prefix = self.anchor[:, :upto]
             quantized = quantize_anchor(prefix)
