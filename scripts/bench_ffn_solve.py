@@ -211,9 +211,9 @@ def main() -> None:
             finally:
                 permutation.int8_gemm_available = int8_gemm_available
             int8_stored = per_solve_seconds(solve_permutation, stored_rows, anchor.bfloat16(), workers)
-            print(f"| {name} | the same, first pass float32 (no int8) | {float32:.2f} | {float32 / gemm:.2f} |")
-            print(f"| {name}, rows in bfloat16 | int8 first pass | {int8_stored:.2f} | {int8_stored / gemm:.2f} |")
-            print(f"| {name}, rows in bfloat16 | float32 first pass | {stored:.2f} | {stored / gemm:.2f} |")
+            print(f"| {name}, first pass in float32 | {path} | {float32:.2f} | {float32 / gemm:.2f} |")
+            print(f"| {name}, rows in bfloat16 | {path} | {int8_stored:.2f} | {int8_stored / gemm:.2f} |")
+            print(f"| {name}, rows in bfloat16, first pass in float32 | {path} | {stored:.2f} | {stored / gemm:.2f} |")
             print(f"{name}: float32 / int8 first pass = {float32 / seconds:.2f} (bf16 rows {stored / int8_stored:.2f})")
         if path == "bfloat16 filter":
             permutation.fast_bfloat16_gemm = lambda device: False  # solve_permutation looks it up per call

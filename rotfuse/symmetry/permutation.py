@@ -56,6 +56,7 @@ SPARSE_CANDIDATES = 32  # per row: the candidate graph the sparse solve starts f
 SPARSE_ROUNDS = 8  # certificate checks (each adding the edges it found violated) before the dense solve
 SPARSE_SOLVES = 4 * SPARSE_ROUNDS  # sparse solves, counting those after estimates were read exactly
 SPARSE_MIN_SIZE = 1024  # below it the dense Hungarian takes well under a second: not worth a risk of rounds
+INT8_MIN_PRODUCTS = 2**31  # multiply-adds of a first pass below which float32 is as fast as int8 (AVX2)
 PROBE_ROWS = 256  # rows whose first prefix pass decides whether the passes are worth running
 PROBE_COLUMNS = 256  # a 1/8 prefix this wide finds the partners of rows that any prefix can settle
 EXACT_BYTES = 2**28  # float64 rows the exact re-scoring holds at once, whatever the size (both sides)
@@ -166,7 +167,7 @@ def first_prefix(src: torch.Tensor, anchor: torch.Tensor, bounds: _PrefixBounds 
         upto = _prefix_width(width, PREFIXES[index])
         if bounds.mode == "bfloat16":
             settled, pick = bounds.settle(rows_src, sample_norm, upto)
-        elif bounds.mode == "int8":  # the anchor's quantized prefix serves the first pass too
+        elif bounds.integer(n, upto):  # the anchor's quantized prefix serves the first pass too
             settled, pick, _ = bounds.integer_pass(rows_src, sample_norm, upto)
         else:  # each step's GEMM once, whichever prefixes the probe tries
             for step in range(index + 1):
@@ -388,7 +389,7 @@ def bounded_row_bests(
         if bounds.mode == "bfloat16":  # each pass from the first column: the open rows are few after the first
             ok, pick = bounds.settle(rows_src, src_norm[open_rows], upto)
         else:
-            if scores is None and bounds.mode == "int8":  # the open rows keep bounds on their prefix scores
+            if scores is None and bounds.integer(len(rows_src), upto):  # open rows keep bounds on their prefix scores
                 ok, pick, scores = bounds.integer_pass(rows_src, src_norm[open_rows], upto)
                 exact_prefix = False
             else:
@@ -511,6 +512,11 @@ class _PrefixBounds:
                 part = approx[scan : scan + SCAN_BLOCK]
                 upper = scan_buffer[: len(part)].copy_(part)
                 yield block, upper.addmm_(left[block], right, alpha=_TERMS_UP)
+
+    def integer(self, rows: int, upto: int) -> bool:
+        """Whether a first pass of `rows` source rows over the prefix [0, upto) takes the int8 GEMM:
+        where torch has it, and the GEMM is large enough for its speed to outweigh quantizing."""
+        return self.mode == "int8" and rows * len(self.anchor) * upto >= INT8_MIN_PRODUCTS
 
     def integer_pass(
         self, src: torch.Tensor, src_norm: torch.Tensor, upto: int

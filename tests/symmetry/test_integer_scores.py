@@ -29,6 +29,12 @@ from rotfuse.symmetry.permutation import (
 needs_int8 = pytest.mark.skipif(not int8_gemm_available(), reason="torch without fbgemm's quantized ops")
 
 
+@pytest.fixture
+def any_size(monkeypatch):
+    """The int8 first pass on rows of any size (`INT8_MIN_PRODUCTS` keeps it to large GEMMs)."""
+    monkeypatch.setattr(permutation, "INT8_MIN_PRODUCTS", 0)
+
+
 def _stress_rows(seed: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """Pairs of row sets that push the quantization: heavy tails, norms over four decades, zero
     and constant rows, all-positive and all-negative rows, and rows at the largest values (the
@@ -92,7 +98,7 @@ def test_quantized_rows_keep_to_seven_bits_and_their_norms_add_up():
 @needs_int8
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("noise", [0.05, 0.5], ids=["close", "far"])
-def test_int8_passes_find_the_float64_argmax(dtype, noise, monkeypatch):
+def test_int8_passes_find_the_float64_argmax(dtype, noise, monkeypatch, any_size):
     """The first pass's scores from the int8 GEMM (bounds on the prefix's scores), the later ones
     adding float32 columns: every row's best as the float64 scores give it, the permutation the
     float32 passes find."""
@@ -145,7 +151,7 @@ def test_without_fbgemm_the_passes_run_in_float32(monkeypatch):
 
 
 @needs_int8
-def test_int8_probe_and_first_pass_share_the_anchors_quantized_prefix(monkeypatch):
+def test_int8_probe_and_first_pass_share_the_anchors_quantized_prefix(monkeypatch, any_size):
     """The probe bounds its sample with the int8 GEMM too, and the first pass at the prefix it
     picked packs nothing new: one quantization of the anchor per prefix, whoever asks first."""
     monkeypatch.setattr(permutation, "fast_bfloat16_gemm", lambda device: False)
@@ -161,3 +167,19 @@ def test_int8_probe_and_first_pass_share_the_anchors_quantized_prefix(monkeypatc
     assert best is not None and torch.equal(best, exact_scores(src, anchor).argmax(dim=1))
     assert quantized[: len(probed)] == probed and len(set(quantized)) == len(quantized)
     assert permutation._prefix_width(512, permutation.PREFIXES[first]) in probed
+
+
+@needs_int8
+def test_small_first_passes_stay_float32(monkeypatch):
+    """Below INT8_MIN_PRODUCTS multiply-adds the first pass is a float32 GEMM (quantizing would
+    cost more than the int8 GEMM saves); above it, the int8 one."""
+    monkeypatch.setattr(permutation, "fast_bfloat16_gemm", lambda device: False)
+    src, anchor = model_rows("related", 1100, 256, seed=9, noise=0.2)
+    bounds = _PrefixBounds(anchor, row_norms(anchor))
+    assert bounds.mode == "int8"
+    assert not bounds.integer(1100, 32) and bounds.integer(2048, 2**10)
+    passes = []
+    integer_pass = _PrefixBounds.integer_pass
+    monkeypatch.setattr(_PrefixBounds, "integer_pass", lambda *args: passes.append(1) or integer_pass(*args))
+    assert torch.equal(solve_permutation(src, anchor), best_assignment(exact_scores(src, anchor)))
+    assert not passes
