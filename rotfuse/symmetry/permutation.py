@@ -40,7 +40,7 @@ from rotfuse.symmetry.weights import Ffn, Linear, ffn_rows, ffn_rows_shape
 
 PREFIXES = (2, 4, 6, 8, 10, 12, 16, 24, 32)  # bounded scores over the first 2/64, 4/64, ... 32/64 of the columns
 PREFIX_UNIT = 64  # ... in these parts: fine steps from 1/8 on, where rows a step short pay for the next pass
-SLACK = 2.0**-12  # of |x| |y|: far above float32 GEMM rounding, far below a real margin
+SLACK = 2.0**-12  # of |x| |y|, at least (`slack`): above float32 rounding, far below a real margin
 MIN_SETTLED = 1 / 8  # a prefix that settles fewer of the open rows gives up on the bounds ...
 GIVE_UP_FROM = 8  # ... from 8/64 of the columns on (narrower ones cost little next to the next one)
 START_SETTLED = 1 / 2  # the passes start at the first prefix that settles this much of a sample
@@ -430,10 +430,10 @@ def _prefix_pass(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Which source rows `rows_src` (norms `src_norm`, float32 GEMM `scores` over the first `upto`
     columns) the bounds settle, and each one's candidate best: see `bounded_row_bests`. Each
-    block's bound is one rank-2 update of its scores (the rest's norms, and SLACK), and the
+    block's bound is one rank-2 update of its scores (the rest's norms, and `slack`), and the
     candidate's score over the rest is read from its rest columns alone -- or, where `scores` only
     bound the prefix's (`exact_prefix` False: the int8 first pass's), its whole score (`_reached`)."""
-    left = torch.stack([row_norms(rows_src[:, upto:]), src_norm * SLACK], 1)
+    left = torch.stack([row_norms(rows_src[:, upto:]), src_norm * slack(rows_src.shape[1])], 1)
     right = torch.stack([bounds.rest(upto), bounds.anchor_norm])
     anchor_rest = anchor[:, upto:]
     bound = _bound_buffer(len(rows_src), anchor)
@@ -442,7 +442,7 @@ def _prefix_pass(
         block = slice(start, start + ROW_BLOCK)
         upper = torch.addmm(scores[block], left[block], right, out=bound[: len(scores[block])])
         top, pick = upper.topk(2, dim=1)
-        if exact_prefix:  # over every column: this prefix's GEMM scores (rounding inside SLACK) plus the rest
+        if exact_prefix:  # over every column: this prefix's GEMM scores (rounding inside `slack`) plus the rest
             rest = _dots32(rows_src[block, upto:], anchor_rest.index_select(0, pick[:, 0]))
             exact = scores[block].gather(1, pick[:, :1])[:, 0] + rest
         else:
@@ -527,7 +527,7 @@ class _PrefixBounds:
         float32 passes add columns to. Per block of ROW_BLOCK source rows (quantized on their own)
         the prefix bound is step (q - OUTPUT_ZERO + OUTPUT_ERROR) + |x'| |r_y| + |r_x| |y_pre| -- its
         float32 rounding, ~2^-24 of 256 steps, inside the quarter step OUTPUT_ERROR keeps beyond
-        rounding to the nearest -- and the row's bound adds |x_rest| |y_rest| and SLACK |x| |y|: one
+        rounding to the nearest -- and the row's bound adds |x_rest| |y_rest| and `slack` |x| |y|: one
         rank-5 update of the uint8 scores. A candidate is settled on its whole score (`_reached`)."""
         quantized_anchor, prefix_right = self._integer_side(upto)
         right = torch.cat([prefix_right, self.rest(upto)[None], self.anchor_norm[None]])
@@ -539,7 +539,7 @@ class _PrefixBounds:
             scores, step = quantized_scores(quantized, quantized_anchor)
             error = torch.full_like(quantized.quantized_norm, step)
             prefix_left = torch.stack([quantized.quantized_norm, quantized.residual_norm, error], 1)
-            rest_left = torch.stack([row_norms(src[rows, upto:]), src_norm[rows] * SLACK], 1)
+            rest_left = torch.stack([row_norms(src[rows, upto:]), src_norm[rows] * slack(src.shape[1])], 1)
             upper = bound[: len(scores)].copy_(scores).addmm_(torch.cat([prefix_left, rest_left], 1), right, beta=step)
             top, pick = upper.topk(2, dim=1)
             ok = _reached(src[rows], src_norm[rows], self, pick[:, 0]) >= top[:, 1]
@@ -579,6 +579,13 @@ class _PrefixBounds:
 def _prefix_width(width: int, share: int) -> int:
     """The columns of the prefix `share` (in PREFIX_UNIT parts) of rows `width` wide."""
     return max(1, width * share // PREFIX_UNIT)
+
+
+def slack(width: int) -> float:
+    """The float32 passes' allowance for rounding, of |x| |y|, for rows `width` wide: SLACK, or
+    twice gamma_w where that is more -- the worst case of the prefix GEMM's sums and the
+    candidate's (each within gamma_w |x| |y|), the rest norms' (within gamma_w of their product)."""
+    return max(SLACK, 2 * accumulation_bound(width))
 
 
 def accumulation_bound(width: int) -> float:
