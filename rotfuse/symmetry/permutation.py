@@ -276,7 +276,7 @@ def _residual_norms(
 def prefix_gemm(device: torch.device) -> str:
     """The GEMM the prefix passes bound their scores with: "bfloat16" where the CPU multiplies it
     fast (`RoundedScores`' bound), else "int8" where torch has fbgemm (`integer_scores`: twice
-    float32's speed on AVX2), else "float32" (GPUs, other CPUs: exact enough within SLACK)."""
+    float32's speed on AVX2), else "float32" (GPUs, other CPUs: exact enough within `slack`)."""
     if fast_bfloat16_gemm(device):
         return "bfloat16"
     return "int8" if device.type == "cpu" and int8_gemm_available() else "float32"
@@ -433,8 +433,7 @@ def _prefix_pass(
     block's bound is one rank-2 update of its scores (the rest's norms, and `slack`), and the
     candidate's score over the rest is read from its rest columns alone -- or, where `scores` only
     bound the prefix's (`exact_prefix` False: the int8 first pass's), its whole score (`_reached`)."""
-    left = torch.stack([row_norms(rows_src[:, upto:]), src_norm * slack(rows_src.shape[1])], 1)
-    right = torch.stack([bounds.rest(upto), bounds.anchor_norm])
+    left, right = bounds.rest_factors(rows_src, src_norm, upto)
     anchor_rest = anchor[:, upto:]
     bound = _bound_buffer(len(rows_src), anchor)
     settled, candidate = [], []
@@ -477,6 +476,13 @@ class _PrefixBounds:
         self._sides: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._integer_sides: dict[int, tuple[QuantizedRows, torch.Tensor]] = {}
         self._rests: dict[int, torch.Tensor] = {}
+
+    def rest_factors(self, src: torch.Tensor, src_norm: torch.Tensor, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float32 passes' rank-2 terms past the prefix [0, upto): left (rows of `src`)
+        |x_rest| and `slack` |x|, right |y_rest| and |y| -- Cauchy-Schwarz on the rest, and the
+        rounding allowance."""
+        left = torch.stack([row_norms(src[:, upto:]), src_norm * slack(src.shape[1])], 1)
+        return left, torch.stack([self.rest(upto), self.anchor_norm])
 
     def rest(self, upto: int) -> torch.Tensor:
         """The norms of the anchor's rows past the prefix [0, upto) (float32, as computed)."""
@@ -530,7 +536,8 @@ class _PrefixBounds:
         rounding to the nearest -- and the row's bound adds |x_rest| |y_rest| and `slack` |x| |y|: one
         rank-5 update of the uint8 scores. A candidate is settled on its whole score (`_reached`)."""
         quantized_anchor, prefix_right = self._integer_side(upto)
-        right = torch.cat([prefix_right, self.rest(upto)[None], self.anchor_norm[None]])
+        rest_left, rest_right = self.rest_factors(src, src_norm, upto)
+        right = torch.cat([prefix_right, rest_right])
         bound = _bound_buffer(len(src), self.anchor)
         settled, candidate, kept = [], [], []
         for start in range(0, len(src), ROW_BLOCK):
@@ -539,8 +546,8 @@ class _PrefixBounds:
             scores, step = quantized_scores(quantized, quantized_anchor)
             error = torch.full_like(quantized.quantized_norm, step)
             prefix_left = torch.stack([quantized.quantized_norm, quantized.residual_norm, error], 1)
-            rest_left = torch.stack([row_norms(src[rows, upto:]), src_norm[rows] * slack(src.shape[1])], 1)
-            upper = bound[: len(scores)].copy_(scores).addmm_(torch.cat([prefix_left, rest_left], 1), right, beta=step)
+            left = torch.cat([prefix_left, rest_left[rows]], 1)
+            upper = bound[: len(scores)].copy_(scores).addmm_(left, right, beta=step)
             top, pick = upper.topk(2, dim=1)
             ok = _reached(src[rows], src_norm[rows], self, pick[:, 0]) >= top[:, 1]
             settled.append(ok)
