@@ -6,8 +6,10 @@
 
 Rows of two models at three distances -- a fine-tune (B = A + 5 % noise), a far relative (+50 %,
 spread evenly over the row, which only a wider prefix of the columns settles) and unrelated rows --
-are solved by `solve_permutation` on two worker threads at once (as `rotfuse match` runs layers;
-`--workers 1`: each solve alone),
+and a fine-tune of an anchor whose neurons' norms are uneven, as a trained model's are (log-normal,
+sigma UNEVEN_SPREAD: the middle 98 % within a factor 2 of the median; also solved without the
+certificate's column potentials, as before them, in the same run) are solved by `solve_permutation`
+on two worker threads at once (as `rotfuse match` runs layers; `--workers 1`: each solve alone),
 and so is the float32 score GEMM alone; the table gives seconds per solve and the ratio to that
 GEMM. Which path settled each case is printed too: the ratios say nothing without it. Where the
 bfloat16 filter settles a case, the same case is solved again with it switched off; where the
@@ -38,6 +40,7 @@ from rotfuse.symmetry.permutation import (
     best_assignment,
     bounded_row_bests,
     certified_sparse_assignment,
+    distance_potentials,
     fast_bfloat16_gemm,
     filtered_row_bests,
     first_prefix,
@@ -46,6 +49,7 @@ from rotfuse.symmetry.permutation import (
 )
 
 WORKERS = 2  # as `rotfuse match` runs layers (--workers changes it: 1 shows a solve alone)
+UNEVEN_SPREAD = 0.3  # sigma of the log of the uneven case's neuron norms (MiniLM's span a factor 2-6)
 PEAK_PATHS: dict[str, dict[str, object]] = {  # module attributes of `permutation` set for the path
     "bfloat16 sparse solve": {},
     "bfloat16 sparse solve, whole float64 copies": {"EXACT_BYTES": 2**62},
@@ -127,7 +131,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=6144)
     parser.add_argument("--repeat", type=int, default=2, help="solves per case and worker; the mean counts")
     parser.add_argument("--peak-rss", action="store_true", help="also the peak memory per path (processes)")
-    parser.add_argument("--cases", default="fine-tune,far,unrelated", help="which row pairs (comma-separated)")
+    parser.add_argument("--cases", default="fine-tune,far,unrelated,uneven", help="which row pairs (comma-separated)")
     parser.add_argument("--workers", type=int, default=WORKERS, help="solves at once, one thread each")
     parser.add_argument("--peak-child", choices=list(PEAK_PATHS), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -138,14 +142,22 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     anchor = torch.randn(args.neurons, args.width, generator=g) / args.width**0.5
 
-    def relative(noise: float | None) -> torch.Tensor:
+    norms = torch.exp(UNEVEN_SPREAD * torch.randn(args.neurons, 1, generator=g))
+    anchors = {False: anchor, True: anchor * norms}
+
+    def relative(noise: float | None, uneven: bool = False) -> torch.Tensor:
         fresh = torch.randn(args.neurons, args.width, generator=g) / args.width**0.5
-        src = fresh if noise is None else anchor + noise * fresh
+        src = fresh if noise is None else anchors[uneven] + noise * fresh * (norms if uneven else 1)
         return src[torch.randperm(args.neurons, generator=g)]
 
-    cases = {"fine-tune (+5 %)": 0.05, "far relative (+50 %)": 0.5, "unrelated": None}
+    all_cases = {
+        "fine-tune (+5 %)": (0.05, False),
+        "far relative (+50 %)": (0.5, False),
+        "unrelated": (None, False),
+        "uneven norms, fine-tune (+5 %)": (0.05, True),
+    }
     chosen = args.cases.split(",")
-    cases = {name: noise for name, noise in cases.items() if name.split()[0] in chosen}
+    cases = {name: case for name, case in all_cases.items() if name.split()[0].rstrip(",") in chosen}
     gemm = per_solve_seconds(lambda src, a: src @ a.T, [relative(0.05)] * (workers * args.repeat), anchor, workers)
     print(
         f"{args.neurons} neurons x {args.width}, {workers} worker threads, bf16 filter: "
@@ -154,8 +166,9 @@ def main() -> None:
     )
     print("| case | path | s per solve | x float32 GEMM |\n|---|---|---:|---:|")
     print(f"| - | float32 score GEMM alone (baseline) | {gemm:.2f} | 1.00 |")
-    for name, noise in cases.items():
-        sources = [relative(noise) for _ in range(workers)] * args.repeat
+    for name, (noise, uneven) in cases.items():
+        anchor = anchors[uneven]
+        sources = [relative(noise, uneven) for _ in range(workers)] * args.repeat
         start = first_prefix(sources[0], anchor)
         if start is not None and bounded_row_bests(sources[0], anchor, start) is not None:
             path = "prefix bounds"
@@ -202,7 +215,7 @@ def main() -> None:
             print(f"| {name}, issue 18's start | {path_then} | {start:.2f} | {start / gemm:.2f} |")
             print(f"{name}: Hungarian / this path = {old / min(first, seconds):.2f}")
             print(f"{name}: issue 18's start / this path = {start / min(first, seconds):.2f} (target 3)")
-        if path == "prefix bounds" and permutation.prefix_gemm(anchor.device) == "int8":
+        if path == "prefix bounds" and permutation.prefix_gemm(anchor.device) == "int8" and not uneven:
             stored_rows = [s.bfloat16() for s in sources]  # as `match` solves a bf16 checkpoint's rows
             permutation.int8_gemm_available = lambda: False  # the first pass's GEMM in float32, as before
             try:
@@ -215,6 +228,14 @@ def main() -> None:
             print(f"| {name}, rows in bfloat16 | {path} | {int8_stored:.2f} | {int8_stored / gemm:.2f} |")
             print(f"| {name}, rows in bfloat16, first pass in float32 | {path} | {stored:.2f} | {stored / gemm:.2f} |")
             print(f"{name}: float32 / int8 first pass = {float32 / seconds:.2f} (bf16 rows {stored / int8_stored:.2f})")
+        if uneven:  # the certificate without column potentials (v = 0), as before them
+            permutation.distance_potentials = lambda src, anchor, norm: torch.zeros_like(norm)
+            try:
+                plain = per_solve_seconds(solve_permutation, sources, anchor, workers)
+            finally:
+                permutation.distance_potentials = distance_potentials
+            print(f"| {name}, without potentials | as before them | {plain:.2f} | {plain / gemm:.2f} |")
+            print(f"{name}: without / with potentials = {plain / seconds:.2f}")
         if path == "bfloat16 filter":
             permutation.fast_bfloat16_gemm = lambda device: False  # solve_permutation looks it up per call
             try:

@@ -10,14 +10,17 @@ scores with a rigorous error bound (`filtered_row_bests`). Where the CPU multipl
 several times faster than float32, both take their scores from a bfloat16 GEMM and bound its
 rounding (`RoundedScores`); where it does not but torch has fbgemm (x86), the first prefix pass
 bounds its scores with an int8 GEMM (`integer_scores`), twice float32's speed. The bounds come
-first: they are cheaper when they settle. Rows whose bests collide (unrelated models) are solved
-on a sparse candidate graph, proven optimal on every entry by LP duality
-(`certified_sparse_assignment`); from the bfloat16 GEMM, the graph holds its estimates, and only
-the entries that can decide the matching are read exactly (`_RowScores`).
+first: they are cheaper when they settle. They settle rows against column potentials (LP duality:
+any v will do, see `distance_potentials`): with v_j = a |y_j|^2 / 2, each row's best is its nearest
+anchor row, so rows of unequal norms -- every trained model's -- settle as early as equal ones. Rows
+whose bests collide (unrelated models) are solved on a sparse candidate graph, proven optimal on
+every entry by LP duality (`certified_sparse_assignment`); from the bfloat16 GEMM, the graph holds
+its estimates, and only the entries that can decide the matching are read exactly (`_RowScores`).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,6 +44,7 @@ from rotfuse.symmetry.weights import Ffn, Linear, ffn_rows, ffn_rows_shape
 PREFIXES = (2, 4, 6, 8, 10, 12, 16, 24, 32)  # bounded scores over the first 2/64, 4/64, ... 32/64 of the columns
 PREFIX_UNIT = 64  # ... in these parts: fine steps from 1/8 on, where rows a step short pay for the next pass
 SLACK = 2.0**-12  # of |x| |y|, at least (`slack`): above float32 rounding, far below a real margin
+POTENTIAL_ROUNDING = 2.0**-20  # of |v_j| and |score|: the float32 rounding of taking potentials off (16 u32)
 MIN_SETTLED = 1 / 8  # a prefix that settles fewer of the open rows gives up on the bounds ...
 GIVE_UP_FROM = 8  # ... from 8/64 of the columns on (narrower ones cost little next to the next one)
 START_SETTLED = 1 / 2  # the passes start at the first prefix that settles this much of a sample
@@ -68,7 +72,7 @@ def solve_permutation(src_rows: torch.Tensor, anchor_rows: torch.Tensor) -> torc
     """`perm[j]` = the source row to place at anchor slot j, maximising the total inner product
     (of the rows in float32: bfloat16 rows are read as they are, see `working_rows`)."""
     src, anchor = working_rows(src_rows, anchor_rows)
-    bounds = _PrefixBounds(anchor, row_norms(anchor))
+    bounds = _PrefixBounds.of(src, anchor)
     first = first_prefix(src, anchor, bounds)
     best = None if first is None else bounded_row_bests(src, anchor, first, bounds)
     rounded = None
@@ -128,6 +132,27 @@ def row_norms(rows: torch.Tensor) -> torch.Tensor:
     return norms
 
 
+def distance_potentials(src: torch.Tensor, anchor: torch.Tensor, anchor_norm: torch.Tensor) -> torch.Tensor:
+    """Column potentials v_j = a |y_j|^2 / 2 (float32) for the row-bests certificates, with a the
+    ratio of the rows' norms (|x| / |y| over a sample of PROBE_ROWS rows of each side).
+
+    By LP duality, rows whose bests against ANY potentials -- argmax_j x_i . y_j - v_j -- are all
+    distinct are the optimal assignment (sum_i x_i . y_pi(i) = sum_i max_j (x_i . y_j - v_j) +
+    sum_j v_j, and no assignment beats the row maxima). v = 0 asks each row for its largest inner
+    product, which an anchor row of large norm wins for many rows; these v ask for the nearest
+    anchor row (x . y - a |y|^2 / 2 = (|x|^2 - |x - a y|^2) / (2 a)), which is what a related
+    model's row is. With rows of unequal norms -- trained models' neurons range over a factor of
+    2 to 6 -- the bounds then settle rows on the same short prefix as rows of equal norms, where
+    v = 0 settles almost none before half the columns."""
+    sample = torch.linspace(0, len(src) - 1, min(len(src), PROBE_ROWS), device=src.device).long()
+    src_sample = row_norms(src.index_select(0, sample)).square().sum()
+    anchor_sample = anchor_norm.index_select(0, sample.clamp_max(len(anchor_norm) - 1)).square().sum()
+    scale = float((src_sample / anchor_sample).sqrt()) if float(anchor_sample) > 0 else 0.0
+    if not math.isfinite(scale):
+        scale = 0.0
+    return anchor_norm.square() * (scale / 2)
+
+
 def _dots32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Row-wise inner products, accumulated in float32 (each within w u32 |x| |y| of the exact one),
     DOT_ROWS at a time: their float32 copies stay in cache (a batched matmul is twice as slow)."""
@@ -159,7 +184,7 @@ def first_prefix(src: torch.Tensor, anchor: torch.Tensor, bounds: _PrefixBounds 
     rows_src = src.index_select(0, sample)
     sample_norm = row_norms(rows_src)
     if bounds is None:
-        bounds = _PrefixBounds(anchor, row_norms(anchor))
+        bounds = _PrefixBounds.of(src, anchor)
     anchor_norm = bounds.anchor_norm
     steps: dict[int, torch.Tensor] = {}  # float32: the sample's scores over each step between prefixes
 
@@ -356,18 +381,21 @@ def _dot64(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def bounded_row_bests(
     src: torch.Tensor, anchor: torch.Tensor, first: int = 0, bounds: _PrefixBounds | None = None
 ) -> torch.Tensor | None:
-    """Every source row's best anchor row when they are all distinct, with a fraction of the GEMM.
+    """Every source row's best anchor row against the column potentials of `bounds` (row i's
+    argmax of x_i . y_j - v_j; `distance_potentials` unless given) when they are all distinct --
+    then the optimal assignment -- with a fraction of the GEMM.
 
     The scores over a prefix of the columns, plus |x_rest| |y_rest| (Cauchy-Schwarz) for the rest
-    and a rounding slack, bound every row's full scores from above; a row whose best-bounded
-    candidate scores (over every column) at least every other bound is settled, and its best is
-    the full GEMM's argmax. Related models -- fine-tunes of one base, scrambled copies -- settle
-    every row on a short prefix; unrelated ones cannot (None as soon as a prefix from 1/8 on settles
-    few of the open rows), nor two rows with one best. `first`: the index in PREFIXES to start at. Where
-    the CPU multiplies bfloat16 fast, each prefix's scores come from a bfloat16 GEMM with
-    `RoundedScores`' error bound (`_PrefixBounds`), else from a float32 GEMM with SLACK -- the first
-    pass's, where torch has fbgemm, from an int8 GEMM's bound (`_PrefixBounds.integer_pass`; the
-    later passes add float32 columns to the open rows' bounds, and score candidates over every column).
+    and a rounding slack, less the potentials, bound every row's full scores from above; a row
+    whose best-bounded candidate scores (over every column, less its potential) at least every
+    other bound is settled, and its best is the full GEMM's argmax of x_i . y_j - v_j. Related models --
+    fine-tunes of one base, scrambled copies -- settle every row on a short prefix; unrelated ones
+    cannot (None as soon as a prefix from 1/8 on settles few of the open rows), nor two rows with one
+    best. `first`: the index in PREFIXES to start at. Where the CPU multiplies bfloat16 fast, each
+    prefix's scores come from a bfloat16 GEMM with `RoundedScores`' error bound (`_PrefixBounds`), else
+    from a float32 GEMM with SLACK -- the first pass's, where torch has fbgemm, from an int8 GEMM's
+    bound (`_PrefixBounds.integer_pass`; the later passes add float32 columns to the open rows' bounds,
+    and score candidates over every column).
     """
     n, width = src.shape
     if n < 2 or anchor.shape[0] != n:
@@ -375,7 +403,7 @@ def bounded_row_bests(
     src, anchor = working_rows(src, anchor)
     src_norm = row_norms(src)
     if bounds is None:  # else the solve's, with what its probe computed
-        bounds = _PrefixBounds(anchor, row_norms(anchor))
+        bounds = _PrefixBounds.of(src, anchor)
     best = torch.empty(n, dtype=torch.int64, device=src.device)
     open_rows = torch.arange(n, device=src.device)
     scores: torch.Tensor | None = None  # float32: the open rows' scores over the first `done` columns
@@ -413,10 +441,11 @@ def bounded_row_bests(
 
 
 def _reached(src: torch.Tensor, src_norm: torch.Tensor, bounds: _PrefixBounds, pick: torch.Tensor) -> torch.Tensor:
-    """A lower bound on each row's full score against its candidate `pick`: the float32 inner
-    product over every column, less its rounding bound (w u32 |x| |y|, doubled)."""
+    """A lower bound on each row's full score against its candidate `pick`, less the candidate's
+    potential: the float32 inner product over every column, less its rounding bound (w u32 |x| |y|,
+    doubled)."""
     full = _dots32(src, bounds.anchor.index_select(0, pick))
-    return full - 2 * src.shape[1] * FP32_UNIT * src_norm * bounds.anchor_norm[pick]
+    return bounds.less_potential(full - 2 * src.shape[1] * FP32_UNIT * src_norm * bounds.anchor_norm[pick], pick)
 
 
 def _prefix_pass(
@@ -430,9 +459,10 @@ def _prefix_pass(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Which source rows `rows_src` (norms `src_norm`, float32 GEMM `scores` over the first `upto`
     columns) the bounds settle, and each one's candidate best: see `bounded_row_bests`. Each
-    block's bound is one rank-2 update of its scores (the rest's norms, and `slack`), and the
-    candidate's score over the rest is read from its rest columns alone -- or, where `scores` only
-    bound the prefix's (`exact_prefix` False: the int8 first pass's), its whole score (`_reached`)."""
+    block's bound is one rank-3 update of its scores (the rest's norms, `slack` and the potentials),
+    and the candidate's score over the rest is read from its rest columns alone -- or, where
+    `scores` only bound the prefix's (`exact_prefix` False: the int8 first pass's), its whole score
+    (`_reached`)."""
     left, right = bounds.rest_factors(rows_src, src_norm, upto)
     anchor_rest = anchor[:, upto:]
     bound = _bound_buffer(len(rows_src), anchor)
@@ -443,7 +473,7 @@ def _prefix_pass(
         top, pick = upper.topk(2, dim=1)
         if exact_prefix:  # over every column: this prefix's GEMM scores (rounding inside `slack`) plus the rest
             rest = _dots32(rows_src[block, upto:], anchor_rest.index_select(0, pick[:, 0]))
-            exact = scores[block].gather(1, pick[:, :1])[:, 0] + rest
+            exact = bounds.less_potential(scores[block].gather(1, pick[:, :1])[:, 0] + rest, pick[:, 0])
         else:
             exact = _reached(rows_src[block], src_norm[block], bounds, pick[:, 0])
         settled.append(exact >= top[:, 1])
@@ -460,29 +490,47 @@ class _PrefixBounds:
     """The anchor's side of `bounded_row_bests`' passes (and its probe): per prefix, the anchor's
     rounded columns and norms (bfloat16 passes), its int8 columns packed for fbgemm (the int8 first
     pass and probe, `integer_pass`) or its rest norms (float32 passes, `rest`) are computed once
-    and serve every pass over it.
+    and serve every pass over it -- and the column potentials v every pass settles rows against.
 
     A row's bound on its full score against anchor row j is the rounded prefix score plus its
     error bound (`RoundedScores`', the result's rounding bounded by the prefix norms: see `_side`)
-    plus |x_rest| |y_rest| (Cauchy-Schwarz), all added in one rank-5 update; the rest norms come
-    from the full and prefix norms (rounded up past their float32 error), so the rest of the
-    columns is never read. A row is settled when its candidate's full score, in float32 less its
-    rounding bound, reaches every other bound: the candidate is then the float64 argmax, as
-    `filtered_row_bests` finds it."""
+    plus |x_rest| |y_rest| (Cauchy-Schwarz), less v_j, all added in one rank-6 update; the rest
+    norms come from the full and prefix norms (rounded up past their float32 error), so the rest of
+    the columns is never read. A row is settled when its candidate's full score, in float32 less its
+    rounding bound and its potential, reaches every other bound: the candidate is then the argmax of
+    the float64 scores less the potentials."""
 
-    def __init__(self, anchor: torch.Tensor, anchor_norm: torch.Tensor) -> None:
+    def __init__(self, anchor: torch.Tensor, anchor_norm: torch.Tensor, potential: torch.Tensor | None = None) -> None:
         self.anchor, self.anchor_norm = anchor, anchor_norm
+        self.potential = torch.zeros_like(anchor_norm) if potential is None else potential
         self.mode = prefix_gemm(anchor.device)  # float32: the passes of `_prefix_pass`, else `settle`
         self._sides: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._integer_sides: dict[int, tuple[QuantizedRows, torch.Tensor]] = {}
         self._rests: dict[int, torch.Tensor] = {}
 
+    @classmethod
+    def of(cls, src: torch.Tensor, anchor: torch.Tensor) -> _PrefixBounds:
+        """The bounds of a solve of `src` against `anchor`, with `distance_potentials`."""
+        anchor_norm = row_norms(anchor)
+        return cls(anchor, anchor_norm, distance_potentials(src, anchor, anchor_norm))
+
+    def less_potential(self, score: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
+        """A lower bound on score - v[pick] (float32: less its rounding, POTENTIAL_ROUNDING)."""
+        potential = self.potential[pick]
+        return score - potential - POTENTIAL_ROUNDING * (score.abs() + potential.abs())
+
     def rest_factors(self, src: torch.Tensor, src_norm: torch.Tensor, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The float32 passes' rank-2 terms past the prefix [0, upto): left (rows of `src`)
-        |x_rest| and `slack` |x|, right |y_rest| and |y| -- Cauchy-Schwarz on the rest, and the
-        rounding allowance."""
-        left = torch.stack([row_norms(src[:, upto:]), src_norm * slack(src.shape[1])], 1)
-        return left, torch.stack([self.rest(upto), self.anchor_norm])
+        """The float32 passes' rank-3 terms past the prefix [0, upto): left (rows of `src`)
+        |x_rest|, `slack` |x| and 1, right |y_rest|, |y| and -v -- Cauchy-Schwarz on the rest, the
+        rounding allowance, and the potentials (shrunk by POTENTIAL_ROUNDING, which bounds the
+        rounding of taking them off)."""
+        left = torch.stack([row_norms(src[:, upto:]), src_norm * slack(src.shape[1]), torch.ones_like(src_norm)], 1)
+        return left, torch.stack([self.rest(upto), self.anchor_norm, self.taken_off])
+
+    @property
+    def taken_off(self) -> torch.Tensor:
+        """-v, less POTENTIAL_ROUNDING of |v|: what the bounds add for the potentials."""
+        return -self.potential + POTENTIAL_ROUNDING * self.potential.abs()
 
     def rest(self, upto: int) -> torch.Tensor:
         """The norms of the anchor's rows past the prefix [0, upto) (float32, as computed)."""
@@ -506,7 +554,8 @@ class _PrefixBounds:
         anchor_hi, right = self._side(upto)
         src_hi, src_hi_norm, src_lo_norm, src_pre_norm = _rounded_rows(src[:, :upto])
         src_rest = rest_norm(src_norm, src_pre_norm, src.shape[1])
-        left = torch.stack([src_hi_norm, src_lo_norm, src_hi_norm, src_rest, torch.ones_like(src_rest)], 1)
+        ones = torch.ones_like(src_rest)
+        left = torch.stack([src_hi_norm, src_lo_norm, src_hi_norm, src_rest, ones, ones], 1)
         # one GEMM block and one scan block, refilled: fresh ones would be new pages every time
         approx_buffer = anchor_hi.new_empty(min(len(src), ROW_BLOCK), len(anchor_hi))
         scan_buffer = anchor_hi.new_empty(min(len(src), SCAN_BLOCK), len(anchor_hi), dtype=torch.float32)
@@ -533,8 +582,9 @@ class _PrefixBounds:
         float32 passes add columns to. Per block of ROW_BLOCK source rows (quantized on their own)
         the prefix bound is step (q - OUTPUT_ZERO + OUTPUT_ERROR) + |x'| |r_y| + |r_x| |y_pre| -- its
         float32 rounding, ~2^-24 of 256 steps, inside the quarter step OUTPUT_ERROR keeps beyond
-        rounding to the nearest -- and the row's bound adds |x_rest| |y_rest| and `slack` |x| |y|: one
-        rank-5 update of the uint8 scores. A candidate is settled on its whole score (`_reached`)."""
+        rounding to the nearest -- and the row's bound adds |x_rest| |y_rest| and `slack` |x| |y|, less
+        v_j: one rank-6 update of the uint8 scores. A candidate is settled on its whole score less
+        its potential (`_reached`)."""
         quantized_anchor, prefix_right = self._integer_side(upto)
         rest_left, rest_right = self.rest_factors(src, src_norm, upto)
         right = torch.cat([prefix_right, rest_right])
@@ -568,10 +618,10 @@ class _PrefixBounds:
 
     def _side(self, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The anchor's prefix in bfloat16 and its right factors: |y_lo|, |y|, (gamma + u') |y_hi|,
-        |y_rest| and a floor for what underflowed (against the left's |x_hi|, |x_lo|, |x_hi|,
-        |x_rest| and 1). The result's rounding to bfloat16 is bounded by u' |x_hi| |y_hi| rather
+        |y_rest|, a floor for what underflowed and -v (against the left's |x_hi|, |x_lo|, |x_hi|,
+        |x_rest|, 1 and 1). The result's rounding to bfloat16 is bounded by u' |x_hi| |y_hi| rather
         than u' |approx| (`RoundedScores`): looser by a fraction of a percent of a prefix score's
-        range, and the whole bound is then one rank-5 update of the scores."""
+        range, and the whole bound is then one rank-6 update of the scores."""
         if upto not in self._sides:
             hi, hi_norm, lo_norm, pre_norm = _rounded_rows(self.anchor[:, :upto])
             gamma = accumulation_bound(upto)
@@ -579,7 +629,8 @@ class _PrefixBounds:
             rest = rest_norm(self.anchor_norm, pre_norm, self.anchor.shape[1])
             pre = pre_norm * norm_round_up(upto)
             floor = torch.full_like(rest, _SUBNORMAL)
-            self._sides[upto] = hi, torch.stack([lo_norm, pre, rounding * hi_norm, rest, floor])
+            potential = self.taken_off / _TERMS_UP  # the update's factor would take off more than v
+            self._sides[upto] = hi, torch.stack([lo_norm, pre, rounding * hi_norm, rest, floor, potential])
         return self._sides[upto]
 
 
