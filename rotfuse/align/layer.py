@@ -179,9 +179,11 @@ def _match_ffn(src: Ffn, anchor: Ffn, settings: LayerSettings) -> tuple[Ffn, Mod
         return src, result
     src_rows, anchor_rows = neuron_rows(src, anchor)
     perm = solve_permutation(src_rows, anchor_rows)
+    result.applied = ["perm"]
+    if torch.equal(perm, torch.arange(len(perm), device=perm.device)):  # a fine-tune's neurons stay put
+        return src, result  # the very tensors read: written back as their bytes, not rebuilt
     moved = permute_ffn(src, perm, src_rows)
     after = sum(sq_distance(s, a) for s, a in _ffn_pairs(moved, anchor))
-    result.applied = ["perm"]
     if after > before:
         result.reverted = True
         return src, result

@@ -39,6 +39,7 @@ class Checkpoint:
     allow_nonfinite: bool = False
     _shard_of: dict[str, int] = field(default_factory=dict, repr=False)
     _pickled: dict[str, Any] = field(default_factory=dict, repr=False)  # .bin tensors (memory-mapped)
+    _finite: set[str] = field(default_factory=set, repr=False, compare=False)  # stored values checked finite
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -151,11 +152,20 @@ class Checkpoint:
         return tensor if device == "cpu" else tensor.to(device)
 
     def refuse_nonfinite(self, name: str, tensor: torch.Tensor) -> None:
+        """Refuse `tensor`, tensor `name`'s stored values, if it holds NaN or Inf (unless allowed)."""
         if not self.allow_nonfinite and not all_finite(tensor):
             raise InputError(
                 f"{self.shard_of(name).path}: tensor {name!r} contains NaN or Inf values "
                 "(pass --allow-nonfinite to accept them)"
             )
+        self._finite.add(name)
+
+    def ensure_finite(self, name: str) -> None:
+        """`refuse_nonfinite` for a tensor that is not read otherwise (copied as bytes): read and
+        checked now, unless this checkpoint checked it already -- a layer's tensors are, when the
+        layer is read -- or allows NaN/Inf."""
+        if not self.allow_nonfinite and name not in self._finite:
+            self.get(name)
 
     def _read(self, number: int, name: str) -> torch.Tensor:
         """One tensor through a `safe_open` handle opened for this read alone.

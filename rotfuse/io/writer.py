@@ -143,14 +143,15 @@ class CheckpointWriter:
 
     def copy(self, name: str, source: Checkpoint | None = None) -> None:
         """Copy a tensor's bytes unchanged from `source` (default: the template). Its values are
-        checked for NaN/Inf first, like every tensor read (unless the source allows them)."""
+        checked for NaN/Inf first, like every tensor read (unless the source allows them, or
+        checked them when they were read)."""
         source = source or self.template
         if source is None:
             raise ValueError("no template checkpoint to copy from")
         fd, dtype, shape, begin = self._slot(name)
         entry = source.entry(name)
-        if entry.dtype in FLOATING_DTYPES and not source.allow_nonfinite:
-            source.get(name)  # refuses NaN/Inf, naming the file and the tensor
+        if entry.dtype in FLOATING_DTYPES:
+            source.ensure_finite(name)  # refuses NaN/Inf, naming the file and the tensor
         if entry.dtype != dtype or entry.shape != shape or entry.begin < 0:
             self.write(name, source.get(name))  # a cast, or a pickled source without byte ranges
             return

@@ -208,3 +208,32 @@ def test_start_writeback_leaves_the_bytes_alone(tmp_path):
     finally:
         os.close(fd)
     assert path.read_bytes() == b"x" * 5000 + b"y" * 100 + b"x" * 4900
+
+
+def test_copy_checks_a_tensor_for_nan_unless_it_was_checked_when_read(tmp_path, monkeypatch):
+    """Copied bytes are checked for NaN/Inf like every tensor read -- once: a tensor this run has
+    read (a layer's, checked then) is copied without reading it again; one never read is read and
+    checked, and refused if it holds NaN."""
+    import rotfuse.io.checkpoint as checkpoint_module
+
+    model = save_tiny("bert", tmp_path / "model", seed=0)
+    first, second, third, *_ = (n for n in Checkpoint.open(model).names() if n.endswith("weight"))
+    tensors = load_file(str(model / "model.safetensors"))
+    tensors[third] = tensors[third].clone()
+    tensors[third].view(-1)[0] = float("nan")
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    src = Checkpoint.open(model)
+    checked: list[int] = []
+    all_finite = checkpoint_module.all_finite
+    monkeypatch.setattr(checkpoint_module, "all_finite", lambda t: checked.append(1) or all_finite(t))
+    src.get(first)
+    assert len(checked) == 1
+    (tmp_path / "out").mkdir()
+    writer = CheckpointWriter(tmp_path / "out", plan_like(src), src)
+    writer.copy(first)
+    assert len(checked) == 1, "read and checked already: copied as bytes, not read again"
+    writer.copy(second)
+    assert len(checked) == 2, "never read: checked as it is copied"
+    with pytest.raises(InputError, match="NaN or Inf"):
+        writer.copy(third)
+    writer.abort()

@@ -451,6 +451,25 @@ def test_matching_a_layer_to_itself_changes_nothing():
     assert all(r.after <= r.before for r in results)
 
 
+def test_a_fine_tunes_ffn_left_in_place_is_returned_as_read():
+    """Where the optimal permutation is the identity (a fine-tune: its neurons stay put), the FFN
+    comes back as the very object read -- so the writer copies its stored bytes instead of
+    rebuilding and rewriting them -- with the distance it started at; a scrambled one is moved."""
+    layer = random_layer(12, dff=40)
+    g = torch.Generator().manual_seed(13)
+    inputs = [Linear(x.weight + 0.01 * torch.randn(x.weight.shape, generator=g), x.bias) for x in layer.ffn.inputs]
+    tuned = LayerWeights(layer.attention, Ffn(inputs, layer.ffn.output))
+    matched, results = match_layer(tuned, layer, LayerSettings(frozenset({"ffn.perm"})))
+    (ffn,) = [r for r in results if r.module == "ffn"]
+    assert matched.ffn is tuned.ffn
+    assert ffn.applied == ["perm"] and ffn.after == ffn.before > 0
+    order = torch.randperm(40, generator=g)
+    scrambled = LayerWeights(layer.attention, permute_ffn(tuned.ffn, order))
+    moved, _ = match_layer(scrambled, layer, LayerSettings(frozenset({"ffn.perm"})))
+    assert moved.ffn is not scrambled.ffn
+    assert torch.equal(moved.ffn.inputs[0].weight, tuned.ffn.inputs[0].weight)
+
+
 def test_disabled_symmetries_are_not_applied():
     layer, anchor = random_layer(12), random_layer(13)
     matched, results = match_layer(layer, anchor, LayerSettings(frozenset({"ffn.perm"})))
