@@ -47,6 +47,7 @@ SLACK = 2.0**-12  # of |x| |y|, at least (`slack`): above float32 rounding, far 
 POTENTIAL_ROUNDING = 2.0**-20  # of |v_j| and |score|: the float32 rounding of taking potentials off (16 u32)
 MIN_SETTLED = 1 / 8  # a prefix that settles fewer of the open rows gives up on the bounds ...
 GIVE_UP_FROM = 8  # ... from 8/64 of the columns on (narrower ones cost little next to the next one)
+FINISH_SHARE = 1 / 16  # rows the widest prefix leaves, at most this share, are scored over every column
 START_SETTLED = 1 / 2  # the passes start at the first prefix that settles this much of a sample
 ROW_BLOCK = 512  # rows per block of bounds: temporaries of a few MiB, not of the whole score matrix
 SCAN_BLOCK = 128  # rows per block of the bfloat16 scores' scans: a few passes over it stay in L2
@@ -85,7 +86,7 @@ def solve_permutation(src_rows: torch.Tensor, anchor_rows: torch.Tensor) -> torc
         certified = _certified_sparse(_RowScores(src, anchor, rounded), len(src), SPARSE_CANDIDATES)
         if certified is not None:
             return certified
-    return best_assignment(src.float() @ anchor.float().T)
+    return best_assignment(src.float() @ anchor.float().T, bounds.potential)
 
 
 def working_rows(src: torch.Tensor, anchor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -385,17 +386,18 @@ def bounded_row_bests(
     argmax of x_i . y_j - v_j; `distance_potentials` unless given) when they are all distinct --
     then the optimal assignment -- with a fraction of the GEMM.
 
-    The scores over a prefix of the columns, plus |x_rest| |y_rest| (Cauchy-Schwarz) for the rest
-    and a rounding slack, less the potentials, bound every row's full scores from above; a row
-    whose best-bounded candidate scores (over every column, less its potential) at least every
-    other bound is settled, and its best is the full GEMM's argmax of x_i . y_j - v_j. Related models --
-    fine-tunes of one base, scrambled copies -- settle every row on a short prefix; unrelated ones
-    cannot (None as soon as a prefix from 1/8 on settles few of the open rows), nor two rows with one
-    best. `first`: the index in PREFIXES to start at. Where the CPU multiplies bfloat16 fast, each
-    prefix's scores come from a bfloat16 GEMM with `RoundedScores`' error bound (`_PrefixBounds`), else
-    from a float32 GEMM with SLACK -- the first pass's, where torch has fbgemm, from an int8 GEMM's
-    bound (`_PrefixBounds.integer_pass`; the later passes add float32 columns to the open rows' bounds,
-    and score candidates over every column).
+    The scores over a prefix of the columns, plus |x_rest| |y_rest| (Cauchy-Schwarz) for the rest and a
+    rounding slack, less the potentials, bound every row's full scores from above; a row whose
+    best-bounded candidate scores (over every column, less its potential) at least every other bound is
+    settled, and its best is the full GEMM's argmax of x_i . y_j - v_j. Related models -- fine-tunes of
+    one base, scrambled copies -- settle every row on a short prefix; unrelated ones cannot (None as
+    soon as a prefix from 1/8 on settles few of the open rows), nor two rows with one best. The few rows
+    the widest prefix may leave (near-ties: at most FINISH_SHARE of them) are scored over every column,
+    where only a tie within the rounding allowance stays open. `first`: the index in PREFIXES to start
+    at. Where the CPU multiplies bfloat16 fast, each prefix's scores come from a bfloat16 GEMM with
+    `RoundedScores`' error bound (`_PrefixBounds`), else from a float32 GEMM with SLACK -- the first
+    pass's, where torch has fbgemm, from an int8 GEMM's bound (`_PrefixBounds.integer_pass`; the later
+    passes add float32 columns to the open rows' bounds, and score candidates over every column).
     """
     n, width = src.shape
     if n < 2 or anchor.shape[0] != n:
@@ -409,10 +411,12 @@ def bounded_row_bests(
     scores: torch.Tensor | None = None  # float32: the open rows' scores over the first `done` columns
     exact_prefix = True  # False: `scores` bound them from above (int8 GEMM)
     done = 0
-    for share in PREFIXES[first:]:
-        upto = _prefix_width(width, share)
+    give_up_from = _prefix_width(width, GIVE_UP_FROM)
+    for upto in [*(_prefix_width(width, share) for share in PREFIXES[first:]), width]:
         if upto <= done:
             continue
+        if upto == width and len(open_rows) > n * FINISH_SHARE:
+            return None  # the full GEMM is cheaper than scoring that many rows over every column
         rows_src = src if len(open_rows) == n else src.index_select(0, open_rows)
         if bounds.mode == "bfloat16":  # each pass from the first column: the open rows are few after the first
             ok, pick = bounds.settle(rows_src, src_norm[open_rows], upto)
@@ -429,7 +433,7 @@ def bounded_row_bests(
                 ok, pick = _prefix_pass(rows_src, anchor, upto, scores, src_norm[open_rows], bounds, exact_prefix)
                 scores = scores[~ok]
         done = upto
-        if float(ok.float().mean()) < MIN_SETTLED and share >= GIVE_UP_FROM:
+        if float(ok.float().mean()) < MIN_SETTLED and give_up_from <= upto < width:
             return None  # unrelated rows: the bounds will not settle them before the full GEMM
         best[open_rows[ok]] = pick[ok]
         open_rows = open_rows[~ok]
@@ -691,18 +695,25 @@ def _inverse(best: torch.Tensor) -> torch.Tensor:
     return perm
 
 
-def best_assignment(scores: torch.Tensor) -> torch.Tensor:
+def best_assignment(scores: torch.Tensor, potential: torch.Tensor | None = None) -> torch.Tensor:
     """`perm[j]` = the row assigned to column j, maximising the summed scores.
 
     Fast path with a certificate: when every row's best column is a different column (or every
     column's best row a different row), taking them is optimal -- each row (column) attains its
-    own maximum, the largest any assignment can give it. Models fine-tuned from one base and
-    scrambled copies are usually this case. Otherwise, for float32 scores, the sparse solve with
-    its LP-duality certificate (`certified_sparse_assignment`: unrelated models), and where that
-    steps aside the dense Hungarian solve (scipy, O(n^3)).
+    own maximum, the largest any assignment can give it; with column potentials `potential`
+    (`distance_potentials`), first each row's best of scores - v, in float64 (LP duality: optimal
+    too when distinct; a fine-tune's rows of uneven norms are this case where their largest scores
+    collide). Models fine-tuned from one base and scrambled copies are usually this case.
+    Otherwise, for float32 scores, the sparse solve with its LP-duality certificate
+    (`certified_sparse_assignment`: unrelated models), and where that steps aside the dense
+    Hungarian solve (scipy, O(n^3)).
     """
     n = scores.shape[0]
     if scores.shape[0] == scores.shape[1] and n:
+        if potential is not None:
+            nearest = _bests_against(scores, potential)
+            if torch.unique(nearest).numel() == n:
+                return _inverse(nearest)
         best_cols = scores.argmax(dim=1)
         if torch.unique(best_cols).numel() == n:
             return _inverse(best_cols)
@@ -719,6 +730,14 @@ def best_assignment(scores: torch.Tensor) -> torch.Tensor:
     perm = np.empty(len(cols), dtype=np.int64)
     perm[cols] = rows
     return torch.from_numpy(perm)
+
+
+def _bests_against(scores: torch.Tensor, potential: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax of scores - potential, in float64 (exact for float32 operands of like
+    magnitude), ROW_BLOCK rows at a time: no float64 copy of the whole."""
+    wide = potential.to(scores.device, torch.float64)
+    blocks = [(scores[i : i + ROW_BLOCK].double() - wide).argmax(dim=1) for i in range(0, len(scores), ROW_BLOCK)]
+    return torch.cat(blocks)
 
 
 def certified_assignment(approx: torch.Tensor, error: torch.Tensor) -> torch.Tensor | None:

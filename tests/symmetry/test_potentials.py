@@ -146,3 +146,52 @@ def test_a_pass_settles_a_row_only_on_its_best_against_the_potentials(prefix_gem
             assert torch.equal(pick[settled], want[settled])
             settled_any += int(settled.sum())
     assert settled_any > 100, "the case is meant to settle rows"
+
+
+def minilm_fine_tune(minilm_dir, layer: int, noise: float, seed: int):
+    """(source, anchor, order): a real model's FFN rows (MiniLM's neurons: norms over a factor 2-6)
+    and a scrambled fine-tune of them, `noise` relative to each row's norm."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(minilm_dir / "model.safetensors"))
+    prefix = next(k for k in weights if f"layer.{layer}.intermediate.dense.weight" in k).rsplit(".", 1)[0]
+    up, bias = weights[prefix + ".weight"].float(), weights[prefix + ".bias"].float()
+    down = weights[prefix.replace("intermediate", "output") + ".weight"].float()
+    anchor = torch.cat([up, bias[:, None], down.T], 1)
+    g = torch.Generator().manual_seed(seed)
+    fresh = torch.randn(anchor.shape, generator=g) / anchor.shape[1] ** 0.5
+    order = torch.randperm(len(anchor), generator=g)
+    return (anchor + noise * fresh * anchor.norm(dim=1, keepdim=True))[order], anchor, order
+
+
+@pytest.mark.parametrize("noise", [0.05, 0.5])
+def test_a_real_models_fine_tune_settles_on_its_prefixes(minilm_dir, noise, prefix_gemm):
+    """MiniLM's neurons, scrambled, +5 % and +50 % noise: before the potentials no prefix settled
+    them (every solve took the full GEMM); now the passes do -- the last near-ties scored over
+    every column -- and give the optimum."""
+    src, anchor, order = minilm_fine_tune(minilm_dir, 0, noise, seed=8)
+    assert first_prefix(src, anchor, _PrefixBounds(anchor, row_norms(anchor))) is None  # v = 0
+    first = first_prefix(src, anchor)
+    assert first is not None
+    best = bounded_row_bests(src, anchor, first)
+    assert best is not None and torch.equal(best, order)
+    exact = exact_scores(src, anchor)
+    assert assignment_total(exact, solve_permutation(src, anchor)) == optimum_total(exact)
+
+
+def test_the_full_scores_certificate_takes_the_potentials(minilm_dir, monkeypatch):
+    """Where the passes give up and the full GEMM decides, its rows' bests against the potentials
+    are tried before their largest scores: on a real fine-tune whose largest scores collide, the
+    optimum without the sparse solve or scipy's Hungarian."""
+    src, anchor, order = minilm_fine_tune(minilm_dir, 1, 0.5, seed=9)
+    scores = src @ anchor.T
+    assert torch.unique(scores.argmax(dim=1)).numel() < len(src), "the case is meant to collide"
+    potential = distance_potentials(src, anchor, row_norms(anchor))
+
+    def no_slow_path(*args, **kwargs):
+        raise AssertionError("the potentials' certificate should have settled it")
+
+    monkeypatch.setattr(permutation, "certified_sparse_assignment", no_slow_path)
+    perm = permutation.best_assignment(scores, potential)
+    assert assignment_total(scores, perm) == optimum_total(scores)
+    assert torch.equal(perm, order.argsort())
