@@ -65,8 +65,9 @@ def hard_permutation(relaxed: torch.Tensor) -> torch.Tensor:
 
 
 def straight_through(relaxed: torch.Tensor) -> torch.Tensor:
-    """Forward: the hard permutation; backward: as if it were `relaxed` itself."""
-    return hard_permutation(relaxed) + relaxed - relaxed.detach()
+    """Forward: the hard permutation, exactly (relaxed - relaxed.detach() is 0; (hard + relaxed) -
+    relaxed would round); backward: as if it were `relaxed` itself."""
+    return hard_permutation(relaxed) + (relaxed - relaxed.detach())
 
 
 def symmetric(param: torch.Tensor) -> torch.Tensor:
