@@ -330,7 +330,7 @@ def filtered_row_bests(
     candidate settles the row; a few are scored in float64; more than MAX_CANDIDATES per row on
     average (unrelated models, near-ties everywhere) gives up (None), as do two rows with one best.
     """
-    n, width = src.shape
+    n = len(src)
     if n < 2 or anchor.shape[0] != n:
         return None
     src, anchor = working_rows(src, anchor)
@@ -343,10 +343,7 @@ def filtered_row_bests(
         block = slice(start, start + SCAN_BLOCK)
         scores, error = rounded.upper(block)
         pick = scores.argmax(dim=1)
-        picked = anchor.index_select(0, pick)
-        # the pick's score in float32, less its rounding bound (w u32 |x| |y|, doubled): a lower bound
-        full = _dots32(src[block], picked)
-        reached = full - 2 * width * FP32_UNIT * src_norm[block] * anchor_norm[pick]
+        reached = _score_from_below(src[block], src_norm[block], anchor, anchor_norm, pick)
         upper = scores.add_(error)
         candidates = upper >= reached[:, None]
         candidates[torch.arange(len(pick), device=pick.device), pick] = True
@@ -444,12 +441,18 @@ def bounded_row_bests(
     return best
 
 
+def _score_from_below(
+    src: torch.Tensor, src_norm: torch.Tensor, anchor: torch.Tensor, anchor_norm: torch.Tensor, pick: torch.Tensor
+) -> torch.Tensor:
+    """A lower bound on each row's full score against anchor row `pick`: the float32 inner product
+    over every column, less its rounding bound (w u32 |x| |y|, doubled)."""
+    full = _dots32(src, anchor.index_select(0, pick))
+    return full - 2 * src.shape[1] * FP32_UNIT * src_norm * anchor_norm[pick]
+
+
 def _reached(src: torch.Tensor, src_norm: torch.Tensor, bounds: _PrefixBounds, pick: torch.Tensor) -> torch.Tensor:
-    """A lower bound on each row's full score against its candidate `pick`, less the candidate's
-    potential: the float32 inner product over every column, less its rounding bound (w u32 |x| |y|,
-    doubled)."""
-    full = _dots32(src, bounds.anchor.index_select(0, pick))
-    return bounds.less_potential(full - 2 * src.shape[1] * FP32_UNIT * src_norm * bounds.anchor_norm[pick], pick)
+    """`_score_from_below` against the candidate `pick`, less its potential."""
+    return bounds.less_potential(_score_from_below(src, src_norm, bounds.anchor, bounds.anchor_norm, pick), pick)
 
 
 def _prefix_pass(
