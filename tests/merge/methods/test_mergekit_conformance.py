@@ -5,6 +5,10 @@ or /work/mergekit-venv/bin (scripts/compare_mergekit.py, which these tests drive
 that run it skip without it -- or fail, where $ROTFUSE_REQUIRE_MERGEKIT is set (CI installs it).
 Each builds a tiny LLaMA base and two fine-tunes of it, runs `mergekit-yaml` and `rotfuse merge`
 as separate processes with the same settings, and compares every tensor.
+
+DARE draws its masks from another RNG in each tool, so its tests compare what both must share --
+the fraction kept, the rescaling, the unbiased mean -- and check rotfuse's own promise that a seed
+gives the same bytes whatever the thread count.
 """
 
 from __future__ import annotations
