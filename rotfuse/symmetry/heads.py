@@ -233,14 +233,22 @@ def _rows(block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return moved.copy_(block.permute(0, 2, 1, 3)).view(groups * dh, -1)
 
 
+STRIDED_CHUNK = 256  # columns of a transposed block squared at once: a temporary of a few hundred KiB
+
+
 def _last_norms(block: torch.Tensor) -> torch.Tensor:
     """Norms along the last dimension, summed in float32 or wider; a transposed block (o's
-    columns) squared first: torch's norm along a strided dimension is ten times slower."""
+    columns) squared first, STRIDED_CHUNK columns at a time: torch's norm along a strided
+    dimension is ten times slower, and squaring it whole is a fresh temporary as large as the block."""
     if block.dtype not in (torch.float32, torch.float64):
         block = block.float()
     if block.stride(-1) == 1:
         return torch.linalg.vector_norm(block, dim=-1)
-    return torch.mul(block, block).sum(-1).sqrt_()
+    total = block.new_zeros(block.shape[:-1])
+    for start in range(0, block.shape[-1], STRIDED_CHUNK):
+        part = block[..., start : start + STRIDED_CHUNK]
+        total.add_(torch.mul(part, part).sum(-1))
+    return total.sqrt_()
 
 
 def _group_norms_of(row_norm: torch.Tensor, width: int, groups: int | None = None) -> torch.Tensor:

@@ -11,8 +11,11 @@ each block of source rows asymmetrically, x = x' + r_x with x' = s_x (q_x - z) (
 
 x' . y' = s_x s_y sum (q_x - z) q_y: fbgemm sums the integer products exactly in int32 (its AVX2
 kernel adds pairs of u8 * s8 products in int16 with saturation; pairs of 127 * 127 stay below
-2^15, which is why q_x keeps to 7 bits) and rounds the result to an 8-bit output of step s_out,
-chosen so that no score is clamped: within s_out / 2 of x' . y', plus float rounding.
+2^15, which is why q_x keeps to 7 bits) and returns the sums in float32, scaled by s_x s_y (the
+op that takes x' in float32 with its scale and zero point, and quantizes it back to q_x exactly:
+x' lies on the grid). Three float32 roundings -- the int32 sum to float (exact below 2^24), the
+scales' product, the scaled result -- and x' held in float32 (within u32 of the grid's values, which
+the norms |x'| and |r_x| are taken of) leave each score within SCORE_ROUNDING |x'| |y'| of x' . y'.
 
 The ops come from torch's quantized CPU backend, which torch marks deprecated: where they are
 missing (or fail the self-check), `int8_gemm_available` is False and the callers use float32.
@@ -31,27 +34,23 @@ import torch
 
 SOURCE_LEVELS = 127  # q_x in [0, 127]: two u8 * s8 products of 127 * 127 add up below 2^15
 ANCHOR_LEVELS = 127  # q_y in [-127, 127]: symmetric, zero point 0
-OUTPUT_ZERO = 128  # the output's zero point: scores in [-128, 127] steps
-OUTPUT_HEADROOM = 1 + 2.0**-10  # every |x' . y'| stays below 127 steps: nothing is clamped
 BLOCK_ROWS = 512  # anchor rows quantized at a time
-OUTPUT_ERROR = 0.75  # of a step: rounding to the nearest (0.5), and float rounding well within the rest
+SCORE_ROUNDING = 2.0**-20  # of |x'| |y'|: three float32 roundings (3 u32) and x' off the grid (u32), with room
 
 _engine_lock = threading.Lock()
 
 
 @dataclass
 class QuantizedRows:
-    """Rows quantized for fbgemm -- the source side as a quantized uint8 tensor, the anchor side
-    as fbgemm's packed int8 weight -- with the norms of the quantized rows, |x'|, and of what
-    quantizing left, |r| (float32, as computed)."""
+    """Rows quantized for fbgemm -- the source side as the quantized rows x' in float32 (on the
+    grid of `scale` and `zero_point`), the anchor side as fbgemm's packed int8 weight -- with the
+    norms of the quantized rows, |x'|, and of what quantizing left, |r| (float32, as computed)."""
 
     tensor: Any
     quantized_norm: torch.Tensor
     residual_norm: torch.Tensor
-
-    @property
-    def largest(self) -> float:
-        return float(self.quantized_norm.max()) if len(self.quantized_norm) else 0.0
+    scale: float = 1.0
+    zero_point: int = 0
 
 
 @cache
@@ -69,16 +68,15 @@ def _self_check() -> bool:
         return False
     try:
         generator = torch.Generator().manual_seed(0)
-        source = torch.randint(0, SOURCE_LEVELS + 1, (16, 96), generator=generator, dtype=torch.uint8)
+        source = torch.randint(0, SOURCE_LEVELS + 1, (16, 96), generator=generator, dtype=torch.int64)
         weight = torch.randint(-ANCHOR_LEVELS, ANCHOR_LEVELS + 1, (24, 96), generator=generator, dtype=torch.int8)
         source[0], weight[0], weight[1] = SOURCE_LEVELS, ANCHOR_LEVELS, -ANCHOR_LEVELS
-        zero = 5
-        exact = (source.double() - zero) @ weight.double().T
-        step = float(exact.abs().max()) * OUTPUT_HEADROOM / (OUTPUT_ZERO - 1)
+        zero, scale = 5, float(torch.tensor(0.37))  # float32-exact, as fbgemm holds it
+        rows = QuantizedRows((source - zero).float().mul_(scale), torch.zeros(16), torch.zeros(16), scale, zero)
         packed = _prepack(weight, torch.ones(len(weight)), locked=True)
-        scores = _linear(torch._make_per_tensor_quantized_tensor(source, 1.0, zero), packed, step)
-        got = (scores.double() - OUTPUT_ZERO) * step
-        return bool(((got - exact).abs() <= 0.5 * step * (1 + 2.0**-10)).all())
+        exact = (source.double() - zero) @ weight.double().T * scale
+        allowed = SCORE_ROUNDING * rows.tensor.double().norm(dim=1)[:, None] * weight.double().norm(dim=1)[None]
+        return bool(((_scores(rows, packed).double() - exact).abs() <= allowed).all())
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
 
@@ -103,25 +101,22 @@ def quantize_anchor(rows: torch.Tensor) -> QuantizedRows:
 
 
 def quantize_source(rows: torch.Tensor) -> QuantizedRows:
-    """Source rows (any float dtype) as uint8 in [0, SOURCE_LEVELS]: one scale, one zero point."""
+    """Source rows (any float dtype) as 7-bit levels in [0, SOURCE_LEVELS] (one scale, one zero
+    point), held as the float32 rows x' = scale (q - zero) that fbgemm quantizes back exactly."""
     rows = rows.float()
     low, high = min(float(rows.min()), 0.0), max(float(rows.max()), 0.0)
     scale = float(torch.tensor((high - low) / SOURCE_LEVELS, dtype=torch.float32))  # as fbgemm holds it
     scale = scale if scale > 0 else 1.0
     zero = min(max(round(-low / scale), 0), SOURCE_LEVELS)
-    q = rows.div(scale).round_().add_(zero).clamp_(0, SOURCE_LEVELS)
-    quantized = q.sub(zero).mul_(scale)
-    residual_norm = torch.linalg.vector_norm(quantized.sub(rows), dim=1)  # rows may be the caller's
-    tensor = torch._make_per_tensor_quantized_tensor(q.to(torch.uint8), scale, zero)
-    return QuantizedRows(tensor, torch.linalg.vector_norm(quantized, dim=1), residual_norm)
+    quantized = rows.div(scale).round_().add_(zero).clamp_(0, SOURCE_LEVELS).sub_(zero).mul_(scale)
+    residual_norm = torch.linalg.vector_norm(quantized - rows, dim=1)  # rows may be the caller's
+    return QuantizedRows(quantized, torch.linalg.vector_norm(quantized, dim=1), residual_norm, scale, zero)
 
 
-def quantized_scores(src: QuantizedRows, anchor: QuantizedRows) -> tuple[torch.Tensor, float]:
-    """x' . y' for every pair as uint8 q (rows: `src`'s, columns: `anchor`'s) and the step: each
-    x' . y' is within OUTPUT_ERROR steps of step * (q - OUTPUT_ZERO)."""
-    step = src.largest * anchor.largest * OUTPUT_HEADROOM / (OUTPUT_ZERO - 1)
-    step = step if step > 0 else 1.0
-    return _linear(src.tensor, anchor.tensor, step), step
+def quantized_scores(src: QuantizedRows, anchor: QuantizedRows) -> torch.Tensor:
+    """x' . y' for every pair (rows: `src`'s, columns: `anchor`'s) in float32, each within
+    SCORE_ROUNDING |x'| |y'|."""
+    return _scores(src, anchor.tensor)
 
 
 def _prepack(q: torch.Tensor, scale: torch.Tensor, locked: bool = False) -> Any:
@@ -138,6 +133,8 @@ def _prepack(q: torch.Tensor, scale: torch.Tensor, locked: bool = False) -> Any:
             torch.backends.quantized.engine = before
 
 
-def _linear(source: torch.Tensor, packed: Any, step: float) -> torch.Tensor:
-    """fbgemm's int8 GEMM source @ weight.T, its int32 sums rounded to uint8 steps of `step`."""
-    return torch.ops.quantized.linear(source, packed, step, OUTPUT_ZERO).int_repr()
+def _scores(src: QuantizedRows, packed: Any) -> torch.Tensor:
+    """fbgemm's int8 GEMM of the source rows (quantized back from x') and the packed weight, its
+    exact int32 sums scaled to float32."""
+    op = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
+    return op(src.tensor, src.scale, src.zero_point, packed)

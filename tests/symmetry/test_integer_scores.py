@@ -10,8 +10,7 @@ from helpers.rows import exact_scores, model_rows
 
 from rotfuse.symmetry import integer_scores, permutation
 from rotfuse.symmetry.integer_scores import (
-    OUTPUT_ERROR,
-    OUTPUT_ZERO,
+    SCORE_ROUNDING,
     int8_gemm_available,
     quantize_anchor,
     quantize_source,
@@ -64,16 +63,17 @@ def _stress_rows(seed: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
 @needs_int8
 @pytest.mark.parametrize("case", range(7), ids=[name for name, _, _ in _stress_rows(0)])
 def test_quantized_scores_are_within_their_bound(case):
-    """|x.y - step (q - OUTPUT_ZERO)| <= step OUTPUT_ERROR + |x'| |r_y| + |r_x| |y| on every pair,
-    and the bound is tight enough to be of use (a few percent of |x| |y| on Gaussian rows)."""
+    """|x.y - S| <= |x'| (|r_y| + SCORE_ROUNDING |y'|) + |r_x| |y| on every pair (S: the int8
+    GEMM's float32 scores), and the bound is tight enough to be of use (a few percent of |x| |y| on
+    Gaussian rows)."""
     name, x, y = _stress_rows(case)[case]
     src, anchor = quantize_source(x), quantize_anchor(y)
-    q, step = quantized_scores(src, anchor)
-    assert q.dtype == torch.uint8 and q.shape == (len(x), len(y))
-    approx = (q.double() - OUTPUT_ZERO) * step
+    approx = quantized_scores(src, anchor)
+    assert approx.dtype == torch.float32 and approx.shape == (len(x), len(y))
     exact = x.double() @ y.double().T
     y_norm = y.double().norm(dim=1)
-    bound = step * OUTPUT_ERROR + src.quantized_norm.double()[:, None] * anchor.residual_norm.double()[None]
+    anchor_factor = anchor.residual_norm.double() + SCORE_ROUNDING * anchor.quantized_norm.double()
+    bound = src.quantized_norm.double()[:, None] * anchor_factor[None]
     bound = bound + src.residual_norm.double()[:, None] * y_norm[None]
     assert bool(((exact - approx).abs() <= bound * (1 + 1e-6) + 1e-12).all()), name
     if name == "gaussian":
@@ -87,9 +87,11 @@ def test_quantized_rows_keep_to_seven_bits_and_their_norms_add_up():
     [-127, 127], and x' + r_x is x (the norms as computed)."""
     x, y = torch.randn(64, 50) * 7, torch.randn(40, 50)
     src, anchor = quantize_source(x), quantize_anchor(y)
-    assert int(src.tensor.int_repr().max()) <= integer_scores.SOURCE_LEVELS
-    assert int(src.tensor.int_repr().min()) >= 0
-    dequantized = src.tensor.dequantize()
+    levels = src.tensor.double() / src.scale + src.zero_point
+    assert float((levels - levels.round()).abs().max()) < 1e-4, "x' lies on its grid: fbgemm reads back q"
+    assert int(levels.max()) <= integer_scores.SOURCE_LEVELS
+    assert int(levels.min()) >= 0
+    dequantized = src.tensor
     assert torch.allclose((x - dequantized).norm(dim=1), src.residual_norm, rtol=1e-5, atol=1e-6)
     assert torch.allclose(dequantized.norm(dim=1), src.quantized_norm, rtol=1e-5)
     assert float(anchor.residual_norm.max()) < 0.02 * float(y.norm(dim=1).min())
@@ -183,3 +185,20 @@ def test_small_first_passes_stay_float32(monkeypatch):
     monkeypatch.setattr(_PrefixBounds, "integer_pass", lambda *args: passes.append(1) or integer_pass(*args))
     assert torch.equal(solve_permutation(src, anchor), best_assignment(exact_scores(src, anchor)))
     assert not passes
+
+
+@needs_int8
+def test_probe_of_a_close_fine_tune_tries_the_narrowest_prefix_first(monkeypatch, any_size):
+    """Where 1/8 of the columns settles the sample and the models are close, the probe tries the
+    narrowest prefix wide enough for their distance first, then wider ones until one settles the
+    sample: 1/8, 2/64 (too short for these rows), 4/64 -- never 6/64, which walking down from 1/8
+    would quantize as well."""
+    monkeypatch.setattr(permutation, "fast_bfloat16_gemm", lambda device: False)
+    quantized: list[int] = []
+    quantize = permutation.quantize_anchor
+    monkeypatch.setattr(permutation, "quantize_anchor", lambda rows: quantized.append(rows.shape[1]) or quantize(rows))
+    src, anchor = model_rows("related", 1100, 2048, seed=10, noise=0.05)
+    first = first_prefix(src, anchor, _PrefixBounds(anchor, row_norms(anchor)))
+    width = [permutation._prefix_width(2048, share) for share in permutation.PREFIXES]
+    assert first == 1
+    assert quantized == [width[permutation.PREFIXES.index(permutation.GIVE_UP_FROM)], width[0], width[1]]

@@ -270,3 +270,14 @@ def test_prefix_certificate_refuses_what_the_bounds_alone_would_pick(monkeypatch
     assert torch.equal(group_permutation(circuits), straight)
     monkeypatch.setattr(heads, "optimal_against", lambda perm, worst: True)
     assert torch.equal(prefix_group_permutation(circuits), straight.flip(0))
+
+
+@pytest.mark.parametrize("width", [100, heads.STRIDED_CHUNK * 3 + 17])
+def test_norms_of_a_transposed_block_equal_those_of_its_contiguous_copy(width):
+    """o's columns reach the head scores as a transposed block (its last dimension strided); their
+    norms, squared a chunk of columns at a time, are the contiguous block's."""
+    weight = torch.randn(width, 8 * 4 * 16, generator=torch.Generator().manual_seed(width))
+    block = weight.T.reshape(8, 4, 16, width)
+    assert block.stride(-1) != 1
+    expected = torch.linalg.vector_norm(block.contiguous().double(), dim=-1)
+    assert torch.allclose(heads._last_norms(block).double(), expected, rtol=1e-6)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers.rows import assignment_total
+from helpers.rows import assignment_total, optimum_total
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,11 +16,13 @@ from rotfuse.align.layer import LayerSettings, match_layer, scramble_layer
 from rotfuse.symmetry import permutation
 from rotfuse.symmetry.circuit import CircuitTransform, solve_circuit
 from rotfuse.symmetry.permutation import (
+    SMALL_ASSIGNMENT,
     best_assignment,
     bounded_row_bests,
     certified_sparse_assignment,
     filtered_row_bests,
     permute_ffn,
+    small_assignment,
     solve_permutation,
 )
 from rotfuse.symmetry.rotation import procrustes, random_rotation
@@ -605,3 +607,21 @@ def test_float32_pass_slack_covers_the_worst_case_rounding(width):
     assert permutation.slack(width) >= worst
     assert permutation.slack(width) >= permutation.SLACK
     assert permutation.slack(96) == permutation.SLACK  # narrow rows: as before
+
+
+@pytest.mark.parametrize("n", range(1, SMALL_ASSIGNMENT + 1))
+def test_small_assignment_reaches_the_hungarian_optimum(n):
+    """The dynamic programme for a few rows (head groups) gives an assignment -- a permutation --
+    whose total is scipy's dense Hungarian optimum, on Gaussian scores and on small integer ones
+    full of ties; `best_assignment` takes it for square problems that small."""
+    g = torch.Generator().manual_seed(n)
+    for scores in (
+        torch.randn(n, n, generator=g, dtype=torch.float64),
+        torch.randint(0, 3, (n, n), generator=g).double(),
+    ):
+        perm = small_assignment(scores.numpy())
+        assert sorted(perm.tolist()) == list(range(n))
+        assert assignment_total(scores, torch.from_numpy(perm)) == pytest.approx(optimum_total(scores), abs=1e-12)
+        tied = scores.clone()
+        tied[:, 0] = 1.0  # every row's best column the same: no fast path, the small solve decides
+        assert assignment_total(tied, best_assignment(tied)) == pytest.approx(optimum_total(tied), abs=1e-12)

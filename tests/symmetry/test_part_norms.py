@@ -1,0 +1,36 @@
+"""`part_squares`: every prefix's and rest's norms from one pass, equal to the norms computed
+directly, for the boundaries it holds and for none other; the rows it reads are left as they were."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rotfuse.symmetry.part_norms import part_squares
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_part_norms_equal_the_direct_norms(dtype):
+    g = torch.Generator().manual_seed(0)
+    rows = (torch.randn(700, 640, generator=g) * torch.logspace(-2, 2, 700)[:, None]).to(dtype)
+    before = rows.clone()
+    parts = part_squares(rows, 64)
+    assert parts is not None and parts.part == 10
+    assert torch.equal(rows, before), "the rows are squared in a copy"
+    wide = rows.double()
+    assert torch.allclose(parts.whole().double(), wide.norm(dim=1), rtol=1e-6)
+    for upto in (10, 80, 320, 630):
+        assert torch.allclose(parts.prefix(upto).double(), wide[:, :upto].norm(dim=1), rtol=1e-6)
+        assert torch.allclose(parts.rest(upto).double(), wide[:, upto:].norm(dim=1), rtol=1e-6)
+    assert parts.rest(640).abs().max() == 0 and parts.prefix(0).abs().max() == 0
+    picked = torch.tensor([5, 0, 699])
+    assert torch.equal(parts.rows(picked).whole(), parts.whole()[picked])
+
+
+def test_part_norms_hold_only_their_boundaries():
+    rows = torch.randn(10, 640)
+    parts = part_squares(rows, 64)
+    assert parts is not None
+    assert parts.rest(15) is None and parts.prefix(15) is None
+    assert part_squares(torch.randn(10, 641), 64) is None, "a width no multiple of the parts"
+    assert part_squares(torch.randn(10, 32), 64) is None, "narrower than the parts"
