@@ -24,7 +24,7 @@ from rotfuse.symmetry.experts import (
     permute_experts,
     random_experts,
 )
-from rotfuse.symmetry.heads import ScoredCircuit, group_permutation, permute_groups
+from rotfuse.symmetry.heads import PairProducts, ScoredCircuit, group_permutation, pair_products, permute_groups
 from rotfuse.symmetry.linear import random_linear, solve_linear
 from rotfuse.symmetry.names import EXPERTS
 from rotfuse.symmetry.permutation import (
@@ -112,9 +112,11 @@ def _match_attention(
         return settings.rotary_dim if key == "qk" else 0
 
     perm = None
+    exact: PairProducts = {}  # the group pairs' products the permutation's proof computed
     if "heads.perm" in settings.symmetries and src.num_kv_heads > 1:
         perm = group_permutation(
-            [ScoredCircuit(s, a, f"{key}.rot" in settings.symmetries, rotary(key)) for key, (s, a) in circuits.items()]
+            [ScoredCircuit(s, a, f"{key}.rot" in settings.symmetries, rotary(key)) for key, (s, a) in circuits.items()],
+            exact,
         )
         if torch.equal(perm, torch.arange(len(perm))):
             perm = None
@@ -122,13 +124,21 @@ def _match_attention(
     for candidate in [perm, None] if perm is not None else [None]:
         moved: dict[str, Circuit] = {}
         results: list[ModuleResult] = []
-        for key, (s, a) in circuits.items():
+        for index, (key, (s, a)) in enumerate(circuits.items()):
             rotate, scale = f"{key}.rot" in settings.symmetries, f"{key}.scale" in settings.symmetries
             linear = f"{key}.linear" in settings.symmetries
             start = s if candidate is None else permute_groups(s, candidate)
             tie = settings.tie_qk_groups and key == "qk"
+            products = pair_products(exact, candidate, index, src.num_kv_heads)
             solution = solve_circuit(
-                start, a, rotate, scale, rotary_dim=rotary(key), tie_groups=tie, max_rounds=settings.max_rounds
+                start,
+                a,
+                rotate,
+                scale,
+                rotary_dim=rotary(key),
+                tie_groups=tie,
+                max_rounds=settings.max_rounds,
+                products=products,
             )
             transform = solution.transform
             condition = None

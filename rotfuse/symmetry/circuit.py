@@ -74,6 +74,36 @@ def _mapped(maps: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class CircuitProducts:
+    """What `solve_circuit` reads of a circuit pair: per group, M_L = sum_h L1_h L2_h^T and M_R
+    (`[G, dh, dh]`) and the sides' squared norms (`[G]`), float64 (`circuit_products`)."""
+
+    cross_left: torch.Tensor
+    src_left: torch.Tensor
+    anchor_left: torch.Tensor
+    cross_right: torch.Tensor
+    src_right: torch.Tensor
+    anchor_right: torch.Tensor
+
+    @property
+    def cross(self) -> torch.Tensor:
+        """M_L + M_R: the matrix whose best rotation scores the pair (`heads`)."""
+        return self.cross_left + self.cross_right
+
+    @staticmethod
+    def stack(per_group: list[CircuitProducts]) -> CircuitProducts:
+        """One-group products of several group pairs, as those of one circuit pair, in order."""
+        return CircuitProducts(
+            *(torch.cat(parts) for parts in zip(*(vars(g).values() for g in per_group), strict=True))
+        )
+
+
+def circuit_products(src: Circuit, anchor: Circuit) -> CircuitProducts:
+    """`CircuitProducts` of `src` against `anchor` (`_products` on each side)."""
+    return CircuitProducts(*_products(src.left, anchor.left), *_products(src.right, anchor.right))
+
+
+@dataclass
 class CircuitSolution:
     transform: CircuitTransform
     rounds: int
@@ -89,12 +119,16 @@ def solve_circuit(
     tie_groups: bool = False,
     max_rounds: int = 20,
     rtol: float = 1e-10,
+    products: CircuitProducts | None = None,
 ) -> CircuitSolution:
-    """The transform of `src` closest to `anchor` within the chosen group."""
+    """The transform of `src` closest to `anchor` within the chosen group. `products`: the pair's
+    `circuit_products`, where the caller has them (the head permutation computes them)."""
     if not (rotate or scale):
         return CircuitSolution(CircuitTransform(), 0, [])
-    m_left, c4, anchor_left = _products(src.left, anchor.left)
-    m_right, c0, anchor_right = _products(src.right, anchor.right)
+    if products is None:
+        products = circuit_products(src, anchor)
+    m_left, c4, anchor_left = products.cross_left, products.src_left, products.anchor_left
+    m_right, c0, anchor_right = products.cross_right, products.src_right, products.anchor_right
     constant = anchor_left + anchor_right
     if tie_groups:  # one transform shared by all groups (positions shared across heads)
         m_left, m_right = m_left.sum(0, keepdim=True), m_right.sum(0, keepdim=True)

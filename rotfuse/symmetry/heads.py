@@ -17,6 +17,7 @@ from typing import cast
 
 import torch
 
+from rotfuse.symmetry.circuit import CircuitProducts, circuit_products
 from rotfuse.symmetry.permutation import (
     BF16_UNIT,
     FP32_UNIT,
@@ -32,6 +33,8 @@ from rotfuse.symmetry.permutation import (
 from rotfuse.symmetry.rotation import procrustes
 from rotfuse.symmetry.weights import Circuit
 
+PairProducts = dict[tuple[int, int], list[CircuitProducts]]  # (source group, anchor group) -> per circuit
+
 
 @dataclass(frozen=True)
 class ScoredCircuit:
@@ -44,9 +47,10 @@ class ScoredCircuit:
     rotary_dim: int = 0
 
 
-def group_permutation(circuits: Sequence[ScoredCircuit]) -> torch.Tensor:
+def group_permutation(circuits: Sequence[ScoredCircuit], exact: PairProducts | None = None) -> torch.Tensor:
     """`perm[j]` = the source group to place at anchor group j, maximising the pair scores summed
-    over `circuits` (`pair_scores`).
+    over `circuits` (`pair_scores`). `exact`, where given, receives the `circuit_products` of the
+    group pairs a proof computed exactly (`pair_products`: the rotations' solve reuses them).
 
     Where the CPU multiplies bfloat16 fast, the scores come first from bfloat16 GEMMs with a bound
     on their error (`rounded_pair_scores`), and their assignment is kept when the bound proves it
@@ -63,7 +67,7 @@ def group_permutation(circuits: Sequence[ScoredCircuit]) -> torch.Tensor:
         if certified is not None:
             return certified
     elif device.type == "cpu":
-        certified = prefix_group_permutation(circuits)
+        certified = prefix_group_permutation(circuits, exact)
         if certified is not None:
             return certified
     scores = sum(pair_scores(c.src, c.anchor, c.rotate, c.rotary_dim) for c in circuits)
@@ -97,7 +101,9 @@ class _BlockPair:
         return self.x.shape[-1]
 
 
-def prefix_group_permutation(circuits: Sequence[ScoredCircuit]) -> torch.Tensor | None:
+def prefix_group_permutation(
+    circuits: Sequence[ScoredCircuit], exact: PairProducts | None = None
+) -> torch.Tensor | None:
     """`group_permutation`'s assignment proven optimal from float32 GEMMs over a prefix of every
     block's columns (1/8, else 1/4, else 1/2), or None.
 
@@ -125,7 +131,7 @@ def prefix_group_permutation(circuits: Sequence[ScoredCircuit]) -> torch.Tensor 
         perm = best_assignment(upper)
         for j in range(groups):
             if (int(perm[j]), j) not in lower:
-                lower[int(perm[j]), j] = _exact_lower(circuits, pairs, int(perm[j]), j)
+                lower[int(perm[j]), j] = _exact_lower(circuits, pairs, int(perm[j]), j, exact)
         worst = upper.clone()
         worst[perm, cols] = torch.tensor([lower[int(perm[j]), j] for j in range(groups)], dtype=torch.float64)
         if optimal_against(perm, worst):
@@ -162,22 +168,42 @@ def _prefix_upper(pairs: list[_BlockPair], scores: torch.Tensor, share: int, gro
     return bound.add_(frobenius.mul_(dh**0.5 * (1 + 2.0**-40)))
 
 
-def _exact_lower(circuits: Sequence[ScoredCircuit], pairs: list[list[_BlockPair]], i: int, j: int) -> float:
+def _exact_lower(
+    circuits: Sequence[ScoredCircuit], pairs: list[list[_BlockPair]], i: int, j: int, exact: PairProducts | None = None
+) -> float:
     """A lower bound on the summed score of source group i and anchor group j: M_ij over every
-    column (each head's float32 product, summed in float64), less its rounding bound."""
+    column (`circuit_products`: float32 products of column chunks, summed over heads, the chunks
+    in float64), less its rounding bound. `exact` keeps the products."""
+    products = [circuit_products(_group(c.src, i), _group(c.anchor, j)) for c in circuits]
+    if exact is not None:
+        exact[i, j] = products
     total = 0.0
-    for circuit, circuit_pairs in zip(circuits, pairs, strict=True):
+    for circuit, circuit_pairs, pair in zip(circuits, pairs, products, strict=True):
         dh = circuit_pairs[0].x.shape[2]
-        block = torch.zeros(1, dh, dh, dtype=torch.float64)
         error = 0.0
-        for pair in circuit_pairs:
-            x, y = pair.x[i].to(torch.float32), pair.y[j].to(torch.float32)
-            block[0].add_(torch.bmm(x, y.transpose(1, 2)).double().sum(0))
-            rounding = accumulation_bound(pair.width + 1) + 2 * FP32_UNIT
-            error += rounding * float(pair.x_groups[i]) * float(pair.y_groups[j])
-        score = float(_block_scores(block, circuit.rotate, circuit.rotary_dim)[0])
+        for block in circuit_pairs:
+            rounding = accumulation_bound(block.width + block.x.shape[1]) + 2 * FP32_UNIT  # columns, then heads
+            error += rounding * float(block.x_groups[i]) * float(block.y_groups[j])
+        score = float(_block_scores(pair.cross, circuit.rotate, circuit.rotary_dim)[0])
         total += score - error * dh**0.5 * (1 + 2.0**-20) - abs(score) * 2.0**-30 - _FLOOR
     return total
+
+
+def _group(circuit: Circuit, group: int) -> Circuit:
+    """Group `group` of `circuit` alone (views)."""
+    return Circuit(
+        tuple(b[group : group + 1] for b in circuit.left), tuple(b[group : group + 1] for b in circuit.right)
+    )
+
+
+def pair_products(exact: PairProducts, perm: torch.Tensor | None, circuit: int, groups: int) -> CircuitProducts | None:
+    """Circuit `circuit`'s products for the source groups `perm` (None: as they are) against the
+    anchor's `groups` groups, from those `group_permutation` computed -- None unless it computed
+    every pair."""
+    wanted = [(j if perm is None else int(perm[j]), j) for j in range(groups)]
+    if not exact or not all(pair in exact for pair in wanted):
+        return None
+    return CircuitProducts.stack([exact[pair][circuit] for pair in wanted])
 
 
 def pair_scores(src: Circuit, anchor: Circuit, rotate: bool, rotary_dim: int = 0) -> torch.Tensor:

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rotfuse.symmetry import heads
+from rotfuse.symmetry.circuit import circuit_products, solve_circuit
 from rotfuse.symmetry.heads import (
     HEAD_PREFIXES,
     ScoredCircuit,
@@ -281,3 +282,27 @@ def test_norms_of_a_transposed_block_equal_those_of_its_contiguous_copy(width):
     assert block.stride(-1) != 1
     expected = torch.linalg.vector_norm(block.contiguous().double(), dim=-1)
     assert torch.allclose(heads._last_norms(block).double(), expected, rtol=1e-6)
+
+
+def test_the_proofs_products_are_the_rotations_inputs(monkeypatch):
+    """The float32-prefix proof computes every pair of its assignment exactly; those products,
+    put in the assignment's order, are what the rotation solve would compute on the permuted
+    circuits -- it takes them instead, to the same transform -- and a pair the proof never
+    computed leaves the solve to compute its own."""
+    monkeypatch.setattr(heads, "fast_bfloat16_gemm", lambda device: False)
+    src, anchor, perm = wide_relatives(6, 0.05)
+    circuits = [ScoredCircuit(src, anchor, True, 0), ScoredCircuit(src, anchor, False, 0)]
+    exact: heads.PairProducts = {}
+    assert torch.equal(group_permutation(circuits, exact), perm)
+    moved = permute_groups(src, perm)
+    for index in range(len(circuits)):
+        given = heads.pair_products(exact, perm, index, len(perm))
+        assert given is not None
+        computed = circuit_products(moved, anchor)
+        for name, value in vars(computed).items():
+            assert torch.allclose(getattr(given, name), value, rtol=1e-6, atol=1e-9), name
+        with_given = solve_circuit(moved, anchor, True, True, products=given)
+        alone = solve_circuit(moved, anchor, True, True)
+        assert torch.allclose(with_given.transform.maps()[0], alone.transform.maps()[0], atol=1e-6)
+    assert heads.pair_products(exact, torch.arange(len(perm)), 0, len(perm)) is None
+    assert heads.pair_products({}, perm, 0, len(perm)) is None
