@@ -104,9 +104,10 @@ def write_copy(
         for name in fixed:
             measure(name, model.checkpoint.get(name))
 
+    def copy_fixed() -> None:  # before the layers: their shards are flushed early
+        stream.timed("copy", lambda: writer.copy_unwritten(fixed))
+
     def write_all() -> list[Any]:
-        if main:
-            stream.timed("copy", lambda: writer.copy_unwritten(fixed))  # first: their shards are flushed early
         rows = transform_layers(
             model,
             writer,
@@ -119,6 +120,7 @@ def write_copy(
             view=side.layer_view,
             stored_ffn=stored_ffn,
             alongside=measure_fixed if against and main else None,
+            meanwhile=copy_fixed if main else None,
         )
         for name in moving if main else ():
             raw = stream.timed("read", partial(model.checkpoint.get, name))

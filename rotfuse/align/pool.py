@@ -81,6 +81,7 @@ def transform_layers(
     view: TensorView | None = None,
     stored_ffn: bool = False,
     alongside: Callable[[], None] | None = None,
+    meanwhile: Callable[[], None] | None = None,
 ) -> list[T]:
     """Read and transform layers in a small thread pool, write them in order on this thread.
 
@@ -91,7 +92,9 @@ def transform_layers(
     every tensor as it is read, `stored_ffn` keeps FFN tensors in their stored dtype (see
     layer_io.read_layer); without a writer nothing is written. `alongside` runs in the pool next
     to the layers (work that needs no writer, such as measuring the tensors outside the layers),
-    rather than after them on this thread while the pool idles.
+    rather than after them on this thread while the pool idles. `meanwhile` runs on this thread once
+    the first layers are in the pool, before any layer is written (work for the writer that would
+    otherwise keep the pool waiting, such as copying the tensors outside the layers).
     """
 
     def job(layer: LayerId) -> tuple[LayerWeights, LayerWeights, T]:
@@ -123,7 +126,12 @@ def transform_layers(
             for layer in layers:
                 pending.append((layer, pool.submit(job, layer)))
                 if len(pending) > workers:
+                    if meanwhile is not None:
+                        meanwhile()
+                        meanwhile = None
                     finish_oldest()
+            if meanwhile is not None:
+                meanwhile()
             while pending:
                 finish_oldest()
             if side_job is not None:

@@ -88,3 +88,46 @@ def test_threads_per_op_are_shared_among_workers_and_restored(tmp_path, monkeypa
     match(anchor, model, tmp_path / "out", MatchOptions(device="cpu", workers=2))
     assert torch.get_num_threads() == before
     assert seen and max(seen) <= max(1, before // 2)
+
+
+@pytest.mark.parametrize(("layers", "workers"), [(4, 2), (2, 2), (3, 1)])
+def test_the_tensors_outside_the_layers_are_copied_while_the_first_layers_run(tmp_path, monkeypatch, layers, workers):
+    """`match` copies the tensors outside the layers (embeddings, final norm) on the writing
+    thread once the first layers are in the pool -- not before, keeping the pool waiting -- and
+    before any layer is written (their shards first, as before); the output is the same."""
+    import threading
+
+    from rotfuse.io.writer import CheckpointWriter
+
+    events: list[str] = []
+    submitted = threading.Event()
+    original_copy, original_write = CheckpointWriter.copy_unwritten, CheckpointWriter.write
+    original_get = Checkpoint.get
+
+    def get(checkpoint, name, device="cpu"):
+        if threading.current_thread().name.startswith("rotfuse-layer") and ".layer." in name:
+            submitted.set()
+        return original_get(checkpoint, name, device)
+
+    def copy_unwritten(writer, names):
+        if not events:  # the first copy: the tensors outside the layers
+            events.append("copy outside" if submitted.wait(timeout=10) else "copy before any layer ran")
+        return original_copy(writer, names)
+
+    def write(writer, name, tensor):
+        events.append("write layer")
+        return original_write(writer, name, tensor)
+
+    sizes = dict(num_hidden_layers=layers)
+    model = save_tiny("bert", tmp_path / "model", seed=0, **sizes)
+    anchor = save_tiny("bert", tmp_path / "anchor", seed=1, **sizes)
+    match(anchor, model, tmp_path / "before", MatchOptions(device="cpu", workers=workers))
+    monkeypatch.setattr(Checkpoint, "get", get)
+    monkeypatch.setattr(CheckpointWriter, "copy_unwritten", copy_unwritten)
+    monkeypatch.setattr(CheckpointWriter, "write", write)
+    match(anchor, model, tmp_path / "after", MatchOptions(device="cpu", workers=workers))
+    assert events[0] == "copy outside" and "write layer" in events[1:]
+    same = (tmp_path / "before" / "model.safetensors").read_bytes() == (
+        tmp_path / "after" / "model.safetensors"
+    ).read_bytes()
+    assert same
