@@ -90,6 +90,10 @@ class CircuitProducts:
         """M_L + M_R: the matrix whose best rotation scores the pair (`heads`)."""
         return self.cross_left + self.cross_right
 
+    def group(self, index: int) -> CircuitProducts:
+        """Group `index`'s products alone (views)."""
+        return CircuitProducts(*(part[index : index + 1] for part in vars(self).values()))
+
     @staticmethod
     def stack(per_group: list[CircuitProducts]) -> CircuitProducts:
         """One-group products of several group pairs, as those of one circuit pair, in order."""

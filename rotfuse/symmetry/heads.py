@@ -129,9 +129,10 @@ def prefix_group_permutation(
             upper.add_(_prefix_upper(circuit_pairs, scores, share, groups, dh))
         upper.mul_(1 + 2.0**-30).add_(_FLOOR)  # the float64 sums and square roots
         perm = best_assignment(upper)
-        for j in range(groups):
-            if (int(perm[j]), j) not in lower:
-                lower[int(perm[j]), j] = _exact_lower(circuits, pairs, int(perm[j]), j, exact)
+        missing = torch.tensor([j for j in range(groups) if (int(perm[j]), j) not in lower], dtype=torch.int64)
+        if len(missing):
+            found = _exact_lowers(circuits, pairs, perm[missing], missing, exact)
+            lower.update(zip(zip(perm[missing].tolist(), missing.tolist()), found.tolist()))
         worst = upper.clone()
         worst[perm, cols] = torch.tensor([lower[int(perm[j]), j] for j in range(groups)], dtype=torch.float64)
         if optimal_against(perm, worst):
@@ -168,31 +169,40 @@ def _prefix_upper(pairs: list[_BlockPair], scores: torch.Tensor, share: int, gro
     return bound.add_(frobenius.mul_(dh**0.5 * (1 + 2.0**-40)))
 
 
-def _exact_lower(
-    circuits: Sequence[ScoredCircuit], pairs: list[list[_BlockPair]], i: int, j: int, exact: PairProducts | None = None
-) -> float:
-    """A lower bound on the summed score of source group i and anchor group j: M_ij over every
-    column (`circuit_products`: float32 products of column chunks, summed over heads, the chunks
-    in float64), less its rounding bound. `exact` keeps the products."""
-    products = [circuit_products(_group(c.src, i), _group(c.anchor, j)) for c in circuits]
+def _exact_lowers(
+    circuits: Sequence[ScoredCircuit],
+    pairs: list[list[_BlockPair]],
+    sources: torch.Tensor,
+    targets: torch.Tensor,
+    exact: PairProducts | None = None,
+) -> torch.Tensor:
+    """Lower bounds (float64) on the summed scores of source groups `sources[k]` and anchor groups
+    `targets[k]`: M over every column (`circuit_products`: float32 products of column chunks,
+    summed over heads, the chunks in float64), less its rounding bound -- all pairs in one batch
+    (the groups as they are when the pairs are (j, j): no copy). `exact` keeps the products."""
+    products = [circuit_products(_groups(c.src, sources), _groups(c.anchor, targets)) for c in circuits]
     if exact is not None:
-        exact[i, j] = products
-    total = 0.0
-    for circuit, circuit_pairs, pair in zip(circuits, pairs, products, strict=True):
+        for k, pair in enumerate(zip(sources.tolist(), targets.tolist(), strict=True)):
+            exact[pair] = [product.group(k) for product in products]
+    total = torch.zeros(len(sources), dtype=torch.float64)
+    for circuit, circuit_pairs, product in zip(circuits, pairs, products, strict=True):
         dh = circuit_pairs[0].x.shape[2]
-        error = 0.0
+        error = torch.zeros(len(sources), dtype=torch.float64)
         for block in circuit_pairs:
             rounding = accumulation_bound(block.width + block.x.shape[1]) + 2 * FP32_UNIT  # columns, then heads
-            error += rounding * float(block.x_groups[i]) * float(block.y_groups[j])
-        score = float(_block_scores(pair.cross, circuit.rotate, circuit.rotary_dim)[0])
-        total += score - error * dh**0.5 * (1 + 2.0**-20) - abs(score) * 2.0**-30 - _FLOOR
+            error += rounding * block.x_groups[sources] * block.y_groups[targets]
+        score = _block_scores(product.cross, circuit.rotate, circuit.rotary_dim)
+        total += score - error * dh**0.5 * (1 + 2.0**-20) - score.abs() * 2.0**-30 - _FLOOR
     return total
 
 
-def _group(circuit: Circuit, group: int) -> Circuit:
-    """Group `group` of `circuit` alone (views)."""
+def _groups(circuit: Circuit, index: torch.Tensor) -> Circuit:
+    """The groups `index` of `circuit`, in that order: the circuit itself when they are all of its
+    groups in order."""
+    if torch.equal(index, torch.arange(circuit.left[0].shape[0])):
+        return circuit
     return Circuit(
-        tuple(b[group : group + 1] for b in circuit.left), tuple(b[group : group + 1] for b in circuit.right)
+        tuple(b.index_select(0, index) for b in circuit.left), tuple(b.index_select(0, index) for b in circuit.right)
     )
 
 
