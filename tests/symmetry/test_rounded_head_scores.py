@@ -307,3 +307,19 @@ def test_the_proofs_products_are_the_rotations_inputs(monkeypatch):
         assert torch.allclose(with_given.transform.maps()[0], alone.transform.maps()[0], atol=1e-6)
     assert heads.pair_products(exact, torch.arange(len(perm)), 0, len(perm)) is None
     assert heads.pair_products({}, perm, 0, len(perm)) is None
+
+
+def test_exact_lowers_of_bfloat16_blocks_are_below_the_exact_scores():
+    """Blocks stored in bfloat16: the proof's pair products are taken in float32 (its rounding
+    bound's precision), so its lower bounds stay below the exact scores. Every entry 137/128: a
+    256-column chunk's sum, 293.27, is exact in float32, and a bfloat16 product would round each
+    one up to 294 -- past the float32 rounding bound."""
+    shape = (GROUPS, HEADS, DH, 4096)
+    block = torch.full(shape, 137 / 128, dtype=torch.bfloat16)
+    src = anchor = Circuit(block, block)
+    circuits = [ScoredCircuit(src, anchor, False, 0)]
+    pairs = [[heads._BlockPair.of(x, y) for x, y in zip(src.tensors(), anchor.tensors(), strict=True)]]
+    sources, targets = torch.arange(GROUPS).repeat_interleave(GROUPS), torch.arange(GROUPS).repeat(GROUPS)
+    lower = heads._exact_lowers(circuits, pairs, sources, targets).view(GROUPS, GROUPS)
+    wide = Circuit(block.float(), block.float())
+    assert bool((lower <= exact_scores(wide, wide, False, 0)).all())
