@@ -198,14 +198,12 @@ def _exact_lowers(
 
 def _groups(circuit: Circuit, index: torch.Tensor) -> Circuit:
     """The groups `index` of `circuit`, in that order, in float32 or wider (the rounding bound's
-    precision): the circuit itself when that is all of its groups in order, in such a dtype."""
-    keep = torch.equal(index, torch.arange(circuit.left[0].shape[0]))
-
-    def pick(block: torch.Tensor) -> torch.Tensor:
-        picked = block if keep else block.index_select(0, index)
-        return picked if picked.dtype in (torch.float32, torch.float64) else picked.float()
-
-    return Circuit(tuple(pick(b) for b in circuit.left), tuple(pick(b) for b in circuit.right))
+    precision): no copy when that is all of its groups in order, in such a dtype."""
+    if not torch.equal(index, torch.arange(circuit.left[0].shape[0])):
+        circuit = permute_groups(circuit, index)
+    if all(b.dtype in (torch.float32, torch.float64) for b in circuit.tensors()):
+        return circuit
+    return Circuit(tuple(b.float() for b in circuit.left), tuple(b.float() for b in circuit.right))
 
 
 def pair_products(exact: PairProducts, perm: torch.Tensor | None, circuit: int, groups: int) -> CircuitProducts | None:
