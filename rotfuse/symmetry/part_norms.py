@@ -24,19 +24,13 @@ class PartSquares:
     sums: torch.Tensor
     part: int
 
-    def whole(self) -> torch.Tensor:
-        """The rows' norms (float32)."""
-        return self.sums.sum(1).sqrt_().float()
-
-    def rest(self, upto: int) -> torch.Tensor | None:
-        """The norms of the columns from `upto` on (float32), or None where `upto` is not at the
-        end of a run."""
-        return None if upto % self.part else self.sums[:, upto // self.part :].sum(1).sqrt_().float()
-
-    def prefix(self, upto: int) -> torch.Tensor | None:
-        """The norms of the columns before `upto` (float32), or None where `upto` is not at the
-        end of a run."""
-        return None if upto % self.part else self.sums[:, : upto // self.part].sum(1).sqrt_().float()
+    def norms(self, start: int = 0, stop: int | None = None) -> torch.Tensor | None:
+        """The norms of the columns [start, stop) (float32; stop None: to the end), or None where
+        either end falls inside a run."""
+        stop = self.sums.shape[1] * self.part if stop is None else stop
+        if start % self.part or stop % self.part:
+            return None
+        return self.sums[:, start // self.part : stop // self.part].sum(1).sqrt_().float()
 
     def rows(self, index: torch.Tensor) -> PartSquares:
         """The same for the rows `index` only."""

@@ -405,7 +405,7 @@ def bounded_row_bests(
         return None  # nothing to gain
     src, anchor = working_rows(src, anchor)
     src_parts = part_squares(src, PREFIX_UNIT)  # every pass's rest norms from one pass over the rows
-    src_norm = row_norms(src) if src_parts is None else src_parts.whole()
+    src_norm = _norms_between(src, src_parts)
     if bounds is None:  # else the solve's, with what its probe computed
         bounds = _PrefixBounds.of(src, anchor)
     best = torch.empty(n, dtype=torch.int64, device=src.device)
@@ -534,7 +534,7 @@ class _PrefixBounds:
     def of(cls, src: torch.Tensor, anchor: torch.Tensor) -> _PrefixBounds:
         """The bounds of a solve of `src` against `anchor`, with `distance_potentials`."""
         parts = part_squares(anchor, PREFIX_UNIT)  # every prefix's and rest's norms from one pass
-        anchor_norm = row_norms(anchor) if parts is None else parts.whole()
+        anchor_norm = _norms_between(anchor, parts)
         return cls(anchor, anchor_norm, distance_potentials(src, anchor, anchor_norm), parts)
 
     def less_potential(self, score: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
@@ -549,7 +549,7 @@ class _PrefixBounds:
         |x_rest|, `slack` |x| and 1, right |y_rest|, |y| and -v -- Cauchy-Schwarz on the rest, the
         rounding allowance, and the potentials (shrunk by POTENTIAL_ROUNDING, which bounds the
         rounding of taking them off). `parts`: `src`'s, where known."""
-        src_rest = _rest_norms(src, parts, upto)
+        src_rest = _norms_between(src, parts, upto)
         left = torch.stack([src_rest, src_norm * slack(src.shape[1]), torch.ones_like(src_norm)], 1)
         return left, torch.stack([self.rest(upto), self.anchor_norm, self.taken_off])
 
@@ -561,7 +561,7 @@ class _PrefixBounds:
     def rest(self, upto: int) -> torch.Tensor:
         """The norms of the anchor's rows past the prefix [0, upto) (float32, as computed)."""
         if upto not in self._rests:
-            self._rests[upto] = _rest_norms(self.anchor, self.anchor_parts, upto)
+            self._rests[upto] = _norms_between(self.anchor, self.anchor_parts, upto)
         return self._rests[upto]
 
     def settle(self, src: torch.Tensor, src_norm: torch.Tensor, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -635,8 +635,7 @@ class _PrefixBounds:
         if upto not in self._integer_sides:
             prefix = self.anchor[:, :upto]
             quantized = quantize_anchor(prefix)
-            known = None if self.anchor_parts is None else self.anchor_parts.prefix(upto)
-            pre_norm = (row_norms(prefix) if known is None else known) * norm_round_up(upto)
+            pre_norm = _norms_between(self.anchor, self.anchor_parts, 0, upto) * norm_round_up(upto)
             residual = quantized.residual_norm + SCORE_ROUNDING * quantized.quantized_norm
             self._integer_sides[upto] = quantized, torch.stack([residual, pre_norm])
         return self._integer_sides[upto]
@@ -659,11 +658,13 @@ class _PrefixBounds:
         return self._sides[upto]
 
 
-def _rest_norms(rows: torch.Tensor, parts: PartSquares | None, upto: int) -> torch.Tensor:
-    """The norms of `rows` past the prefix [0, upto) (float32): from `parts` where they hold
-    them (the prefixes of PREFIX_UNIT parts), else computed."""
-    known = None if parts is None else parts.rest(upto)
-    return row_norms(rows[:, upto:]) if known is None else known
+def _norms_between(
+    rows: torch.Tensor, parts: PartSquares | None, start: int = 0, stop: int | None = None
+) -> torch.Tensor:
+    """The norms of `rows`' columns [start, stop) (float32; stop None: to the end): from `parts`
+    where they hold them (ends between PREFIX_UNIT parts), else computed."""
+    known = None if parts is None else parts.norms(start, stop)
+    return row_norms(rows[:, start:stop]) if known is None else known
 
 
 def _prefix_width(width: int, share: int) -> int:

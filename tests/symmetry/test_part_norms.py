@@ -18,19 +18,19 @@ def test_part_norms_equal_the_direct_norms(dtype):
     assert parts is not None and parts.part == 10
     assert torch.equal(rows, before), "the rows are squared in a copy"
     wide = rows.double()
-    assert torch.allclose(parts.whole().double(), wide.norm(dim=1), rtol=1e-6)
+    assert torch.allclose(parts.norms().double(), wide.norm(dim=1), rtol=1e-6)
     for upto in (10, 80, 320, 630):
-        assert torch.allclose(parts.prefix(upto).double(), wide[:, :upto].norm(dim=1), rtol=1e-6)
-        assert torch.allclose(parts.rest(upto).double(), wide[:, upto:].norm(dim=1), rtol=1e-6)
-    assert parts.rest(640).abs().max() == 0 and parts.prefix(0).abs().max() == 0
+        assert torch.allclose(parts.norms(0, upto).double(), wide[:, :upto].norm(dim=1), rtol=1e-6)
+        assert torch.allclose(parts.norms(upto).double(), wide[:, upto:].norm(dim=1), rtol=1e-6)
+    assert parts.norms(640).abs().max() == 0 and parts.norms(0, 0).abs().max() == 0
     picked = torch.tensor([5, 0, 699])
-    assert torch.equal(parts.rows(picked).whole(), parts.whole()[picked])
+    assert torch.equal(parts.rows(picked).norms(), parts.norms()[picked])
 
 
 def test_part_norms_hold_only_their_boundaries():
     rows = torch.randn(10, 640)
     parts = part_squares(rows, 64)
     assert parts is not None
-    assert parts.rest(15) is None and parts.prefix(15) is None
+    assert parts.norms(15) is None and parts.norms(0, 15) is None and parts.norms(10, 15) is None
     assert part_squares(torch.randn(10, 641), 64) is None, "a width no multiple of the parts"
     assert part_squares(torch.randn(10, 32), 64) is None, "narrower than the parts"
