@@ -29,7 +29,7 @@ from rotfuse.symmetry.linear import random_linear, solve_linear
 from rotfuse.symmetry.names import EXPERTS
 from rotfuse.symmetry.permutation import (
     best_assignment,
-    neuron_rows,
+    neuron_pairs,
     permute_ffn,
     random_permutation,
     solve_permutation,
@@ -178,17 +178,22 @@ def _ffn_pairs(src: Ffn, anchor: Ffn) -> list[tuple[torch.Tensor, torch.Tensor]]
 
 def _match_ffn(src: Ffn, anchor: Ffn, settings: LayerSettings) -> tuple[Ffn, ModuleResult]:
     """FFN tensors may come in their stored dtype (bf16): measuring and permuting are exact in
-    any dtype, and the scores are accumulated in float32 or wider (`neuron_rows`)."""
+    any dtype, and the scores are accumulated in float32 or wider. With the permutation on, the
+    distance before is measured on the neuron rows as they are built (`neuron_pairs`), in the pass
+    that also gives the solve their norms."""
     pairs = _ffn_pairs(src, anchor)
-    before = sum(sq_distance(s, a) for s, a in pairs)
+    rows = neuron_pairs(src, anchor) if "ffn.perm" in settings.symmetries else None
+    paired = None if rows is None else rows[2]  # the distance from the pass over the rows
+    before = paired.sq_distance if paired is not None else sum(sq_distance(s, a) for s, a in pairs)
     result = ModuleResult("ffn", math.sqrt(before), math.sqrt(before))
-    if settings.may_be_nonfinite and not _finite(*(t for pair in pairs for t in pair)):
+    # a finite distance has finite terms only: the element-wise check where it is not
+    if settings.may_be_nonfinite and not (math.isfinite(before) or _finite(*(t for pair in pairs for t in pair))):
         result.skipped = NONFINITE
         return src, result
-    if "ffn.perm" not in settings.symmetries:
+    if rows is None:
         return src, result
-    src_rows, anchor_rows = neuron_rows(src, anchor)
-    perm = solve_permutation(src_rows, anchor_rows)
+    src_rows, anchor_rows, paired = rows
+    perm = solve_permutation(src_rows, anchor_rows, paired)
     result.applied = ["perm"]
     if torch.equal(perm, torch.arange(len(perm), device=perm.device)):  # a fine-tune's neurons stay put
         return src, result  # the very tensors read: written back as their bytes, not rebuilt

@@ -328,12 +328,26 @@ def builtin_spec_dir() -> Path:
 
 
 def builtin_specs() -> dict[str, ArchSpec]:
-    """Every spec shipped with rotfuse, by name."""
-    specs = {}
+    """Every spec shipped with rotfuse, by name: parsed once per version of the files (every
+    checkpoint opened asks for them all)."""
+    versions = []
     for path in sorted(builtin_spec_dir().glob("*.yaml")):
-        spec = load_spec_file(path)
+        try:
+            stat = path.stat()
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read architecture spec ({exc})") from exc
+        versions.append((str(path), stat.st_mtime_ns, stat.st_size))
+    return dict(_parsed_builtin_specs(tuple(versions)))
+
+
+@functools.lru_cache(maxsize=4)
+def _parsed_builtin_specs(versions: tuple[tuple[str, int, int], ...]) -> tuple[tuple[str, ArchSpec], ...]:
+    """The specs of the files `versions` names (path, mtime, size), in that order, by name."""
+    specs = {}
+    for path, _, _ in versions:
+        spec = load_spec_file(Path(path))
         specs[spec.name] = spec
-    return specs
+    return tuple(specs.items())
 
 
 def load_spec_file(path: Path) -> ArchSpec:

@@ -38,9 +38,9 @@ from rotfuse.symmetry.integer_scores import (
     quantize_source,
     quantized_scores,
 )
-from rotfuse.symmetry.part_norms import PartSquares, part_squares
+from rotfuse.symmetry.part_norms import PairedRows, PartSquares, paired_rows, part_squares
 from rotfuse.symmetry.top_two import top_two
-from rotfuse.symmetry.weights import Ffn, Linear, ffn_rows, ffn_rows_shape
+from rotfuse.symmetry.weights import Ffn, Linear, ffn_row_parts, ffn_rows, ffn_rows_shape
 
 PREFIXES = (2, 4, 6, 8, 10, 12, 16, 24, 32)  # bounded scores over the first 2/64, 4/64, ... 32/64 of the columns
 PREFIX_UNIT = 64  # ... in these parts: fine steps from 1/8 on, where rows a step short pay for the next pass
@@ -71,13 +71,16 @@ SMALL_ASSIGNMENT = 10  # square problems up to this size are solved by `small_as
 INT_LIMIT = 2**62  # integer potentials, path sums and dual sums stay below it (int64)
 
 
-def solve_permutation(src_rows: torch.Tensor, anchor_rows: torch.Tensor) -> torch.Tensor:
+def solve_permutation(
+    src_rows: torch.Tensor, anchor_rows: torch.Tensor, paired: PairedRows | None = None
+) -> torch.Tensor:
     """`perm[j]` = the source row to place at anchor slot j, maximising the total inner product
-    (of the rows in float32: bfloat16 rows are read as they are, see `working_rows`)."""
+    (of the rows in float32: bfloat16 rows are read as they are, see `working_rows`). `paired`:
+    the rows' `paired_rows`, where the caller has them (`neuron_pairs`)."""
     src, anchor = working_rows(src_rows, anchor_rows)
-    bounds = _PrefixBounds.of(src, anchor)
-    first = first_prefix(src, anchor, bounds)
-    best = None if first is None else bounded_row_bests(src, anchor, first, bounds)
+    bounds = _PrefixBounds.of(src, anchor, None if paired is None else paired.anchor)
+    first = first_prefix(src, anchor, bounds, paired)
+    best = None if first is None else bounded_row_bests(src, anchor, first, bounds, paired)
     rounded = None
     if best is None and fast_bfloat16_gemm(src.device) and len(src) == len(anchor) > 1:
         rounded = RoundedScores.of(src, anchor)
@@ -109,12 +112,39 @@ def neuron_rows(src: Ffn, anchor: Ffn) -> tuple[torch.Tensor, torch.Tensor]:
     The rows are written into two buffers of the calling thread, which its next call overwrites:
     use them before calling again. (Fresh, such tensors are mapped anew by the allocator and every
     page is zeroed by the kernel before the rows are written: a tenth of a 1B match's CPU time.)"""
+    dtype = _rows_dtype(src, anchor)
+    src_rows = ffn_rows(src, dtype, out=_row_buffer(0, src, dtype))
+    return src_rows, ffn_rows(anchor, dtype, out=_row_buffer(1, anchor, dtype))
+
+
+def neuron_pairs(src: Ffn, anchor: Ffn) -> tuple[torch.Tensor, torch.Tensor, PairedRows | None]:
+    """`neuron_rows` of both FFNs, and their `paired_rows` (in PREFIX_UNIT runs) for
+    `solve_permutation`: the rows' norms, each neuron's score against the anchor's neuron of its
+    index and the FFNs' squared distance -- every parameter the permutation moves is in the rows
+    once -- from the rows as they are built, a chunk at a time. None for the latter where the
+    rows round the weights (float64 ones), whose distance would then not be the tensors'."""
+    dtype = _rows_dtype(src, anchor)
+    rows = [_row_buffer(side, ffn, dtype) for side, ffn in enumerate((src, anchor))]
+    parts = [ffn_row_parts(ffn, f"neuron_rows.output.{side}") for side, ffn in enumerate((src, anchor))]
+
+    def fill(block: slice) -> None:
+        for side_rows, side_parts in zip(rows, parts, strict=True):
+            torch.cat([part[block] for part in side_parts], dim=1, out=side_rows[block])
+
+    tensors = [t for ffn in (src, anchor) for lin in (*ffn.inputs, ffn.output) for t in (lin.weight, lin.bias)]
+    exact = all(t.dtype in (torch.bfloat16, torch.float16, torch.float32) for t in tensors if t is not None)
+    paired = paired_rows(rows[0], rows[1], PREFIX_UNIT, fill) if exact else None
+    if paired is None:
+        fill(slice(None))
+    return rows[0], rows[1], paired
+
+
+def _rows_dtype(src: Ffn, anchor: Ffn) -> torch.dtype:
+    """bfloat16 where every tensor of both FFNs is and they are on the CPU, else float32."""
     tensors = [src.output.weight, anchor.output.weight]
     tensors += [t for ffn in (src, anchor) for lin in ffn.inputs for t in (lin.weight, lin.bias) if t is not None]
     keep = all(t.dtype == torch.bfloat16 for t in tensors) and tensors[0].device.type == "cpu"
-    dtype = torch.bfloat16 if keep else torch.float32
-    src_rows = ffn_rows(src, dtype, out=_row_buffer(0, src, dtype))
-    return src_rows, ffn_rows(anchor, dtype, out=_row_buffer(1, anchor, dtype))
+    return torch.bfloat16 if keep else torch.float32
 
 
 def _row_buffer(side: int, ffn: Ffn, dtype: torch.dtype) -> torch.Tensor:
@@ -169,7 +199,9 @@ def _dots32(x: torch.Tensor, y: torch.Tensor, pick: torch.Tensor | None = None) 
     return out
 
 
-def first_prefix(src: torch.Tensor, anchor: torch.Tensor, bounds: _PrefixBounds | None = None) -> int | None:
+def first_prefix(
+    src: torch.Tensor, anchor: torch.Tensor, bounds: _PrefixBounds | None = None, paired: PairedRows | None = None
+) -> int | None:
     """Which of PREFIXES `bounded_row_bests` should start from -- the narrowest that settles at
     least half of a sample of PROBE_ROWS rows -- or None when none will (unrelated rows: the passes
     would give up, and the full GEMM is cheaper than trying them).
@@ -181,14 +213,17 @@ def first_prefix(src: torch.Tensor, anchor: torch.Tensor, bounds: _PrefixBounds 
     does not, the probe goes on at the first wider prefix that wide -- far relatives from 10/64 up
     to 1/2, unrelated rows (cos ~ 0) nowhere (narrow rows, whose 1/8 may be too short to find the
     partners, at the widest, to be sure). `bounds` (the solve's, else new ones) keeps what the
-    probe computes of the anchor's prefixes for the passes."""
+    probe computes of the anchor's prefixes for the passes, and the int8 probes' results for the
+    sample rows (the first PROBE_ROWS), which the first pass then does not compute again. `paired`
+    (`paired_rows` of `src` and `anchor`) gives the candidates' scores where a row's is its own
+    anchor row (`_diagonal`)."""
     n, width = src.shape
     if n <= 4 * PROBE_ROWS or anchor.shape[0] != n:
         return 0  # the passes themselves are cheap enough to be the probe
     src, anchor = working_rows(src, anchor)
-    sample = torch.linspace(0, n - 1, PROBE_ROWS).long().to(src.device)
-    rows_src = src.index_select(0, sample)
+    rows_src = src[:PROBE_ROWS]  # neurons come in no particular order: the first ones are a sample
     sample_norm = row_norms(rows_src)
+    known = _diagonal(paired, torch.arange(PROBE_ROWS, device=src.device))
     if bounds is None:
         bounds = _PrefixBounds.of(src, anchor)
     anchor_norm = bounds.anchor_norm
@@ -199,7 +234,7 @@ def first_prefix(src: torch.Tensor, anchor: torch.Tensor, bounds: _PrefixBounds 
         if bounds.mode == "bfloat16":
             settled, pick = bounds.settle(rows_src, sample_norm, upto)
         elif bounds.integer(n, upto):  # the anchor's quantized prefix serves the first pass too
-            settled, pick, _ = bounds.integer_pass(rows_src, sample_norm, upto)
+            settled, pick = bounds.probe_pass(src, sample_norm, upto, known)
         else:  # each step's GEMM once, whichever prefixes the probe tries
             for step in range(index + 1):
                 if step not in steps:
@@ -212,7 +247,7 @@ def first_prefix(src: torch.Tensor, anchor: torch.Tensor, bounds: _PrefixBounds 
 
     index = PREFIXES.index(GIVE_UP_FROM)
     settles, pick = probe(index)
-    cosine = _dots32(rows_src, anchor, pick) / (sample_norm * anchor_norm[pick]).clamp_min(1e-30)
+    cosine = _candidate_dots(rows_src, anchor, pick, known) / (sample_norm * anchor_norm[pick]).clamp_min(1e-30)
     needed = 1 - float(cosine.median())
     if settles:  # the narrowest prefix that wide first: a close fine-tune's probe is two GEMMs, not four
         narrower = [step for step in range(index) if PREFIXES[step] / PREFIX_UNIT >= needed]
@@ -381,7 +416,11 @@ def _dot64(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def bounded_row_bests(
-    src: torch.Tensor, anchor: torch.Tensor, first: int = 0, bounds: _PrefixBounds | None = None
+    src: torch.Tensor,
+    anchor: torch.Tensor,
+    first: int = 0,
+    bounds: _PrefixBounds | None = None,
+    paired: PairedRows | None = None,
 ) -> torch.Tensor | None:
     """Every source row's best anchor row against the column potentials of `bounds` (row i's
     argmax of x_i . y_j - v_j; `distance_potentials` unless given) when they are all distinct --
@@ -404,7 +443,8 @@ def bounded_row_bests(
     if n < 2 or anchor.shape[0] != n:
         return None  # nothing to gain
     src, anchor = working_rows(src, anchor)
-    src_parts = part_squares(src, PREFIX_UNIT)  # every pass's rest norms from one pass over the rows
+    # every pass's rest norms from one pass over the rows (the caller's, where it has them)
+    src_parts = paired.src if paired is not None else part_squares(src, PREFIX_UNIT)
     src_norm = _norms_between(src, src_parts)
     if bounds is None:  # else the solve's, with what its probe computed
         bounds = _PrefixBounds.of(src, anchor)
@@ -425,7 +465,9 @@ def bounded_row_bests(
             ok, pick = bounds.settle(rows_src, src_norm[open_rows], upto)
         else:
             if scores is None and bounds.integer(len(rows_src), upto):  # open rows keep bounds on their prefix scores
-                ok, pick, scores = bounds.integer_pass(rows_src, src_norm[open_rows], upto, parts)
+                ok, pick, scores = bounds.first_integer_pass(
+                    rows_src, src_norm[open_rows], upto, parts, _diagonal(paired, open_rows)
+                )
                 exact_prefix = False
             else:
                 if scores is None:  # into this thread's buffer: a fresh one is new pages every time
@@ -434,7 +476,15 @@ def bounded_row_bests(
                 else:
                     scores.addmm_(rows_src[:, done:upto].float(), anchor[:, done:upto].float().T)  # no temporary
                 ok, pick = _prefix_pass(
-                    rows_src, anchor, upto, scores, src_norm[open_rows], bounds, exact_prefix, parts
+                    rows_src,
+                    anchor,
+                    upto,
+                    scores,
+                    src_norm[open_rows],
+                    bounds,
+                    exact_prefix,
+                    parts,
+                    _diagonal(paired, open_rows),
                 )
                 scores = scores[~ok]
         done = upto
@@ -449,18 +499,50 @@ def bounded_row_bests(
     return best
 
 
+Known = tuple[torch.Tensor, torch.Tensor]  # (anchor row, x_i . y_that) per source row: scores read already
+
+
+def _diagonal(paired: PairedRows | None, rows: torch.Tensor) -> Known | None:
+    """What `paired` knows of the source rows `rows` (indices): each one's score against its own
+    anchor row (same index), the candidate of every row of a related model that stayed in place."""
+    return None if paired is None else (rows, paired.diagonal[rows])
+
+
+def _candidate_dots(x: torch.Tensor, y: torch.Tensor, pick: torch.Tensor, known: Known | None = None) -> torch.Tensor:
+    """`_dots32(x, y, pick)`, taking the rows whose candidate `known` has scored from it."""
+    if known is None:
+        return _dots32(x, y, pick)
+    columns, dots = known
+    other = (pick != columns).nonzero()[:, 0]
+    if 2 * len(other) > len(pick):  # most moved: one pass over them all
+        return _dots32(x, y, pick)
+    out = dots.clone()
+    if len(other):
+        out[other] = _dots32(x.index_select(0, other), y, pick[other])
+    return out
+
+
 def _score_from_below(
-    src: torch.Tensor, src_norm: torch.Tensor, anchor: torch.Tensor, anchor_norm: torch.Tensor, pick: torch.Tensor
+    src: torch.Tensor,
+    src_norm: torch.Tensor,
+    anchor: torch.Tensor,
+    anchor_norm: torch.Tensor,
+    pick: torch.Tensor,
+    known: Known | None = None,
 ) -> torch.Tensor:
     """A lower bound on each row's full score against anchor row `pick`: the float32 inner product
-    over every column, less its rounding bound (w u32 |x| |y|, doubled)."""
-    full = _dots32(src, anchor, pick)
+    over every column (any order of summation: `known`'s too), less its rounding bound (w u32 |x|
+    |y|, doubled)."""
+    full = _candidate_dots(src, anchor, pick, known)
     return full - 2 * src.shape[1] * FP32_UNIT * src_norm * anchor_norm[pick]
 
 
-def _reached(src: torch.Tensor, src_norm: torch.Tensor, bounds: _PrefixBounds, pick: torch.Tensor) -> torch.Tensor:
+def _reached(
+    src: torch.Tensor, src_norm: torch.Tensor, bounds: _PrefixBounds, pick: torch.Tensor, known: Known | None = None
+) -> torch.Tensor:
     """`_score_from_below` against the candidate `pick`, less its potential."""
-    return bounds.less_potential(_score_from_below(src, src_norm, bounds.anchor, bounds.anchor_norm, pick), pick)
+    below = _score_from_below(src, src_norm, bounds.anchor, bounds.anchor_norm, pick, known)
+    return bounds.less_potential(below, pick)
 
 
 def _prefix_pass(
@@ -472,13 +554,14 @@ def _prefix_pass(
     bounds: _PrefixBounds,
     exact_prefix: bool = True,
     parts: PartSquares | None = None,
+    known: Known | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Which source rows `rows_src` (norms `src_norm`, `parts` if known, float32 GEMM `scores`
     over the first `upto` columns) the bounds settle, and each one's candidate best: see
     `bounded_row_bests`. Each block's bound is one rank-3 update of its scores (the rest's norms,
     `slack` and the potentials), and the candidate's score over the rest is read from its rest
     columns alone -- or, where `scores` only bound the prefix's (`exact_prefix` False: the int8
-    first pass's), its whole score (`_reached`)."""
+    first pass's), its whole score (`_reached`, reading `known`'s scores of the rows)."""
     left, right = bounds.rest_factors(rows_src, src_norm, upto, parts)
     anchor_rest = anchor[:, upto:]
     bound = _bound_buffer(len(rows_src), anchor)
@@ -491,7 +574,8 @@ def _prefix_pass(
             rest = _dots32(rows_src[block, upto:], anchor_rest, pick)
             exact = bounds.less_potential(scores[block].gather(1, pick[:, None])[:, 0] + rest, pick)
         else:
-            exact = _reached(rows_src[block], src_norm[block], bounds, pick)
+            block_known = None if known is None else (known[0][block], known[1][block])
+            exact = _reached(rows_src[block], src_norm[block], bounds, pick, block_known)
         settled.append(exact >= second)
         candidate.append(pick)
     return torch.cat(settled), torch.cat(candidate)
@@ -529,11 +613,15 @@ class _PrefixBounds:
         self._sides: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._integer_sides: dict[int, tuple[QuantizedRows, torch.Tensor]] = {}
         self._rests: dict[int, torch.Tensor] = {}
+        # per prefix, the probe's int8 pass over the first rows of a source: (source, its results)
+        self._probed: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
 
     @classmethod
-    def of(cls, src: torch.Tensor, anchor: torch.Tensor) -> _PrefixBounds:
-        """The bounds of a solve of `src` against `anchor`, with `distance_potentials`."""
-        parts = part_squares(anchor, PREFIX_UNIT)  # every prefix's and rest's norms from one pass
+    def of(cls, src: torch.Tensor, anchor: torch.Tensor, parts: PartSquares | None = None) -> _PrefixBounds:
+        """The bounds of a solve of `src` against `anchor`, with `distance_potentials`. `parts`:
+        the anchor's `PartSquares` in PREFIX_UNIT runs, where the caller has them."""
+        if parts is None:  # every prefix's and rest's norms from one pass
+            parts = part_squares(anchor, PREFIX_UNIT)
         anchor_norm = _norms_between(anchor, parts)
         return cls(anchor, anchor_norm, distance_potentials(src, anchor, anchor_norm), parts)
 
@@ -600,7 +688,12 @@ class _PrefixBounds:
         return self.mode == "int8" and rows * len(self.anchor) * upto >= INT8_MIN_PRODUCTS
 
     def integer_pass(
-        self, src: torch.Tensor, src_norm: torch.Tensor, upto: int, parts: PartSquares | None = None
+        self,
+        src: torch.Tensor,
+        src_norm: torch.Tensor,
+        upto: int,
+        parts: PartSquares | None = None,
+        known: Known | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`_prefix_pass` from fbgemm's int8 GEMM (`rotfuse.symmetry.integer_scores`), for the first
         pass and the probe: which rows of `src` the prefix [0, upto) settles, each row's candidate,
@@ -609,7 +702,7 @@ class _PrefixBounds:
         the prefix bound is x' . y' + |x'| (|r_y| + SCORE_ROUNDING |y'|) + |r_x| |y_pre| from the
         GEMM's float32 scores, and the row's bound adds |x_rest| |y_rest| and `slack` |x| |y|, less
         v_j: one rank-5 update of the scores. A candidate is settled on its whole score less its
-        potential (`_reached`)."""
+        potential (`_reached`; `known`: the scores of `src`'s rows read already)."""
         quantized_anchor, prefix_right = self._integer_side(upto)
         rest_left, rest_right = self.rest_factors(src, src_norm, upto, parts)
         right = torch.cat([prefix_right, rest_right])
@@ -623,11 +716,40 @@ class _PrefixBounds:
             left = torch.cat([prefix_left, rest_left[rows]], 1)
             upper = torch.addmm(scores, left, right, out=bound[: len(scores)])
             second, pick = top_two(upper)
-            ok = _reached(src[rows], src_norm[rows], self, pick) >= second
+            block_known = None if known is None else (known[0][rows], known[1][rows])
+            ok = _reached(src[rows], src_norm[rows], self, pick, block_known) >= second
             settled.append(ok)
             candidate.append(pick)
             kept.append(scores[~ok].addmm_(prefix_left[~ok], prefix_right))
         return torch.cat(settled), torch.cat(candidate), torch.cat(kept)
+
+    def probe_pass(
+        self, src: torch.Tensor, sample_norm: torch.Tensor, upto: int, known: Known | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`integer_pass` over the first len(sample_norm) rows of `src` (the probe's sample), kept
+        for `first_integer_pass`: which rows it settles and their candidates."""
+        found = self.integer_pass(src[: len(sample_norm)], sample_norm, upto, None, known)
+        self._probed[upto] = src, found
+        return found[0], found[1]
+
+    def first_integer_pass(
+        self,
+        src: torch.Tensor,
+        src_norm: torch.Tensor,
+        upto: int,
+        parts: PartSquares | None = None,
+        known: Known | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`integer_pass` over every row of `src`, taking the rows a probe of this same `src` passed
+        over (`probe_pass`) from its results rather than computing them again."""
+        probed_src, found = self._probed.get(upto, (None, None))
+        if probed_src is not src or found is None:
+            return self.integer_pass(src, src_norm, upto, parts, known)
+        done = len(found[0])
+        rest_parts = None if parts is None else PartSquares(parts.sums[done:], parts.part)
+        rest_known = None if known is None else (known[0][done:], known[1][done:])
+        rest = self.integer_pass(src[done:], src_norm[done:], upto, rest_parts, rest_known)
+        return tuple(torch.cat([a, b]) for a, b in zip(found, rest, strict=True))  # type: ignore[return-value]
 
     def _integer_side(self, upto: int) -> tuple[QuantizedRows, torch.Tensor]:
         """The anchor's prefix [0, upto) quantized and packed, and the right factors of

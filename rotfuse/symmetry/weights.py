@@ -174,17 +174,24 @@ def with_vo(att: Attention, circuit: Circuit) -> Attention:
     return replace(att, v=v, o=Linear(o_t.weight.T), v_vectors=[c.weight[:, 0] for c in vectors])
 
 
-def ffn_rows(ffn: Ffn, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Every parameter indexed by FFN neuron, one row per neuron: `[dff, n]`, in `dtype` (default:
-    the weights'), cast while concatenating -- into `out` if given (of `ffn_rows_shape` and `dtype`)."""
+def ffn_row_parts(ffn: Ffn, buffer: str = "ffn_rows.output") -> list[torch.Tensor]:
+    """The column blocks of `ffn_rows(ffn)`, each one row per neuron: the input weights, their
+    biases as columns, the output weight transposed -- in tiles (not gathered by cat), into this
+    thread's buffer `buffer`: no fresh pages per layer."""
     parts = []
     for linear in ffn.inputs:
         parts.append(linear.weight)
         if linear.bias is not None:
             parts.append(linear.bias[:, None])
     output = ffn.output.weight
-    # transposed in tiles (not gathered by cat), into this thread's buffer: no fresh pages per layer
-    parts.append(thread_buffer("ffn_rows.output", output.T.shape, output.dtype, output.device).copy_(output.T))
+    parts.append(thread_buffer(buffer, output.T.shape, output.dtype, output.device).copy_(output.T))
+    return parts
+
+
+def ffn_rows(ffn: Ffn, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Every parameter indexed by FFN neuron, one row per neuron: `[dff, n]`, in `dtype` (default:
+    the weights'), cast while concatenating -- into `out` if given (of `ffn_rows_shape` and `dtype`)."""
+    parts = ffn_row_parts(ffn)
     if out is None:
         out = parts[0].new_empty(ffn_rows_shape(ffn), dtype=dtype or parts[0].dtype)
     return torch.cat(parts, dim=1, out=out)

@@ -16,6 +16,7 @@ from rotfuse.symmetry.integer_scores import (
     quantize_source,
     quantized_scores,
 )
+from rotfuse.symmetry.part_norms import paired_rows
 from rotfuse.symmetry.permutation import (
     _PrefixBounds,
     best_assignment,
@@ -202,3 +203,62 @@ def test_probe_of_a_close_fine_tune_tries_the_narrowest_prefix_first(monkeypatch
     width = [permutation._prefix_width(2048, share) for share in permutation.PREFIXES]
     assert first == 1
     assert quantized == [width[permutation.PREFIXES.index(permutation.GIVE_UP_FROM)], width[0], width[1]]
+
+
+@needs_int8
+@pytest.mark.parametrize(("seed", "noise"), [(11, 0.5), (12, 0.05)])
+def test_first_pass_takes_the_probes_rows_from_the_probe(monkeypatch, any_size, seed, noise):
+    """The probe's int8 pass over its sample (the first PROBE_ROWS rows) is not run again: the
+    first pass at the prefix it picked scores the other rows only, and the passes still find every
+    row's exact best -- here with sample rows the probe's prefix leaves open, whose bounds the
+    later passes take on."""
+    monkeypatch.setattr(permutation, "fast_bfloat16_gemm", lambda device: False)
+    src, anchor = model_rows("related", 1100, 512, seed=seed, noise=noise)
+    bounds = _PrefixBounds(anchor, row_norms(anchor))
+    first = first_prefix(src, anchor, bounds)
+    assert first is not None
+    passed: list[int] = []
+    integer_pass = _PrefixBounds.integer_pass
+    monkeypatch.setattr(
+        _PrefixBounds,
+        "integer_pass",
+        lambda self, rows, *args: passed.append(len(rows)) or integer_pass(self, rows, *args),
+    )
+    best = bounded_row_bests(src, anchor, first, bounds)
+    monkeypatch.setattr(_PrefixBounds, "integer_pass", integer_pass)
+    assert passed == [len(src) - permutation.PROBE_ROWS]
+    upto = permutation._prefix_width(512, permutation.PREFIXES[first])
+    assert not bool(bounds._probed[upto][1][0].all())
+    assert best is not None and torch.equal(best, exact_scores(src, anchor).argmax(dim=1))
+    fresh = _PrefixBounds(anchor, row_norms(anchor))  # no probe: every row computed
+    assert torch.equal(best, bounded_row_bests(src, anchor, first, fresh))
+
+
+@needs_int8
+@pytest.mark.parametrize("moved_share", [0.0, 0.3, 0.9])
+def test_passes_take_the_scores_of_rows_left_in_place_from_paired_rows(monkeypatch, any_size, moved_share):
+    """With the rows' `paired_rows`, a row whose candidate is the anchor row of its own index
+    (a fine-tune's neurons stay put) has its score read from the pass over the pairs, not computed
+    again; the others are computed (all of them where most moved), and the solve is exact."""
+    monkeypatch.setattr(permutation, "fast_bfloat16_gemm", lambda device: False)
+    g = torch.Generator().manual_seed(13)
+    n, width = 1100, 512
+    anchor = torch.randn(n, width, generator=g)
+    order = torch.arange(n)
+    moved = torch.randperm(n, generator=g)[: int(moved_share * n)]
+    order[moved] = moved[torch.randperm(len(moved), generator=g)]
+    src = anchor[order] + 0.3 * torch.randn(n, width, generator=g)
+    computed: list[int] = []
+    dots32 = permutation._dots32
+    monkeypatch.setattr(permutation, "_dots32", lambda x, *args: computed.append(len(x)) or dots32(x, *args))
+    exact = best_assignment(exact_scores(src, anchor))
+    assert torch.equal(solve_permutation(src, anchor), exact)
+    alone = sum(computed)
+    computed.clear()
+    assert torch.equal(solve_permutation(src, anchor, paired_rows(src, anchor, permutation.PREFIX_UNIT)), exact)
+    if moved_share == 0:
+        assert not computed
+    elif moved_share < 0.5:
+        assert 0 < sum(computed) < alone / 2
+    else:
+        assert sum(computed) == alone
