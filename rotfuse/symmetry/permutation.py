@@ -465,7 +465,7 @@ def bounded_row_bests(
             ok, pick = bounds.settle(rows_src, src_norm[open_rows], upto)
         else:
             if scores is None and bounds.integer(len(rows_src), upto):  # open rows keep bounds on their prefix scores
-                ok, pick, scores = bounds.first_integer_pass(
+                ok, pick, scores = bounds.integer_pass(
                     rows_src, src_norm[open_rows], upto, parts, _diagonal(paired, open_rows)
                 )
                 exact_prefix = False
@@ -506,6 +506,11 @@ def _diagonal(paired: PairedRows | None, rows: torch.Tensor) -> Known | None:
     """What `paired` knows of the source rows `rows` (indices): each one's score against its own
     anchor row (same index), the candidate of every row of a related model that stayed in place."""
     return None if paired is None else (rows, paired.diagonal[rows])
+
+
+def _known_rows(known: Known | None, rows: slice) -> Known | None:
+    """`known` for the rows `rows` of the rows it is of."""
+    return None if known is None else (known[0][rows], known[1][rows])
 
 
 def _candidate_dots(x: torch.Tensor, y: torch.Tensor, pick: torch.Tensor, known: Known | None = None) -> torch.Tensor:
@@ -574,8 +579,7 @@ def _prefix_pass(
             rest = _dots32(rows_src[block, upto:], anchor_rest, pick)
             exact = bounds.less_potential(scores[block].gather(1, pick[:, None])[:, 0] + rest, pick)
         else:
-            block_known = None if known is None else (known[0][block], known[1][block])
-            exact = _reached(rows_src[block], src_norm[block], bounds, pick, block_known)
+            exact = _reached(rows_src[block], src_norm[block], bounds, pick, _known_rows(known, block))
         settled.append(exact >= second)
         candidate.append(pick)
     return torch.cat(settled), torch.cat(candidate)
@@ -702,7 +706,15 @@ class _PrefixBounds:
         the prefix bound is x' . y' + |x'| (|r_y| + SCORE_ROUNDING |y'|) + |r_x| |y_pre| from the
         GEMM's float32 scores, and the row's bound adds |x_rest| |y_rest| and `slack` |x| |y|, less
         v_j: one rank-5 update of the scores. A candidate is settled on its whole score less its
-        potential (`_reached`; `known`: the scores of `src`'s rows read already)."""
+        potential (`_reached`; `known`: the scores of `src`'s rows read already). The rows a probe
+        of this same `src` passed over (`probe_pass`) are taken from its results."""
+        probed, found = self._probed.get(upto, (None, None))
+        if probed is src and found is not None:
+            done = len(found[0])
+            rest_parts = None if parts is None else PartSquares(parts.sums[done:], parts.part)
+            rest_known = _known_rows(known, slice(done, None))
+            rest = self.integer_pass(src[done:], src_norm[done:], upto, rest_parts, rest_known)
+            return tuple(torch.cat([a, b]) for a, b in zip(found, rest, strict=True))  # type: ignore[return-value]
         quantized_anchor, prefix_right = self._integer_side(upto)
         rest_left, rest_right = self.rest_factors(src, src_norm, upto, parts)
         right = torch.cat([prefix_right, rest_right])
@@ -716,8 +728,7 @@ class _PrefixBounds:
             left = torch.cat([prefix_left, rest_left[rows]], 1)
             upper = torch.addmm(scores, left, right, out=bound[: len(scores)])
             second, pick = top_two(upper)
-            block_known = None if known is None else (known[0][rows], known[1][rows])
-            ok = _reached(src[rows], src_norm[rows], self, pick, block_known) >= second
+            ok = _reached(src[rows], src_norm[rows], self, pick, _known_rows(known, rows)) >= second
             settled.append(ok)
             candidate.append(pick)
             kept.append(scores[~ok].addmm_(prefix_left[~ok], prefix_right))
@@ -727,29 +738,10 @@ class _PrefixBounds:
         self, src: torch.Tensor, sample_norm: torch.Tensor, upto: int, known: Known | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`integer_pass` over the first len(sample_norm) rows of `src` (the probe's sample), kept
-        for `first_integer_pass`: which rows it settles and their candidates."""
+        for the first pass over `src`: which rows it settles and their candidates."""
         found = self.integer_pass(src[: len(sample_norm)], sample_norm, upto, None, known)
         self._probed[upto] = src, found
         return found[0], found[1]
-
-    def first_integer_pass(
-        self,
-        src: torch.Tensor,
-        src_norm: torch.Tensor,
-        upto: int,
-        parts: PartSquares | None = None,
-        known: Known | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`integer_pass` over every row of `src`, taking the rows a probe of this same `src` passed
-        over (`probe_pass`) from its results rather than computing them again."""
-        probed_src, found = self._probed.get(upto, (None, None))
-        if probed_src is not src or found is None:
-            return self.integer_pass(src, src_norm, upto, parts, known)
-        done = len(found[0])
-        rest_parts = None if parts is None else PartSquares(parts.sums[done:], parts.part)
-        rest_known = None if known is None else (known[0][done:], known[1][done:])
-        rest = self.integer_pass(src[done:], src_norm[done:], upto, rest_parts, rest_known)
-        return tuple(torch.cat([a, b]) for a, b in zip(found, rest, strict=True))  # type: ignore[return-value]
 
     def _integer_side(self, upto: int) -> tuple[QuantizedRows, torch.Tensor]:
         """The anchor's prefix [0, upto) quantized and packed, and the right factors of

@@ -217,16 +217,14 @@ def test_first_pass_takes_the_probes_rows_from_the_probe(monkeypatch, any_size, 
     bounds = _PrefixBounds(anchor, row_norms(anchor))
     first = first_prefix(src, anchor, bounds)
     assert first is not None
-    passed: list[int] = []
-    integer_pass = _PrefixBounds.integer_pass
+    multiplied: list[int] = []  # source rows through the int8 GEMM
+    scores = permutation.quantized_scores
     monkeypatch.setattr(
-        _PrefixBounds,
-        "integer_pass",
-        lambda self, rows, *args: passed.append(len(rows)) or integer_pass(self, rows, *args),
+        permutation, "quantized_scores", lambda rows, *args: multiplied.append(len(rows.tensor)) or scores(rows, *args)
     )
     best = bounded_row_bests(src, anchor, first, bounds)
-    monkeypatch.setattr(_PrefixBounds, "integer_pass", integer_pass)
-    assert passed == [len(src) - permutation.PROBE_ROWS]
+    monkeypatch.setattr(permutation, "quantized_scores", scores)
+    assert sum(multiplied) == len(src) - permutation.PROBE_ROWS
     upto = permutation._prefix_width(512, permutation.PREFIXES[first])
     assert not bool(bounds._probed[upto][1][0].all())
     assert best is not None and torch.equal(best, exact_scores(src, anchor).argmax(dim=1))
