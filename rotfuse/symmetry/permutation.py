@@ -131,8 +131,7 @@ def neuron_pairs(src: Ffn, anchor: Ffn) -> tuple[torch.Tensor, torch.Tensor, Pai
         for side_rows, side_parts in zip(rows, parts, strict=True):
             torch.cat([part[block] for part in side_parts], dim=1, out=side_rows[block])
 
-    tensors = [t for ffn in (src, anchor) for lin in (*ffn.inputs, ffn.output) for t in (lin.weight, lin.bias)]
-    exact = all(t.dtype in (torch.bfloat16, torch.float16, torch.float32) for t in tensors if t is not None)
+    exact = all(t.dtype in (torch.bfloat16, torch.float16, torch.float32) for t in _row_tensors(src, anchor))
     paired = paired_rows(rows[0], rows[1], PREFIX_UNIT, fill) if exact else None
     if paired is None:
         fill(slice(None))
@@ -140,11 +139,17 @@ def neuron_pairs(src: Ffn, anchor: Ffn) -> tuple[torch.Tensor, torch.Tensor, Pai
 
 
 def _rows_dtype(src: Ffn, anchor: Ffn) -> torch.dtype:
-    """bfloat16 where every tensor of both FFNs is and they are on the CPU, else float32."""
-    tensors = [src.output.weight, anchor.output.weight]
-    tensors += [t for ffn in (src, anchor) for lin in ffn.inputs for t in (lin.weight, lin.bias) if t is not None]
+    """bfloat16 where every tensor of both FFNs' rows is and they are on the CPU, else float32."""
+    tensors = _row_tensors(src, anchor)
     keep = all(t.dtype == torch.bfloat16 for t in tensors) and tensors[0].device.type == "cpu"
     return torch.bfloat16 if keep else torch.float32
+
+
+def _row_tensors(src: Ffn, anchor: Ffn) -> list[torch.Tensor]:
+    """The tensors both FFNs' neuron rows hold (`ffn_rows`): the output's weight, the inputs'
+    weights and biases."""
+    inputs = [t for ffn in (src, anchor) for lin in ffn.inputs for t in (lin.weight, lin.bias) if t is not None]
+    return [src.output.weight, anchor.output.weight, *inputs]
 
 
 def _row_buffer(side: int, ffn: Ffn, dtype: torch.dtype) -> torch.Tensor:
