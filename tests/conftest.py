@@ -60,8 +60,10 @@ def run() -> Callable[..., Result]:
     from typer.testing import CliRunner
 
     from rotfuse.cli import app
+    from rotfuse.core import signals
 
     def invoke(*args: object) -> Result:
+        signals.reset()  # a command starts with no signal of an earlier one, as `rotfuse.cli.run` does
         result = CliRunner().invoke(app, [str(a) for a in args])
         return Result(result.exit_code, result.stdout, result.stderr)
 
