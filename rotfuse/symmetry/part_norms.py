@@ -35,9 +35,9 @@ class PartSquares:
             return None
         return self.sums[:, start // self.part : stop // self.part].sum(1).sqrt_().float()
 
-    def rows(self, index: torch.Tensor) -> PartSquares:
-        """The same for the rows `index` only."""
-        return PartSquares(self.sums.index_select(0, index), self.part)
+    def rows(self, index: torch.Tensor | slice) -> PartSquares:
+        """The same for the rows `index` (indices, or a slice) only."""
+        return PartSquares(self.sums[index], self.part)
 
 
 def part_squares(rows: torch.Tensor, parts: int) -> PartSquares | None:

@@ -716,7 +716,7 @@ class _PrefixBounds:
         probed, found = self._probed.get(upto, (None, None))
         if probed is src and found is not None:
             done = len(found[0])
-            rest_parts = None if parts is None else PartSquares(parts.sums[done:], parts.part)
+            rest_parts = None if parts is None else parts.rows(slice(done, None))
             rest_known = _known_rows(known, slice(done, None))
             rest = self.integer_pass(src[done:], src_norm[done:], upto, rest_parts, rest_known)
             return tuple(torch.cat([a, b]) for a, b in zip(found, rest, strict=True))  # type: ignore[return-value]
