@@ -145,7 +145,8 @@ def _match_attention(
             if linear:  # refines the rotation + scale solution over the whole invertible group
                 first = transform.maps()[0] if transform.rotation is not None else None
                 found = solve_linear(start, a, rotary(key), start=first, tie_groups=tie)
-                transform, condition = CircuitTransform(linear=found.linear), found.condition
+                transform = CircuitTransform(linear=found.linear, rotary_dim=rotary(key))
+                condition = found.condition
             moved[key] = transform.apply(start)
             after = circuit_sq_distance(moved[key], a)
             applied = (["heads"] if candidate is not None else []) + [
@@ -264,6 +265,7 @@ def scramble_layer(src: LayerWeights, settings: LayerSettings, generator: torch.
             random_linear(count, dh, rotary_dim, generator).expand(groups, dh, dh)
             if f"{key}.linear" in settings.symmetries
             else None,
+            rotary_dim=rotary_dim,
         )
         circuit = pack(attention) if head_perm is None else permute_groups(pack(attention), head_perm)
         attention = unpack(attention, transform.apply(circuit))

@@ -28,6 +28,9 @@ class CircuitTransform:
     rotation: torch.Tensor | None = None  # [G, dh, dh] float64
     scale: torch.Tensor | None = None  # [G] float64
     linear: torch.Tensor | None = None  # [G, dh, dh] float64
+    # the maps commute with RoPE on the first rotary_dim coordinates (rotation.py, linear.py): one
+    # 2-D map per plane (i, i + rotary_dim/2), a full block past them -- applied plane by plane
+    rotary_dim: int = 0
 
     def maps(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The `[G, dh, dh]` left and right maps of the whole transform, float64."""
@@ -51,21 +54,65 @@ class CircuitTransform:
             as_right = 1.0 / as_left
         else:  # the scale folded into the small [G, dh, dh] maps: one pass over each big tensor
             as_left, as_right = self.maps()
+        rotary = self.rotary_dim
         return Circuit(
-            tuple(_mapped(as_left, b) for b in circuit.left), tuple(_mapped(as_right, b) for b in circuit.right)
+            tuple(_mapped(as_left, b, rotary) for b in circuit.left),
+            tuple(_mapped(as_right, b, rotary) for b in circuit.right),
         )
 
 
-def _mapped(maps: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+def _mapped(maps: torch.Tensor, block: torch.Tensor, rotary_dim: int = 0) -> torch.Tensor:
     """`maps[g] @ block[g, h]` for every head h of group g (`maps` `[G, dh, dh]`, or `[G, 1, 1]`
     for a scale), written in `block`'s own layout: a transposed weight's result is that weight
-    transposed again, with no copy on the way in or out."""
+    transposed again, with no copy on the way in or out. Maps that commute with RoPE on
+    `rotary_dim` coordinates touch each of those rows with its plane's partner only: two
+    multiply-adds per element there instead of a dh-long dot product (maps of any other form, e.g.
+    a rotation the spec forbids, go through the GEMM)."""
     maps = maps.to(device=block.device, dtype=block.dtype)
     out = torch.empty_like(block)  # same strides as `block` (packing only makes dense layouts)
     if maps.shape[1] == 1:
         return torch.mul(block, maps[:, None], out=out)
+    if rotary_dim and not bool(maps.masked_select(~_rotary_pattern(maps.shape[-1], rotary_dim, maps.device)).any()):
+        _planes(maps, block, out, rotary_dim)
+        if rotary_dim == block.shape[2]:
+            return out
+        out[:, :, rotary_dim:] = _dense(maps[:, rotary_dim:, rotary_dim:], block[:, :, rotary_dim:])
+        return out
+    return _dense(maps, block, out)
+
+
+def _rotary_pattern(dh: int, rotary_dim: int, device: torch.device) -> torch.Tensor:
+    """`[dh, dh]` True where a map that commutes with RoPE on `rotary_dim` coordinates may be
+    nonzero: each plane's four entries, and the block past rotary_dim."""
+    pattern = torch.zeros(dh, dh, dtype=torch.bool, device=device)
+    half = rotary_dim // 2
+    planes = torch.arange(half, device=device)
+    for rows in (planes, planes + half):
+        pattern[rows, planes] = pattern[rows, planes + half] = True
+    pattern[rotary_dim:, rotary_dim:] = True
+    return pattern
+
+
+def _planes(maps: torch.Tensor, block: torch.Tensor, out: torch.Tensor, rotary_dim: int) -> None:
+    """`out`'s first rotary_dim rows of every head: per plane (i, j = i + rotary_dim/2),
+    out_i = m_ii x_i + m_ij x_j and out_j = m_ji x_i + m_jj x_j."""
+    half = rotary_dim // 2
+    low, high = torch.arange(half, device=maps.device), torch.arange(half, rotary_dim, device=maps.device)
+
+    def entries(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        return maps[:, rows, cols][:, None, :, None]  # [G, 1, half, 1]: broadcast over heads and columns
+
+    x_low, x_high = block[:, :, :half], block[:, :, half:rotary_dim]
+    torch.mul(x_low, entries(low, low), out=out[:, :, :half]).addcmul_(x_high, entries(low, high))
+    torch.mul(x_low, entries(high, low), out=out[:, :, half:rotary_dim]).addcmul_(x_high, entries(high, high))
+
+
+def _dense(maps: torch.Tensor, block: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`maps[g] @ block[g, h]` as one batched GEMM, into `out` where a `[G*H, dh, n]` view of it exists."""
     groups, heads, dh = block.shape[0], block.shape[1], block.shape[2]
     per_head = maps[:, None].expand(groups, heads, dh, dh).reshape(groups * heads, dh, dh)
+    if out is None:
+        out = torch.empty_like(block)
     try:
         torch.bmm(per_head, batched(block), out=out.view(groups * heads, dh, -1))
     except RuntimeError:  # a layout no [G*H, dh, n] view exists for: a contiguous result
@@ -165,7 +212,8 @@ def solve_circuit(
     if tie_groups:
         full = src.left[0].shape[0]
         rotation, a = rotation.expand(full, dh, dh).clone(), a.expand(full).clone()
-    return CircuitSolution(CircuitTransform(rotation if rotate else None, a if scale else None), rounds, history)
+    transform = CircuitTransform(rotation if rotate else None, a if scale else None, rotary_dim=rotary_dim)
+    return CircuitSolution(transform, rounds, history)
 
 
 def _products(x: Blocks, y: Blocks, columns: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

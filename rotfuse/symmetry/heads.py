@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import cast
 
 import torch
@@ -74,7 +75,8 @@ def group_permutation(circuits: Sequence[ScoredCircuit], exact: PairProducts | N
     return best_assignment(cast(torch.Tensor, scores))
 
 
-HEAD_PREFIXES = (8, 4, 2)  # `prefix_group_permutation` tries 1/8, 1/4 and 1/2 of every block's columns
+# the shares of every block's columns `prefix_group_permutation` tries, in turn
+HEAD_PREFIXES = (Fraction(1, 8), Fraction(3, 16), Fraction(1, 4), Fraction(1, 2))
 
 
 @dataclass
@@ -105,7 +107,7 @@ def prefix_group_permutation(
     circuits: Sequence[ScoredCircuit], exact: PairProducts | None = None
 ) -> torch.Tensor | None:
     """`group_permutation`'s assignment proven optimal from float32 GEMMs over a prefix of every
-    block's columns (1/8, else 1/4, else 1/2), or None.
+    block's columns (HEAD_PREFIXES: 1/8, else 3/16, 1/4, 1/2), or None.
 
     A pair's score, max <R, M_ij> over the allowed R, is at most the nuclear norm of M_ij: at most
     sqrt(dh) |M_ij|_F over the prefix plus |X_i|_F |Y_j|_F over the rest, per block (|A B^T|_* <=
@@ -114,7 +116,8 @@ def prefix_group_permutation(
     scored over every column, less their rounding bound; P is optimal when it still is with the
     upper bounds off P and the lower ones on it (`optimal_against`). Matched groups of related
     models score about cos |X| |Y| against at most about (1 - share) |X| |Y| elsewhere: settled
-    on 1/8 or 1/4 of the GEMM plus P's G blocks; unrelated models give up after the first prefix."""
+    on 1/8 to 1/4 of the GEMM plus P's G blocks; unrelated models give up after the first prefix.
+    Each share's products extend the last one's: a share that fails costs its norms, not its GEMM."""
     groups, dh = circuits[0].src.left[0].shape[0], circuits[0].src.left[0].shape[2]
     pairs = [[_BlockPair.of(x, y) for x, y in zip(c.src.tensors(), c.anchor.tensors(), strict=True)] for c in circuits]
     prefix = [torch.zeros(groups * dh, groups * dh, dtype=torch.float64) for _ in circuits]
@@ -138,7 +141,7 @@ def prefix_group_permutation(
         if optimal_against(perm, worst):
             return perm
         if step + 1 < len(HEAD_PREFIXES):  # try a wider prefix only if its rest could fall below P's scores
-            rest_share = 1 - 1 / HEAD_PREFIXES[step + 1]
+            rest_share = float(1 - HEAD_PREFIXES[step + 1])
             rivals = whole.clone()
             rivals[perm, cols] = 0
             if bool((worst[perm, cols] <= rest_share * rivals.max(dim=0).values).any()):
@@ -146,13 +149,13 @@ def prefix_group_permutation(
     return None
 
 
-def _prefix_upper(pairs: list[_BlockPair], scores: torch.Tensor, share: int, groups: int, dh: int) -> torch.Tensor:
-    """Upper bounds `[G, G]` on one circuit's pair scores from the first 1/share of every block's
+def _prefix_upper(pairs: list[_BlockPair], scores: torch.Tensor, share: Fraction, groups: int, dh: int) -> torch.Tensor:
+    """Upper bounds `[G, G]` on one circuit's pair scores from the first `share` of every block's
     columns; `scores` (`[G*dh, G*dh]` float64) accumulates the prefix products across calls."""
     bound = torch.zeros(groups, groups, dtype=torch.float64)
     for pair in pairs:
         width, heads = pair.width, pair.x.shape[1]
-        upto = max(1, width // share)
+        upto = max(1, int(width * share))
         if upto > pair.done:
             part = slice(pair.done, upto)
             product = _rows(pair.x[..., part], torch.float32) @ _rows(pair.y[..., part], torch.float32).T

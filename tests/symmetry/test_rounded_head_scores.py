@@ -5,6 +5,7 @@ the exact scores' optimum (`certified_assignment`, `optimal_against`)."""
 
 from __future__ import annotations
 
+from fractions import Fraction
 from itertools import permutations
 
 import pytest
@@ -253,6 +254,25 @@ def test_prefix_group_permutation_gives_up_at_once_on_unrelated_groups(monkeypat
     monkeypatch.setattr(heads, "_prefix_upper", lambda *args: shares.append(args[2]) or prefix_upper(*args))
     assert prefix_group_permutation([ScoredCircuit(src, anchor, True)]) is None
     assert shares == [HEAD_PREFIXES[0]]  # one circuit, the first prefix only
+
+
+@pytest.mark.parametrize(
+    ("noise", "expected"),
+    [(0.3, ["1/8"]), (0.55, ["1/8", "3/16"]), (0.65, ["1/8", "3/16", "1/4"])],
+)
+def test_prefix_group_permutation_stops_at_the_first_share_that_proves_it(monkeypatch, noise, expected):
+    """The noisier the pair, the more shares it takes (1/8, then 3/16, then 1/4); each share's
+    products extend the last one's: every block's columns are multiplied once, up to the share
+    that settled it."""
+    src, anchor, perm = wide_relatives(6, noise)
+    shares, columns = [], []
+    prefix_upper, rows = heads._prefix_upper, heads._rows
+    monkeypatch.setattr(heads, "_prefix_upper", lambda *args: shares.append(args[2]) or prefix_upper(*args))
+    monkeypatch.setattr(heads, "_rows", lambda block, dtype: columns.append(block.shape[-1]) or rows(block, dtype))
+    assert torch.equal(prefix_group_permutation([ScoredCircuit(src, anchor, True)]), perm)
+    assert shares == [Fraction(share) for share in expected]
+    width, blocks = src.left[0].shape[-1], len(src.tensors())
+    assert sum(columns) == 2 * blocks * int(width * shares[-1])  # both sides, once
 
 
 def test_prefix_certificate_refuses_what_the_bounds_alone_would_pick(monkeypatch):

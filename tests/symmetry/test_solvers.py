@@ -13,8 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rotfuse.align.layer import LayerSettings, match_layer, scramble_layer
+from rotfuse.symmetry import circuit as circuit_module
 from rotfuse.symmetry import permutation
 from rotfuse.symmetry.circuit import CircuitTransform, solve_circuit
+from rotfuse.symmetry.linear import random_linear
 from rotfuse.symmetry.permutation import (
     SMALL_ASSIGNMENT,
     best_assignment,
@@ -42,6 +44,7 @@ from rotfuse.symmetry.weights import (
 )
 
 ALL = frozenset({"qk.rot", "qk.scale", "vo.rot", "vo.scale", "ffn.perm", "heads.perm"})
+by_planes = circuit_module._planes
 
 
 def random_layer(
@@ -523,6 +526,41 @@ def test_scrambled_attention_computes_the_same_output():
 
     assert torch.allclose(attend(att), attend(moved), atol=1e-4)
     assert not torch.allclose(att.q.weight, moved.q.weight)
+
+
+@pytest.mark.parametrize("rotary_dim", [6, 4], ids=["whole-head", "partial"])
+@pytest.mark.parametrize("pack", [qk_circuit, vo_circuit], ids=["rows", "transposed-columns"])
+@pytest.mark.parametrize("kind", ["rotation", "linear"])
+def test_rope_commuting_maps_apply_plane_by_plane_as_the_gemm_does(monkeypatch, rotary_dim, pack, kind):
+    """A map that commutes with RoPE touches each row of a plane with its partner only: applied
+    plane by plane (past rotary_dim: the GEMM on the rest), it gives the batched GEMM's result."""
+    circuit = pack(random_layer(16).attention)
+    g = torch.Generator().manual_seed(3)
+    if kind == "rotation":
+        maps = {
+            "rotation": random_rotation(2, 6, rotary_dim, g),
+            "scale": torch.tensor([0.5, 3.0], dtype=torch.float64),
+        }
+    else:
+        maps = {"linear": random_linear(2, 6, rotary_dim, g)}
+    planes = []
+    monkeypatch.setattr(circuit_module, "_planes", lambda *args: planes.append(args) or by_planes(*args))
+    fast = CircuitTransform(**maps, rotary_dim=rotary_dim).apply(circuit)
+    assert len(planes) == len(circuit.tensors())
+    dense = CircuitTransform(**maps).apply(circuit)
+    assert len(planes) == len(circuit.tensors())
+    for x, y in zip(fast.tensors(), dense.tensors(), strict=True):
+        assert x.stride() == y.stride() and torch.allclose(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_maps_of_another_form_go_through_the_gemm_whatever_rotary_dim_says(monkeypatch):
+    """A full rotation (one the RoPE spec forbids) flagged as commuting is not taken plane by plane."""
+    circuit = qk_circuit(random_layer(17).attention)
+    full = random_rotation(2, 6, 0, torch.Generator().manual_seed(4))
+    monkeypatch.setattr(circuit_module, "_planes", lambda *args: pytest.fail("applied plane by plane"))
+    flagged = CircuitTransform(full, rotary_dim=6).apply(circuit)
+    plain = CircuitTransform(full).apply(circuit)
+    assert all(torch.equal(x, y) for x, y in zip(flagged.tensors(), plain.tensors(), strict=True))
 
 
 def test_identity_transform_is_a_no_op():
