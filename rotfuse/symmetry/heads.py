@@ -117,7 +117,8 @@ def prefix_group_permutation(
     upper bounds off P and the lower ones on it (`optimal_against`). Matched groups of related
     models score about cos |X| |Y| against at most about (1 - share) |X| |Y| elsewhere: settled
     on 1/8 to 1/4 of the GEMM plus P's G blocks; unrelated models give up after the first prefix.
-    Each share's products extend the last one's: a share that fails costs its norms, not its GEMM."""
+    Each share's products extend the last one's: a share that fails costs its norms, not its GEMM;
+    shares whose rest alone would still exceed P's scores are skipped, and none left gives up."""
     groups, dh = circuits[0].src.left[0].shape[0], circuits[0].src.left[0].shape[2]
     pairs = [[_BlockPair.of(x, y) for x, y in zip(c.src.tensors(), c.anchor.tensors(), strict=True)] for c in circuits]
     prefix = [torch.zeros(groups * dh, groups * dh, dtype=torch.float64) for _ in circuits]
@@ -126,7 +127,8 @@ def prefix_group_permutation(
         whole.add_(torch.outer(pair.x_groups, pair.y_groups))
     lower: dict[tuple[int, int], float] = {}  # P's pairs, scored over every column (a lower bound)
     cols = torch.arange(groups)
-    for step, share in enumerate(HEAD_PREFIXES):
+    share: Fraction | None = HEAD_PREFIXES[0]
+    while share is not None:
         upper = torch.zeros(groups, groups, dtype=torch.float64)
         for circuit_pairs, scores in zip(pairs, prefix, strict=True):
             upper.add_(_prefix_upper(circuit_pairs, scores, share, groups, dh))
@@ -140,12 +142,12 @@ def prefix_group_permutation(
         worst[perm, cols] = torch.tensor([lower[int(perm[j]), j] for j in range(groups)], dtype=torch.float64)
         if optimal_against(perm, worst):
             return perm
-        if step + 1 < len(HEAD_PREFIXES):  # try a wider prefix only if its rest could fall below P's scores
-            rest_share = float(1 - HEAD_PREFIXES[step + 1])
-            rivals = whole.clone()
-            rivals[perm, cols] = 0
-            if bool((worst[perm, cols] <= rest_share * rivals.max(dim=0).values).any()):
-                return None
+        # the next wider share whose rest alone, (1 - share) |X_i| |Y_j|, could fall below P's scores
+        rivals = whole.clone()
+        rivals[perm, cols] = 0
+        best_rival, own = rivals.max(dim=0).values, worst[perm, cols]
+        wider = (s for s in HEAD_PREFIXES if s > share)
+        share = next((s for s in wider if not bool((own <= float(1 - s) * best_rival).any())), None)
     return None
 
 

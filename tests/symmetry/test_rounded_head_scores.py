@@ -258,12 +258,18 @@ def test_prefix_group_permutation_gives_up_at_once_on_unrelated_groups(monkeypat
 
 @pytest.mark.parametrize(
     ("noise", "expected"),
-    [(0.3, ["1/8"]), (0.55, ["1/8", "3/16"]), (0.65, ["1/8", "3/16", "1/4"])],
+    [
+        (0.3, ["1/8"]),
+        (0.55, ["1/8", "3/16"]),
+        (0.65, ["1/8", "3/16", "1/4"]),
+        (0.7, ["1/8", "1/4"]),
+        (0.9, ["1/8", "1/2"]),
+    ],
 )
 def test_prefix_group_permutation_stops_at_the_first_share_that_proves_it(monkeypatch, noise, expected):
-    """The noisier the pair, the more shares it takes (1/8, then 3/16, then 1/4); each share's
-    products extend the last one's: every block's columns are multiplied once, up to the share
-    that settled it."""
+    """The noisier the pair, the wider the share that settles it; a share whose rest alone would
+    still outweigh the pair's own score is skipped. Each share's products extend the last one's:
+    every block's columns are multiplied once, up to the share that settled it."""
     src, anchor, perm = wide_relatives(6, noise)
     shares, columns = [], []
     prefix_upper, rows = heads._prefix_upper, heads._rows
