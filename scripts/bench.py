@@ -8,7 +8,10 @@
 For each size it generates (deterministically, offline) a pair of related checkpoints -- B is A
 plus noise, like two fine-tunes of one base -- sharded the way Hugging Face shards them, then times
 in one run, each as its own process so peak RSS is per command:
-  io-floor           read both checkpoints fully and write one, with plain safetensors calls
+  io-floor           every tensor of both checkpoints through safetensors' get_tensor, and one
+                     of them written with save_file (get_tensor maps lazily: B's bytes are never
+                     touched, A's only as they are written -- the floor is torch's import plus
+                     writing one checkpoint)
   match-attn         rotfuse match --symmetries rot,scale
   match-all          rotfuse match (FFN permutation too), with per-stage seconds from its report
   match-unrelated    match-all on A and U, a model of its own initialisation (no shared base): the
