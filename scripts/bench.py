@@ -42,7 +42,9 @@ another's writes.
 
 Wall times on a shared 2-core machine vary by a second between runs, so every stage shorter than
 REPEAT_UNDER_S is run `--repeat` times, in rounds that interleave the stages (a slow spell then
-slows the floor too), and its fastest run is reported (peak RSS: the largest).
+slows the floor too), and its fastest run is reported (peak RSS: the largest). Its ratio is the
+fastest run over the floor's fastest; the notes add the ratio round by round -- each run over the
+floor's run of the same round -- as median and range, which says how typical the fastest pair is.
 """
 
 from __future__ import annotations
@@ -315,6 +317,7 @@ class Stage:
     rss: float = 0.0
     out: str = ""
     runs: int = 0
+    times: list[float] = field(default_factory=list)  # every run's seconds, round by round
 
 
 def timed_rounds(stages: list[Stage], repeat: int, output: Path) -> None:
@@ -332,6 +335,7 @@ def timed_rounds(stages: list[Stage], repeat: int, output: Path) -> None:
             if seconds < stage.seconds:
                 stage.seconds, stage.out = seconds, out
             stage.rss, stage.runs = max(stage.rss, rss), stage.runs + 1
+            stage.times.append(seconds)
             print(f"  {stage.name:<18} run {stage.runs}: {seconds:8.2f} s  {rss:8.1f} MiB", file=sys.stderr, flush=True)
     shutil.rmtree(output, ignore_errors=True)
 
@@ -478,11 +482,27 @@ def bench_size(size: str, root: Path, keep: bool, repeat: int, stages: frozenset
             row.detail["per_layer_s"] = round(row.seconds / dims["num_hidden_layers"], 2)
             row.detail["full_depth_s"] = round(row.seconds * FULL_DEPTH[size] / dims["num_hidden_layers"], 1)
     floors = {kind: next((r for r in rows if r.stage == "io-floor" + kind), None) for kind in ("", FLUSHED)}
+    times = {done.name: done.times for done in planned}
     for row in rows:
         floor = floors[FLUSHED if row.stage.endswith(FLUSHED) else ""]
         if floor is not None:
             row.ratio_to_floor = round(row.seconds / floor.seconds, 2)
+            by_round = round_ratios(times[row.stage], times[floor.stage])
+            if by_round is not None and row is not floor:
+                row.detail["x_floor_by_round"] = by_round
     return rows
+
+
+def round_ratios(stage: list[float], floor: list[float]) -> dict | None:
+    """Each round's run over the floor's run in the same round -- median, lowest, highest -- where
+    both ran every round (two or more): how far the fastest runs' ratio is from a typical round's
+    on a machine whose speed drifts between runs."""
+    if len(stage) < 2 or len(stage) != len(floor):
+        return None
+    ratios = sorted(s / f for s, f in zip(stage, floor, strict=True))
+    middle = len(ratios) // 2
+    median = ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
+    return {"median": round(median, 2), "low": round(ratios[0], 2), "high": round(ratios[-1], 2), "rounds": len(ratios)}
 
 
 def startup_rows() -> list[Row]:
@@ -521,6 +541,12 @@ def markdown(rows: list[Row]) -> str:
                 f"{'; ' if note else ''}world size 2 vs {r.stage.removesuffix('-ws2')} (world size 1): "
                 f"{r.detail['speedup_vs_ws1']:.2f}x faster, "
                 f"peak RSS of one rank {r.detail['rss_vs_ws1']:.2f}x"
+            )
+        if "x_floor_by_round" in r.detail:
+            spread = r.detail["x_floor_by_round"]
+            note += (
+                f"{'; ' if note else ''}x floor round by round: median {spread['median']:.2f} "
+                f"({spread['low']:.2f}-{spread['high']:.2f}, {spread['rounds']} rounds)"
             )
         ratio = "" if r.ratio_to_floor is None else f"{r.ratio_to_floor:.2f}"
         rss = "" if not r.peak_rss_mib else f"{r.peak_rss_mib:.0f}"

@@ -96,6 +96,7 @@ def test_bench_runs_only_the_stages_asked_for(tmp_path: Path) -> None:
     assert set(rows) == {"io-floor", "match-attn"}
     assert rows["match-attn"]["ratio_to_floor"] > 0
     assert not any(tmp_path.glob("tiny-deep-*")), "no twice-as-deep pair without a stage that needs it"
+    assert "x_floor_by_round" not in rows["match-attn"]["detail"]  # one round: no spread to give
     unknown = subprocess.run(
         [sys.executable, str(SCRIPT), "--stages", "io-floor,match-everything"],
         capture_output=True,
@@ -120,3 +121,38 @@ def test_ffn_solve_benchmark_names_the_path_of_every_case() -> None:
     assert cases["unrelated"] == "float32 GEMM + Hungarian"
     assert "far relative (+50 %)" in cases
     assert all(float(row[3]) > 0 for row in rows[1:])
+
+
+def test_round_by_round_ratios_pair_each_run_with_the_floors_of_its_round() -> None:
+    bench = load_bench()
+    # round 3's floor ran in a slow spell (2.5 s) that slowed its match too: 5/2.5, not 5/2
+    spread = bench.round_ratios([4.0, 6.0, 5.0, 4.4], [2.0, 2.0, 2.5, 2.0])
+    assert spread == {"median": 2.1, "low": 2.0, "high": 3.0, "rounds": 4}
+    assert bench.round_ratios([5.0, 7.0, 6.0], [2.0, 2.0, 2.0])["median"] == 3.0  # odd count: the middle one
+    assert bench.round_ratios([5.0], [2.0]) is None  # one round
+    assert bench.round_ratios([30.0], [2.0, 2.1]) is None  # a long stage runs once: no pairs
+
+
+def test_bench_gives_the_round_by_round_spread_when_stages_repeat(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--sizes",
+            "tiny",
+            "--repeat",
+            "2",
+            "--workdir",
+            str(tmp_path),
+            "--stages",
+            "io-floor,match-attn",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    line = next(row for row in result.stdout.splitlines() if "| match-attn |" in row)
+    assert "x floor round by round: median" in line and "2 rounds" in line
+    floor = next(row for row in result.stdout.splitlines() if "| io-floor |" in row)
+    assert "round by round" not in floor
