@@ -12,6 +12,10 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench.py"
 
 
+def run_bench(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout)
+
+
 def load_bench():
     spec = importlib.util.spec_from_file_location("bench", SCRIPT)
     module = importlib.util.module_from_spec(spec)
@@ -34,12 +38,7 @@ def test_peak_rss_is_the_commands_own_not_the_benchmarks(tmp_path: Path) -> None
 
 
 def test_bench_tiny_reports_every_stage(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--sizes", "tiny", "--repeat", "1", "--json", "--workdir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_bench("--sizes", "tiny", "--repeat", "1", "--json", "--workdir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     rows = {row["stage"]: row for row in json.loads(result.stdout)["rows"]}
     expected = {
@@ -73,23 +72,8 @@ def test_bench_tiny_reports_every_stage(tmp_path: Path) -> None:
 
 
 def test_bench_runs_only_the_stages_asked_for(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "--sizes",
-            "tiny",
-            "--repeat",
-            "1",
-            "--json",
-            "--workdir",
-            str(tmp_path),
-            "--stages",
-            "io-floor,match-attn",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    result = run_bench(
+        "--sizes", "tiny", "--repeat", "1", "--json", "--workdir", str(tmp_path), "--stages", "io-floor,match-attn"
     )
     assert result.returncode == 0, result.stderr
     rows = {row["stage"]: row for row in json.loads(result.stdout)["rows"]}
@@ -97,12 +81,7 @@ def test_bench_runs_only_the_stages_asked_for(tmp_path: Path) -> None:
     assert rows["match-attn"]["ratio_to_floor"] > 0
     assert not any(tmp_path.glob("tiny-deep-*")), "no twice-as-deep pair without a stage that needs it"
     assert "x_floor_by_round" not in rows["match-attn"]["detail"]  # one round: no spread to give
-    unknown = subprocess.run(
-        [sys.executable, str(SCRIPT), "--stages", "io-floor,match-everything"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    unknown = run_bench("--stages", "io-floor,match-everything", timeout=60)
     assert unknown.returncode == 2 and "match-everything" in unknown.stderr
 
 
@@ -134,22 +113,8 @@ def test_round_by_round_ratios_pair_each_run_with_the_floors_of_its_round() -> N
 
 
 def test_bench_gives_the_round_by_round_spread_when_stages_repeat(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "--sizes",
-            "tiny",
-            "--repeat",
-            "2",
-            "--workdir",
-            str(tmp_path),
-            "--stages",
-            "io-floor,match-attn",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    result = run_bench(
+        "--sizes", "tiny", "--repeat", "2", "--workdir", str(tmp_path), "--stages", "io-floor,match-attn"
     )
     assert result.returncode == 0, result.stderr
     line = next(row for row in result.stdout.splitlines() if "| match-attn |" in row)
