@@ -55,6 +55,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -316,7 +317,6 @@ class Stage:
     seconds: float = float("inf")
     rss: float = 0.0
     out: str = ""
-    runs: int = 0
     times: list[float] = field(default_factory=list)  # every run's seconds, round by round
 
 
@@ -334,9 +334,10 @@ def timed_rounds(stages: list[Stage], repeat: int, output: Path) -> None:
             seconds, rss, out = run(stage.cmd)
             if seconds < stage.seconds:
                 stage.seconds, stage.out = seconds, out
-            stage.rss, stage.runs = max(stage.rss, rss), stage.runs + 1
+            stage.rss = max(stage.rss, rss)
             stage.times.append(seconds)
-            print(f"  {stage.name:<18} run {stage.runs}: {seconds:8.2f} s  {rss:8.1f} MiB", file=sys.stderr, flush=True)
+            line = f"  {stage.name:<18} run {len(stage.times)}: {seconds:8.2f} s  {rss:8.1f} MiB"
+            print(line, file=sys.stderr, flush=True)
     shutil.rmtree(output, ignore_errors=True)
 
 
@@ -499,10 +500,13 @@ def round_ratios(stage: list[float], floor: list[float]) -> dict | None:
     on a machine whose speed drifts between runs."""
     if len(stage) < 2 or len(stage) != len(floor):
         return None
-    ratios = sorted(s / f for s, f in zip(stage, floor, strict=True))
-    middle = len(ratios) // 2
-    median = ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
-    return {"median": round(median, 2), "low": round(ratios[0], 2), "high": round(ratios[-1], 2), "rounds": len(ratios)}
+    ratios = [s / f for s, f in zip(stage, floor, strict=True)]
+    return {
+        "median": round(statistics.median(ratios), 2),
+        "low": round(min(ratios), 2),
+        "high": round(max(ratios), 2),
+        "rounds": len(ratios),
+    }
 
 
 def startup_rows() -> list[Row]:
