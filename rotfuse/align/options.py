@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rotfuse.core.distributed import cpu_share
 from rotfuse.core.selection import LayerRanges
 from rotfuse.symmetry.names import symmetry_set
 
 REPORT_NAME = "rotfuse_report.json"  # the report inside a match output
-DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+MAX_DEFAULT_WORKERS = 4  # layers in flight are memory: more threads than this only on request
+
+
+def default_workers() -> int:
+    """Layer threads when --workers is not given: one per CPU of this process's share
+    (`cpu_share`: its affinity mask, split among the ranks of a launch that share it), at most
+    MAX_DEFAULT_WORKERS."""
+    return min(MAX_DEFAULT_WORKERS, cpu_share())
+
+
 # learned matching's choices: l per step, the learning rate's course, which step's maps are written
 LAMBDA_RANGES = {"fixed": (0.5, 0.5), "uniform": (0.3, 0.7), "full": (0.0, 1.0)}
 LEARN_DECAYS = ("constant", "cosine")
@@ -42,7 +51,7 @@ class MatchOptions:
     arch: str | None = None
     arch_spec: Path | None = None
     allow_nonfinite: bool = False
-    workers: int = DEFAULT_WORKERS  # layers read and solved concurrently
+    workers: int = field(default_factory=default_workers)  # layers read and solved concurrently
     # residual stream (symmetry "residual")
     data: Path | None = None  # activation matching on these inputs; weight matching without
     residual_rounds: int = 8  # weight matching: most alternations of stream map and per-layer maps

@@ -244,7 +244,11 @@ def match_command(
     device: Device = "auto",
     workers: Annotated[
         int | None,
-        typer.Option("--workers", min=1, help="Layers read and solved concurrently  [default: min(4, CPUs)]"),
+        typer.Option(
+            "--workers",
+            min=1,
+            help="Layers read and solved concurrently  [default: min(4, this process's CPUs / ranks sharing them)]",
+        ),
     ] = None,
     overwrite: Overwrite = False,
     fsync: Fsync = True,
@@ -289,7 +293,7 @@ def match_command(
         if value("data") is not None:
             require("transformers", "match --data")
         from rotfuse.align.match import Batch
-        from rotfuse.align.options import DEFAULT_WORKERS, MatchOptions
+        from rotfuse.align.options import MatchOptions, default_workers
         from rotfuse.align.plan import prepare_match
         from rotfuse.align.scaleout import match, match_many  # shared among torchrun / srun ranks
         from rotfuse.core.report import render_match_table, render_plan
@@ -305,7 +309,7 @@ def match_command(
             value("arch"),
             path(value("arch_spec")),
             bool(value("allow_nonfinite")),
-            int(value("workers") or DEFAULT_WORKERS),
+            int(value("workers") or default_workers()),
             path(value("data")),
             int(value("residual_rounds")),
             int(value("max_samples")),

@@ -65,6 +65,57 @@ def launched_rank() -> int:
     return int(found["RANK"]) if found else 0
 
 
+def cpu_share() -> int:
+    """The CPUs this process should keep busy: those it may run on (its affinity mask -- a SLURM or
+    cgroup cpuset, taskset -- not the machine's count), divided among the processes of this launch
+    on this node when they all run on the same CPUs. torchrun binds no rank, so its local ranks
+    share their mask; srun binds each task to its own CPUs by default, and its tasks share only
+    when each may run on every CPU of the node (--cpu-bind=none)."""
+    cpus = usable_cpus()
+    env = os.environ
+    if launch_env() is None:
+        sharing = 1
+    elif _count(env.get("WORLD_SIZE")) > 1:  # torchrun
+        sharing = _count(env.get("LOCAL_WORLD_SIZE"))
+    elif cpus >= (os.cpu_count() or cpus):  # srun, its tasks unbound
+        sharing = slurm_tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE", ""), _count(env.get("SLURM_NODEID"), 0))
+    else:  # srun, each task bound to its own CPUs
+        sharing = 1
+    return max(1, cpus // sharing)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity API (macOS, Windows)
+        return max(1, os.cpu_count() or 1)
+
+
+def slurm_tasks_on_node(tasks_per_node: str, node: int) -> int:
+    """Node `node`'s task count in SLURM's compressed list ("4(x2),3": 4 on nodes 0 and 1, 3 on
+    node 2); 1 where the list is missing, malformed or too short."""
+    index = 0
+    for item in filter(None, tasks_per_node.split(",")):
+        count, _, repeat = item.partition("(x")
+        try:
+            tasks, times = int(count), int(repeat.rstrip(")") or 1)
+        except ValueError:
+            return 1
+        if node < index + times:
+            return max(1, tasks)
+        index += times
+    return 1
+
+
+def _count(value: str | None, default: int = 1) -> int:
+    """A count from the environment; `default` where it is unset or not a number."""
+    try:
+        return int(value) if value else default
+    except ValueError:
+        return default
+
+
 @dataclass
 class Group:
     """The ranks of one job. `tensors` is the group tensor reductions use (nccl when every rank

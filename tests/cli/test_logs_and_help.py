@@ -52,7 +52,7 @@ def test_help_shows_every_default(command):
         ("stats", "256"),
         ("stats", "128"),
         ("match", "OUT/rotfuse_report.json"),
-        ("match", "min(4, CPUs)"),
+        ("match", "min(4, this process's CPUs / ranks sharing them)"),
     ],
 )
 def test_help_shows_defaults_of_settings_a_job_file_may_give(command, value):
