@@ -25,11 +25,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers.cli import run_cli
 
+from rotfuse.core.distributed import usable_cpus
+
 # under pytest-xdist (`-n N`), each worker and the processes it starts get their share of the CPUs
-# as torch threads, so N workers do not oversubscribe the machine (torch is imported later, by tests)
+# this run may use (a CI runner's cpuset, not the host's count) as torch threads, so N workers do
+# not oversubscribe them (torch is imported later, by tests)
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _workers > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // _workers)))
 
 
 @pytest.fixture(scope="session")

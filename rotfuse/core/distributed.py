@@ -84,6 +84,16 @@ def cpu_share() -> int:
     return max(1, cpus // sharing)
 
 
+def rank_threads(default: int, share: int) -> int:
+    """torch's intra-op threads for a rank of a launch: its CPU `share` (`cpu_share`) at most, not
+    `default` (torch's own count, every CPU of its mask, which each rank sharing a node would take),
+    unless OMP_NUM_THREADS sets the count (torchrun sets it to 1 where a node runs several ranks).
+    Unbound srun tasks set neither: four of them on a 128-CPU node would run 128 threads each."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return default
+    return max(1, min(default, share))
+
+
 def usable_cpus() -> int:
     """The CPUs this process may run on (its affinity mask where the OS has one)."""
     try:
@@ -226,6 +236,7 @@ def job() -> Iterator[Group | None]:
             "launched as several processes but MASTER_ADDR is not set (export it in the job script: "
             "the first host of the job, e.g. $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1))"
         )
+    share = cpu_share()  # before the launch's variables are exported below (srun's look like torchrun's then)
     os.environ.update(found)
     import torch
     import torch.distributed as dist
@@ -241,6 +252,8 @@ def job() -> Iterator[Group | None]:
     if all(group.gather(has_gpu)):  # nccl only when every rank can use it (untested here: no GPU)
         group.tensors, group.device = dist.new_group(backend="nccl", timeout=timeout), "cuda"
     _current = group
+    threads = torch.get_num_threads()
+    torch.set_num_threads(rank_threads(threads, share))
     try:
         yield group
     except BaseException as exc:
@@ -249,6 +262,7 @@ def job() -> Iterator[Group | None]:
     finally:
         _current = None
         dist.destroy_process_group()
+        torch.set_num_threads(threads)
 
 
 def assign(costs: Sequence[float], world: int, start: Sequence[float] | None = None) -> list[int]:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers.launch import srun_like
 
 from rotfuse.align.options import MAX_DEFAULT_WORKERS, MatchOptions, default_workers
 from rotfuse.core import distributed
@@ -100,3 +101,30 @@ def test_without_an_affinity_api_the_machine_count_is_used(machine, monkeypatch)
     machine(total=6, allowed=6)
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)
     assert distributed.usable_cpus() == 6
+
+
+THREADS_IN_A_JOB = """
+import os
+{omp}
+import torch
+from rotfuse.core.distributed import job
+alone = torch.get_num_threads()
+with job():
+    inside = torch.get_num_threads()
+print(alone, inside, torch.get_num_threads())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="needs Linux's affinity API")
+def test_unbound_srun_tasks_split_torch_threads_unless_omp_sets_them():
+    """Two srun tasks on this node, unbound: in the job each gives torch its half of the CPUs (torch
+    alone takes them all) and after it the count it had; an explicit OMP_NUM_THREADS is kept."""
+    cpus = len(os.sched_getaffinity(0))
+    unset, every_cpu = "os.environ.pop('OMP_NUM_THREADS', None)", f"os.environ['OMP_NUM_THREADS'] = '{cpus}'"
+    for omp, expected in [(unset, max(1, cpus // 2)), (every_cpu, cpus)]:
+        ranks = srun_like(2, command=[sys.executable, "-c", THREADS_IN_A_JOB.format(omp=omp)])
+        for rank in ranks:
+            assert rank.returncode == 0, rank.stderr
+            alone, inside, after = map(int, rank.stdout.split())
+            assert (inside, after) == (expected, alone)

@@ -34,24 +34,33 @@ def torchrun(nproc: int, *args: object) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT)
 
 
-def srun_like(nproc: int, *args: object) -> list[subprocess.CompletedProcess]:
-    """The ranks started directly with SLURM's variables (as `srun` does), each its own exit code."""
+def srun_env(rank: int, nproc: int, port: int) -> dict[str, str]:
+    """This environment as `srun` gives task `rank` of `nproc`, all on one node (unbound: every
+    task may run on every CPU), with the job script's MASTER_ADDR and MASTER_PORT."""
+    env = {
+        **os.environ,
+        "SLURM_PROCID": str(rank),
+        "SLURM_STEP_NUM_TASKS": str(nproc),
+        "SLURM_STEP_TASKS_PER_NODE": str(nproc),
+        "SLURM_NODEID": "0",
+        "SLURM_LOCALID": str(rank),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def srun_like(nproc: int, *args: object, command: list[str] | None = None) -> list[subprocess.CompletedProcess]:
+    """The ranks started directly with SLURM's variables (as `srun` does), each its own exit code:
+    `rotfuse ARGS`, or `command` as it is."""
     port = free_port()
     procs = []
     for rank in range(nproc):
-        env = {
-            **os.environ,
-            "SLURM_PROCID": str(rank),
-            "SLURM_STEP_NUM_TASKS": str(nproc),
-            "SLURM_LOCALID": str(rank),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-        }
-        env.pop("WORLD_SIZE", None)
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "rotfuse", *map(str, args)],
-                env=env,
+                command or [sys.executable, "-m", "rotfuse", *map(str, args)],
+                env=srun_env(rank, nproc, port),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
