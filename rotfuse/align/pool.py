@@ -90,9 +90,9 @@ def transform_layers(
     assignments run concurrently. At most `workers + 1` layers are in flight: memory stays a few
     layers whatever the depth. Returns each layer's extra result, in layer order. `view` sees
     every tensor as it is read, `stored_ffn` keeps FFN tensors in their stored dtype (see
-    layer_io.read_layer); without a writer nothing is written. `alongside` runs in the pool next
-    to the layers (work that needs no writer, such as measuring the tensors outside the layers),
-    rather than after them on this thread while the pool idles. `meanwhile` runs on this thread once
+    layer_io.read_layer); without a writer nothing is written. `alongside` runs in the pool after
+    the last layer is taken (work that needs no writer, such as measuring the tensors outside the
+    layers), on a thread that would otherwise idle while the last layers finish. `meanwhile` runs on this thread once
     the first layers are in the pool, before any layer is written (work for the writer that would
     otherwise keep the pool waiting, such as copying the tensors outside the layers).
     """
@@ -122,7 +122,6 @@ def transform_layers(
     with threads_per_op(workers):
         pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="rotfuse-layer")
         try:
-            side_job = pool.submit(alongside) if alongside is not None else None
             for layer in layers:
                 pending.append((layer, pool.submit(job, layer)))
                 if len(pending) > workers:
@@ -130,6 +129,9 @@ def transform_layers(
                         meanwhile()
                         meanwhile = None
                     finish_oldest()
+            # queued after every layer: the first thread that finds no layer left takes it, while
+            # the others finish theirs (first, it would hold a thread back from the first layers)
+            side_job = pool.submit(alongside) if alongside is not None else None
             if meanwhile is not None:
                 meanwhile()
             while pending:
