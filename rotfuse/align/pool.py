@@ -92,9 +92,10 @@ def transform_layers(
     every tensor as it is read, `stored_ffn` keeps FFN tensors in their stored dtype (see
     layer_io.read_layer); without a writer nothing is written. `alongside` runs in the pool after
     the last layer is taken (work that needs no writer, such as measuring the tensors outside the
-    layers), on a thread that would otherwise idle while the last layers finish. `meanwhile` runs on this thread once
-    the first layers are in the pool, before any layer is written (work for the writer that would
-    otherwise keep the pool waiting, such as copying the tensors outside the layers).
+    layers), on a thread that would otherwise idle while the last layers finish. `meanwhile` runs
+    on this thread once the first layers are in the pool, before any layer is written (work for the
+    writer that would otherwise keep the pool waiting, such as copying the tensors outside the
+    layers).
     """
 
     def job(layer: LayerId) -> tuple[LayerWeights, LayerWeights, T]:

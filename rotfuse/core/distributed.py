@@ -75,7 +75,7 @@ def cpu_share() -> int:
     env = os.environ
     if launch_env() is None:
         sharing = 1
-    elif _count(env.get("WORLD_SIZE")) > 1:  # torchrun
+    elif "LOCAL_WORLD_SIZE" in env:  # torchrun (`job` exports WORLD_SIZE for srun's tasks too, never this)
         sharing = _count(env.get("LOCAL_WORLD_SIZE"))
     elif cpus >= (os.cpu_count() or cpus):  # srun, its tasks unbound
         sharing = slurm_tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE", ""), _count(env.get("SLURM_NODEID"), 0))
@@ -236,7 +236,6 @@ def job() -> Iterator[Group | None]:
             "launched as several processes but MASTER_ADDR is not set (export it in the job script: "
             "the first host of the job, e.g. $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1))"
         )
-    share = cpu_share()  # before the launch's variables are exported below (srun's look like torchrun's then)
     os.environ.update(found)
     import torch
     import torch.distributed as dist
@@ -253,7 +252,7 @@ def job() -> Iterator[Group | None]:
         group.tensors, group.device = dist.new_group(backend="nccl", timeout=timeout), "cuda"
     _current = group
     threads = torch.get_num_threads()
-    torch.set_num_threads(rank_threads(threads, share))
+    torch.set_num_threads(rank_threads(threads, cpu_share()))
     try:
         yield group
     except BaseException as exc:

@@ -77,6 +77,8 @@ def test_srun_tasks_split_the_node_only_when_unbound(machine, monkeypatch):
     monkeypatch.setenv("SLURM_NODEID", "1")
     machine(total=8, allowed=8)  # --cpu-bind=none: both tasks of node 1 may run on every CPU
     assert cpu_share() == 4
+    monkeypatch.setenv("WORLD_SIZE", "6")  # as the job exports it: still srun's tasks, not torchrun's ranks
+    assert cpu_share() == 4
     machine(total=8, allowed=2)  # bound: the task's own CPUs are its share already
     assert cpu_share() == 2
 
