@@ -509,10 +509,18 @@ def round_ratios(stage: list[float], floor: list[float]) -> dict | None:
     }
 
 
+def console_script() -> list[str]:
+    """The `rotfuse` console script of this interpreter's environment (found whether or not it is
+    activated), else the one on PATH, else `python -m rotfuse`."""
+    beside = Path(sys.executable).with_name("rotfuse")
+    found = str(beside) if beside.is_file() else shutil.which("rotfuse")
+    return [found] if found else rotfuse()
+
+
 def startup_rows() -> list[Row]:
     rows = []
     for name, args in (("startup --help", ["--help"]), ("startup archs", ["archs"])):
-        best = min(run([shutil.which("rotfuse") or "rotfuse", *args])[0] for _ in range(5))
+        best = min(run([*console_script(), *args])[0] for _ in range(5))
         rows.append(Row("-", name, round(best, 3), 0.0))
     return rows
 

@@ -21,6 +21,9 @@ from collections.abc import Sequence
 import torch
 
 from rotfuse.core.errors import UsageError
+from rotfuse.merge.methods.sort_order import follows_torch_sort, leading_mask
+
+COMBINE_CHUNK = 1 << 16  # entries of each task vector combined at a time (float64: 512 KiB a temporary)
 
 
 def work_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
@@ -78,9 +81,11 @@ def magnitude_mask(delta: torch.Tensor, density: float, ties_likely: bool = Fals
     `int(density * numel)` (0.29 of 100 keeps 28), magnitudes are ranked as float32, and where
     entries tied in magnitude straddle the k-th place -- common in 16-bit checkpoints -- the ones
     kept are those `torch.argsort(descending=True)` puts first (an arbitrary choice, but the same
-    for one torch version whatever the thread count). A k-th-value threshold decides every other
-    tensor without the full sort; with `ties_likely` (16-bit checkpoints, where it rarely can) the
-    sort comes first. mergekit refuses a tensor where k would be 0; rotfuse keeps its largest entry.
+    for one torch version whatever the thread count). Where torch's CPU sort is the introsort that
+    `sort_order.leading_mask` follows (checked once per process), those entries are found without
+    the sort; elsewhere a k-th-value threshold decides every tensor whose ties do not straddle it,
+    and the rest are sorted (at once with `ties_likely`: 16-bit checkpoints, where the threshold
+    rarely can). mergekit refuses a tensor where k would be 0; rotfuse keeps its largest entry.
 
     The magnitudes are those of the task vector as computed (exact for 16-bit checkpoints, float32
     -rounded for float32 ones): mergekit's when it runs in float32, its default for float32
@@ -92,6 +97,11 @@ def magnitude_mask(delta: torch.Tensor, density: float, ties_likely: bool = Fals
     if density >= 1.0 or k >= count:
         return torch.ones_like(delta, dtype=torch.bool)
     magnitudes = delta.abs().reshape(-1).to("cpu", torch.float32)
+    if follows_torch_sort() and not bool(torch.isnan(magnitudes).any()):
+        leading = leading_mask(magnitudes, k)  # reorders the magnitudes
+        if leading is not None:
+            return leading.reshape(delta.shape).to(delta.device)
+        magnitudes = delta.abs().reshape(-1).to("cpu", torch.float32)
     if ties_likely:
         keep = torch.zeros(count, dtype=torch.bool)
         keep[torch.argsort(magnitudes, descending=True)[:k]] = True
@@ -148,14 +158,39 @@ def linear_combine(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> 
     return mixed
 
 
-def ties_combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
+def ties_combine(
+    deltas: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    normalize: bool,
+    masks: Sequence[torch.Tensor | None] | None = None,
+) -> torch.Tensor:
     """TIES's elect-and-merge (Yadav et al. 2023), as mergekit's `get_mask(method="sum")`.
 
     The weighted task vectors `w_i delta_i` vote: the elected sign of a parameter is that of their
     sum (+ on a tie at zero). Entries whose weighted sign agrees are summed (zero entries never
     agree); with `normalize` the sum is divided by the agreeing models' total weight -- the
-    disjoint mean for positive weights -- left as is where no model agrees.
+    disjoint mean for positive weights -- left as is where no model agrees. `masks` (TIES's
+    trimming): each delta is first multiplied by its mask, where one is given.
+
+    Every step is element-wise, so on the CPU the tensors are taken COMBINE_CHUNK entries at a
+    time: the temporaries stay in cache and are reused, instead of a dozen fresh tensors of the
+    whole size (on a GPU, whole: one kernel per step).
     """
+    masks = masks if masks is not None else [None] * len(deltas)
+    flat = [delta.reshape(-1) for delta in deltas]
+    flat_masks = [None if mask is None else mask.reshape(-1) for mask in masks]
+    merged = torch.empty(deltas[0].shape, dtype=deltas[0].dtype, device=deltas[0].device)
+    out = merged.view(-1)
+    step = COMBINE_CHUNK if out.device.type == "cpu" else max(1, out.numel())
+    for start in range(0, out.numel(), step):
+        chunk = slice(start, start + step)
+        trimmed = [d[chunk] if m is None else d[chunk] * m[chunk] for d, m in zip(flat, flat_masks, strict=True)]
+        out[chunk] = _elect_and_merge(trimmed, weights, normalize)
+    return merged
+
+
+def _elect_and_merge(deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
+    """`ties_combine` on one chunk of every (trimmed) task vector."""
     weighted = [delta * weight for delta, weight in zip(deltas, weights, strict=True)]
     positive = sum(weighted[1:], weighted[0].clone()) >= 0
     mixed = torch.zeros_like(weighted[0])

@@ -44,5 +44,5 @@ class Ties(TaskVectorMethod):
     def combine(self, name: str, vectors: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
         density = self.settings.density
         half = base.dtype.itemsize <= 2  # 16-bit task vectors repeat magnitudes: sort at once
-        trimmed = [vector * magnitude_mask(vector, density, half) if density < 1.0 else vector for vector in vectors]
-        return ties_combine(trimmed, self.weights, self.settings.normalize)
+        masks = [magnitude_mask(vector, density, half) for vector in vectors] if density < 1.0 else None
+        return ties_combine(vectors, self.weights, self.settings.normalize, masks)

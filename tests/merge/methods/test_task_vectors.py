@@ -24,7 +24,7 @@ from rotfuse.core.errors import UsageError
 from rotfuse.merge.methods import REGISTRY, method_class
 from rotfuse.merge.methods.model_stock import model_stock
 from rotfuse.merge.methods.slerp import slerp
-from rotfuse.merge.methods.task_vectors import dare, dare_mask, magnitude_mask, ties_combine
+from rotfuse.merge.methods.task_vectors import COMBINE_CHUNK, dare, dare_mask, magnitude_mask, ties_combine
 
 NEW = ("task-arithmetic", "ties", "dare-linear", "dare-ties", "slerp", "model-stock")
 
@@ -198,6 +198,24 @@ def test_ties_combine_elects_the_sign_of_the_weighted_sum() -> None:
     torch.testing.assert_close(merged, torch.tensor([3.0, -2.0, 0.0, 2.0, -2.0], dtype=torch.float64))
     unnormalised = ties_combine([a, b], [2.0, 1.0], normalize=False)
     torch.testing.assert_close(unnormalised, torch.tensor([6.0, -5.0, 0.0, 4.0, -4.0], dtype=torch.float64))
+
+
+def test_ties_combine_over_many_chunks_is_the_whole_tensor_rule() -> None:
+    # the tensors are combined COMBINE_CHUNK entries at a time: every entry as the rule says
+    size = 3 * COMBINE_CHUNK + 123
+    deltas = [_randn(size, seed=seed, dtype=torch.float64) for seed in (1, 2, 3)]
+    masks = [_randn(size, seed=seed).abs() > 0.5 for seed in (4, 5, 6)]
+    weights = [1.0, 0.5, -0.25]
+    trimmed = [delta * mask for delta, mask in zip(deltas, masks, strict=True)]
+    weighted = [delta * w for delta, w in zip(trimmed, weights, strict=True)]
+    positive = (weighted[0] + weighted[1] + weighted[2]) >= 0
+    agree = [torch.where(positive, v > 0, v < 0) for v in weighted]
+    total = sum((v * a for v, a in zip(weighted, agree, strict=True)), torch.zeros(size, dtype=torch.float64))
+    count = sum((a.double() * w for a, w in zip(agree, weights, strict=True)), torch.zeros(size, dtype=torch.float64))
+    expected = total / torch.where(count == 0, torch.ones_like(count), count)
+    merged = ties_combine(deltas, weights, normalize=True, masks=masks)
+    torch.testing.assert_close(merged, expected, rtol=0, atol=0)
+    assert torch.equal(ties_combine(trimmed, weights, normalize=False), total)
 
 
 # ---------------------------------------------------------------------- DARE
