@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from rotfuse.merge.methods.base import TaskVectorMethod
-from rotfuse.merge.methods.task_vectors import check_density, check_scale, check_seed, dropped, ties_combine
+from rotfuse.merge.methods.task_vectors import check_density, check_scale, check_seed, dare_masks, ties_combine
 
 
 @dataclass(frozen=True)
@@ -39,5 +39,6 @@ class DareTies(TaskVectorMethod):
     Settings = DareTiesSettings
 
     def combine(self, name: str, vectors: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
-        kept = dropped(vectors, self.settings.density, self.settings.seed, name)
-        return ties_combine(kept, self.weights, self.settings.normalize)
+        density = self.settings.density
+        masks = dare_masks(vectors, density, self.settings.seed, name)
+        return ties_combine(vectors, self.weights, self.settings.normalize, masks, rescale=density)

@@ -144,6 +144,14 @@ def dare(delta: torch.Tensor, density: float, seed: int, name: str, index: int) 
     return delta * mask / density
 
 
+def dare_masks(vectors: Sequence[torch.Tensor], density: float, seed: int, name: str) -> list[torch.Tensor] | None:
+    """Every model's `dare_mask` on its vector's device (None where density 1 keeps everything),
+    for a combination that applies them itself (`ties_combine(..., masks, rescale=density)`)."""
+    if density >= 1.0:
+        return None
+    return [dare_mask(v.shape, density, seed, name, index).to(v.device) for index, v in enumerate(vectors)]
+
+
 def dropped(vectors: Sequence[torch.Tensor], density: float, seed: int, name: str) -> list[torch.Tensor]:
     """Every model's task vector through `dare`, each with its own (seed, tensor, model) mask."""
     return [dare(vector, density, seed, name, index) for index, vector in enumerate(vectors)]
@@ -163,6 +171,7 @@ def ties_combine(
     weights: Sequence[float],
     normalize: bool,
     masks: Sequence[torch.Tensor | None] | None = None,
+    rescale: float | None = None,
 ) -> torch.Tensor:
     """TIES's elect-and-merge (Yadav et al. 2023), as mergekit's `get_mask(method="sum")`.
 
@@ -170,7 +179,8 @@ def ties_combine(
     sum (+ on a tie at zero). Entries whose weighted sign agrees are summed (zero entries never
     agree); with `normalize` the sum is divided by the agreeing models' total weight -- the
     disjoint mean for positive weights -- left as is where no model agrees. `masks` (TIES's
-    trimming): each delta is first multiplied by its mask, where one is given.
+    trimming, DARE's drop): each delta is first multiplied by its mask, where one is given, and
+    then divided by `rescale` where that is given (DARE's 1/density: `dare`'s very arithmetic).
 
     Every step is element-wise, so on the CPU the tensors are taken COMBINE_CHUNK entries at a
     time: the temporaries stay in cache and are reused, instead of a dozen fresh tensors of the
@@ -185,6 +195,8 @@ def ties_combine(
     for start in range(0, out.numel(), step):
         chunk = slice(start, start + step)
         trimmed = [d[chunk] if m is None else d[chunk] * m[chunk] for d, m in zip(flat, flat_masks, strict=True)]
+        if rescale is not None:
+            trimmed = [t if m is None else t / rescale for t, m in zip(trimmed, flat_masks, strict=True)]
         out[chunk] = _elect_and_merge(trimmed, weights, normalize)
     return merged
 
