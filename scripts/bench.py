@@ -551,7 +551,7 @@ def markdown(rows: list[Row]) -> str:
         if "speedup_vs_ws1" in r.detail:
             note += (
                 f"{'; ' if note else ''}world size 2 vs {r.stage.removesuffix('-ws2')} (world size 1): "
-                f"{r.detail['speedup_vs_ws1']:.2f}x faster, "
+                f"speed {r.detail['speedup_vs_ws1']:.2f}x, "
                 f"peak RSS of one rank {r.detail['rss_vs_ws1']:.2f}x"
             )
         if "x_floor_by_round" in r.detail:
