@@ -194,11 +194,18 @@ def ties_combine(
     step = COMBINE_CHUNK if out.device.type == "cpu" else max(1, out.numel())
     for start in range(0, out.numel(), step):
         chunk = slice(start, start + step)
-        trimmed = [d[chunk] if m is None else d[chunk] * m[chunk] for d, m in zip(flat, flat_masks, strict=True)]
-        if rescale is not None:
-            trimmed = [t if m is None else t / rescale for t, m in zip(trimmed, flat_masks, strict=True)]
+        trimmed = [
+            d[chunk] if m is None else _masked(d[chunk], m[chunk], rescale)
+            for d, m in zip(flat, flat_masks, strict=True)
+        ]
         out[chunk] = _elect_and_merge(trimmed, weights, normalize)
     return merged
+
+
+def _masked(delta: torch.Tensor, mask: torch.Tensor, rescale: float | None) -> torch.Tensor:
+    """`delta * mask`, divided by `rescale` where given (DARE's `delta * mask / density`)."""
+    kept = delta * mask
+    return kept if rescale is None else kept.div_(rescale)
 
 
 def _elect_and_merge(deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
